@@ -1,0 +1,42 @@
+# llmctl: `make demo` runs the quickstart, `make test` the tests. Both set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel is installed first where there is no GPU, so the rest resolves to it
+# instead of pulling a multi-GB CUDA build. Override TORCH_SPEC / TORCH_PIP_ARGS to choose.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= dev
+CONFIG ?= configs/quickstart.yaml
+export HF_HUB_DISABLE_PROGRESS_BARS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-all demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "$(TORCH_SPEC)" $(TORCH_PIP_ARGS); fi
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+demo: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/llmctl run $(CONFIG)
+
+bench: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/run_all.py
+
+lint: install
+	$(PY) -m ruff check llmctl tests bench
+
+clean:
+	rm -rf $(VENV) runs bench/results .pytest_cache

@@ -1,0 +1,52 @@
+"""`make bench`: run every benchmark, print one table of ratios, write bench/results.json.
+
+Each bench/<name>.py writes bench/results/<name>.json:
+  {"name": ..., "metrics": {...}, "ratios": {"<ratio>": {"value": v, "target": ">= 3", "pass": bool}}}
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["prepare", "train", "generate", "serve"]
+
+
+def main() -> int:
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    only = sys.argv[1:] or BENCHES
+    results, failed = {}, []
+    for name in only:
+        script = HERE / f"{name}.py"
+        if not script.is_file():
+            print(f"[bench] {name}: {script} missing, skipped", flush=True)
+            continue
+        print(f"[bench] {name} ...", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, str(script)], cwd=HERE.parent)
+        res_file = out_dir / f"{name}.json"
+        if rc != 0 or not res_file.is_file():
+            failed.append(name)
+            results[name] = {"error": f"exit {rc}"}
+            continue
+        results[name] = json.loads(res_file.read_text())
+        results[name]["seconds"] = round(time.time() - t0, 1)
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(f"{'benchmark':<10} {'ratio':<40} {'value':>10} {'target':>10}  pass")
+    for name, res in results.items():
+        for rname, r in (res.get("ratios") or {}).items():
+            print(f"{name:<10} {rname:<40} {r['value']:>10.3f} {r['target']:>10}  {'yes' if r['pass'] else 'NO'}")
+        if "error" in res:
+            print(f"{name:<10} {'(failed: ' + res['error'] + ')':<40}")
+    print(f"\nwritten to {HERE / 'results.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""llmctl: a command-line toolkit for developing language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,294 @@
+"""The command line: parse, load config, call the stage, print the result.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the stages so that
+`llmctl --help` answers at once. One boundary, `_guard`, maps `LlmctlError` to exit codes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+
+from llmctl import console as _console
+from llmctl.errors import ConfigError, Interrupted, LlmctlError
+
+app = typer.Typer(
+    name="llmctl",
+    help="Develop language models from the shell: prepare -> train -> eval / generate / export -> serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_app = typer.Typer(help="Show or check a config.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+PIPELINE = ("prepare", "train", "eval", "generate", "export")
+# stage name -> module under llmctl.stages
+MODULES = {
+    "prepare": "prepare",
+    "train": "train",
+    "eval": "evaluate",
+    "generate": "generate",
+    "export": "export",
+    "serve": "serve",
+}
+
+# Shared options ---------------------------------------------------------------------
+ConfigArg = typer.Argument(..., help="Experiment YAML file.", metavar="CONFIG")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set train.lr=1e-3 (value parsed as YAML). Repeatable.")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: run.dir or runs/<run.name>).")
+ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is complete and up to date.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+
+
+def _setup_env() -> None:
+    # Library progress bars and chatter would drown our own output.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _guard(json_mode: bool = False, quiet: bool = False) -> Iterator[_console.Console]:
+    """The one error boundary: user errors -> one line + exit code; bugs keep tracebacks."""
+    _setup_env()
+    con = _console.Console(json_mode=json_mode, quiet=quiet)
+    _console.set_current(con)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield con
+    except Interrupted as e:
+        con.error(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        con.error("interrupted by SIGINT")
+        raise typer.Exit(130) from None
+    except LlmctlError as e:
+        con.error(str(e))
+        raise typer.Exit(e.exit_code) from None
+
+
+def _load(config: str, overrides: Optional[List[str]]):
+    from llmctl.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _rundir(cfg, run_dir: Optional[str]):
+    from llmctl.rundir import RunDir
+
+    return RunDir.for_config(cfg, run_dir)
+
+
+def _stage(name: str):
+    return importlib.import_module(f"llmctl.stages.{MODULES[name]}")
+
+
+def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
+    with _guard(json_mode, quiet) as con:
+        cfg = _load(config, overrides)
+        rd = _rundir(cfg, run_dir)
+        result = _stage(name).run(cfg, rd, force=force, **opts)
+        if result is not None:
+            con.result(result, title=f"{name}: {rd.root}")
+
+
+# Stage commands ---------------------------------------------------------------------
+@app.command()
+def prepare(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    force: bool = ForceOpt,
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Build the tokenizer and the tokenized, split dataset in RUN/prepare."""
+    _run_stage("prepare", config, set_, run_dir, force, json_, quiet)
+
+
+@app.command()
+def train(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    force: bool = ForceOpt,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP)."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train from scratch or fine-tune; resumes automatically from the last checkpoint."""
+    _run_stage("train", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+
+
+@app.command("eval")
+def eval_(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    force: bool = ForceOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Evaluate this model (hub id or dir) instead of RUN/train/model."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs; thresholds exit 4."""
+    _run_stage("eval", config, set_, run_dir, force, json_, quiet, model=model)
+
+
+@app.command()
+def generate(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Generate with this model (hub id or dir) instead of RUN/train/model."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt. Repeatable. '-' reads prompts from stdin."),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help=".txt (one per line) or .jsonl (prompt or messages)."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
+    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file)
+
+
+@app.command()
+def export(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    force: bool = ForceOpt,
+    format_: Optional[List[str]] = typer.Option(None, "--format", "-f", help="hf, onnx or gguf. Repeatable; overrides export.formats."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Export the trained model (hf, onnx, gguf), verified against it and checksummed."""
+    _run_stage("export", config, set_, run_dir, force, json_, quiet, formats=format_ or None)
+
+
+@app.command()
+def serve(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Serve this model dir or hub id."),
+    host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API."""
+    _run_stage("serve", config, set_, run_dir, False, False, quiet, model=model, host=host, port=port)
+
+
+@app.command("run")
+def run_all(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    from_: Optional[str] = typer.Option(None, "--from", help="First stage to run."),
+    to: Optional[str] = typer.Option(None, "--to", help="Last stage to run."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run prepare, train, eval, generate, export in order, skipping stages already up to date."""
+    with _guard(json_, quiet) as con:
+        from llmctl.pipeline import run_pipeline
+
+        cfg = _load(config, set_)
+        rd = _rundir(cfg, run_dir)
+        result = run_pipeline(cfg, rd, _stage, PIPELINE, first=from_, last=to)
+        con.result(result, title=f"run: {rd.root}")
+
+
+@app.command()
+def status(
+    run_dir: str = typer.Argument(..., help="Run directory, or a config file (its run directory)."),
+    set_: Optional[List[str]] = SetOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Each stage of a run: state, when, headline numbers."""
+    with _guard(json_) as con:
+        from llmctl.rundir import RunDir
+
+        cfg = None
+        if Path(run_dir).is_file():
+            cfg = _load(run_dir, set_)
+            rd = RunDir.for_config(cfg)
+        else:
+            rd = RunDir(run_dir)
+            if not rd.root.is_dir():
+                raise ConfigError(f"{run_dir}: no such run directory")
+            copy = rd.stage_dir("prepare") / "config.yaml"
+            if copy.is_file():
+                try:
+                    cfg = _load(str(copy), set_)
+                except ConfigError:
+                    cfg = None
+        rows = rd.status(cfg)
+        if con.json_mode:
+            con.result({"run_dir": str(rd.root), "stages": rows})
+            return
+        for r in rows:
+            h = r.get("headline") or {}
+            r["headline"] = "  ".join(f"{k}={_console._fmt(v)}" for k, v in h.items())
+            r["finished"] = r.get("finished_at") or ""
+            if r.get("why"):
+                r["headline"] = f"({r['why']}) " + r["headline"]
+        con.table(rows, ["stage", "status", "finished", "headline"], title=str(rd.root))
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[str] = typer.Argument(None, help="Experiment YAML file (omit with --doc)."),
+    set_: Optional[List[str]] = SetOpt,
+    doc: bool = typer.Option(False, "--doc", help="Print the reference of every key (Markdown)."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Print the resolved config: defaults filled in, overrides applied."""
+    with _guard(json_):
+        from llmctl.config import config_doc, config_to_yaml
+
+        if doc:
+            sys.stdout.write(config_doc())
+            return
+        if config is None:
+            raise ConfigError("config show: give a CONFIG file, or --doc for the key reference")
+        cfg = _load(config, set_)
+        if json_:
+            import json
+
+            sys.stdout.write(json.dumps(cfg.model_dump(mode="json")) + "\n")
+        else:
+            sys.stdout.write(config_to_yaml(cfg))
+
+
+@config_app.command("validate")
+def config_validate(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Check a config without running anything (exit 2 with the key and the fix if it is wrong)."""
+    with _guard() as con:
+        _load(config, set_)
+        con.info(f"{config}: ok")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""The experiment schema: one YAML file, one section per stage.
+
+Every key is documented once here with `Field(description=...)`; `llmctl config show --doc`
+prints them. Unknown keys are errors that name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmctl.errors import ConfigError
+
+STAGES = ("prepare", "train", "eval", "generate", "export", "serve")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = Field("default", description="Name of the run; the run directory defaults to runs/<name>.")
+    dir: str | None = Field(None, description="Run directory (overrides runs/<name>); relative to the working directory.")
+    seed: int = Field(42, description="Seed for splits, shuffling, initialisation and sampling.")
+
+
+# --------------------------------------------------------------------------- data
+class DataConfig(Section):
+    source: Literal["builtin", "files", "hub"] = Field(
+        "builtin",
+        description="builtin: Python standard library source (offline, every machine); "
+        "files: local paths/globs/directories; hub: a Hugging Face dataset by name.",
+    )
+    paths: list[str] = Field(default_factory=list, description="Files, globs or directories (source=files). txt, jsonl, json, csv, parquet.")
+    hub_name: str | None = Field(None, description="Hugging Face dataset id (source=hub), e.g. 'wikitext'.")
+    hub_config: str | None = Field(None, description="Dataset configuration name (source=hub), e.g. 'wikitext-2-raw-v1'.")
+    hub_split: str = Field("train", description="Split to read from the hub dataset (source=hub).")
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text",
+        description="text: documents packed into block_size blocks; prompt_completion: loss on the "
+        "completion only; chat: 'messages' rendered with the chat template, loss on assistant turns.",
+    )
+    text_field: str = Field("text", description="Field holding the document text (format=text, structured files).")
+    prompt_field: str = Field("prompt", description="Field holding the prompt (format=prompt_completion).")
+    completion_field: str = Field("completion", description="Field holding the completion (format=prompt_completion).")
+    messages_field: str = Field("messages", description="Field holding the chat messages (format=chat).")
+    block_size: int = Field(256, ge=8, description="Tokens per training example (packed blocks, or max length for pairs).")
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of documents held out for validation (ignored when validation_paths is set).")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of documents held out for test (ignored when test_paths is set).")
+    validation_paths: list[str] = Field(default_factory=list, description="Explicit validation files instead of a fraction.")
+    test_paths: list[str] = Field(default_factory=list, description="Explicit test files instead of a fraction.")
+    max_documents: int | None = Field(None, ge=1, description="Use at most this many documents (after a seeded shuffle); null for all.")
+    max_bytes: int | None = Field(None, ge=1, description="Builtin corpus only: read at most this many bytes of source.")
+    on_error: Literal["error", "skip"] = Field("error", description="Malformed records: 'error' stops with the file and line; 'skip' drops and counts them.")
+    num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "files" and not self.paths:
+            raise ValueError("data.paths is empty: with data.source=files list at least one file, glob or directory")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.hub_name is missing: with data.source=hub name a dataset, e.g. hub_name: wikitext")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.validation_fraction + data.test_fraction must be below 1")
+        return self
+
+
+# --------------------------------------------------------------------------- tokenizer
+class TokenizerConfig(Section):
+    name_or_path: str | None = Field(None, description="Load this tokenizer (hub id or local dir); null trains a new byte-level BPE.")
+    vocab_size: int = Field(8192, ge=260, description="Vocabulary size of a newly trained tokenizer.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for BPE merges.")
+    bos_token: str = Field("<|bos|>", description="BOS token of a trained tokenizer.")
+    eos_token: str = Field("<|endoftext|>", description="EOS token of a trained tokenizer (separates packed documents).")
+    pad_token: str = Field("<|pad|>", description="Pad token of a trained tokenizer; for a loaded one without pad, EOS is used.")
+    extra_special_tokens: list[str] = Field(default_factory=list, description="More special tokens to add (e.g. chat role markers).")
+    chat_template: str | None = Field(None, description="Jinja chat template to set on the tokenizer (format=chat); a default one is used if the tokenizer has none.")
+    max_train_bytes: int | None = Field(None, ge=1, description="Train the tokenizer on at most this many bytes of the training split.")
+    trust_remote_code: bool = Field(False, description="Allow custom tokenizer code from the hub.")
+
+
+# --------------------------------------------------------------------------- model
+class LoraSection(Section):
+    enabled: bool = Field(False, description="Train a LoRA adapter instead of all weights (needs the 'lora' extra).")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(None, description="Modules to adapt; null uses peft's default for the architecture.")
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(None, description="Fine-tune this pretrained model (hub id or local dir); null builds one from scratch with the sizes below.")
+    arch: Literal["llama", "gpt2"] = Field("llama", description="Architecture when training from scratch.")
+    n_layers: int = Field(4, ge=1, description="Transformer layers (from scratch).")
+    n_heads: int = Field(4, ge=1, description="Attention heads (from scratch).")
+    n_kv_heads: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention (llama); null = n_heads.")
+    hidden_size: int = Field(256, ge=8, description="Hidden size (from scratch).")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP size (from scratch); null = 4 x hidden (gpt2) or ~8/3 x hidden (llama).")
+    context_length: int = Field(512, ge=8, description="Maximum positions (from scratch); must be >= data.block_size.")
+    tie_embeddings: bool = Field(True, description="Tie input and output embeddings (from scratch).")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base (llama, from scratch).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout (from scratch).")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.name_or_path is None:
+            if self.hidden_size % self.n_heads:
+                raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.n_heads ({self.n_heads})")
+            if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+                raise ValueError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})")
+            if self.arch == "gpt2" and self.n_kv_heads not in (None, self.n_heads):
+                raise ValueError("model.n_kv_heads: gpt2 has no grouped-query attention; set it to null or use arch: llama")
+        return self
+
+
+# --------------------------------------------------------------------------- train
+class TrainConfig(Section):
+    max_steps: int | None = Field(1000, ge=1, description="Optimizer steps; null trains for `epochs` instead.")
+    epochs: float | None = Field(None, gt=0, description="Epochs over the training split (used when max_steps is null).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a fraction of lr.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not applied to norms and biases).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the device supports it, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (and at the end).")
+    eval_batches: int | None = Field(20, ge=1, description="Validation batches per evaluation; null for the whole split.")
+    save_every: int = Field(200, ge=1, description="Write a checkpoint every N steps.")
+    keep_last: int = Field(2, ge=1, description="Keep the last K checkpoints (plus the best by validation loss).")
+    keep_best: bool = Field(True, description="Also keep the checkpoint with the best validation loss.")
+    max_time: float | str | None = Field(None, description="Wall-clock budget: seconds or '1h30m'; training ends cleanly with a checkpoint.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard events to train/tensorboard (needs the 'tensorboard' extra).")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun.")
+    nproc: int = Field(1, ge=1, description="Processes to launch with torchrun (`--nproc` overrides).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("train.max_steps and train.epochs are both null: set one of them")
+        return self
+
+
+# --------------------------------------------------------------------------- eval
+class ThresholdsConfig(Section):
+    perplexity_max: float | None = Field(None, gt=0, description="Fail (exit 4) if perplexity is above this.")
+    bleu_min: float | None = Field(None, ge=0, description="Fail (exit 4) if BLEU is below this.")
+    chrf_min: float | None = Field(None, ge=0, description="Fail (exit 4) if chrF is below this.")
+    ter_max: float | None = Field(None, ge=0, description="Fail (exit 4) if TER is above this.")
+    exact_match_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if exact match is below this.")
+
+
+class EvalConfig(Section):
+    model: str | None = Field(None, description="Model to evaluate (hub id or dir); null uses the run's train/model.")
+    split: Literal["validation", "test"] = Field("validation", description="Prepared split to evaluate on.")
+    perplexity: bool = Field(True, description="Compute perplexity on held-out text.")
+    text_paths: list[str] = Field(default_factory=list, description="Text files to score instead of the prepared split.")
+    max_length: int | None = Field(None, ge=8, description="Window length for perplexity; null = data.block_size.")
+    stride: int | None = Field(None, ge=1, description="Window stride; null = max_length (non-overlapping).")
+    generation: bool = Field(True, description="Compute BLEU/chrF/TER/exact match on prompt/completion pairs when the run has them.")
+    max_examples: int | None = Field(200, ge=1, description="Pairs to generate for; null for all.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per pair.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    batch_size: int = Field(16, ge=1, description="Batch size for scoring and generation.")
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
+
+
+# --------------------------------------------------------------------------- generate
+class GenerateConfig(Section):
+    model: str | None = Field(None, description="Model (hub id or dir); null uses the run's train/model.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts (also --prompt, --prompts-file, or stdin).")
+    prompts_file: str | None = Field(None, description=".txt (one prompt per line) or .jsonl (prompt or messages).")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens to generate per prompt.")
+    do_sample: bool = Field(True, description="Sample; false for greedy decoding.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature.")
+    top_k: int = Field(50, ge=0, description="Top-k sampling (0 disables).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty (1.0 = none).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (output is cut before them).")
+    num_return_sequences: int = Field(1, ge=1, description="Outputs per prompt.")
+    seed: int | None = Field(None, description="Sampling seed; null uses run.seed.")
+    batch_size: int = Field(8, ge=1, description="Prompts per batch.")
+
+
+# --------------------------------------------------------------------------- export
+class ExportConfig(Section):
+    formats: list[Literal["hf", "onnx", "gguf"]] = Field(default_factory=lambda: ["hf"], description="Formats to export (`--format` overrides).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype of the hf export.")
+    max_shard_size: str = Field("2GB", description="Shard model.safetensors above this size.")
+    onnx_opset: int = Field(18, ge=14, description="ONNX opset.")
+    gguf_types: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], description="GGUF tensor types to write.")
+    verify: bool = Field(True, description="Reload each export and compare logits with the trained model.")
+
+
+# --------------------------------------------------------------------------- serve
+class ServeConfig(Section):
+    model: str | None = Field(None, description="Model dir or hub id; null uses export/hf, else train/model.")
+    model_name: str | None = Field(None, description="Name reported by /v1/models; null uses run.name.")
+    host: str = Field("127.0.0.1", description="Bind address (loopback by default).")
+    port: int = Field(8000, ge=0, le=65535, description="Port (0 picks a free one).")
+    api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' (also $LLMCTL_API_KEY).")
+    max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    max_batch_size: int = Field(8, ge=1, description="Requests batched into one forward pass.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get 429.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long to wait for more requests to join a batch.")
+
+
+# --------------------------------------------------------------------------- root
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data (prepare).")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer (prepare).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model (train).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training (train).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation (eval).")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Generation (generate).")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Export (export).")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving (serve).")
+
+    # Where the config came from, for messages; not part of the schema.
+    _source: str = "<config>"
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        if self.model.name_or_path is None and self.data.block_size > self.model.context_length:
+            raise ValueError(
+                f"data.block_size ({self.data.block_size}) is larger than model.context_length "
+                f"({self.model.context_length}): lower data.block_size or raise model.context_length"
+            )
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the given sections (dotted paths allowed, e.g. 'run.seed')."""
+        payload = {s: _get_path(self.model_dump(mode="json"), s) for s in sections}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Which config sections each stage's output depends on (besides its input stages).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data", "tokenizer", "run.seed"),
+    "train": ("model", "train", "run.seed"),
+    "eval": ("eval",),
+    "generate": ("generate",),
+    "export": ("export",),
+}
+
+
+# --------------------------------------------------------------------------- loading
+def _get_path(d: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel] | None]:
+    out: dict[str, type[BaseModel] | None] = {}
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        out[prefix + name] = sub
+        if sub is not None:
+            out.update(_all_keys(sub, prefix + name + "."))
+    return out
+
+
+def _suggest(loc: tuple, model: type[BaseModel] = Config) -> str:
+    """'did you mean' for an unknown key, among its siblings (and any section's keys)."""
+    parent = model
+    for part in loc[:-1]:
+        field = parent.model_fields.get(str(part)) if parent else None
+        ann = field.annotation if field else None
+        parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    bad = str(loc[-1])
+    if parent is not None:
+        match = difflib.get_close_matches(bad, list(parent.model_fields), n=1, cutoff=0.6)
+        if match:
+            return ".".join(map(str, loc[:-1] + (match[0],)))
+    full = ".".join(map(str, loc))
+    match = difflib.get_close_matches(full, list(_all_keys(model)), n=1, cutoff=0.75)
+    return match[0] if match else ""
+
+
+def _line_of(text: str | None, loc: tuple) -> int | None:
+    """1-based line of a key path in the YAML text, if it is there."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if key.value == str(part):
+                line, node = key.start_mark.line + 1, value
+                break
+        else:
+            break
+    return line
+
+
+def _format_validation(err: ValidationError, source: str, text: str | None, overridden: set[str]) -> str:
+    msgs = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(map(str, loc)) or "<root>"
+        line = _line_of(text, loc)
+        if key in overridden:
+            where = f"--set {key}"
+        else:
+            where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(loc)
+            msg = f"{where}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+        elif e["type"] == "value_error":
+            msg = f"{where}: {e['msg'].removeprefix('Value error, ')}"
+        else:
+            got = e.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            msg = f"{where}: {key}: {e['msg']}{got_s}"
+        msgs.append(msg)
+    return "; ".join(msgs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}; use dotted keys like train.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply `--set` overrides, validate. Raises ConfigError with one line."""
+    overrides = overrides or []
+    text = None
+    source = "<defaults>"
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        source = str(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not valid UTF-8") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections (run, data, model, ...)")
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        overridden = {".".join(parse_override(o)[0]) for o in overrides}
+        raise ConfigError(_format_validation(e, source, text, overridden)) from None
+    cfg._source = source
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
+
+
+def config_doc() -> str:
+    """Markdown reference of every key, generated from the schema."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            key = prefix + name
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                if not prefix:
+                    lines.append(f"\n### `{key}`\n\n{field.description or ''}\n")
+                    lines.append("| key | default | description |\n|---|---|---|")
+                walk(ann, key + ".")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"| `{key}` | `{json.dumps(default)}` | {field.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(lines).strip() + "\n"

@@ -1,0 +1,372 @@
+"""The run directory: the only contract between stages.
+
+Only this module knows file names and layout. Each stage folder holds `manifest.json`
+(status, times, config hash, lineage, versions, headline numbers) and `config.yaml` (the
+resolved config that produced it). Outputs appear atomically, one writer holds a lock.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from llmctl.errors import Interrupted, LockedError, StageInputError
+
+if TYPE_CHECKING:
+    from llmctl.config import Config
+
+STAGE_ORDER = ("prepare", "train", "eval", "generate", "export")
+MANIFEST = "manifest.json"
+CONFIG_COPY = "config.yaml"
+LOCK = ".lock"
+TMP_MARK = ".tmp-"
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- atomic files
+def _tmp_name(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def replace_path(src: Path, dst: Path) -> None:
+    """Move a finished file or folder into place, replacing what was there."""
+    if dst.exists() or dst.is_symlink():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(src, dst)
+
+
+@contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder; it becomes `path` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_path(tmp, path)
+
+
+def clean_tmp(folder: Path) -> None:
+    """Remove temporaries left by a killed process (call while holding the lock)."""
+    if not folder.is_dir():
+        return
+    for p in folder.rglob(f"*{TMP_MARK}*"):
+        if p.name.startswith("."):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in folder.glob(".*.old-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("llmctl", "torch", "transformers", "tokenizers", "datasets", "accelerate", "peft"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------- run dir
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    @classmethod
+    def for_config(cls, cfg: "Config", override: str | Path | None = None) -> "RunDir":
+        return cls(override or cfg.run.dir or Path("runs") / cfg.run.name)
+
+    # ---- layout -----------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MANIFEST
+
+    # prepare
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / "prepare" / "dataset"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "prepare" / "tokenizer"
+
+    @property
+    def pairs_dir(self) -> Path:
+        """Held-out prompt/reference pairs (datasets save_to_disk) for BLEU, when the data has them."""
+        return self.root / "prepare" / "pairs"
+
+    @property
+    def stats_path(self) -> Path:
+        return self.root / "prepare" / "stats.json"
+
+    # train
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "train" / "checkpoints"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step-{step:06d}"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "train" / "model"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "train" / "adapter"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "train" / "metrics.jsonl"
+
+    @property
+    def train_log_path(self) -> Path:
+        return self.root / "train" / "train.log"
+
+    # eval / generate / export
+    @property
+    def results_path(self) -> Path:
+        return self.root / "eval" / "results.json"
+
+    @property
+    def predictions_path(self) -> Path:
+        return self.root / "eval" / "predictions.jsonl"
+
+    @property
+    def outputs_path(self) -> Path:
+        return self.root / "generate" / "outputs.jsonl"
+
+    def export_dir(self, fmt: str) -> Path:
+        return self.root / "export" / fmt
+
+    # ---- manifests --------------------------------------------------------------
+    def manifest(self, stage: str) -> dict | None:
+        p = self.manifest_path(stage)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def staleness(self, stage: str, cfg: "Config") -> str | None:
+        """Why a complete stage no longer matches the config or its inputs; None if fresh."""
+        found = self._stale(stage, cfg)
+        return found[1] if found else None
+
+    def _stale(self, stage: str, cfg: "Config") -> tuple[str, str] | None:
+        """(the upstream-most stage to re-run, why) or None."""
+        from llmctl.config import STAGE_SECTIONS
+
+        m = self.manifest(stage)
+        if m is None:
+            return stage, "missing"
+        for inp, rec in (m.get("lineage") or {}).items():
+            cur = self.manifest(inp)
+            if cur is None:
+                return inp, f"its input {inp}/ is gone"
+            if cur.get("status") != "complete":
+                return inp, f"its input {inp}/ is {cur.get('status')}"
+            deeper = self._stale(inp, cfg)
+            if deeper:
+                return deeper[0], f"its input {inp}/ is stale: {deeper[1]}"
+            if cur.get("id") != rec.get("id"):
+                return stage, f"{inp}/ was re-run since it ran"
+        sections = STAGE_SECTIONS.get(stage, ())
+        if sections and m.get("config_hash") != cfg.section_hash(*sections):
+            return stage, f"config sections {', '.join(sections)} changed since it ran"
+        return None
+
+    def require(self, stage: str, cfg: "Config", config_path: str | None = None) -> dict:
+        """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3)."""
+        cfg_arg = config_path or cfg.source
+        extra = f" --run-dir {self.root}" if self.root != RunDir.for_config(cfg).root else ""
+        m = self.manifest(stage)
+        where = self.stage_dir(stage)
+        if m is None:
+            raise StageInputError(f"{where} is missing: run 'llmctl {stage} {cfg_arg}{extra}' first")
+        if m.get("status") != "complete":
+            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run 'llmctl {stage} {cfg_arg}{extra}' to finish it")
+        found = self._stale(stage, cfg)
+        if found:
+            culprit, why = found
+            force = " --force" if culprit == stage else ""
+            raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first")
+        return m
+
+    def up_to_date(self, stage: str, cfg: "Config", extra_hash: str | None = None) -> bool:
+        m = self.manifest(stage)
+        if not m or m.get("status") != "complete":
+            return False
+        if extra_hash is not None and m.get("extra_hash") != extra_hash:
+            return False
+        return self.staleness(stage, cfg) is None
+
+    # ---- writing a stage ------------------------------------------------------
+    @contextmanager
+    def begin(
+        self,
+        stage: str,
+        cfg: "Config",
+        inputs: list[str] | tuple[str, ...] = (),
+        extra_hash: str | None = None,
+    ) -> Iterator["StageRun"]:
+        """Lock the stage, mark it running, and record how it ended.
+
+        Normal exit: complete. `Interrupted`/KeyboardInterrupt: interrupted. Anything else:
+        failed (the exception propagates).
+        """
+        from llmctl.config import STAGE_SECTIONS, config_to_yaml
+
+        d = self.stage_dir(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        lock_f = open(d / LOCK, "a+")
+        try:
+            fcntl.flock(lock_f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_f.close()
+            raise LockedError(f"{d} is locked: another llmctl process is writing it (wait for it or stop it)") from None
+        try:
+            clean_tmp(d)
+            lineage = {}
+            for inp in inputs:
+                im = self.manifest(inp) or {}
+                lineage[inp] = {k: im.get(k) for k in ("id", "stage", "config_hash", "finished_at", "headline")}
+            sections = STAGE_SECTIONS.get(stage, ())
+            manifest = {
+                "stage": stage,
+                "id": uuid.uuid4().hex,
+                "status": "running",
+                "started_at": now_iso(),
+                "finished_at": None,
+                "config_hash": cfg.section_hash(*sections) if sections else None,
+                "config_sections": list(sections),
+                "extra_hash": extra_hash,
+                "config_file": cfg.source,
+                "lineage": lineage,
+                "versions": versions(),
+                "host": platform.node(),
+                "argv": sys.argv,
+                "device": None,
+                "headline": {},
+            }
+            st = StageRun(self, stage, manifest)
+            atomic_write_text(d / CONFIG_COPY, config_to_yaml(cfg))
+            st.save()
+            t0 = time.time()
+            try:
+                yield st
+            except (Interrupted, KeyboardInterrupt) as e:
+                st.finish("interrupted", time.time() - t0, error=str(e) or "interrupted")
+                raise
+            except BaseException as e:
+                st.finish("failed", time.time() - t0, error=f"{type(e).__name__}: {e}")
+                raise
+            st.finish("complete", time.time() - t0)
+        finally:
+            fcntl.flock(lock_f.fileno(), fcntl.LOCK_UN)
+            lock_f.close()
+
+    def status(self, cfg: "Config | None" = None) -> list[dict]:
+        rows = []
+        for stage in STAGE_ORDER:
+            m = self.manifest(stage)
+            if m is None:
+                rows.append({"stage": stage, "status": "missing"})
+                continue
+            row = {
+                "stage": stage,
+                "status": m.get("status"),
+                "started_at": m.get("started_at"),
+                "finished_at": m.get("finished_at"),
+                "seconds": m.get("seconds"),
+                "headline": m.get("headline", {}),
+            }
+            if cfg is not None and m.get("status") == "complete":
+                why = self.staleness(stage, cfg)
+                if why:
+                    row["status"] = "stale"
+                    row["why"] = why
+            rows.append(row)
+        return rows
+
+
+class StageRun:
+    """A stage being written: its folder, manifest and headline numbers."""
+
+    def __init__(self, rundir: RunDir, stage: str, manifest: dict):
+        self.rundir = rundir
+        self.stage = stage
+        self.manifest = manifest
+
+    @property
+    def dir(self) -> Path:
+        return self.rundir.stage_dir(self.stage)
+
+    @property
+    def headline(self) -> dict:
+        return self.manifest["headline"]
+
+    def save(self) -> None:
+        atomic_write_json(self.rundir.manifest_path(self.stage), self.manifest)
+
+    def finish(self, status: str, seconds: float, error: str | None = None) -> None:
+        self.manifest["status"] = status
+        self.manifest["finished_at"] = now_iso()
+        self.manifest["seconds"] = round(seconds, 3)
+        if error:
+            self.manifest["error"] = error
+        self.save()
