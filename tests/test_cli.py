@@ -1,0 +1,73 @@
+"""The CLI shell: help, start-up cost, exit codes, status, --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, run_cli, tiny_config_dict, write_config
+from llmctl.config import load_config
+from llmctl.rundir import RunDir
+
+
+def test_help_lists_every_stage():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("prepare", "train", "eval", "generate", "export", "serve", "run", "status", "config"):
+        assert cmd in r.stdout
+
+
+def test_startup_imports_no_heavy_library():
+    code = (
+        "import sys, llmctl.cli\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'peft') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout
+
+
+def test_stage_help_is_cheap():
+    for stage in ("prepare", "train", "eval", "generate", "export", "serve", "run"):
+        r = run_cli(stage, "--help")
+        assert r.returncode == 0 and "CONFIG" in r.stdout
+
+
+def test_config_error_exit_2_one_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  max_stepz: 3\n")
+    r = run_cli("prepare", str(p))
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_missing_input_exit_3(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    r = run_cli("eval", str(p))
+    assert r.returncode == 3
+    assert "run 'llmctl train" in r.stderr or "run 'llmctl prepare" in r.stderr
+
+
+def test_status_table_and_json(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    cfg = load_config(p)
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", cfg) as st:
+        st.headline["documents"] = 12
+    r = run_cli("status", str(tmp_path / "run"), "--json")
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert stages["prepare"]["status"] == "complete" and stages["prepare"]["headline"]["documents"] == 12
+    assert stages["train"]["status"] == "missing"
+    r = run_cli("status", str(tmp_path / "run"))
+    assert r.returncode == 0 and "prepare" in r.stderr and "documents=12" in r.stderr
+    r = run_cli("status", str(tmp_path / "nope"))
+    assert r.returncode == 2
+
+
+def test_run_rejects_unknown_stage_range(tmp_path):
+    p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    r = run_cli("run", str(p), "--from", "trian")
+    assert r.returncode == 2 and "--from" in r.stderr
