@@ -10,7 +10,6 @@ TORCH_PIP_ARGS ?=
 EXTRAS ?= dev
 CONFIG ?= configs/quickstart.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install test test-all demo bench lint clean
 

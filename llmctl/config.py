@@ -47,6 +47,7 @@ class DataConfig(Section):
         description="text: documents packed into block_size blocks; prompt_completion: loss on the "
         "completion only; chat: 'messages' rendered with the chat template, loss on assistant turns.",
     )
+    txt_unit: Literal["file", "paragraph", "line"] = Field("paragraph", description="How .txt files split into documents: whole file, blank-line-separated paragraphs, or lines.")
     text_field: str = Field("text", description="Field holding the document text (format=text, structured files).")
     prompt_field: str = Field("prompt", description="Field holding the prompt (format=prompt_completion).")
     completion_field: str = Field("completion", description="Field holding the completion (format=prompt_completion).")

@@ -1,0 +1,342 @@
+"""`llmctl prepare`: raw data -> tokenizer + tokenized, split dataset in RUN/prepare.
+
+Everything is built in a temporary folder and moved into place at the end; the manifest
+says `complete` only after that, so a killed prepare never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+from llmctl import console as _console
+from llmctl.errors import ConfigError, DataError
+from llmctl.rundir import RunDir, atomic_write_json, replace_path
+
+SPLITS = ("train", "validation", "test")
+
+
+# --------------------------------------------------------------------------- records
+def _records(cfg, cache_dir: Path, counters) -> tuple[list[tuple[dict, str]], str]:
+    """All raw records of the main source, and a fingerprint of the input files."""
+    from llmctl.data import sources
+
+    d = cfg.data
+    if d.source == "builtin":
+        files = sources.builtin_files(cfg.run.seed, d.max_bytes)
+        return list(sources.iter_builtin(files, counters)), sources.builtin_fingerprint(files)
+    if d.source == "files":
+        files = sources.expand_paths(d.paths)
+        return list(sources.iter_files(files, d.txt_unit, d.on_error, counters)), sources.fingerprint(files)
+    recs = list(sources.iter_hub(d.hub_name, d.hub_config, d.hub_split, str(cache_dir)))
+    return recs, hashlib.sha256(f"{d.hub_name}|{d.hub_config}|{d.hub_split}".encode()).hexdigest()[:16]
+
+
+def _explicit(paths: list[str], key: str, cfg, counters) -> tuple[list[tuple[dict, str]], str]:
+    from llmctl.data import sources
+
+    files = sources.expand_paths(paths, key=key)
+    return list(sources.iter_files(files, cfg.data.txt_unit, cfg.data.on_error, counters)), sources.fingerprint(files)
+
+
+def _normalise(recs: list[tuple[dict, str]], cfg, counters) -> list[dict]:
+    """Keep only the fields the format needs, checking they are there and well typed."""
+    d = cfg.data
+    out = []
+    for rec, where in recs:
+        try:
+            if d.format == "text":
+                field = "text" if "text" in rec and d.source == "builtin" else d.text_field
+                _need(rec, field, "data.text_field", where)
+                text = rec[field]
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: field '{field}' is {type(text).__name__}, expected text")
+                if text.strip():
+                    out.append({"text": text})
+            elif d.format == "prompt_completion":
+                _need(rec, d.prompt_field, "data.prompt_field", where)
+                _need(rec, d.completion_field, "data.completion_field", where)
+                p, c = rec[d.prompt_field], rec[d.completion_field]
+                if not isinstance(p, str) or not isinstance(c, str):
+                    raise DataError(f"{where}: '{d.prompt_field}' and '{d.completion_field}' must be strings")
+                out.append({"prompt": p, "completion": c})
+            else:
+                _need(rec, d.messages_field, "data.messages_field", where)
+                msgs = rec[d.messages_field]
+                if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+                    raise DataError(f"{where}: '{d.messages_field}' must be a list of {{role, content}} objects")
+                if not any(m["role"] == "assistant" for m in msgs):
+                    raise DataError(f"{where}: conversation has no assistant turn to learn from")
+                out.append({"messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]})
+        except DataError:
+            if d.on_error == "skip":
+                counters.skip("bad_record")
+                continue
+            raise
+    return out
+
+
+def _need(rec: dict, field: str, key: str, where: str) -> None:
+    from llmctl.data.sources import check_field
+
+    check_field(rec, field, key, where)
+
+
+def _split(docs: list[dict], cfg) -> dict[str, list[dict]]:
+    """Document-level split, deterministic from run.seed: no document in two splits."""
+    d = cfg.data
+    order = list(range(len(docs)))
+    random.Random(cfg.run.seed).shuffle(order)
+    if d.max_documents:
+        order = order[: d.max_documents]
+    n = len(order)
+    n_val = 0 if d.validation_paths else (max(1, round(n * d.validation_fraction)) if d.validation_fraction > 0 else 0)
+    n_test = 0 if d.test_paths else (max(1, round(n * d.test_fraction)) if d.test_fraction > 0 else 0)
+    if n - n_val - n_test < 1:
+        raise DataError(
+            f"corpus has {n} document(s): too few to hold out {n_val} for validation and {n_test} for test "
+            "(add data, or lower data.validation_fraction / data.test_fraction)"
+        )
+    out = {"validation": [docs[i] for i in order[:n_val]], "test": [docs[i] for i in order[n_val : n_val + n_test]]}
+    out["train"] = [docs[i] for i in order[n_val + n_test :]]
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+def _check_block_size(cfg) -> None:
+    name = cfg.model.name_or_path
+    if not name:
+        return
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(name, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return  # train reports an unloadable model; prepare need not
+    limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if limit and cfg.data.block_size > limit:
+        raise ConfigError(
+            f"data.block_size ({cfg.data.block_size}) is larger than {name} can take ({limit} positions): "
+            f"set data.block_size <= {limit}"
+        )
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
+    con = _console.current()
+    t0 = time.time()
+    _check_block_size(cfg)
+    from llmctl.data.sources import Counters
+
+    rd.stage_dir("prepare").mkdir(parents=True, exist_ok=True)
+    counters = Counters()
+    build = rd.stage_dir("prepare") / f".build.tmp-{int(t0)}"
+    # Reading records is cheap next to tokenizing; it gives the input fingerprint for caching.
+    con.step(f"reading {cfg.data.source} data")
+    recs, fp = _records(cfg, build / "cache", counters)
+    extras = {}
+    for split, paths, key in (("validation", cfg.data.validation_paths, "data.validation_paths"), ("test", cfg.data.test_paths, "data.test_paths")):
+        if paths:
+            extras[split], efp = _explicit(paths, key, cfg, counters)
+            fp += efp
+    extra_hash = hashlib.sha256(fp.encode()).hexdigest()[:16]
+    if not force and rd.up_to_date("prepare", cfg, extra_hash=extra_hash):
+        con.info(f"prepare: up to date in {rd.stage_dir('prepare')} (use --force to redo)")
+        shutil.rmtree(build, ignore_errors=True)
+        return {**rd.manifest("prepare")["headline"], "cached": True}
+
+    with rd.begin("prepare", cfg, extra_hash=extra_hash) as st:
+        build.mkdir(parents=True, exist_ok=True)
+        try:
+            headline = _build(cfg, rd, recs, extras, counters, build, con)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        for name in ("tokenizer", "dataset", "pairs"):
+            src = build / name
+            if src.exists():
+                replace_path(src, rd.stage_dir("prepare") / name)
+            elif (rd.stage_dir("prepare") / name).exists():
+                shutil.rmtree(rd.stage_dir("prepare") / name)
+        atomic_write_json(rd.stats_path, headline["stats"])
+        shutil.rmtree(build, ignore_errors=True)
+        headline.pop("stats")
+        headline["seconds"] = round(time.time() - t0, 1)
+        st.headline.update(headline)
+    return headline
+
+
+def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    from llmctl.data import formats
+    from llmctl.tokenizer import ensure_chat_template, load_tokenizer, train_tokenizer
+
+    disable_progress_bars()
+    d = cfg.data
+    docs = _normalise(recs, cfg, counters)
+    del recs
+    if not docs:
+        raise DataError(f"the corpus is empty: no usable {d.format} records in data ({d.source}) — check data.paths and the field names")
+    splits = _split(docs, cfg)
+    for name, erecs in extras.items():
+        splits[name] = _normalise(erecs, cfg, counters)
+        if not splits[name]:
+            raise DataError(f"data.{name}_paths: no usable records")
+    con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v))
+
+    # ---- tokenizer
+    chat = d.format == "chat"
+    if cfg.tokenizer.name_or_path:
+        con.step(f"loading tokenizer {cfg.tokenizer.name_or_path}")
+        tok = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.trust_remote_code)
+    else:
+        con.step(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) on the training split")
+        tok = train_tokenizer(_train_texts(splits["train"], d.format, cfg.tokenizer.max_train_bytes), cfg, chat=chat, model_max_length=cfg.model.context_length if not cfg.model.name_or_path else None)
+    if chat:
+        ensure_chat_template(tok, cfg.tokenizer.chat_template)
+    elif cfg.tokenizer.chat_template:
+        tok.chat_template = cfg.tokenizer.chat_template
+    tok.save_pretrained(build / "tokenizer")
+    eos = tok.eos_token_id
+
+    # ---- tokenize
+    stats: dict = {"format": d.format, "source": d.source, "block_size": d.block_size, "vocab_size": len(tok),
+                   "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
+    out: dict = {}
+    cache = str(build / "cache")
+    for name in SPLITS:
+        if not splits.get(name):
+            continue
+        with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
+            if d.format == "text":
+                s = {"documents": 0, "bytes": 0, "tokens": 0, "kept_tokens": 0, "dropped_tokens": 0}
+                texts = splits[name]
+
+                def docs_text(texts=texts) -> Iterator[str]:
+                    for i, doc in enumerate(texts):
+                        if i % 1000 == 0:
+                            prog.update(completed=i)
+                        yield doc["text"]
+
+                ds = _write_rows(formats.pack_text(docs_text(), tok, d.block_size, eos, s), build / "cache" / f"{name}.arrow")
+                prog.update(completed=len(texts))
+                if len(ds) == 0:
+                    raise DataError(
+                        f"the {name} split has {s['tokens']} tokens, fewer than one block of data.block_size={d.block_size}: "
+                        "add data or lower data.block_size"
+                    )
+                out[name] = ds
+                stats["splits"][name] = {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
+                                         "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
+                                         "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
+            else:
+                raw = Dataset.from_list(splits[name])
+                fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
+                kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": eos} if d.format == "prompt_completion" else {})
+                ds = raw.map(fn, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=raw.column_names,
+                             num_proc=d.num_proc if d.num_proc > 1 and len(raw) > 1000 else None,
+                             cache_file_name=str(build / "cache" / f"{name}.arrow"))
+                dropped = sum(ds["_dropped"])
+                trunc = sum(ds["_truncated"])
+                tokens = sum(ds["_tokens"])
+                nbytes = sum(ds["_bytes"])
+                ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns(["_dropped", "_truncated", "_tokens", "_bytes"])
+                prog.update(completed=len(raw))
+                if len(ds) == 0:
+                    raise DataError(f"the {name} split has no example that fits data.block_size={d.block_size}: raise it")
+                out[name] = ds
+                stats["splits"][name] = {"documents": len(raw), "examples": len(ds), "tokens": tokens,
+                                         "dropped_records": dropped, "truncated_records": trunc, "bytes": nbytes,
+                                         "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+    if "validation" not in out:
+        con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
+    DatasetDict(out).save_to_disk(str(build / "dataset"))
+
+    # ---- held-out prompt/reference pairs for BLEU
+    pairs = _pairs(cfg, tok, splits)
+    if pairs:
+        DatasetDict({k: Dataset.from_dict(v) for k, v in pairs.items()}).save_to_disk(str(build / "pairs"))
+        stats["pairs"] = {k: len(v["prompt"]) for k, v in pairs.items()}
+    tr = stats["splits"]["train"]
+    headline = {
+        "documents": sum(s.get("documents", 0) for s in stats["splits"].values()),
+        "train_tokens": tr["tokens"],
+        "validation_tokens": stats["splits"].get("validation", {}).get("tokens", 0),
+        "vocab_size": len(tok),
+        "bytes_per_token": tr["bytes_per_token"],
+        "skipped_records": counters.skipped,
+        "pairs": sum(stats.get("pairs", {}).values()),
+        "stats": stats,
+    }
+    return headline
+
+
+def _write_rows(rows: Iterator[dict], path: Path, chunk: int = 2048):
+    """Stream rows of int token lists into an Arrow file datasets memory-maps (bounded memory)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+    buf: list[dict] = []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        def flush() -> None:
+            writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
+            buf.clear()
+
+        for row in rows:
+            buf.append(row)
+            if len(buf) >= chunk:
+                flush()
+        if buf:
+            flush()
+    return Dataset.from_file(str(path))
+
+
+def _train_texts(docs: list[dict], fmt: str, max_bytes: int | None) -> Iterator[str]:
+    total = 0
+    for doc in docs:
+        if fmt == "text":
+            text = doc["text"]
+        elif fmt == "prompt_completion":
+            text = doc["prompt"] + doc["completion"]
+        else:
+            text = "\n".join(m["content"] for m in doc["messages"])
+        yield text
+        total += len(text)
+        if max_bytes and total >= max_bytes:
+            return
+
+
+def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
+    from llmctl.data.pairs import signature_docstring_pairs
+
+    d = cfg.data
+    out: dict[str, dict[str, list[str]]] = {}
+    for name in ("validation", "test"):
+        docs = splits.get(name) or []
+        if not docs:
+            continue
+        prompts, refs = [], []
+        if d.format == "text" and d.source == "builtin":
+            for doc in docs:
+                for p, r in signature_docstring_pairs(doc["text"]):
+                    prompts.append(p)
+                    refs.append(r)
+        elif d.format == "prompt_completion":
+            prompts = [doc["prompt"] for doc in docs]
+            refs = [doc["completion"] for doc in docs]
+        elif d.format == "chat":
+            for doc in docs:
+                msgs = doc["messages"]
+                last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+                prompts.append(tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True))
+                refs.append(msgs[last]["content"])
+        if prompts:
+            out[name] = {"prompt": prompts, "reference": refs}
+    return out
