@@ -79,3 +79,92 @@ def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bo
     tok.padding_side = "left"
     model.to(device).eval()
     return model, tok
+
+
+# --------------------------------------------------------------------------- training
+def build_from_scratch(cfg, tok):
+    """A randomly initialised model with the config's sizes and the tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    m = cfg.model
+    common = dict(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=m.tie_embeddings,
+    )
+    if m.arch == "llama":
+        inter = m.intermediate_size or (int(8 * m.hidden_size / 3) + 31) // 32 * 32
+        mc = LlamaConfig(
+            hidden_size=m.hidden_size,
+            intermediate_size=inter,
+            num_hidden_layers=m.n_layers,
+            num_attention_heads=m.n_heads,
+            num_key_value_heads=m.n_kv_heads or m.n_heads,
+            max_position_embeddings=m.context_length,
+            rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+            attention_dropout=m.dropout,
+            **common,
+        )
+    else:
+        mc = GPT2Config(
+            n_embd=m.hidden_size,
+            n_inner=m.intermediate_size,
+            n_layer=m.n_layers,
+            n_head=m.n_heads,
+            n_positions=m.context_length,
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
+            **common,
+        )
+    torch.manual_seed(cfg.run.seed)  # same seed, same initial weights
+    return AutoModelForCausalLM.from_config(mc, attn_implementation=m.attn_implementation, dtype=torch.float32)
+
+
+def load_pretrained_for_training(cfg, tok, dtype):
+    """A pretrained model whose vocabulary follows the prepared tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation
+        )
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StageInputError(f"model.name_or_path: cannot load '{m.name_or_path}': {first}") from None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        # Added tokens (pad, chat markers): grow the embeddings; the rest of the vocab is shared.
+        model.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
+    if model.config.pad_token_id is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def apply_lora(model, cfg):
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise ConfigError("model.lora.enabled needs peft: pip install 'llmctl[lora]'") from None
+    lc = cfg.model.lora
+    config = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        task_type=TaskType.CAUSAL_LM,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,489 @@
+"""`llmctl train`: RUN/prepare -> RUN/train/model, resumable, under torchrun unchanged.
+
+Built on the Hugging Face Trainer (AdamW, schedules, accumulation, DDP/FSDP, exact resume).
+llmctl adds: step-NNNNNN checkpoints that appear atomically, automatic resume with a
+safety check, SIGTERM/SIGINT -> checkpoint -> exit 143/130, a wall-clock budget, NaN stop,
+metrics.jsonl, progress, and rank-0-only writing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from llmctl import console as _console
+from llmctl.errors import ConfigError, Interrupted, LlmctlError
+from llmctl.rundir import RunDir, atomic_dir, atomic_write_json
+
+META = "llmctl.json"  # written into each checkpoint: what it continues
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+# --------------------------------------------------------------------------- helpers
+def parse_duration(value) -> float | None:
+    """Seconds from 3600, '90s', '45m', '1h30m', '2h'."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    s = str(value).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?", s)
+    if not m or not any(m.groups()):
+        raise ConfigError(f"train.max_time: cannot read {value!r}: use seconds or a duration like '1h30m', '45m', '90s'")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
+def complete_checkpoints(rd: RunDir) -> list[Path]:
+    d = rd.checkpoints_dir
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := STEP_RE.match(p.name)) and (p / META).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _resume_fingerprint(cfg, rd: RunDir) -> dict:
+    """What a checkpoint must share with the current run to be continued safely."""
+    return {
+        "model": cfg.section_hash("model"),
+        "data": (rd.manifest("prepare") or {}).get("id"),
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "world_size": _world(),
+        "seed": cfg.run.seed,
+    }
+
+
+def _launch_torchrun(nproc: int) -> dict:
+    """`llmctl train CONFIG --nproc N`: re-run this same command under torchrun."""
+    argv = list(sys.argv[1:])
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "llmctl", *out]
+    _console.current().info("launching: " + " ".join(cmd[1:]))
+    env = dict(os.environ, LLMCTL_TORCHRUN="1")
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:  # torchrun forwards the signal to every rank
+        rc = proc.wait()
+    if rc != 0:
+        err = LlmctlError(f"torchrun exited with code {rc} (see the ranks' messages above)")
+        err.exit_code = rc if rc in (2, 3, 130, 143) else 1
+        raise err
+    return {"launched": f"torchrun --nproc-per-node {nproc}"}
+
+
+# --------------------------------------------------------------------------- collator
+class Collator:
+    """Pads variable-length rows (pad id, labels -100); fixed-length rows stack as they are."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[i, :k] = torch.as_tensor(r["input_ids"])
+            labels[i, :k] = torch.as_tensor(r["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------- the stage
+def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) -> dict:
+    con = _console.current()
+    nproc = nproc or cfg.train.nproc
+    under_torchrun = "LOCAL_RANK" in os.environ
+    is_main = _rank() == 0
+    rd.require("prepare", cfg)
+    if nproc > 1 and not under_torchrun:
+        if not force and rd.up_to_date("train", cfg):
+            con.info(f"train: up to date in {rd.stage_dir('train')} (use --force to redo)")
+            return {**rd.manifest("train")["headline"], "cached": True}
+        _launch_torchrun(nproc)
+        return rd.manifest("train")["headline"]
+    if not force and rd.up_to_date("train", cfg):
+        con.info(f"train: up to date in {rd.stage_dir('train')} (use --force to redo)")
+        return {**rd.manifest("train")["headline"], "cached": True}
+    max_time = parse_duration(cfg.train.max_time)
+
+    if force and is_main:
+        for p in (rd.checkpoints_dir, rd.model_dir, rd.adapter_dir, rd.metrics_path):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    if _world() > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            import torch
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo")
+        dist.barrier()  # ranks > 0 wait for rank 0's clean-up
+
+    resume = _pick_resume(cfg, rd, con)
+    ctx = rd.begin("train", cfg, inputs=["prepare"]) if is_main else nullcontext()
+    with ctx as st:
+        result = _train(cfg, rd, st, resume, max_time, con, is_main)
+        if st is not None:
+            st.headline.update(result)
+    return result
+
+
+def _pick_resume(cfg, rd: RunDir, con) -> Path | None:
+    ckpts = complete_checkpoints(rd)
+    if not ckpts:
+        return None
+    last = ckpts[-1]
+    meta = json.loads((last / META).read_text())
+    want = _resume_fingerprint(cfg, rd)
+    diffs = [k for k in want if meta.get("fingerprint", {}).get(k) != want[k]]
+    if diffs:
+        what = ", ".join(f"{k} ({meta.get('fingerprint', {}).get(k)} -> {want[k]})" if k != "model" and k != "data" else k for k in diffs)
+        raise ConfigError(
+            f"{last} cannot be resumed safely: {what} changed since it was written. "
+            f"Run with --force to start over (this deletes {rd.checkpoints_dir})"
+        )
+    con.info(f"resuming from {last} (step {meta['step']})")
+    return last
+
+
+def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, GenerationConfig, Trainer, TrainerCallback, TrainingArguments
+
+    from llmctl.modeling import (
+        apply_lora,
+        build_from_scratch,
+        count_parameters,
+        load_pretrained_for_training,
+        pick_device,
+        pick_dtype,
+    )
+
+    t0 = time.time()
+    tcfg = cfg.train
+    device = pick_device(tcfg.device)
+    dtype = pick_dtype(tcfg.precision, device)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("train.precision: fp16 needs a GPU; use auto, fp32 or bf16 on CPU")
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    ds = load_from_disk(str(rd.dataset_dir))
+    train_ds = ds["train"]
+    val_ds = ds["validation"] if "validation" in ds else None
+    if val_ds is not None and tcfg.eval_batches:
+        val_ds = val_ds.select(range(min(len(val_ds), tcfg.eval_batches * tcfg.micro_batch_size)))
+
+    # ---- model
+    if cfg.model.name_or_path:
+        if cfg.tokenizer.name_or_path is None:
+            raise ConfigError(
+                "model.name_or_path is a pretrained model but prepare trained a new tokenizer: its token ids mean nothing "
+                "to the model. Set tokenizer.name_or_path to the model's tokenizer and re-run prepare"
+            )
+        model = load_pretrained_for_training(cfg, tok, torch.float32)  # master weights fp32; autocast does bf16
+    else:
+        model = build_from_scratch(cfg, tok)
+    if cfg.model.lora.enabled:
+        model = apply_lora(model, cfg)
+    n_params, n_trainable = count_parameters(model)
+    con.info(f"model: {cfg.model.name_or_path or cfg.model.arch} {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable), device {device}, {str(dtype).replace('torch.', '')}")
+
+    # ---- arguments
+    sched = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[tcfg.scheduler]
+    kwargs = {"min_lr_rate": tcfg.min_lr_ratio} if tcfg.scheduler == "cosine" else {}
+    fsdp = {}
+    if tcfg.distributed == "fsdp" and _world() > 1:
+        fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
+    if tcfg.tensorboard:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(rd.stage_dir("train") / "tensorboard"))
+    args = TrainingArguments(
+        output_dir=str(rd.checkpoints_dir),
+        max_steps=tcfg.max_steps if tcfg.max_steps else -1,
+        num_train_epochs=tcfg.epochs or 1.0,
+        per_device_train_batch_size=tcfg.micro_batch_size,
+        per_device_eval_batch_size=tcfg.micro_batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
+        learning_rate=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+        adam_beta1=tcfg.beta1,
+        adam_beta2=tcfg.beta2,
+        max_grad_norm=tcfg.max_grad_norm or 0.0,
+        lr_scheduler_type=sched,
+        lr_scheduler_kwargs=kwargs,
+        warmup_steps=tcfg.warmup_steps,
+        logging_steps=tcfg.log_every,
+        eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=tcfg.eval_every,
+        save_strategy="steps",
+        save_steps=tcfg.save_every,
+        save_total_limit=None,
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        activation_checkpointing=tcfg.gradient_checkpointing,
+        torch_compile=tcfg.compile,
+        dataloader_num_workers=tcfg.num_workers,
+        ddp_find_unused_parameters=False,
+        report_to=["tensorboard"] if tcfg.tensorboard else [],
+        disable_tqdm=True,
+        include_num_input_tokens_seen=True,
+        remove_unused_columns=False,
+        **fsdp,
+    )
+
+    # ---- callbacks
+    stop = {"signal": None, "reason": "max_steps", "nan_step": None}
+    fingerprint = _resume_fingerprint(cfg, rd)
+    metrics_f = open(rd.metrics_path, "a") if is_main else None
+    progress = con.progress("train", total=None, unit="steps") if is_main else nullcontext()
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    class LlmctlCallback(TrainerCallback):
+        def __init__(self):
+            self.t_start = time.time()
+            self.tokens_at_start = None
+            self.val = {}
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t_start = time.time()
+            self.tokens_at_start = state.num_input_tokens_seen
+            if is_main:
+                progress.total = state.max_steps
+                progress.update(completed=state.global_step)
+
+        def _agree(self, flag: bool) -> bool:
+            if _world() == 1:
+                return flag
+            import torch.distributed as dist
+
+            t = torch.tensor([1.0 if flag else 0.0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+
+        def on_step_end(self, args, state, control, **kw):
+            out_of_time = max_time is not None and time.time() - t0 >= max_time
+            if self._agree(stop["signal"] is not None or out_of_time):
+                if stop["signal"] is None:
+                    stop["reason"] = "max_time"
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - t0, 2)}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                if not math.isfinite(loss):
+                    stop["nan_step"] = state.global_step
+                    control.should_training_stop = True
+                    control.should_save = False
+                el = max(time.time() - self.t_start, 1e-9)
+                tps = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / el
+                rec.update(loss=loss, lr=float(logs.get("learning_rate", 0.0)), grad_norm=_f(logs.get("grad_norm")), tokens=int(state.num_input_tokens_seen), tokens_per_s=round(tps, 1))
+                if is_main:
+                    progress.update(completed=state.global_step, loss=loss, lr=rec["lr"], tok_s=round(tps))
+            if "eval_loss" in logs:
+                vl = float(logs["eval_loss"])
+                self.val[state.global_step] = vl
+                rec.update(val_loss=vl, val_ppl=_ppl(vl))
+                if is_main:
+                    con.info(f"step {state.global_step}: val_loss {vl:.4f}  val_ppl {_ppl(vl):.2f}")
+            if len(rec) > 3 and metrics_f is not None:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+            return control
+
+        def on_save(self, args, state, control, **kw):
+            # The Trainer finished writing checkpoint-N: stamp it and move it into place.
+            if _world() > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+            if is_main:
+                src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if src.is_dir():
+                    atomic_write_json(src / META, {"step": state.global_step, "fingerprint": fingerprint, "val_loss": self.val.get(state.global_step)})
+                    dst = rd.checkpoint_dir(state.global_step)
+                    if dst.exists():
+                        shutil.rmtree(dst)
+                    os.replace(src, dst)
+                    _rotate(rd, tcfg.keep_last, tcfg.keep_best)
+                    if os.environ.get("LLMCTL_FAULT_KILL_AFTER_SAVE") == str(state.global_step):
+                        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
+            if _world() > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+            return control
+
+    callback = LlmctlCallback()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=Collator(tok.pad_token_id),
+        processing_class=tok,
+        callbacks=[callback],
+    )
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):  # our own progress and metrics replace these
+        trainer.remove_callback(cb)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with progress:
+            init_val = None
+            if resume is None and val_ds is not None:
+                init_val = trainer.evaluate()["eval_loss"]  # logged as step 0 by the callback
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            state = trainer.state
+            final_val = None
+            if val_ds is not None and stop["nan_step"] is None and stop["signal"] is None:
+                final_val = callback.val.get(state.global_step)
+                if final_val is None:
+                    final_val = trainer.evaluate()["eval_loss"]
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if metrics_f is not None:
+            metrics_f.close()
+    if stop["nan_step"] is not None:
+        last = complete_checkpoints(rd)
+        keep = f"; the last good checkpoint is {last[-1]}" if last else ""
+        raise LlmctlError(f"loss became NaN/inf at step {stop['nan_step']}{keep}: lower train.lr or enable train.max_grad_norm")
+    if stop["signal"] is not None:
+        last = complete_checkpoints(rd)
+        raise Interrupted(stop["signal"], f"interrupted by {signal.Signals(stop['signal']).name}: saved {last[-1] if last else 'no checkpoint'}; re-run the same command to resume")
+
+    # ---- final model
+    history = _read_metrics(rd)
+    if init_val is None:
+        init_val = next((r["val_loss"] for r in history if r.get("step") == 0 and "val_loss" in r), None)
+    losses = [r["loss"] for r in history if "loss" in r]
+    tps = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+    result = {
+        "steps": state.global_step,
+        "stopped_by": stop["reason"],
+        "parameters": n_params,
+        "trainable_parameters": n_trainable,
+        "train_loss": round(losses[-1], 4) if losses else None,
+        "init_val_loss": round(init_val, 4) if init_val is not None else None,
+        "init_val_ppl": round(_ppl(init_val), 3) if init_val is not None else None,
+        "val_loss": round(final_val, 4) if final_val is not None else None,
+        "val_ppl": round(_ppl(final_val), 3) if final_val is not None else None,
+        "tokens": int(state.num_input_tokens_seen),  # already summed over ranks
+        "tokens_per_s": round(tps[-1], 1) if tps else None,
+        "device": str(device),
+        "world_size": _world(),
+        "seconds": round(time.time() - t0, 1),
+    }
+    if is_main:
+        _save_final(trainer, tok, cfg, rd)
+        if st is not None:
+            st.manifest["device"] = str(device)
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return result
+
+
+def _f(v):
+    return None if v is None else float(v)
+
+
+def _ppl(loss: float | None) -> float:
+    return math.exp(min(loss, 50.0)) if loss is not None else float("nan")
+
+
+def _read_metrics(rd: RunDir) -> list[dict]:
+    if not rd.metrics_path.is_file():
+        return []
+    out = []
+    for line in rd.metrics_path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line cut by a kill
+    return out
+
+
+def _rotate(rd: RunDir, keep_last: int, keep_best: bool) -> None:
+    ckpts = complete_checkpoints(rd)
+    keep = set(ckpts[-keep_last:])
+    if keep_best:
+        scored = [(json.loads((p / META).read_text()).get("val_loss"), p) for p in ckpts]
+        scored = [(v, p) for v, p in scored if v is not None]
+        if scored:
+            keep.add(min(scored, key=lambda t: t[0])[1])
+    for p in ckpts:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+    # Partial checkpoints of a killed save never got their step- name: drop them.
+    for p in rd.checkpoints_dir.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _save_final(trainer, tok, cfg, rd: RunDir) -> None:
+    from transformers import GenerationConfig
+
+    model = trainer.model
+    model = trainer.accelerator.unwrap_model(model) if hasattr(trainer, "accelerator") else model
+    gen = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if cfg.model.lora.enabled:
+        with atomic_dir(rd.adapter_dir) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        model = model.merge_and_unload()
+    with atomic_dir(rd.model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        gen.save_pretrained(tmp)
