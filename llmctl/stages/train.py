@@ -149,12 +149,14 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
             elif p.exists():
                 p.unlink()
     if _world() > 1:
+        # The same shared state TrainingArguments builds (gloo on CPU, nccl on GPU): creating it
+        # ourselves first would otherwise leave the Trainer thinking it runs alone.
         import torch.distributed as dist
+        from accelerate import PartialState
 
-        if not dist.is_initialized():
-            import torch
+        from llmctl.modeling import pick_device
 
-            dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo")
+        PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
         dist.barrier()  # ranks > 0 wait for rank 0's clean-up
 
     resume = _pick_resume(cfg, rd, con)
@@ -209,7 +211,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     train_ds = ds["train"]
     val_ds = ds["validation"] if "validation" in ds else None
     if val_ds is not None and tcfg.eval_batches:
-        val_ds = val_ds.select(range(min(len(val_ds), tcfg.eval_batches * tcfg.micro_batch_size)))
+        # A fixed subset sized by the global batch, so 2 ranks x 2 and 1 rank x 4 see the same rows.
+        val_ds = val_ds.select(range(min(len(val_ds), tcfg.eval_batches * tcfg.micro_batch_size * _world())))
 
     # ---- model
     if cfg.model.name_or_path:
@@ -267,6 +270,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         report_to=["tensorboard"] if tcfg.tensorboard else [],
         disable_tqdm=True,
         include_num_input_tokens_seen=True,
+        logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
         remove_unused_columns=False,
         **fsdp,
     )
@@ -316,7 +320,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "elapsed_s": round(time.time() - t0, 2)}
             if "loss" in logs:
                 loss = float(logs["loss"])
-                if not math.isfinite(loss):
+                gn = logs.get("grad_norm")
+                if not math.isfinite(loss) or (gn is not None and not math.isfinite(float(gn))):
                     stop["nan_step"] = state.global_step
                     control.should_training_stop = True
                     control.should_save = False
@@ -378,7 +383,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         with progress:
             init_val = None
             if resume is None and val_ds is not None:
-                init_val = trainer.evaluate()["eval_loss"]  # logged as step 0 by the callback
+                # Not trainer.evaluate(): called before train() under DDP it leaves the model
+                # unwrapped and gradients are never all-reduced (seen with transformers 5.24).
+                init_val = _eval_loss(model, val_ds, Collator(tok.pad_token_id), tcfg.micro_batch_size, device)
+                callback.on_log(args, trainer.state, trainer.control, logs={"eval_loss": init_val})
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             state = trainer.state
             final_val = None
@@ -430,6 +438,21 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
 
         dist.barrier()
     return result
+
+
+def _eval_loss(model, ds, collate, batch_size: int, device) -> float:
+    """Mean of per-batch mean losses, as Trainer.evaluate reports it."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(ds), batch_size):
+            batch = {k: v.to(device) for k, v in collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))]).items()}
+            losses.append(model(**batch).loss.float().item())
+    model.train(was_training)
+    return sum(losses) / max(len(losses), 1)
 
 
 def _f(v):

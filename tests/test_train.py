@@ -1,0 +1,201 @@
+"""`llmctl train`: scratch and pretrained, LoRA, resume after SIGKILL, SIGTERM, NaN, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, build_prepared_run, run_cli, tiny_config_dict, write_config
+from llmctl.config import load_config
+from llmctl.rundir import RunDir
+from llmctl.stages import train
+
+
+def _setup(tmp_path, name="run", **sections):
+    d = tiny_config_dict(tmp_path / name, **sections)
+    path = write_config(tmp_path / f"{name}.yaml", d)
+    cfg = load_config(path)
+    rd = build_prepared_run(Path(cfg.run.dir), cfg)
+    return path, cfg, rd
+
+
+def _losses(rd: RunDir) -> dict[int, float]:
+    out = {}
+    for line in rd.metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # the last record of a step wins (a resumed run rewrites it)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_from_scratch(tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    path, cfg, rd = _setup(tmp_path, model={"arch": arch})
+    res = train.run(cfg, rd)
+    assert res["steps"] == 4 and res["val_loss"] is not None and res["init_val_loss"] is not None
+    m = rd.manifest("train")
+    assert m["status"] == "complete" and m["lineage"]["prepare"]["id"] == rd.manifest("prepare")["id"]
+    model = AutoModelForCausalLM.from_pretrained(rd.model_dir)
+    assert model.config.model_type == arch and model.config.vocab_size >= 300
+    assert (rd.model_dir / "generation_config.json").is_file() and (rd.model_dir / "tokenizer.json").is_file()
+    assert sorted(_losses(rd)) == [1, 2, 3, 4]
+    names = sorted(p.name for p in rd.checkpoints_dir.iterdir())
+    assert names == ["step-000002", "step-000004"]
+    again = train.run(cfg, rd)
+    assert again["cached"] is True
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    over = {"train": {"max_steps": 8, "save_every": 4, "eval_every": 100, "log_every": 1, "lr": 1e-2}}
+    pa, ca, rda = _setup(tmp_path, "a", **over)
+    train.run(ca, rda)
+    full = _losses(rda)
+
+    pb, cb, rdb = _setup(tmp_path, "b", **over)
+    r = run_cli("train", str(pb), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "4"})
+    assert r.returncode == -signal.SIGKILL
+    assert rdb.manifest("train")["status"] == "running"  # killed: nothing claims completion
+    assert not rdb.model_dir.exists()
+    assert [p.name for p in train.complete_checkpoints(rdb)] == ["step-000004"]
+    r = run_cli("train", str(pb))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stderr
+    resumed = _losses(rdb)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+    # A change that makes resuming unsafe is refused with the fix.
+    (rdb.stage_dir("train") / "manifest.json").unlink()
+    for p in train.complete_checkpoints(rdb)[:-1]:
+        pass
+    r = run_cli("train", str(pb), "--set", "model.hidden_size=64")
+    assert r.returncode == 2 and "cannot be resumed safely: model" in r.stderr and "--force" in r.stderr
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    path, cfg, rd = _setup(tmp_path)
+    rd.checkpoints_dir.mkdir(parents=True)
+    (rd.checkpoints_dir / "step-000002").mkdir()  # no llmctl.json: a save that never finished
+    (rd.checkpoints_dir / "checkpoint-3").mkdir()
+    assert train.complete_checkpoints(rd) == []
+
+
+def test_sigterm_saves_checkpoint_and_exits_143(tmp_path):
+    path, cfg, rd = _setup(tmp_path, train={"max_steps": 100000, "save_every": 100000, "eval_every": 100000, "log_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "train", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if rd.metrics_path.is_file() and '"loss"' in rd.metrics_path.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "resume" in err
+    assert rd.manifest("train")["status"] == "interrupted"
+    assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGTERM"
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path):
+    path, cfg, rd = _setup(tmp_path, train={"lr": 1e30, "max_grad_norm": None, "max_steps": 6, "warmup_steps": 0, "scheduler": "constant"})
+    r = run_cli("train", str(path))
+    assert r.returncode == 1 and "NaN" in r.stderr and "Traceback" not in r.stderr
+    assert rd.manifest("train")["status"] == "failed" and not rd.model_dir.exists()
+
+
+def test_missing_prepare_exit_3(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    r = run_cli("train", str(path))
+    assert r.returncode == 3 and "run 'llmctl prepare" in r.stderr
+
+
+def test_lora_adapter_and_merged_model_agree(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.modeling import build_from_scratch
+
+    path, cfg, rd = _setup(tmp_path, model={"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}, train={"lr": 5e-2})
+    res = train.run(cfg, rd)
+    assert res["trainable_parameters"] < res["parameters"]
+    assert (rd.adapter_dir / "adapter_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    base = build_from_scratch(cfg, tok)
+    adapted = PeftModel.from_pretrained(base, rd.adapter_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(rd.model_dir).eval()
+    ids = torch.tensor([tok("the quick brown fox")["input_ids"]])
+    with torch.no_grad():
+        a, b = adapted(ids).logits, merged(ids).logits
+        plain = build_from_scratch(cfg, tok).eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, plain, atol=1e-4)  # the adapter changed something
+
+
+def test_finetune_pretrained_local_dir(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import sentences, train_tiny_tokenizer
+
+    tokdir = tmp_path / "base"
+    tok = train_tiny_tokenizer(sentences(64, seed=1), tokdir)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) - 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(tokdir)
+    path, cfg, rd = _setup(tmp_path, model={"name_or_path": str(tokdir)}, tokenizer={"name_or_path": str(tokdir)})
+    res = train.run(cfg, rd)
+    assert res["steps"] == 4
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(rd.model_dir)
+    assert m.get_input_embeddings().weight.shape[0] >= len(AutoTokenizer.from_pretrained(rd.model_dir))
+
+
+def test_pretrained_with_new_tokenizer_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    mdir = tmp_path / "m"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(mdir)
+    path, cfg, rd = _setup(tmp_path, model={"name_or_path": str(mdir)})
+    r = run_cli("train", str(path))
+    assert r.returncode == 2 and "tokenizer.name_or_path" in r.stderr
+
+
+def test_two_processes_match_one(tmp_path):
+    """DDP on CPU (gloo): 2 ranks x 2 sequences == 1 rank x 4 sequences, step by step."""
+    one = {"train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 100, "save_every": 100}}
+    p1, c1, rd1 = _setup(tmp_path, "one", **one)
+    r = run_cli("train", str(p1))
+    assert r.returncode == 0, r.stderr
+    two = {"train": {"max_steps": 3, "micro_batch_size": 2, "log_every": 1, "eval_every": 100, "save_every": 100}}
+    p2, c2, rd2 = _setup(tmp_path, "two", **two)
+    r = run_cli("train", str(p2), "--nproc", "2", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert rd2.manifest("train")["headline"]["world_size"] == 2
+    a, b = _losses(rd1), _losses(rd2)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
+def test_parse_duration():
+    assert train.parse_duration("1h30m") == 5400 and train.parse_duration(90) == 90 and train.parse_duration("45s") == 45
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.max_time"):
+        train.parse_duration("soon")
+
+
+def test_max_time_ends_cleanly(tmp_path):
+    path, cfg, rd = _setup(tmp_path, train={"max_steps": 100000, "max_time": 3, "save_every": 100000, "eval_every": 100000})
+    res = train.run(cfg, rd)
+    assert res["stopped_by"] == "max_time" and 0 < res["steps"] < 100000
+    assert rd.model_dir.is_dir() and train.complete_checkpoints(rd)
