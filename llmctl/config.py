@@ -183,6 +183,9 @@ class EvalConfig(Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
     batch_size: int = Field(16, ge=1, description="Batch size for scoring and generation.")
+    stop: list[str] | None = Field(None, description="Stop strings for generated predictions; null = auto (newline when every reference is one line, plus a docstring's closing quotes).")
+    compare_init: bool = Field(False, description="Also evaluate the model before training (the seeded initialisation, or the pretrained base) to show what training bought.")
+    baselines: bool = Field(True, description="Report trivial baselines: unigram perplexity from training-split counts, BLEU of copying the prompt's last words.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
 
 

@@ -1,0 +1,80 @@
+"""Batched generation with left padding, stop strings and honest finish reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    num_return_sequences: int = 1
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_return_sequences": self.num_return_sequences}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
+        else:
+            kw.update(temperature=None, top_k=None, top_p=None)
+        if self.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = self.repetition_penalty
+        return kw
+
+
+def cut_at_stop(text: str, stops) -> tuple[str, bool]:
+    """Text before the earliest stop string, and whether one was found."""
+    cut = len(text)
+    for s in stops:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut], cut < len(text)
+
+
+def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) -> list[dict]:
+    """One dict per (prompt, sequence): text, finish_reason (eos|stop|length), token counts."""
+    import torch
+
+    if sp.seed is not None:
+        torch.manual_seed(sp.seed)
+    tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    kw = sp.generate_kwargs()
+    if sp.stop:
+        kw.update(stop_strings=list(sp.stop), tokenizer=tok)
+    with torch.no_grad():
+        out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
+    n_in = enc["input_ids"].shape[1]
+    prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+    results = []
+    for row in range(out.shape[0]):
+        new = out[row, n_in:].tolist()
+        finish = "length"
+        for i, t in enumerate(new):
+            if t in eos_ids:
+                new, finish = new[:i], "eos"
+                break
+        text = tok.decode(new, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, sp.stop)
+        if stopped:
+            finish = "stop"
+            n_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+        else:
+            n_tokens = len(new)
+        results.append({
+            "text": text,
+            "finish_reason": finish,
+            "prompt_tokens": int(prompt_lens[row // sp.num_return_sequences]),
+            "completion_tokens": n_tokens,
+        })
+    return results

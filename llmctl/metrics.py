@@ -1,0 +1,131 @@
+"""Perplexity with a sliding window (every token scored exactly once) and sacreBLEU metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(input_start, target_start, end) over s = [prefix] + tokens, targets s[1..n].
+
+    Each window predicts targets s[target_start:end] from input s[input_start:end-1], with
+    as much context as max_length allows. stride == max_length gives disjoint windows
+    (lm-eval's loglikelihood_rolling); a smaller stride gives each target more context.
+    """
+    out = []
+    b = 1
+    while b <= n_tokens:
+        e = min(b + stride, n_tokens + 1)
+        start = max(0, e - 1 - max_length)
+        out.append((start, b, e))
+        b = e
+    return out
+
+
+def sliding_nll(model, ids: list[int], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of `ids` given `prefix_id` before the first."""
+    import torch
+    import torch.nn.functional as F
+
+    if stride > max_length:
+        raise ValueError("stride must be <= max_length")
+    s = torch.tensor([prefix_id] + list(ids), dtype=torch.long)
+    wins = windows(len(ids), max_length, stride)
+    total, count = 0.0, 0
+    device = model.device
+    for i in range(0, len(wins), batch_size):
+        chunk = wins[i : i + batch_size]
+        L = max(e - 1 - st for st, _, e in chunk)
+        inp = torch.zeros((len(chunk), L), dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        tgt = torch.full((len(chunk), L), -100, dtype=torch.long)
+        for r, (st, b, e) in enumerate(chunk):
+            n = e - 1 - st
+            inp[r, :n] = s[st : e - 1]
+            mask[r, :n] = 1
+            # position k predicts s[st + k + 1]; score only targets b..e-1
+            first = b - 1 - st
+            tgt[r, first:n] = s[b:e]
+        with torch.no_grad():
+            logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1).to(device), ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((tgt != -100).sum())
+        if progress is not None:
+            progress.update(advance=len(chunk))
+    return total, count
+
+
+def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
+    """Summed NLL over labelled positions of prepared prompt/completion or chat rows."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        n = max(len(r["input_ids"]) for r in chunk)
+        inp = torch.full((len(chunk), n), pad_id, dtype=torch.long)
+        lab = torch.full((len(chunk), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for r, row in enumerate(chunk):
+            k = len(row["input_ids"])
+            inp[r, :k] = torch.tensor(row["input_ids"])
+            lab[r, :k] = torch.tensor(row["labels"])
+            mask[r, :k] = 1
+        with torch.no_grad():
+            logits = model(input_ids=inp.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], lab[:, 1:].to(model.device)
+        total += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum").item()
+        count += int((shift_labels != -100).sum())
+    return total, count
+
+
+def perplexity_summary(nll: float, n_tokens: int, n_bytes: int) -> dict:
+    mean = nll / max(n_tokens, 1)
+    return {
+        "tokens": n_tokens,
+        "bytes": n_bytes,
+        "mean_loss": round(mean, 6),
+        "perplexity": round(math.exp(min(mean, 700)), 4),
+        "bits_per_byte": round(nll / math.log(2) / max(n_bytes, 1), 6),
+    }
+
+
+def unigram_nll(train_rows, eval_ids: list[int], vocab_size: int) -> float:
+    """A trivial baseline: add-one unigram model from the training split's token counts."""
+    counts: Counter = Counter()
+    for row in train_rows:
+        counts.update(row)
+    total = sum(counts.values()) + vocab_size
+    return -sum(math.log((counts.get(t, 0) + 1) / total) for t in eval_ids)
+
+
+def text_metrics(hyps: list[str], refs: list[str]) -> dict:
+    """Corpus BLEU, chrF, TER with their sacreBLEU signatures, and exact match."""
+    from sacrebleu.metrics import BLEU, CHRF, TER
+
+    bleu, chrf, ter = BLEU(), CHRF(), TER()
+    b = bleu.corpus_score(hyps, [refs])
+    c = chrf.corpus_score(hyps, [refs])
+    t = ter.corpus_score(hyps, [refs])
+    em = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
+    return {
+        "bleu": round(b.score, 4),
+        "chrf": round(c.score, 4),
+        "ter": round(t.score, 4),
+        "exact_match": round(em, 4),
+        "examples": len(refs),
+        "signatures": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature()), "ter": str(ter.get_signature())},
+    }
+
+
+def sentence_scores(hyp: str, ref: str) -> dict:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    return {
+        "bleu": round(BLEU(effective_order=True).sentence_score(hyp, [ref]).score, 4),
+        "chrf": round(CHRF().sentence_score(hyp, [ref]).score, 4),
+        "exact_match": hyp.strip() == ref.strip(),
+    }

@@ -1,0 +1,280 @@
+"""`llmctl eval`: perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs.
+
+Results go to RUN/eval/results.json; per-example predictions to predictions.jsonl as each
+batch completes. `eval.thresholds` turn the command into a CI gate (exit 4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from llmctl import console as _console
+from llmctl.errors import DataError, StageInputError, ThresholdError
+from llmctl.rundir import RunDir, atomic_write_json
+
+
+def _model_identity(path: str) -> dict:
+    p = Path(path)
+    ident = {"path": path}
+    cfg_file = p / "config.json"
+    if cfg_file.is_file():
+        ident["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
+        w = p / "model.safetensors"
+        if w.is_file():
+            st = w.stat()
+            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return ident
+
+
+def _auto_stops(prompts: list[str], refs: list[str]) -> list[str]:
+    stops = []
+    if all("\n" not in r.strip() for r in refs):
+        stops.append("\n")
+    quotes = {p.rstrip()[-3:] for p in prompts if p.rstrip()[-3:] in ('"""', "'''")}
+    return stops + sorted(quotes)
+
+
+def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) -> dict:
+    con = _console.current()
+    e = cfg.eval
+    explicit = model or e.model
+    inputs = []
+    from llmctl.modeling import resolve_model_path
+
+    path = resolve_model_path(explicit, rd, cfg, "eval")
+    if not explicit:
+        inputs.append("train")
+    need_prepare = not e.text_paths or e.generation
+    if need_prepare and rd.manifest("prepare") is not None:
+        rd.require("prepare", cfg)
+        inputs.append("prepare")
+    elif not e.text_paths:
+        rd.require("prepare", cfg)  # raises with the command to run
+    if explicit is None and not force and rd.up_to_date("eval", cfg) and (rd.manifest("eval") or {}).get("extra_hash") is None:
+        con.info(f"eval: up to date in {rd.stage_dir('eval')} (use --force to redo)")
+        return {**rd.manifest("eval")["headline"], "cached": True}
+
+    from llmctl.modeling import load_for_inference
+
+    t0 = time.time()
+    con.step(f"loading {path}")
+    mdl, tok = load_for_inference(path)
+    results: dict = {"model": _model_identity(path), "split": e.split}
+    with rd.begin("eval", cfg, inputs=inputs) as st:
+        if e.perplexity:
+            results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con)
+        if e.generation:
+            gen = _generation(cfg, rd, mdl, tok, con)
+            if gen:
+                results["generation"] = gen
+        if e.compare_init:
+            results["init"] = _init_results(cfg, rd, tok, con, results)
+        results["seconds"] = round(time.time() - t0, 2)
+        atomic_write_json(rd.results_path, results)
+        head = _headline(results)
+        st.headline.update(head)
+        failures = _check_thresholds(e.thresholds, head)
+        st.manifest["thresholds"] = {"failed": failures}
+    if failures:
+        raise ThresholdError("eval thresholds not met: " + "; ".join(failures))
+    return {**head, "results": str(rd.results_path)}
+
+
+def _headline(results: dict) -> dict:
+    head = {}
+    p = results.get("perplexity") or {}
+    for k in ("perplexity", "bits_per_byte", "tokens"):
+        if k in p:
+            head[k if k != "tokens" else "ppl_tokens"] = p[k]
+    g = results.get("generation") or {}
+    for k in ("bleu", "chrf", "ter", "exact_match", "examples"):
+        if k in g:
+            head[k] = g[k]
+    b = results.get("baselines") or {}
+    init = results.get("init") or {}
+    if "unigram_perplexity" in p:
+        head["baseline_unigram_perplexity"] = p["unigram_perplexity"]
+    if "copy_prompt_bleu" in g:
+        head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
+    if init:
+        if "perplexity" in init:
+            head["init_perplexity"] = init["perplexity"]
+        if "bleu" in init:
+            head["init_bleu"] = init["bleu"]
+    head.update(b)
+    return head
+
+
+def _check_thresholds(t, head: dict) -> list[str]:
+    fails = []
+    checks = [
+        ("perplexity_max", "perplexity", lambda v, lim: v <= lim, ">"),
+        ("bleu_min", "bleu", lambda v, lim: v >= lim, "<"),
+        ("chrf_min", "chrf", lambda v, lim: v >= lim, "<"),
+        ("ter_max", "ter", lambda v, lim: v <= lim, ">"),
+        ("exact_match_min", "exact_match", lambda v, lim: v >= lim, "<"),
+    ]
+    for key, metric, ok, sym in checks:
+        lim = getattr(t, key)
+        if lim is None:
+            continue
+        if metric not in head:
+            fails.append(f"eval.thresholds.{key}: {metric} was not measured")
+        elif not ok(head[metric], lim):
+            fails.append(f"{metric} {head[metric]} {sym} eval.thresholds.{key} {lim}")
+    return fails
+
+
+# --------------------------------------------------------------------------- perplexity
+def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[int] | None, list[dict] | None, str, int]:
+    """(token stream, or masked rows), source description, byte count."""
+    e = cfg.eval
+    if e.text_paths:
+        from llmctl.data.sources import Counters, expand_paths, iter_files
+
+        files = expand_paths(e.text_paths, key="eval.text_paths")
+        ids: list[int] = []
+        n_bytes = 0
+        for rec, where in iter_files(files, cfg.data.txt_unit, "error", Counters()):
+            text = rec.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{where}: no 'text' field to score")
+            ids += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            n_bytes += len(text.encode("utf-8"))
+        if not ids:
+            raise DataError(f"eval.text_paths: no text to score in {', '.join(e.text_paths)}")
+        return ids, None, ",".join(str(f) for f in files), n_bytes
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(rd.dataset_dir))
+    if e.split not in ds:
+        raise StageInputError(f"{rd.dataset_dir} has no '{e.split}' split: set eval.split to one of {', '.join(ds)} or data.{e.split}_fraction and re-run prepare")
+    split = ds[e.split]
+    if cfg.data.format == "text":
+        ids = [t for row in split["input_ids"] for t in row]
+        n_bytes = len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
+        return ids, None, f"{rd.dataset_dir}[{e.split}]", n_bytes
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in split]
+    scored = [t for r in rows for t in r["labels"] if t != -100]
+    n_bytes = len(tok.decode(scored, skip_special_tokens=True).encode("utf-8"))
+    return None, rows, f"{rd.dataset_dir}[{e.split}] (completion tokens)", n_bytes
+
+
+def _perplexity(cfg, rd: RunDir, model, tok, con) -> dict:
+    from llmctl.metrics import masked_nll, perplexity_summary, sliding_nll, unigram_nll, windows
+
+    e = cfg.eval
+    ids, rows, source, n_bytes = _eval_stream(cfg, rd, tok)
+    L = e.max_length or cfg.data.block_size
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and L > limit:
+        L = limit
+    stride = e.stride or L
+    if stride > L:
+        from llmctl.errors import ConfigError
+
+        raise ConfigError(f"eval.stride ({stride}) is larger than the window eval.max_length ({L})")
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if ids is not None:
+        n_win = len(windows(len(ids), L, stride))
+        with con.progress("perplexity", total=n_win, unit="windows") as prog:
+            nll, count = sliding_nll(model, ids, prefix, L, stride, batch_size=e.batch_size, progress=prog)
+    else:
+        nll, count = masked_nll(model, rows, tok.pad_token_id, batch_size=e.batch_size)
+    out = {"source": source, "max_length": L, "stride": stride, "prefix_token_id": prefix, **perplexity_summary(nll, count, n_bytes)}
+    if e.baselines and ids is not None and not e.text_paths and rd.dataset_dir.is_dir():
+        from datasets import load_from_disk
+
+        train_rows = load_from_disk(str(rd.dataset_dir))["train"]["input_ids"]
+        import math
+
+        base = unigram_nll(train_rows, ids, len(tok))
+        out["unigram_perplexity"] = round(math.exp(base / len(ids)), 4)
+    con.info(f"perplexity {out['perplexity']:.3f} over {count} tokens (bits/byte {out['bits_per_byte']:.4f})")
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+def _load_pairs(cfg, rd: RunDir):
+    if not rd.pairs_dir.is_dir():
+        return None
+    from datasets import load_from_disk
+
+    pairs = load_from_disk(str(rd.pairs_dir))
+    split = cfg.eval.split if cfg.eval.split in pairs else next(iter(pairs))
+    ds = pairs[split]
+    if cfg.eval.max_examples:
+        ds = ds.select(range(min(len(ds), cfg.eval.max_examples)))
+    return ds
+
+
+def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[str]:
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.metrics import sentence_scores
+
+    e = cfg.eval
+    stops = tuple(e.stop) if e.stop is not None else tuple(_auto_stops(prompts, refs))
+    sp = Sampling(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, stop=stops, seed=cfg.run.seed)
+    hyps: list[str] = []
+    # Similar lengths together waste less padding; results are put back in order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: dict[int, dict] = {}
+    with con.progress("generating", total=len(prompts), unit="examples") as prog:
+        for i in range(0, len(order), e.batch_size):
+            idx = order[i : i + e.batch_size]
+            res = generate_batch(model, tok, [prompts[j] for j in idx], sp)
+            for j, r in zip(idx, res):
+                out[j] = r
+                if pred_file is not None:
+                    rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"], **sentence_scores(r["text"].strip(), refs[j])}
+                    pred_file.write(json.dumps(rec) + "\n")
+            if pred_file is not None:
+                pred_file.flush()
+            prog.update(advance=len(idx))
+    return [out[j]["text"].strip() for j in range(len(prompts))]
+
+
+def _generation(cfg, rd: RunDir, model, tok, con) -> dict | None:
+    from llmctl.metrics import text_metrics
+
+    ds = _load_pairs(cfg, rd)
+    if ds is None or len(ds) == 0:
+        con.info("no prompt/completion pairs in this run: BLEU skipped")
+        return None
+    prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
+    rd.predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(rd.predictions_path, "w") as f:
+        hyps = _generate_all(model, tok, prompts, refs, cfg, con, pred_file=f)
+    out = text_metrics(hyps, refs)
+    if cfg.eval.baselines:
+        copy = [" ".join(p.split()[-8:]) for p in prompts]
+        out["copy_prompt_bleu"] = text_metrics(copy, refs)["bleu"]
+    con.info(f"BLEU {out['bleu']:.2f}  chrF {out['chrf']:.2f}  TER {out['ter']:.2f}  exact {out['exact_match']:.3f} on {len(refs)} pairs")
+    return out
+
+
+def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
+    """The same measurements on the model before training."""
+    import torch
+
+    from llmctl.modeling import build_from_scratch, load_for_inference
+
+    if cfg.model.name_or_path:
+        model, _ = load_for_inference(cfg.model.name_or_path)
+    else:
+        model = build_from_scratch(cfg, tok).eval()
+    model.to(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"))
+    out = {}
+    con.step("evaluating the model before training (eval.compare_init)")
+    if "perplexity" in trained:
+        out["perplexity"] = _perplexity(cfg, rd, model, tok, con)["perplexity"]
+    if "generation" in trained:
+        ds = _load_pairs(cfg, rd)
+        prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
+        from llmctl.metrics import text_metrics
+
+        out["bleu"] = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)["bleu"]
+    return out

@@ -1,0 +1,109 @@
+"""`llmctl generate`: prompts from the command line, a file or stdin -> text.
+
+One prompt on a terminal streams tokens as they come; many run batched. Every result goes
+to RUN/generate/outputs.jsonl with token counts and the finish reason.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from llmctl import console as _console
+from llmctl.errors import ConfigError, DataError
+from llmctl.rundir import RunDir, atomic_write_text
+
+
+def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dict]:
+    """[{'prompt': str} | {'messages': [...]}] from flags, file, config, or stdin."""
+    out: list[dict] = []
+    want_stdin = "-" in prompts
+    out += [{"prompt": p} for p in prompts if p != "-"]
+    f = prompts_file or cfg.generate.prompts_file
+    if f:
+        p = Path(f)
+        if not p.is_file():
+            raise DataError(f"--prompts-file: '{f}' not found")
+        if p.suffix.lower() == ".jsonl":
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{f}:{i}: malformed JSON ({e.msg})") from None
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                    out.append({"prompt": rec["prompt"]})
+                elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                    out.append({"messages": rec["messages"]})
+                else:
+                    raise DataError(f"{f}:{i}: expected an object with 'prompt' (text) or 'messages' (chat)")
+        else:
+            out += [{"prompt": line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not out and not want_stdin:
+        out += [{"prompt": p} for p in cfg.generate.prompts]
+    if want_stdin or (not out and not sys.stdin.isatty()):
+        out += [{"prompt": line} for line in sys.stdin.read().splitlines() if line.strip()]
+    if not out:
+        raise ConfigError("no prompts: pass --prompt TEXT, --prompts-file FILE, set generate.prompts, or pipe prompts on stdin")
+    return out
+
+
+def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None, **_) -> dict:
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.modeling import load_for_inference, resolve_model_path
+
+    con = _console.current()
+    g = cfg.generate
+    items = _read_prompts(cfg, list(prompts or []), prompts_file)
+    explicit = model or g.model
+    path = resolve_model_path(explicit, rd, cfg, "generate")
+    mdl, tok = load_for_inference(path)
+    texts = []
+    for it in items:
+        if "messages" in it:
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
+            texts.append(tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True))
+        else:
+            texts.append(it["prompt"])
+    sp = Sampling(
+        max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
+        top_p=g.top_p, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
+        num_return_sequences=g.num_return_sequences, seed=g.seed if g.seed is not None else cfg.run.seed,
+    )
+    stream = len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode
+    t0 = time.time()
+    records = []
+    with rd.begin("generate", cfg, inputs=[] if explicit else ["train"]) as st:
+        if stream:
+            from transformers import TextStreamer
+
+            sys.stdout.write(texts[0])
+            res = generate_batch(mdl, tok, texts, sp, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+            sys.stdout.write("\n")
+            results = [(0, r) for r in res]
+        else:
+            results = []
+            with con.progress("generating", total=len(texts), unit="prompts") as prog:
+                for i in range(0, len(texts), g.batch_size):
+                    batch = texts[i : i + g.batch_size]
+                    res = generate_batch(mdl, tok, batch, sp)
+                    for k, r in enumerate(res):
+                        results.append((i + k // g.num_return_sequences, r))
+                    prog.update(advance=len(batch))
+        for idx, r in results:
+            rec = {"index": idx, **({"messages": items[idx]["messages"]} if "messages" in items[idx] else {}), "prompt": texts[idx], "output": r["text"], **{k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}}
+            records.append(rec)
+            if not stream and not con.json_mode:
+                sys.stdout.write(r["text"] + "\n")
+        atomic_write_text(rd.outputs_path, "".join(json.dumps(r) + "\n" for r in records))
+        secs = time.time() - t0
+        n_tok = sum(r["completion_tokens"] for r in records)
+        head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok, "tokens_per_s": round(n_tok / max(secs, 1e-9), 1), "seconds": round(secs, 2)}
+        st.headline.update(head)
+    if con.json_mode:
+        return {**head, "model": path, "results": records}
+    return {**head, "outputs_file": str(rd.outputs_path)}
