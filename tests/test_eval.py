@@ -1,0 +1,131 @@
+"""`llmctl eval`: perplexity against independent computations, sacreBLEU parity, gates."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli, write_config
+from llmctl.config import load_config
+from llmctl.metrics import sliding_nll, text_metrics, windows
+from llmctl.stages import evaluate
+
+
+def _model(rd):
+    from llmctl.modeling import load_for_inference
+
+    return load_for_inference(str(rd.model_dir))
+
+
+def test_windows_cover_every_token_once():
+    for n, L, s in [(10, 4, 4), (10, 4, 1), (10, 4, 3), (3, 8, 8), (17, 5, 2)]:
+        targets = [j for _, b, e in windows(n, L, s) for j in range(b, e)]
+        assert targets == list(range(1, n + 1))
+        assert all(e - 1 - st <= L for st, _, e in windows(n, L, s))
+
+
+def test_perplexity_matches_token_by_token_computation(trained_run):
+    import torch
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    ids = tok(" ".join(["the quick brown fox jumps over a lazy dog"] * 6), add_special_tokens=False)["input_ids"]
+    L = 16
+    nll, count = sliding_nll(model, ids, tok.bos_token_id, L, stride=1, batch_size=8)
+    s = [tok.bos_token_id] + ids
+    ref = 0.0
+    with torch.no_grad():
+        for j in range(1, len(s)):  # each token from its own forward pass, max context L
+            ctx = torch.tensor([s[max(0, j - L) : j]])
+            ref -= torch.log_softmax(model(ctx).logits[0, -1].float(), -1)[s[j]].item()
+    assert count == len(ids)
+    assert abs(nll - ref) / ref < 1e-5
+    # disjoint windows score the same tokens with less context: a larger loss here
+    nll2, count2 = sliding_nll(model, ids, tok.bos_token_id, L, stride=L)
+    assert count2 == count and nll2 != pytest.approx(nll, rel=1e-6)
+
+
+def test_perplexity_agrees_with_lm_eval(trained_run):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    text = " ".join(["seven wizards quietly judge boxing matches near old bridges"] * 8)
+    L = 32
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ours, _ = sliding_nll(model, ids, tok.bos_token_id, L, stride=L)
+    lm = HFLM(pretrained=str(rd.model_dir), backend="causal", dtype="float32", max_length=L, device="cpu", add_bos_token=False)
+    req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    theirs = -lm.loglikelihood_rolling([req])[0]
+    assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
+    assert lm_eval  # imported
+
+
+def test_bleu_equals_sacrebleu_cli(tmp_path):
+    hyps = ["the cat sat on the mat", "a quick brown fox", "", "hello world again"]
+    refs = ["the cat is on the mat", "the quick brown fox jumps", "nothing here", "hello world"]
+    ours = text_metrics(hyps, refs)
+    (tmp_path / "h.txt").write_text("\n".join(hyps) + "\n")
+    (tmp_path / "r.txt").write_text("\n".join(refs) + "\n")
+    r = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "r.txt"), "-i", str(tmp_path / "h.txt"), "-m", "bleu", "chrf", "ter", "-b", "-w", "4"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    bleu, chrf, ter = json.loads(r.stdout)
+    assert (ours["bleu"], ours["chrf"], ours["ter"]) == (bleu, chrf, ter)
+    assert ours["signatures"]["bleu"].startswith("nrefs:1|")
+
+
+def test_eval_writes_results_and_predictions(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    head = json.loads(r.stdout)
+    res = json.loads(rd.results_path.read_text())
+    assert res["perplexity"]["tokens"] == head["ppl_tokens"] > 0
+    p = res["perplexity"]
+    assert p["perplexity"] == pytest.approx(math.exp(p["mean_loss"]), rel=1e-3)
+    assert res["generation"]["examples"] == 8 and "signatures" in res["generation"]
+    assert "unigram_perplexity" in p and "copy_prompt_bleu" in res["generation"]
+    preds = [json.loads(line) for line in rd.predictions_path.read_text().splitlines()]
+    assert len(preds) == 8 and {"prompt", "reference", "prediction", "bleu", "chrf"} <= set(preds[0])
+    assert rd.manifest("eval")["status"] == "complete"
+    again = run_cli("eval", str(path), "--json")
+    assert json.loads(again.stdout)["cached"] is True
+
+
+def test_threshold_failure_exits_4(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("eval", str(path), "--set", "eval.thresholds.perplexity_max=1.5", "--set", "eval.generation=false")
+    assert r.returncode == 4
+    assert "perplexity" in r.stderr and "perplexity_max 1.5" in r.stderr
+    assert rd.results_path.is_file()  # the numbers are still written
+
+
+def test_eval_on_text_files_and_external_model(trained_run, tmp_path):
+    path, cfg, rd = trained_run
+    f = tmp_path / "held.txt"
+    f.write_text("the quick brown fox\n\njumps over a lazy dog\n")
+    r = run_cli("eval", str(path), "--model", str(rd.model_dir), "--set", f"eval.text_paths=[{f}]", "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ppl_tokens"] > 5
+
+
+def test_missing_model_and_missing_train(tmp_path, tiny_cfg):
+    path, cfg = tiny_cfg
+    r = run_cli("eval", str(path))
+    assert r.returncode == 3 and "llmctl" in r.stderr
+    r = run_cli("eval", str(path), "--model", str(tmp_path / "nope"), "--set", f"eval.text_paths=[{path}]")
+    assert r.returncode == 3 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compare_init_reports_before_numbers(trained_run):
+    path, cfg, rd = trained_run
+    cfg2 = load_config(path, ["eval.compare_init=true", "eval.generation=false"])
+    res = evaluate.run(cfg2, rd, force=True)
+    assert "init_perplexity" in res
+    write_config  # keep import used

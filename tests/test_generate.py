@@ -1,0 +1,96 @@
+"""`llmctl generate`: batching, seeds, stop strings, chat templates, stdin, errors."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+from llmctl.generation import Sampling, cut_at_stop, generate_batch
+
+
+def _model(rd):
+    from llmctl.modeling import load_for_inference
+
+    return load_for_inference(str(rd.model_dir))
+
+
+def test_batched_equals_unbatched_greedy(trained_run):
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    prompts = ["the quick", "seven wizards quietly judge boxing", "river"]
+    sp = Sampling(max_new_tokens=8, do_sample=False)
+    together = [r["text"] for r in generate_batch(model, tok, prompts, sp)]
+    alone = [generate_batch(model, tok, [p], sp)[0]["text"] for p in prompts]
+    assert together == alone
+    assert all("<|pad|>" not in t for t in together)
+
+
+def test_same_seed_same_output(trained_run):
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    sp = Sampling(max_new_tokens=12, do_sample=True, temperature=1.5, top_k=0, top_p=1.0, seed=7)
+    a = generate_batch(model, tok, ["the"], sp)[0]["text"]
+    b = generate_batch(model, tok, ["the"], sp)[0]["text"]
+    sp.seed = 8
+    c = [generate_batch(model, tok, ["the"], Sampling(**{**sp.__dict__, "seed": s}))[0]["text"] for s in (8, 9, 10)]
+    assert a == b and any(x != a for x in c)
+
+
+def test_stop_strings_cut_output(trained_run):
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    free = generate_batch(model, tok, ["the"], Sampling(max_new_tokens=16))[0]["text"]
+    stop = free[3:6]
+    assert stop.strip()
+    res = generate_batch(model, tok, ["the"], Sampling(max_new_tokens=16, stop=(stop,)))[0]
+    assert res["finish_reason"] == "stop" and stop not in res["text"] and free.startswith(res["text"])
+    assert cut_at_stop("abc\ndef", ["\n"]) == ("abc", True)
+
+
+def test_cli_prompts_json_and_outputs_file(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), "-p", "the quick", "-p", "river", "--json", "--set", "generate.num_return_sequences=2")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompts"] == 2 and out["outputs"] == 4
+    rec = out["results"][0]
+    assert {"prompt", "output", "prompt_tokens", "completion_tokens", "finish_reason"} <= set(rec)
+    assert rec["finish_reason"] in ("eos", "stop", "length")
+    lines = rd.outputs_path.read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_stdin_and_file_prompts(trained_run, tmp_path):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), "--json", input="the quick\nriver stones\n")
+    assert r.returncode == 0, r.stderr and json.loads(r.stdout)["prompts"] == 2
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "the"}) + "\n")
+    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["prompts"] == 1
+
+
+def test_chat_messages_use_template(trained_run, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llmctl.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+    path, cfg, rd = trained_run
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    assert r.returncode == 2 and "chat template" in r.stderr
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.save_pretrained(rd.model_dir)
+    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["results"][0]["prompt"].endswith("<|assistant|>\n")
+
+
+def test_no_prompts_and_missing_model(tiny_cfg, trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), input="")
+    assert r.returncode == 2 and "no prompts" in r.stderr
+    r = run_cli("generate", str(path), "-p", "x", "--model", "/nonexistent/model")
+    assert r.returncode == 3 and "Traceback" not in r.stderr
