@@ -211,7 +211,7 @@ class ExportConfig(Section):
     formats: list[Literal["hf", "onnx", "gguf"]] = Field(default_factory=lambda: ["hf"], description="Formats to export (`--format` overrides).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype of the hf export.")
     max_shard_size: str = Field("2GB", description="Shard model.safetensors above this size.")
-    onnx_opset: int = Field(18, ge=14, description="ONNX opset.")
+    onnx_opset: int = Field(17, ge=14, le=20, description="ONNX opset (TorchScript exporter).")
     gguf_types: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], description="GGUF tensor types to write.")
     verify: bool = Field(True, description="Reload each export and compare logits with the trained model.")
 

@@ -1,0 +1,50 @@
+"""A self-contained Hugging Face directory: safetensors (sharded), tokenizer, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+# Loose enough for the dtype's rounding, tight enough to catch a wrong tensor.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1.5e-1}
+
+
+def write(model, tok, out: Path, cfg, card: str) -> dict:
+    import torch
+
+    dtype = getattr(torch, cfg.export.dtype)
+    model = model.to(dtype)
+    model.config.dtype = cfg.export.dtype
+    model.save_pretrained(out, max_shard_size=cfg.export.max_shard_size)
+    model.to(torch.float32)
+    tok.save_pretrained(out)
+    _compat_tokenizer_config(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    (out / "README.md").write_text(card, encoding="utf-8")
+    return {"dtype": cfg.export.dtype}
+
+
+def _compat_tokenizer_config(out: Path) -> None:
+    """Name the generic fast tokenizer class so transformers 4.x loads the files too."""
+    p = out / "tokenizer_config.json"
+    if not p.is_file():
+        return
+    tc = json.loads(p.read_text())
+    if tc.get("tokenizer_class") == "TokenizersBackend":
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = tc.pop("extra_special_tokens", None)
+    if isinstance(extra, list) and extra:
+        tc["additional_special_tokens"] = extra
+    p.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+
+
+def verify(out: Path, ref, ids, mask, cfg) -> tuple[float, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmctl.exporters.common import max_diff, reference_logits
+
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    return max_diff(reference_logits(m, ids, mask), ref, mask), TOLERANCE[cfg.export.dtype]

@@ -1,0 +1,191 @@
+"""`llmctl export`: RUN/train/model -> hf/, onnx/, gguf/ under RUN/export, each verified.
+
+Everything is built in a staging folder; a format moves into place only after every
+requested format has been reloaded and its logits compared with the trained model. The
+manifest lists every file with its size and sha256, and each format's largest difference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from llmctl import console as _console
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.rundir import RunDir, replace_path, sha256_file
+
+FORMATS = ("hf", "onnx", "gguf")
+
+
+def _formats(cfg, override: list[str] | None) -> list[str]:
+    fmts = list(override) if override else list(cfg.export.formats)
+    for f in fmts:
+        if f not in FORMATS:
+            raise ConfigError(f"--format {f!r}: expected one of {', '.join(FORMATS)}")
+    return list(dict.fromkeys(fmts))
+
+
+def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
+    def read(p: Path) -> dict:
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    stats = read(rd.stats_path)
+    evalr = read(rd.results_path)
+    tm = rd.manifest("train") or {}
+    pm = rd.manifest("prepare") or {}
+    head = tm.get("headline", {})
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [llmctl]",
+        "---",
+        f"# {cfg.run.name}",
+        "",
+        "Trained and exported with [llmctl](https://pypi.org/project/llmctl/).",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        "```",
+        "",
+        "## Training data",
+        "",
+        f"- source: {cfg.data.source} {cfg.data.hub_name or ''} {' '.join(cfg.data.paths)}".rstrip(),
+        f"- format: {cfg.data.format}, block size {cfg.data.block_size}",
+    ]
+    for split, s in (stats.get("splits") or {}).items():
+        lines.append(f"- {split}: {s.get('documents')} documents, {s.get('tokens')} tokens")
+    lines += ["", "## Training", ""]
+    arch = cfg.model.name_or_path or f"{cfg.model.arch}, {cfg.model.n_layers} layers, hidden {cfg.model.hidden_size}"
+    lines.append(f"- model: {arch}; LoRA: {cfg.model.lora.enabled}")
+    for k in ("steps", "parameters", "train_loss", "init_val_ppl", "val_ppl", "tokens", "seconds"):
+        if head.get(k) is not None:
+            lines.append(f"- {k}: {head[k]}")
+    lines += ["", "## Evaluation", ""]
+    if evalr:
+        p = evalr.get("perplexity") or {}
+        g = evalr.get("generation") or {}
+        if p:
+            lines.append(f"- perplexity {p.get('perplexity')} on {p.get('tokens')} tokens ({p.get('source')}), bits/byte {p.get('bits_per_byte')}")
+        if g:
+            lines.append(f"- BLEU {g.get('bleu')}, chrF {g.get('chrf')}, TER {g.get('ter')}, exact match {g.get('exact_match')} on {g.get('examples')} pairs")
+            lines.append(f"- sacreBLEU: `{(g.get('signatures') or {}).get('bleu')}`")
+    else:
+        lines.append("- not evaluated (run `llmctl eval`)")
+    lines += [
+        "",
+        "## Lineage",
+        "",
+        f"- prepare: id {pm.get('id')}, config hash {pm.get('config_hash')}, finished {pm.get('finished_at')}",
+        f"- train: id {tm.get('id')}, config hash {tm.get('config_hash')}, finished {tm.get('finished_at')}",
+        f"- exported formats: {', '.join(fmts)}; dtype {cfg.export.dtype}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load_trained(cfg, rd: RunDir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(rd.model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    return model, tok
+
+
+def _check_lora(cfg, rd: RunDir, model, ids, mask) -> float | None:
+    """Merged weights must equal the adapter applied to its base."""
+    if not (rd.adapter_dir / "adapter_config.json").is_file():
+        return None
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from llmctl.exporters.common import max_diff, reference_logits
+    from llmctl.modeling import build_from_scratch, load_pretrained_for_training
+
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    import torch
+
+    base = load_pretrained_for_training(cfg, tok, torch.float32) if cfg.model.name_or_path else build_from_scratch(cfg, tok)
+    adapted = PeftModel.from_pretrained(base, rd.adapter_dir).eval()
+    return max_diff(reference_logits(adapted, ids, mask), reference_logits(model, ids, mask), mask)
+
+
+def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = None, **_) -> dict:
+    con = _console.current()
+    fmts = _formats(cfg, formats)
+    rd.require("train", cfg)
+    if not force and rd.up_to_date("export", cfg):
+        m = rd.manifest("export")
+        if set(fmts) <= set(m.get("formats", [])):
+            con.info(f"export: up to date in {rd.stage_dir('export')} (use --force to redo)")
+            return {**m["headline"], "cached": True}
+    from llmctl.exporters import common, gguf as gguf_x, hf as hf_x, onnx as onnx_x
+
+    model, tok = _load_trained(cfg, rd)
+    if "gguf" in fmts:
+        gguf_x.check_supported(model)  # fail before any work
+    ids, mask = common.verify_batch(tok)
+    ref = common.reference_logits(model, ids, mask)
+    inputs = ["train"] + (["eval"] if rd.manifest("eval") and rd.manifest("eval").get("status") == "complete" else [])
+    with rd.begin("export", cfg, inputs=inputs) as st:
+        build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
+        build.mkdir()
+        verification: dict = {}
+        timings: dict = {}
+        try:
+            lora = _check_lora(cfg, rd, model, ids, mask)
+            if lora is not None:
+                verification["lora_merge"] = {"max_abs_diff": lora, "tolerance": 1e-4, "passed": lora <= 1e-4}
+                if lora > 1e-4:
+                    raise LlmctlError(f"LoRA merge check failed: merged model differs from adapter+base by {lora:.3g} (tolerance 1e-4)")
+            for fmt in fmts:
+                t0 = time.time()
+                out = build / fmt
+                out.mkdir()
+                con.step(f"exporting {fmt}")
+                if fmt == "hf":
+                    info = hf_x.write(model, tok, out, cfg, _model_card(cfg, rd, fmts))
+                    checks = {"": hf_x.verify(out, ref, ids, mask, cfg)}
+                elif fmt == "onnx":
+                    info = onnx_x.write(model, tok, out, cfg)
+                    checks = {"": onnx_x.verify(out, ref, ids, mask, cfg)}
+                else:
+                    info, checks = {"types": list(cfg.export.gguf_types)}, {}
+                    for q in cfg.export.gguf_types:
+                        p = gguf_x.write(model, tok, out, q, cfg.run.name)
+                        checks[q] = gguf_x.verify(p, ref, ids, mask, q)
+                for sub, (diff, tol) in checks.items():
+                    key = f"{fmt}:{sub}" if sub else fmt
+                    verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol}
+                    con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+                    if not diff <= tol:
+                        raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
+                timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
+            files = {}
+            for fmt in fmts:
+                replace_path(build / fmt, rd.export_dir(fmt))
+                for f in sorted(rd.export_dir(fmt).rglob("*")):
+                    if f.is_file():
+                        files[str(f.relative_to(rd.stage_dir("export")))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        st.manifest["formats"] = fmts
+        st.manifest["files"] = files
+        st.manifest["verification"] = verification
+        st.manifest["formats_info"] = timings
+        head = {"formats": ",".join(fmts)}
+        for fmt in fmts:
+            size = sum(v["size"] for k, v in files.items() if k.startswith(fmt + "/"))
+            head[f"{fmt}_mb"] = round(size / 1e6, 3)
+            head[f"{fmt}_s"] = timings[fmt]["seconds"]
+        head["max_abs_diff"] = {k: float(f"{v['max_abs_diff']:.3g}") for k, v in verification.items()}
+        st.headline.update(head)
+    return {**head, "dir": str(rd.stage_dir("export"))}
