@@ -1,7 +1,9 @@
-"""`llmctl run`: the stages in order, each skipping itself when complete and up to date."""
+"""`llmctl run`: the stages in order, each skipping itself when complete and up to date,
+then one summary of what the run produced."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, Sequence
 
@@ -22,9 +24,47 @@ def stage_range(stages: Sequence[str], first: str | None, last: str | None) -> l
 
 def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None, last=None) -> dict:
     con = _console.current()
-    results: dict[str, dict] = {}
     t0 = time.time()
+    ran, skipped = [], []
     for name in stage_range(stages, first, last):
-        con.step(f"{name}")
-        results[name] = get_stage(name).run(cfg, rd, force=False) or {}
-    return {"run_dir": str(rd.root), "seconds": round(time.time() - t0, 1), "stages": results}
+        if name == "generate" and not (cfg.generate.prompts or cfg.generate.prompts_file):
+            con.info("generate: no generate.prompts in the config, skipped")
+            continue
+        con.step(name)
+        res = get_stage(name).run(cfg, rd, force=False) or {}
+        (skipped if res.get("cached") else ran).append(name)
+    summary = summarize(rd)
+    summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})
+    return summary
+
+
+def summarize(rd) -> dict:
+    """The headline of every stage in one place: data, model, training, quality, artifacts."""
+    out: dict = {"run_dir": str(rd.root)}
+    p = (rd.manifest("prepare") or {}).get("headline", {})
+    t = (rd.manifest("train") or {}).get("headline", {})
+    e = (rd.manifest("eval") or {}).get("headline", {})
+    x = rd.manifest("export") or {}
+    if p:
+        out["data"] = f"{p.get('documents')} documents, {p.get('train_tokens')} train tokens, vocab {p.get('vocab_size')}"
+    if t:
+        out["model"] = f"{(t.get('parameters') or 0) / 1e6:.2f}M parameters"
+        out["training"] = f"{t.get('steps')} steps in {t.get('seconds')} s ({t.get('tokens_per_s')} tokens/s)"
+        if t.get("init_val_ppl") is not None:
+            out["val_perplexity_before_after"] = f"{t.get('init_val_ppl')} -> {t.get('val_ppl')}"
+    if e:
+        if "perplexity" in e:
+            before = e.get("init_perplexity", "?")
+            out["eval_perplexity_before_after"] = f"{before} -> {e['perplexity']} (unigram baseline {e.get('baseline_unigram_perplexity', '?')})"
+        if "bleu" in e:
+            before = e.get("init_bleu", "?")
+            out["bleu_before_after"] = f"{before} -> {e['bleu']} (copy-prompt baseline {e.get('baseline_copy_bleu', '?')}, {e.get('examples')} pairs)"
+    if rd.outputs_path.is_file():
+        first = rd.outputs_path.read_text().splitlines()[:1]
+        if first:
+            rec = json.loads(first[0])
+            out["sample"] = (rec["prompt"] + rec["output"])[:300]
+    if x.get("status") == "complete":
+        h = x.get("headline", {})
+        out["exports"] = ", ".join(f"{f} ({h.get(f + '_mb')} MB)" for f in x.get("formats", []))
+    return out

@@ -57,6 +57,9 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
 
     con = _console.current()
     g = cfg.generate
+    if not force and not prompts and not prompts_file and rd.up_to_date("generate", cfg):
+        con.info(f"generate: up to date in {rd.stage_dir('generate')}")
+        return {**rd.manifest("generate")["headline"], "cached": True}
     items = _read_prompts(cfg, list(prompts or []), prompts_file)
     explicit = model or g.model
     path = resolve_model_path(explicit, rd, cfg, "generate")
