@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -71,7 +70,7 @@ def test_prompt_completion_masks_prompt_and_appends_eos(tmp_path):
     recs = [{"q": f"question {s}", "a": f" answer {s}"} for s in sentences(30, seed=5)]
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
     path, cfg = _cfg(tmp_path, {"paths": [str(f)], "format": "prompt_completion", "prompt_field": "q", "completion_field": "a", "validation_fraction": 0.2, "block_size": 256}, model={"context_length": 256})
-    res = prepare.run(cfg, RunDir(cfg.run.dir))
+    prepare.run(cfg, RunDir(cfg.run.dir))
     assert json.loads(RunDir(cfg.run.dir).stats_path.read_text())["splits"]["train"]["truncated_records"] == 0
     rd = RunDir(cfg.run.dir)
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)

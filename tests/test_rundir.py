@@ -6,7 +6,6 @@ import json
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import pytest
 

@@ -218,7 +218,6 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
     e = cfg.eval
     stops = tuple(e.stop) if e.stop is not None else tuple(_auto_stops(prompts, refs))
     sp = Sampling(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, stop=stops, seed=cfg.run.seed)
-    hyps: list[str] = []
     # Similar lengths together waste less padding; results are put back in order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, dict] = {}

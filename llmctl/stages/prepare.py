@@ -208,7 +208,6 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
     stats: dict = {"format": d.format, "source": d.source, "block_size": d.block_size, "vocab_size": len(tok),
                    "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
     out: dict = {}
-    cache = str(build / "cache")
     for name in SPLITS:
         if not splits.get(name):
             continue
