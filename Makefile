@@ -11,7 +11,7 @@ EXTRAS ?= dev
 CONFIG ?= configs/quickstart.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install test test-all demo bench lint clean
+.PHONY: install test test-all demo bench lint docs clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ demo: install
 
 bench: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/run_all.py
+
+docs: install
+	$(PY) -c "import pathlib; from llmctl.config import readme_with_reference as r; p = pathlib.Path('README.md'); p.write_text(r(p.read_text()))"
 
 lint: install
 	$(PY) -m ruff check llmctl tests bench

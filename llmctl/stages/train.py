@@ -189,7 +189,7 @@ def _pick_resume(cfg, rd: RunDir, con) -> Path | None:
 def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool) -> dict:
     import torch
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, GenerationConfig, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from llmctl.modeling import (
         apply_lora,

@@ -1,0 +1,48 @@
+"""The README cannot drift: its config reference is the schema's, its quickstart runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import REPO, run_cli
+from llmctl.config import readme_with_reference
+
+README = (REPO / "README.md").read_text()
+
+
+def test_config_reference_is_generated_from_schema():
+    assert readme_with_reference(README) == README, "run `make docs` to refresh the README's config reference"
+
+
+def quickstart_commands() -> list[list[str]]:
+    section = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    cmds = [line.split() for b in blocks for line in b.splitlines() if line.startswith("llmctl ")]
+    assert cmds, "the quickstart must show llmctl commands"
+    return cmds
+
+
+# A reduced budget for the test; everything else exactly as the README says.
+SMALL = ["data.max_bytes=200000", "tokenizer.vocab_size=512", "model.n_layers=1", "model.hidden_size=32", "model.n_heads=2",
+         "train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.max_time=null", "eval.max_examples=4",
+         "eval.max_new_tokens=4", "generate.max_new_tokens=4", "export.gguf_types=[f32]"]
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_as_written(tmp_path):
+    run_dir = tmp_path / "run"
+    for cmd in quickstart_commands():
+        verb = cmd[1]
+        args = cmd[1:]
+        if verb == "status":
+            args = ["status", str(run_dir)]
+        else:
+            args = args + ["--run-dir", str(run_dir)] + [x for s in SMALL for x in ("--set", s)]
+        r = run_cli(*args, timeout=600)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+    r = run_cli("status", str(run_dir), "--json")
+    stages = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
+    assert stages == {s: "complete" for s in ("prepare", "train", "eval", "generate", "export")}
