@@ -48,7 +48,7 @@ def test_run_end_to_end_then_skips(tmp_path):
 def test_run_stops_at_first_failure_with_its_code(tmp_path):
     d = json.loads(json.dumps(TINY))
     d["run"]["dir"] = str(tmp_path / "run")
-    d["data"] = {"source": "files", "paths": [str(tmp_path / "missing.txt")]}
+    d["data"] = {"source": "files", "paths": [str(tmp_path / "missing.txt")], "block_size": 32}
     path = write_config(tmp_path / "c.yaml", d)
     r = run_cli("run", str(path))
     assert r.returncode == 2 and "missing.txt" in r.stderr

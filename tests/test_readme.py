@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from conftest import REPO, run_cli
 from llmctl.config import readme_with_reference
 
@@ -31,7 +29,6 @@ SMALL = ["data.max_bytes=200000", "tokenizer.vocab_size=512", "model.n_layers=1"
          "eval.max_new_tokens=4", "generate.max_new_tokens=4", "export.gguf_types=[f32]"]
 
 
-@pytest.mark.slow
 def test_readme_quickstart_runs_as_written(tmp_path):
     run_dir = tmp_path / "run"
     for cmd in quickstart_commands():
