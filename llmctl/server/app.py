@@ -1,222 +1,234 @@
 """FastAPI app in the OpenAI API shape: /v1/models, /v1/completions, /v1/chat/completions,
-/health and /metrics (Prometheus text)."""
+/health and /metrics (Prometheus text).
+
+Handlers validate and tokenize, then hand sequences to the engine thread (engine.py) and
+read their tokens back from per-sequence asyncio queues, streamed as server-sent events or
+collected into one response. A client that goes away cancels its sequences.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import secrets
-import threading
 import time
-from typing import Any, Literal, Union
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl.server.engine import Engine, Job, QueueFull
+from llmctl.server.metrics import Metrics
+from llmctl.server.schemas import UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, _Req, error_body
 
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-class Metrics:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.tokens = 0
-        self.queue = 0
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.lat_sum = 0.0
-        self.lat_count = 0
-
-    def request(self, path: str, status: int, seconds: float | None = None) -> None:
-        with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-            if seconds is not None:
-                i = next((k for k, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))
-                self.buckets[i] += 1
-                self.lat_sum += seconds
-                self.lat_count += 1
-
-    def add_tokens(self, n: int) -> None:
-        with self.lock:
-            self.tokens += n
-
-    def set_queue(self, n: int) -> None:
-        self.queue = n
-
-    def render(self) -> str:
-        with self.lock:
-            lines = ["# HELP llmctl_requests_total Requests by path and status.", "# TYPE llmctl_requests_total counter"]
-            for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'llmctl_requests_total{{path="{path}",status="{status}"}} {n}')
-            errors = sum(n for (_, s), n in self.requests.items() if s >= 400)
-            lines += ["# HELP llmctl_errors_total Requests answered with a 4xx or 5xx.", "# TYPE llmctl_errors_total counter", f"llmctl_errors_total {errors}"]
-            lines += ["# HELP llmctl_tokens_generated_total Completion tokens generated.", "# TYPE llmctl_tokens_generated_total counter", f"llmctl_tokens_generated_total {self.tokens}"]
-            lines += ["# HELP llmctl_queue_depth Sequences waiting for a batch.", "# TYPE llmctl_queue_depth gauge", f"llmctl_queue_depth {self.queue}"]
-            lines += ["# HELP llmctl_request_latency_seconds Completion latency.", "# TYPE llmctl_request_latency_seconds histogram"]
-            acc = 0
-            for b, n in zip(LATENCY_BUCKETS, self.buckets):
-                acc += n
-                lines.append(f'llmctl_request_latency_seconds_bucket{{le="{b}"}} {acc}')
-            acc += self.buckets[-1]
-            lines.append(f'llmctl_request_latency_seconds_bucket{{le="+Inf"}} {acc}')
-            lines.append(f"llmctl_request_latency_seconds_sum {self.lat_sum:.6f}")
-            lines.append(f"llmctl_request_latency_seconds_count {self.lat_count}")
-        return "\n".join(lines) + "\n"
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+DISCONNECT_POLL_S = 0.25
 
 
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = None
-    stream: bool = False
+class AuthAndMetrics:
+    """Pure ASGI middleware: the API key check and per-request counters/latency.
 
+    Latency runs to the last byte of the response, so streamed requests count in full.
+    """
 
-class CompletionRequest(_Req):
-    prompt: Union[str, list[str]]
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
 
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        t0 = time.perf_counter()
+        if self.api_key and path != "/health" and not self._authorized(scope):
+            self.metrics.request(path, 401)
+            body = json.dumps(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")).encode()
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        status = {"code": 500}
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and path not in ("/metrics", "/health"):
+                ok = status["code"] < 400 and path.startswith("/v1/") and path != "/v1/models"
+                self.metrics.request(path, status["code"], time.perf_counter() - t0 if ok else None)
 
+        await self.app(scope, receive, send_wrapper)
 
-class ChatRequest(_Req):
-    messages: list[Message] = Field(min_length=1)
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
-
-
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    def _authorized(self, scope) -> bool:
+        for k, v in scope.get("headers", []):
+            if k == b"authorization":
+                got = v.decode("latin-1")
+                return got.startswith("Bearer ") and secrets.compare_digest(got[7:].strip().encode(), self.api_key.encode())
+        return False
 
 
 def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: str | None, metrics: Metrics):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
-    app = FastAPI(title="llmctl", docs_url=None, redoc_url=None)
+    app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        t0 = time.time()
-        if api_key and request.url.path != "/health":
-            got = request.headers.get("authorization", "")
-            if not (got.startswith("Bearer ") and secrets.compare_digest(got[7:].strip(), api_key)):
-                metrics.request(request.url.path, 401)
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key"), status_code=401)
-        resp = await call_next(request)
-        if request.url.path not in ("/metrics", "/health"):
-            metrics.request(request.url.path, resp.status_code, time.time() - t0 if resp.status_code < 400 else None)
-        return resp
-
+    # ---- errors: always the OpenAI shape ------------------------------------------
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            msg, param = "request body is not valid JSON", None
-        else:
-            param = ".".join(loc) or None
-            msg = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-        return JSONResponse(error_body(msg, param=param), status_code=400)
+        if first.get("type") in ("json_invalid", "model_attributes_type") or not errs:
+            what = "valid JSON" if first.get("type") == "json_invalid" else "a JSON object"
+            return JSONResponse(error_body(f"the request body is not {what}"), status_code=400)
+        # Union errors carry the member type in the location; keep the field names only.
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p).startswith(("str", "list[", "int", "bool", "function-"))]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid value")
+        return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param=param), status_code=400)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            msg = f"no such endpoint: {request.method} {request.url.path} (this server has /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics)"
+        else:
+            msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(msg, code=str(exc.status_code)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    # ---- plain endpoints ----------------------------------------------------------
     @app.get("/health")
     async def health():
-        if engine.error:
-            return JSONResponse({"status": "error", "error": engine.error}, status_code=500)
+        if engine.error is not None:
+            return JSONResponse({"status": "error", "error": f"{type(engine.error).__name__}: {engine.error}"}, status_code=500)
         if not engine.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "2"})
         return {"status": "ok", "model": model_name}
 
     @app.get("/metrics")
     async def prom():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "llmctl"}]}
 
-    def check(req: _Req) -> tuple[int, list[str]]:
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != model_name:
+            raise ApiError(404, f"model '{name}' does not exist; this server serves '{model_name}'", param="model", code="model_not_found")
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "llmctl"}
+
+    # ---- validation shared by both generation endpoints ------------------------------
+    def check(req: _Req) -> list[str]:
         if req.model != model_name:
             raise ApiError(404, f"model '{req.model}' does not exist; this server serves '{model_name}'", param="model", code="model_not_found")
+        if engine.error is not None:
+            raise ApiError(500, "the model failed to load; see /health", "server_error")
         if not engine.ready.is_set():
-            raise ApiError(503, "model is still loading", "server_error", headers={"Retry-After": "2"})
-        max_tokens = req.max_tokens or min(16 if isinstance(req, CompletionRequest) else max_tokens_cap, max_tokens_cap)
-        if max_tokens > max_tokens_cap:
-            raise ApiError(400, f"max_tokens {max_tokens} is above this server's cap of {max_tokens_cap}", param="max_tokens")
+            raise ApiError(503, "the model is still loading: retry shortly", "server_error", code="model_loading", headers={"Retry-After": "2"})
+        for name, off in UNSUPPORTED.items():
+            value = getattr(req, name)
+            if not any(value == o and type(value) is type(o) for o in off):
+                raise ApiError(400, f"{name} is not supported by this server: leave it out", param=name, code="unsupported_parameter")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
-            raise ApiError(400, "at most 4 stop sequences", param="stop")
-        return max_tokens, stops
+            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
+        return [s for s in stops if s]
 
-    def encode(text: str, max_tokens: int, param: str) -> list[int]:
-        ids = engine.tok(text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param=param)
+    def budget(asked: int | None, prompt_len: int, default: int, param: str) -> int:
+        """max_tokens for one prompt: the asked value within the cap and the context."""
+        if asked is not None and asked > max_tokens_cap:
+            raise ApiError(400, f"max_tokens ({asked}) is above this server's cap of {max_tokens_cap} (serve.max_tokens_cap)", param="max_tokens")
         ctx = engine.context_length
-        if ctx and len(ids) + max_tokens > ctx:
-            raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's context length of {ctx}", param=param, code="context_length_exceeded")
+        room = (ctx - prompt_len) if ctx else max_tokens_cap
+        if room < 1 or (asked is not None and asked > room):
+            want = asked if asked is not None else 1
+            raise ApiError(
+                400,
+                f"this model's context length is {ctx} tokens; the prompt has {prompt_len} and max_tokens asks for {want}: shorten the prompt or lower max_tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        return asked if asked is not None else min(default, room)
+
+    def tokenize(prompt: Any, param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = engine.tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(prompt)
+            vocab = engine.model.get_input_embeddings().weight.shape[0]
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
+        if not ids:
+            raise ApiError(400, f"{param}: the prompt is empty", param=param)
         return ids
 
-    def make_jobs(prompts: list[list[int]], req: _Req, max_tokens: int, stops: list[str]) -> list[Job]:
+    def make_jobs(prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str]) -> list[Job]:
         loop = asyncio.get_running_loop()
+        total = len(prompts) * req.n
+        if total > engine.max_queue:
+            raise ApiError(400, f"this request asks for {total} completions (prompts x n); this server queues at most {engine.max_queue} (serve.max_queue)", param="n")
         jobs = []
-        for ids in prompts:
+        for ids, mt in zip(prompts, budgets):
             for k in range(req.n):
-                seed = None if req.seed is None else req.seed + k
-                jobs.append(Job(ids, max_tokens, req.temperature, req.top_p, stops, seed, loop, asyncio.Queue()))
+                jobs.append(Job(
+                    ids, mt, temperature=req.temperature, top_p=req.top_p, stop=stops,
+                    seed=None if req.seed is None else req.seed + k, loop=loop, out=asyncio.Queue(),
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                ))
         try:
             engine.submit(jobs)
         except QueueFull:
-            raise ApiError(429, "the server is busy: too many queued requests, retry shortly", "rate_limit_error", headers={"Retry-After": "1"}) from None
+            raise ApiError(429, "the server is busy: too many queued requests, retry shortly", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        metrics.add_prompt_tokens(sum(len(p) for p in prompts) * req.n)
         return jobs
 
-    async def collect(job: Job) -> tuple[str, str, int]:
+    def usage(prompts: list[list[int]], jobs: list[Job]) -> dict:
+        prompt = sum(len(p) for p in prompts)
+        completion = sum(len(j.tokens) for j in jobs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ---- reading the engine's output --------------------------------------------------
+    async def collect(job: Job) -> tuple[str, str]:
         parts = []
         while True:
             item = await job.out.get()
             if item[0] == "delta":
                 parts.append(item[1])
             elif item[0] == "done":
-                return "".join(parts), item[1], item[2]
+                return "".join(parts), item[1]
             else:
                 raise ApiError(500, f"generation failed: {item[1]}", "server_error")
 
-    async def run_all(jobs: list[Job]):
+    async def run_all(request: Request, jobs: list[Job]) -> list[tuple[str, str]]:
+        """All sequences' results; cancels them if the client disconnects first."""
+        task = asyncio.gather(*(collect(j) for j in jobs))
         try:
-            return await asyncio.gather(*(collect(j) for j in jobs))
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    raise ApiError(499, "client closed the request", code="client_closed")
         finally:
             for j in jobs:
-                j.cancelled = True  # a client gone mid-request frees its rows
-
-    def usage(jobs: list[Job], results) -> dict:
-        prompt = sum(len(p) for p in {id(j.prompt_ids): j.prompt_ids for j in jobs}.values())
-        completion = sum(r[2] for r in results)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+                j.cancelled = True  # no-op for finished ones; frees the rows of an abandoned request
+            if not task.done():
+                task.cancel()
 
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_events(jobs: list[Job], make_chunk, rid: str):
-        queues = {i: j for i, j in enumerate(jobs)}
+    async def stream_events(jobs: list[Job], make_chunk, usage_chunk):
+        """Server-sent events as sequences produce text; `data: [DONE]` at the end."""
+        pending: dict[asyncio.Future, int] = {}
         try:
-            pending = {asyncio.ensure_future(j.out.get()): i for i, j in queues.items()}
+            pending = {asyncio.ensure_future(j.out.get()): i for i, j in enumerate(jobs)}
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for fut in done:
@@ -224,44 +236,71 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
                     item = fut.result()
                     if item[0] == "delta":
                         yield sse(make_chunk(i, item[1], None))
-                        pending[asyncio.ensure_future(queues[i].out.get())] = i
+                        pending[asyncio.ensure_future(jobs[i].out.get())] = i
                     elif item[0] == "done":
                         yield sse(make_chunk(i, "", item[1]))
                     else:
                         yield sse(error_body(f"generation failed: {item[1]}", "server_error"))
+            if usage_chunk is not None:
+                yield sse(usage_chunk())
             yield "data: [DONE]\n\n"
-        finally:
+        finally:  # also on client disconnect (the generator is closed or cancelled)
             for j in jobs:
                 j.cancelled = True
-            for fut in list(locals().get("pending", {})):
+            for fut in pending:
                 fut.cancel()
 
+    def streaming(gen) -> Any:
+        return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ---- generation endpoints ----------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        max_tokens, stops = check(req)
-        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-        if not texts:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        prompts = [encode(t, max_tokens, "prompt") for t in texts]
-        jobs = make_jobs(prompts, req, max_tokens, stops)
+    async def completions(req: CompletionRequest, request: Request):
+        stops = check(req)
+        p = req.prompt
+        if isinstance(p, list) and not p:
+            raise ApiError(400, "prompt: the prompt is empty", param="prompt")
+        if isinstance(p, str) or isinstance(p[0], int):
+            items = [p]
+        else:
+            items = list(p)
+        prompts = [tokenize(x, "prompt") for x in items]
+        budgets = [budget(req.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS, "prompt") for ids in prompts]
+        jobs = make_jobs(prompts, budgets, req, stops)
         rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
             def chunk(i, text, finish):
-                return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
-            return StreamingResponse(stream_events(jobs, chunk, rid), media_type="text/event-stream")
-        results = await run_all(jobs)
-        choices = [{"index": i, "text": r[0], "logprobs": None, "finish_reason": r[1]} for i, r in enumerate(results)]
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": choices, "usage": usage(jobs, results)}
+                c = {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+                return {**c, "usage": None} if include_usage else c
+
+            def usage_chunk():
+                return {**base, "choices": [], "usage": usage(prompts, jobs)}
+
+            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None))
+        results = await run_all(request, jobs)
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(results)]
+        return {**base, "choices": choices, "usage": usage(prompts, jobs)}
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        max_tokens, stops = check(req)
+    async def chat(req: ChatRequest, request: Request):
+        stops = check(req)
+        if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens differ: send one of them", param="max_completion_tokens")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if not getattr(engine.tok, "chat_template", None):
-            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions", param="messages", code="no_chat_template")
-        text = engine.tok.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False, add_generation_prompt=True)
-        jobs = make_jobs([encode(text, max_tokens, "messages")], req, max_tokens, stops)
+            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
+        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            text = engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises on conversations the template refuses
+            raise ApiError(400, f"messages: the chat template rejected this conversation: {e}", param="messages") from None
+        ids = tokenize(text, "messages")
+        jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops)
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
             started: set[int] = set()
 
@@ -272,11 +311,18 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
                     delta["role"] = "assistant"
                 if text:
                     delta["content"] = text
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            return StreamingResponse(stream_events(jobs, chunk, rid), media_type="text/event-stream")
-        results = await run_all(jobs)
-        choices = [{"index": i, "message": {"role": "assistant", "content": r[0]}, "logprobs": None, "finish_reason": r[1]} for i, r in enumerate(results)]
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices, "usage": usage(jobs, results)}
+                c = {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                return {**c, "usage": None} if include_usage else c
+
+            def usage_chunk():
+                return {**base, "choices": [], "usage": usage([ids], jobs)}
+
+            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None))
+        results = await run_all(request, jobs)
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(results)
+        ]
+        return {**base, "choices": choices, "usage": usage([ids], jobs)}
 
     return app

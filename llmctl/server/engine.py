@@ -1,14 +1,23 @@
-"""One thread owns the model and decodes requests that arrive together as one batch.
+"""One thread owns the model and decodes every running request together, step by step.
 
-Requests are split into sequences (one per `n`); up to `max_batch_size` waiting sequences
-start together, share every forward pass (left padding, a KV cache, per-row position ids),
-and each samples with its own temperature, top_p and seed. Finished or cancelled rows stop
-emitting at once. Tokens reach each request's asyncio queue as they are produced.
+Continuous batching: the engine keeps one running batch of sequences (one per choice of a
+request; a request with `n: 3` is three sequences). Before each decoding step, sequences
+that are waiting are prefilled together (left padding, per-row position ids) and merged
+into the running batch's KV cache; after each step, finished or cancelled sequences leave
+the batch and their cache rows are dropped, so a freed slot is reused at the next step.
+Every sequence samples with its own temperature, top_p, penalties and seed, and stops on
+its own EOS, stop strings or max_tokens. Tokens reach each request's asyncio queue as they
+are produced.
+
+Models whose cache cannot be merged row-wise (anything but plain DynamicLayer caches, e.g.
+sliding-window attention) fall back to batch-at-a-time: waiting sequences start together
+once the running batch has drained.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import queue
 import threading
 import time
@@ -22,21 +31,29 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
+    """One sequence to generate. The engine thread writes, the event loop reads `out`."""
+
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int | None
-    loop: Any
-    out: Any  # asyncio.Queue of ("delta", text) | ("done", finish_reason, completion_tokens)
-    cancelled: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    loop: Any = None
+    out: Any = None  # asyncio.Queue of ("delta", text) | ("done", finish_reason, completion_tokens) | ("error", msg)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    cancelled: bool = False  # set by the event loop when the client is gone
+    finished: bool = False
     tokens: list[int] = field(default_factory=list)
     sent: int = 0
     enqueued: float = field(default_factory=time.time)
 
     def push(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is gone
+            self.cancelled = True
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -56,146 +73,314 @@ def _cache_of(out):
     return c if c is not None else out.past_key_values
 
 
+def default_threads() -> int:
+    """CPU threads for the model: all cores but one, which is left to the HTTP event loop.
+
+    Decoding a small batch is many tiny matmuls; oversubscribed OpenMP threads spin against
+    each other and the event loop (measured: 2 threads on a busy 2-core machine were 25x
+    slower per step than 1).
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n - 1, 16))
+
+
+class _Batch:
+    """The running sequences: jobs, KV cache, attention mask, next positions, last logits."""
+
+    def __init__(self, jobs, cache, mask, pos, logits, gens):
+        self.jobs: list[Job] = jobs
+        self.cache = cache
+        self.mask = mask  # [B, T] 1 where the cache holds a real token
+        self.pos = pos  # [B] position id of each row's next token
+        self.logits = logits  # [B, V] float: the distribution of each row's next token
+        self.gens = gens  # per-row torch.Generator (seeded requests) or None
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
 class Engine:
-    def __init__(self, model_path: str, max_batch_size: int, max_queue: int, batch_wait_ms: float, metrics, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_path: str,
+        max_batch_size: int,
+        max_queue: int,
+        batch_wait_ms: float,
+        metrics,
+        trust_remote_code: bool = False,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
         self.model_path = model_path
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.wait = batch_wait_ms / 1000.0
         self.metrics = metrics
         self.trust_remote_code = trust_remote_code
+        self.device_pref = device
+        self.threads = threads
         self.q: queue.Queue[Job] = queue.Queue()
         self.ready = threading.Event()
-        self.error: str | None = None
+        self.error: BaseException | None = None
         self.model = None
         self.tok = None
-        self.context_length = None
+        self.context_length: int | None = None
+        self.steps = 0  # forward passes, for tests and metrics
+        self._pending: list[Job] = []  # being prefilled: failed with the batch if that raises
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._main, name="llmctl-engine", daemon=True)
 
     # ---- lifecycle ------------------------------------------------------------
     def start(self) -> None:
+        """Start the engine thread; it loads the model first unless `load()` already did."""
         self.thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
     def load(self) -> None:
-        from llmctl.modeling import load_for_inference
+        import torch
 
-        self.model, self.tok = load_for_inference(self.model_path, trust_remote_code=self.trust_remote_code)
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        from llmctl.modeling import load_for_inference, pick_device
+
+        device = pick_device(self.device_pref)
+        if device.type == "cpu":
+            torch.set_num_threads(self.threads or default_threads())
+        self.model, self.tok = load_for_inference(self.model_path, device=device, trust_remote_code=self.trust_remote_code)
+        mc = self.model.config
+        self.context_length = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tok.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.ready.set()
 
-    def _main(self) -> None:
-        try:
-            if not self.ready.is_set():
-                self.load()
-        except Exception as e:  # reported by /health and the CLI
-            self.error = f"{type(e).__name__}: {e}"
-            return
-        while not self._stop.is_set():
-            try:
-                first = self.q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.time() + self.wait
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.time()
-                try:
-                    batch.append(self.q.get(timeout=max(remaining, 0)) if remaining > 0 else self.q.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [j for j in batch if not j.cancelled]
-            self.metrics.set_queue(self.q.qsize())
-            if batch:
-                try:
-                    self._decode(batch)
-                except Exception as e:  # never leave a client hanging
-                    for j in batch:
-                        j.push(("error", f"{type(e).__name__}: {e}"))
-
     def submit(self, jobs: list[Job]) -> None:
+        """Queue a request's sequences, all or none; QueueFull past `max_queue` waiting."""
         if self.q.qsize() + len(jobs) > self.max_queue:
             raise QueueFull
         for j in jobs:
             self.q.put(j)
         self.metrics.set_queue(self.q.qsize())
 
-    # ---- decoding -------------------------------------------------------------
-    def _decode(self, batch: list[Job]) -> None:
+    def _main(self) -> None:
+        try:
+            if not self.ready.is_set():
+                self.load()
+        except BaseException as e:  # reported by /health and the CLI
+            self.error = e
+            return
+        batch: _Batch | None = None
+        while not self._stop.is_set():
+            try:
+                batch = self._admit(batch)
+                if batch is None:
+                    continue
+                batch = self._step(batch)
+            except Exception as e:  # never leave a client hanging: fail this batch, keep serving
+                failed = (batch.jobs if batch is not None else []) + self._drain_pending()
+                for j in failed:
+                    j.push(("error", f"{type(e).__name__}: {e}"))
+                batch = None
+            self.metrics.set_running(len(batch) if batch is not None else 0)
+
+    # ---- scheduling -----------------------------------------------------------
+    def _drain_pending(self) -> list[Job]:
+        out, self._pending = self._pending, []
+        return out
+
+    def _admit(self, batch: _Batch | None) -> _Batch | None:
+        """Prefill waiting sequences and merge them into the running batch."""
+        room = self.max_batch_size - (len(batch) if batch is not None else 0)
+        if room <= 0:
+            return batch
+        if batch is not None and not self._mergeable(batch):
+            return batch  # batch-at-a-time model: newcomers wait for this batch to drain
+        new: list[Job] = []
+        if batch is None:
+            # Idle: wait for a first request, then a moment for others arriving with it.
+            try:
+                new.append(self.q.get(timeout=0.1))
+            except queue.Empty:
+                return None
+            deadline = time.monotonic() + self.wait
+            while len(new) < room:
+                left = deadline - time.monotonic()
+                try:
+                    new.append(self.q.get(timeout=left) if left > 0 else self.q.get_nowait())
+                except queue.Empty:
+                    break
+        else:
+            while len(new) < room:
+                try:
+                    new.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+        self.metrics.set_queue(self.q.qsize())
+        new = [j for j in new if not j.cancelled]
+        if not new:
+            return batch
+        self._pending = new
+        fresh = self._prefill(new)
+        self._pending = []
+        return fresh if batch is None else self._merge(batch, fresh)
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Sample one token for every row, drop finished rows, run the next forward pass."""
         import torch
 
-        model, tok = self.model, self.tok
-        dev = model.device
+        tokens = self._sample(batch)
+        live = []
+        made = 0
+        for i, j in enumerate(batch.jobs):
+            if j.cancelled or j.finished:
+                continue
+            n = len(j.tokens)
+            if self._advance(j, tokens[i]):
+                live.append(i)
+            else:
+                j.finished = True
+            made += len(j.tokens) - n
+        self.metrics.add_tokens(made)
+        if not live:
+            return None
+        if len(live) < len(batch) and self._mergeable(batch):
+            # Finished rows leave; a batch-at-a-time cache keeps them (masked) until it drains.
+            batch = self._select(batch, live)
+            tokens = [tokens[i] for i in live]
+        dev = self.model.device
         B = len(batch)
-        n = max(len(j.prompt_ids) for j in batch)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((B, n), pad, dtype=torch.long)
+        batch.mask = torch.cat([batch.mask, torch.ones((B, 1), dtype=batch.mask.dtype, device=dev)], dim=1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev).view(B, 1)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=batch.mask,
+                position_ids=batch.pos.view(B, 1),
+                use_cache=True,
+                **{self._cache_kw: batch.cache},
+            )
+        self.steps += 1
+        batch.cache = _cache_of(out)
+        batch.logits = out.logits[:, -1, :].float()
+        batch.pos = batch.pos + 1
+        return batch
+
+    # ---- cache surgery ----------------------------------------------------------
+    def _prefill(self, jobs: list[Job]) -> _Batch:
+        import torch
+
+        dev = self.model.device
+        B = len(jobs)
+        n = max(len(j.prompt_ids) for j in jobs)
+        ids = torch.full((B, n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((B, n), dtype=torch.long)
-        for i, j in enumerate(batch):
-            ids[i, n - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+        for i, j in enumerate(jobs):
+            ids[i, n - len(j.prompt_ids):] = torch.tensor(j.prompt_ids, dtype=torch.long)
             mask[i, n - len(j.prompt_ids):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
-        gens = []
-        for j in batch:
-            g = None
-            if j.seed is not None:
-                g = torch.Generator(device="cpu").manual_seed(j.seed)
-            gens.append(g)
-        active = [True] * B
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-            past = _cache_of(out)
-            logits = out.logits[:, -1, :].float()
-            cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            last_pos = pos[:, -1]
-            for step in range(max(j.max_tokens for j in batch)):
-                nxt = torch.full((B,), pad, dtype=torch.long)
-                for i, j in enumerate(batch):
-                    if not active[i]:
-                        continue
-                    if j.cancelled:
-                        active[i] = False
-                        continue
-                    nxt[i] = self._sample(logits[i], j, gens[i])
-                for i, j in enumerate(batch):
-                    if active[i]:
-                        active[i] = self._advance(j, int(nxt[i]), eos_ids)
-                if not any(active):
-                    break
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
-                last_pos = last_pos + 1
-                out = model(input_ids=nxt.view(B, 1).to(dev), attention_mask=mask, position_ids=last_pos.view(B, 1), use_cache=True, **{cache_kw: past})
-                past = _cache_of(out)
-                logits = out.logits[:, -1, :].float()
-        for i, j in enumerate(batch):
-            if active[i] and not j.cancelled:  # ran out of steps without finishing
-                self._finish(j, "length")
+        kw = {"logits_to_keep": 1} if self._keep_kw else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        self.steps += 1
+        gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
+        return _Batch(jobs, _cache_of(out), mask, pos[:, -1] + 1, out.logits[:, -1, :].float(), gens)
 
     @staticmethod
-    def _sample(logits, j: Job, gen) -> int:
+    def _layers(cache):
+        return getattr(cache, "layers", None)
+
+    def _mergeable(self, batch: _Batch) -> bool:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = self._layers(batch.cache)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    def _merge(self, a: _Batch, b: _Batch) -> _Batch:
+        """One batch from two: left-pad the shorter cache and mask in time, stack rows."""
+        import torch
+        import torch.nn.functional as F
+
+        if not (self._mergeable(a) and self._mergeable(b)):
+            raise RuntimeError("cannot merge these KV caches")  # _admit checks first
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        T = max(ta, tb)
+        for la, lb in zip(self._layers(a.cache), self._layers(b.cache)):
+            # keys/values: [B, heads, T, head_dim]; pad the T axis on the left with zeros (masked).
+            la.keys = torch.cat([F.pad(la.keys, (0, 0, T - ta, 0)), F.pad(lb.keys, (0, 0, T - tb, 0))], dim=0)
+            la.values = torch.cat([F.pad(la.values, (0, 0, T - ta, 0)), F.pad(lb.values, (0, 0, T - tb, 0))], dim=0)
+        a.mask = torch.cat([F.pad(a.mask, (T - ta, 0)), F.pad(b.mask, (T - tb, 0))], dim=0)
+        a.pos = torch.cat([a.pos, b.pos])
+        a.logits = torch.cat([a.logits, b.logits])
+        a.jobs = a.jobs + b.jobs
+        a.gens = a.gens + b.gens
+        return a
+
+    def _select(self, batch: _Batch, keep: list[int]) -> _Batch:
+        """Keep only these rows; drop leading cache columns no remaining row uses."""
         import torch
 
-        if j.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / j.temperature, dim=-1)
-        if j.top_p < 1.0:
-            sp, si = torch.sort(probs, descending=True)
-            keep = sp.cumsum(-1) - sp < j.top_p
-            sp = sp * keep
-            probs = torch.zeros_like(probs).scatter(0, si, sp)
-            probs = probs / probs.sum()
-        return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+        idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        batch.cache.batch_select_indices(idx)
+        batch.mask = batch.mask[idx]
+        batch.pos = batch.pos[idx]
+        batch.logits = batch.logits[idx]
+        batch.jobs = [batch.jobs[i] for i in keep]
+        batch.gens = [batch.gens[i] for i in keep]
+        used = batch.mask.any(dim=0).nonzero()
+        lead = int(used[0]) if len(used) else 0
+        if lead > 0 and self._mergeable(batch):
+            for layer in self._layers(batch.cache):
+                layer.keys = layer.keys[:, :, lead:]
+                layer.values = layer.values[:, :, lead:]
+            batch.mask = batch.mask[:, lead:]
+        return batch
 
-    def _advance(self, j: Job, token: int, eos_ids: set) -> bool:
-        """Take one token for a job; False once it has finished."""
-        if token in eos_ids:
-            self._flush(j, final=True)
+    # ---- sampling ---------------------------------------------------------------
+    def _sample(self, batch: _Batch) -> list[int]:
+        import torch
+
+        logits = batch.logits
+        greedy = logits.argmax(dim=-1).tolist()
+        out = []
+        for i, j in enumerate(batch.jobs):
+            if j.cancelled or j.finished:
+                out.append(self.pad_id)
+                continue
+            penal = (j.presence_penalty or j.frequency_penalty) and j.tokens
+            if j.temperature <= 0 and not penal:
+                out.append(greedy[i])
+                continue
+            row = logits[i]
+            if penal:
+                ids, counts = torch.tensor(j.tokens, device=row.device).unique(return_counts=True)
+                row = row.clone()
+                row[ids] -= j.frequency_penalty * counts.to(row.dtype) + j.presence_penalty
+            if j.temperature <= 0:
+                out.append(int(torch.argmax(row)))
+                continue
+            probs = torch.softmax(row / j.temperature, dim=-1)
+            if j.top_p < 1.0:
+                sp, si = torch.sort(probs, descending=True)
+                keep = sp.cumsum(-1) - sp < j.top_p  # the smallest set whose mass reaches top_p
+                probs = torch.zeros_like(probs).scatter(0, si, sp * keep)
+                probs = probs / probs.sum()
+            out.append(int(torch.multinomial(probs.cpu(), 1, generator=batch.gens[i])))
+        return out
+
+    # ---- per-sequence bookkeeping -------------------------------------------------
+    def _advance(self, j: Job, token: int) -> bool:
+        """Take one token for a sequence; False once it has finished."""
+        if token in self.eos_ids:
+            self._send(j, self.tok.decode(j.tokens, skip_special_tokens=True))
             self._finish(j, "stop")
             return False
         j.tokens.append(token)
@@ -212,9 +397,6 @@ class Engine:
         self._send(j, text[: len(text) - _held_back(text, j.stop)])
         return True
 
-    def _flush(self, j: Job, final: bool) -> None:
-        self._send(j, self.tok.decode(j.tokens, skip_special_tokens=True))
-
     @staticmethod
     def _send(j: Job, safe_text: str) -> None:
         if len(safe_text) > j.sent:
@@ -222,5 +404,4 @@ class Engine:
             j.sent = len(safe_text)
 
     def _finish(self, j: Job, reason: str) -> None:
-        self.metrics.add_tokens(len(j.tokens))
         j.push(("done", reason, len(j.tokens)))

@@ -1,18 +1,46 @@
 """`llmctl serve`: the run's model over an OpenAI-compatible HTTP API.
 
 Serves export/hf when a complete export exists, else train/model, or --model. Binds
-127.0.0.1 unless told otherwise. SIGTERM (or Ctrl-C) stops accepting, lets in-flight
-requests finish, and exits 0.
+127.0.0.1 unless told otherwise. The port opens at once and the model loads in the
+engine thread: /health answers 503 until it is ready, then the URL is printed. SIGTERM
+(or Ctrl-C) stops accepting, lets in-flight requests finish, and exits 0.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 
 from llmctl import console as _console
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.rundir import RunDir
+
+API_KEY_ENV = "LLMCTL_API_KEY"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves: a busy port is one clear line, not a uvicorn log."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"serve.host / --host: cannot resolve '{host}': {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise LlmctlError(f"cannot listen on {host}:{port}: {e.strerror}: pick another port with --port (0 = any free port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, port: int | None = None, **_) -> None:
@@ -22,50 +50,65 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     except ImportError:
         raise ConfigError("llmctl serve needs FastAPI and uvicorn: pip install 'llmctl[serve]'") from None
     from llmctl.modeling import resolve_model_path
-    from llmctl.server.app import Metrics, create_app
+    from llmctl.server.app import create_app
     from llmctl.server.engine import Engine
+    from llmctl.server.metrics import Metrics
 
     con = _console.current()
     s = cfg.serve
     path = resolve_model_path(model or s.model, rd, cfg, "serve", prefer_export=True)
     name = s.model_name or cfg.run.name
-    api_key = s.api_key or os.environ.get("LLMCTL_API_KEY") or None
+    api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
     host = host or s.host
     port = s.port if port is None else port
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: a port is 0..65535 (0 = any free port)")
+
+    sock = _bind(host, port)
+    url = _url(sock)
     metrics = Metrics()
-    engine = Engine(path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics, trust_remote_code=cfg.model.trust_remote_code)
-    con.step(f"loading {path}")
-    engine.load()  # /health is ready from the first request on
-    engine.start()
+    engine = Engine(
+        path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
+        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads,
+    )
     app = create_app(engine, name, s.max_tokens_cap, api_key, metrics)
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
+    ))
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
-    stopping = {"sig": None}
-
-    def on_signal(signum, frame):
-        # uvicorn has already begun its graceful shutdown; it calls this again afterwards.
-        stopping["sig"] = signum
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    import threading
-
-    def announce():
+    def announce() -> None:
+        """Print the URL once the port is open and the model is ready; stop on a failed load."""
+        while not engine.ready.wait(0.05):
+            if engine.error is not None or server.should_exit:
+                server.should_exit = True
+                return
         while not server.started and not server.should_exit:
-            threading.Event().wait(0.05)
+            threading.Event().wait(0.02)
         if server.started:
-            sock = server.servers[0].sockets[0].getsockname()
-            auth = " (API key required)" if api_key else ""
-            con.info(f"llmctl serve: {name} ({path}) on http://{sock[0]}:{sock[1]}/v1{auth}")
+            auth = f" (API key required: Authorization: Bearer ...)" if api_key else ""
+            con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
+            con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
 
-    threading.Thread(target=announce, daemon=True).start()
+    # The CLI turns SIGTERM into an exception; while serving, uvicorn handles SIGTERM/SIGINT
+    # (stop accepting, finish in-flight requests) and re-raises the signal afterwards. These
+    # handlers receive that re-raise, so the process exits 0 after a graceful stop.
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    con.step(f"loading {path} (listening on {url}; /health answers 503 until the model is ready)")
+    engine.start()
+    threading.Thread(target=announce, name="llmctl-announce", daemon=True).start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.stop()
-    if not server.started:
-        raise LlmctlError(f"could not start the server on {host}:{port} (is the port in use?)")
-    con.info("llmctl serve: stopped")
+        sock.close()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    if engine.error is not None:
+        err = engine.error
+        if isinstance(err, LlmctlError):
+            raise err
+        raise LlmctlError(f"cannot load the model from {path}: {type(err).__name__}: {err}")
+    why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
+    con.info(f"llmctl serve: stopped{why}")
     return None

@@ -1,0 +1,253 @@
+"""The continuous-batching engine alone (no HTTP): batched output equals output alone.
+
+The models here are random but "sharp" (large weights), so the next token depends on the
+whole context: a wrong position id, a misaligned cache row or a leaked padding column
+changes the text.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+
+from conftest import sentences, train_tiny_tokenizer
+
+PROMPTS = ["the quick", "seven wizards quietly judge", "river", "a lazy dog jumps over the old bridges", "pale moon", "fox", "near old stones glow", "matches and"]
+MAX_TOKENS = [20, 5, 33, 12, 40, 7, 25, 16]
+
+
+class _Loop:
+    """Stands in for the asyncio loop: the engine thread delivers straight into a Queue."""
+
+    def call_soon_threadsafe(self, fn, item):
+        fn(item)
+
+
+class _Out(queue.Queue):
+    def put_nowait(self, item):
+        self.put(item)
+
+
+class _Metrics:
+    def __init__(self):
+        self.tokens = 0
+        self.running = 0
+
+    def add_tokens(self, n):
+        self.tokens += n
+
+    def set_queue(self, n):
+        pass
+
+    def set_running(self, n):
+        self.running = n
+
+
+def _sharp_model(out, arch: str):
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = train_tiny_tokenizer(sentences(200, seed=3), out, vocab_size=300)
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, vocab_size=len(tok))
+    if arch == "llama":
+        # grouped-query attention (2 heads, 1 kv head) on purpose
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          max_position_embeddings=256, initializer_range=0.35, **ids)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=256, initializer_range=0.35, **ids)
+        model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model_dir(request, tmp_path_factory):
+    return _sharp_model(tmp_path_factory.mktemp(f"sharp-{request.param}"), request.param)
+
+
+def _engine(path, **kw):
+    from llmctl.server.engine import Engine
+
+    args = dict(max_batch_size=8, max_queue=64, batch_wait_ms=5, metrics=_Metrics(), device="cpu", threads=1)
+    args.update(kw)
+    e = Engine(str(path), args.pop("max_batch_size"), args.pop("max_queue"), args.pop("batch_wait_ms"), args.pop("metrics"), **args)
+    e.start()
+    assert e.ready.wait(60), e.error
+    return e
+
+
+def _job(e, prompt, max_tokens, **kw):
+    from llmctl.server.engine import Job
+
+    ids = e.tok(prompt, add_special_tokens=False)["input_ids"]
+    return Job(ids, max_tokens, loop=_Loop(), out=_Out(), **{"temperature": 0.0, **kw})
+
+
+def _collect(j, timeout=60):
+    parts = []
+    while True:
+        item = j.out.get(timeout=timeout)
+        if item[0] == "delta":
+            parts.append(item[1])
+        elif item[0] == "done":
+            return "".join(parts), item[1], item[2]
+        else:
+            raise AssertionError(item)
+
+
+def _alone(e, prompts, max_tokens, **kw):
+    out = []
+    for p, mt in zip(prompts, max_tokens):
+        j = _job(e, p, mt, **kw)
+        e.submit([j])
+        out.append(_collect(j))
+    return out
+
+
+def test_greedy_batched_and_joining_mid_decode_equals_alone(model_dir):
+    e = _engine(model_dir)
+    try:
+        alone = _alone(e, PROMPTS, MAX_TOKENS)
+        steps_alone = e.steps
+        assert len({a[0] for a in alone}) == len(alone)  # the model really depends on its prompt
+        # Arrivals spread over time: later requests join a batch that is already decoding,
+        # with shorter and longer prompts than the rows already there.
+        e.steps = 0
+        jobs = []
+        for k, (p, mt) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+            j = _job(e, p, mt)
+            e.submit([j])
+            jobs.append(j)
+            time.sleep(0.004 * (k % 3))
+        together = [_collect(j) for j in jobs]
+        assert together == alone
+        assert e.steps < steps_alone / 2  # forward passes were shared
+    finally:
+        e.stop()
+
+
+def test_seeded_sampling_is_the_same_alone_and_batched(model_dir):
+    e = _engine(model_dir)
+    try:
+        kw = dict(temperature=0.9, top_p=0.9)
+        alone = [_alone(e, [p], [12], seed=100 + i, **kw)[0] for i, p in enumerate(PROMPTS[:4])]
+        jobs = [_job(e, p, 12, seed=100 + i, **kw) for i, p in enumerate(PROMPTS[:4])]
+        e.submit(jobs)
+        assert [_collect(j) for j in jobs] == alone
+        other = _alone(e, [PROMPTS[0]], [12], seed=7, **kw)[0]
+        assert other[0] != alone[0][0]  # a different seed samples differently
+    finally:
+        e.stop()
+
+
+def test_batch_at_a_time_fallback_gives_the_same_text(model_dir, monkeypatch):
+    """Caches that cannot be merged row-wise (e.g. sliding windows) still decode correctly."""
+    e = _engine(model_dir)
+    try:
+        alone = _alone(e, PROMPTS[:4], MAX_TOKENS[:4])
+        monkeypatch.setattr(e, "_mergeable", lambda batch: False)
+        jobs = []
+        for p, mt in zip(PROMPTS[:4], MAX_TOKENS[:4]):
+            jobs.append(_job(e, p, mt))
+            e.submit([jobs[-1]])
+            time.sleep(0.01)
+        assert [_collect(j) for j in jobs] == alone
+    finally:
+        e.stop()
+
+
+def test_stop_strings_eos_and_penalties(tmp_path):
+    path = _sharp_model(tmp_path / "m", "llama")
+    e = _engine(path)
+    try:
+        full, reason, n = _alone(e, ["the quick"], [30])[0]
+        assert reason == "length" and n == 30
+        stop = full[6:9]
+        j = _job(e, "the quick", 30, stop=["zzzz", stop])
+        e.submit([j])
+        deltas = []
+        while True:
+            item = j.out.get(timeout=30)
+            if item[0] != "delta":
+                break
+            deltas.append(item[1])
+        text = "".join(deltas)
+        assert item[:2] == ("done", "stop") and text == full[: full.find(stop)] and stop not in text
+        # EOS: make the 4th greedy token the model's end token.
+        j = _job(e, "the quick", 30)
+        e.submit([j])
+        _collect(j)
+        e.eos_ids = {j.tokens[3]}
+        text, reason, n = _alone(e, ["the quick"], [30])[0]
+        assert (reason, n) == ("stop", j.tokens.index(j.tokens[3])) and full.startswith(text)
+        e.eos_ids = set()
+        # A strong frequency penalty forbids repeating a token.
+        j = _job(e, "the quick", 25, frequency_penalty=2.0, presence_penalty=2.0)
+        e.model.lm_head.weight.data *= 0.01  # flatten the logits so the penalty dominates
+        e.submit([j])
+        _collect(j)
+        assert len(set(j.tokens)) == len(j.tokens)
+    finally:
+        e.stop()
+
+
+def test_cancelled_sequence_leaves_the_batch_and_frees_its_slot(tmp_path):
+    path = _sharp_model(tmp_path / "m", "llama")
+    metrics = _Metrics()
+    e = _engine(path, max_batch_size=1, metrics=metrics)
+    try:
+        long = _job(e, "the quick", 200)
+        e.submit([long])
+        assert long.out.get(timeout=30)[0] == "delta"
+        waiting = _job(e, "fox", 5)
+        e.submit([waiting])
+        long.cancelled = True  # what the app does when the client disconnects
+        assert _collect(waiting)[1:] == ("length", 5)
+        assert len(long.tokens) < 200 and metrics.tokens < 200
+        deadline = time.time() + 10
+        while metrics.running and time.time() < deadline:
+            time.sleep(0.01)
+        assert metrics.running == 0
+    finally:
+        e.stop()
+
+
+def test_queue_bound_and_failed_load():
+    from llmctl.server.engine import Engine, QueueFull
+
+    e = Engine("/nonexistent/model", 1, 2, 0, _Metrics(), device="cpu")
+    e.submit([object(), object()])
+    with pytest.raises(QueueFull):
+        e.submit([object()])
+    e.start()
+    e.thread.join(60)
+    assert e.error is not None and not e.ready.is_set()
+
+
+def test_engine_thread_survives_a_failing_step(tmp_path, monkeypatch):
+    path = _sharp_model(tmp_path / "m", "llama")
+    e = _engine(path)
+    try:
+        boom = threading.Event()
+        real = e._prefill
+
+        def flaky(jobs):
+            if not boom.is_set():
+                boom.set()
+                raise RuntimeError("simulated device error")
+            return real(jobs)
+
+        monkeypatch.setattr(e, "_prefill", flaky)
+        j = _job(e, "the quick", 3)
+        e.submit([j])
+        item = j.out.get(timeout=30)
+        assert item[0] == "error" and "simulated" in item[1]
+        assert _alone(e, ["fox"], [3])[0][1] == "length"
+    finally:
+        e.stop()
