@@ -224,9 +224,12 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=0, le=65535, description="Port (0 picks a free one).")
     api_key: str | None = Field(None, description="Require 'Authorization: Bearer <key>' (also $LLMCTL_API_KEY).")
     max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
-    max_batch_size: int = Field(8, ge=1, description="Requests batched into one forward pass.")
-    max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get 429.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="How long to wait for more requests to join a batch.")
+    max_batch_size: int = Field(8, ge=1, description="Sequences (a request with n: 3 is three) decoded together in one forward pass.")
+    max_queue: int = Field(64, ge=1, description="Sequences waiting for a slot in the running batch; past this, requests get 429 with Retry-After.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="When idle, how long the first request waits for others to start with it (busy: newcomers join the running batch at the next step).")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to serve on.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
+    shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
 
 
 # --------------------------------------------------------------------------- root
