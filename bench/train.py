@@ -3,6 +3,8 @@
 Same model (quickstart llama, seeded), same prepared data, batch, AdamW (fused), cosine
 schedule, clipping, steps. Both sides skip the first WARMUP steps (allocator and kernel
 warm-up) and time the rest; llmctl's time comes from its own metrics.jsonl timestamps.
+The two sides alternate REPS times and each keeps its best run: on a shared or virtual
+machine, run-to-run noise is larger than the difference being measured.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from common import ratio, write_result
 
-STEPS, WARMUP, BATCH, BLOCK = 60, 10, 16, 128
+STEPS, WARMUP, BATCH, BLOCK, REPS = 60, 10, 16, 128, 3
 
 
 def matmul_peak_flops(n: int = 1024, reps: int = 20) -> float:
@@ -26,10 +28,13 @@ def matmul_peak_flops(n: int = 1024, reps: int = 20) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    best = 0.0
+    for _ in range(5):  # best of 5: the machine's noise only ever makes it slower
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best
 
 
 def bare_loop(cfg, rd) -> float:
@@ -82,11 +87,14 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "llmctl", "prepare", str(path), "-q"], check=True)
     cfg = load_config(path)
     rd = RunDir(cfg.run.dir)
-    subprocess.run([sys.executable, "-m", "llmctl", "train", str(path), "-q"], check=True)
-    recs = [json.loads(x) for x in rd.metrics_path.read_text().splitlines()]
-    recs = {r["step"]: r for r in recs if "loss" in r}
-    ours = (recs[STEPS]["tokens"] - recs[WARMUP]["tokens"]) / (recs[STEPS]["elapsed_s"] - recs[WARMUP]["elapsed_s"])
-    theirs = bare_loop(cfg, rd)
+    ours_runs, theirs_runs = [], []
+    for _ in range(REPS):
+        subprocess.run([sys.executable, "-m", "llmctl", "train", str(path), "-q", "--force"], check=True)
+        recs = [json.loads(x) for x in rd.metrics_path.read_text().splitlines()]
+        recs = {r["step"]: r for r in recs if "loss" in r}
+        ours_runs.append((recs[STEPS]["tokens"] - recs[WARMUP]["tokens"]) / (recs[STEPS]["elapsed_s"] - recs[WARMUP]["elapsed_s"]))
+        theirs_runs.append(bare_loop(cfg, rd))
+    ours, theirs = max(ours_runs), max(theirs_runs)
     peak = matmul_peak_flops()
     from transformers import AutoModelForCausalLM
 
@@ -97,7 +105,8 @@ def main() -> None:
     metrics = {"llmctl_tokens_per_s": round(ours, 1), "bare_loop_tokens_per_s": round(theirs, 1),
                "params": n_params, "matmul_peak_gflops": round(peak / 1e9, 2),
                "llmctl_mfu": round(ours * flops_per_token / peak, 4), "bare_mfu": round(theirs * flops_per_token / peak, 4),
-               "steps_timed": STEPS - WARMUP, "batch": BATCH, "block": BLOCK}
+               "steps_timed": STEPS - WARMUP, "batch": BATCH, "block": BLOCK,
+               "llmctl_runs": [round(x, 1) for x in ours_runs], "bare_runs": [round(x, 1) for x in theirs_runs]}
     write_result("train", metrics, {"train tokens/s llmctl vs bare PyTorch": ratio(ours / theirs, 0.95)})
     assert math.isfinite(ours)
 

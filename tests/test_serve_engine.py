@@ -39,6 +39,9 @@ class _Metrics:
     def add_tokens(self, n):
         self.tokens += n
 
+    def add_forward(self):
+        pass
+
     def set_queue(self, n):
         pass
 

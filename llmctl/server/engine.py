@@ -268,6 +268,7 @@ class Engine:
                 **{self._cache_kw: batch.cache},
             )
         self.steps += 1
+        self.metrics.add_forward()
         batch.cache = _cache_of(out)
         batch.logits = out.logits[:, -1, :].float()
         batch.pos = batch.pos + 1
@@ -291,6 +292,7 @@ class Engine:
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         self.steps += 1
+        self.metrics.add_forward()
         gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
         return _Batch(jobs, _cache_of(out), mask, pos[:, -1] + 1, out.logits[:, -1, :].float(), gens)
 

@@ -14,6 +14,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.tokens = 0
+        self.forwards = 0
         self.prompt_tokens = 0
         self.queue = 0
         self.running = 0
@@ -36,6 +37,10 @@ class Metrics:
         if n:
             with self.lock:
                 self.tokens += n
+
+    def add_forward(self) -> None:
+        with self.lock:
+            self.forwards += 1
 
     def add_prompt_tokens(self, n: int) -> None:
         with self.lock:
@@ -68,6 +73,7 @@ class Metrics:
                 block("llmctl_requests_total", "counter", "HTTP requests by path and status.", req_rows)
                 + block("llmctl_errors_total", "counter", "Requests answered with a 4xx or 5xx status.", [f"llmctl_errors_total {errors}"])
                 + block("llmctl_tokens_generated_total", "counter", "Completion tokens generated (including those of cancelled requests).", [f"llmctl_tokens_generated_total {self.tokens}"])
+                + block("llmctl_forward_passes_total", "counter", "Model forward passes (prefills and decoding steps); tokens per pass shows batching at work.", [f"llmctl_forward_passes_total {self.forwards}"])
                 + block("llmctl_prompt_tokens_total", "counter", "Prompt tokens accepted.", [f"llmctl_prompt_tokens_total {self.prompt_tokens}"])
                 + block("llmctl_queue_depth", "gauge", "Sequences waiting for a slot in the running batch.", [f"llmctl_queue_depth {self.queue}"])
                 + block("llmctl_running_sequences", "gauge", "Sequences in the running batch.", [f"llmctl_running_sequences {self.running}"])

@@ -113,6 +113,10 @@ class Collator:
         import torch
 
         n = max(len(r["input_ids"]) for r in rows)
+        if all(len(r["input_ids"]) == n for r in rows):  # packed text: no padding, just stack
+            ids = torch.stack([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
+            labels = torch.stack([torch.as_tensor(r["labels"], dtype=torch.long) for r in rows])
+            return {"input_ids": ids, "labels": labels}
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), n), -100, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
@@ -208,8 +212,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         raise ConfigError("train.precision: fp16 needs a GPU; use auto, fp32 or bf16 on CPU")
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     ds = load_from_disk(str(rd.dataset_dir))
-    train_ds = ds["train"]
-    val_ds = ds["validation"] if "validation" in ds else None
+    train_ds = ds["train"].with_format("torch")  # rows arrive as tensors: no Python lists per step
+    val_ds = ds["validation"].with_format("torch") if "validation" in ds else None
     if val_ds is not None and tcfg.eval_batches:
         # A fixed subset sized by the global batch, so 2 ranks x 2 and 1 rank x 4 see the same rows.
         val_ds = val_ds.select(range(min(len(val_ds), tcfg.eval_batches * tcfg.micro_batch_size * _world())))
