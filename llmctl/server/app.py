@@ -246,7 +246,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
             yield "data: [DONE]\n\n"
         finally:  # also on client disconnect (the generator is closed or cancelled)
             for j in jobs:
-                pass
+                j.cancelled = True
             for fut in pending:
                 fut.cancel()
 
