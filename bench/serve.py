@@ -1,4 +1,12 @@
-"""Serving requests/s and p50/p95 latency at 1 and 8 concurrent clients on loopback."""
+"""Serving: requests/s, tokens/s and p50/p95 latency at 1 and 8 concurrent clients on loopback.
+
+Starts the real `llmctl serve` on a quickstart-sized random llama (4 layers, hidden 128,
+vocab ~4096) and sends greedy /v1/completions requests of 32 new tokens from closed-loop
+clients. Each phase is bounded in count and time. Target: >= 3x throughput at 8 clients
+versus 1, zero errors.
+
+    .venv/bin/python bench/serve.py      # writes bench/results/serve.json
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,12 +26,17 @@ from _model import quickstart_model
 from common import ratio, write_result
 
 MAX_TOKENS = 32
-REQUESTS_1, REQUESTS_8 = 12, 48
+PHASES = ((1, 16), (8, 64))  # (concurrent clients, requests)
+PHASE_SECONDS = 60.0  # a phase stops sending new requests after this
 
 
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def metric(client, url: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", client.get(url + "/metrics").text, re.M).group(1))
 
 
 def main() -> None:
@@ -31,41 +45,50 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = quickstart_model(tmp / "m")
     cfg = tmp / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / "run")}, "serve": {"model": str(model), "max_batch_size": 8, "max_queue": 256}}))
+    cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / "run")},
+                                   "serve": {"model": str(model), "max_batch_size": 8, "max_queue": 256}}))
     proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"], stderr=subprocess.PIPE, text=True)
     url = None
     while url is None:
         line = proc.stderr.readline()
         if not line:
             raise SystemExit("server did not start")
-        m = re.search(r"on (http://[\d.]+:\d+)/v1", line)
+        m = re.search(r" on (http://[\d.]+:\d+)/v1", line)
         url = m.group(1) if m else None
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    res = {}
     try:
-        client = httpx.Client(timeout=120)
-        body = lambda i: {"model": "bench", "prompt": f"request number {i} says", "max_tokens": MAX_TOKENS, "temperature": 0}  # noqa: E731
+        client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16))
 
-        def one(i):
+        def one(i, deadline):
+            if time.perf_counter() > deadline:
+                return None
             t0 = time.perf_counter()
-            r = client.post(url + "/v1/completions", json=body(i))
-            return time.perf_counter() - t0, r.status_code
+            r = client.post(url + "/v1/completions", json={"model": "bench", "prompt": f"request number {i} says", "max_tokens": MAX_TOKENS, "temperature": 0})
+            ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+            return time.perf_counter() - t0, ok, r.json()["usage"]["completion_tokens"] if ok else 0
 
-        one(-1)  # warm-up
-        res = {}
-        for conc, n in ((1, REQUESTS_1), (8, REQUESTS_8)):
+        one(-1, float("inf"))  # warm-up
+        for conc, n in PHASES:
+            f0 = metric(client, url, "llmctl_forward_passes_total")
             t0 = time.perf_counter()
             with cf.ThreadPoolExecutor(conc) as ex:
-                out = list(ex.map(one, range(n)))
+                out = [o for o in ex.map(lambda i: one(i, t0 + PHASE_SECONDS), range(n)) if o is not None]
             wall = time.perf_counter() - t0
+            forwards = metric(client, url, "llmctl_forward_passes_total") - f0
             lats = [o[0] for o in out]
-            res[conc] = {"requests": n, "rps": round(n / wall, 3), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
-                         "errors": sum(o[1] != 200 for o in out)}
+            tokens = sum(o[2] for o in out)
+            res[conc] = {"requests": len(out), "seconds": round(wall, 2), "rps": round(len(out) / wall, 3),
+                         "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
+                         "tokens_per_forward_pass": round(tokens / max(forwards, 1), 2), "errors": sum(not o[1] for o in out)}
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    metrics = {"clients_1": res[1], "clients_8": res[8], "max_tokens": MAX_TOKENS}
+        code = proc.wait(60)
+    metrics = {"clients_1": res[1], "clients_8": res[8], "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096",
+               "server_exit_code": code}
     write_result("serve", metrics, {
         "serve throughput 8 clients vs 1": ratio(res[8]["rps"] / res[1]["rps"], 3.0),
-        "serve errors (8 clients)": ratio(float(res[8]["errors"] + res[1]["errors"]), 0.0, higher_is_better=False),
+        "serve errors (both phases)": ratio(float(res[8]["errors"] + res[1]["errors"]), 0.0, higher_is_better=False),
     })
 
 
