@@ -108,7 +108,8 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
         err = engine.error
         if isinstance(err, LlmctlError):
             raise err
-        raise LlmctlError(f"cannot load the model from {path}: {type(err).__name__}: {err}")
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise LlmctlError(f"cannot load the model from {path}: {type(err).__name__}: {first}")
     why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
     con.info(f"llmctl serve: stopped{why}")
     return None
