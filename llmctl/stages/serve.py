@@ -85,7 +85,7 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
         while not server.started and not server.should_exit:
             threading.Event().wait(0.02)
         if server.started:
-            auth = f" (API key required: Authorization: Bearer ...)" if api_key else ""
+            auth = " (API key required: Authorization: Bearer ...)" if api_key else ""
             con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
             con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
 
