@@ -28,6 +28,16 @@ openai = pytest.importorskip("openai")
 MODEL = "tiny"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _keep_torch_threads():
+    """Engines set torch's (process-wide) thread count; give other test modules theirs back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 class Server:
     """`python -m llmctl serve CONFIG --port 0` in a subprocess; the URL is read from stderr."""
 
@@ -247,7 +257,7 @@ def _wait_idle(server, timeout=20):
     raise AssertionError("sequences still running")
 
 
-LONG = {"model": MODEL, "prompt": "the", "max_tokens": 400, "temperature": 0}
+LONG = {"model": MODEL, "prompt": "the", "max_tokens": 400, "temperature": 0}  # greedy: never EOS with this model (checked)
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +309,7 @@ def test_api_key_queue_limit_and_graceful_sigterm(run_dir):
 
         # One running, one waiting (max_queue 1): the rest are turned away with 429.
         def one(_):
-            return httpx.post(s.url + "/v1/completions", headers=hdr, json={"model": MODEL, "prompt": "the", "max_tokens": 150, "temperature": 1.0}, timeout=60)
+            return httpx.post(s.url + "/v1/completions", headers=hdr, json={**LONG, "max_tokens": 150}, timeout=60)
 
         with cf.ThreadPoolExecutor(6) as ex:
             answers = list(ex.map(one, range(6)))
@@ -314,7 +324,7 @@ def test_api_key_queue_limit_and_graceful_sigterm(run_dir):
 
         # SIGTERM while a streamed request is in flight: it finishes, then the server exits 0.
         with httpx.stream("POST", s.url + "/v1/completions", headers=hdr, timeout=60,
-                          json={"model": MODEL, "prompt": "the", "max_tokens": 120, "temperature": 1.0, "stream": True}) as r:
+                          json={**LONG, "max_tokens": 120, "stream": True}) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
             s.proc.send_signal(signal.SIGTERM)

@@ -19,6 +19,16 @@ PROMPTS = ["the quick", "seven wizards quietly judge", "river", "a lazy dog jump
 MAX_TOKENS = [20, 5, 33, 12, 40, 7, 25, 16]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _keep_torch_threads():
+    """Engines set torch's (process-wide) thread count; give other test modules theirs back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 class _Loop:
     """Stands in for the asyncio loop: the engine thread delivers straight into a Queue."""
 
