@@ -21,6 +21,8 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     only = sys.argv[1:] or BENCHES
     results, failed = {}, []
+    if sys.argv[1:] and (HERE / "results.json").is_file():  # a subset refreshes only its rows
+        results = json.loads((HERE / "results.json").read_text())
     for name in only:
         script = HERE / f"{name}.py"
         if not script.is_file():
