@@ -21,32 +21,31 @@ SPLITS = ("train", "validation", "test")
 
 
 # --------------------------------------------------------------------------- records
-def _records(cfg, cache_dir: Path, counters) -> tuple[list[tuple[dict, str]], str]:
-    """All raw records of the main source, and a fingerprint of the input files."""
+def _records(cfg, cache_dir: Path, counters) -> tuple[Iterator[tuple[dict, str]], str]:
+    """The raw records of the main source (streamed), and a fingerprint of the inputs."""
     from llmctl.data import sources
 
     d = cfg.data
     if d.source == "builtin":
         files = sources.builtin_files(cfg.run.seed, d.max_bytes)
-        return list(sources.iter_builtin(files, counters)), sources.builtin_fingerprint(files)
+        return sources.iter_builtin(files, counters), sources.builtin_fingerprint(files)
     if d.source == "files":
         files = sources.expand_paths(d.paths)
-        return list(sources.iter_files(files, d.txt_unit, d.on_error, counters)), sources.fingerprint(files)
-    recs = list(sources.iter_hub(d.hub_name, d.hub_config, d.hub_split, str(cache_dir)))
+        return sources.iter_files(files, d.txt_unit, d.on_error, counters), sources.fingerprint(files)
+    recs = sources.iter_hub(d.hub_name, d.hub_config, d.hub_split, str(cache_dir))
     return recs, hashlib.sha256(f"{d.hub_name}|{d.hub_config}|{d.hub_split}".encode()).hexdigest()[:16]
 
 
-def _explicit(paths: list[str], key: str, cfg, counters) -> tuple[list[tuple[dict, str]], str]:
+def _explicit(paths: list[str], key: str, cfg, counters) -> tuple[Iterator[tuple[dict, str]], str]:
     from llmctl.data import sources
 
     files = sources.expand_paths(paths, key=key)
-    return list(sources.iter_files(files, cfg.data.txt_unit, cfg.data.on_error, counters)), sources.fingerprint(files)
+    return sources.iter_files(files, cfg.data.txt_unit, cfg.data.on_error, counters), sources.fingerprint(files)
 
 
-def _normalise(recs: list[tuple[dict, str]], cfg, counters) -> list[dict]:
+def _normalise(recs, cfg, counters) -> Iterator[dict]:
     """Keep only the fields the format needs, checking they are there and well typed."""
     d = cfg.data
-    out = []
     for rec, where in recs:
         try:
             if d.format == "text":
@@ -56,14 +55,14 @@ def _normalise(recs: list[tuple[dict, str]], cfg, counters) -> list[dict]:
                 if not isinstance(text, str):
                     raise DataError(f"{where}: field '{field}' is {type(text).__name__}, expected text")
                 if text.strip():
-                    out.append({"text": text})
+                    yield {"text": text}
             elif d.format == "prompt_completion":
                 _need(rec, d.prompt_field, "data.prompt_field", where)
                 _need(rec, d.completion_field, "data.completion_field", where)
                 p, c = rec[d.prompt_field], rec[d.completion_field]
                 if not isinstance(p, str) or not isinstance(c, str):
                     raise DataError(f"{where}: '{d.prompt_field}' and '{d.completion_field}' must be strings")
-                out.append({"prompt": p, "completion": c})
+                yield {"prompt": p, "completion": c}
             else:
                 _need(rec, d.messages_field, "data.messages_field", where)
                 msgs = rec[d.messages_field]
@@ -71,13 +70,43 @@ def _normalise(recs: list[tuple[dict, str]], cfg, counters) -> list[dict]:
                     raise DataError(f"{where}: '{d.messages_field}' must be a list of {{role, content}} objects")
                 if not any(m["role"] == "assistant" for m in msgs):
                     raise DataError(f"{where}: conversation has no assistant turn to learn from")
-                out.append({"messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]})
+                yield {"messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]}
         except DataError:
             if d.on_error == "skip":
                 counters.skip("bad_record")
                 continue
             raise
-    return out
+
+
+def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000):
+    """Stream records into an Arrow file and memory-map it: the corpus never sits in Python."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = sink = schema = None
+    buf: list[dict] = []
+
+    def flush() -> None:
+        nonlocal writer, sink, schema
+        if writer is None:
+            schema = pa.RecordBatch.from_pylist(buf).schema
+            sink = pa.OSFile(str(path), "wb")
+            writer = pa.ipc.new_stream(sink, schema)
+        writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
+        buf.clear()
+
+    for row in rows:
+        buf.append(row)
+        if len(buf) >= chunk:
+            flush()
+    if buf:
+        flush()
+    if writer is None:
+        return None
+    writer.close()
+    sink.close()
+    return Dataset.from_file(str(path))
 
 
 def _need(rec: dict, field: str, key: str, where: str) -> None:
@@ -86,7 +115,7 @@ def _need(rec: dict, field: str, key: str, where: str) -> None:
     check_field(rec, field, key, where)
 
 
-def _split(docs: list[dict], cfg) -> dict[str, list[dict]]:
+def _split(docs, cfg) -> dict:
     """Document-level split, deterministic from run.seed: no document in two splits."""
     d = cfg.data
     order = list(range(len(docs)))
@@ -101,9 +130,8 @@ def _split(docs: list[dict], cfg) -> dict[str, list[dict]]:
             f"corpus has {n} document(s): too few to hold out {n_val} for validation and {n_test} for test "
             "(add data, or lower data.validation_fraction / data.test_fraction)"
         )
-    out = {"validation": [docs[i] for i in order[:n_val]], "test": [docs[i] for i in order[n_val : n_val + n_test]]}
-    out["train"] = [docs[i] for i in order[n_val + n_test :]]
-    return out
+    pick = (lambda idx: docs.select(idx)) if hasattr(docs, "select") else (lambda idx: [docs[i] for i in idx])
+    return {"validation": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test]), "train": pick(order[n_val + n_test :])}
 
 
 # --------------------------------------------------------------------------- checks
@@ -178,16 +206,15 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
 
     disable_progress_bars()
     d = cfg.data
-    docs = _normalise(recs, cfg, counters)
-    del recs
-    if not docs:
+    docs = _to_arrow(_normalise(recs, cfg, counters), build / "cache" / "raw.arrow")
+    if docs is None:
         raise DataError(f"the corpus is empty: no usable {d.format} records in data ({d.source}) — check data.paths and the field names")
     splits = _split(docs, cfg)
     for name, erecs in extras.items():
-        splits[name] = _normalise(erecs, cfg, counters)
-        if not splits[name]:
+        splits[name] = _to_arrow(_normalise(erecs, cfg, counters), build / "cache" / f"raw-{name}.arrow")
+        if splits[name] is None:
             raise DataError(f"data.{name}_paths: no usable records")
-    con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v))
+    con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v is not None and len(v)))
 
     # ---- tokenizer
     chat = d.format == "chat"
@@ -209,7 +236,7 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
                    "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
     out: dict = {}
     for name in SPLITS:
-        if not splits.get(name):
+        if splits.get(name) is None or len(splits[name]) == 0:
             continue
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
@@ -217,10 +244,9 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
                 texts = splits[name]
 
                 def docs_text(texts=texts) -> Iterator[str]:
-                    for i, doc in enumerate(texts):
-                        if i % 1000 == 0:
-                            prog.update(completed=i)
-                        yield doc["text"]
+                    for i, batch in enumerate(texts.iter(batch_size=1000)):
+                        prog.update(completed=i * 1000)
+                        yield from batch["text"]
 
                 ds = _write_rows(formats.pack_text(docs_text(), tok, d.block_size, eos, s), build / "cache" / f"{name}.arrow")
                 prog.update(completed=len(texts))
@@ -234,7 +260,7 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
                                          "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
                                          "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
             else:
-                raw = Dataset.from_list(splits[name])
+                raw = splits[name].flatten_indices()
                 fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
                 kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": eos} if d.format == "prompt_completion" else {})
                 ds = raw.map(fn, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=raw.column_names,
@@ -297,9 +323,9 @@ def _write_rows(rows: Iterator[dict], path: Path, chunk: int = 2048):
     return Dataset.from_file(str(path))
 
 
-def _train_texts(docs: list[dict], fmt: str, max_bytes: int | None) -> Iterator[str]:
+def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
     total = 0
-    for doc in docs:
+    for doc in _rows(docs):
         if fmt == "text":
             text = doc["text"]
         elif fmt == "prompt_completion":
@@ -312,15 +338,27 @@ def _train_texts(docs: list[dict], fmt: str, max_bytes: int | None) -> Iterator[
             return
 
 
+def _rows(ds) -> Iterator[dict]:
+    """Rows of an Arrow dataset, read a batch at a time."""
+    if not hasattr(ds, "iter"):
+        yield from ds
+        return
+    for batch in ds.iter(batch_size=1000):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]])):
+            yield {k: batch[k][i] for k in keys}
+
+
 def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
     from llmctl.data.pairs import signature_docstring_pairs
 
     d = cfg.data
     out: dict[str, dict[str, list[str]]] = {}
     for name in ("validation", "test"):
-        docs = splits.get(name) or []
-        if not docs:
+        docs = splits.get(name)
+        if docs is None or len(docs) == 0:
             continue
+        docs = _rows(docs)
         prompts, refs = [], []
         if d.format == "text" and d.source == "builtin":
             for doc in docs:
@@ -328,8 +366,9 @@ def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
                     prompts.append(p)
                     refs.append(r)
         elif d.format == "prompt_completion":
-            prompts = [doc["prompt"] for doc in docs]
-            refs = [doc["completion"] for doc in docs]
+            for doc in docs:
+                prompts.append(doc["prompt"])
+                refs.append(doc["completion"])
         elif d.format == "chat":
             for doc in docs:
                 msgs = doc["messages"]
