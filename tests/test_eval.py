@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import run_cli
 from llmctl.config import load_config
 from llmctl.metrics import sliding_nll, text_metrics, windows
 from llmctl.stages import evaluate
@@ -128,4 +128,3 @@ def test_compare_init_reports_before_numbers(trained_run):
     cfg2 = load_config(path, ["eval.compare_init=true", "eval.generation=false"])
     res = evaluate.run(cfg2, rd, force=True)
     assert "init_perplexity" in res
-    write_config  # keep import used

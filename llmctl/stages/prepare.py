@@ -78,24 +78,33 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
             raise
 
 
-def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000):
-    """Stream records into an Arrow file and memory-map it: the corpus never sits in Python."""
+def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
+    """Stream rows into an Arrow file and memory-map it: the corpus never sits in Python.
+
+    Without a schema it is inferred from the first rows, and no rows gives None; with one,
+    no rows gives an empty dataset.
+    """
     import pyarrow as pa
     from datasets import Dataset
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = sink = schema = None
+    writer = sink = None
     buf: list[dict] = []
 
-    def flush() -> None:
+    def open_writer(sch) -> None:
         nonlocal writer, sink, schema
+        schema = sch
+        sink = pa.OSFile(str(path), "wb")
+        writer = pa.ipc.new_stream(sink, schema)
+
+    def flush() -> None:
         if writer is None:
-            schema = pa.RecordBatch.from_pylist(buf).schema
-            sink = pa.OSFile(str(path), "wb")
-            writer = pa.ipc.new_stream(sink, schema)
+            open_writer(pa.RecordBatch.from_pylist(buf).schema)
         writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
         buf.clear()
 
+    if schema is not None:
+        open_writer(schema)
     for row in rows:
         buf.append(row)
         if len(buf) >= chunk:
@@ -248,7 +257,10 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
                         prog.update(completed=i * 1000)
                         yield from batch["text"]
 
-                ds = _write_rows(formats.pack_text(docs_text(), tok, d.block_size, eos, s), build / "cache" / f"{name}.arrow")
+                import pyarrow as pa
+
+                blocks = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+                ds = _to_arrow(formats.pack_text(docs_text(), tok, d.block_size, eos, s), build / "cache" / f"{name}.arrow", chunk=2048, schema=blocks)
                 prog.update(completed=len(texts))
                 if len(ds) == 0:
                     raise DataError(
@@ -299,28 +311,6 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         "stats": stats,
     }
     return headline
-
-
-def _write_rows(rows: Iterator[dict], path: Path, chunk: int = 2048):
-    """Stream rows of int token lists into an Arrow file datasets memory-maps (bounded memory)."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
-    buf: list[dict] = []
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        def flush() -> None:
-            writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
-            buf.clear()
-
-        for row in rows:
-            buf.append(row)
-            if len(buf) >= chunk:
-                flush()
-        if buf:
-            flush()
-    return Dataset.from_file(str(path))
 
 
 def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
