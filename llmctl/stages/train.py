@@ -18,7 +18,9 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from llmctl import console as _console
 from llmctl.errors import ConfigError, Interrupted, LlmctlError
@@ -26,6 +28,23 @@ from llmctl.rundir import RunDir, atomic_dir, atomic_write_json
 
 META = "llmctl.json"  # written into each checkpoint: what it continues
 STEP_RE = re.compile(r"^step-(\d{6,})$")
+
+
+# --------------------------------------------------------------------------- hooks
+@dataclass
+class Hooks:
+    """What a variant of training (`llmctl distill`) changes; the defaults are plain `llmctl train`.
+
+    Everything else (checkpoints, resume, signals, budget, metrics, torchrun, the final save
+    into RUN/train) stays the one machinery below.
+    """
+
+    name: str = "train"  # the command, for messages
+    build_model: Callable[[Any, Any], Any] | None = None  # (cfg, tokenizer) -> model; None: model section
+    trainer_class: Any = None  # a transformers.Trainer subclass (e.g. its own compute_loss); None: Trainer
+    trainer_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for trainer_class
+    identity: str | None = None  # hash of inputs outside the run dir (a teacher): part of up-to-date and resume checks
+    manifest: dict = field(default_factory=dict)  # extra keys for RUN/train/manifest.json (their lineage)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -61,9 +80,9 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _resume_fingerprint(cfg, rd: RunDir) -> dict:
+def _resume_fingerprint(cfg, rd: RunDir, hooks: Hooks | None = None) -> dict:
     """What a checkpoint must share with the current run to be continued safely."""
-    return {
+    fp = {
         "model": cfg.section_hash("model"),
         "data": (rd.manifest("prepare") or {}).get("id"),
         "micro_batch_size": cfg.train.micro_batch_size,
@@ -71,6 +90,9 @@ def _resume_fingerprint(cfg, rd: RunDir) -> dict:
         "world_size": _world(),
         "seed": cfg.run.seed,
     }
+    if hooks is not None and hooks.identity is not None:
+        fp["distill"] = hooks.identity  # only when set: plain train checkpoints keep their fingerprint
+    return fp
 
 
 def _launch_torchrun(nproc: int) -> dict:
@@ -129,20 +151,21 @@ class Collator:
 
 
 # --------------------------------------------------------------------------- the stage
-def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) -> dict:
+def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None, **_) -> dict:
+    hooks = hooks or Hooks()
     con = _console.current()
     nproc = nproc or cfg.train.nproc
     under_torchrun = "LOCAL_RANK" in os.environ
     is_main = _rank() == 0
     rd.require("prepare", cfg)
     if nproc > 1 and not under_torchrun:
-        if not force and rd.up_to_date("train", cfg):
-            con.info(f"train: up to date in {rd.stage_dir('train')} (use --force to redo)")
+        if not force and rd.up_to_date("train", cfg, extra_hash=hooks.identity):
+            con.info(f"{hooks.name}: up to date in {rd.stage_dir('train')} (use --force to redo)")
             return {**rd.manifest("train")["headline"], "cached": True}
         _launch_torchrun(nproc)
         return rd.manifest("train")["headline"]
-    if not force and rd.up_to_date("train", cfg):
-        con.info(f"train: up to date in {rd.stage_dir('train')} (use --force to redo)")
+    if not force and rd.up_to_date("train", cfg, extra_hash=hooks.identity):
+        con.info(f"{hooks.name}: up to date in {rd.stage_dir('train')} (use --force to redo)")
         return {**rd.manifest("train")["headline"], "cached": True}
     max_time = parse_duration(cfg.train.max_time)
 
@@ -163,25 +186,28 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
         PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
         dist.barrier()  # ranks > 0 wait for rank 0's clean-up
 
-    resume = _pick_resume(cfg, rd, con)
-    ctx = rd.begin("train", cfg, inputs=["prepare"]) if is_main else nullcontext()
+    resume = _pick_resume(cfg, rd, con, hooks)
+    ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
     with ctx as st:
-        result = _train(cfg, rd, st, resume, max_time, con, is_main)
+        if st is not None and hooks.manifest:
+            st.manifest.update(hooks.manifest)
+            st.save()
+        result = _train(cfg, rd, st, resume, max_time, con, is_main, hooks)
         if st is not None:
             st.headline.update(result)
     return result
 
 
-def _pick_resume(cfg, rd: RunDir, con) -> Path | None:
+def _pick_resume(cfg, rd: RunDir, con, hooks: Hooks | None = None) -> Path | None:
     ckpts = complete_checkpoints(rd)
     if not ckpts:
         return None
     last = ckpts[-1]
     meta = json.loads((last / META).read_text())
-    want = _resume_fingerprint(cfg, rd)
+    want = _resume_fingerprint(cfg, rd, hooks)
     diffs = [k for k in want if meta.get("fingerprint", {}).get(k) != want[k]]
     if diffs:
-        what = ", ".join(f"{k} ({meta.get('fingerprint', {}).get(k)} -> {want[k]})" if k != "model" and k != "data" else k for k in diffs)
+        what = ", ".join(f"{k} ({meta.get('fingerprint', {}).get(k)} -> {want[k]})" if k not in ("model", "data", "distill") else k for k in diffs)
         raise ConfigError(
             f"{last} cannot be resumed safely: {what} changed since it was written. "
             f"Run with --force to start over (this deletes {rd.checkpoints_dir})"
@@ -190,7 +216,7 @@ def _pick_resume(cfg, rd: RunDir, con) -> Path | None:
     return last
 
 
-def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool) -> dict:
+def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool, hooks: Hooks | None = None) -> dict:
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -204,6 +230,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         pick_dtype,
     )
 
+    hooks = hooks or Hooks()
     t0 = time.time()
     tcfg = cfg.train
     device = pick_device(tcfg.device)
@@ -219,7 +246,9 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         val_ds = val_ds.select(range(min(len(val_ds), tcfg.eval_batches * tcfg.micro_batch_size * _world())))
 
     # ---- model
-    if cfg.model.name_or_path:
+    if hooks.build_model is not None:
+        model = hooks.build_model(cfg, tok)
+    elif cfg.model.name_or_path:
         if cfg.tokenizer.name_or_path is None:
             raise ConfigError(
                 "model.name_or_path is a pretrained model but prepare trained a new tokenizer: its token ids mean nothing "
@@ -281,7 +310,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
 
     # ---- callbacks
     stop = {"signal": None, "reason": "max_steps", "nan_step": None}
-    fingerprint = _resume_fingerprint(cfg, rd)
+    fingerprint = _resume_fingerprint(cfg, rd, hooks)
     metrics_f = open(rd.metrics_path, "a") if is_main else None
     progress = con.progress("train", total=None, unit="steps") if is_main else nullcontext()
 
@@ -369,7 +398,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             return control
 
     callback = LlmctlCallback()
-    trainer = Trainer(
+    trainer = (hooks.trainer_class or Trainer)(
+        **hooks.trainer_kwargs,
         model=model,
         args=args,
         train_dataset=train_ds,
