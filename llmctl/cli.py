@@ -39,6 +39,7 @@ MODULES = {
     "generate": "generate",
     "export": "export",
     "serve": "serve",
+    "explain": "explain",
 }
 
 # Shared options ---------------------------------------------------------------------
@@ -162,6 +163,23 @@ def generate(
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
     _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file)
+
+
+@app.command()
+def explain(
+    config: str = ConfigArg,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt to explain."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Explain this continuation instead of the greedy next token."),
+    top_k: int = typer.Option(5, "--top-k", help="Next-token alternatives to list."),
+    attention: bool = typer.Option(False, "--attention", help="Also report attention weights (switches to the eager attention kernel)."),
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Explain this model (hub id or dir) instead of RUN/train/model."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Which prompt tokens the next token depends on: saliency, logprobs, attention; heatmap + RUN/explain/explain.html."""
+    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention)
 
 
 @app.command()

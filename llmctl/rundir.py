@@ -189,6 +189,14 @@ class RunDir:
     def outputs_path(self) -> Path:
         return self.root / "generate" / "outputs.jsonl"
 
+    @property
+    def explain_json_path(self) -> Path:
+        return self.stage_dir("explain") / "explain.json"
+
+    @property
+    def explain_html_path(self) -> Path:
+        return self.stage_dir("explain") / "explain.html"
+
     def export_dir(self, fmt: str) -> Path:
         return self.root / "export" / fmt
 
