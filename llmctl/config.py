@@ -174,7 +174,7 @@ class EvalConfig(Section):
     model: str | None = Field(None, description="Model to evaluate (hub id or dir); null uses the run's train/model.")
     split: Literal["validation", "test"] = Field("validation", description="Prepared split to evaluate on.")
     perplexity: bool = Field(True, description="Compute perplexity on held-out text.")
-    text_paths: list[str] = Field(default_factory=list, description="Text files to score instead of the prepared split.")
+    text_paths: list[str] = Field(default_factory=list, description="Files to score instead of the prepared split: each file is one document scored exactly as written (blank lines included; rolling windows); .jsonl/.json/.csv/.parquet: each record's `text`.")
     max_length: int | None = Field(None, ge=8, description="Window length for perplexity; null = data.block_size.")
     stride: int | None = Field(None, ge=1, description="Window stride; null = max_length (non-overlapping).")
     generation: bool = Field(True, description="Compute BLEU/chrF/TER/exact match on prompt/completion pairs when the run has them.")

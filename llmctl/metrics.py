@@ -25,22 +25,33 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 def sliding_nll(model, ids: list[int], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of `ids` given `prefix_id` before the first."""
+    return rolling_nll(model, [ids], prefix_id, max_length, stride, batch_size=batch_size, progress=progress)
+
+
+def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None) -> tuple[float, int]:
+    """Summed NLL (nats) and token count over documents, each scored on its own.
+
+    Every document starts from `prefix_id` (BOS) and is cut into windows as `windows` says;
+    no window spans two documents (lm-eval's loglikelihood_rolling, one request per
+    document). Windows of all documents are batched together.
+    """
     import torch
     import torch.nn.functional as F
 
     if stride > max_length:
         raise ValueError("stride must be <= max_length")
-    s = torch.tensor([prefix_id] + list(ids), dtype=torch.long)
-    wins = windows(len(ids), max_length, stride)
+    seqs = [torch.tensor([prefix_id] + list(ids), dtype=torch.long) for ids in docs]
+    wins = [(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), max_length, stride)]
     total, count = 0.0, 0
     device = model.device
     for i in range(0, len(wins), batch_size):
         chunk = wins[i : i + batch_size]
-        L = max(e - 1 - st for st, _, e in chunk)
+        L = max(e - 1 - st for _, st, _, e in chunk)
         inp = torch.zeros((len(chunk), L), dtype=torch.long)
         mask = torch.zeros((len(chunk), L), dtype=torch.long)
         tgt = torch.full((len(chunk), L), -100, dtype=torch.long)
-        for r, (st, b, e) in enumerate(chunk):
+        for r, (d, st, b, e) in enumerate(chunk):
+            s = seqs[d]
             n = e - 1 - st
             inp[r, :n] = s[st : e - 1]
             mask[r, :n] = 1

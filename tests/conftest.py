@@ -172,3 +172,59 @@ def run_cli(*args: str, cwd: Path | None = None, input: str | None = None, timeo
         timeout=timeout,
         env=e,
     )
+
+
+SOURCE_WITH_BLANKS = '''import os
+
+
+class Config:
+    """A config file reader."""
+
+    def __init__(self, path):
+        self.path = path
+
+        self.values = {}
+
+
+    def read(self):
+        with open(self.path) as f:
+            for line in f:
+
+                key, _, value = line.partition("=")
+                self.values[key.strip()] = value.strip()
+        return self.values
+'''
+
+
+def build_sharp_model(out_dir: Path, text: str, steps: int = 80, window: int = 24, seed: int = 0):
+    """A tiny llama trained on `text` until it predicts it sharply (loss far below ln V).
+
+    A random model's loss is ~ln V whatever the context, which hides windowing and text-handling
+    bugs in perplexity code; this one's loss depends on every token it sees. Returns out_dir.
+    """
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = train_tiny_tokenizer([text], out_dir, vocab_size=300)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    s = [tok.bos_token_id] + ids
+    starts = list(range(0, max(1, len(s) - window), max(1, window // 3)))
+    batch = torch.tensor([s[i : i + window + 1] + [tok.pad_token_id] * (window + 1 - len(s[i : i + window + 1])) for i in starts])
+    labels = batch.clone()
+    labels[batch == tok.pad_token_id] = -100
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
+    return out_dir

@@ -11,13 +11,12 @@ import pytest
 
 from conftest import run_cli
 from llmctl.config import load_config
+from llmctl.modeling import load_for_inference
 from llmctl.metrics import sliding_nll, text_metrics, windows
 from llmctl.stages import evaluate
 
 
 def _model(rd):
-    from llmctl.modeling import load_for_inference
-
     return load_for_inference(str(rd.model_dir))
 
 
@@ -49,22 +48,67 @@ def test_perplexity_matches_token_by_token_computation(trained_run):
     assert count2 == count and nll2 != pytest.approx(nll, rel=1e-6)
 
 
-def test_perplexity_agrees_with_lm_eval(trained_run):
-    lm_eval = pytest.importorskip("lm_eval")
+def _lm_eval_rolling(model_dir, text: str, L: int) -> float:
+    pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    _, cfg, rd = trained_run
-    model, tok = _model(rd)
-    text = " ".join(["seven wizards quietly judge boxing matches near old bridges"] * 8)
-    L = 32
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    ours, _ = sliding_nll(model, ids, tok.bos_token_id, L, stride=L)
-    lm = HFLM(pretrained=str(rd.model_dir), backend="causal", dtype="float32", max_length=L, device="cpu", add_bos_token=False)
+    lm = HFLM(pretrained=str(model_dir), backend="causal", dtype="float32", max_length=L, device="cpu", add_bos_token=False)
     req = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
-    theirs = -lm.loglikelihood_rolling([req])[0]
-    assert abs(ours - theirs) / theirs < 0.005, (ours, theirs)
-    assert lm_eval  # imported
+    return -lm.loglikelihood_rolling([req])[0]
+
+
+def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
+    """`eval.text_paths` on source with blank lines and indentation = lm-eval, on a sharp model."""
+    from transformers import AutoTokenizer
+
+    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+
+    path, _ = tiny_cfg
+    text = SOURCE_WITH_BLANKS
+    f = tmp_path / "config_reader.py"
+    f.write_text(text)
+    mdir = build_sharp_model(tmp_path / "sharp", text)
+    tok = AutoTokenizer.from_pretrained(mdir)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    L = 32
+    assert n > 3 * L  # several rolling windows
+    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{f}]", "--set", f"eval.max_length={L}",
+                "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["perplexity"]
+    ours = res["mean_loss"] * res["tokens"]
+    theirs = _lm_eval_rolling(mdir, text, L)
+    assert res["tokens"] == n and res["bytes"] == len(text.encode())
+    assert res["mean_loss"] < 0.3 * math.log(len(tok))  # sharp: context decides every token
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    # The comparison can fail: the text split into paragraphs and re-joined with EOS (the old
+    # reading), or one window over the whole file, each give a clearly different number.
+    model, _ = load_for_inference(str(mdir))
+    paras = [p for p in text.split("\n\n") if p.strip()]
+    joined = [t for p in paras for t in tok(p.strip("\n"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    old, _ = sliding_nll(model, joined, tok.bos_token_id, L, stride=L)
+    assert abs(old - theirs) / theirs > 0.05
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    whole, _ = sliding_nll(model, ids, tok.bos_token_id, 128, stride=128)
+    assert abs(whole - theirs) / theirs > 0.05
+
+
+def test_each_file_is_its_own_document(tmp_path, tiny_cfg):
+    """Two files score as two lm-eval requests (each from BOS), not one stream."""
+    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+
+    path, _ = tiny_cfg
+    a, b = SOURCE_WITH_BLANKS, SOURCE_WITH_BLANKS.replace("Config", "Settings")
+    (tmp_path / "a.py").write_text(a)
+    (tmp_path / "b.txt").write_text(b)
+    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
+    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
+                "--set", "eval.max_length=32", "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["perplexity"]
+    theirs = _lm_eval_rolling(mdir, a, 32) + _lm_eval_rolling(mdir, b, 32)
+    assert res["mean_loss"] * res["tokens"] == pytest.approx(theirs, rel=1e-4)
 
 
 def test_bleu_equals_sacrebleu_cli(tmp_path):

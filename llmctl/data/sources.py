@@ -37,8 +37,12 @@ class Counters:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-def expand_paths(patterns: list[str], key: str = "data.paths") -> list[Path]:
-    """Files, globs and directories -> a sorted, de-duplicated list of supported files."""
+def expand_paths(patterns: list[str], key: str = "data.paths", any_suffix: bool = False) -> list[Path]:
+    """Files, globs and directories -> a sorted, de-duplicated list of supported files.
+
+    With `any_suffix`, files named explicitly or by a glob may have any suffix (read as
+    plain text); directories still contribute only supported files.
+    """
     out: list[Path] = []
     for pat in patterns:
         p = Path(os.path.expanduser(pat))
@@ -57,7 +61,7 @@ def expand_paths(patterns: list[str], key: str = "data.paths") -> list[Path]:
         else:
             raise DataError(f"{key}: '{pat}' not found (check the path; it is relative to the working directory)")
     for f in out:
-        if f.suffix.lower() not in SUPPORTED:
+        if f.suffix.lower() not in SUPPORTED and not any_suffix:
             raise DataError(f"{f}: unsupported file type '{f.suffix}': use one of {', '.join(SUPPORTED)}")
     seen, uniq = set(), []
     for f in out:
@@ -164,6 +168,23 @@ def read_file(path: Path, txt_unit: str, on_error: str, counters: Counters) -> I
             for rec in batch.to_pylist():
                 row += 1
                 yield rec, f"{path}[row {row}]"
+
+
+def read_documents(path: Path) -> Iterator[tuple[str, str]]:
+    """(text, where) per document of a file, each exactly as written.
+
+    Structured files (.jsonl, .json, .csv, .parquet) give one document per record's `text`
+    field; any other file is one document: its whole text, blank lines and all.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        for rec, where in read_file(path, "file", "error", Counters()):
+            text = rec.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{where}: no 'text' field to score")
+            yield text, where
+    else:
+        yield _decode(path.read_bytes(), path, "error", Counters()), str(path)
 
 
 def iter_files(files: list[Path], txt_unit: str, on_error: str, counters: Counters) -> Iterator[tuple[dict, str]]:

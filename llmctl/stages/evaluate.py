@@ -129,24 +129,28 @@ def _check_thresholds(t, head: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- perplexity
-def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[int] | None, list[dict] | None, str, int]:
-    """(token stream, or masked rows), source description, byte count."""
+def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dict] | None, str, int]:
+    """(documents as token lists, or masked rows), source description, byte count.
+
+    `eval.text_paths`: each file (each record of a structured file) is one document, scored
+    exactly as written; the prepared text split is one stream (documents already joined by EOS).
+    """
     e = cfg.eval
     if e.text_paths:
-        from llmctl.data.sources import Counters, expand_paths, iter_files
+        from llmctl.data.sources import expand_paths, read_documents
 
-        files = expand_paths(e.text_paths, key="eval.text_paths")
-        ids: list[int] = []
+        files = expand_paths(e.text_paths, key="eval.text_paths", any_suffix=True)
+        docs: list[list[int]] = []
         n_bytes = 0
-        for rec, where in iter_files(files, cfg.data.txt_unit, "error", Counters()):
-            text = rec.get("text")
-            if not isinstance(text, str):
-                raise DataError(f"{where}: no 'text' field to score")
-            ids += tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            n_bytes += len(text.encode("utf-8"))
-        if not ids:
+        for f in files:
+            for text, _where in read_documents(f):
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                if ids:
+                    docs.append(ids)
+                    n_bytes += len(text.encode("utf-8"))
+        if not docs:
             raise DataError(f"eval.text_paths: no text to score in {', '.join(e.text_paths)}")
-        return ids, None, ",".join(str(f) for f in files), n_bytes
+        return docs, None, ",".join(str(f) for f in files), n_bytes
     from datasets import load_from_disk
 
     ds = load_from_disk(str(rd.dataset_dir))
@@ -156,7 +160,7 @@ def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[int] | None, list[dict] | N
     if cfg.data.format == "text":
         ids = [t for row in split["input_ids"] for t in row]
         n_bytes = len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
-        return ids, None, f"{rd.dataset_dir}[{e.split}]", n_bytes
+        return [ids], None, f"{rd.dataset_dir}[{e.split}]", n_bytes
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in split]
     scored = [t for r in rows for t in r["labels"] if t != -100]
     n_bytes = len(tok.decode(scored, skip_special_tokens=True).encode("utf-8"))
@@ -164,10 +168,10 @@ def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[int] | None, list[dict] | N
 
 
 def _perplexity(cfg, rd: RunDir, model, tok, con) -> dict:
-    from llmctl.metrics import masked_nll, perplexity_summary, sliding_nll, unigram_nll, windows
+    from llmctl.metrics import masked_nll, perplexity_summary, rolling_nll, unigram_nll, windows
 
     e = cfg.eval
-    ids, rows, source, n_bytes = _eval_stream(cfg, rd, tok)
+    docs, rows, source, n_bytes = _eval_stream(cfg, rd, tok)
     L = e.max_length or cfg.data.block_size
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and L > limit:
@@ -178,19 +182,20 @@ def _perplexity(cfg, rd: RunDir, model, tok, con) -> dict:
 
         raise ConfigError(f"eval.stride ({stride}) is larger than the window eval.max_length ({L})")
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if ids is not None:
-        n_win = len(windows(len(ids), L, stride))
+    if docs is not None:
+        n_win = sum(len(windows(len(d), L, stride)) for d in docs)
         with con.progress("perplexity", total=n_win, unit="windows") as prog:
-            nll, count = sliding_nll(model, ids, prefix, L, stride, batch_size=e.batch_size, progress=prog)
+            nll, count = rolling_nll(model, docs, prefix, L, stride, batch_size=e.batch_size, progress=prog)
     else:
         nll, count = masked_nll(model, rows, tok.pad_token_id, batch_size=e.batch_size)
     out = {"source": source, "max_length": L, "stride": stride, "prefix_token_id": prefix, **perplexity_summary(nll, count, n_bytes)}
-    if e.baselines and ids is not None and not e.text_paths and rd.dataset_dir.is_dir():
+    if e.baselines and docs is not None and not e.text_paths and rd.dataset_dir.is_dir():
         from datasets import load_from_disk
 
         train_rows = load_from_disk(str(rd.dataset_dir))["train"]["input_ids"]
         import math
 
+        ids = [t for d in docs for t in d]
         base = unigram_nll(train_rows, ids, len(tok))
         out["unigram_perplexity"] = round(math.exp(base / len(ids)), 4)
     con.info(f"perplexity {out['perplexity']:.3f} over {count} tokens (bits/byte {out['bits_per_byte']:.4f})")
