@@ -212,8 +212,14 @@ class ExportConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype of the hf export.")
     max_shard_size: str = Field("2GB", description="Shard model.safetensors above this size.")
     onnx_opset: int = Field(17, ge=14, le=20, description="ONNX opset (TorchScript exporter).")
-    gguf_types: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"], description="GGUF tensor types to write.")
-    verify: bool = Field(True, description="Reload each export and compare logits with the trained model.")
+    gguf_types: list[Literal["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]] = Field(
+        default_factory=lambda: ["f16", "q8_0"],
+        description="GGUF tensor types to write (one file each). Quantized types keep 1-D tensors at f32 and matrices whose rows are not a multiple of 32 at f16, as llama.cpp does.",
+    )
+    verify: bool = Field(
+        True,
+        description="Reload each export and compare logits (and the GGUF's embedded tokenizer) with the trained model; false skips this and the manifest says `verified: false`.",
+    )
 
 
 # --------------------------------------------------------------------------- serve

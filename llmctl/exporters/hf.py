@@ -11,13 +11,17 @@ TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1.5e-1}
 
 
 def write(model, tok, out: Path, cfg, card: str) -> dict:
+    """Save a cast copy: `model` is shared with the other formats and must keep its float32 weights."""
+    import copy
+
     import torch
 
     dtype = getattr(torch, cfg.export.dtype)
-    model = model.to(dtype)
-    model.config.dtype = cfg.export.dtype
-    model.save_pretrained(out, max_shard_size=cfg.export.max_shard_size)
-    model.to(torch.float32)
+    # nn.Module.to casts in place: casting the shared model and back would leave it rounded
+    saved = model if model.dtype == dtype else copy.deepcopy(model).to(dtype)
+    saved.config.dtype = cfg.export.dtype
+    saved.save_pretrained(out, max_shard_size=cfg.export.max_shard_size)
+    del saved
     tok.save_pretrained(out)
     _compat_tokenizer_config(out)
     if model.generation_config is not None:

@@ -118,6 +118,13 @@ def _check_lora(cfg, rd: RunDir, model, ids, mask) -> float | None:
     return max_diff(reference_logits(adapted, ids, mask), reference_logits(model, ids, mask), mask)
 
 
+def _check_line(v: dict) -> str:
+    if "probes" in v:
+        line = f"{v['probes'] - v['mismatched']}/{v['probes']} probe texts tokenized as the trained tokenizer does"
+        return line + (f" (first difference: {v['first_mismatch']!r})" if v["mismatched"] else "")
+    return f"max |logit diff| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})"
+
+
 def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = None, **_) -> dict:
     con = _console.current()
     fmts = _formats(cfg, formats)
@@ -130,8 +137,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
     from llmctl.exporters import common, gguf as gguf_x, hf as hf_x, onnx as onnx_x
 
     model, tok = _load_trained(cfg, rd)
-    if "gguf" in fmts:
-        gguf_x.check_supported(model)  # fail before any work
+    pre = gguf_x.check_supported(model, tok) if "gguf" in fmts else None  # fail before any work
+    check = cfg.export.verify
     ids, mask = common.verify_batch(tok)
     ref = common.reference_logits(model, ids, mask)
     inputs = ["train"] + (["eval"] if rd.manifest("eval") and rd.manifest("eval").get("status") == "complete" else [])
@@ -141,7 +148,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         verification: dict = {}
         timings: dict = {}
         try:
-            lora = _check_lora(cfg, rd, model, ids, mask)
+            lora = _check_lora(cfg, rd, model, ids, mask) if check else None
             if lora is not None:
                 verification["lora_merge"] = {"max_abs_diff": lora, "tolerance": 1e-4, "passed": lora <= 1e-4}
                 if lora > 1e-4:
@@ -151,23 +158,36 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                 out = build / fmt
                 out.mkdir()
                 con.step(f"exporting {fmt}")
+                checks: dict = {}
                 if fmt == "hf":
                     info = hf_x.write(model, tok, out, cfg, _model_card(cfg, rd, fmts))
-                    checks = {"": hf_x.verify(out, ref, ids, mask, cfg)}
+                    if check:
+                        checks[""] = (*hf_x.verify(out, ref, ids, mask, cfg), {})
                 elif fmt == "onnx":
                     info = onnx_x.write(model, tok, out, cfg)
-                    checks = {"": onnx_x.verify(out, ref, ids, mask, cfg)}
+                    if check:
+                        checks[""] = (*onnx_x.verify(out, ref, ids, mask, cfg), {})
                 else:
-                    info, checks = {"types": list(cfg.export.gguf_types)}, {}
+                    info = {"types": list(cfg.export.gguf_types), "tokenizer_pre": pre, "kept_higher_precision": {}}
                     for q in cfg.export.gguf_types:
-                        p = gguf_x.write(model, tok, out, q, cfg.run.name)
-                        checks[q] = gguf_x.verify(p, ref, ids, mask, q)
-                for sub, (diff, tol) in checks.items():
+                        p = gguf_x.write(model, tok, out, q, cfg.run.name, pre=pre)
+                        info["kept_higher_precision"][q] = kept = gguf_x.kept_higher_precision(p, q)
+                        if kept:
+                            con.info(f"  gguf:{q}: {len(kept)} tensors kept at higher precision (rows not a multiple of 32): {', '.join(sorted(kept))}")
+                        if check:
+                            checks[q] = gguf_x.verify(p, ref, ids, mask, q, tok, model)
+                for sub, (diff, tol, extra) in checks.items():
                     key = f"{fmt}:{sub}" if sub else fmt
-                    verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": diff <= tol}
+                    passed = diff <= tol and all(v["passed"] for v in extra.values())
+                    verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": passed, **extra}
                     con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+                    for name, v in extra.items():
+                        con.info(f"  {key}: {name}: {_check_line(v)}")
                     if not diff <= tol:
                         raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
+                    for name, v in extra.items():
+                        if not v["passed"]:
+                            raise LlmctlError(f"export {key} failed verification: {name}: {_check_line(v)}; nothing was exported")
                 timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
             files = {}
             for fmt in fmts:
@@ -180,12 +200,16 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         st.manifest["formats"] = fmts
         st.manifest["files"] = files
         st.manifest["verification"] = verification
+        st.manifest["verified"] = check
+        if not check:
+            con.warn("export: export.verify is false: nothing was reloaded or compared with the trained model")
         st.manifest["formats_info"] = timings
         head = {"formats": ",".join(fmts)}
         for fmt in fmts:
             size = sum(v["size"] for k, v in files.items() if k.startswith(fmt + "/"))
             head[f"{fmt}_mb"] = round(size / 1e6, 3)
             head[f"{fmt}_s"] = timings[fmt]["seconds"]
+        head["verified"] = check
         head["max_abs_diff"] = {k: float(f"{v['max_abs_diff']:.3g}") for k, v in verification.items()}
         st.headline.update(head)
     return {**head, "dir": str(rd.stage_dir("export"))}
