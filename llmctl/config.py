@@ -282,6 +282,97 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "export": ("export",),
 }
 
+# Keys inside those sections that never change a stage's output: logging, evaluation and
+# checkpoint cadence, budgets, workers, process count. Changing them never makes a stage stale,
+# and a resumed run may change them.
+BOOKKEEPING_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data.num_proc",),
+    "train": (
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.save_every",
+        "train.keep_last",
+        "train.keep_best",
+        "train.max_time",
+        "train.tensorboard",
+        "train.nproc",
+        "train.num_workers",
+        "train.gradient_checkpointing",
+    ),
+    "eval": ("eval.thresholds",),  # checked again on every run, even a cached one
+}
+
+
+def stage_kind(stage: str) -> str:
+    """'eval-<model>' (an evaluation of another model) is an eval; every other stage is itself."""
+    base = stage.split("-", 1)[0]
+    return base if base in STAGE_SECTIONS and base != stage else stage
+
+
+def _leaves(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _leaves(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def stage_values(cfg: "Config", stage: str) -> dict[str, Any]:
+    """The config keys (dotted) that a stage's output depends on, with their values."""
+    kind = stage_kind(stage)
+    dump = cfg.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for s in STAGE_SECTIONS.get(kind, ()):
+        _leaves(s, _get_path(dump, s), out)
+    skip = BOOKKEEPING_KEYS.get(kind, ())
+    return {k: v for k, v in out.items() if not any(k == b or k.startswith(b + ".") for b in skip)}
+
+
+def values_hash(values: dict[str, Any]) -> str:
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def _default_values() -> dict[str, Any]:
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        _DEFAULTS = {}
+        _leaves("", Config().model_dump(mode="json"), _DEFAULTS)
+        _DEFAULTS = {k.lstrip("."): v for k, v in _DEFAULTS.items()}
+    return _DEFAULTS
+
+
+def value_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, recorded, current) for each key whose value differs.
+
+    A key the record lacks (added to the schema since) counts as changed only when its current
+    value is not the default: a new key at its default describes what the old code did.
+    """
+    missing = object()
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, missing), new.get(k, missing)
+        if a is missing:
+            if b == _default_values().get(k, missing):
+                continue
+            a = "(not set)"
+        if b is missing:
+            b = "(not set)"
+        if a != b:
+            out.append((k, a, b))
+    return out
+
+
+def show_value(v: Any) -> str:
+    """A value as it would be written in YAML or after --set."""
+    if isinstance(v, str):
+        return v
+    return json.dumps(v)
+
 
 # --------------------------------------------------------------------------- loading
 def _get_path(d: Any, dotted: str) -> Any:

@@ -67,6 +67,8 @@ class Console:
             self.err.print(f"[bold]>[/bold] {msg}" if self.is_tty else f"> {msg}", markup=self.is_tty)
 
     def warn(self, msg: str) -> None:
+        if self.quiet:
+            return
         self.err.print(f"[yellow]warning:[/yellow] {msg}" if self.is_tty else f"warning: {msg}", markup=self.is_tty)
 
     def error(self, msg: str) -> None:
@@ -129,7 +131,7 @@ class Progress:
     def __init__(self, console: Console, description: str, total: float | None, unit: str):
         self.c = console
         self.description = description
-        self.total = total
+        self._total = total
         self.unit = unit
         self.n = 0.0
         self.fields: dict[str, Any] = {}
@@ -138,6 +140,17 @@ class Progress:
         self.interval = float(os.environ.get("LLMCTL_LOG_INTERVAL", "10"))
         self._bar = None
         self._task = None
+
+    @property
+    def total(self) -> float | None:
+        return self._total
+
+    @total.setter
+    def total(self, value: float | None) -> None:
+        """Known only once work starts (train learns max_steps from the Trainer): the bar follows."""
+        self._total = value
+        if self._bar is not None:
+            self._bar.update(self._task, total=value)
 
     def __enter__(self) -> "Progress":
         self.t0 = time.time()

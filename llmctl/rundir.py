@@ -217,8 +217,6 @@ class RunDir:
 
     def _stale(self, stage: str, cfg: "Config") -> tuple[str, str] | None:
         """(the upstream-most stage to re-run, why) or None."""
-        from llmctl.config import STAGE_SECTIONS
-
         m = self.manifest(stage)
         if m is None:
             return stage, "missing"
@@ -233,10 +231,44 @@ class RunDir:
                 return deeper[0], f"its input {inp}/ is stale: {deeper[1]}"
             if cur.get("id") != rec.get("id"):
                 return stage, f"{inp}/ was re-run since it ran"
-        sections = STAGE_SECTIONS.get(stage, ())
-        if sections and m.get("config_hash") != cfg.section_hash(*sections):
-            return stage, f"config sections {', '.join(sections)} changed since it ran"
+        changes = self.config_changes(stage, cfg)
+        if changes:
+            from llmctl.config import show_value
+
+            what = "; ".join(f"{k}: {show_value(a)} -> {show_value(b)}" for k, a, b in changes)
+            return stage, f"config changed since it ran: {what}"
         return None
+
+    def config_changes(self, stage: str, cfg: "Config") -> list[tuple[str, Any, Any]]:
+        """(key, recorded, current) for each output-affecting key changed since `stage` ran.
+
+        Keys that never change a stage's output (logging, cadence, budgets, workers) are not
+        compared. Manifests written before per-key records fall back to the stage's config.yaml.
+        """
+        from llmctl.config import STAGE_SECTIONS, stage_kind, stage_values, value_changes
+
+        m = self.manifest(stage)
+        if m is None or not STAGE_SECTIONS.get(stage_kind(stage)):
+            return []
+        now = stage_values(cfg, stage)
+        recorded = m.get("config_values")
+        if recorded is None:
+            if m.get("config_hash") == cfg.section_hash(*STAGE_SECTIONS[stage_kind(stage)]):
+                return []
+            recorded = self._values_from_copy(stage)
+            if recorded is None:
+                return [("(" + ", ".join(STAGE_SECTIONS[stage_kind(stage)]) + ")", "(as recorded)", "(changed)")]
+        return value_changes(recorded, now)
+
+    def _values_from_copy(self, stage: str) -> dict | None:
+        from llmctl.config import load_config, stage_values
+        from llmctl.errors import ConfigError
+
+        copy = self.stage_dir(stage) / CONFIG_COPY
+        try:
+            return stage_values(load_config(copy), stage)
+        except (ConfigError, OSError):
+            return None
 
     def require(self, stage: str, cfg: "Config", config_path: str | None = None) -> dict:
         """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3)."""
@@ -252,8 +284,18 @@ class RunDir:
         if found:
             culprit, why = found
             force = " --force" if culprit == stage else ""
-            raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first")
+            raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first{self.keep_hint(stage, cfg)}")
         return m
+
+    def keep_hint(self, stage: str, cfg: "Config") -> str:
+        """', or keep it with --set k=v ...': the overrides that describe what `stage` was run with."""
+        from llmctl.config import show_value
+
+        changes = self.config_changes(stage, cfg)
+        sets = [f"--set {k}={show_value(a)}" for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
+        if not sets or len(sets) != len(changes):
+            return ""
+        return f", or keep it by passing the settings it was run with ({' '.join(sets)})"
 
     def up_to_date(self, stage: str, cfg: "Config", extra_hash: str | None = None) -> bool:
         m = self.manifest(stage)
@@ -277,7 +319,7 @@ class RunDir:
         Normal exit: complete. `Interrupted`/KeyboardInterrupt: interrupted. Anything else:
         failed (the exception propagates).
         """
-        from llmctl.config import STAGE_SECTIONS, config_to_yaml
+        from llmctl.config import STAGE_SECTIONS, config_to_yaml, stage_kind, stage_values, values_hash
 
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
@@ -293,15 +335,18 @@ class RunDir:
             for inp in inputs:
                 im = self.manifest(inp) or {}
                 lineage[inp] = {k: im.get(k) for k in ("id", "stage", "config_hash", "finished_at", "headline")}
-            sections = STAGE_SECTIONS.get(stage, ())
+            sections = STAGE_SECTIONS.get(stage_kind(stage), ())
+            values = stage_values(cfg, stage) if sections else {}
             manifest = {
                 "stage": stage,
                 "id": uuid.uuid4().hex,
                 "status": "running",
                 "started_at": now_iso(),
                 "finished_at": None,
-                "config_hash": cfg.section_hash(*sections) if sections else None,
+                "config_hash": values_hash(values) if sections else None,
                 "config_sections": list(sections),
+                "config_values": values,
+                "pid": os.getpid(),
                 "extra_hash": extra_hash,
                 "config_file": cfg.source,
                 "lineage": lineage,
@@ -328,6 +373,19 @@ class RunDir:
             fcntl.flock(lock_f.fileno(), fcntl.LOCK_UN)
             lock_f.close()
 
+    def is_locked(self, stage: str) -> bool:
+        """Whether a live process holds the stage's lock (a lock dies with its process)."""
+        p = self.stage_dir(stage) / LOCK
+        if not p.is_file():
+            return False
+        with open(p, "r") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return False
+
     def status(self, cfg: "Config | None" = None) -> list[dict]:
         rows = []
         for stage in STAGE_ORDER:
@@ -343,6 +401,10 @@ class RunDir:
                 "seconds": m.get("seconds"),
                 "headline": m.get("headline", {}),
             }
+            if m.get("status") == "running" and not self.is_locked(stage):
+                # The process that marked it running is gone (SIGKILL, power loss): nobody holds the lock.
+                row["status"] = "interrupted"
+                row["why"] = "its process is gone; re-run the stage to resume or redo it"
             if cfg is not None and m.get("status") == "complete":
                 why = self.staleness(stage, cfg)
                 if why:

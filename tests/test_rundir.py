@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import tiny_config_dict, write_config
+from conftest import REPO, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.errors import Interrupted, LockedError, StageInputError
 from llmctl.rundir import RunDir, atomic_dir, atomic_write_json
@@ -27,7 +30,8 @@ def test_begin_writes_manifest_and_config(cfg, tmp_path):
         st.headline["tokens"] = 10
     m = rd.manifest("prepare")
     assert m["status"] == "complete" and m["headline"] == {"tokens": 10}
-    assert m["config_hash"] == cfg.section_hash("data", "tokenizer", "run.seed")
+    assert m["config_values"]["data.block_size"] == 32 and "data.num_proc" not in m["config_values"]
+    assert m["pid"] > 0
     assert m["versions"]["python"] and m["finished_at"] and m["seconds"] >= 0
     assert (rd.stage_dir("prepare") / "config.yaml").read_text().startswith("run:")
 
@@ -139,3 +143,65 @@ def test_status_rows(cfg, tmp_path):
     rows = {r["stage"]: r for r in rd.status(load_config(tmp_path / "c.yaml", ["data.block_size=16"]))}
     assert rows["prepare"]["status"] == "stale"
     json.dumps(rows)
+
+
+def test_only_output_keys_make_a_stage_stale_and_each_change_is_named(cfg, tmp_path):
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", cfg):
+        pass
+    short = load_config(tmp_path / "c.yaml", ["train.max_steps=60"])
+    with rd.begin("train", short, inputs=["prepare"]):
+        pass
+    # Bookkeeping never makes train stale: logging, cadence, budgets, workers, tensorboard, nproc.
+    book = ["train.log_every=7", "train.eval_every=9", "train.save_every=11", "train.keep_last=5", "train.max_time=10m",
+            "train.num_workers=2", "train.tensorboard=true", "train.nproc=2", "train.eval_batches=3", "train.max_steps=60"]
+    assert rd.staleness("train", load_config(tmp_path / "c.yaml", book)) is None
+    # The config says 4 steps, the run was trained for 60: each key, old -> new, and what to run.
+    with pytest.raises(StageInputError) as e:
+        rd.require("train", load_config(tmp_path / "c.yaml", ["train.lr=1e-5"]))
+    msg = str(e.value)
+    assert "train.max_steps: 60 -> 4" in msg and "train.lr: 0.0003 -> 1e-05" in msg, msg
+    assert "config sections" not in msg and "llmctl train" in msg and "--force" in msg
+    assert "--set train.lr=0.0003 --set train.max_steps=60" in msg
+
+
+def test_a_key_added_to_the_schema_at_its_default_changes_nothing(cfg, tmp_path):
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", cfg):
+        pass
+    m = rd.manifest("prepare")
+    del m["config_values"]["data.txt_unit"]  # as written by a version without that key
+    atomic_write_json(rd.manifest_path("prepare"), m)
+    assert rd.staleness("prepare", cfg) is None
+    assert "data.txt_unit: (not set) -> line" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.txt_unit=line"]))
+
+
+def test_manifest_without_per_key_record_is_diffed_against_its_config_copy(cfg, tmp_path):
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", cfg):
+        pass
+    m = rd.manifest("prepare")
+    del m["config_values"]
+    m["config_hash"] = cfg.section_hash("data", "tokenizer", "run.seed")  # the old whole-section hash
+    atomic_write_json(rd.manifest_path("prepare"), m)
+    assert rd.staleness("prepare", cfg) is None
+    assert "data.block_size: 32 -> 16" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.block_size=16"]))
+
+
+def test_status_shows_a_dead_lock_holder_as_interrupted(cfg, tmp_path):
+    rd = RunDir(tmp_path / "run")
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from llmctl.config import load_config; from llmctl.rundir import RunDir\n"
+        "cfg = load_config(sys.argv[2]); rd = RunDir(sys.argv[3])\n"
+        "with rd.begin('prepare', cfg):\n    os.kill(os.getpid(), 9)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(REPO), str(tmp_path / "c.yaml"), str(rd.root)])
+    assert r.returncode == -9
+    assert rd.manifest("prepare")["status"] == "running"
+    row = {r["stage"]: r for r in rd.status(cfg)}["prepare"]
+    assert row["status"] == "interrupted" and "gone" in row["why"]
+    # While a live process holds the lock it is running.
+    lock = rd.stage_dir("prepare") / ".lock"
+    with open(lock, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        assert {r["stage"]: r for r in rd.status(cfg)}["prepare"]["status"] == "running"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import REPO, build_prepared_run, run_cli, tiny_config_dict, write_config
 from llmctl.config import load_config
-from llmctl.rundir import RunDir
+from llmctl.rundir import RunDir, atomic_write_json
 from llmctl.stages import train
 
 
@@ -76,7 +77,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     # A change that makes resuming unsafe is refused with the fix.
     (rdb.stage_dir("train") / "manifest.json").unlink()
     r = run_cli("train", str(pb), "--set", "model.hidden_size=64")
-    assert r.returncode == 2 and "cannot be resumed safely: model" in r.stderr and "--force" in r.stderr
+    assert r.returncode == 2 and "cannot be resumed safely" in r.stderr and "model.hidden_size: 32 -> 64" in r.stderr and "--force" in r.stderr
 
 
 def test_partial_checkpoint_is_ignored(tmp_path):
@@ -196,3 +197,87 @@ def test_max_time_ends_cleanly(tmp_path):
     res = train.run(cfg, rd)
     assert res["stopped_by"] == "max_time" and 0 < res["steps"] < 100000
     assert rd.model_dir.is_dir() and train.complete_checkpoints(rd)
+
+
+def _snapshot(rd: RunDir) -> dict:
+    files = [rd.model_dir / "model.safetensors", rd.manifest_path("train"), rd.stage_dir("train") / "config.yaml", rd.metrics_path]
+    return {str(f): f.read_bytes() for f in files if f.is_file()} | {"checkpoints": [p.name for p in train.complete_checkpoints(rd)]}
+
+
+def test_finished_run_is_never_modified_by_a_rerun(tmp_path):
+    from llmctl.errors import ConfigError
+
+    path, cfg, rd = _setup(tmp_path)
+    train.run(cfg, rd)
+    before = _snapshot(rd)
+    # Bookkeeping only (logging, cadence, budget): up to date, nothing touched.
+    res = train.run(load_config(path, ["train.log_every=3", "train.save_every=1", "train.max_time=1h", "train.eval_every=1"]), rd)
+    assert res["cached"] is True and _snapshot(rd) == before
+    # A key that changes the result: refused with what changed and the fix; nothing touched.
+    with pytest.raises(ConfigError) as e:
+        train.run(load_config(path, ["train.lr=1e-5"]), rd)
+    msg = str(e.value)
+    assert "train.lr: 0.0003 -> 1e-05" in msg and "--force" in msg and "--set train.lr=0.0003" in msg, msg
+    assert _snapshot(rd) == before
+    with pytest.raises(ConfigError, match="train.max_steps: 4 -> 8"):
+        train.run(load_config(path, ["train.max_steps=8"]), rd)
+    assert _snapshot(rd) == before
+    # --force starts over and records what it did.
+    res = train.run(load_config(path, ["train.lr=1e-5"]), rd, force=True)
+    assert res["steps"] == 4 and rd.manifest("train")["config_values"]["train.lr"] == 1e-5
+    assert "lr: 1.0e-05" in (rd.stage_dir("train") / "config.yaml").read_text()
+
+
+def test_resume_refuses_a_changed_result_key_and_obeys_a_new_cadence(tmp_path):
+    from llmctl.errors import ConfigError
+
+    path, cfg, rd = _setup(tmp_path, train={"max_steps": 6, "save_every": 2, "eval_every": 100, "keep_last": 10})
+    train.run(cfg, rd)
+    # As if killed right after step 2's checkpoint.
+    shutil.rmtree(rd.model_dir)
+    for p in train.complete_checkpoints(rd)[1:]:
+        shutil.rmtree(p)
+    m = rd.manifest("train")
+    m["status"] = "interrupted"
+    atomic_write_json(rd.manifest_path("train"), m)
+    before = _snapshot(rd)
+    # The Trainer would restore the old optimizer and schedule and ignore a new lr: refuse.
+    with pytest.raises(ConfigError) as e:
+        train.run(load_config(path, ["train.lr=1e-5"]), rd)
+    msg = str(e.value)
+    assert "cannot be resumed" in msg and "train.lr: 0.0003 -> 1e-05" in msg and "--force" in msg and "--set train.lr=0.0003" in msg
+    assert _snapshot(rd) == before
+    # Checkpoint cadence never changes the result: resume, and follow the new cadence.
+    res = train.run(load_config(path, ["train.save_every=3"]), rd)
+    assert res["steps"] == 6 and rd.manifest("train")["status"] == "complete"
+    assert [p.name for p in train.complete_checkpoints(rd)] == ["step-000002", "step-000003", "step-000006"]
+
+
+def test_force_takes_the_lock_before_deleting(tmp_path):
+    import fcntl
+
+    from llmctl.errors import LockedError
+
+    path, cfg, rd = _setup(tmp_path)
+    train.run(cfg, rd)
+    before = _snapshot(rd)
+    with open(rd.stage_dir("train") / ".lock", "a+") as f:  # a running job holds the lock
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(LockedError):
+            train.run(cfg, rd, force=True)
+    assert _snapshot(rd) == before
+
+
+def test_nan_is_caught_on_the_step_it_happens_not_the_next_log_step(tmp_path):
+    import re
+
+    from llmctl.errors import LlmctlError
+
+    path, cfg, rd = _setup(tmp_path, train={"lr": 1e30, "max_grad_norm": None, "max_steps": 6, "scheduler": "constant",
+                                             "log_every": 100, "save_every": 1, "eval_every": 100, "keep_last": 10})
+    with pytest.raises(LlmctlError, match="NaN") as e:
+        train.run(cfg, rd)
+    nan_step = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    steps = [json.loads((p / train.META).read_text())["step"] for p in train.complete_checkpoints(rd)]
+    assert nan_step < 6 and all(s < nan_step for s in steps), (nan_step, steps)
+    assert rd.manifest("train")["status"] == "failed" and not rd.model_dir.exists()

@@ -158,61 +158,98 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
     under_torchrun = "LOCAL_RANK" in os.environ
     is_main = _rank() == 0
     rd.require("prepare", cfg)
-    if nproc > 1 and not under_torchrun:
-        if not force and rd.up_to_date("train", cfg, extra_hash=hooks.identity):
-            con.info(f"{hooks.name}: up to date in {rd.stage_dir('train')} (use --force to redo)")
-            return {**rd.manifest("train")["headline"], "cached": True}
-        _launch_torchrun(nproc)
-        return rd.manifest("train")["headline"]
     if not force and rd.up_to_date("train", cfg, extra_hash=hooks.identity):
         con.info(f"{hooks.name}: up to date in {rd.stage_dir('train')} (use --force to redo)")
         return {**rd.manifest("train")["headline"], "cached": True}
     max_time = parse_duration(cfg.train.max_time)
+    if not force:
+        # Refuse before anything is touched: the record must keep describing what is there.
+        _refuse_changed_finished_run(cfg, rd, hooks)
+        _pick_resume(cfg, rd, None, hooks)
+    if nproc > 1 and not under_torchrun:
+        _launch_torchrun(nproc)
+        return rd.manifest("train")["headline"]
 
-    if force and is_main:
-        for p in (rd.checkpoints_dir, rd.model_dir, rd.adapter_dir, rd.metrics_path):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    if _world() > 1:
-        # The same shared state TrainingArguments builds (gloo on CPU, nccl on GPU): creating it
-        # ourselves first would otherwise leave the Trainer thinking it runs alone.
-        import torch.distributed as dist
-        from accelerate import PartialState
-
-        from llmctl.modeling import pick_device
-
-        PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
-        dist.barrier()  # ranks > 0 wait for rank 0's clean-up
-
-    resume = _pick_resume(cfg, rd, con, hooks)
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
     with ctx as st:
         if st is not None and hooks.manifest:
             st.manifest.update(hooks.manifest)
             st.save()
+        # Under the lock: a second `--force` cannot wipe the checkpoints of a running job.
+        if force and is_main:
+            for p in (rd.checkpoints_dir, rd.model_dir, rd.adapter_dir, rd.metrics_path):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        if _world() > 1:
+            # The same shared state TrainingArguments builds (gloo on CPU, nccl on GPU): creating it
+            # ourselves first would otherwise leave the Trainer thinking it runs alone.
+            import torch.distributed as dist
+            from accelerate import PartialState
+
+            from llmctl.modeling import pick_device
+
+            PartialState(cpu=pick_device(cfg.train.device).type == "cpu")
+            dist.barrier()  # ranks > 0 wait for rank 0's clean-up
+
+        resume = _pick_resume(cfg, rd, con, hooks)
         result = _train(cfg, rd, st, resume, max_time, con, is_main, hooks)
         if st is not None:
             st.headline.update(result)
     return result
 
 
+def _refuse_changed_finished_run(cfg, rd: RunDir, hooks: Hooks) -> None:
+    """A complete train stage whose result-changing config differs is never continued or edited."""
+    m = rd.manifest("train")
+    if not m or m.get("status") != "complete":
+        return
+    why = rd.staleness("train", cfg)
+    if not why and m.get("extra_hash") != hooks.identity:
+        why = "its inputs outside the run (the teacher) changed since it ran"
+    if why:
+        cmd = f"llmctl {hooks.name} {cfg.source}" + (f" --run-dir {rd.root}" if rd.root != RunDir.for_config(cfg).root else "")
+        raise ConfigError(
+            f"{rd.stage_dir('train')} is complete and {why}. Training again would not continue it: "
+            f"run '{cmd} --force' to start over (deletes its checkpoints and model){rd.keep_hint('train', cfg)}"
+        )
+
+
 def _pick_resume(cfg, rd: RunDir, con, hooks: Hooks | None = None) -> Path | None:
+    """The last complete checkpoint, if it continues this config; ConfigError if it cannot.
+
+    `con=None` only checks. A checkpoint continues the run only when every key that changes
+    the result is the same: the Trainer restores the optimizer and schedule from the checkpoint,
+    so a new lr (say) would be silently ignored while the record claimed it.
+    """
+    from llmctl.config import show_value, stage_values, value_changes
+
     ckpts = complete_checkpoints(rd)
     if not ckpts:
         return None
     last = ckpts[-1]
     meta = json.loads((last / META).read_text())
     want = _resume_fingerprint(cfg, rd, hooks)
-    diffs = [k for k in want if meta.get("fingerprint", {}).get(k) != want[k]]
+    have = meta.get("fingerprint", {})
+    recorded = meta.get("config_values")
+    keys = [k for k in want if not (recorded is not None and k in ("model", "seed", "micro_batch_size", "grad_accum"))]
+    named = {"data": "prepare/ (re-run since)", "distill": "the teacher"}
+    diffs = [f"{k} ({have.get(k)} -> {want[k]})" if k not in ("model", "data", "distill") else named.get(k, k) for k in keys if have.get(k) != want[k]]
+    sets = []
+    if recorded is not None:
+        for k, a, b in value_changes(recorded, stage_values(cfg, "train")):
+            diffs.append(f"{k}: {show_value(a)} -> {show_value(b)}")
+            if a != "(not set)":
+                sets.append(f"--set {k}={show_value(a)}")
     if diffs:
-        what = ", ".join(f"{k} ({meta.get('fingerprint', {}).get(k)} -> {want[k]})" if k not in ("model", "data", "distill") else k for k in diffs)
+        keep = f", or resume it as it was with {' '.join(sets)}" if sets and len(sets) == len(diffs) else ""
         raise ConfigError(
-            f"{last} cannot be resumed safely: {what} changed since it was written. "
-            f"Run with --force to start over (this deletes {rd.checkpoints_dir})"
+            f"{last} cannot be resumed safely: changed since it was written: {'; '.join(diffs)}. "
+            f"Run with --force to start over (this deletes {rd.checkpoints_dir}){keep}"
         )
-    con.info(f"resuming from {last} (step {meta['step']})")
+    if con is not None:
+        con.info(f"resuming from {last} (step {meta['step']})")
     return last
 
 
@@ -311,6 +348,9 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     # ---- callbacks
     stop = {"signal": None, "reason": "max_steps", "nan_step": None}
     fingerprint = _resume_fingerprint(cfg, rd, hooks)
+    from llmctl.config import stage_values
+
+    config_values = stage_values(cfg, "train")
     metrics_f = open(rd.metrics_path, "a") if is_main else None
     progress = con.progress("train", total=None, unit="steps") if is_main else nullcontext()
 
@@ -324,6 +364,9 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             self.val = {}
 
         def on_train_begin(self, args, state, control, **kw):
+            # A resumed Trainer takes the log/eval/save cadence from the checkpoint's state; the
+            # config may change them on resume (they never change the result), so apply ours.
+            state.compute_steps(args, state.max_steps)
             self.t_start = time.time()
             self.tokens_at_start = state.num_input_tokens_seen
             if is_main:
@@ -340,6 +383,12 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             return bool(t.item())
 
         def on_step_end(self, args, state, control, **kw):
+            # Every step, not only log steps: a checkpoint saved after a NaN must never exist.
+            if self._agree(not trainer.step_was_finite()):
+                stop["nan_step"] = state.global_step
+                control.should_save = False
+                control.should_training_stop = True
+                return control
             out_of_time = max_time is not None and time.time() - t0 >= max_time
             if self._agree(stop["signal"] is not None or out_of_time):
                 if stop["signal"] is None:
@@ -383,7 +432,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if is_main:
                 src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if src.is_dir():
-                    atomic_write_json(src / META, {"step": state.global_step, "fingerprint": fingerprint, "val_loss": self.val.get(state.global_step)})
+                    atomic_write_json(src / META, {"step": state.global_step, "fingerprint": fingerprint, "config_values": config_values, "val_loss": self.val.get(state.global_step)})
                     dst = rd.checkpoint_dir(state.global_step)
                     if dst.exists():
                         shutil.rmtree(dst)
@@ -397,8 +446,30 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 dist.barrier()
             return control
 
+    class CheckedTrainer(hooks.trainer_class or Trainer):
+        """The Trainer, remembering whether this step's losses and gradient norm were finite."""
+
+        _finite = None
+
+        def training_step(self, *a, **kw):
+            loss = super().training_step(*a, **kw)
+            ok = torch.isfinite(loss.detach()).all()
+            self._finite = ok if self._finite is None else self._finite & ok
+            return loss
+
+        def _get_grad_norm(self, *a, **kw):
+            gn = super()._get_grad_norm(*a, **kw)
+            if gn is not None:
+                ok = torch.isfinite(torch.as_tensor(gn)).all()
+                self._finite = ok if self._finite is None else self._finite & ok.to(self._finite.device)
+            return gn
+
+        def step_was_finite(self) -> bool:
+            ok, self._finite = self._finite, None
+            return True if ok is None else bool(ok.item())  # one sync per optimizer step
+
     callback = LlmctlCallback()
-    trainer = (hooks.trainer_class or Trainer)(
+    trainer = CheckedTrainer(
         **hooks.trainer_kwargs,
         model=model,
         args=args,
