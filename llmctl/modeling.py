@@ -54,6 +54,8 @@ def resolve_model_path(explicit: str | None, rundir, cfg, stage: str, prefer_exp
         m = rundir.manifest("export")
         hf = rundir.export_dir("hf")
         if m and m.get("status") == "complete" and (hf / "config.json").is_file():
+            # The same rule as every stage: an export of an older model is stale (exit 3).
+            rundir.require("export", cfg)
             return str(hf)
     rundir.require("train", cfg)
     return str(rundir.model_dir)

@@ -185,6 +185,22 @@ class RunDir:
     def predictions_path(self) -> Path:
         return self.root / "eval" / "predictions.jsonl"
 
+    def results_file(self, stage: str = "eval") -> Path:
+        return self.stage_dir(stage) / "results.json"
+
+    def predictions_file(self, stage: str = "eval") -> Path:
+        return self.stage_dir(stage) / "predictions.jsonl"
+
+    def other_eval_stage(self, model: str) -> str:
+        """The folder for an evaluation of a model that is not the run's: eval-<name>-<hash>."""
+        import hashlib
+        import re
+
+        p = Path(model)
+        key = str(p.resolve()) if p.exists() else model
+        name = re.sub(r"[^A-Za-z0-9._]+", "_", p.name or model).strip("._")[:40] or "model"
+        return f"eval-{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
     @property
     def outputs_path(self) -> Path:
         return self.root / "generate" / "outputs.jsonl"

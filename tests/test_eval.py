@@ -172,3 +172,61 @@ def test_compare_init_reports_before_numbers(trained_run):
     cfg2 = load_config(path, ["eval.compare_init=true", "eval.generation=false"])
     res = evaluate.run(cfg2, rd, force=True)
     assert "init_perplexity" in res
+
+
+def _other_model(rd, out, seed: int = 1):
+    """The run's architecture and tokenizer with other weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_pretrained(rd.model_dir)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    m.save_pretrained(out)
+    AutoTokenizer.from_pretrained(rd.model_dir).save_pretrained(out)
+    return out
+
+
+def test_eval_of_another_model_never_stands_in_for_the_runs_own(trained_run, tmp_path):
+    path, cfg, rd = trained_run
+    cfg = load_config(path, ["eval.generation=false"])
+    other = _other_model(rd, tmp_path / "other")
+    theirs = evaluate.run(cfg, rd, model=str(other))
+    sub = rd.other_eval_stage(str(other))
+    assert sub.startswith("eval-other-") and rd.manifest(sub)["status"] == "complete"
+    assert json.loads(rd.results_file(sub).read_text())["perplexity"]["perplexity"] == theirs["perplexity"]
+    assert rd.manifest("eval") is None and not rd.results_path.exists()  # the run's own eval is untouched
+    ours = evaluate.run(cfg, rd)
+    assert "cached" not in ours and ours["perplexity"] != theirs["perplexity"]
+    assert evaluate.run(cfg, rd)["cached"] is True
+    assert evaluate.run(cfg, rd, model=str(other))["cached"] is True
+    assert json.loads(rd.results_path.read_text())["perplexity"]["perplexity"] == ours["perplexity"]
+    # An eval/ written by another model (older llmctl wrote it there) is not the run's own.
+    m = rd.manifest("eval")
+    m["lineage"].pop("train")
+    from llmctl.rundir import atomic_write_json
+
+    atomic_write_json(rd.manifest_path("eval"), m)
+    assert "cached" not in evaluate.run(cfg, rd)
+    # Thresholds never change the numbers, so a cached eval is still checked against new ones.
+    from llmctl.errors import ThresholdError
+
+    with pytest.raises(ThresholdError):
+        evaluate.run(load_config(path, ["eval.generation=false", "eval.thresholds.perplexity_max=1.0001"]), rd)
+
+
+def test_a_model_with_another_tokenizer_is_refused_before_scoring(trained_run, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import sentences, train_tiny_tokenizer
+
+    path, cfg, rd = trained_run
+    other = tmp_path / "foreign"
+    tok = train_tiny_tokenizer(sentences(40, seed=7, length=(2, 4)) + ["zebra quartz xylophone"], other, vocab_size=290)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(other)
+    r = run_cli("eval", str(path), "--model", str(other), "--set", "eval.generation=false")
+    assert r.returncode == 2, r.stderr
+    assert "tokenizer differs" in r.stderr and "eval.text_paths" in r.stderr and "Traceback" not in r.stderr
+    assert not any(p.name.startswith("eval") for p in rd.root.iterdir())  # refused before anything was written

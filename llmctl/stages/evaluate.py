@@ -45,6 +45,11 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     from llmctl.modeling import resolve_model_path
 
     path = resolve_model_path(explicit, rd, cfg, "eval")
+    # Another model's numbers live in their own folder (RUN/eval-<model>): they never stand in
+    # for the run's own evaluation, nor reach its status, summary or model card.
+    stage = rd.other_eval_stage(explicit) if explicit else "eval"
+    extra = json.dumps(_model_identity(path), sort_keys=True) if explicit else None
+    extra_hash = hashlib.sha256(extra.encode()).hexdigest()[:16] if extra else None
     if not explicit:
         inputs.append("train")
     need_prepare = not e.text_paths or e.generation
@@ -53,9 +58,17 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         inputs.append("prepare")
     elif not e.text_paths:
         rd.require("prepare", cfg)  # raises with the command to run
-    if explicit is None and not force and rd.up_to_date("eval", cfg) and (rd.manifest("eval") or {}).get("extra_hash") is None:
-        con.info(f"eval: up to date in {rd.stage_dir('eval')} (use --force to redo)")
-        return {**rd.manifest("eval")["headline"], "cached": True}
+    m = rd.manifest(stage) or {}
+    own = explicit or "train" in (m.get("lineage") or {})
+    if not force and own and rd.up_to_date(stage, cfg, extra_hash=extra_hash):
+        con.info(f"eval: up to date in {rd.stage_dir(stage)} (use --force to redo)")
+        head = m["headline"]
+        failures = _check_thresholds(e.thresholds, head)  # thresholds may have changed since
+        if failures:
+            raise ThresholdError("eval thresholds not met: " + "; ".join(failures))
+        return {**head, "cached": True}
+    if explicit and e.perplexity and not e.text_paths:
+        _check_same_tokenizer(path, rd, cfg)
 
     from llmctl.modeling import load_for_inference
 
@@ -63,24 +76,58 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path)
     results: dict = {"model": _model_identity(path), "split": e.split}
-    with rd.begin("eval", cfg, inputs=inputs) as st:
+    with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
         if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con)
         if e.generation:
-            gen = _generation(cfg, rd, mdl, tok, con)
+            gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
         if e.compare_init:
             results["init"] = _init_results(cfg, rd, tok, con, results)
         results["seconds"] = round(time.time() - t0, 2)
-        atomic_write_json(rd.results_path, results)
+        atomic_write_json(rd.results_file(stage), results)
         head = _headline(results)
         st.headline.update(head)
+        if explicit:
+            st.manifest["model"] = results["model"]
         failures = _check_thresholds(e.thresholds, head)
         st.manifest["thresholds"] = {"failed": failures}
     if failures:
         raise ThresholdError("eval thresholds not met: " + "; ".join(failures))
-    return {**head, "results": str(rd.results_path)}
+    return {**head, "results": str(rd.results_file(stage))}
+
+
+def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
+    """Perplexity on the prepared split feeds the run's token ids to the model: they must mean
+    the same tokens to it, or the number is wrong (or an index error deep in the embedding)."""
+    if not rd.tokenizer_dir.is_dir():
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    from llmctl.errors import ConfigError
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StageInputError(f"cannot load the tokenizer of '{path}': {first}") from None
+    ours = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    fix = (
+        "score it on text instead (--set eval.text_paths=[FILE]; each model tokenizes it itself), "
+        "or skip perplexity (--set eval.perplexity=false)"
+    )
+    if theirs.get_vocab() != ours.get_vocab():
+        raise ConfigError(
+            f"{path}: its tokenizer differs from the run's ({rd.tokenizer_dir}; vocabulary {len(theirs)} vs {len(ours)}): "
+            f"the prepared {cfg.eval.split} split holds the run's token ids, which mean other tokens to this model. {fix}"
+        )
+    try:
+        n_emb = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code), "vocab_size", None)
+    except (OSError, ValueError):
+        n_emb = None
+    if n_emb is not None and n_emb < len(ours):
+        raise ConfigError(f"{path}: its embedding has {n_emb} rows but the run's tokenizer has {len(ours)} tokens. {fix}")
 
 
 def _headline(results: dict) -> dict:
@@ -241,7 +288,7 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
     return [out[j]["text"].strip() for j in range(len(prompts))]
 
 
-def _generation(cfg, rd: RunDir, model, tok, con) -> dict | None:
+def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = None) -> dict | None:
     from llmctl.metrics import text_metrics
 
     ds = _load_pairs(cfg, rd)
@@ -249,8 +296,9 @@ def _generation(cfg, rd: RunDir, model, tok, con) -> dict | None:
         con.info("no prompt/completion pairs in this run: BLEU skipped")
         return None
     prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
-    rd.predictions_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(rd.predictions_path, "w") as f:
+    predictions = predictions or rd.predictions_path
+    predictions.parent.mkdir(parents=True, exist_ok=True)
+    with open(predictions, "w") as f:
         hyps = _generate_all(model, tok, prompts, refs, cfg, con, pred_file=f)
     out = text_metrics(hyps, refs)
     if cfg.eval.baselines:

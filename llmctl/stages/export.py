@@ -35,7 +35,7 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
             return {}
 
     stats = read(rd.stats_path)
-    evalr = read(rd.results_path)
+    evalr = read(rd.results_path) if _own_fresh_eval(cfg, rd) else {}
     tm = rd.manifest("train") or {}
     pm = rd.manifest("prepare") or {}
     head = tm.get("headline", {})
@@ -91,6 +91,12 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _own_fresh_eval(cfg, rd: RunDir) -> bool:
+    """Whether RUN/eval holds numbers of this run's current model (not another model's, not stale)."""
+    m = rd.manifest("eval") or {}
+    return m.get("status") == "complete" and "train" in (m.get("lineage") or {}) and rd.staleness("eval", cfg) is None
+
+
 def _load_trained(cfg, rd: RunDir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,7 +147,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
     check = cfg.export.verify
     ids, mask = common.verify_batch(tok)
     ref = common.reference_logits(model, ids, mask)
-    inputs = ["train"] + (["eval"] if rd.manifest("eval") and rd.manifest("eval").get("status") == "complete" else [])
+    inputs = ["train"] + (["eval"] if _own_fresh_eval(cfg, rd) else [])
     with rd.begin("export", cfg, inputs=inputs) as st:
         build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
         build.mkdir()
