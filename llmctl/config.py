@@ -9,19 +9,51 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from llmctl.errors import ConfigError
 
 STAGES = ("prepare", "train", "eval", "generate", "export", "serve")
 
 
+def _scalar_kinds(annotation: Any) -> set:
+    """The plain types a field accepts: bool, int, float, str (through Optional/Union/Literal)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    if origin in (Union, UnionType):
+        return set().union(*(_scalar_kinds(a) for a in get_args(annotation)))
+    return {annotation} if annotation in (bool, int, float, str) else set()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML already types its values: `max_steps: true` is not 1 and `keep_best: 1` is not true."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if not kinds or value is None:
+            return value
+        numeric = kinds & {int, float}
+        if isinstance(value, bool) and bool not in kinds and numeric:
+            raise PydanticCustomError("strict_number", "expected a number, not true/false")
+        if bool in kinds and not isinstance(value, bool) and not (kinds - {bool}):
+            raise PydanticCustomError("strict_bool", "expected true or false")
+        # (A float may arrive as a string: YAML 1.1 reads 3e-4 as text; pydantic parses it.)
+        if isinstance(value, str) and str not in kinds and float not in kinds and int in kinds:
+            raise PydanticCustomError("strict_int", "expected a whole number, not a quoted string")
+        if isinstance(value, float) and int in kinds and float not in kinds and not value.is_integer():
+            raise PydanticCustomError("strict_int", "expected a whole number")
+        return value
 
 
 # --------------------------------------------------------------------------- run
@@ -125,6 +157,24 @@ class ModelConfig(Section):
 
 
 # --------------------------------------------------------------------------- train
+def parse_duration(value: Any) -> float | None:
+    """Seconds from 3600, '90s', '45m', '1h30m', '2h'."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ConfigError(f"train.max_time: {value!r} is not a positive number of seconds")
+        return float(value)
+    s = str(value).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?", s)
+    if not m or not any(m.groups()):
+        raise ConfigError(f"train.max_time: cannot read {value!r}: use seconds or a duration like '1h30m', '45m', '90s'")
+    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
+    return h * 3600 + mi * 60 + se
+
+
 class TrainConfig(Section):
     max_steps: int | None = Field(1000, ge=1, description="Optimizer steps; null trains for `epochs` instead.")
     epochs: float | None = Field(None, gt=0, description="Epochs over the training split (used when max_steps is null).")
@@ -153,6 +203,15 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1, description="Processes to launch with torchrun (`--nproc` overrides).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on.")
+
+    @field_validator("max_time")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        try:
+            parse_duration(value)  # a wrong budget fails here, not hours later in train
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -430,6 +489,36 @@ def _line_of(text: str | None, loc: tuple) -> int | None:
     return line
 
 
+def _first_duplicate_key(text: str) -> tuple[str, int, int] | None:
+    """(dotted key, first line, second line) of a key given twice in one mapping, if any."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+
+    def walk(node, prefix: str):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for k, v in node.value:
+                name = str(k.value)
+                line = k.start_mark.line + 1
+                key = f"{prefix}{name}"
+                if name in seen and name != "<<":
+                    return key, seen[name], line
+                seen[name] = line
+                found = walk(v, key + ".")
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                found = walk(item, prefix)
+                if found:
+                    return found
+        return None
+
+    return walk(root, "") if root is not None else None
+
+
 def _format_validation(err: ValidationError, source: str, text: str | None, overridden: set[str]) -> str:
     msgs = []
     for e in err.errors():
@@ -504,6 +593,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             where = f"{source}:{mark.line + 1}" if mark else source
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+        dup = _first_duplicate_key(text)
+        if dup:
+            key, first, second = dup
+            raise ConfigError(f"{source}:{second}: duplicate key '{key}' (first at line {first}): YAML keeps only the last one; remove one of them")
         if data is None:
             data = {}
         if not isinstance(data, dict):

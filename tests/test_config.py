@@ -102,3 +102,49 @@ def test_cli_config_show_and_validate(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "did you mean 'model.arch'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_validate_catches_a_bad_duration(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  name: x\ntrain:\n  max_time: 3 fortnights\n")
+    r = run_cli("config", "validate", str(p))
+    assert r.returncode == 2 and f"{p}:4: train.max_time: cannot read '3 fortnights'" in r.stderr and "'1h30m'" in r.stderr
+    for ok in ("90s", "1h30m", 3600, "45m"):
+        assert load_config(None, [f"train.max_time={ok}"])
+    with pytest.raises(ConfigError, match="--set train.max_time"):
+        load_config(None, ["train.max_time=soon"])
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  lr: 0.1\n  max_steps: 10\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert f"{p}:4: duplicate key 'train.lr' (first at line 2)" in str(e.value)
+    p.write_text("train:\n  lr: 0.1\nmodel:\n  n_layers: 2\ntrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r":5: duplicate key 'train' \(first at line 1\)"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("train:\n  max_steps: true", "train.max_steps: expected a number, not true/false"),
+        ("train:\n  keep_best: 1", "train.keep_best: expected true or false"),
+        ("train:\n  save_every: '100'", "train.save_every: expected a whole number, not a quoted string"),
+        ("train:\n  warmup_steps: 2.5", "train.warmup_steps: expected a whole number"),
+        ("model:\n  lora:\n    enabled: 'yes'", "model.lora.enabled: expected true or false"),
+        ("run:\n  seed: false", "run.seed: expected a number"),
+    ],
+)
+def test_booleans_and_integers_are_strict(tmp_path, line, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_numbers_stay_numbers(tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", {"train": {"lr": 1, "max_steps": 10.0}, "model": {"dropout": 0}}))
+    assert cfg.train.lr == 1.0 and cfg.train.max_steps == 10 and cfg.model.dropout == 0.0
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads 3e-4 as text

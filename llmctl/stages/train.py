@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmctl import console as _console
+from llmctl.config import parse_duration  # noqa: F401  (train.parse_duration, as before)
 from llmctl.errors import ConfigError, Interrupted, LlmctlError
 from llmctl.rundir import RunDir, atomic_dir, atomic_write_json
 
@@ -48,22 +49,6 @@ class Hooks:
 
 
 # --------------------------------------------------------------------------- helpers
-def parse_duration(value) -> float | None:
-    """Seconds from 3600, '90s', '45m', '1h30m', '2h'."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    s = str(value).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return float(s)
-    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?", s)
-    if not m or not any(m.groups()):
-        raise ConfigError(f"train.max_time: cannot read {value!r}: use seconds or a duration like '1h30m', '45m', '90s'")
-    h, mi, se = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + se
-
-
 def complete_checkpoints(rd: RunDir) -> list[Path]:
     d = rd.checkpoints_dir
     if not d.is_dir():
