@@ -255,8 +255,13 @@ def status(
                 except ConfigError:
                     cfg = None
         rows = rd.status(cfg)
+        report = None
+        if rd.report_path.is_file():
+            import json
+
+            report = json.loads(rd.report_path.read_text())
         if con.json_mode:
-            con.result({"run_dir": str(rd.root), "stages": rows})
+            con.result({"run_dir": str(rd.root), "stages": rows} | ({"curation": report} if report else {}))
             return
         for r in rows:
             h = r.get("headline") or {}
@@ -265,6 +270,11 @@ def status(
             if r.get("why"):
                 r["headline"] = f"({r['why']}) " + r["headline"]
         con.table(rows, ["stage", "status", "finished", "headline"], title=str(rd.root))
+        if report:
+            from llmctl.data.curate import summary_lines
+
+            for line in summary_lines(report):
+                con.info(line)
 
 
 @config_app.command("show")

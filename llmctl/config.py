@@ -63,6 +63,60 @@ class RunConfig(Section):
     seed: int = Field(42, description="Seed for splits, shuffling, initialisation and sampling.")
 
 
+# --------------------------------------------------------------------------- data.curate
+_PII_KINDS = ("email", "phone", "ip", "credit_card", "secret", "private_key")  # = llmctl.detectors.KINDS
+_FEMALE = ["she", "her", "hers", "herself", "woman", "women", "girl", "girls", "mother", "mothers", "daughter",
+           "daughters", "sister", "sisters", "wife", "wives", "queen", "lady", "ladies", "female", "aunt", "niece"]
+_MALE = ["he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "fathers", "son", "sons",
+         "brother", "brothers", "husband", "husbands", "king", "lord", "gentleman", "male", "uncle", "nephew"]
+
+
+class QualityConfig(Section):
+    enabled: bool | None = Field(None, description="Gopher/C4/FineWeb-style document filters; null: on for prose sources, off for code.")
+    min_words: int = Field(5, ge=0, description="Drop documents with fewer words (Gopher uses 50 for web pages; llmctl documents are often paragraphs).")
+    max_words: int = Field(100_000, ge=1, description="Drop documents with more words (Gopher).")
+    min_mean_word_length: float = Field(3.0, ge=0, description="Drop documents whose mean word length is below this (Gopher).")
+    max_mean_word_length: float = Field(10.0, ge=0, description="Drop documents whose mean word length is above this (Gopher).")
+    max_symbol_ratio: float = Field(0.1, ge=0, description="Max (# + ellipses) per word (Gopher).")
+    min_alpha_word_ratio: float = Field(0.8, ge=0, le=1, description="Min fraction of words with a letter (Gopher).")
+    max_bullet_line_fraction: float = Field(0.9, ge=0, le=1, description="Max fraction of lines that start with a bullet (Gopher).")
+    max_ellipsis_line_fraction: float = Field(0.3, ge=0, le=1, description="Max fraction of lines that end with an ellipsis (Gopher).")
+    max_duplicate_line_fraction: float = Field(0.3, ge=0, le=1, description="Max fraction of repeated lines (Gopher repetition).")
+    max_duplicate_paragraph_fraction: float = Field(0.3, ge=0, le=1, description="Max fraction of repeated paragraphs (Gopher repetition).")
+    min_line_punctuation_ratio: float = Field(0.12, ge=0, le=1, description="Min fraction of lines ending in terminal punctuation, for documents of 3+ lines (FineWeb). 'lorem ipsum' documents are always dropped (C4).")
+
+
+class NearDedupConfig(Section):
+    enabled: bool = Field(True, description="Drop near duplicates (MinHash LSH, rensa), keeping the first.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of shingle sets at or above which two documents are near duplicates.")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
+    shingle: Literal["word", "char"] = Field("word", description="Shingle over words or characters.")
+    shingle_size: int = Field(5, ge=1, description="Words (or characters) per shingle.")
+
+
+class PIIConfig(Section):
+    action: Literal["redact", "drop", "off"] = Field("redact", description="redact: replace PII/secrets by typed placeholders; drop: drop the document; off: leave it.")
+    kinds: list[Literal["email", "phone", "ip", "credit_card", "secret", "private_key"]] = Field(
+        default_factory=lambda: list(_PII_KINDS), description="Which detectors (llmctl.detectors) to apply.")
+    placeholder: str = Field("<{KIND}>", description="Replacement text; {KIND} is the upper-case kind, {kind} the lower-case one.")
+
+
+class CurateConfig(Section):
+    enabled: bool = Field(True, description="Run data curation in prepare (each step below can be switched off on its own).")
+    content: Literal["auto", "prose", "code"] = Field("auto", description="What the documents are; auto: builtin and code-file sources are code, the rest prose. Prose-only steps (language, quality) default off for code.")
+    exact_dedup: bool = Field(True, description="Drop documents whose normalised text (case, whitespace) was already seen, keeping the first.")
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal.")
+    leakage: bool = Field(True, description="Drop validation/test documents that are exact or near duplicates of a training document.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters (each counted apart).")
+    language: bool | None = Field(None, description="Keep only documents in `languages` (py3langid, model shipped in the package); null: on for prose, off for code.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep when language filtering is on.")
+    min_language_score: float = Field(0.5, ge=0, le=1, description="Minimum language-id probability to keep a document.")
+    pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing.")
+    term_groups: dict[str, list[str]] = Field(
+        default_factory=lambda: {"female": list(_FEMALE), "male": list(_MALE)},
+        description="Term groups whose frequency in the training split the data report gives (a first look at representation bias); {} for none.")
+
+
 # --------------------------------------------------------------------------- data
 class DataConfig(Section):
     source: Literal["builtin", "files", "hub"] = Field(
@@ -93,6 +147,7 @@ class DataConfig(Section):
     max_bytes: int | None = Field(None, ge=1, description="Builtin corpus only: read at most this many bytes of source.")
     on_error: Literal["error", "skip"] = Field("error", description="Malformed records: 'error' stops with the file and line; 'skip' drops and counts them.")
     num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
+    curate: CurateConfig = Field(default_factory=CurateConfig, description="Data curation: dedup, leakage, quality, language, PII, data report (prepare/report.json).")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

@@ -152,6 +152,11 @@ class RunDir:
     def stats_path(self) -> Path:
         return self.root / "prepare" / "stats.json"
 
+    @property
+    def report_path(self) -> Path:
+        """The data report of curation (what was removed, PII, languages, term groups)."""
+        return self.root / "prepare" / "report.json"
+
     # train
     @property
     def checkpoints_dir(self) -> Path:

@@ -36,7 +36,8 @@ def tiny_config_dict(run_dir: Path, **sections) -> dict:
     """A config dict for tiny, fast runs; pass section dicts to override keys."""
     base = {
         "run": {"name": "t", "dir": str(run_dir), "seed": 0},
-        "data": {"source": "files", "paths": ["unused.txt"], "block_size": 32},
+        # curation off: these fixtures pin exact document counts (tests/test_curate.py covers it)
+        "data": {"source": "files", "paths": ["unused.txt"], "block_size": 32, "curate": {"enabled": False}},
         "tokenizer": {"vocab_size": 300, "min_frequency": 1},
         "model": {"arch": "llama", "n_layers": 1, "n_heads": 2, "hidden_size": 32, "intermediate_size": 64, "context_length": 64},
         "train": {"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 2, "save_every": 2, "log_every": 1, "eval_batches": 2},

@@ -44,7 +44,8 @@ def _explicit(paths: list[str], key: str, cfg, counters) -> tuple[Iterator[tuple
 
 
 def _normalise(recs, cfg, counters) -> Iterator[dict]:
-    """Keep only the fields the format needs, checking they are there and well typed."""
+    """Keep only the fields the format needs, checking they are there and well typed; `_id`
+    says where each document came from (file:line), for the data report's examples."""
     d = cfg.data
     for rec, where in recs:
         try:
@@ -55,14 +56,14 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
                 if not isinstance(text, str):
                     raise DataError(f"{where}: field '{field}' is {type(text).__name__}, expected text")
                 if text.strip():
-                    yield {"text": text}
+                    yield {"text": text, "_id": where}
             elif d.format == "prompt_completion":
                 _need(rec, d.prompt_field, "data.prompt_field", where)
                 _need(rec, d.completion_field, "data.completion_field", where)
                 p, c = rec[d.prompt_field], rec[d.completion_field]
                 if not isinstance(p, str) or not isinstance(c, str):
                     raise DataError(f"{where}: '{d.prompt_field}' and '{d.completion_field}' must be strings")
-                yield {"prompt": p, "completion": c}
+                yield {"prompt": p, "completion": c, "_id": where}
             else:
                 _need(rec, d.messages_field, "data.messages_field", where)
                 msgs = rec[d.messages_field]
@@ -70,7 +71,7 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
                     raise DataError(f"{where}: '{d.messages_field}' must be a list of {{role, content}} objects")
                 if not any(m["role"] == "assistant" for m in msgs):
                     raise DataError(f"{where}: conversation has no assistant turn to learn from")
-                yield {"messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]}
+                yield {"messages": [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs], "_id": where}
         except DataError:
             if d.on_error == "skip":
                 counters.skip("bad_record")
@@ -200,6 +201,11 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
             elif (rd.stage_dir("prepare") / name).exists():
                 shutil.rmtree(rd.stage_dir("prepare") / name)
         atomic_write_json(rd.stats_path, headline["stats"])
+        report = headline.pop("report")
+        if report is not None:
+            atomic_write_json(rd.report_path, report)
+        elif rd.report_path.exists():
+            rd.report_path.unlink()
         shutil.rmtree(build, ignore_errors=True)
         headline.pop("stats")
         headline["seconds"] = round(time.time() - t0, 1)
@@ -224,6 +230,7 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         if splits[name] is None:
             raise DataError(f"data.{name}_paths: no usable records")
     con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v is not None and len(v)))
+    splits, report = _curate(cfg, splits, build, con)
 
     # ---- tokenizer
     chat = d.format == "chat"
@@ -299,6 +306,12 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
     if pairs:
         DatasetDict({k: Dataset.from_dict(v) for k, v in pairs.items()}).save_to_disk(str(build / "pairs"))
         stats["pairs"] = {k: len(v["prompt"]) for k, v in pairs.items()}
+    if report is not None:
+        from llmctl.data import curate
+
+        curate.add_tokens(report, tok, d.format, {k: v["tokens"] for k, v in stats["splits"].items()})
+        for line in curate.summary_lines(report):
+            con.info(line)
     tr = stats["splits"]["train"]
     headline = {
         "documents": sum(s.get("documents", 0) for s in stats["splits"].values()),
@@ -309,8 +322,27 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         "skipped_records": counters.skipped,
         "pairs": sum(stats.get("pairs", {}).values()),
         "stats": stats,
+        "report": report,
     }
+    if report is not None:
+        headline["curated_out"] = sum(i["documents_before"] - i["documents_after"] for i in report["splits"].values())
     return headline
+
+
+def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
+    """Dedup, leakage, filters and PII on the split documents (llmctl.data.curate)."""
+    from llmctl.data import curate
+
+    p = curate.plan(cfg.data)
+    if not p.any:
+        return splits, None
+    con.step(f"curating ({p.content} source): " + ", ".join(
+        s for s, on in (("language", p.language), ("quality", p.quality), (f"pii={p.pii}", p.pii != "off"),
+                        ("exact dedup", p.exact_dedup), ("near dedup", p.near_dedup), ("leakage", p.leakage)) if on))
+    t = time.time()
+    out, report = curate.curate(splits, cfg.data.format, p, cfg.run.seed, cfg.data.num_proc, build / "cache", con)
+    report["seconds"] = round(time.time() - t, 2)
+    return {**splits, **out}, report
 
 
 def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:

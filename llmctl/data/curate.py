@@ -1,0 +1,531 @@
+"""Data curation for `prepare`: filters, PII scrubbing, dedup, leakage, and the data report.
+
+Two passes over the split documents (Arrow datasets, memory-mapped):
+1. `annotate` (per document, parallel with `datasets.map(num_proc)`): language id and the
+   quality filters (prose only by default), PII scrubbing (llmctl.detectors), the exact-dedup
+   key (hash of the normalised text) and the MinHash signature (rensa, seeded).
+2. `dedup` (sequential, in a fixed order: train, then validation, then test): a document whose
+   normalised text was seen is an exact duplicate; one whose signature shares an LSH band with
+   a kept document *and* whose estimated Jaccard reaches the threshold is a near duplicate.
+   A held-out document that duplicates a *training* document is counted as leakage. Memory is
+   the hash set and the LSH index (num_perm x 4 bytes + num_bands keys per kept document).
+
+The first occurrence is kept, so re-runs are deterministic for a given run.seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+# Sources whose documents are code: the prose filters and language id are off for them.
+CODE_EXTENSIONS = {
+    ".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".rb", ".php",
+    ".cs", ".kt", ".swift", ".scala", ".sh", ".lua", ".r", ".jl", ".m", ".sql", ".ipynb",
+}
+STEPS = ("language", "quality", "pii", "exact_dedup", "near_dedup", "leakage")
+# Quality filters in the order they are tried; a document is counted under the first it fails.
+QUALITY_FILTERS = (
+    "min_words", "max_words", "mean_word_length", "symbol_ratio", "alpha_words", "bullet_lines",
+    "ellipsis_lines", "duplicate_lines", "duplicate_paragraphs", "lorem_ipsum", "line_punctuation",
+)
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"\w+", re.UNICODE)
+_BULLET = re.compile(r"^\s*(?:[-*\u2022\u25cf\u25aa\u2023\u2043\u2219]|\d+[.)])\s")
+_TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
+_EXAMPLES = 5
+
+
+@dataclass
+class Plan:
+    """The curation settings resolved for one source (prose or code)."""
+
+    content: str
+    language: bool
+    quality: bool
+    pii: str
+    pii_kinds: list[str]
+    exact_dedup: bool
+    near_dedup: bool
+    leakage: bool
+    cfg: Any = field(repr=False, default=None)
+
+    @property
+    def any(self) -> bool:
+        return self.language or self.quality or self.pii != "off" or self.exact_dedup or self.near_dedup or self.leakage
+
+
+def content_kind(data_cfg) -> str:
+    """prose or code: data.curate.content, or guessed from the source."""
+    c = data_cfg.curate.content
+    if c != "auto":
+        return c
+    if data_cfg.source == "builtin":
+        return "code"
+    if data_cfg.source == "files":
+        from pathlib import Path
+
+        exts = {Path(p.rstrip("*")).suffix.lower() for p in data_cfg.paths}
+        return "code" if exts and exts <= CODE_EXTENSIONS else "prose"
+    return "prose"
+
+
+def plan(data_cfg) -> Plan:
+    c = data_cfg.curate
+    kind = content_kind(data_cfg)
+    on = c.enabled
+    prose = kind == "prose"
+    return Plan(
+        content=kind,
+        language=on and (c.language if c.language is not None else prose),
+        quality=on and (c.quality.enabled if c.quality.enabled is not None else prose),
+        pii=c.pii.action if on else "off",
+        pii_kinds=list(c.pii.kinds),
+        exact_dedup=on and c.exact_dedup,
+        near_dedup=on and c.near_dedup.enabled,
+        leakage=on and c.leakage,
+        cfg=c,
+    )
+
+
+# --------------------------------------------------------------------------- per document
+def doc_text(row: dict, fmt: str) -> str:
+    if fmt == "text":
+        return row["text"]
+    if fmt == "prompt_completion":
+        return row["prompt"] + "\n" + row["completion"]
+    return "\n".join(m["content"] for m in row["messages"])
+
+
+def normalise(text: str) -> str:
+    """Exact-dedup key text: case and whitespace do not make a document new."""
+    return _WS.sub(" ", text).strip().lower()
+
+
+def quality_failure(text: str, q) -> str | None:
+    """The first Gopher/C4/FineWeb-style filter the document fails, or None."""
+    words = text.split()
+    n = len(words)
+    if n < q.min_words:
+        return "min_words"
+    if n > q.max_words:
+        return "max_words"
+    mean = sum(len(w) for w in words) / n
+    if not (q.min_mean_word_length <= mean <= q.max_mean_word_length):
+        return "mean_word_length"
+    symbols = text.count("#") + text.count("...") + text.count("\u2026")
+    if symbols / n > q.max_symbol_ratio:
+        return "symbol_ratio"
+    alpha = sum(1 for w in words if any(ch.isalpha() for ch in w))
+    if alpha / n < q.min_alpha_word_ratio:
+        return "alpha_words"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if lines:
+        if sum(1 for ln in lines if _BULLET.match(ln)) / len(lines) > q.max_bullet_line_fraction:
+            return "bullet_lines"
+        if sum(1 for ln in lines if ln.rstrip().endswith(("...", "\u2026"))) / len(lines) > q.max_ellipsis_line_fraction:
+            return "ellipsis_lines"
+        stripped = [ln.strip() for ln in lines]
+        if len(stripped) > 1 and 1 - len(set(stripped)) / len(stripped) > q.max_duplicate_line_fraction:
+            return "duplicate_lines"
+    paras = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(paras) > 1 and 1 - len(set(paras)) / len(paras) > q.max_duplicate_paragraph_fraction:
+        return "duplicate_paragraphs"
+    if "lorem ipsum" in text.lower():
+        return "lorem_ipsum"
+    if lines and len(lines) >= 3 and sum(1 for ln in lines if ln.rstrip().endswith(_TERMINAL)) / len(lines) < q.min_line_punctuation_ratio:
+        return "line_punctuation"
+    return None
+
+
+_LANGID = None
+
+
+def _langid():
+    global _LANGID
+    if _LANGID is None:
+        # the model ships inside the package (py3langid/data/model.npz.xz): nothing is downloaded
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    return _LANGID
+
+
+def language(text: str) -> tuple[str, float]:
+    lang, score = _langid().classify(text[:5000])
+    return str(lang), float(score)
+
+
+def shingles(text: str, kind: str, size: int) -> list[str]:
+    if kind == "char":
+        t = _WS.sub(" ", text.lower())
+        return [t[i : i + size] for i in range(max(1, len(t) - size + 1))]
+    w = text.lower().split()
+    if len(w) < size:
+        return [" ".join(w)]
+    return list(map(" ".join, zip(*(w[i:] for i in range(size)))))
+
+
+def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict, Counter]:
+    from llmctl import detectors
+
+    counts: Counter = Counter()
+
+    def red(s: str) -> str:
+        out, c = detectors.redact(s, kinds, fmt_ph)
+        counts.update(c)
+        return out
+
+    if fmt == "text":
+        return {"text": red(row["text"])}, counts
+    if fmt == "prompt_completion":
+        return {"prompt": red(row["prompt"]), "completion": red(row["completion"])}, counts
+    return {"messages": [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]}, counts
+
+
+def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
+    """Per-document work for `datasets.map(batched=True)`: scrubbed fields + _columns."""
+    c = p.cfg
+    keys = list(batch)
+    n = len(batch[keys[0]])
+    out: dict[str, list] = {k: [] for k in keys}
+    cols: dict[str, list] = {"_drop": [], "_lang": [], "_words": [], "_chars": [], "_exact": [], "_minhash": [], "_pii": []}
+    if p.near_dedup:
+        import rensa
+    for i in range(n):
+        row = {k: batch[k][i] for k in keys}
+        text = doc_text(row, fmt)
+        drop = ""
+        lang = ""
+        if p.language:
+            lang, score = language(text)
+            if lang not in c.languages or score < c.min_language_score:
+                drop = "language"
+        if not drop and p.quality:
+            fail = quality_failure(text, c.quality)
+            if fail:
+                drop = "quality:" + fail
+        pii: Counter = Counter()
+        if p.pii != "off":
+            scrubbed, pii = _scrub_row(row, fmt, p.pii_kinds, c.pii.placeholder)
+            if pii and p.pii == "drop" and not drop:
+                drop = "pii"
+            if p.pii == "redact":
+                row.update(scrubbed)
+                text = doc_text(row, fmt)
+        for k in keys:
+            out[k].append(row[k])
+        cols["_drop"].append(drop)
+        cols["_lang"].append(lang)
+        cols["_words"].append(len(text.split()))
+        cols["_chars"].append(len(text))
+        cols["_pii"].append(json.dumps(dict(sorted(pii.items()))) if pii else "")
+        cols["_exact"].append(hashlib.blake2b(normalise(text).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() if p.exact_dedup or p.leakage else "")
+        if p.near_dedup and not drop:
+            m = rensa.RMinHash(num_perm=c.near_dedup.num_perm, seed=seed % (1 << 32))
+            m.update(shingles(text, c.near_dedup.shingle, c.near_dedup.shingle_size))
+            cols["_minhash"].append(m.digest())
+        else:
+            cols["_minhash"].append([])
+    out.update(cols)
+    return out
+
+
+# --------------------------------------------------------------------------- LSH
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + false negatives around the threshold,
+    the rule datasketch uses (equal weights)."""
+
+    def integrate(f, a, b, steps=200):
+        h = (b - a) / steps
+        return sum(f(a + (i + 0.5) * h) for i in range(steps)) * h
+
+    best, best_err = (1, num_perm), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = integrate(lambda s: 1 - (1 - s**r) ** b, 0.0, threshold)
+            fn = integrate(lambda s: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+class LSHIndex:
+    """MinHash LSH over precomputed signatures: band buckets -> kept document ids."""
+
+    def __init__(self, threshold: float, num_perm: int):
+        self.threshold = threshold
+        self.bands, self.rows = optimal_bands(threshold, num_perm)
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self.sigs: dict[int, bytes] = {}
+
+    def _keys(self, sig: list[int]) -> list[bytes]:
+        import numpy as np
+
+        a = np.asarray(sig, dtype=np.uint32)
+        return [a[b * self.rows : (b + 1) * self.rows].tobytes() for b in range(self.bands)]
+
+    def query(self, sig: list[int]) -> tuple[int, float] | None:
+        """The first kept document (lowest id) whose estimated Jaccard >= threshold."""
+        import numpy as np
+
+        cands = set()
+        for band, key in zip(self.buckets, self._keys(sig)):
+            cands.update(band.get(key, ()))
+        a = np.asarray(sig, dtype=np.uint32)
+        for j in sorted(cands):
+            jac = float(np.mean(np.frombuffer(self.sigs[j], dtype=np.uint32) == a))
+            if jac >= self.threshold:
+                return j, jac
+        return None
+
+    def insert(self, key: int, sig: list[int]) -> None:
+        import numpy as np
+
+        self.sigs[key] = np.asarray(sig, dtype=np.uint32).tobytes()
+        for band, k in zip(self.buckets, self._keys(sig)):
+            band.setdefault(k, []).append(key)
+
+
+# --------------------------------------------------------------------------- the pass
+def _hist(values: Iterable[int]) -> dict[str, int]:
+    """Counts in power-of-two word-length bins: '0', '1', '2-3', '4-7', ..."""
+    h: Counter = Counter()
+    for v in values:
+        if v <= 1:
+            h[str(v)] += 1
+        else:
+            lo = 1 << (int(v).bit_length() - 1)
+            h[f"{lo}-{2 * lo - 1}"] += 1
+    return dict(sorted(h.items(), key=lambda kv: int(kv[0].split("-")[0])))
+
+
+def _term_counts(texts: Iterable[str], groups: dict[str, list[str]]) -> dict:
+    index = {}
+    for g, terms in groups.items():
+        for t in terms:
+            index[t.lower()] = g
+    counts: Counter = Counter()
+    per_term: Counter = Counter()
+    words = 0
+    for text in texts:
+        for w in _WORD.findall(text.lower()):
+            words += 1
+            g = index.get(w)
+            if g:
+                counts[g] += 1
+                per_term[w] += 1
+    return {
+        "words": words,
+        "groups": {g: {"count": counts[g], "per_10k_words": round(1e4 * counts[g] / max(words, 1), 2),
+                       "top_terms": dict(Counter({t: per_term[t] for t in map(str.lower, terms) if per_term[t]}).most_common(5))}
+                   for g, terms in groups.items()},
+    }
+
+
+def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir, con=None) -> tuple[dict, dict]:
+    """Curate each split; return (curated splits, report dict without token counts)."""
+    from pathlib import Path
+
+    cache_dir = Path(cache_dir)
+    order = [s for s in ("train", "validation", "test") if splits.get(s) is not None and len(splits[s])]
+    report: dict = {"content": p.content, "plan": {
+        "language": p.language, "quality": p.quality, "pii": p.pii, "exact_dedup": p.exact_dedup,
+        "near_dedup": p.near_dedup, "leakage": p.leakage}}
+    annotated = {}
+    for name in order:
+        ds = splits[name]
+        annotated[name] = ds.map(
+            annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed},
+            num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
+            cache_file_name=str(cache_dir / f"curate-{name}.arrow"), desc=None,
+        )
+    # sequential dedup in a fixed order; each document ends with one reason ('' = kept)
+    seen: dict[str, tuple[str, int]] = {}
+    lsh = LSHIndex(p.cfg.near_dedup.threshold, p.cfg.near_dedup.num_perm) if (p.near_dedup) else None
+    reasons: dict[str, list[str]] = {}
+    near_pairs: list[dict] = []
+    gid = 0
+    where: dict[int, tuple[str, int]] = {}
+    id_cols = {name: annotated[name].select_columns(["_id"]) for name in order if "_id" in annotated[name].column_names}
+
+    class _Ids:  # where a document came from, read only for the few examples the report shows
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, i):
+            return id_cols[self.name][i]["_id"] if self.name in id_cols else f"{self.name}/{i}"
+
+    ids = {name: _Ids(name) for name in order}
+    for name in order:
+        ds = annotated[name]
+        rs: list[str] = []
+        held_out = name != "train"
+        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).iter(batch_size=1000):
+            for drop, ex, sig in zip(batch["_drop"], batch["_exact"], batch["_minhash"]):
+                i = len(rs)
+                if drop:
+                    rs.append(drop)
+                    continue
+                if ex and ex in seen and (p.exact_dedup or (held_out and seen[ex][0] == "train" and p.leakage)):
+                    src = seen[ex][0]
+                    rs.append("leakage" if held_out and src == "train" and p.leakage else "exact_dedup")
+                    continue
+                if lsh is not None and sig:
+                    hit = lsh.query(sig)
+                    if hit is not None:
+                        src_split, src_i = where[hit[0]]
+                        is_leak = held_out and src_split == "train" and p.leakage
+                        rs.append("leakage" if is_leak else "near_dedup")
+                        if len(near_pairs) < 20:
+                            near_pairs.append({"doc": ids[name][i], "split": name, "duplicate_of": ids[src_split][src_i],
+                                               "duplicate_split": src_split, "jaccard": round(hit[1], 3)})
+                        continue
+                    lsh.insert(gid, sig)
+                    where[gid] = (name, i)
+                    gid += 1
+                if ex:
+                    seen.setdefault(ex, (name, i))
+                rs.append("")
+        reasons[name] = rs
+    # the report: documents/words/chars before and after each step, per split
+    out = {}
+    per_split = {}
+    examples: dict[str, list[str]] = {}
+    quality_counts: Counter = Counter()
+    pii_counts: Counter = Counter()
+    pii_docs = 0
+    langs_before: Counter = Counter()
+    langs_after: Counter = Counter()
+    hist_before: dict[str, list[int]] = {}
+    removed_idx: dict[str, dict[str, list[int]]] = {}
+    for name in order:
+        ds = annotated[name]
+        rs = reasons[name]
+        meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"])
+        words = meta["_words"]
+        chars = meta["_chars"]
+        hist_before[name] = words
+        counts: Counter = Counter()
+        wsum: Counter = Counter()
+        csum: Counter = Counter()
+        removed_idx[name] = {}
+        for i, r in enumerate(rs):
+            step = r.split(":")[0] if r else ""
+            counts[step] += 1
+            wsum[step] += words[i]
+            csum[step] += chars[i]
+            if r:
+                removed_idx[name].setdefault(step, []).append(i)
+                ex = examples.setdefault(r, [])
+                if len(ex) < _EXAMPLES:
+                    ex.append(ids[name][i])
+                if r.startswith("quality:"):
+                    quality_counts[r.split(":", 1)[1]] += 1
+        for i, (lang, pii) in enumerate(zip(meta["_lang"], meta["_pii"])):
+            if lang:
+                langs_before[lang] += 1
+                if not rs[i]:
+                    langs_after[lang] += 1
+            if pii:
+                pii_docs += 1
+                pii_counts.update(json.loads(pii))
+        steps = []
+        docs, w, ch = len(rs), sum(words), sum(chars)
+        for step in STEPS:
+            if step == "pii" and p.pii != "drop":
+                continue
+            removed = counts[step]
+            steps.append({"step": step, "documents_before": docs, "removed": removed, "documents_after": docs - removed,
+                          "words_before": w, "words_after": w - wsum[step], "chars_before": ch, "chars_after": ch - csum[step]})
+            docs, w, ch = docs - removed, w - wsum[step], ch - csum[step]
+        per_split[name] = {"documents_before": len(rs), "documents_after": docs, "steps": steps}
+        keep = [i for i, r in enumerate(rs) if not r]
+        kept = ds.select(keep) if len(keep) < len(rs) else ds
+        out[name] = kept.remove_columns(["_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii"])
+        report.setdefault("length_histogram_words", {})[name] = {
+            "before": _hist(words), "after": _hist(words[i] for i in keep)}
+    report["splits"] = per_split
+    report["removed"] = {
+        step: {"documents": sum(len(removed_idx[s].get(step, [])) for s in order),
+               "examples": [e for r, ex in examples.items() if r.split(":")[0] == step for e in ex][:_EXAMPLES]}
+        for step in STEPS
+    }
+    report["quality_filters"] = {f: {"removed": quality_counts[f], "examples": examples.get("quality:" + f, [])}
+                                 for f in QUALITY_FILTERS} if p.quality else {}
+    report["near_duplicates"] = {"threshold": p.cfg.near_dedup.threshold, "num_perm": p.cfg.near_dedup.num_perm,
+                                 "bands": lsh.bands if lsh else None, "rows": lsh.rows if lsh else None,
+                                 "shingle": f"{p.cfg.near_dedup.shingle}:{p.cfg.near_dedup.shingle_size}",
+                                 "examples": near_pairs} if p.near_dedup else {}
+    report["pii"] = {"action": p.pii, "documents": pii_docs, "by_kind": dict(sorted(pii_counts.items()))}
+    report["languages"] = {"before": dict(langs_before.most_common()), "after": dict(langs_after.most_common())} if p.language else {}
+    if "train" in out and p.cfg.term_groups:
+        report["term_groups"] = _term_counts((doc_text(r, fmt) for r in _iter_rows(out["train"])), p.cfg.term_groups)
+    report["_removed_idx"] = removed_idx
+    report["_annotated"] = annotated
+    return out, report
+
+
+def _iter_rows(ds):
+    for batch in ds.iter(batch_size=1000):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]])):
+            yield {k: batch[k][i] for k in keys}
+
+
+def add_tokens(report: dict, tok, fmt: str, final_tokens: dict[str, int]) -> None:
+    """Tokens before/after each step: the kept tokens (from packing) plus the tokens of the
+    documents each step removed (tokenized here, with the prepared tokenizer)."""
+    annotated = report.pop("_annotated")
+    removed_idx = report.pop("_removed_idx")
+    for name, info in report["splits"].items():
+        removed_tokens = {}
+        for step, idx in removed_idx.get(name, {}).items():
+            n = 0
+            sub = annotated[name].select(idx)
+            for batch in sub.iter(batch_size=256):
+                rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["_drop"]))]
+                enc = tok([doc_text(r, fmt) for r in rows], add_special_tokens=False)["input_ids"]
+                n += sum(map(len, enc))
+            removed_tokens[step] = n
+        after = final_tokens.get(name)
+        if after is None:
+            continue
+        total = after + sum(removed_tokens.values())
+        t = total
+        for s in info["steps"]:
+            s["tokens_before"] = t
+            t -= removed_tokens.get(s["step"], 0)
+            s["tokens_after"] = t
+        info["tokens_before"], info["tokens_after"] = total, after
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A readable summary of report.json (prepare's end and `llmctl status`)."""
+    lines = [f"curation ({report['content']} source):"]
+    for name, info in report["splits"].items():
+        tok = ""
+        if "tokens_before" in info:
+            tok = f", tokens {info['tokens_before']:,} -> {info['tokens_after']:,}"
+        lines.append(f"  {name}: documents {info['documents_before']:,} -> {info['documents_after']:,}{tok}")
+        for s in info["steps"]:
+            if s["removed"]:
+                lines.append(f"    - {s['step']}: {s['removed']:,} removed")
+    q = {k: v["removed"] for k, v in report.get("quality_filters", {}).items() if v["removed"]}
+    if q:
+        lines.append("  quality filters: " + ", ".join(f"{k} {v}" for k, v in q.items()))
+    if report["pii"]["by_kind"]:
+        verb = "redacted" if report["pii"]["action"] == "redact" else "found"
+        lines.append(f"  PII {verb}: " + ", ".join(f"{k} {v}" for k, v in report["pii"]["by_kind"].items())
+                     + f" in {report['pii']['documents']} documents")
+    if report.get("languages"):
+        lines.append("  languages kept: " + ", ".join(f"{k} {v}" for k, v in list(report["languages"]["after"].items())[:6]))
+    tg = report.get("term_groups")
+    if tg:
+        lines.append("  term groups (train, per 10k words): " + ", ".join(
+            f"{g} {v['per_10k_words']}" for g, v in tg["groups"].items()))
+    return lines

@@ -1,0 +1,220 @@
+"""Data curation in prepare: dedup, leakage, quality filters, language, PII, the report."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from conftest import tiny_config_dict, write_config
+from llmctl.config import load_config
+from llmctl.data import curate
+from llmctl.rundir import RunDir
+from llmctl.stages import prepare
+
+VOCAB = (
+    "river mountain garden window kitchen library teacher student morning evening summer winter "
+    "journey harbor village market bridge forest meadow castle painter doctor letter question answer "
+    "weather traveler candle orchard valley theater lantern blanket pocket silver copper marble"
+).split()
+
+
+def prose(seed: int, n_words: int = 60) -> str:
+    """A unique English-looking paragraph (language id says en, quality filters pass)."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n_words:
+        out += ["the", rng.choice(VOCAB), "was", "near", "the", rng.choice(VOCAB), "and", "we", "walked", "to", "the", rng.choice(VOCAB) + "."]
+    return " ".join(out)
+
+
+def edit(text: str, frac: float, seed: int) -> str:
+    """Change about `frac` of the words: a near duplicate."""
+    rng = random.Random(seed)
+    w = text.split()
+    for i in rng.sample(range(len(w)), max(1, int(len(w) * frac))):
+        w[i] = rng.choice(VOCAB)
+    return " ".join(w)
+
+
+def _cfg(tmp_path, docs: list[str], held_out: list[str] | None = None, curate_cfg: dict | None = None, fmt_rows=None):
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (fmt_rows or [{"text": t} for t in docs])))
+    data = {"paths": [str(f)], "block_size": 8, "curate": {"enabled": True, **(curate_cfg or {})}}
+    if held_out is not None:
+        v = tmp_path / "val.jsonl"
+        v.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out))
+        data["validation_paths"] = [str(v)]
+    else:
+        data["validation_fraction"] = 0.0
+    d = tiny_config_dict(tmp_path / "run", data=data, tokenizer={"vocab_size": 300, "min_frequency": 1})
+    return load_config(write_config(tmp_path / "c.yaml", d))
+
+
+def _report(cfg) -> dict:
+    prepare.run(cfg, RunDir(cfg.run.dir))
+    return json.loads(RunDir(cfg.run.dir).report_path.read_text())
+
+
+def _removed(report, split="train") -> dict[str, int]:
+    return {s["step"]: s["removed"] for s in report["splits"][split]["steps"]}
+
+
+def test_exact_near_dedup_and_leakage_counts_are_exact(tmp_path):
+    base = [prose(i, 120) for i in range(30)]
+    train = base + [
+        base[0].upper(),  # exact after normalising case
+        "  " + base[1].replace(" ", "   \n "),  # exact after normalising whitespace
+        edit(base[2], 0.01, 1),  # near duplicates (one word changed)
+        edit(base[3], 0.01, 2),
+        edit(base[3], 0.01, 3),
+    ]
+    held = [base[4], edit(base[5], 0.01, 4), prose(1000, 120), prose(1001, 120), prose(1001, 120)]
+    cfg = _cfg(tmp_path, train, held, {"quality": {"enabled": False}, "language": False})
+    r = _report(cfg)
+    assert _removed(r) == {"language": 0, "quality": 0, "exact_dedup": 2, "near_dedup": 3, "leakage": 0}
+    assert _removed(r, "validation") == {"language": 0, "quality": 0, "exact_dedup": 1, "near_dedup": 0, "leakage": 2}
+    assert r["splits"]["train"]["documents_after"] == 30 and r["splits"]["validation"]["documents_after"] == 2
+    val, docs = str(tmp_path / "val.jsonl"), str(tmp_path / "docs.jsonl")
+    assert r["removed"]["leakage"] == {"documents": 2, "examples": [f"{val}:1", f"{val}:2"]}
+    assert sorted(r["removed"]["exact_dedup"]["examples"]) == sorted([f"{docs}:31", f"{docs}:32", f"{val}:5"])
+    assert all(p["jaccard"] >= 0.8 for p in r["near_duplicates"]["examples"])
+    # tokens before/after add up: what each step removed is accounted for
+    steps = r["splits"]["train"]["steps"]
+    assert steps[0]["tokens_before"] - steps[-1]["tokens_after"] > 0
+    assert steps[-1]["tokens_after"] == json.loads(RunDir(cfg.run.dir).stats_path.read_text())["splits"]["train"]["tokens"]
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(RunDir(cfg.run.dir).dataset_dir))
+    assert len(ds["validation"]) > 0
+
+
+def test_near_dedup_is_deterministic_under_the_seed_and_finds_planted_pairs():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    docs = [prose(i, 120) for i in range(200)]
+    planted = [edit(docs[i], 0.01, i) for i in range(0, 200, 4)]  # 50 near duplicates
+    sh = lambda t: set(curate.shingles(t, "word", 5))
+    assert min(len(sh(docs[i]) & sh(planted[i // 4])) / len(sh(docs[i]) | sh(planted[i // 4])) for i in range(0, 200, 4)) >= 0.85
+    ds = Dataset.from_dict({"text": docs + planted})
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False}, "pii": {"action": "off"}})
+    p = curate.plan(dc)
+    runs = []
+    for _ in range(2):
+        out, rep = curate.curate({"train": ds}, "text", p, 7, 1, _tmp())
+        runs.append((len(out["train"]), rep["near_duplicates"]["examples"]))
+        assert rep["removed"]["near_dedup"]["documents"] >= 48  # recall >= 0.96 on planted pairs
+        assert rep["removed"]["near_dedup"]["documents"] <= 50  # no false positive among unique docs
+    assert runs[0] == runs[1]
+
+
+def _tmp():
+    import tempfile
+
+    return tempfile.mkdtemp()
+
+
+def test_quality_filters_each_counted(tmp_path):
+    good = [prose(i) for i in range(10)]
+    bad = {
+        "min_words": "too short here.",
+        "mean_word_length": " ".join(["a", "an", "it", "is", "to", "be"] * 10) + ".",
+        "symbol_ratio": " ".join(["#tag the river was near. ..."] * 20),
+        "alpha_words": " ".join(["1234 5678 9012 3456 7890 river."] * 12),
+        "bullet_lines": "\n".join(f"- item {VOCAB[i]} in the list of things we need." for i in range(12)),
+        "duplicate_lines": "\n".join(["the river was near the mountain and we walked."] * 6 + [prose(77, 20)]),
+        "lorem_ipsum": "Lorem ipsum dolor sit amet, the river was near the mountain and we walked to the village.",
+        "line_punctuation": "\n".join(f"the {VOCAB[i]} and the {VOCAB[i + 1]} near the water" for i in range(8)),
+    }
+    cfg = _cfg(tmp_path, good + list(bad.values()), None, {"language": False})
+    r = _report(cfg)
+    got = {k: v["removed"] for k, v in r["quality_filters"].items() if v["removed"]}
+    assert got == {k: 1 for k in bad}
+    assert _removed(r)["quality"] == len(bad)
+    assert r["quality_filters"]["lorem_ipsum"]["examples"] == [f"{tmp_path / 'docs.jsonl'}:{11 + list(bad).index('lorem_ipsum')}"]
+
+
+def test_language_filter_keeps_configured_languages(tmp_path):
+    en = [prose(i) for i in range(8)]
+    fr = ["Le renard brun rapide saute par-dessus le chien paresseux, puis il rentre à la maison pour dîner avec sa famille.",
+          "Nous sommes allés au marché ce matin et nous avons acheté du pain, du fromage et des pommes pour le déjeuner."]
+    de = ["Der schnelle braune Fuchs springt über den faulen Hund und läuft dann nach Hause, um mit seiner Familie zu essen."]
+    cfg = _cfg(tmp_path, en + fr + de, None, {"quality": {"enabled": False}})
+    r = _report(cfg)
+    assert _removed(r)["language"] == 3
+    assert r["languages"]["before"] == {"en": 8, "fr": 2, "de": 1} and r["languages"]["after"] == {"en": 8}
+    cfg = _cfg(tmp_path, en + fr + de, None, {"quality": {"enabled": False}, "languages": ["en", "fr"]})
+    r = _report(prepare_force(cfg))
+    assert _removed(r)["language"] == 1
+
+
+def prepare_force(cfg):
+    prepare.run(cfg, RunDir(cfg.run.dir), force=True)
+    return cfg
+
+
+def test_pii_redacted_with_typed_placeholders_and_look_alikes_survive(tmp_path):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    docs = [prose(i) for i in range(6)]
+    docs[0] += " Mail jane.roe@corp.com or call +44 20 7946 0958 from 203.0.113.9 with card 4111 1111 1111 1111."
+    docs[1] += " token ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8 here."
+    docs[2] += " requires python@2.7 and version 1.2.3.4 of the tool, build 2024-01-15."
+    cfg = _cfg(tmp_path, docs, None, {"quality": {"enabled": False}, "language": False})
+    r = _report(cfg)
+    assert r["pii"] == {"action": "redact", "documents": 2, "by_kind": {"credit_card": 1, "email": 1, "ip": 1, "phone": 1, "secret": 1}}
+    rd = RunDir(cfg.run.dir)
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    ds = load_from_disk(str(rd.dataset_dir))
+    text = tok.decode([t for row in ds["train"]["input_ids"] for t in row])
+    assert "<EMAIL>" in text and "<PHONE>" in text and "<CREDIT_CARD>" in text and "<SECRET>" in text
+    assert "jane.roe" not in text and "4111" not in text and "ghp_" not in text
+    assert "python@2.7" in text and "1.2.3.4" in text
+
+
+def test_pii_drop_removes_the_document(tmp_path):
+    docs = [prose(i) for i in range(6)]
+    docs[0] += " Mail jane.roe@corp.com now."
+    cfg = _cfg(tmp_path, docs, None, {"quality": {"enabled": False}, "language": False, "pii": {"action": "drop"}})
+    r = _report(cfg)
+    assert _removed(r)["pii"] == 1 and r["removed"]["pii"]["examples"] == [f"{tmp_path / 'docs.jsonl'}:1"]
+
+
+def test_code_sources_skip_prose_filters_and_report_term_groups(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f(x):\n    return x + 1  # she said he was right\n")
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "validation_fraction": 0.0, "block_size": 8, "txt_unit": "file", "curate": {"enabled": True}})
+    cfg = load_config(write_config(tmp_path / "c.yaml", d))
+    p = curate.plan(cfg.data)
+    assert p.content == "code" and not p.language and not p.quality and p.exact_dedup and p.near_dedup and p.pii == "redact"
+    from llmctl.config import DataConfig
+
+    assert curate.plan(DataConfig(source="builtin")).content == "code"
+    prose_plan = curate.plan(DataConfig(source="files", paths=["a.txt"]))
+    assert prose_plan.content == "prose" and prose_plan.language and prose_plan.quality
+    tg = curate._term_counts(["She said he and his brother met her mother."], {"female": ["she", "her", "mother"], "male": ["he", "his", "brother"]})
+    assert tg["words"] == 9 and tg["groups"]["female"]["count"] == 3 and tg["groups"]["male"]["count"] == 3
+
+
+def test_status_shows_the_curation_summary(tmp_path):
+    from conftest import run_cli
+
+    docs = [prose(i) for i in range(12)] + [prose(0)]
+    cfg = _cfg(tmp_path, docs, None, {"quality": {"enabled": False}, "language": False})
+    prepare.run(cfg, RunDir(cfg.run.dir))
+    res = run_cli("status", str(cfg.run.dir))
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "curation (prose source)" in out and "exact_dedup: 1 removed" in out
+    res = run_cli("status", str(cfg.run.dir), "--json")
+    assert json.loads(res.stdout)["curation"]["removed"]["exact_dedup"]["documents"] == 1
+
+
+@pytest.mark.parametrize("threshold,perm", [(0.8, 128), (0.5, 64)])
+def test_lsh_bands_cover_the_signature(threshold, perm):
+    b, r = curate.optimal_bands(threshold, perm)
+    assert b * r <= perm and b > 1
