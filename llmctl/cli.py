@@ -158,11 +158,13 @@ def generate(
     model: Optional[str] = typer.Option(None, "--model", help="Generate with this model (hub id or dir) instead of RUN/train/model."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt. Repeatable. '-' reads prompts from stdin."),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help=".txt (one per line) or .jsonl (prompt or messages)."),
+    logprobs: Optional[int] = typer.Option(None, "--logprobs", min=0, max=20, help="Record each token's logprob, entropy and the top K alternatives in outputs.jsonl."),
+    surprisal: bool = typer.Option(False, "--surprisal", help="Show outputs coloured by each token's surprisal (implies --logprobs 0)."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
-    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file)
+    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal)
 
 
 @app.command()

@@ -318,6 +318,7 @@ class GenerateConfig(Section):
     num_return_sequences: int = Field(1, ge=1, description="Outputs per prompt.")
     seed: int | None = Field(None, description="Sampling seed; null uses run.seed.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
 
 
 # --------------------------------------------------------------------------- export

@@ -16,6 +16,7 @@ class Sampling:
     stop: tuple[str, ...] = ()
     num_return_sequences: int = 1
     seed: int | None = None
+    logprobs: int | None = None  # None: off; K >= 0: per-token logprob and entropy, plus the top K alternatives
 
     def generate_kwargs(self) -> dict:
         kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_return_sequences": self.num_return_sequences}
@@ -52,8 +53,13 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     kw = sp.generate_kwargs()
     if sp.stop:
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
+    if sp.logprobs is not None:
+        kw.update(output_logits=True, return_dict_in_generate=True)  # raw logits: before temperature/top-k/top-p
     with torch.no_grad():
         out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
+    step_logits = None
+    if sp.logprobs is not None:
+        out, step_logits = out.sequences, out.logits
     n_in = enc["input_ids"].shape[1]
     prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
     results = []
@@ -71,10 +77,32 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
             n_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
         else:
             n_tokens = len(new)
-        results.append({
+        rec = {
             "text": text,
             "finish_reason": finish,
             "prompt_tokens": int(prompt_lens[row // sp.num_return_sequences]),
             "completion_tokens": n_tokens,
-        })
+        }
+        if step_logits is not None:
+            rec["logprobs"] = token_logprobs(tok, new, [step[row] for step in step_logits[: len(new)]], text, sp.logprobs)
+        results.append(rec)
     return results
+
+
+def token_logprobs(tok, ids: list[int], logits, text: str, top: int) -> list[dict]:
+    """Per generated token: its text, logprob and the distribution's entropy (nats) under the
+    raw logits, and the `top` likeliest alternatives. Tokens past a stop-string cut (whose text
+    is not in the output) are left out."""
+    import torch
+
+    out = []
+    for i, (t, row) in enumerate(zip(ids, logits)):
+        if len(tok.decode(ids[: i + 1], skip_special_tokens=True)) > len(text):
+            break
+        lp = torch.log_softmax(row.float(), dim=-1)
+        rec = {"token": tok.decode([t]), "id": int(t), "logprob": float(lp[t]), "entropy": float(-(lp.exp() * lp).nan_to_num().sum())}
+        if top:
+            v, k = torch.topk(lp, min(top, lp.numel()))
+            rec["top"] = [{"token": tok.decode([int(j)]), "id": int(j), "logprob": float(x)} for x, j in zip(v, k)]
+        out.append(rec)
+    return out

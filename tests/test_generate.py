@@ -94,3 +94,58 @@ def test_no_prompts_and_missing_model(tiny_cfg, trained_run):
     assert r.returncode == 2 and "no prompts" in r.stderr
     r = run_cli("generate", str(path), "-p", "x", "--model", "/nonexistent/model")
     assert r.returncode == 3 and "Traceback" not in r.stderr
+
+
+def _teacher_forced(model, prompt_ids, new_ids):
+    import torch
+
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids + new_ids])).logits[0].float(), -1)
+    n = len(prompt_ids)
+    return [float(lp[n - 1 + k, t]) for k, t in enumerate(new_ids)], lp
+
+
+def test_logprobs_are_raw_and_match_a_teacher_forced_pass(trained_run):
+    """Sampled at temperature 1.7, the recorded logprobs are still those of the raw logits."""
+    import pytest
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    prompts = ["the quick", "seven wizards quietly judge boxing"]
+    res = generate_batch(model, tok, prompts, Sampling(max_new_tokens=10, do_sample=True, temperature=1.7, top_k=0, seed=3, logprobs=4))
+    for p, r in zip(prompts, res):
+        lps = r["logprobs"]
+        ids = [x["id"] for x in lps]
+        assert tok.decode(ids) == r["text"] and len(ids) == r["completion_tokens"]
+        want, lp = _teacher_forced(model, tok(p, add_special_tokens=False)["input_ids"], ids)
+        assert [x["logprob"] for x in lps] == pytest.approx(want, abs=1e-4)
+        n = len(tok(p, add_special_tokens=False)["input_ids"])
+        for k, x in enumerate(lps):
+            row = lp[n - 1 + k]
+            assert x["entropy"] == pytest.approx(float(-(row.exp() * row).sum()), abs=1e-4)
+            assert [t["id"] for t in x["top"]] == row.topk(4).indices.tolist()
+
+
+def test_logprobs_stop_at_the_stop_string(trained_run):
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    sp = dict(max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, seed=1)
+    free = generate_batch(model, tok, ["the"], Sampling(**sp))[0]["text"]
+    stop = next(w for i in range(4, len(free) - 3) if "\ufffd" not in (w := free[i : i + 3]) and w.strip() and free.find(w) == i)
+    r = generate_batch(model, tok, ["the"], Sampling(**sp, stop=(stop,), logprobs=0))[0]
+    assert r["finish_reason"] == "stop" and r["logprobs"]
+    joined = tok.decode([x["id"] for x in r["logprobs"]])
+    assert r["text"].startswith(joined) and stop not in joined and "top" not in r["logprobs"][0]
+
+
+def test_cli_logprobs_and_surprisal(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), "-p", "the quick", "--logprobs", "2", "--set", "generate.do_sample=false")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(rd.outputs_path.read_text().splitlines()[0])
+    assert len(rec["logprobs"]) == rec["completion_tokens"] and all(len(x["top"]) == 2 for x in rec["logprobs"])
+    assert all(x["top"][0]["id"] == x["id"] for x in rec["logprobs"])  # greedy picks the top token
+    r = run_cli("generate", str(path), "-p", "the quick", "--surprisal", "--set", "generate.do_sample=false")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 + len(rec["logprobs"]) and lines[1].split()[-2] == f"{rec['logprobs'][0]['logprob']:.3f}"

@@ -51,7 +51,29 @@ def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dic
     return out
 
 
-def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None, **_) -> dict:
+def surprisal_text(text: str, logprobs: list[dict]):
+    """The output as a rich Text, each token on a background as red as its surprisal
+    (-logprob; 0 nats white, 8 or more red); text the tokens do not cover stays plain."""
+    from rich.text import Text
+
+    t = Text()
+    covered = 0
+    for r in logprobs:
+        s = min(-r["logprob"] / 8.0, 1.0)
+        g = int(255 * (1 - s))
+        t.append(r["token"], style=f"black on #ff{g:02x}{g:02x}")
+        covered += len(r["token"])
+    t.append(text[covered:])
+    return t
+
+
+def surprisal_plain(logprobs: list[dict]) -> str:
+    """One token a line for logs: token, logprob, entropy."""
+    return "\n".join(f"{r['token']!r:<20} {r['logprob']:>8.3f} {r['entropy']:>7.3f}" for r in logprobs)
+
+
+def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None,
+        logprobs: int | None = None, surprisal: bool = False, **_) -> dict:
     from llmctl.generation import Sampling, generate_batch
     from llmctl.modeling import load_for_inference, resolve_model_path
 
@@ -76,8 +98,9 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
         top_p=g.top_p, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
         num_return_sequences=g.num_return_sequences, seed=g.seed if g.seed is not None else cfg.run.seed,
+        logprobs=logprobs if logprobs is not None else (g.logprobs if g.logprobs is not None else (0 if surprisal else None)),
     )
-    stream = len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode
+    stream = len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
     records = []
     with rd.begin("generate", cfg, inputs=[] if explicit else ["train"]) as st:
@@ -99,8 +122,17 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
                     prog.update(advance=len(batch))
         for idx, r in results:
             rec = {"index": idx, **({"messages": items[idx]["messages"]} if "messages" in items[idx] else {}), "prompt": texts[idx], "output": r["text"], **{k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}}
+            if "logprobs" in r:
+                rec["logprobs"] = r["logprobs"]
             records.append(rec)
-            if not stream and not con.json_mode:
+            if surprisal and not con.json_mode:
+                if sys.stdout.isatty():
+                    from rich.console import Console
+
+                    Console().print(surprisal_text(r["text"], r["logprobs"]))
+                else:
+                    sys.stdout.write(r["text"] + "\n" + surprisal_plain(r["logprobs"]) + "\n")
+            elif not stream and not con.json_mode:
                 sys.stdout.write(r["text"] + "\n")
         atomic_write_text(rd.outputs_path, "".join(json.dumps(r) + "\n" for r in records))
         secs = time.time() - t0
