@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from llmctl.errors import ConfigError
@@ -83,6 +84,10 @@ def check_supported(model, tok=None) -> str | None:
     if tok is None:
         return None
     from llmctl.exporters import gguf_tokenizer
+
+    top = max(tok.get_vocab().values())
+    if top >= c.vocab_size:
+        raise ConfigError(f"export gguf: the tokenizer has id {top} but the model's vocab_size is {c.vocab_size}: llama.cpp could not embed it")
 
     return gguf_tokenizer.identify(tok)
 
@@ -345,8 +350,11 @@ def verify(path: Path, ref, ids, mask, qtype: str, tok=None, model=None) -> tupl
         t = gguf_tokenizer.check_file(path, tok)
         info["tokenizer"] = {**t, "passed": t["mismatched"] == 0}
         if llama_cpp("llama-tokenize"):
-            t = llama_cpp_tokenize_check(path, tok)
-            info["llama_cpp_tokenize"] = {**t, "passed": t["mismatched"] == 0}
+            try:
+                t = llama_cpp_tokenize_check(path, tok)
+                info["llama_cpp_tokenize"] = {**t, "passed": t["mismatched"] == 0}
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # llama.cpp refused the file
+                info["llama_cpp_tokenize"] = {"passed": False, "error": str(e)}
     return diff, TOLERANCE[qtype] * scale, info
 
 
@@ -361,8 +369,6 @@ def llama_cpp(tool: str) -> Path | None:
 
 def llama_cpp_tokenize(path: Path, text: str) -> list[int]:
     """Ids llama.cpp itself gives `text` (exact bytes, no BOS) with this file's tokenizer."""
-    import subprocess
-
     cmd = [str(llama_cpp("llama-tokenize")), "-m", str(path), "--stdin", "--ids", "--no-bos", "--no-escape", "--log-disable"]
     r = subprocess.run(cmd, input=text.encode(), capture_output=True, timeout=120)
     if r.returncode != 0:

@@ -125,6 +125,8 @@ def _check_lora(cfg, rd: RunDir, model, ids, mask) -> float | None:
 
 
 def _check_line(v: dict) -> str:
+    if "error" in v:
+        return v["error"]
     if "probes" in v:
         line = f"{v['probes'] - v['mismatched']}/{v['probes']} probe texts tokenized as the trained tokenizer does"
         return line + (f" (first difference: {v['first_mismatch']!r})" if v["mismatched"] else "")
@@ -140,7 +142,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         if set(fmts) <= set(m.get("formats", [])):
             con.info(f"export: up to date in {rd.stage_dir('export')} (use --force to redo)")
             return {**m["headline"], "cached": True}
-    from llmctl.exporters import common, gguf as gguf_x, hf as hf_x, onnx as onnx_x
+    from llmctl.exporters import common, gguf as gguf_x, gguf_tokenizer as gguf_tok, hf as hf_x, onnx as onnx_x
 
     model, tok = _load_trained(cfg, rd)
     pre = gguf_x.check_supported(model, tok) if "gguf" in fmts else None  # fail before any work
@@ -174,7 +176,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                     if check:
                         checks[""] = (*onnx_x.verify(out, ref, ids, mask, cfg), {})
                 else:
-                    info = {"types": list(cfg.export.gguf_types), "tokenizer_pre": pre, "kept_higher_precision": {}}
+                    info = {"types": list(cfg.export.gguf_types), "tokenizer_pre": pre, "tokenizer_hash": gguf_tok.llama_cpp_hash(tok), "kept_higher_precision": {}}
                     for q in cfg.export.gguf_types:
                         p = gguf_x.write(model, tok, out, q, cfg.run.name, pre=pre)
                         info["kept_higher_precision"][q] = kept = gguf_x.kept_higher_precision(p, q)
