@@ -235,3 +235,26 @@ def test_failure_midway_leaves_nothing_complete(tmp_path, monkeypatch):
     assert not [p for p in rd.stage_dir("prepare").iterdir() if p.name.startswith(".build")]
     with pytest.raises(StageInputError, match="is failed"):
         rd.require("prepare", cfg)
+
+
+def test_csv_quoted_fields_keep_their_newlines(tmp_path):
+    import csv
+
+    from llmctl.data.sources import Counters, read_file
+    from llmctl.errors import DataError
+
+    texts = ["first line\nsecond line", 'a "quoted", comma, field', "crlf\r\ninside", "plain"]
+    f = tmp_path / "d.csv"
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "text"])
+        for i, t in enumerate(texts):
+            w.writerow([i, t])
+    recs = list(read_file(f, "paragraph", "error", Counters()))
+    assert [r["text"] for r, _ in recs] == texts
+    assert [where.rsplit(":", 1)[1] for _, where in recs] == ["2", "4", "5", "7"]  # the line each record starts on
+    f.write_text("id,text\n1,fine\n2,one,too many\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 3 fields where the header has 2"):
+        list(read_file(f, "paragraph", "error", Counters()))
+    c = Counters()
+    assert [r["text"] for r, _ in read_file(f, "paragraph", "skip", c)] == ["fine"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import os
 import random
@@ -156,9 +157,7 @@ def read_file(path: Path, txt_unit: str, on_error: str, counters: Counters) -> I
         text = _decode(path.read_bytes(), path, on_error, counters)
         if text is None:
             return
-        reader = csv.DictReader(text.splitlines())
-        for i, rec in enumerate(reader, 2):
-            yield dict(rec), f"{path}:{i}"
+        yield from _read_csv(text, path, on_error, counters)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -168,6 +167,37 @@ def read_file(path: Path, txt_unit: str, on_error: str, counters: Counters) -> I
             for rec in batch.to_pylist():
                 row += 1
                 yield rec, f"{path}[row {row}]"
+
+
+def _read_csv(text: str, path: Path, on_error: str, counters: Counters) -> Iterator[tuple[dict, str]]:
+    """Records of a CSV file, parsed by the csv module on the whole text: a quoted field keeps
+    its newlines. `where` is the line the record starts on."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV header ({e})") from None
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            if on_error == "skip":
+                counters.skip("malformed_csv")
+                continue
+            raise DataError(f"{path}:{start}: malformed CSV ({e}): fix the record or set data.on_error: skip") from None
+        if not row:
+            continue  # a blank line
+        if len(row) != len(header):
+            if on_error == "skip":
+                counters.skip("malformed_csv")
+                continue
+            raise DataError(f"{path}:{start}: {len(row)} fields where the header has {len(header)}: quote fields that hold commas, or set data.on_error: skip")
+        yield dict(zip(header, row)), f"{path}:{start}"
 
 
 def read_documents(path: Path) -> Iterator[tuple[str, str]]:
