@@ -122,7 +122,7 @@ def text_metrics(hyps: list[str], refs: list[str]) -> dict:
     c = chrf.corpus_score(hyps, [refs])
     t = ter.corpus_score(hyps, [refs])
     em = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
-    return {
+    out = {
         "bleu": round(b.score, 4),
         "chrf": round(c.score, 4),
         "ter": round(t.score, 4),
@@ -130,6 +130,26 @@ def text_metrics(hyps: list[str], refs: list[str]) -> dict:
         "examples": len(refs),
         "signatures": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature()), "ter": str(ter.get_signature())},
     }
+    note = bleu_degenerate(refs)
+    if note:
+        out["bleu_degenerate"] = True
+        out["bleu_note"] = note
+    return out
+
+
+def bleu_degenerate(refs: list[str]) -> str | None:
+    """Why corpus BLEU says nothing about these references, or None.
+
+    BLEU multiplies 1- to 4-gram precisions: when no reference has 4 tokens (sacreBLEU's 13a
+    tokenization) there is no 4-gram to match and BLEU is 0 whatever the predictions are.
+    """
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    tok = Tokenizer13a()
+    longest = max((len(tok(r).split()) for r in refs), default=0)
+    if longest < 4:
+        return f"every reference is shorter than 4 tokens (longest {longest}): BLEU is 0 by construction; read chrF and exact match"
+    return None
 
 
 def sentence_scores(hyp: str, ref: str) -> dict:

@@ -38,6 +38,11 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
     return summary
 
 
+def _numbers(**kw) -> dict:
+    """Only the values that were measured; numbers stay numbers (for --json)."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def summarize(rd) -> dict:
     """The headline of every stage in one place: data, model, training, quality, artifacts."""
     out: dict = {"run_dir": str(rd.root)}
@@ -46,19 +51,24 @@ def summarize(rd) -> dict:
     e = (rd.manifest("eval") or {}).get("headline", {})
     x = rd.manifest("export") or {}
     if p:
-        out["data"] = f"{p.get('documents')} documents, {p.get('train_tokens')} train tokens, vocab {p.get('vocab_size')}"
+        out["data"] = _numbers(documents=p.get("documents"), train_tokens=p.get("train_tokens"), vocab_size=p.get("vocab_size"))
     if t:
-        out["model"] = f"{(t.get('parameters') or 0) / 1e6:.2f}M parameters"
-        out["training"] = f"{t.get('steps')} steps in {t.get('seconds')} s ({t.get('tokens_per_s')} tokens/s)"
-        if t.get("init_val_ppl") is not None:
-            out["val_perplexity_before_after"] = f"{t.get('init_val_ppl')} -> {t.get('val_ppl')}"
+        out["model"] = _numbers(parameters=t.get("parameters"), trainable_parameters=t.get("trainable_parameters"))
+        out["training"] = _numbers(
+            steps=t.get("steps"), seconds=t.get("seconds"), tokens_per_s=t.get("tokens_per_s"),
+            val_perplexity_before=t.get("init_val_ppl"), val_perplexity_after=t.get("val_ppl"),
+        )
     if e:
         if "perplexity" in e:
-            before = e.get("init_perplexity", "?")
-            out["eval_perplexity_before_after"] = f"{before} -> {e['perplexity']} (unigram baseline {e.get('baseline_unigram_perplexity', '?')})"
-        if "bleu" in e:
-            before = e.get("init_bleu", "?")
-            out["bleu_before_after"] = f"{before} -> {e['bleu']} (copy-prompt baseline {e.get('baseline_copy_bleu', '?')}, {e.get('examples')} pairs)"
+            out["eval_perplexity"] = _numbers(before=e.get("init_perplexity"), after=e["perplexity"], unigram_baseline=e.get("baseline_unigram_perplexity"))
+        if "bleu" in e and not e.get("bleu_degenerate"):
+            out["bleu"] = _numbers(before=e.get("init_bleu"), after=e["bleu"], copy_prompt_baseline=e.get("baseline_copy_bleu"), pairs=e.get("examples"))
+        elif "bleu" in e:
+            # References too short for 4-grams: BLEU is 0 whatever the model says, so lead with
+            # the metrics that still measure something.
+            out["chrf"] = _numbers(before=e.get("init_chrf"), after=e.get("chrf"), copy_prompt_baseline=e.get("baseline_copy_chrf"), pairs=e.get("examples"))
+            out["exact_match"] = _numbers(before=e.get("init_exact_match"), after=e.get("exact_match"))
+            out["bleu_degenerate"] = "every reference is shorter than 4 tokens: BLEU is 0 by construction"
     if rd.outputs_path.is_file():
         first = rd.outputs_path.read_text().splitlines()[:1]
         if first:
@@ -66,5 +76,5 @@ def summarize(rd) -> dict:
             out["sample"] = (rec["prompt"] + rec["output"])[:300]
     if x.get("status") == "complete":
         h = x.get("headline", {})
-        out["exports"] = ", ".join(f"{f} ({h.get(f + '_mb')} MB)" for f in x.get("formats", []))
+        out["exports_mb"] = _numbers(**{f: h.get(f + "_mb") for f in x.get("formats", [])})
     return out

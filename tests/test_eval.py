@@ -129,6 +129,8 @@ def test_eval_writes_results_and_predictions(trained_run):
     r = run_cli("eval", str(path), "--json")
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
+    # The fixture's references are 3 words: BLEU cannot be anything but 0, and eval says so.
+    assert head["bleu"] == 0 and head["bleu_degenerate"] is True and "BLEU is 0 by construction" in r.stderr
     res = json.loads(rd.results_path.read_text())
     assert res["perplexity"]["tokens"] == head["ppl_tokens"] > 0
     p = res["perplexity"]

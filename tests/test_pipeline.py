@@ -27,8 +27,10 @@ def test_run_end_to_end_then_skips(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["ran"] == ["prepare", "train", "eval", "generate", "export"] and out["skipped_up_to_date"] == []
-    for key in ("data", "model", "training", "eval_perplexity_before_after", "bleu_before_after", "sample", "exports"):
+    for key in ("data", "model", "training", "eval_perplexity", "sample", "exports_mb"):
         assert key in out, key
+    assert "bleu" in out or "chrf" in out
+    assert isinstance(out["training"]["steps"], int) and isinstance(out["eval_perplexity"]["after"], float)
     rd = RunDir(tmp_path / "run")
     for stage in ("prepare", "train", "eval", "generate", "export"):
         m = rd.manifest(stage)
@@ -53,3 +55,46 @@ def test_run_stops_at_first_failure_with_its_code(tmp_path):
     r = run_cli("run", str(path))
     assert r.returncode == 2 and "missing.txt" in r.stderr
     assert RunDir(tmp_path / "run").manifest("train") is None
+
+
+def _fake_run(tmp_path, eval_headline):
+    from conftest import tiny_config_dict
+    from llmctl.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run")))
+    rd = RunDir(tmp_path / "run")
+    heads = {
+        "prepare": {"documents": 10, "train_tokens": 1000, "vocab_size": 300},
+        "train": {"steps": 4, "seconds": 1.5, "parameters": 12345, "tokens_per_s": None, "init_val_ppl": 300.0, "val_ppl": 120.5},
+        "eval": eval_headline,
+    }
+    for stage, head in heads.items():
+        with rd.begin(stage, cfg) as st:
+            st.headline.update(head)
+    return rd
+
+
+def test_run_summary_numbers_are_numbers(tmp_path):
+    from llmctl.pipeline import summarize
+
+    rd = _fake_run(tmp_path, {"perplexity": 50.25, "bleu": 12.5, "chrf": 30.0, "exact_match": 0.1, "examples": 8, "baseline_copy_bleu": 1.0})
+    out = json.loads(json.dumps(summarize(rd)))
+    assert out["data"] == {"documents": 10, "train_tokens": 1000, "vocab_size": 300}
+    assert out["training"] == {"steps": 4, "seconds": 1.5, "val_perplexity_before": 300.0, "val_perplexity_after": 120.5}
+    assert out["eval_perplexity"] == {"after": 50.25}  # nothing measured is shown as "?" or a string
+    assert out["bleu"] == {"after": 12.5, "copy_prompt_baseline": 1.0, "pairs": 8}
+    assert "?" not in json.dumps(out)
+
+
+def test_run_summary_leads_with_chrf_when_bleu_is_degenerate(tmp_path):
+    from llmctl.metrics import text_metrics
+    from llmctl.pipeline import summarize
+
+    short = text_metrics(["blue", "red cat"], ["blue", "red dog"])
+    assert short["bleu"] == 0 and short["exact_match"] == 0.5 and short["bleu_degenerate"] is True
+    assert "shorter than 4 tokens" in short["bleu_note"]
+    assert "bleu_degenerate" not in text_metrics(["the cat sat on the mat"], ["the cat sat on a mat"])
+    rd = _fake_run(tmp_path, {"bleu": 0.0, "chrf": 61.0, "exact_match": 0.5, "examples": 2, "bleu_degenerate": True, "init_chrf": 10.0, "baseline_copy_chrf": 5.0})
+    out = summarize(rd)
+    assert "bleu" not in out and out["chrf"] == {"before": 10.0, "after": 61.0, "copy_prompt_baseline": 5.0, "pairs": 2}
+    assert out["exact_match"] == {"after": 0.5} and "shorter than 4 tokens" in out["bleu_degenerate"]

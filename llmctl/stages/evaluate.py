@@ -137,7 +137,7 @@ def _headline(results: dict) -> dict:
         if k in p:
             head[k if k != "tokens" else "ppl_tokens"] = p[k]
     g = results.get("generation") or {}
-    for k in ("bleu", "chrf", "ter", "exact_match", "examples"):
+    for k in ("bleu", "chrf", "ter", "exact_match", "examples", "bleu_degenerate"):
         if k in g:
             head[k] = g[k]
     b = results.get("baselines") or {}
@@ -146,11 +146,12 @@ def _headline(results: dict) -> dict:
         head["baseline_unigram_perplexity"] = p["unigram_perplexity"]
     if "copy_prompt_bleu" in g:
         head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
+    if "copy_prompt_chrf" in g:
+        head["baseline_copy_chrf"] = g["copy_prompt_chrf"]
     if init:
-        if "perplexity" in init:
-            head["init_perplexity"] = init["perplexity"]
-        if "bleu" in init:
-            head["init_bleu"] = init["bleu"]
+        for k in ("perplexity", "bleu", "chrf", "exact_match"):
+            if k in init:
+                head[f"init_{k}"] = init[k]
     head.update(b)
     return head
 
@@ -303,8 +304,11 @@ def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = Non
     out = text_metrics(hyps, refs)
     if cfg.eval.baselines:
         copy = [" ".join(p.split()[-8:]) for p in prompts]
-        out["copy_prompt_bleu"] = text_metrics(copy, refs)["bleu"]
+        base = text_metrics(copy, refs)
+        out["copy_prompt_bleu"], out["copy_prompt_chrf"] = base["bleu"], base["chrf"]
     con.info(f"BLEU {out['bleu']:.2f}  chrF {out['chrf']:.2f}  TER {out['ter']:.2f}  exact {out['exact_match']:.3f} on {len(refs)} pairs")
+    if out.get("bleu_note"):
+        con.warn(f"BLEU: {out['bleu_note']}")
     return out
 
 
@@ -328,5 +332,6 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
         from llmctl.metrics import text_metrics
 
-        out["bleu"] = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)["bleu"]
+        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
+        out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
     return out
