@@ -177,7 +177,8 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
             for k in range(req.n):
                 jobs.append(Job(
                     ids, mt, temperature=req.temperature, top_p=req.top_p, stop=stops,
-                    seed=None if req.seed is None else req.seed + k, loop=loop, out=asyncio.Queue(),
+                    # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
+                    seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                 ))
         try:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class StreamOptions(BaseModel):
@@ -17,15 +18,50 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string anywhere in a JSON value that is not valid Unicode text (a lone
+    surrogate such as "\\ud800", which JSON can escape but UTF-8 cannot encode)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, dict):
+        value = list(value.keys()) + list(value.values())
+    if isinstance(value, list):
+        for v in value:
+            found = _lone_surrogate(v)
+            if found is not None:
+                return found
+    return None
+
+
+INT64 = 2**63
+
+
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        bad = _lone_surrogate(data)
+        if bad is not None:
+            raise PydanticCustomError(
+                "invalid_unicode",
+                "the request holds text that is not valid Unicode ({where}): a lone UTF-16 surrogate cannot be encoded",
+                {"where": ascii(bad[:40])},
+            )
+        return data
+
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=16)
     stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-INT64, lt=INT64)  # a 64-bit integer, as OpenAI documents it
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
