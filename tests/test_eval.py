@@ -129,8 +129,6 @@ def test_eval_writes_results_and_predictions(trained_run):
     r = run_cli("eval", str(path), "--json")
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
-    # The fixture's references are 3 words: BLEU cannot be anything but 0, and eval says so.
-    assert head["bleu"] == 0 and head["bleu_degenerate"] is True and "BLEU is 0 by construction" in r.stderr
     res = json.loads(rd.results_path.read_text())
     assert res["perplexity"]["tokens"] == head["ppl_tokens"] > 0
     p = res["perplexity"]
@@ -232,3 +230,20 @@ def test_a_model_with_another_tokenizer_is_refused_before_scoring(trained_run, t
     assert r.returncode == 2, r.stderr
     assert "tokenizer differs" in r.stderr and "eval.text_paths" in r.stderr and "Traceback" not in r.stderr
     assert not any(p.name.startswith("eval") for p in rd.root.iterdir())  # refused before anything was written
+
+
+def test_short_references_make_bleu_degenerate_and_eval_says_so(trained_run, capsys):
+    from datasets import Dataset, DatasetDict
+
+    from llmctl import console
+
+    path, cfg, rd = trained_run
+    import shutil
+
+    shutil.rmtree(rd.pairs_dir)
+    DatasetDict({"validation": Dataset.from_dict({"prompt": ["the quick", "a lazy", "river"], "reference": [" brown", " dog", " stones glow"]})}).save_to_disk(str(rd.pairs_dir))
+    console.set_current(console.Console())
+    res = evaluate.run(load_config(path, ["eval.perplexity=false"]), rd)
+    err = capsys.readouterr().err
+    assert res["bleu"] == 0 and res["bleu_degenerate"] is True
+    assert "BLEU is 0 by construction" in err and "chrF" in err
