@@ -196,8 +196,13 @@ def test_code_sources_skip_prose_filters_and_report_term_groups(tmp_path):
     assert curate.plan(DataConfig(source="builtin")).content == "code"
     prose_plan = curate.plan(DataConfig(source="files", paths=["a.txt"]))
     assert prose_plan.content == "prose" and prose_plan.language and prose_plan.quality
-    tg = curate._term_counts(["She said he and his brother met her mother."], {"female": ["she", "her", "mother"], "male": ["he", "his", "brother"]})
-    assert tg["words"] == 9 and tg["groups"]["female"]["count"] == 3 and tg["groups"]["male"]["count"] == 3
+    groups = {"female": ["she", "her", "mother"], "male": ["he", "his", "brother"]}
+    terms = frozenset(t.encode() for ts in groups.values() for t in ts)
+    texts = ("She said: he and his brother met her mother.", "He, he, HE!", "she")
+    cells = [json.dumps(curate.term_counts(t.lower().encode(), terms)) for t in texts]
+    tg = curate._sum_terms(cells, [True, True, False], groups)
+    assert tg["words"] == 12 and tg["groups"]["female"]["count"] == 3 and tg["groups"]["male"]["count"] == 6
+    assert tg["groups"]["male"]["top_terms"] == {"he": 4, "his": 1, "brother": 1}
 
 
 def test_status_shows_the_curation_summary(tmp_path):

@@ -15,6 +15,7 @@ The first occurrence is kept, so re-runs are deterministic for a given run.seed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -34,7 +35,6 @@ QUALITY_FILTERS = (
     "ellipsis_lines", "duplicate_lines", "duplicate_paragraphs", "lorem_ipsum", "line_punctuation",
 )
 _WS = re.compile(r"\s+")
-_WORD = re.compile(r"\w+", re.UNICODE)
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25cf\u25aa\u2023\u2043\u2219]|\d+[.)])\s")
 _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
 _EXAMPLES = 5
@@ -103,7 +103,7 @@ def doc_text(row: dict, fmt: str) -> str:
 
 def normalise(text: str) -> str:
     """Exact-dedup key text: case and whitespace do not make a document new."""
-    return _WS.sub(" ", text).strip().lower()
+    return " ".join(text.split()).lower()
 
 
 def quality_failure(text: str, q) -> str | None:
@@ -161,6 +161,7 @@ def language(text: str) -> tuple[str, float]:
 
 
 def shingles(text: str, kind: str, size: int) -> list[str]:
+    """The shingle strings of a document (the reference for `shingle_hashes`)."""
     if kind == "char":
         t = _WS.sub(" ", text.lower())
         return [t[i : i + size] for i in range(max(1, len(t) - size + 1))]
@@ -168,6 +169,58 @@ def shingles(text: str, kind: str, size: int) -> list[str]:
     if len(w) < size:
         return [" ".join(w)]
     return list(map(" ".join, zip(*(w[i:] for i in range(size)))))
+
+
+_MIX = 1099511628211  # FNV prime: combines word hashes into a shingle hash (uint64 wrap-around)
+
+
+def shingle_hashes(words: list[bytes], size: int):
+    """uint64 hashes of the word shingles of lower-cased, split UTF-8 words: xxh3 per word,
+    combined over `size` consecutive words with numpy (2x faster than joining strings)."""
+    import numpy as np
+    import xxhash
+
+    h = np.fromiter(map(xxhash.xxh3_64_intdigest, words), dtype=np.uint64, count=len(words))
+    if len(h) <= size:
+        size = max(len(h), 1)
+        if not len(h):
+            return np.zeros(1, dtype=np.uint64)
+    n = len(h) - size + 1
+    out = h[:n].copy()
+    mix = np.uint64(_MIX)
+    with np.errstate(over="ignore"):
+        for k in range(1, size):
+            out = out * mix + h[k : n + k]
+    return out
+
+
+def _signatures(texts: list[str], words: list[list[bytes]], c, seed: int) -> list[list[int]]:
+    """MinHash signatures (rensa) of a batch of documents."""
+    import numpy as np
+    import rensa
+
+    nd = c.near_dedup
+    if nd.shingle == "char":
+        out = []
+        for t in texts:
+            m = rensa.RMinHash(num_perm=nd.num_perm, seed=seed)
+            m.update(shingles(t, "char", nd.shingle_size))
+            out.append(m.digest())
+        return out
+    hs = [shingle_hashes(w, nd.shingle_size) for w in words]
+    offsets = np.cumsum([0] + [len(h) for h in hs], dtype=np.uint64)
+    return rensa.RMinHash.digest_matrix_from_flat_token_hashes(np.concatenate(hs), offsets, nd.num_perm, seed).to_rows()
+
+
+# ASCII punctuation -> space on UTF-8 bytes (C speed); bytes >= 128 stay, so non-ASCII words survive
+_SPLIT_TABLE = bytes(b if (chr(b).isalnum() or b == 39 or b >= 128) else 32 for b in range(256))
+
+
+def term_counts(low: bytes, terms: frozenset[bytes]) -> tuple[int, dict[str, int]]:
+    """(words, {term: count}) in lower-cased UTF-8 text, words split at ASCII punctuation."""
+    toks = low.translate(_SPLIT_TABLE).split()
+    hits = Counter([t for t in toks if t in terms])
+    return len(toks), {t.decode(): n for t, n in sorted(hits.items())}
 
 
 def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict, Counter]:
@@ -193,9 +246,9 @@ def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
     keys = list(batch)
     n = len(batch[keys[0]])
     out: dict[str, list] = {k: [] for k in keys}
-    cols: dict[str, list] = {"_drop": [], "_lang": [], "_words": [], "_chars": [], "_exact": [], "_minhash": [], "_pii": []}
-    if p.near_dedup:
-        import rensa
+    cols: dict[str, list] = {"_drop": [], "_lang": [], "_words": [], "_chars": [], "_exact": [], "_minhash": [], "_pii": [], "_terms": []}
+    terms = frozenset(t.lower().encode() for ts in (c.term_groups or {}).values() for t in ts)
+    to_sign: list[tuple[int, str, list[bytes]]] = []
     for i in range(n):
         row = {k: batch[k][i] for k in keys}
         text = doc_text(row, fmt)
@@ -221,34 +274,39 @@ def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
             out[k].append(row[k])
         cols["_drop"].append(drop)
         cols["_lang"].append(lang)
-        cols["_words"].append(len(text.split()))
+        low = text.lower().encode("utf-8", "surrogatepass")
+        words = low.split()
+        cols["_words"].append(len(words))
         cols["_chars"].append(len(text))
         cols["_pii"].append(json.dumps(dict(sorted(pii.items()))) if pii else "")
-        cols["_exact"].append(hashlib.blake2b(normalise(text).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() if p.exact_dedup or p.leakage else "")
+        # the exact key: lower-cased, whitespace runs collapsed (= normalise(text))
+        cols["_exact"].append(hashlib.blake2b(b" ".join(words), digest_size=16).hexdigest() if p.exact_dedup or p.leakage else "")
+        cols["_terms"].append(json.dumps(term_counts(low, terms)) if terms and not drop else "")
+        cols["_minhash"].append([])
         if p.near_dedup and not drop:
-            m = rensa.RMinHash(num_perm=c.near_dedup.num_perm, seed=seed % (1 << 32))
-            m.update(shingles(text, c.near_dedup.shingle, c.near_dedup.shingle_size))
-            cols["_minhash"].append(m.digest())
-        else:
-            cols["_minhash"].append([])
+            to_sign.append((i, text, words))
+    if to_sign:
+        sigs = _signatures([t for _, t, _ in to_sign], [w for _, _, w in to_sign], c, seed)
+        for (i, _, _), sig in zip(to_sign, sigs):
+            cols["_minhash"][i] = sig
     out.update(cols)
     return out
 
 
 # --------------------------------------------------------------------------- LSH
+@functools.lru_cache(maxsize=None)
 def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) minimising false positives + false negatives around the threshold,
-    the rule datasketch uses (equal weights)."""
+    the rule datasketch uses (equal weights), integrated on a grid."""
+    import numpy as np
 
-    def integrate(f, a, b, steps=200):
-        h = (b - a) / steps
-        return sum(f(a + (i + 0.5) * h) for i in range(steps)) * h
-
+    lo = np.linspace(0.0, threshold, 201)[:-1] + threshold / 400
+    hi = np.linspace(threshold, 1.0, 201)[:-1] + (1 - threshold) / 400
     best, best_err = (1, num_perm), float("inf")
     for b in range(1, num_perm + 1):
         for r in range(1, num_perm // b + 1):
-            fp = integrate(lambda s: 1 - (1 - s**r) ** b, 0.0, threshold)
-            fn = integrate(lambda s: 1 - (1 - (1 - s**r) ** b), threshold, 1.0)
+            fp = np.mean(1 - (1 - lo**r) ** b) * threshold
+            fn = np.mean((1 - hi**r) ** b) * (1 - threshold)
             if fp + fn < best_err:
                 best, best_err = (b, r), fp + fn
     return best
@@ -304,26 +362,28 @@ def _hist(values: Iterable[int]) -> dict[str, int]:
     return dict(sorted(h.items(), key=lambda kv: int(kv[0].split("-")[0])))
 
 
-def _term_counts(texts: Iterable[str], groups: dict[str, list[str]]) -> dict:
-    index = {}
-    for g, terms in groups.items():
-        for t in terms:
-            index[t.lower()] = g
-    counts: Counter = Counter()
-    per_term: Counter = Counter()
+# ASCII punctuation -> space on UTF-8 bytes (C speed); bytes >= 128 stay, so non-ASCII words survive
+_SPLIT_TABLE = bytes(b if (chr(b).isalnum() or b == 39 or b >= 128) else 32 for b in range(256))
+
+
+def _sum_terms(column: Iterable[str], keep: Iterable[bool], groups: dict[str, list[str]]) -> dict:
+    """The term-group report from the per-document `_terms` column of kept documents."""
+    group_of = {t.lower(): g for g, ts in groups.items() for t in ts}
     words = 0
-    for text in texts:
-        for w in _WORD.findall(text.lower()):
-            words += 1
-            g = index.get(w)
-            if g:
-                counts[g] += 1
-                per_term[w] += 1
+    per_term: Counter = Counter()
+    for cell, k in zip(column, keep):
+        if k and cell:
+            w, c = json.loads(cell)
+            words += w
+            per_term.update(c)
+    counts: Counter = Counter()
+    for t, n in per_term.items():
+        counts[group_of[t]] += n
     return {
         "words": words,
         "groups": {g: {"count": counts[g], "per_10k_words": round(1e4 * counts[g] / max(words, 1), 2),
-                       "top_terms": dict(Counter({t: per_term[t] for t in map(str.lower, terms) if per_term[t]}).most_common(5))}
-                   for g, terms in groups.items()},
+                       "top_terms": dict(Counter({t: per_term[t] for t in map(str.lower, ts) if per_term[t]}).most_common(5))}
+                   for g, ts in groups.items()},
     }
 
 
@@ -340,7 +400,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     for name in order:
         ds = splits[name]
         annotated[name] = ds.map(
-            annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed},
+            annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
             num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
             cache_file_name=str(cache_dir / f"curate-{name}.arrow"), desc=None,
         )
@@ -406,7 +466,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     for name in order:
         ds = annotated[name]
         rs = reasons[name]
-        meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"])
+        meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"]).to_dict()
         words = meta["_words"]
         chars = meta["_chars"]
         hist_before[name] = words
@@ -446,7 +506,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
         per_split[name] = {"documents_before": len(rs), "documents_after": docs, "steps": steps}
         keep = [i for i, r in enumerate(rs) if not r]
         kept = ds.select(keep) if len(keep) < len(rs) else ds
-        out[name] = kept.remove_columns(["_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii"])
+        out[name] = kept.remove_columns(["_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms"])
         report.setdefault("length_histogram_words", {})[name] = {
             "before": _hist(words), "after": _hist(words[i] for i in keep)}
     report["splits"] = per_split
@@ -464,17 +524,11 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     report["pii"] = {"action": p.pii, "documents": pii_docs, "by_kind": dict(sorted(pii_counts.items()))}
     report["languages"] = {"before": dict(langs_before.most_common()), "after": dict(langs_after.most_common())} if p.language else {}
     if "train" in out and p.cfg.term_groups:
-        report["term_groups"] = _term_counts((doc_text(r, fmt) for r in _iter_rows(out["train"])), p.cfg.term_groups)
+        col = annotated["train"].select_columns(["_terms"]).to_dict()["_terms"]
+        report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
     report["_removed_idx"] = removed_idx
     report["_annotated"] = annotated
     return out, report
-
-
-def _iter_rows(ds):
-    for batch in ds.iter(batch_size=1000):
-        keys = list(batch)
-        for i in range(len(batch[keys[0]])):
-            yield {k: batch[k][i] for k in keys}
 
 
 def add_tokens(report: dict, tok, fmt: str, final_tokens: dict[str, int]) -> None:
