@@ -23,10 +23,25 @@ app = typer.Typer(
     name="llmctl",
     help="Develop language models from the shell: prepare -> train -> eval / generate / export -> serve.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _version(value: bool) -> None:
+    if value:
+        from llmctl import __version__
+
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Develop language models from the shell: prepare -> train -> eval / generate / export -> serve."""
+
+
 config_app = typer.Typer(help="Show or check a config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
@@ -59,6 +74,17 @@ def _setup_env() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _silence_warnings() -> None:
+    """-q: only errors. Python warnings and library log records below ERROR are dropped too."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    os.environ["PYTHONWARNINGS"] = "ignore"  # torchrun's ranks and other children
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
@@ -69,6 +95,8 @@ def _guard(json_mode: bool = False, quiet: bool = False) -> Iterator[_console.Co
     _setup_env()
     con = _console.Console(json_mode=json_mode, quiet=quiet)
     _console.set_current(con)
+    if quiet:
+        _silence_warnings()
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         yield con
@@ -316,7 +344,7 @@ def config_validate(
 
 
 def main() -> None:
-    app()
+    app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
 
 
 if __name__ == "__main__":

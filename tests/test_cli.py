@@ -71,3 +71,17 @@ def test_run_rejects_unknown_stage_range(tmp_path):
     p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
     r = run_cli("run", str(p), "--from", "trian")
     assert r.returncode == 2 and "--from" in r.stderr
+
+
+def test_version():
+    from llmctl import __version__
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"llmctl {__version__}"
+
+
+def test_shell_completion_is_on():
+    r = run_cli("--show-completion", "bash")
+    assert r.returncode == 0 and "complete -o default -F _llmctl_completion llmctl" in r.stdout
+    r = run_cli(env={"_LLMCTL_COMPLETE": "complete_bash", "COMP_WORDS": "llmctl tr", "COMP_CWORD": "1"})
+    assert r.returncode == 0 and r.stdout.split() == ["train"]

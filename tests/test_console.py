@@ -33,3 +33,34 @@ def test_human_result_goes_to_stderr(capsys):
     Console(force_tty=False).result({"perplexity": 12.3456, "nested": {"x": 1}})
     out, err = capsys.readouterr()
     assert out == "" and "perplexity" in err and "nested.x" in err
+
+
+def test_terminal_bar_learns_its_total_and_shows_an_eta(capsys):
+    # train only learns max_steps from the Trainer, after the bar started
+    c = Console(force_tty=True)
+    with c.progress("train", total=None, unit="steps") as p:
+        p.total = 100
+        p.update(completed=0)
+        p.update(completed=40, loss=2.5)
+        task = p._bar.tasks[0]
+        assert task.total == 100 and task.completed == 40
+        assert "40/100" in p._bar.columns[2].render(task).plain  # MofN: the total is shown
+
+
+def test_quiet_silences_warnings_too(capsys, monkeypatch):
+    import logging
+    import signal
+    import warnings
+
+    from llmctl.cli import _guard
+
+    for var in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY"):  # restored after the test
+        monkeypatch.setenv(var, "default" if var == "PYTHONWARNINGS" else "warning")
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    with _guard(quiet=True) as con:
+        con.warn("a console warning")
+        warnings.warn("a library warning", UserWarning)
+        logging.getLogger("some.library").warning("a logged warning")
+    logging.disable(logging.NOTSET)
+    warnings.resetwarnings()
+    assert capsys.readouterr().err == ""

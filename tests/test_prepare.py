@@ -258,3 +258,34 @@ def test_csv_quoted_fields_keep_their_newlines(tmp_path):
         list(read_file(f, "paragraph", "error", Counters()))
     c = Counters()
     assert [r["text"] for r, _ in read_file(f, "paragraph", "skip", c)] == ["fine"]
+
+
+def test_hub_dataset_cache_outlives_the_build_folder(tmp_path, monkeypatch):
+    import datasets
+    import pandas as pd
+
+    d = tmp_path / "hubdata"
+    d.mkdir()
+    pd.DataFrame({"content": sentences(30, seed=9)}).to_parquet(d / "train.parquet")
+    seen = []
+    real = datasets.load_dataset
+
+    def spy(*a, **kw):
+        seen.append(kw.get("cache_dir"))
+        return real(*a, **{**kw, "cache_dir": str(tmp_path / "hf-cache")})
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    path, cfg = _cfg(tmp_path, {"source": "hub", "paths": [], "hub_name": str(d), "text_field": "content"})
+    prepare.run(cfg, RunDir(cfg.run.dir))
+    # datasets' own cache (HF_DATASETS_CACHE), not RUN/prepare/.build.tmp-*/ that is deleted after each run
+    assert seen == [None]
+
+
+def test_a_stage_that_fails_before_doing_anything_leaves_no_run_dir(tmp_path):
+    from conftest import run_cli
+
+    path, cfg = _cfg(tmp_path, {"paths": [str(tmp_path / "missing.txt")]})
+    for args in (["prepare", str(path)], ["train", str(path)], ["eval", str(path)], ["export", str(path)], ["generate", str(path), "-p", "hi"]):
+        r = run_cli(*args)
+        assert r.returncode in (2, 3), (args, r.stderr)
+        assert not (tmp_path / "run").exists(), args

@@ -222,7 +222,7 @@ def iter_files(files: list[Path], txt_unit: str, on_error: str, counters: Counte
         yield from read_file(f, txt_unit, on_error, counters)
 
 
-def iter_hub(name: str, config: str | None, split: str, cache_dir: str, token_env: str = "HF_TOKEN") -> Iterator[tuple[dict, str]]:
+def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None = None, token_env: str = "HF_TOKEN") -> Iterator[tuple[dict, str]]:
     """A Hugging Face dataset by name (or a local dataset folder, through the same call)."""
     from datasets import load_dataset
 

@@ -21,8 +21,12 @@ SPLITS = ("train", "validation", "test")
 
 
 # --------------------------------------------------------------------------- records
-def _records(cfg, cache_dir: Path, counters) -> tuple[Iterator[tuple[dict, str]], str]:
-    """The raw records of the main source (streamed), and a fingerprint of the inputs."""
+def _records(cfg, counters) -> tuple[Iterator[tuple[dict, str]], str]:
+    """The raw records of the main source (streamed), and a fingerprint of the inputs.
+
+    A hub dataset is cached where `datasets` keeps it (HF_DATASETS_CACHE, else
+    ~/.cache/huggingface/datasets), not in the build folder: a re-run or --force must not
+    download it again."""
     from llmctl.data import sources
 
     d = cfg.data
@@ -32,7 +36,7 @@ def _records(cfg, cache_dir: Path, counters) -> tuple[Iterator[tuple[dict, str]]
     if d.source == "files":
         files = sources.expand_paths(d.paths)
         return sources.iter_files(files, d.txt_unit, d.on_error, counters), sources.fingerprint(files)
-    recs = sources.iter_hub(d.hub_name, d.hub_config, d.hub_split, str(cache_dir))
+    recs = sources.iter_hub(d.hub_name, d.hub_config, d.hub_split)
     return recs, hashlib.sha256(f"{d.hub_name}|{d.hub_config}|{d.hub_split}".encode()).hexdigest()[:16]
 
 
@@ -170,12 +174,11 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
     _check_block_size(cfg)
     from llmctl.data.sources import Counters
 
-    rd.stage_dir("prepare").mkdir(parents=True, exist_ok=True)
     counters = Counters()
     build = rd.stage_dir("prepare") / f".build.tmp-{int(t0)}"
     # Reading records is cheap next to tokenizing; it gives the input fingerprint for caching.
     con.step(f"reading {cfg.data.source} data")
-    recs, fp = _records(cfg, build / "cache", counters)
+    recs, fp = _records(cfg, counters)
     extras = {}
     for split, paths, key in (("validation", cfg.data.validation_paths, "data.validation_paths"), ("test", cfg.data.test_paths, "data.test_paths")):
         if paths:
