@@ -218,6 +218,9 @@ def test_unsupported_rope_and_activation_refused():
     gelu = _tiny_llama(tok, hidden_act="gelu")
     with pytest.raises(ConfigError, match="hidden_act is 'gelu'"):
         gx.check_supported(gelu, tok)
+    small = _tiny_llama(tok, vocab_size=len(tok) - 8)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        gx.check_supported(small, tok)
 
 
 # ---------------------------------------------------------------- types, verify, shared model
