@@ -12,10 +12,10 @@ import json
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llmctl.errors import ConfigError
@@ -100,6 +100,14 @@ class PIIConfig(Section):
         default_factory=lambda: list(_PII_KINDS), description="Which detectors (llmctl.detectors) to apply.")
     placeholder: str = Field("<{KIND}>", description="Replacement text; {KIND} is the upper-case kind, {kind} the lower-case one.")
 
+    @model_validator(mode="after")
+    def _check(self) -> "PIIConfig":
+        try:
+            self.placeholder.format(KIND="EMAIL", kind="email")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"data.curate.pii.placeholder {self.placeholder!r}: only {{KIND}} and {{kind}} may appear in braces ({e})") from None
+        return self
+
 
 class CurateConfig(Section):
     enabled: bool = Field(True, description="Run data curation in prepare (each step below can be switched off on its own).")
@@ -109,7 +117,7 @@ class CurateConfig(Section):
     leakage: bool = Field(True, description="Drop validation/test documents that are exact or near duplicates of a training document.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters (each counted apart).")
     language: bool | None = Field(None, description="Keep only documents in `languages` (py3langid, model shipped in the package); null: on for prose, off for code.")
-    languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep when language filtering is on.")
+    languages: list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes (lower case, e.g. en, fr) to keep when language filtering is on.")
     min_language_score: float = Field(0.5, ge=0, le=1, description="Minimum language-id probability to keep a document.")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing.")
     term_groups: dict[str, list[str]] = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -223,3 +224,58 @@ def test_status_shows_the_curation_summary(tmp_path):
 def test_lsh_bands_cover_the_signature(threshold, perm):
     b, r = curate.optimal_bands(threshold, perm)
     assert b * r <= perm and b > 1
+
+
+def test_language_model_loads_offline(monkeypatch):
+    """py3langid's model ships in its package: loading it opens no socket."""
+    import socket
+
+    def no_network(*a, **k):
+        raise AssertionError("language id tried to reach the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(curate, "_LANGID", None)
+    assert curate.language("The weather was fine and we walked along the river to the old bridge.")[0] == "en"
+    assert curate.language("Nous sommes allés au marché ce matin pour acheter du pain et du fromage.")[0] == "fr"
+
+
+def test_parallel_annotation_gives_the_same_result():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    docs = [prose(i, 80) for i in range(40)]
+    docs += [docs[3], edit(docs[5], 0.01, 1), docs[7] + " Mail a.b@corp.com now."]
+    ds = Dataset.from_dict({"text": docs})
+    p = curate.plan(DataConfig(source="files", paths=["x.txt"], curate={"language": False}))
+    reps = []
+    for nproc in (1, 2):
+        out, rep = curate.curate({"train": ds}, "text", p, 3, nproc, _tmp())
+        reps.append((out["train"]["text"], {k: v["documents"] for k, v in rep["removed"].items()}, rep["pii"], rep["term_groups"]))
+    assert reps[0] == reps[1]
+    assert reps[0][1]["exact_dedup"] == 1 and reps[0][1]["near_dedup"] == 1 and reps[0][2]["by_kind"] == {"email": 1}
+
+
+def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
+    from llmctl.errors import DataError
+
+    train = [prose(i, 120) for i in range(10)]
+    cfg = _cfg(tmp_path, train, [train[0], train[1]], {"quality": {"enabled": False}, "language": False})
+    with pytest.raises(DataError, match=r"curation removed all 2 validation documents \(leakage 2\)"):
+        prepare.run(cfg, RunDir(cfg.run.dir))
+    assert not RunDir(cfg.run.dir).report_path.exists()
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"pii": {"placeholder": "[{foo}]"}}, "only {KIND} and {kind}"),
+    ({"languages": ["EN"]}, "pattern"),
+    ({"pii": {"kinds": ["mail"]}}, "email"),
+    ({"near_dedup": {"threshold": 0}}, "greater than 0"),
+])
+def test_bad_curate_config_is_a_config_error(tmp_path, bad, msg):
+    from llmctl.errors import ConfigError
+
+    d = tiny_config_dict(tmp_path / "run", data={"curate": bad})
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        load_config(write_config(tmp_path / "c.yaml", d))

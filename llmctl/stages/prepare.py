@@ -345,6 +345,11 @@ def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
     t = time.time()
     out, report = curate.curate(splits, cfg.data.format, p, cfg.run.seed, cfg.data.num_proc, build / "cache", con)
     report["seconds"] = round(time.time() - t, 2)
+    for name, info in report["splits"].items():
+        if info["documents_before"] and not info["documents_after"]:
+            why = ", ".join(f"{s['step']} {s['removed']}" for s in info["steps"] if s["removed"])
+            raise DataError(f"curation removed all {info['documents_before']} {name} documents ({why}): "
+                            "loosen or switch off those steps under data.curate, or add data")
     return {**splits, **out}, report
 
 
