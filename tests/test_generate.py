@@ -15,12 +15,21 @@ def _model(rd):
 
 
 def test_batched_equals_unbatched_greedy(trained_run):
+    import torch
+
     _, cfg, rd = trained_run
     model, tok = _model(rd)
+    # Sharp weights: a freshly initialised model's logits are nearly flat, so a padding or
+    # position bug could leave every argmax unchanged; these make each token depend on context.
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.35)
     prompts = ["the quick", "seven wizards quietly judge boxing", "river"]
     sp = Sampling(max_new_tokens=8, do_sample=False)
     together = [r["text"] for r in generate_batch(model, tok, prompts, sp)]
     alone = [generate_batch(model, tok, [p], sp)[0]["text"] for p in prompts]
+    assert len(set(alone)) == len(alone)  # the output depends on the prompt
     assert together == alone
     assert all("<|pad|>" not in t for t in together)
 
@@ -63,7 +72,8 @@ def test_cli_prompts_json_and_outputs_file(trained_run):
 def test_stdin_and_file_prompts(trained_run, tmp_path):
     path, cfg, rd = trained_run
     r = run_cli("generate", str(path), "--json", input="the quick\nriver stones\n")
-    assert r.returncode == 0, r.stderr and json.loads(r.stdout)["prompts"] == 2
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompts"] == 2
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "the"}) + "\n")
     r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")

@@ -123,23 +123,53 @@ def _alone(e, prompts, max_tokens, **kw):
     return out
 
 
-def test_greedy_batched_and_joining_mid_decode_equals_alone(model_dir):
+def _submit_during_decode(e, monkeypatch, at_step: dict[int, list]) -> list[tuple[int, list]]:
+    """Submit jobs from inside the engine thread right after decode step N of a running batch.
+
+    No sleeps: each job is in the queue while the batch is decoding, whatever the machine's
+    speed. Returns the merges the engine made: (rows already running, jobs that joined).
+    """
+    real_step, real_merge = e._step, e._merge
+    merges: list[tuple[int, list]] = []
+    done = [0]
+
+    def step(batch):
+        out = real_step(batch)
+        done[0] += 1
+        for j in at_step.pop(done[0], []):
+            e.submit([j])
+        return out
+
+    def merge(a, b):
+        merges.append((len(a), list(b.jobs)))
+        return real_merge(a, b)
+
+    monkeypatch.setattr(e, "_step", step)
+    monkeypatch.setattr(e, "_merge", merge)
+    return merges
+
+
+def test_greedy_batched_and_joining_mid_decode_equals_alone(model_dir, monkeypatch):
     e = _engine(model_dir)
     try:
         alone = _alone(e, PROMPTS, MAX_TOKENS)
         steps_alone = e.steps
         assert len({a[0] for a in alone}) == len(alone)  # the model really depends on its prompt
-        # Arrivals spread over time: later requests join a batch that is already decoding,
-        # with shorter and longer prompts than the rows already there.
+        # The longest sequence starts alone; each other one arrives one decode step later and
+        # joins the running batch, with shorter and longer prompts than the rows already there.
+        first = max(range(len(PROMPTS)), key=lambda i: alone[i][2])
+        assert alone[first][2] > len(PROMPTS)  # still decoding when the last one arrives
         e.steps = 0
-        jobs = []
-        for k, (p, mt) in enumerate(zip(PROMPTS, MAX_TOKENS)):
-            j = _job(e, p, mt)
-            e.submit([j])
-            jobs.append(j)
-            time.sleep(0.004 * (k % 3))
+        jobs = [_job(e, p, mt) for p, mt in zip(PROMPTS, MAX_TOKENS)]
+        later = [j for i, j in enumerate(jobs) if i != first]
+        merges = _submit_during_decode(e, monkeypatch, {k + 1: [j] for k, j in enumerate(later)})
+        e.submit([jobs[first]])
         together = [_collect(j) for j in jobs]
         assert together == alone
+        joined = [j for _, js in merges for j in js]
+        assert sorted(map(id, joined)) == sorted(map(id, later))  # every later row joined a running batch
+        assert all(running >= 1 for running, _ in merges)
+        assert max(running for running, _ in merges) >= 3  # rows joined a batch of several
         assert e.steps < steps_alone / 2  # forward passes were shared
     finally:
         e.stop()
@@ -165,12 +195,11 @@ def test_batch_at_a_time_fallback_gives_the_same_text(model_dir, monkeypatch):
     try:
         alone = _alone(e, PROMPTS[:4], MAX_TOKENS[:4])
         monkeypatch.setattr(e, "_mergeable", lambda batch: False)
-        jobs = []
-        for p, mt in zip(PROMPTS[:4], MAX_TOKENS[:4]):
-            jobs.append(_job(e, p, mt))
-            e.submit([jobs[-1]])
-            time.sleep(0.01)
+        jobs = [_job(e, p, mt) for p, mt in zip(PROMPTS[:4], MAX_TOKENS[:4])]
+        merges = _submit_during_decode(e, monkeypatch, {1: [jobs[1]], 2: [jobs[2]], 3: [jobs[3]]})
+        e.submit([jobs[0]])
         assert [_collect(j) for j in jobs] == alone
+        assert merges == []  # they arrived mid-decode and waited for the batch to drain
     finally:
         e.stop()
 
