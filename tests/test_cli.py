@@ -39,7 +39,9 @@ def test_config_error_exit_2_one_line(tmp_path):
     p.write_text("train:\n  max_stepz: 3\n")
     r = run_cli("prepare", str(p))
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "c.yaml:2" in lines[0] and "train.max_stepz" in lines[0] and "train.max_steps" in lines[0]  # where, what, the fix
 
 
 def test_missing_input_exit_3(tmp_path):
