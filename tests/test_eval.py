@@ -132,7 +132,20 @@ def test_eval_writes_results_and_predictions(trained_run):
     res = json.loads(rd.results_path.read_text())
     assert res["perplexity"]["tokens"] == head["ppl_tokens"] > 0
     p = res["perplexity"]
-    assert p["perplexity"] == pytest.approx(math.exp(p["mean_loss"]), rel=1e-3)
+    # Independently: disjoint windows of block_size targets over [BOS] + the validation stream.
+    import torch
+    from datasets import load_from_disk
+
+    model, tok = _model(rd)
+    ids = [t for row in load_from_disk(str(rd.dataset_dir))["validation"]["input_ids"] for t in row]
+    s, L, nll = [tok.bos_token_id] + ids, cfg.data.block_size, 0.0
+    with torch.no_grad():
+        for b in range(1, len(s), L):
+            inp = torch.tensor([s[b - 1 : min(b + L, len(s)) - 1]])
+            logp = torch.log_softmax(model(inp).logits[0].float(), -1)
+            nll -= logp[torch.arange(inp.shape[1]), torch.tensor(s[b : b + inp.shape[1]])].sum().item()
+    assert p["tokens"] == len(ids)
+    assert p["perplexity"] == pytest.approx(math.exp(nll / len(ids)), rel=1e-4)
     assert res["generation"]["examples"] == 8 and "signatures" in res["generation"]
     assert "unigram_perplexity" in p and "copy_prompt_bleu" in res["generation"]
     preds = [json.loads(line) for line in rd.predictions_path.read_text().splitlines()]
@@ -156,7 +169,8 @@ def test_eval_on_text_files_and_external_model(trained_run, tmp_path):
     f.write_text("the quick brown fox\n\njumps over a lazy dog\n")
     r = run_cli("eval", str(path), "--model", str(rd.model_dir), "--set", f"eval.text_paths=[{f}]", "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["ppl_tokens"] > 5
+    _, tok = _model(rd)
+    assert json.loads(r.stdout)["ppl_tokens"] == len(tok(f.read_text(), add_special_tokens=False)["input_ids"])
 
 
 def test_missing_model_and_missing_train(tmp_path, tiny_cfg):
@@ -170,8 +184,24 @@ def test_missing_model_and_missing_train(tmp_path, tiny_cfg):
 def test_compare_init_reports_before_numbers(trained_run):
     path, cfg, rd = trained_run
     cfg2 = load_config(path, ["eval.compare_init=true", "eval.generation=false"])
+    # A model that is not the initialisation: compare_init must score the initialisation itself.
+    import torch
+    from datasets import load_from_disk
+
+    from llmctl.modeling import build_from_scratch
+
+    model, tok = _model(rd)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(rd.model_dir)
     res = evaluate.run(cfg2, rd, force=True)
-    assert "init_perplexity" in res
+    init = build_from_scratch(cfg2, tok).eval()
+    ids = [t for row in load_from_disk(str(rd.dataset_dir))["validation"]["input_ids"] for t in row]
+    L = cfg2.data.block_size
+    nll, n = sliding_nll(init, ids, tok.bos_token_id, L, stride=L)
+    assert res["init_perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert abs(res["perplexity"] - res["init_perplexity"]) > 0.01 * res["init_perplexity"]  # two different models
 
 
 def _other_model(rd, out, seed: int = 1):
