@@ -256,7 +256,7 @@ class RunDir:
         if changes:
             from llmctl.config import show_value
 
-            what = "; ".join(f"{k}: {show_value(a)} -> {show_value(b)}" for k, a, b in changes)
+            what = "; ".join(f"{k}: {show_value(a)} -> {show_value(b)}" if not k.startswith("(") else f"config sections {k[1:-1]}" for k, a, b in changes)
             return stage, f"config changed since it ran: {what}"
         return None
 
@@ -278,7 +278,8 @@ class RunDir:
                 return []
             recorded = self._values_from_copy(stage)
             if recorded is None:
-                return [("(" + ", ".join(STAGE_SECTIONS[stage_kind(stage)]) + ")", "(as recorded)", "(changed)")]
+                # No per-key record and no readable copy: only the whole sections can be compared.
+                return [("(" + ", ".join(STAGE_SECTIONS[stage_kind(stage)]) + ")", None, None)]
         return value_changes(recorded, now)
 
     def _values_from_copy(self, stage: str) -> dict | None:

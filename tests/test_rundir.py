@@ -186,6 +186,10 @@ def test_manifest_without_per_key_record_is_diffed_against_its_config_copy(cfg, 
     atomic_write_json(rd.manifest_path("prepare"), m)
     assert rd.staleness("prepare", cfg) is None
     assert "data.block_size: 32 -> 16" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.block_size=16"]))
+    # Neither a per-key record nor a readable copy: the sections are named.
+    (rd.stage_dir("prepare") / "config.yaml").unlink()
+    assert "config sections data, tokenizer, run.seed" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.block_size=16"]))
+    assert rd.keep_hint("prepare", load_config(tmp_path / "c.yaml", ["data.block_size=16"])) == ""
 
 
 def test_status_shows_a_dead_lock_holder_as_interrupted(cfg, tmp_path):
