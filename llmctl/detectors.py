@@ -279,6 +279,7 @@ _SECRET_TOKENS = [
     )
 ]
 _SECRET_ANCHORS = {"A": ("AKIA", "ASIA", "ABIA", "ACCA", "A3T"), "_": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")}
+_SECRET_GATED = [(_SECRET_ANCHORS.get(lit, (lit,)), pattern) for lit, pattern in _SECRET_TOKENS]
 _URL_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/@'\"]{1,64}:([^\s:/@'\"]{3,128})@[\w.-]+")
 # `name = "value"` / `name: "value"`: patterns that start with the literal "=" or ":" are fast;
 # the name before it must hold one of the keywords.
@@ -304,11 +305,12 @@ def _looks_random(value: str) -> bool:
 
 
 def _secrets(text: str) -> Iterable[tuple[int, int]]:
-    for lit, pattern in _SECRET_TOKENS:
-        anchors = _SECRET_ANCHORS.get(lit, (lit,))
-        lines = _merge(span for a in anchors for span in _lines_with(text, a))
-        for m in _scan(pattern, text, lines):
-            yield m.span()
+    for anchors, pattern in _SECRET_GATED:
+        present = [a for a in anchors if a in text]
+        if present:
+            lines = _merge(span for a in present for span in _lines_with(text, a))
+            for m in _scan(pattern, text, lines):
+                yield m.span()
     if "://" in text:
         for m in _scan(_URL_PASSWORD, text, _lines_with(text, "://")):
             if not _PLACEHOLDER.match(m.group(1)):

