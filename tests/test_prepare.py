@@ -107,15 +107,38 @@ def test_chat_labels_only_assistant_turns(tmp_path):
     assert pairs[0]["prompt"].endswith("<|assistant|>\n") and "say" in pairs[0]["prompt"]
 
 
-def test_builtin_corpus_and_docstring_pairs(tmp_path):
+def test_builtin_corpus_and_next_line_pairs(tmp_path):
     from datasets import load_from_disk
 
     path, cfg = _cfg(tmp_path, {"source": "builtin", "paths": [], "max_bytes": 300_000, "validation_fraction": 0.3})
     res = prepare.run(cfg, RunDir(cfg.run.dir))
     assert res["documents"] > 5 and res["pairs"] > 0
     pairs = load_from_disk(str(RunDir(cfg.run.dir).pairs_dir))["validation"]
-    p = pairs[0]
-    assert "def " in p["prompt"] and p["prompt"].rstrip().endswith(('"""', "'''")) and p["reference"]
+    for p in pairs:  # preceding lines, then a line's indentation and first word; the reference is the rest of it
+        head = p["prompt"].splitlines()[-1]
+        assert "\n" in p["prompt"] and head.strip().isidentifier()
+        assert p["reference"] and "\n" not in p["reference"] and p["reference"] == p["reference"].strip()
+
+
+def test_next_line_pairs_come_from_code_lines():
+    from llmctl.data.pairs import next_line_pairs
+
+    src = (
+        '"""Module docstring.\n\nreturn inside a docstring is not code.\n"""\n'
+        "import os\n\n\n"
+        "def load(path):\n"
+        "    # return in a comment is not code either\n"
+        "    with open(path) as f:\n"
+        "        data = f.read().splitlines()\n"
+        "    return [line.strip() for line in data]\n"
+    )
+    pairs = list(next_line_pairs(src, max_per_doc=10))
+    assert [(p.splitlines()[-1].strip(), r) for p, r in pairs] == [
+        ("def", "load(path):"), ("with", "open(path) as f:"), ("data", "= f.read().splitlines()"), ("return", "[line.strip() for line in data]"),
+    ]
+    lines = src.splitlines()
+    for p, r in pairs:  # the prompt is the file up to the line's first word, as written; so is the line
+        assert src.startswith(p) and p.splitlines()[-1] + " " + r in lines
 
 
 def test_hub_code_path_on_local_dataset(tmp_path):
@@ -192,8 +215,9 @@ def test_bad_input_exit_2_one_line(tmp_path, setup, needle):
     path, _ = _cfg(tmp_path, {"paths": [str(data / name)]})
     r = run_cli("prepare", str(path))
     assert r.returncode == 2, r.stderr
-    assert needle in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()[-1:]) == 1
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr  # one line, and it names the problem
     m = RunDir(tmp_path / "run").manifest("prepare")
     assert m is None or m["status"] != "complete"
     assert not (tmp_path / "run" / "prepare" / "dataset").exists()

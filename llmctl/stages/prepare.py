@@ -380,7 +380,7 @@ def _rows(ds) -> Iterator[dict]:
 
 
 def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
-    from llmctl.data.pairs import signature_docstring_pairs
+    from llmctl.data.pairs import next_line_pairs
 
     d = cfg.data
     out: dict[str, dict[str, list[str]]] = {}
@@ -392,7 +392,7 @@ def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
         prompts, refs = [], []
         if d.format == "text" and d.source == "builtin":
             for doc in docs:
-                for p, r in signature_docstring_pairs(doc["text"]):
+                for p, r in next_line_pairs(doc["text"]):
                     prompts.append(p)
                     refs.append(r)
         elif d.format == "prompt_completion":
