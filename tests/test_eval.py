@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,7 @@ def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
     r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{f}]", "--set", f"eval.max_length={L}",
                 "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["perplexity"]
+    res = json.loads(Path(json.loads(r.stdout)["results"]).read_text())["perplexity"]
     ours = res["mean_loss"] * res["tokens"]
     theirs = _lm_eval_rolling(mdir, text, L)
     assert res["tokens"] == n and res["bytes"] == len(text.encode())
@@ -106,7 +107,7 @@ def test_each_file_is_its_own_document(tmp_path, tiny_cfg):
     r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
-    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["perplexity"]
+    res = json.loads(Path(json.loads(r.stdout)["results"]).read_text())["perplexity"]
     theirs = _lm_eval_rolling(mdir, a, 32) + _lm_eval_rolling(mdir, b, 32)
     assert res["mean_loss"] * res["tokens"] == pytest.approx(theirs, rel=1e-4)
 
