@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["prepare", "curate", "train", "generate", "serve"]
+BENCHES = ["prepare", "curate", "train", "generate", "serve", "distill"]
 
 
 def main() -> int:

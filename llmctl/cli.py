@@ -55,6 +55,7 @@ MODULES = {
     "export": "export",
     "serve": "serve",
     "explain": "explain",
+    "distill": "distill",
 }
 
 # Shared options ---------------------------------------------------------------------
@@ -162,6 +163,20 @@ def train(
 ) -> None:
     """Train from scratch or fine-tune; resumes automatically from the last checkpoint."""
     _run_stage("train", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+
+
+@app.command()
+def distill(
+    config: str = ConfigArg,
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    force: bool = ForceOpt,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP)."),
+    json_: bool = JsonOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train a student on a teacher's logits (distill section) into RUN/train; resumes like train."""
+    _run_stage("distill", config, set_, run_dir, force, json_, quiet, nproc=nproc)
 
 
 @app.command("eval")

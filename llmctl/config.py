@@ -266,6 +266,7 @@ class TrainConfig(Section):
     nproc: int = Field(1, ge=1, description="Processes to launch with torchrun (`--nproc` overrides).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on.")
+    seed: int | None = Field(None, description="Seed for initialisation and data order; null uses run.seed. Unlike run.seed it leaves the prepared data split alone: vary it to repeat training on the same data.")
 
     @field_validator("max_time")
     @classmethod
@@ -361,6 +362,36 @@ class ServeConfig(Section):
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
 
 
+# --------------------------------------------------------------------------- distill
+class DistillConfig(Section):
+    teacher: str = Field(..., description="The teacher: a run directory (its train/model, else export/hf), a local Hugging Face model directory, or a hub id.")
+    student_init: Literal["model", "prune"] = Field(
+        "model",
+        description="model: the student is this config's model section (from scratch or pretrained); "
+        "prune: a copy of the teacher with layers removed (keep_layers / drop_layers) and/or a narrower MLP (mlp_size).",
+    )
+    keep_layers: int | None = Field(None, ge=1, description="student_init=prune: keep this many layers, removing those with the lowest block influence (ShortGPT: 1 - cosine similarity of a layer's input and output) measured on held-out data.")
+    drop_layers: list[int] = Field(default_factory=list, description="student_init=prune: remove exactly these teacher layers (0-based) instead of measuring.")
+    mlp_size: int | None = Field(None, ge=1, description="student_init=prune: narrow every MLP to this many neurons, keeping those with the largest mean activation on held-out data.")
+    calibration_batches: int = Field(8, ge=1, description="Held-out batches (validation split, train.micro_batch_size rows each) used to measure block influence and neuron importance.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the distillation term: loss = alpha * KL * T^2 + (1 - alpha) * CE. 0 trains on the labels only (the teacher is not run).")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature T applied to teacher and student logits in the KL term.")
+    kl: Literal["forward", "reverse"] = Field("forward", description="forward: KL(teacher || student) (mean-seeking); reverse: KL(student || teacher) (mode-seeking).")
+    chunk_tokens: int = Field(1024, ge=1, description="Positions whose logits are turned into losses at once; bounds the memory of the full-vocabulary softmaxes.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        if self.student_init == "prune" and self.keep_layers is None and not self.drop_layers and self.mlp_size is None:
+            raise ValueError("distill.student_init is prune but nothing is pruned: set distill.keep_layers, distill.drop_layers or distill.mlp_size")
+        if self.keep_layers is not None and self.drop_layers:
+            raise ValueError("distill.keep_layers and distill.drop_layers both set: measure (keep_layers) or list (drop_layers), not both")
+        if self.student_init == "model" and (self.keep_layers is not None or self.drop_layers or self.mlp_size is not None):
+            raise ValueError("distill.keep_layers / drop_layers / mlp_size need distill.student_init: prune")
+        if len(set(self.drop_layers)) != len(self.drop_layers) or any(i < 0 for i in self.drop_layers):
+            raise ValueError(f"distill.drop_layers {self.drop_layers}: expected distinct layer indices >= 0")
+        return self
+
+
 # --------------------------------------------------------------------------- root
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity.")
@@ -372,6 +403,7 @@ class Config(Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Generation (generate).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export (export).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving (serve).")
+    distill: DistillConfig | None = Field(None, description="Knowledge distillation (`llmctl distill`; `llmctl run` distills instead of training when this section is present).")
 
     # Where the config came from, for messages; not part of the schema.
     _source: str = "<config>"
@@ -391,7 +423,9 @@ class Config(Section):
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the given sections (dotted paths allowed, e.g. 'run.seed')."""
-        payload = {s: _get_path(self.model_dump(mode="json"), s) for s in sections}
+        data = self.model_dump(mode="json")
+        # An absent optional section (distill) leaves the hash as it was before the section existed.
+        payload = {s: v for s in sections if (v := _get_path(data, s)) is not None or "." in s}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -399,7 +433,7 @@ class Config(Section):
 # Which config sections each stage's output depends on (besides its input stages).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("data", "tokenizer", "run.seed"),
-    "train": ("model", "train", "run.seed"),
+    "train": ("model", "train", "run.seed", "distill"),
     "eval": ("eval",),
     "generate": ("generate",),
     "export": ("export",),
@@ -504,11 +538,18 @@ def _get_path(d: Any, dotted: str) -> Any:
     return d
 
 
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    """The section class of a field annotation, also for an optional section (`X | None`)."""
+    for a in (ann, *getattr(ann, "__args__", ())):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel] | None]:
     out: dict[str, type[BaseModel] | None] = {}
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        sub = _section_type(field.annotation)
         out[prefix + name] = sub
         if sub is not None:
             out.update(_all_keys(sub, prefix + name + "."))
@@ -520,8 +561,7 @@ def _suggest(loc: tuple, model: type[BaseModel] = Config) -> str:
     parent = model
     for part in loc[:-1]:
         field = parent.model_fields.get(str(part)) if parent else None
-        ann = field.annotation if field else None
-        parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        parent = _section_type(field.annotation) if field else None
     bad = str(loc[-1])
     if parent is not None:
         match = difflib.get_close_matches(bad, list(parent.model_fields), n=1, cutoff=0.6)
@@ -685,16 +725,16 @@ def config_doc() -> str:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
+            ann = _section_type(field.annotation)
             key = prefix + name
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if ann is not None:
                 if not prefix:
                     lines.append(f"\n### `{key}`\n\n{field.description or ''}\n")
                     lines.append("| key | default | description |\n|---|---|---|")
                 walk(ann, key + ".")
                 continue
-            default = field.get_default(call_default_factory=True)
-            lines.append(f"| `{key}` | `{json.dumps(default)}` | {field.description or ''} |")
+            default = "(required)" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
+            lines.append(f"| `{key}` | {default} | {field.description or ''} |")
 
     walk(Config, "")
     return "\n".join(lines).strip() + "\n"

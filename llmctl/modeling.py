@@ -122,7 +122,7 @@ def build_from_scratch(cfg, tok):
             attn_pdrop=m.dropout,
             **common,
         )
-    torch.manual_seed(cfg.run.seed)  # same seed, same initial weights
+    torch.manual_seed(cfg.train.seed if cfg.train.seed is not None else cfg.run.seed)  # same seed, same initial weights
     return AutoModelForCausalLM.from_config(mc, attn_implementation=m.attn_implementation, dtype=torch.float32)
 
 

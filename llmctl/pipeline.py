@@ -30,8 +30,11 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
         if name == "generate" and not (cfg.generate.prompts or cfg.generate.prompts_file):
             con.info("generate: no generate.prompts in the config, skipped")
             continue
-        con.step(name)
-        res = get_stage(name).run(cfg, rd, force=False) or {}
+        module = name
+        if name == "train" and getattr(cfg, "distill", None) is not None:
+            module = "distill"  # a config with a teacher trains its model by distillation, into the same RUN/train
+        con.step(module)
+        res = get_stage(module).run(cfg, rd, force=False) or {}
         (skipped if res.get("cached") else ran).append(name)
     summary = summarize(rd)
     summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})

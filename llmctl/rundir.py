@@ -106,6 +106,48 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.bin", "*.pt")
+
+
+def _model_files(model_dir: Path) -> list[Path]:
+    return sorted({f for pat in MODEL_FILES for f in Path(model_dir).glob(pat) if f.is_file()})
+
+
+def model_hash(model_dir: Path | str) -> str:
+    """sha256 over a model directory's config and weight files (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in _model_files(Path(model_dir)):
+        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def model_stat(model_dir: Path | str) -> list:
+    """Names, sizes and mtimes of the same files: a cheap first check before re-hashing."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _model_files(Path(model_dir))]
+
+
+def teacher_changed(rec: dict) -> str | None:
+    """Why the teacher recorded in a distilled student's manifest is no longer that teacher; None if it is."""
+    where = rec.get("run_dir") or rec.get("path") or rec.get("source")
+    if rec.get("run_dir"):
+        tm = RunDir(rec["run_dir"]).manifest("train")
+        if tm is None:
+            return f"its teacher {rec['run_dir']}/train is gone"
+        if tm.get("status") != "complete":
+            return f"its teacher {rec['run_dir']}/train is {tm.get('status')}"
+        if tm.get("id") != rec.get("run_id"):
+            return f"its teacher {rec['run_dir']}/train was re-run since"
+    if rec.get("kind") in ("run", "dir") and rec.get("path"):
+        p = Path(rec["path"])
+        if not (p / "config.json").is_file():
+            return f"its teacher {where} is gone"
+        if model_stat(p) != rec.get("stat") and model_hash(p) != rec.get("model_hash"):
+            return f"its teacher's weights in {p} changed"
+    return None
+
+
 def versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -258,6 +300,10 @@ class RunDir:
 
             what = "; ".join(f"{k}: {show_value(a)} -> {show_value(b)}" if not k.startswith("(") else f"config sections {k[1:-1]}" for k, a, b in changes)
             return stage, f"config changed since it ran: {what}"
+        if m.get("teacher"):
+            why = teacher_changed(m["teacher"])
+            if why:
+                return stage, why
         return None
 
     def config_changes(self, stage: str, cfg: "Config") -> list[tuple[str, Any, Any]]:
@@ -297,15 +343,18 @@ class RunDir:
         cfg_arg = config_path or cfg.source
         extra = f" --run-dir {self.root}" if self.root != RunDir.for_config(cfg).root else ""
         m = self.manifest(stage)
+        command = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
         where = self.stage_dir(stage)
         if m is None:
-            raise StageInputError(f"{where} is missing: run 'llmctl {stage} {cfg_arg}{extra}' first")
+            raise StageInputError(f"{where} is missing: run 'llmctl {command} {cfg_arg}{extra}' first")
         if m.get("status") != "complete":
-            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run 'llmctl {stage} {cfg_arg}{extra}' to finish it")
+            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run 'llmctl {command} {cfg_arg}{extra}' to finish it")
         found = self._stale(stage, cfg)
         if found:
             culprit, why = found
             force = " --force" if culprit == stage else ""
+            if culprit == "train" and getattr(cfg, "distill", None) is not None:
+                culprit = "distill"
             raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first{self.keep_hint(stage, cfg)}")
         return m
 

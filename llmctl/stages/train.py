@@ -46,6 +46,8 @@ class Hooks:
     trainer_kwargs: dict = field(default_factory=dict)  # extra keyword arguments for trainer_class
     identity: str | None = None  # hash of inputs outside the run dir (a teacher): part of up-to-date and resume checks
     manifest: dict = field(default_factory=dict)  # extra keys for RUN/train/manifest.json (their lineage)
+    headline: dict = field(default_factory=dict)  # extra headline numbers (filled in while training)
+    log_keys: tuple = ()  # extra keys of the Trainer's logs to copy into metrics.jsonl
 
 
 # --------------------------------------------------------------------------- helpers
@@ -55,6 +57,10 @@ def complete_checkpoints(rd: RunDir) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := STEP_RE.match(p.name)) and (p / META).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def train_seed(cfg) -> int:
+    return cfg.train.seed if cfg.train.seed is not None else cfg.run.seed
 
 
 def _rank() -> int:
@@ -73,7 +79,7 @@ def _resume_fingerprint(cfg, rd: RunDir, hooks: Hooks | None = None) -> dict:
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum,
         "world_size": _world(),
-        "seed": cfg.run.seed,
+        "seed": train_seed(cfg),
     }
     if hooks is not None and hooks.identity is not None:
         fp["distill"] = hooks.identity  # only when set: plain train checkpoints keep their fingerprint
@@ -138,6 +144,8 @@ class Collator:
 # --------------------------------------------------------------------------- the stage
 def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None, **_) -> dict:
     hooks = hooks or Hooks()
+    if hooks.name == "train" and getattr(cfg, "distill", None) is not None:
+        raise ConfigError(f"{cfg.source} has a distill section: run 'llmctl distill {cfg.source}' (or remove the section to train without a teacher)")
     con = _console.current()
     nproc = nproc or cfg.train.nproc
     under_torchrun = "LOCAL_RANK" in os.environ
@@ -180,6 +188,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
 
         resume = _pick_resume(cfg, rd, con, hooks)
         result = _train(cfg, rd, st, resume, max_time, con, is_main, hooks)
+        result.update(hooks.headline)
         if st is not None:
             st.headline.update(result)
     return result
@@ -313,8 +322,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         save_strategy="steps",
         save_steps=tcfg.save_every,
         save_total_limit=None,
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
+        seed=train_seed(cfg),
+        data_seed=train_seed(cfg),
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",
@@ -395,6 +404,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 el = max(time.time() - self.t_start, 1e-9)
                 tps = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / el
                 rec.update(loss=loss, lr=float(logs.get("learning_rate", 0.0)), grad_norm=_f(logs.get("grad_norm")), tokens=int(state.num_input_tokens_seen), tokens_per_s=round(tps, 1))
+                rec.update({k: float(logs[k]) for k in hooks.log_keys if k in logs})
                 if is_main:
                     progress.update(completed=state.global_step, loss=loss, lr=rec["lr"], tok_s=round(tps))
             if "eval_loss" in logs:

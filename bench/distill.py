@@ -1,0 +1,169 @@
+"""`llmctl distill` on the quickstart corpus: does the teacher help a student half its depth?
+
+A teacher trained as the quickstart (configs/quickstart.yaml); students with half its layers,
+all on the teacher's prepared data (same split, same tokenizer), equal steps and batches:
+  - pruned init (ShortGPT block influence) + KD      vs  pruned init, CE only   (SEEDS seeds)
+  - pruned init + KD                                 vs  random init + KD       (SEEDS seeds)
+Reported: validation perplexities (the same fixed validation rows for every model), the share
+of the CE-student -> teacher gap that KD closes, the teacher's cost in training tokens/s, and
+the student's generation speed-up over the teacher. Target: KD below CE-only on every seed.
+
+Every run goes through the real CLI (`llmctl prepare|train|distill --json`). Sizes:
+  python bench/distill.py [full|small|tiny]   (or LLMCTL_BENCH_SIZE=...; default full)
+full = the quickstart as shipped (about an hour on 2 free CPU cores); small and tiny shrink
+corpus and steps for a loaded or slow machine and say so in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from common import HERE, ratio, write_result
+
+REPO = HERE.parent
+SIZES = {
+    # corpus bytes, teacher steps, student steps, eval batches (x micro batch 16 rows), seeds
+    "full": {"max_bytes": 8_000_000, "teacher_steps": 1500, "student_steps": 500, "eval_batches": 10, "seeds": 3, "batch": 16},
+    "small": {"max_bytes": 2_000_000, "teacher_steps": 400, "student_steps": 120, "eval_batches": 8, "seeds": 3, "batch": 16},
+    "tiny": {"max_bytes": 500_000, "teacher_steps": 60, "student_steps": 20, "eval_batches": 2, "seeds": 3, "batch": 8},
+}
+ALPHA, TEMPERATURE = 0.5, 2.0
+GEN_PROMPTS = ["def read_config(path):", "import os", "class Parser:", "for i in range(10):"]
+GEN_NEW = 48
+
+
+def llmctl(*args: str) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "llmctl", *args, "--json"], cwd=REPO, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr[-3000:])
+        raise SystemExit(f"llmctl {' '.join(args)} failed with exit {r.returncode}")
+    return json.loads(r.stdout)
+
+
+def teacher_config(work: Path, size: dict) -> dict:
+    cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    cfg["run"]["dir"] = str(work / "teacher")
+    cfg["data"]["max_bytes"] = size["max_bytes"]
+    t = cfg["train"]
+    t.update(max_steps=size["teacher_steps"], micro_batch_size=size["batch"], eval_batches=size["eval_batches"], max_time=None,
+             eval_every=size["teacher_steps"], save_every=size["teacher_steps"], warmup_steps=min(t["warmup_steps"], size["teacher_steps"] // 10))
+    for k in ("eval", "generate", "export"):
+        cfg.pop(k, None)
+    return cfg
+
+
+def student_config(teacher: dict, work: Path, name: str, size: dict, seed: int, *, init: str, alpha: float) -> dict:
+    cfg = json.loads(json.dumps(teacher))
+    half = teacher["model"]["n_layers"] // 2
+    cfg["run"]["dir"] = str(work / name)  # run.seed stays: the same split as the teacher
+    cfg["model"]["n_layers"] = half  # random init: the same shape as the pruned student
+    steps = size["student_steps"]
+    cfg["train"].update(max_steps=steps, seed=seed, eval_every=steps, save_every=steps, warmup_steps=max(1, steps // 10))
+    d = {"teacher": str(work / "teacher"), "alpha": alpha, "temperature": TEMPERATURE}
+    if init == "prune":
+        d.update(student_init="prune", keep_layers=half)
+    cfg["distill"] = d
+    return cfg
+
+
+def run_student(teacher_cfg: dict, work: Path, name: str, size: dict, seed: int, init: str, alpha: float) -> dict:
+    cfg = student_config(teacher_cfg, work, name, size, seed, init=init, alpha=alpha)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    shutil.copytree(work / "teacher" / "prepare", work / name / "prepare")  # same data, config and hash: prepare is up to date
+    res = llmctl("distill", str(path))
+    print(f"[distill] {name}: val_ppl {res['val_ppl']}  tokens/s {res['tokens_per_s']}  ({res['seconds']} s)", flush=True)
+    return res
+
+
+def gen_tokens_per_s(model_dir: Path) -> float:
+    import torch
+
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.modeling import load_for_inference
+
+    torch.manual_seed(0)
+    model, tok = load_for_inference(str(model_dir))
+    model.generation_config.eos_token_id = None  # always GEN_NEW tokens: equal work for both
+    sp = Sampling(max_new_tokens=GEN_NEW, do_sample=False)
+    generate_batch(model, tok, GEN_PROMPTS[:1], sp)  # warm-up
+    best = 0.0
+    for _ in range(3):  # best of 3: noise on a shared machine only slows down
+        t0 = time.perf_counter()
+        n = sum(r["completion_tokens"] for p in GEN_PROMPTS for r in generate_batch(model, tok, [p], sp))
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    name = (sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LLMCTL_BENCH_SIZE", "full")).lower()
+    if name not in SIZES:
+        raise SystemExit(f"size {name!r}: expected one of {', '.join(SIZES)}")
+    size = SIZES[name]
+    work = Path(os.environ.get("LLMCTL_BENCH_WORK") or tempfile.mkdtemp(prefix="bench-distill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+
+    tcfg = teacher_config(work, size)
+    (work / "teacher.yaml").write_text(yaml.safe_dump(tcfg, sort_keys=False))
+    llmctl("prepare", str(work / "teacher.yaml"))
+    teacher = llmctl("train", str(work / "teacher.yaml"))
+    print(f"[distill] teacher: {tcfg['model']['n_layers']} layers, val_ppl {teacher['val_ppl']}, tokens/s {teacher['tokens_per_s']}", flush=True)
+
+    rows = []
+    for i in range(size["seeds"]):
+        seed = 1000 + i
+        kd = run_student(tcfg, work, f"kd-{seed}", size, seed, "prune", ALPHA)
+        ce = run_student(tcfg, work, f"ce-{seed}", size, seed, "prune", 0.0)
+        rnd = run_student(tcfg, work, f"random-kd-{seed}", size, seed, "model", ALPHA)
+        rows.append({"seed": seed, "kd_ppl": kd["val_ppl"], "ce_ppl": ce["val_ppl"], "random_kd_ppl": rnd["val_ppl"],
+                     "kd_tokens_per_s": kd["tokens_per_s"], "ce_tokens_per_s": ce["tokens_per_s"], "pruned_layers": kd.get("pruned_layers")})
+
+    t_ppl = teacher["val_ppl"]
+    gaps = [(r["ce_ppl"] - r["kd_ppl"]) / (r["ce_ppl"] - t_ppl) for r in rows if r["ce_ppl"] != t_ppl]
+    overhead = statistics.median(1 - r["kd_tokens_per_s"] / r["ce_tokens_per_s"] for r in rows)
+    t_gen = gen_tokens_per_s(work / "teacher" / "train" / "model")
+    s_gen = gen_tokens_per_s(work / f"kd-{rows[0]['seed']}" / "train" / "model")
+    metrics = {
+        "size": name,
+        "note": "reduced size" if name != "full" else "quickstart size",
+        "teacher_layers": tcfg["model"]["n_layers"],
+        "student_layers": tcfg["model"]["n_layers"] // 2,
+        "teacher_steps": teacher["steps"],
+        "student_steps": size["student_steps"],
+        "alpha": ALPHA,
+        "temperature": TEMPERATURE,
+        "teacher_val_ppl": t_ppl,
+        "seeds": rows,
+        "kd_ppl_mean": round(statistics.mean(r["kd_ppl"] for r in rows), 3),
+        "ce_ppl_mean": round(statistics.mean(r["ce_ppl"] for r in rows), 3),
+        "random_kd_ppl_mean": round(statistics.mean(r["random_kd_ppl"] for r in rows), 3),
+        "gap_closed_by_kd_mean": round(statistics.mean(gaps), 4) if gaps else None,
+        "teacher_overhead_tokens_per_s": round(overhead, 4),
+        "teacher_gen_tokens_per_s": round(t_gen, 1),
+        "student_gen_tokens_per_s": round(s_gen, 1),
+        "wall_seconds": round(time.time() - t_start, 1),
+        "work_dir": str(work),
+    }
+    ratios = {
+        "ce_ppl / kd_ppl, worst seed": ratio(min(r["ce_ppl"] / r["kd_ppl"] for r in rows), 1.0),
+        "random_kd_ppl / pruned_kd_ppl, worst": ratio(min(r["random_kd_ppl"] / r["kd_ppl"] for r in rows), 1.0),
+        "student / teacher generation speed": ratio(s_gen / t_gen, 1.3),
+    }
+    write_result("distill", metrics, ratios)
+    if not os.environ.get("LLMCTL_BENCH_WORK"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
