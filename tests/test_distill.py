@@ -236,3 +236,29 @@ def test_run_pipeline_distills_when_the_config_has_a_teacher(tmp_path):
     called.clear()
     run_pipeline(load_config(None, [f"run.dir={tmp_path}"]), RunDir(tmp_path), Stage, ("prepare", "train", "eval"))
     assert called == ["prepare", "train", "eval"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_and_a_new_teacher_is_refused(tmp_path):
+    import signal
+
+    over = {"max_steps": 4, "save_every": 2, "eval_every": 100, "lr": 1e-2}
+    _, ca, rda = _teacher_and_student(tmp_path / "a", train=over)
+    distill.run(ca, rda)
+    full = _losses(rda)
+
+    pb, cb, rdb = _teacher_and_student(tmp_path / "b", train=over)
+    r = run_cli("distill", str(pb), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "2"})
+    assert r.returncode == -signal.SIGKILL and rdb.manifest("train")["status"] == "running"
+    r = run_cli("distill", str(pb))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    resumed = _losses(rdb)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed, full)
+
+    # Another teacher under the same checkpoints: resuming would mix two teachers.
+    (rdb.stage_dir("train") / "manifest.json").unlink()
+    tm = tmp_path / "b" / "teacher" / "train" / "manifest.json"
+    tm.write_text(tm.read_text().replace(json.loads(tm.read_text())["id"], "another-teacher"))
+    with pytest.raises(ConfigError, match="cannot be resumed safely: distill"):
+        distill.run(cb, rdb)
