@@ -242,6 +242,22 @@ def test_every_gguf_type_from_config(trained_run):
     assert r.returncode == 2 and "gguf_types" in r.stderr
 
 
+def test_wrong_tensor_caught_even_in_q4_0(trained_run, monkeypatch):
+    """q4_0's loose logit tolerance cannot hide a misplaced tensor: the file must equal the intended rounding."""
+    from llmctl.errors import LlmctlError
+
+    from transformers import AutoTokenizer
+
+    path, cfg, rd = trained_run
+    _replace_model(rd, _tiny_llama(AutoTokenizer.from_pretrained(rd.model_dir), num_hidden_layers=1))
+    monkeypatch.setattr(gx, "_permute", lambda w, n: w)  # q/k rows left in HF order: llama.cpp would rotate wrongly
+    with pytest.raises(LlmctlError, match="gguf:q4_0 failed verification") as e:
+        export.run(load_config(path, ["export.formats=[gguf]", "export.gguf_types=[q4_0]"]), rd)
+    assert "intended_weights" in str(e.value) or "logits differ" in str(e.value)
+    m = rd.manifest("export")
+    assert m["status"] == "failed" and not rd.export_dir("gguf").exists()
+
+
 def test_float16_hf_export_leaves_shared_model_unrounded(trained_run):
     """hf.write used to cast the shared model in place: later formats exported rounded weights."""
     import torch

@@ -133,6 +133,37 @@ def _check_line(v: dict) -> str:
     return f"max |logit diff| {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:.3g})"
 
 
+def _export_gguf(cfg, model, tok, out: Path, pre: str, reference, con) -> tuple[dict, dict]:
+    """One file per export.gguf_types entry; `reference` = (logits, ids, mask), or None to skip checks."""
+    from llmctl.exporters import gguf as gguf_x, gguf_tokenizer
+
+    info = {"types": list(cfg.export.gguf_types), "tokenizer_pre": pre, "tokenizer_hash": gguf_tokenizer.llama_cpp_hash(tok), "kept_higher_precision": {}}
+    checks = {}
+    for q in cfg.export.gguf_types:
+        p = gguf_x.write(model, tok, out, q, cfg.run.name, pre=pre)
+        info["kept_higher_precision"][q] = kept = gguf_x.kept_higher_precision(p, q)
+        if kept:
+            con.info(f"  gguf:{q}: {len(kept)} tensors kept at higher precision (rows not a multiple of 32): {', '.join(sorted(kept))}")
+        if reference is not None:
+            checks[q] = gguf_x.verify(p, *reference, q, tok, model)
+    return info, checks
+
+
+def _record_check(key: str, result: tuple, verification: dict, con) -> None:
+    """Log and record one format's (diff, tolerance, further checks); raise if any failed."""
+    diff, tol, extra = result
+    passed = diff <= tol and all(v["passed"] for v in extra.values())
+    verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": passed, **extra}
+    con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+    for name, v in extra.items():
+        con.info(f"  {key}: {name}: {_check_line(v)}")
+    if not diff <= tol:
+        raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
+    for name, v in extra.items():
+        if not v["passed"]:
+            raise LlmctlError(f"export {key} failed verification: {name}: {_check_line(v)}; nothing was exported")
+
+
 def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = None, **_) -> dict:
     con = _console.current()
     fmts = _formats(cfg, formats)
@@ -142,7 +173,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         if set(fmts) <= set(m.get("formats", [])):
             con.info(f"export: up to date in {rd.stage_dir('export')} (use --force to redo)")
             return {**m["headline"], "cached": True}
-    from llmctl.exporters import common, gguf as gguf_x, gguf_tokenizer as gguf_tok, hf as hf_x, onnx as onnx_x
+    from llmctl.exporters import common, gguf as gguf_x, hf as hf_x, onnx as onnx_x
 
     model, tok = _load_trained(cfg, rd)
     pre = gguf_x.check_supported(model, tok) if "gguf" in fmts else None  # fail before any work
@@ -176,26 +207,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                     if check:
                         checks[""] = (*onnx_x.verify(out, ref, ids, mask, cfg), {})
                 else:
-                    info = {"types": list(cfg.export.gguf_types), "tokenizer_pre": pre, "tokenizer_hash": gguf_tok.llama_cpp_hash(tok), "kept_higher_precision": {}}
-                    for q in cfg.export.gguf_types:
-                        p = gguf_x.write(model, tok, out, q, cfg.run.name, pre=pre)
-                        info["kept_higher_precision"][q] = kept = gguf_x.kept_higher_precision(p, q)
-                        if kept:
-                            con.info(f"  gguf:{q}: {len(kept)} tensors kept at higher precision (rows not a multiple of 32): {', '.join(sorted(kept))}")
-                        if check:
-                            checks[q] = gguf_x.verify(p, ref, ids, mask, q, tok, model)
-                for sub, (diff, tol, extra) in checks.items():
-                    key = f"{fmt}:{sub}" if sub else fmt
-                    passed = diff <= tol and all(v["passed"] for v in extra.values())
-                    verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": passed, **extra}
-                    con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
-                    for name, v in extra.items():
-                        con.info(f"  {key}: {name}: {_check_line(v)}")
-                    if not diff <= tol:
-                        raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
-                    for name, v in extra.items():
-                        if not v["passed"]:
-                            raise LlmctlError(f"export {key} failed verification: {name}: {_check_line(v)}; nothing was exported")
+                    info, checks = _export_gguf(cfg, model, tok, out, pre, (ref, ids, mask) if check else None, con)
+                for sub, result in checks.items():
+                    _record_check(f"{fmt}:{sub}" if sub else fmt, result, verification, con)
                 timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
             files = {}
             for fmt in fmts:
