@@ -122,7 +122,15 @@ class CurateConfig(Section):
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing.")
     term_groups: dict[str, list[str]] = Field(
         default_factory=lambda: {"female": list(_FEMALE), "male": list(_MALE)},
-        description="Term groups whose frequency in the training split the data report gives (a first look at representation bias); {} for none.")
+        description="Term groups (single words, case-insensitive) whose frequency in the training split the data report gives (a first look at representation bias); {} for none.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CurateConfig":
+        for group, terms in self.term_groups.items():
+            bad = [t for t in terms if not t.strip() or len(t.split()) > 1]
+            if bad:
+                raise ValueError(f"data.curate.term_groups.{group}: {bad[0]!r} is not a single word (terms are counted word by word)")
+        return self
 
 
 # --------------------------------------------------------------------------- data

@@ -272,6 +272,7 @@ def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
     ({"languages": ["EN"]}, "pattern"),
     ({"pii": {"kinds": ["mail"]}}, "email"),
     ({"near_dedup": {"threshold": 0}}, "greater than 0"),
+    ({"term_groups": {"young": ["young woman"]}}, "'young woman' is not a single word"),
 ])
 def test_bad_curate_config_is_a_config_error(tmp_path, bad, msg):
     from llmctl.errors import ConfigError
