@@ -342,9 +342,10 @@ def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
     con.step(f"curating ({p.content} source): " + ", ".join(
         s for s, on in (("language", p.language), ("quality", p.quality), (f"pii={p.pii}", p.pii != "off"),
                         ("exact dedup", p.exact_dedup), ("near dedup", p.near_dedup), ("leakage", p.leakage)) if on))
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     out, report = curate.curate(splits, cfg.data.format, p, cfg.run.seed, cfg.data.num_proc, build / "cache", con)
     report["seconds"] = round(time.time() - t, 2)
+    report["cpu_seconds"] = round(time.process_time() - cpu, 2)  # this process; workers not counted
     for name, info in report["splits"].items():
         if info["documents_before"] and not info["documents_after"]:
             why = ", ".join(f"{s['step']} {s['removed']}" for s in info["steps"] if s["removed"])
