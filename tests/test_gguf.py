@@ -301,6 +301,22 @@ def test_export_verify_false_skips_and_says_so(trained_run, monkeypatch):
 
 # ---------------------------------------------------------------- llama.cpp itself
 
+
+def test_llama_cpp_tokenizer_disagreement_fails_export(trained_run, tmp_path, monkeypatch):
+    """When llama-tokenize is installed its ids must be the trained tokenizer's (here a stand-in that disagrees)."""
+    from llmctl.errors import LlmctlError
+
+    path, cfg, rd = trained_run
+    fake = tmp_path / "bin" / "llama-tokenize"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho '[1, 2, 3]'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(fake.parent))
+    with pytest.raises(LlmctlError, match="gguf:f32 failed verification: llama_cpp_tokenize: 0/10 probe texts"):
+        export.run(load_config(path, ["export.formats=[gguf]", "export.gguf_types=[f32]"]), rd)
+    assert not rd.export_dir("gguf").exists()
+
+
 LLAMA_TOKENIZE = gx.llama_cpp("llama-tokenize")
 LLAMA_PERPLEXITY = gx.llama_cpp("llama-perplexity")
 

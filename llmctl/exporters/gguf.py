@@ -326,14 +326,15 @@ def intended(model, qtype: str):
     return m
 
 
-def verify(path: Path, ref, ids, mask, qtype: str, tok=None, model=None) -> tuple[float, float, dict]:
+def verify(path: Path, ref, ids, mask, qtype: str, tok=None, model=None, llama_cpp_tokenizer: bool = True) -> tuple[float, float, dict]:
     """(max |logit diff| vs the trained model, this type's tolerance, further checks).
 
     The file is rebuilt on its own (`load`). Further checks, each {"passed": bool, ...}:
     `intended_weights` (with `model`): its logits equal those of the model rounded exactly as the
     type should round it, so a wrong tensor shows however coarse the type; `tokenizer` (with
     `tok`): the embedded tokenizer gives `tok`'s ids on every probe text; `llama_cpp_tokenize`:
-    the same through llama.cpp's own `llama-tokenize`, when it is installed.
+    the same through llama.cpp's own `llama-tokenize`, when it is installed (and
+    `llama_cpp_tokenizer`: every type of one export embeds the same tokenizer, once is enough).
     """
     from llmctl.exporters import gguf_tokenizer
     from llmctl.exporters.common import max_diff, reference_logits
@@ -349,7 +350,7 @@ def verify(path: Path, ref, ids, mask, qtype: str, tok=None, model=None) -> tupl
     if tok is not None:
         t = gguf_tokenizer.check_file(path, tok)
         info["tokenizer"] = {**t, "passed": t["mismatched"] == 0}
-        if llama_cpp("llama-tokenize"):
+        if llama_cpp_tokenizer and llama_cpp("llama-tokenize"):
             try:
                 t = llama_cpp_tokenize_check(path, tok)
                 info["llama_cpp_tokenize"] = {**t, "passed": t["mismatched"] == 0}

@@ -145,7 +145,7 @@ def _export_gguf(cfg, model, tok, out: Path, pre: str, reference, con) -> tuple[
         if kept:
             con.info(f"  gguf:{q}: {len(kept)} tensors kept at higher precision (rows not a multiple of 32): {', '.join(sorted(kept))}")
         if reference is not None:
-            checks[q] = gguf_x.verify(p, *reference, q, tok, model)
+            checks[q] = gguf_x.verify(p, *reference, q, tok, model, llama_cpp_tokenizer=not checks)
     return info, checks
 
 
