@@ -15,9 +15,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ratio(value: float, target: float, higher_is_better: bool = True) -> dict:
+def ratio(value: float, target: float | None, higher_is_better: bool = True) -> dict:
+    """A ratio with its target; target None: reported for context, no pass/fail."""
+    if target is None:
+        return {"value": round(value, 4), "target": "-", "pass": None}
     ok = value >= target if higher_is_better else value <= target
     return {"value": round(value, 4), "target": f"{'>=' if higher_is_better else '<='} {target}", "pass": bool(ok)}
+
+
+def machine() -> dict:
+    """Where a number was measured: CPU count, torch threads and the load average at the time."""
+    import os
+
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"cpus": os.cpu_count(), "torch_threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def write_result(name: str, metrics: dict, ratios: dict) -> None:

@@ -1,4 +1,8 @@
-"""`make bench`: run every benchmark, print one table of ratios, write bench/results.json.
+"""`make bench`: run every benchmark, print one table of ratios, write bench/results.json,
+and regenerate the measured passages of README.md and docs/ from it (bench/passages.py).
+
+`python bench/run_all.py NAME...` refreshes only those benchmarks' rows. `quickstart` runs the
+whole demo (minutes); the others take a minute or two each on 2 CPU cores.
 
 Each bench/<name>.py writes bench/results/<name>.json:
   {"name": ..., "metrics": {...}, "ratios": {"<ratio>": {"value": v, "target": ">= 3", "pass": bool}}}
@@ -13,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["prepare", "curate", "train", "generate", "serve", "distill"]
+BENCHES = ["prepare", "curate", "train", "generate", "eval", "serve", "distill", "quickstart"]
 
 
 def main() -> int:
@@ -43,10 +47,14 @@ def main() -> int:
     print(f"{'benchmark':<10} {'ratio':<40} {'value':>10} {'target':>10}  pass")
     for name, res in results.items():
         for rname, r in (res.get("ratios") or {}).items():
-            print(f"{name:<10} {rname:<40} {r['value']:>10.3f} {r['target']:>10}  {'yes' if r['pass'] else 'NO'}")
+            print(f"{name:<10} {rname:<40} {r['value']:>10.3f} {r['target']:>10}  {'-' if r['pass'] is None else 'yes' if r['pass'] else 'NO'}")
         if "error" in res:
             print(f"{name:<10} {'(failed: ' + res['error'] + ')':<40}")
     print(f"\nwritten to {HERE / 'results.json'}")
+    sys.path.insert(0, str(HERE))
+    import passages  # README.md and docs/ quote results.json: refresh their measured passages
+
+    passages.main()
     return 1 if failed else 0
 
 

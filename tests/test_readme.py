@@ -43,3 +43,32 @@ def test_readme_quickstart_runs_as_written(tmp_path):
     r = run_cli("status", str(run_dir), "--json")
     stages = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
     assert stages == {s: "complete" for s in ("prepare", "train", "eval", "generate", "export")}
+
+
+def _passages():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import passages
+
+    return passages
+
+
+def test_measured_figures_are_generated_from_bench_results():
+    passages = _passages()
+    results = passages.load_results()
+    for f in passages.FILES:
+        text = (REPO / f).read_text()
+        assert "<!-- bench:" in text, f
+        assert passages.render(text, results) == text, f"{f}: run `python bench/passages.py` to refresh its measured figures"
+
+
+def test_no_measured_figure_outside_the_generated_passages():
+    """A time, a rate or a speed-up typed by hand goes stale; only generated passages quote them."""
+    passages = _passages()
+    figure = re.compile(r"\d[\d.,]*\s*(?:min\b|minutes|seconds|requests/s|req/s|tokens/s|x (?:faster|slower))|\d+(?:\.\d+)?x\b")
+    for f in passages.FILES:
+        text = (REPO / f).read_text()
+        outside = re.sub(r"<!-- bench:([\w-]+):start -->.*?<!-- bench:\1:end -->", "", text, flags=re.S)
+        outside = re.sub(r"```.*?```", "", outside, flags=re.S)  # commands and examples, not measurements
+        assert not figure.findall(outside), (f, [m.group(0) for m in figure.finditer(outside)])

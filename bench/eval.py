@@ -1,0 +1,104 @@
+"""Perplexity throughput: `llmctl eval --set eval.text_paths=[...]` vs lm-evaluation-harness's
+`loglikelihood_rolling` on the same model, files, window and batch size.
+
+Both sides are fresh processes timed from outside (spawn to exit: imports, model load,
+tokenizing, scoring); they alternate and each keeps its best of ROUNDS. The summed
+log-likelihoods must agree (same number), and the tokens/s ratio says how fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _model import quickstart_model
+from common import machine, ratio, write_result
+
+MAX_BYTES = int(os.environ.get("BENCH_EVAL_BYTES", 300_000))
+WINDOW = 512
+BATCH = 16
+ROUNDS = 3
+
+LM_EVAL = r'''
+import json, sys
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+model, window, batch, files = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+lm = HFLM(pretrained=model, backend="causal", dtype="float32", max_length=window, batch_size=batch, device="cpu", add_bos_token=False)
+texts = [open(f, encoding="utf-8").read() for f in files]
+reqs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+print(json.dumps({"nll": -sum(lm.loglikelihood_rolling(reqs))}))
+'''
+
+
+def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return dt, r.stdout
+
+
+def main() -> None:
+    import yaml
+
+    from llmctl.data.sources import builtin_files
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    model = quickstart_model(tmp / "m")
+    files = []
+    for f in builtin_files(7, MAX_BYTES):  # stdlib source as written: blank lines, indentation
+        dst = tmp / "text" / f"{len(files):03d}_{f.name}"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(f, dst)
+        files.append(str(dst))
+    cfg = tmp / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run": {"name": "b", "dir": str(tmp / "run")},
+                                   "eval": {"model": str(model), "text_paths": files, "max_length": WINDOW, "batch_size": BATCH, "generation": False}}))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+    def ours() -> float:
+        dt, out = _timed([sys.executable, "-m", "llmctl", "eval", str(cfg), "--force", "--json"], env)
+        ours.res = json.loads(Path(json.loads(out)["results"]).read_text())["perplexity"]
+        return dt
+
+    def theirs() -> float:
+        dt, out = _timed([sys.executable, "-c", LM_EVAL, str(model), str(WINDOW), str(BATCH), *files], env)
+        theirs.nll = json.loads(out.strip().splitlines()[-1])["nll"]
+        return dt
+
+    runs: dict[str, list[float]] = {"llmctl": [], "lm_eval": []}
+    for k in range(ROUNDS):
+        order = [("llmctl", ours), ("lm_eval", theirs)]
+        for name, fn in order if k % 2 == 0 else order[::-1]:
+            runs[name].append(round(fn(), 3))
+            print(f"[eval] round {k + 1} {name}: {runs[name][-1]} s", flush=True)
+    p = ours.res
+    tokens = p["tokens"]
+    our_nll = p["mean_loss"] * tokens
+    rel = abs(our_nll - theirs.nll) / theirs.nll
+    import math
+
+    metrics = {
+        "tokens": tokens, "files": len(files), "bytes": p["bytes"], "window": WINDOW, "batch_size": BATCH, "rounds": ROUNDS,
+        "llmctl": {"seconds": min(runs["llmctl"]), "tokens_per_s": round(tokens / min(runs["llmctl"]), 1), "perplexity": p["perplexity"], "all_seconds": runs["llmctl"]},
+        "lm_eval": {"seconds": min(runs["lm_eval"]), "tokens_per_s": round(tokens / min(runs["lm_eval"]), 1),
+                    "perplexity": round(math.exp(theirs.nll / tokens), 4), "all_seconds": runs["lm_eval"]},
+        "nll_relative_difference": rel, "model": "random llama 4 layers, hidden 128, vocab 4096", "machine": machine(),
+    }
+    write_result("eval", metrics, {
+        "eval perplexity tokens/s vs lm-eval loglikelihood_rolling": ratio(min(runs["lm_eval"]) / min(runs["llmctl"]), 1.0),
+        "eval log-likelihood relative difference vs lm-eval": ratio(rel, 1e-4, higher_is_better=False),
+    })
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

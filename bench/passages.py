@@ -1,0 +1,193 @@
+"""The measured figures README.md and docs/ quote, generated from bench/results.json.
+
+Each passage sits between `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`; a test
+keeps them equal to what this renders. After a benchmark run (bench/run_all.py does this):
+
+    python bench/passages.py        # rewrites the marked passages in README.md and docs/*.md
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+FILES = ["README.md", "docs/serve.md"]
+
+
+def _minutes(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s"
+
+
+def _n(x: float, digits: int = 2) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def _machine(res: dict) -> str:
+    m = (res.get("metrics") or {}).get("machine") or {}
+    if not m:
+        return ""
+    threads = f", {m['torch_threads']} torch thread(s)" if m.get("torch_threads") else ""
+    return f"{m.get('cpus')} CPUs{threads}, load average {m.get('load_avg_1m')} at the start"
+
+
+def _quickstart_time(r: dict) -> str:
+    q = r.get("quickstart", {}).get("metrics")
+    if not q:
+        return "(not measured yet: `python bench/run_all.py quickstart`)"
+    return f"On {q['cpus']} CPU cores the whole run took {_minutes(q['seconds'])} when measured (see \"Measured\" below)."
+
+
+def _quickstart(r: dict) -> list[str]:
+    q = r.get("quickstart", {}).get("metrics")
+    if not q:
+        return ["- quickstart: not measured yet (`python bench/run_all.py quickstart`)."]
+    e, t = q["eval"], q["train"]
+    out = [
+        f"- `make demo` (`llmctl run configs/quickstart.yaml`, from scratch, {_machine(r['quickstart'])}): "
+        f"{_minutes(q['seconds'])} ({q['seconds_measured_as']}). {q['documents']} stdlib documents, "
+        f"{q['train_tokens'] / 1e6:.2f}M training tokens, a {t['parameters'] / 1e6:.2f}M-parameter llama, "
+        f"{t['steps']} steps in {t['seconds']:.0f} s.",
+        f"  Held-out perplexity {_n(e['init_perplexity'])} before training -> {_n(e['perplexity'])} after "
+        f"(unigram baseline {_n(e['baseline_unigram_perplexity'])}). BLEU on {e['examples']} held-out "
+        f"next-line pairs (complete a line of a held-out file from the lines before it and its first word): "
+        f"{_n(e['init_bleu'])} before -> {_n(e['bleu'])} after (copy-the-prompt baseline {_n(e['baseline_copy_bleu'])}; "
+        f"chrF {_n(e['chrf'])}, exact match {e['exact_match']:.2f}).",
+    ]
+    if q.get("exports"):
+        out.append(f"  Exports: {q['exports']}.")
+    return out
+
+
+ROWS = [  # (benchmark, ratio key in results.json, how README names it)
+    ("prepare", "prepare tokens/s vs run_clm.py recipe", "tokens/s vs transformers' run_clm.py recipe (`load_dataset` -> `map` -> `group_texts`)"),
+    ("prepare", "prepare peak RSS vs run_clm.py recipe (lower better)", "peak RSS vs the run_clm.py recipe (lower is better)"),
+    ("prepare", "prepare tokens/s vs raw encode_batch (the limit)", "tokens/s vs raw `tokenizers` `encode_batch` (the limit)"),
+    ("curate", "curation share of prepare CPU time (lower better)", "data curation's share of the quickstart prepare's CPU time (lower is better)"),
+    ("train", "train tokens/s llmctl vs bare PyTorch", "tokens/s vs a bare PyTorch loop (best of 3 each)"),
+    ("generate", "generate batched(8) vs sequential", "batched (8) vs one prompt at a time"),
+    ("generate", "generate batched(8) vs transformers pipeline(batch_size=8)", "batched (8) vs `transformers.pipeline` (batch_size=8)"),
+    ("generate", "generate one prompt streamed vs bare model.generate", "one prompt streamed vs bare `model.generate`"),
+    ("eval", "eval perplexity tokens/s vs lm-eval loglikelihood_rolling", "perplexity tokens/s vs lm-eval `loglikelihood_rolling`"),
+    ("eval", "eval log-likelihood relative difference vs lm-eval", "log-likelihood relative difference vs lm-eval (same number)"),
+    ("serve", "serve throughput 8 clients vs 1", "requests/s, 8 clients vs 1"),
+    ("serve", "serve errors (both phases)", "errors (both phases)"),
+]
+
+
+def _fmt(v: float) -> str:
+    if v != 0 and abs(v) < 0.01:
+        return f"{v:.1e}"
+    return f"{v:.2f}"
+
+
+def _details(r: dict) -> list[str]:
+    out = []
+    for fn in (_prepare_line, _generate_line, _eval_line):
+        try:
+            line = fn(r)
+        except (KeyError, TypeError):  # a row from an older benchmark format: not quoted
+            line = None
+        if line:
+            out.append(line)
+    return out
+
+
+def _prepare_line(r: dict) -> str | None:
+    p = (r.get("prepare") or {}).get("metrics")
+    if p:
+        return (f"- prepare ({p['corpus_bytes'] / 1e6:.1f} MB, {p['documents']} documents, block {p['block_size']}, best of {p['rounds']}): "
+                   f"llmctl {_n(p['llmctl']['tokens_per_s'], 0)} tokens/s, peak RSS {p['llmctl']['peak_rss_mb']:.0f} MB; "
+                   f"run_clm.py recipe {_n(p['run_clm']['tokens_per_s'], 0)} tokens/s, {p['run_clm']['peak_rss_mb']:.0f} MB; "
+                f"raw `encode_batch` {_n(p['encode_batch_tokens_per_s'], 0)} tokens/s.")
+    return None
+
+
+def _generate_line(r: dict) -> str | None:
+    g = (r.get("generate") or {}).get("metrics")
+    if g:
+        return (f"- generate ({g['new_tokens']} new tokens, greedy, best of {g['rounds']}): batched {_n(g['batched_tokens_per_s'], 1)}, "
+                   f"one at a time {_n(g['sequential_tokens_per_s'], 1)}, pipeline {_n(g['pipeline_tokens_per_s'], 1)} tokens/s; "
+                f"one prompt: llmctl streamed {_n(g['single_llmctl_tokens_per_s'], 1)}, `model.generate` {_n(g['single_generate_tokens_per_s'], 1)} tokens/s.")
+    return None
+
+
+def _eval_line(r: dict) -> str | None:
+    e = (r.get("eval") or {}).get("metrics")
+    if e:
+        return (f"- eval ({e['files']} stdlib files as written, {_n(e['tokens'], 0)} tokens, window {e['window']}, batch {e['batch_size']}, "
+                   f"end to end, best of {e['rounds']}): llmctl {e['llmctl']['seconds']:.1f} s ({_n(e['llmctl']['tokens_per_s'], 0)} tokens/s, "
+                   f"perplexity {e['llmctl']['perplexity']}), lm-eval {e['lm_eval']['seconds']:.1f} s ({_n(e['lm_eval']['tokens_per_s'], 0)} tokens/s, "
+                f"perplexity {e['lm_eval']['perplexity']}).")
+    return None
+
+
+def measured(r: dict) -> str:
+    lines = ["Measured on this project's development machine (2 CPU cores, no GPU), shared with other",
+             "jobs while measuring, so absolute figures are noisy (the load average is recorded with each",
+             "benchmark in `bench/results.json`); ratios compare sides run alternately in the same conditions.", ""]
+    lines += _quickstart(r)
+    lines += ["- `make bench` (`bench/results.json`; load: the machine's 1-minute load average when measured):", "",
+              "| benchmark | ratio | value | target | met | load |", "|---|---|---|---|---|---|"]
+    known = {(b, k) for b, k, _ in ROWS}
+    extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known]
+    for bench, key, label in ROWS + extra:  # a benchmark added later shows under its own ratio name
+        row = ((r.get(bench) or {}).get("ratios") or {}).get(key)
+        load = (((r.get(bench) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+        if row is None:
+            lines.append(f"| {bench} | {label} | not measured | | | |")
+        else:
+            met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
+            lines.append(f"| {bench} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
+    details = _details(r)
+    if details:
+        lines += [""] + details
+    return "\n".join(lines)
+
+
+def serve(r: dict) -> str:
+    s = (r.get("serve") or {}).get("metrics")
+    if not s:
+        return "Numbers: not measured yet (`python bench/run_all.py serve`)."
+    c1, c8 = s["clients_1"], s["clients_8"]
+    rt = r["serve"]["ratios"]["serve throughput 8 clients vs 1"]["value"]
+    errs = c1["errors"] + c8["errors"]
+    return (f"Numbers (`bench/serve.py`, from `bench/results.json`: {s['model']}, {s['max_tokens']} new tokens, greedy, CPU, "
+            f"2 shared cores): 1 client {c1['rps']:.2f} requests/s (p50 {c1['p50_s']:.2f} s), 8 clients {c8['rps']:.2f} requests/s "
+            f"(p50 {c8['p50_s']:.2f} s, p95 {c8['p95_s']:.2f} s), {rt:.1f}x, about {c8['tokens_per_forward_pass']:.1f} tokens per "
+            f"forward pass, {'zero errors' if errs == 0 else f'{errs} errors'}.")
+
+
+PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve}
+
+
+def render(text: str, results: dict) -> str:
+    """`text` with every marked passage replaced by its rendering from `results`."""
+    for name, fn in PASSAGES.items():
+        pat = re.compile(rf"(<!-- bench:{name}:start -->\n)(?:.*?\n)?(<!-- bench:{name}:end -->)", re.S)
+        text = pat.sub(lambda m: m.group(1) + fn(results) + "\n" + m.group(2), text)
+    return text
+
+
+def load_results() -> dict:
+    return json.loads((HERE / "results.json").read_text())
+
+
+def main() -> int:
+    results = load_results()
+    for f in FILES:
+        p = REPO / f
+        old = p.read_text()
+        new = render(old, results)
+        if new != old:
+            p.write_text(new)
+            print(f"updated {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
