@@ -133,6 +133,8 @@ def test_completion_every_field(server, run_dir):
     # The same seed gives the same sample; token-id prompts are accepted.
     again = c.completions.create(model=MODEL, prompt=["the quick", "river"], max_tokens=4, n=2, temperature=1.0, seed=5)
     assert [x.text for x in again.choices] == [x.text for x in r2.choices]
+    other = c.completions.create(model=MODEL, prompt=["the quick", "river"], max_tokens=4, n=2, temperature=1.0, seed=6)
+    assert [x.text for x in other.choices] != [x.text for x in r2.choices]  # it samples, and the seed decides
     ids = c.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2, temperature=0)
     assert ids.usage.prompt_tokens == 3
 
