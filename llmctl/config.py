@@ -318,6 +318,7 @@ class EvalConfig(Section):
     compare_init: bool = Field(False, description="Also evaluate the model before training (the seeded initialisation, or the pretrained base) to show what training bought.")
     baselines: bool = Field(True, description="Report trivial baselines: unigram perplexity from training-split counts, BLEU of copying the prompt's last words.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
+    safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
 
 
 # --------------------------------------------------------------------------- generate
@@ -368,6 +369,64 @@ class ServeConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to serve on.")
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
+
+
+# --------------------------------------------------------------------------- safety
+RailAction = Literal["off", "flag", "redact", "block"]
+
+
+class RailConfig(Section):
+    pii: RailAction = Field("flag", description="Emails, phone numbers, IP addresses, Luhn-valid card numbers (the detectors prepare's PII scrubbing uses).")
+    secrets: RailAction = Field("flag", description="API keys, tokens and private-key blocks.")
+    deny: RailAction = Field("block", description="The deny lists (safety.deny); nothing happens while they are empty.")
+    classifier: RailAction = Field("off", description="The shipped offensive-language classifier over each sentence or line, at safety.classifier_threshold (needs the 'safety' extra); flag or block.")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false.
+        return "off" if v is False else v
+
+
+class DenyConfig(Section):
+    words: list[str] = Field(default_factory=list, description="Whole words, case-insensitive.")
+    phrases: list[str] = Field(default_factory=list, description="Phrases, case-insensitive, any whitespace between their words.")
+    regex: list[str] = Field(default_factory=list, description="Python regular expressions (add (?i) for case-insensitive).")
+    file: str | None = Field(None, description="A file with more entries, one a line: a phrase or word, 're:' then a regular expression, '#' a comment.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DenyConfig":
+        import re
+
+        for i, pat in enumerate(self.regex):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"safety.deny.regex[{i}] {pat!r} is not a valid regular expression: {e}") from None
+        for key in ("words", "phrases"):
+            for i, w in enumerate(getattr(self, key)):
+                if not w.strip():
+                    raise ValueError(f"safety.deny.{key}[{i}] is empty: remove it")
+        return self
+
+
+class SafetyConfig(Section):
+    enabled: bool = Field(True, description="Run the rails in generate, serve and eval; false turns every rail off (/v1/moderations still answers).")
+    input: RailConfig = Field(default_factory=RailConfig, description="Rails on prompts: action per detector (off, flag, redact, block).")
+    output: RailConfig = Field(default_factory=RailConfig, description="Rails on generated text: action per detector (off, flag, redact, block).")
+    deny: DenyConfig = Field(default_factory=DenyConfig, description="Deny lists.")
+    classifier_threshold: float = Field(0.9, gt=0, le=1, description="Score at or above which the classifier flags a sentence or line.")
+    refusal: str = Field("I can't help with that.", description="Text that replaces a blocked output (after finish_reason content_filter).")
+    stream_holdback: int = Field(100, ge=8, description="When an output rail redacts or blocks: characters of streamed output held back until no rail can still match them (the longest key formats need about 95; deny entries raise it to their length).")
+    audit: bool = Field(True, description="Log every intervention (rail, action, request id, kinds; never the matched text) to the stage's audit.jsonl.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SafetyConfig":
+        for side in ("input", "output"):
+            if getattr(self, side).classifier == "redact":
+                raise ValueError(f"safety.{side}.classifier: the classifier scores whole sentences and cannot redact; use flag or block")
+        return self
 
 
 # --------------------------------------------------------------------------- distill
@@ -412,6 +471,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig, description="Export (export).")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving (serve).")
     distill: DistillConfig | None = Field(None, description="Knowledge distillation (`llmctl distill`; `llmctl run` distills instead of training when this section is present).")
+    safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Guard rails on input and output (generate, serve, eval).")
 
     # Where the config came from, for messages; not part of the schema.
     _source: str = "<config>"
@@ -442,8 +502,8 @@ class Config(Section):
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare": ("data", "tokenizer", "run.seed"),
     "train": ("model", "train", "run.seed", "distill"),
-    "eval": ("eval",),
-    "generate": ("generate",),
+    "eval": ("eval", "safety"),
+    "generate": ("generate", "safety"),
     "export": ("export",),
 }
 

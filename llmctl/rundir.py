@@ -260,6 +260,14 @@ class RunDir:
     def explain_html_path(self) -> Path:
         return self.stage_dir("explain") / "explain.html"
 
+    def audit_path(self, stage: str) -> Path:
+        """Safety interventions of a stage (generate, eval, serve), one JSON line each."""
+        return self.root / stage / "audit.jsonl"
+
+    def redteam_file(self, stage: str = "eval") -> Path:
+        """Per-prompt results of the red-team eval (eval.safety)."""
+        return self.stage_dir(stage) / "redteam.jsonl"
+
     def export_dir(self, fmt: str) -> Path:
         return self.root / "export" / fmt
 
