@@ -250,9 +250,10 @@ def serve(
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
     quiet: bool = QuietOpt,
+    insecure: bool = typer.Option(False, "--insecure", help="Serve a non-loopback address without an API key (anyone who can reach it can use it)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API."""
-    _run_stage("serve", config, set_, run_dir, False, False, quiet, model=model, host=host, port=port)
+    _run_stage("serve", config, set_, run_dir, False, False, quiet, model=model, host=host, port=port, insecure=insecure)
 
 
 @app.command("run")

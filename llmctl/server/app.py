@@ -1,9 +1,12 @@
 """FastAPI app in the OpenAI API shape: /v1/models, /v1/completions, /v1/chat/completions,
-/health and /metrics (Prometheus text).
+/v1/moderations, /health and /metrics (Prometheus text).
 
 Handlers validate and tokenize, then hand sequences to the engine thread (engine.py) and
 read their tokens back from per-sequence asyncio queues, streamed as server-sent events or
-collected into one response. A client that goes away cancels its sequences.
+collected into one response. A client that goes away cancels its sequences. The safety
+rails (llmctl/safety.py) check prompts before they are tokenized and generated text before
+it leaves: streamed text passes through an output guard that holds back what a rail might
+still match.
 """
 
 from __future__ import annotations
@@ -19,22 +22,30 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmctl.safety import CONTENT_FILTER, Blocked, Rails
 from llmctl.server.engine import Engine, Job, QueueFull
 from llmctl.server.metrics import Metrics
-from llmctl.server.schemas import UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, _Req, error_body
+from llmctl.server.schemas import UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, ModerationRequest, _Req, error_body
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DISCONNECT_POLL_S = 0.25
+MODERATION_MODEL = "llmctl-rails"
+
+
+async def _send_error(send, status: int, body: dict, headers: list | None = None) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 class AuthAndMetrics:
-    """Pure ASGI middleware: the API key check and per-request counters/latency.
+    """Pure ASGI middleware: the API key check, the request size limit and per-request
+    counters/latency.
 
     Latency runs to the last byte of the response, so streamed requests count in full.
     """
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
-        self.app, self.api_key, self.metrics = app, api_key, metrics
+    def __init__(self, app, api_key: str | None, metrics: Metrics, max_body: int | None = None):
+        self.app, self.api_key, self.metrics, self.max_body = app, api_key, metrics, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,10 +54,16 @@ class AuthAndMetrics:
         t0 = time.perf_counter()
         if self.api_key and path != "/health" and not self._authorized(scope):
             self.metrics.request(path, 401)
-            body = json.dumps(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")).encode()
-            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-            await send({"type": "http.response.body", "body": body})
+            body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+            await _send_error(send, 401, body, [(b"www-authenticate", b"Bearer")])
             return
+        if self.max_body and scope.get("method") == "POST":
+            receive = await self._limited_body(scope, receive)
+            if receive is None:
+                self.metrics.request(path, 413)
+                msg = f"the request body is larger than this server's limit of {self.max_body} bytes (serve.max_request_bytes)"
+                await _send_error(send, 413, error_body(msg, code="request_too_large"))
+                return
         status = {"code": 500}
 
         async def send_wrapper(message):
@@ -59,6 +76,35 @@ class AuthAndMetrics:
 
         await self.app(scope, receive, send_wrapper)
 
+    async def _limited_body(self, scope, receive):
+        """A receive that replays the body, or None if the body is over the limit."""
+        for k, v in scope.get("headers", []):
+            if k == b"content-length" and v.isdigit() and int(v) > self.max_body:
+                return None
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left: let the app see it
+                first = msg
+                break
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            if not msg.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return first
+            return await receive()
+
+        return replay
+
     def _authorized(self, scope) -> bool:
         for k, v in scope.get("headers", []):
             if k == b"authorization":
@@ -67,9 +113,16 @@ class AuthAndMetrics:
         return False
 
 
-def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: str | None, metrics: Metrics):
+def create_app(
+    engine: Engine, model_name: str, max_tokens_cap: int, api_key: str | None, metrics: Metrics,
+    rails: Rails | None = None, max_request_bytes: int | None = None,
+):
+    if rails is None:
+        from llmctl.config import SafetyConfig
+
+        rails = Rails(SafetyConfig(), stage="serve", on_event=metrics.safety)
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics)
+    app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics, max_body=max_request_bytes)
     created = int(time.time())
 
     # ---- errors: always the OpenAI shape ------------------------------------------
@@ -93,7 +146,7 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            msg = f"no such endpoint: {request.method} {request.url.path} (this server has /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics)"
+            msg = f"no such endpoint: {request.method} {request.url.path} (this server has /v1/models, /v1/completions, /v1/chat/completions, /v1/moderations, /health, /metrics)"
         else:
             msg = f"{request.method} {request.url.path}: {exc.detail}"
         return JSONResponse(error_body(msg, code=str(exc.status_code)), status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -225,8 +278,12 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_events(jobs: list[Job], make_chunk, usage_chunk):
-        """Server-sent events as sequences produce text; `data: [DONE]` at the end."""
+    async def stream_events(jobs: list[Job], make_chunk, usage_chunk, guards=None):
+        """Server-sent events as sequences produce text; `data: [DONE]` at the end.
+
+        With output rails, each sequence's text passes through its guard first; a block
+        ends that sequence with finish_reason content_filter and stops generating it.
+        """
         pending: dict[asyncio.Future, int] = {}
         try:
             pending = {asyncio.ensure_future(j.out.get()): i for i, j in enumerate(jobs)}
@@ -235,11 +292,21 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
                 for fut in done:
                     i = pending.pop(fut)
                     item = fut.result()
+                    g = guards[i] if guards else None
                     if item[0] == "delta":
-                        yield sse(make_chunk(i, item[1], None))
-                        pending[asyncio.ensure_future(jobs[i].out.get())] = i
+                        text = g.feed(item[1]) if g else item[1]
+                        if text:
+                            yield sse(make_chunk(i, text, None))
+                        if g is not None and g.blocked:
+                            jobs[i].cancelled = True
+                            yield sse(make_chunk(i, "", CONTENT_FILTER))
+                        else:
+                            pending[asyncio.ensure_future(jobs[i].out.get())] = i
                     elif item[0] == "done":
-                        yield sse(make_chunk(i, "", item[1]))
+                        tail = g.finish() if g else ""
+                        if tail:
+                            yield sse(make_chunk(i, tail, None))
+                        yield sse(make_chunk(i, "", CONTENT_FILTER if g is not None and g.blocked else item[1]))
                     else:
                         yield sse(error_body(f"generation failed: {item[1]}", "server_error"))
             if usage_chunk is not None:
@@ -250,6 +317,30 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
                 j.cancelled = True
             for fut in pending:
                 fut.cancel()
+
+    # ---- safety rails ---------------------------------------------------------------------
+    def checked_input(text: str, rid: str, param: str) -> str:
+        """The prompt text after the input rails; a block is a 400 naming the rail."""
+        try:
+            return rails.check_input(text, rid, param=param)
+        except Blocked as b:
+            raise ApiError(
+                400, f"{param}: refused by the safety rail '{b.rail}' ({', '.join(b.kinds)})",
+                param=param, code=CONTENT_FILTER, headers={"x-request-id": rid},
+            ) from None
+
+    def checked_outputs(results: list[tuple[str, str]], rid: str) -> list[tuple[str, str, bool]]:
+        """(text, finish_reason, blocked) per choice after the output rails."""
+        if not rails.active("output"):
+            return [(t, r, False) for t, r in results]
+        out = []
+        for i, (text, reason) in enumerate(results):
+            text, blocked = rails.check_output(text, rid, choice=i)
+            out.append((text, CONTENT_FILTER if blocked else reason, blocked))
+        return out
+
+    def guards_for(jobs: list[Job], rid: str):
+        return [rails.guard(rid, choice=i) for i in range(len(jobs))] if rails.active("output") else None
 
     def streaming(gen) -> Any:
         return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -265,10 +356,16 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
             items = [p]
         else:
             items = list(p)
+        rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         prompts = [tokenize(x, "prompt") for x in items]
+        if rails.active("input"):
+            for k, (x, ids) in enumerate(zip(items, prompts)):
+                text = x if isinstance(x, str) else engine.tok.decode(ids)
+                checked = checked_input(text, rid, "prompt")
+                if checked != text:
+                    prompts[k] = tokenize(checked, "prompt")
         budgets = [budget(req.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS, "prompt") for ids in prompts]
         jobs = make_jobs(prompts, budgets, req, stops)
-        rid, now = "cmpl-" + secrets.token_hex(12), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
@@ -279,9 +376,9 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
             def usage_chunk():
                 return {**base, "choices": [], "usage": usage(prompts, jobs)}
 
-            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None))
-        results = await run_all(request, jobs)
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason) in enumerate(results)]
+            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None, guards_for(jobs, rid)))
+        results = checked_outputs(await run_all(request, jobs), rid)
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason, _) in enumerate(results)]
         return {**base, "choices": choices, "usage": usage(prompts, jobs)}
 
     @app.post("/v1/chat/completions")
@@ -292,14 +389,14 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if not getattr(engine.tok, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
-        msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
+        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        msgs = [{"role": m.role, "content": checked_input(m.text(), rid, f"messages[{i}].content")} for i, m in enumerate(req.messages)]
         try:
             text = engine.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # jinja raises on conversations the template refuses
             raise ApiError(400, f"messages: the chat template rejected this conversation: {e}", param="messages") from None
         ids = tokenize(text, "messages")
         jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops)
-        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
@@ -318,12 +415,21 @@ def create_app(engine: Engine, model_name: str, max_tokens_cap: int, api_key: st
             def usage_chunk():
                 return {**base, "choices": [], "usage": usage([ids], jobs)}
 
-            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None))
-        results = await run_all(request, jobs)
+            return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None, guards_for(jobs, rid)))
+        results = checked_outputs(await run_all(request, jobs), rid)
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(results)
+            {"index": i, "message": {"role": "assistant", "content": text, "refusal": rails.refusal if blocked else None}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason, blocked) in enumerate(results)
         ]
         return {**base, "choices": choices, "usage": usage([ids], jobs)}
+
+    # ---- moderation ----------------------------------------------------------------------
+    @app.post("/v1/moderations")
+    async def moderations(req: ModerationRequest):
+        texts = req.texts()
+        # Every detector, whatever the rails do to traffic; off the event loop (the
+        # classifier's first call loads its model).
+        results = await asyncio.to_thread(lambda: [rails.moderate(t) for t in texts])
+        return {"id": "modr-" + secrets.token_hex(12), "model": MODERATION_MODEL, "results": results}
 
     return app

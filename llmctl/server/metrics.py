@@ -6,7 +6,7 @@ import threading
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Paths reported as themselves; anything else is counted as "other" (bounded label values).
-KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/moderations", "/v1/models", "/health", "/metrics")
 
 
 class Metrics:
@@ -21,6 +21,7 @@ class Metrics:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.lat_sum = 0.0
         self.lat_count = 0
+        self.interventions: dict[tuple[str, str], int] = {}
 
     def request(self, path: str, status: int, seconds: float | None = None) -> None:
         """Count a finished request; `seconds` (successful generations) feeds the histogram."""
@@ -46,6 +47,12 @@ class Metrics:
         with self.lock:
             self.prompt_tokens += n
 
+    def safety(self, event: dict) -> None:
+        """Count a safety rail's intervention (an event from llmctl.safety)."""
+        key = (event["rail"], event["action"])
+        with self.lock:
+            self.interventions[key] = self.interventions.get(key, 0) + 1
+
     def set_queue(self, n: int) -> None:
         self.queue = n
 
@@ -69,6 +76,7 @@ class Metrics:
                 f"llmctl_request_latency_seconds_sum {self.lat_sum:.6f}",
                 f"llmctl_request_latency_seconds_count {self.lat_count}",
             ]
+            safety_rows = [f'llmctl_safety_interventions_total{{rail="{r}",action="{a}"}} {n}' for (r, a), n in sorted(self.interventions.items())]
             lines = (
                 block("llmctl_requests_total", "counter", "HTTP requests by path and status.", req_rows)
                 + block("llmctl_errors_total", "counter", "Requests answered with a 4xx or 5xx status.", [f"llmctl_errors_total {errors}"])
@@ -78,5 +86,6 @@ class Metrics:
                 + block("llmctl_queue_depth", "gauge", "Sequences waiting for a slot in the running batch.", [f"llmctl_queue_depth {self.queue}"])
                 + block("llmctl_running_sequences", "gauge", "Sequences in the running batch.", [f"llmctl_running_sequences {self.running}"])
                 + block("llmctl_request_latency_seconds", "histogram", "Latency of successful completion requests (to the last byte).", hist)
+                + block("llmctl_safety_interventions_total", "counter", "Safety rail interventions (flag, redact, block) by rail and action.", safety_rows)
             )
         return "\n".join(lines) + "\n"

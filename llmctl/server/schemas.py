@@ -120,6 +120,31 @@ class ChatRequest(_Req):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
+class ModerationPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    # A string, a list of strings, or a list of parts (text only here).
+    input: Union[StrictStr, list[StrictStr], list[ModerationPart]]
+    model: StrictStr | None = None
+
+    def texts(self) -> list[str]:
+        """One text per result: each string, or the text parts joined."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if not self.input:
+            raise ApiError(400, "input: give at least one text", param="input")
+        if isinstance(self.input[0], str):
+            return list(self.input)
+        if any(p.type != "text" or p.text is None for p in self.input):
+            raise ApiError(400, "input: this server moderates text only; leave out image_url parts", param="input", code="unsupported_input")
+        return ["".join(p.text for p in self.input)]
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 

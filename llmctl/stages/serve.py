@@ -1,13 +1,16 @@
 """`llmctl serve`: the run's model over an OpenAI-compatible HTTP API.
 
 Serves export/hf when a complete export exists, else train/model, or --model. Binds
-127.0.0.1 unless told otherwise. The port opens at once and the model loads in the
-engine thread: /health answers 503 until it is ready, then the URL is printed. SIGTERM
-(or Ctrl-C) stops accepting, lets in-flight requests finish, and exits 0.
+127.0.0.1 unless told otherwise; a non-loopback address needs an API key (or --insecure).
+The port opens at once and the model loads in the engine thread: /health answers 503
+until it is ready, then the URL is printed. SIGTERM (or Ctrl-C) stops accepting, lets
+in-flight requests finish, and exits 0. The safety rails check traffic and log each
+intervention to RUN/serve/audit.jsonl.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -38,18 +41,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _is_loopback(sock: socket.socket) -> bool:
+    """Whether the socket listens on a loopback address only (0.0.0.0 and :: are not)."""
+    return ipaddress.ip_address(str(sock.getsockname()[0]).split("%")[0]).is_loopback
+
+
 def _url(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, port: int | None = None, **_) -> None:
+def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, port: int | None = None, insecure: bool = False, **_) -> None:
     try:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise ConfigError("llmctl serve needs FastAPI and uvicorn: pip install 'llmctl[serve]'") from None
     from llmctl.modeling import resolve_model_path
+    from llmctl.safety import AuditLog, Classifier, Rails
     from llmctl.server.app import create_app
     from llmctl.server.engine import Engine
     from llmctl.server.metrics import Metrics
@@ -63,15 +72,26 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     port = s.port if port is None else port
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: a port is 0..65535 (0 = any free port)")
+    metrics = Metrics()
+    rails = Rails(cfg.safety, stage="serve", audit=AuditLog(rd.audit_path("serve")), on_event=metrics.safety)
 
     sock = _bind(host, port)
+    if not api_key and not _is_loopback(sock):
+        if not insecure:
+            sock.close()
+            raise ConfigError(
+                f"serve.host / --host: {host} is reachable from other machines and no API key is set: "
+                f"set serve.api_key or ${API_KEY_ENV}, or pass --insecure to serve it to anyone"
+            )
+        con.warn(f"WARNING: serving {host} WITHOUT an API key (--insecure): anyone who can reach this address can use the model")
     url = _url(sock)
-    metrics = Metrics()
+    if Classifier.available():  # /v1/moderations uses it: load it now, not in the first request
+        threading.Thread(target=rails.classifier.load, name="llmctl-classifier", daemon=True).start()
     engine = Engine(
         path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
         trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads,
     )
-    app = create_app(engine, name, s.max_tokens_cap, api_key, metrics)
+    app = create_app(engine, name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
     ))
