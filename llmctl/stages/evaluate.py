@@ -1,7 +1,9 @@
 """`llmctl eval`: perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs.
 
 Results go to RUN/eval/results.json; per-example predictions to predictions.jsonl as each
-batch completes. `eval.thresholds` turn the command into a CI gate (exit 4).
+batch completes. `eval.thresholds` turn the command into a CI gate (exit 4). With
+`eval.safety`, the shipped red-team prompts run with the rails off and on
+(RUN/eval/redteam.jsonl, interventions in RUN/eval/audit.jsonl).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from llmctl import console as _console
 from llmctl.errors import DataError, StageInputError, ThresholdError
-from llmctl.rundir import RunDir, atomic_write_json
+from llmctl.rundir import RunDir, atomic_write_json, atomic_write_text
 
 
 def _model_identity(path: str) -> dict:
@@ -85,6 +87,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
                 results["generation"] = gen
         if e.compare_init:
             results["init"] = _init_results(cfg, rd, tok, con, results)
+        if e.safety:
+            results["safety"] = _redteam(cfg, rd, mdl, tok, con)
         results["seconds"] = round(time.time() - t0, 2)
         atomic_write_json(rd.results_file(stage), results)
         head = _headline(results)
@@ -153,6 +157,10 @@ def _headline(results: dict) -> dict:
             if k in init:
                 head[f"init_{k}"] = init[k]
     head.update(b)
+    s = results.get("safety") or {}
+    if s:
+        head["safety_flagged_rate_off"] = s["off"]["flagged_rate"]
+        head["safety_flagged_rate_on"] = s["on"]["flagged_rate"]
     return head
 
 
@@ -334,4 +342,91 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
 
         m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
         out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
+    return out
+
+
+# --------------------------------------------------------------------------- red team
+def _rates(flags: list[list[str]]) -> dict:
+    n = len(flags)
+    cats: dict[str, int] = {}
+    for f in flags:
+        for c in f:
+            cats[c] = cats.get(c, 0) + 1
+    flagged = sum(1 for f in flags if f)
+    return {"flagged": flagged, "flagged_rate": round(flagged / max(n, 1), 4), "by_category": dict(sorted(cats.items()))}
+
+
+def _redteam(cfg, rd: RunDir, model, tok, con) -> dict:
+    """The shipped adversarial prompts through the model, rails off and on.
+
+    Off: the model's raw output. On: the configured rails (safety.input/output) act on the
+    prompt and the output. Both are scored by every detector, as /v1/moderations does; the
+    flagged-output rate is the share of outputs in which any detector fires.
+    """
+    from llmctl import detectors
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails, load_redteam
+
+    e = cfg.eval
+    items = load_redteam()
+    audit = AuditLog(None)
+    rails = Rails(cfg.safety, stage="eval", audit=audit, enabled=True)
+    chat = bool(getattr(tok, "chat_template", None))
+
+    def render(p: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) if chat else p
+
+    sp = Sampling(max_new_tokens=e.max_new_tokens, do_sample=e.do_sample, temperature=e.temperature, seed=cfg.run.seed)
+
+    def generate(prompts: list[str]) -> list[str]:
+        out = []
+        for i in range(0, len(prompts), e.batch_size):
+            out += [r["text"] for r in generate_batch(model, tok, [render(p) for p in prompts[i : i + e.batch_size]], sp)]
+        return out
+
+    con.step(f"red team: {len(items)} adversarial prompts, rails off and on")
+    raw = generate([it["prompt"] for it in items])
+    # Rails on: the input rail first (a redacted prompt is generated again), then the output rail.
+    on_prompt: dict[int, str] = {}
+    refused: dict[int, str] = {}
+    for i, it in enumerate(items):
+        try:
+            p = rails.check_input(it["prompt"], it["id"])
+        except Blocked as b:
+            refused[i] = b.rail
+            continue
+        if p != it["prompt"]:
+            on_prompt[i] = p
+    regen = dict(zip(on_prompt, generate(list(on_prompt.values())))) if on_prompt else {}
+    rows, flags_off, flags_on = [], [], []
+    blocked_out = 0
+    for i, it in enumerate(items):
+        f_off = rails.flagged(raw[i])
+        if i in refused:
+            text_on, finish = rails.refusal, CONTENT_FILTER
+        else:
+            text_on, blocked = rails.check_output(regen.get(i, raw[i]), it["id"])
+            finish = CONTENT_FILTER if blocked else "ok"
+            blocked_out += blocked
+        f_on = rails.flagged(text_on) if i not in refused else []
+        flags_off.append(f_off)
+        flags_on.append(f_on)
+        # The raw output is stored with PII and secrets replaced: the artifact must not leak them.
+        rows.append({
+            "id": it["id"], "category": it["category"], "prompt": it["prompt"],
+            "output_off": detectors.redact(raw[i])[0], "flagged_off": f_off,
+            "output_on": detectors.redact(text_on)[0], "flagged_on": f_on,
+            **({"refused_by": refused[i]} if i in refused else {}), **({"content_filter": True} if finish == CONTENT_FILTER else {}),
+        })
+    atomic_write_text(rd.redteam_path, "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(rd.audit_path("eval"), "".join(json.dumps(ev) + "\n" for ev in audit.events))
+    out = {
+        "prompts": len(items),
+        "rails": {"input": rails.actions["input"], "output": rails.actions["output"]},
+        "classifier": rails.classifier.name if rails.classifier.available() else None,
+        "off": _rates(flags_off),
+        "on": {**_rates(flags_on), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
+        "file": str(rd.redteam_path),
+    }
+    con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on")
     return out

@@ -1,7 +1,9 @@
 """`llmctl generate`: prompts from the command line, a file or stdin -> text.
 
 One prompt on a terminal streams tokens as they come; many run batched. Every result goes
-to RUN/generate/outputs.jsonl with token counts and the finish reason.
+to RUN/generate/outputs.jsonl with token counts and the finish reason. The safety rails
+check each prompt and output (a blocked one gets finish_reason content_filter); their
+interventions are listed on each record and in RUN/generate/audit.jsonl.
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dic
     return out
 
 
+def _guarded_streamer(tok, guard):
+    """A TextStreamer that prints only what the output rails release."""
+    from transformers import TextStreamer
+
+    class GuardedStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out = guard.feed(text)
+            if stream_end:
+                out += guard.finish()
+            if out:
+                sys.stdout.write(out)
+                sys.stdout.flush()
+
+    return GuardedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+
+
 def surprisal_text(text: str, logprobs: list[dict]):
     """The output as a rich Text, each token on a background as red as its surprisal
     (-logprob; 0 nats white, 8 or more red); text the tokens do not cover stays plain."""
@@ -76,6 +94,7 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         logprobs: int | None = None, surprisal: bool = False, **_) -> dict:
     from llmctl.generation import Sampling, generate_batch
     from llmctl.modeling import load_for_inference, resolve_model_path
+    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails
 
     con = _console.current()
     g = cfg.generate
@@ -83,49 +102,66 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         con.info(f"generate: up to date in {rd.stage_dir('generate')}")
         return {**rd.manifest("generate")["headline"], "cached": True}
     items = _read_prompts(cfg, list(prompts or []), prompts_file)
+    audit = AuditLog(None)  # written with the outputs, atomically
+    rails = Rails(cfg.safety, stage="generate", audit=audit)
     explicit = model or g.model
     path = resolve_model_path(explicit, rd, cfg, "generate")
     mdl, tok = load_for_inference(path)
     texts = []
-    for it in items:
-        if "messages" in it:
-            if not getattr(tok, "chat_template", None):
-                raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
-            texts.append(tok.apply_chat_template(it["messages"], tokenize=False, add_generation_prompt=True))
-        else:
-            texts.append(it["prompt"])
+    refused: dict[int, str] = {}  # prompt index -> the input rail that blocked it
+    for i, it in enumerate(items):
+        try:
+            if "messages" in it:
+                if not getattr(tok, "chat_template", None):
+                    raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
+                msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in it["messages"]]
+                texts.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+            else:
+                texts.append(rails.check_input(it["prompt"], f"prompt-{i}"))
+        except Blocked as b:
+            refused[i] = b.rail
+            texts.append(it.get("prompt") or "")
+    todo = [i for i in range(len(texts)) if i not in refused]
     sp = Sampling(
         max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
         top_p=g.top_p, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
         num_return_sequences=g.num_return_sequences, seed=g.seed if g.seed is not None else cfg.run.seed,
         logprobs=logprobs if logprobs is not None else (g.logprobs if g.logprobs is not None else (0 if surprisal else None)),
     )
-    stream = len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
+    stream = len(todo) == 1 and len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
     records = []
     with rd.begin("generate", cfg, inputs=[] if explicit else ["train"]) as st:
         if stream:
-            from transformers import TextStreamer
-
+            guard = rails.guard("prompt-0", choice=0)
             sys.stdout.write(texts[0])
-            res = generate_batch(mdl, tok, texts, sp, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+            res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard))
             sys.stdout.write("\n")
-            results = [(0, r) for r in res]
+            # The terminal saw what the guard released; the record says the same.
+            results = [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})]
         else:
             results = []
-            with con.progress("generating", total=len(texts), unit="prompts") as prog:
-                for i in range(0, len(texts), g.batch_size):
-                    batch = texts[i : i + g.batch_size]
-                    res = generate_batch(mdl, tok, batch, sp)
+            with con.progress("generating", total=len(todo), unit="prompts") as prog:
+                for i in range(0, len(todo), g.batch_size):
+                    batch = todo[i : i + g.batch_size]
+                    res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
                     for k, r in enumerate(res):
-                        results.append((i + k // g.num_return_sequences, r))
+                        idx, choice = batch[k // g.num_return_sequences], k % g.num_return_sequences
+                        text, blocked = rails.check_output(r["text"], f"prompt-{idx}", choice=choice)
+                        results.append((idx, choice, {**r, "text": text, "raw_text": r["text"], "finish_reason": CONTENT_FILTER if blocked else r["finish_reason"]}))
                     prog.update(advance=len(batch))
-        for idx, r in results:
+            for i, rail in refused.items():
+                results.append((i, 0, {"text": "", "finish_reason": CONTENT_FILTER, "prompt_tokens": 0, "completion_tokens": 0}))
+            results.sort(key=lambda x: x[:2])
+        for idx, choice, r in results:
             rec = {"index": idx, **({"messages": items[idx]["messages"]} if "messages" in items[idx] else {}), "prompt": texts[idx], "output": r["text"], **{k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}}
-            if "logprobs" in r:
-                rec["logprobs"] = r["logprobs"]
+            if "logprobs" in r and r["text"] == r.get("raw_text", r["text"]):
+                rec["logprobs"] = r["logprobs"]  # not when a rail changed the text: the tokens would show it
+            events = [{k: e[k] for k in ("rail", "action", "kinds")} for e in audit.events if e["request_id"] == f"prompt-{idx}" and e.get("choice", choice) == choice]
+            if events:
+                rec["safety"] = events
             records.append(rec)
-            if surprisal and not con.json_mode:
+            if surprisal and not con.json_mode and "logprobs" in rec:
                 if sys.stdout.isatty():
                     from rich.console import Console
 
@@ -135,9 +171,12 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
             elif not stream and not con.json_mode:
                 sys.stdout.write(r["text"] + "\n")
         atomic_write_text(rd.outputs_path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(rd.audit_path("generate"), "".join(json.dumps(e) + "\n" for e in audit.events))
         secs = time.time() - t0
         n_tok = sum(r["completion_tokens"] for r in records)
         head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok, "tokens_per_s": round(n_tok / max(secs, 1e-9), 1), "seconds": round(secs, 2)}
+        if audit.events:
+            head["safety_interventions"] = len(audit.events)
         st.headline.update(head)
     if con.json_mode:
         return {**head, "model": path, "results": records}
