@@ -12,6 +12,12 @@ from typing import Any
 from llmctl.errors import ConfigError, StageInputError
 
 
+SAFETENSORS_HINT = (
+    " (llmctl loads safetensors weights only, since pickled .bin weights can run code: "
+    "convert them once in a trusted environment with model.save_pretrained(dir))"
+)
+
+
 def pick_device(pref: str = "auto"):
     """'auto' -> cuda, then mps, then cpu. An explicit choice that is absent is a ConfigError."""
     import torch
@@ -62,7 +68,11 @@ def resolve_model_path(explicit: str | None, rundir, cfg, stage: str, prefer_exp
 
 
 def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bool = False):
-    """(model, tokenizer) in eval mode; the tokenizer pads on the left for generation."""
+    """(model, tokenizer) in eval mode; the tokenizer pads on the left for generation.
+
+    Weights load from safetensors only (a pickled pytorch_model.bin can run code when
+    unpickled); custom model code runs only with trust_remote_code.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,10 +81,11 @@ def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bo
         dtype = torch.float32 if device.type == "cpu" else pick_dtype("auto", device)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StageInputError(f"cannot load model '{path}': {first}") from None
+        hint = SAFETENSORS_HINT if "safetensors" in first else ""
+        raise StageInputError(f"cannot load model '{path}': {first}{hint}") from None
     if tok.pad_token is None:
         # Generation pads batches; a model without a pad token pads with EOS (masked out).
         tok.pad_token = tok.eos_token
@@ -133,11 +144,13 @@ def load_pretrained_for_training(cfg, tok, dtype):
     m = cfg.model
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation
+            m.name_or_path, dtype=dtype, trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+            use_safetensors=True,
         )
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StageInputError(f"model.name_or_path: cannot load '{m.name_or_path}': {first}") from None
+        hint = SAFETENSORS_HINT if "safetensors" in first else ""
+        raise StageInputError(f"model.name_or_path: cannot load '{m.name_or_path}': {first}{hint}") from None
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tok) > vocab:
         # Added tokens (pad, chat markers): grow the embeddings; the rest of the vocab is shared.
