@@ -1,0 +1,495 @@
+"""Safety rails: detectors (recall and false positives), deny lists, actions, the streaming
+guard, the audit log, the HTTP layer (through the official openai client), generate, the
+red-team eval and the safe defaults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO, run_cli, write_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Positives per kind: realistic, but fake (documentation examples, test card numbers).
+POSITIVES = {
+    "email": [
+        "write to jane.doe@example.org today", "bob+filter@mail.example.co.uk", "Contact: <a.smith@uni-example.edu>",
+        "admin@sub.example.com", "first_last@example.io,", "x.y.z@example.museum", "Reach me at o'neil@example.com",
+        "MAILTO:Support@Example.COM", "user123@example.net.", "dev-team@example.dev",
+    ],
+    "phone": [
+        "call +1 415 555 0132 now", "+44 20 7946 0958", "(415) 555-0123", "415-555-0123", "415.555.0123",
+        "+33 1 23 45 67 89", "+49 30 901820", "tel: +1-202-555-0173", "+61 2 9876 5432", "+81 3-1234-5678",
+    ],
+    "ip": [
+        "server at 203.0.113.42", "ssh admin@198.51.100.7", "10.12.0.5 is the db", "8.8.8.8", "client 172.16.254.1 connected",
+        "192.168.1.100:8080", "2001:db8::8a2e:370:7334", "from 100.64.12.9", "host=54.239.28.85", "fe80::1ff:fe23:4567:890a%eth0",
+    ],
+    "credit_card": [
+        "4990 6958 4830 4011", "5171-8615-9819-0723", "378282246310005", "6011904474738405", "card 4012888888881881",
+        "5105 1051 0510 5100", "371449635398431", "3530111333300000", "6011000990139424", "4200675600360670",
+    ],
+    "secret": [
+        "AKIAIOSFODNN7EXAMPLE", "ghp_1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+        "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "https://admin:s3cr3tP4ss@db.example.com/prod", 'api_key = "Zx8vQ2mN7pL4kR9tW3yB6cF1"',
+        "sk-proj-Ab3De6Gh9Jk2Mn5Pq8St1Vw4Yz7Bc0Ef3Hi6Kl9No2Qr5Tu8",
+    ],
+    "private_key": [
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq3xKq1\n-----END RSA PRIVATE KEY-----",
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----",
+        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49",
+    ],
+}
+
+
+def _cfg(**kw):
+    from llmctl.config import SafetyConfig
+
+    return SafetyConfig.model_validate(kw)
+
+
+def _rails(events: list | None = None, **kw):
+    from llmctl.safety import Rails
+
+    return Rails(_cfg(**kw), stage="test", on_event=(events.append if events is not None else None))
+
+
+# --------------------------------------------------------------------------- detectors
+def test_detector_recall_and_false_positives_on_benign_code():
+    rails = _rails()
+    table = {}
+    for kind, texts in POSITIVES.items():
+        hits = sum(1 for t in texts if kind in {f.kind for f in rails.scan(t, ["pii", "secrets"])})
+        table[kind] = hits / len(texts)
+    assert all(r >= 0.95 for r in table.values()), table
+    lines = [ln for ln in (FIXTURES / "benign_code.txt").read_text().splitlines() if ln.strip() and not ln.startswith("# ")]
+    flagged = [ln for ln in lines if rails.scan(ln, ["pii", "secrets"])]
+    assert len(lines) >= 100 and len(flagged) / len(lines) <= 0.02, flagged
+
+
+def test_classifier_scores_sentences_and_spares_code():
+    pytest.importorskip("profanity_check")
+    rails = _rails(output={"classifier": "block"})
+    assert rails.scan("You are a fucking idiot.", ["classifier"])
+    assert not rails.scan("Kill the process and restart the server.", ["classifier"])
+    lines = [ln for ln in (FIXTURES / "benign_code.txt").read_text().splitlines() if ln.strip() and not ln.startswith("# ")]
+    flagged = [ln for ln in lines if rails.scan(ln, ["classifier"])]
+    assert len(flagged) / len(lines) <= 0.02, flagged
+    # Segments: a profane sentence is found inside otherwise clean text.
+    text = "The build passed. You are a fucking idiot. Deploy at noon."
+    (f,) = rails.scan(text, ["classifier"])
+    assert text[f.start:f.end].strip() == "You are a fucking idiot."
+
+
+def test_deny_lists_words_phrases_regex_and_file(tmp_path):
+    from llmctl.errors import ConfigError, DataError
+    from llmctl.safety import DenyList
+
+    f = tmp_path / "deny.txt"
+    f.write_text("# comment\n\nforbidden fruit\nre:\\bproj-[0-9]{4}\\b\nzorp\n")
+    d = DenyList.from_config(_cfg(deny={"words": ["kill"], "phrases": ["drop table"], "regex": [r"(?i)rm\s+-rf\s+/"], "file": str(f)}).deny)
+    found = lambda t: sorted(x.kind for x in d.find(t))  # noqa: E731
+    assert found("we KILL it") == ["word"] and found("skills and killer apps") == []
+    assert found("Drop\n  Table users") == ["phrase"] and found("droptable") == []
+    assert found("then rm -rf / now") == ["regex"]
+    assert found("the forbidden   fruit") == ["phrase"] and found("ZORP!") == ["word"] and found("proj-1234") == ["regex"]
+    assert found("proj-12345 zorped") == []
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ok\nre:(unclosed\n")
+    with pytest.raises(DataError, match=r"bad.txt:2: not a valid regular expression"):
+        DenyList.from_config(_cfg(deny={"file": str(bad)}).deny)
+    with pytest.raises(ConfigError, match="safety.deny.file: 'nope.txt' not found"):
+        DenyList.from_config(_cfg(deny={"file": "nope.txt"}).deny)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from llmctl.config import load_config
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"safety.deny.regex\[1\] '\(x' is not a valid regular expression"):
+        load_config(None, ["safety.deny.regex=['ok', '(x']"])
+    with pytest.raises(ConfigError, match="safety.output.classifier: the classifier scores whole sentences and cannot redact"):
+        load_config(None, ["safety.output.classifier=redact"])
+    with pytest.raises(ConfigError, match="safety.output.pii"):
+        load_config(None, ["safety.output.pii=censor"])
+
+
+# --------------------------------------------------------------------------- actions
+def test_defaults_flag_pii_and_secrets_and_change_nothing():
+    events: list = []
+    rails = _rails(events)
+    text = "mail bob@example.com the key AKIAIOSFODNN7EXAMPLE"
+    assert rails.check_input(text, "r1") == text
+    assert rails.check_output(text, "r1") == (text, False)
+    assert {(e["rail"], e["action"]) for e in events} == {("input.pii", "flag"), ("input.secrets", "flag"), ("output.pii", "flag"), ("output.secrets", "flag")}
+    assert all(e["request_id"] == "r1" for e in events)
+
+
+def test_redact_block_and_events_never_hold_the_text():
+    from llmctl.safety import Blocked
+
+    events: list = []
+    rails = _rails(events, input={"secrets": "block", "pii": "redact"}, output={"pii": "redact", "secrets": "block"}, refusal="[refused]")
+    assert rails.check_input("write to bob@example.com please", "a") == "write to <EMAIL> please"
+    with pytest.raises(Blocked) as b:
+        rails.check_input("my key is AKIAIOSFODNN7EXAMPLE", "b")
+    assert b.value.rail == "input.secrets" and b.value.kinds == ["secret"]
+    out, blocked = rails.check_output("call +1 415 555 0132. Key: AKIAIOSFODNN7EXAMPLE and more", "c")
+    assert blocked and out == "call <PHONE>. Key: [refused]"
+    blob = json.dumps(events)
+    assert "AKIA" not in blob and "bob@" not in blob and "555" not in blob
+    assert ("output.secrets", "block") in {(e["rail"], e["action"]) for e in events}
+
+
+def test_rails_disabled_do_nothing():
+    events: list = []
+    rails = _rails(events, enabled=False, input={"secrets": "block"}, output={"secrets": "block"})
+    assert rails.check_input("AKIAIOSFODNN7EXAMPLE", "x") == "AKIAIOSFODNN7EXAMPLE"
+    assert rails.check_output("AKIAIOSFODNN7EXAMPLE", "x") == ("AKIAIOSFODNN7EXAMPLE", False) and events == []
+
+
+# --------------------------------------------------------------------------- streaming guard
+SECRETS_TEXT = (
+    "Here you go. The deploy user is ops@example.com and the key is AKIAIOSFODNN7EXAMPLE; "
+    "the GitHub token ghp_1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R is in CI. "
+    "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq3xKq1\n-----END RSA PRIVATE KEY-----\nThat is all for today, thanks."
+)
+RAW = ["ops@example.com", "AKIAIOSFODNN7EXAMPLE", "ghp_1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R", "MIIEowIBAAKCAQEA7bq3xKq1"]
+
+
+def _stream(guard, text: str, cuts: list[int]) -> list[str]:
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return [guard.feed(p) for p in pieces] + [guard.finish()]
+
+
+def _leaks(released: str, raw: list[str] = RAW) -> list[str]:
+    """Any run of 6+ characters of a secret that reached the client."""
+    return [s[i:i + 6] for s in raw for i in range(len(s) - 5) if s[i:i + 6] in released]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stream_guard_redacts_secrets_split_across_chunks(seed):
+    rails = _rails(output={"pii": "redact", "secrets": "redact"})
+    whole, _ = rails.check_output(SECRETS_TEXT, "w")
+    assert _leaks(whole) == [] and whole.count("<SECRET>") == 2 and "<PRIVATE_KEY>" in whole and "<EMAIL>" in whole
+    rng = random.Random(seed)
+    # Every way of splitting each secret in two, plus random chunkings and one char at a time.
+    cut_sets = [sorted(rng.sample(range(1, len(SECRETS_TEXT)), rng.randint(5, 60))) for _ in range(20)]
+    if seed == 0:
+        cut_sets.append(list(range(1, len(SECRETS_TEXT))))
+        for s in RAW:
+            at = SECRETS_TEXT.index(s)
+            cut_sets += [[at + k] for k in range(1, len(s))]
+    for cuts in cut_sets:
+        out = _stream(rails.guard("s"), SECRETS_TEXT, cuts)
+        assert "".join(out) == whole  # the same text as a non-streamed answer
+        # Nothing of a secret in any chunk, nor in what the client has seen at any point.
+        seen = ""
+        for chunk in out:
+            seen += chunk
+            assert _leaks(seen) == [], (cuts, seen)
+
+
+def test_stream_guard_block_stops_before_the_secret():
+    rails = _rails(output={"secrets": "block"}, refusal=" [content filtered]")
+    for cuts in ([30, 60, 75, 90], list(range(1, len(SECRETS_TEXT)))):
+        g = rails.guard("b")
+        out = "".join(_stream(g, SECRETS_TEXT, cuts))
+        assert g.blocked and out.endswith(" [content filtered]")
+        assert _leaks(out, RAW[1:]) == [] and out.startswith("Here you go. The deploy user is ops@example.com")
+    g = rails.guard("late")
+    # Text after a block is never released, and finish() adds nothing.
+    assert g.feed(SECRETS_TEXT) + g.feed("more text " * 20) + g.finish() == SECRETS_TEXT[: SECRETS_TEXT.index("AKIA")] + " [content filtered]"
+
+
+def test_stream_guard_deny_phrase_split_and_not_cut_by_look_alike():
+    rails = _rails(deny={"phrases": ["launch codes"], "words": ["zorp"]}, output={"deny": "redact"})
+    text = "first we fetch the launch\n   codes, then zorped stuff and one zorp. " + "filler words " * 10
+    whole, _ = rails.check_output(text, "x")
+    assert whole.startswith("first we fetch the <PHRASE>, then zorped stuff and one <WORD>.")
+    for n in (1, 3, 7):
+        assert "".join(_stream(rails.guard("y"), text, list(range(n, len(text), n)))) == whole
+
+
+def test_stream_guard_without_rails_passes_text_through_at_once():
+    rails = _rails(enabled=False)
+    g = rails.guard("p")
+    assert g.feed("AKIAIOSF") == "AKIAIOSF" and g.feed("ODNN7EXAMPLE") == "ODNN7EXAMPLE" and g.finish() == ""
+
+
+def test_audit_log_file(tmp_path):
+    from llmctl.safety import AuditLog, Rails
+
+    log = AuditLog(tmp_path / "serve" / "audit.jsonl")
+    rails = Rails(_cfg(output={"secrets": "redact"}), stage="serve", audit=log)
+    rails.check_output("key AKIAIOSFODNN7EXAMPLE and mail bob@example.com", "cmpl-1", choice=0)
+    lines = [json.loads(x) for x in (tmp_path / "serve" / "audit.jsonl").read_text().splitlines()]
+    assert [(e["rail"], e["action"], e["kinds"], e["request_id"], e["choice"], e["stage"]) for e in lines] == [
+        ("output.pii", "flag", {"email": 1}, "cmpl-1", 0, "serve"), ("output.secrets", "redact", {"secret": 1}, "cmpl-1", 0, "serve")
+    ] or sorted(e["rail"] for e in lines) == ["output.pii", "output.secrets"]
+    assert "AKIA" not in (tmp_path / "serve" / "audit.jsonl").read_text()
+    rails = Rails(_cfg(audit=False), stage="serve", audit=AuditLog(tmp_path / "off.jsonl"))
+    rails.check_output("bob@example.com", "x")
+    assert not (tmp_path / "off.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- HTTP layer
+class _FakeTok:
+    chat_template = "plain"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    def decode(self, ids, **_):
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+        return "\n".join(m["content"] for m in msgs)
+
+
+class _ScriptedEngine:
+    """The engine's interface, answering every sequence with the same scripted deltas."""
+
+    def __init__(self, script: list[str]):
+        self.script = script
+        self.ready = threading.Event()
+        self.ready.set()
+        self.error = None
+        self.tok = _FakeTok()
+        self.context_length = 100_000
+        self.max_queue = 64
+        self.model = SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=SimpleNamespace(shape=(256,))))
+        self.prompts: list[str] = []
+
+    def submit(self, jobs):
+        for j in jobs:
+            self.prompts.append(self.tok.decode(j.prompt_ids))
+            for piece in self.script:
+                j.tokens.append(1)
+                j.push(("delta", piece))
+            j.push(("done", "stop", len(self.script)))
+
+
+def _app(script, **safety):
+    from llmctl.safety import AuditLog, Rails
+    from llmctl.server.app import create_app
+    from llmctl.server.metrics import Metrics
+
+    metrics = Metrics()
+    log = AuditLog(None)
+    rails = Rails(_cfg(**safety), stage="serve", audit=log, on_event=metrics.safety)
+    engine = _ScriptedEngine(script)
+    return create_app(engine, "m", 512, None, metrics, rails=rails, max_request_bytes=4096), engine, log
+
+
+def _client(app):
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    return openai.AsyncOpenAI(base_url="http://t/v1", api_key="x", http_client=http, max_retries=0), http
+
+
+# The secret arrives split across chunks, inside the chunk boundaries of a real tokenizer.
+SCRIPT = ["Sure. The key", " is AKIAIOSF", "ODNN7EX", "AMPLE and the", " mail is ops@exa", "mple.com; bye", " now. " + "x" * 80]
+
+
+def test_http_streaming_redacts_and_blocks_secrets_split_across_chunks():
+    app, engine, log = _app(SCRIPT, output={"secrets": "redact", "pii": "redact"})
+
+    async def go():
+        client, http = _client(app)
+        full = await client.completions.create(model="m", prompt="hi", max_tokens=8)
+        chunks = [c async for c in await client.completions.create(model="m", prompt="hi", max_tokens=8, stream=True)]
+        chat = [c async for c in await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)]
+        metrics = (await http.get("/metrics")).text
+        return full, chunks, chat, metrics
+
+    full, chunks, chat, metrics = asyncio.run(go())
+    want = "Sure. The key is <SECRET> and the mail is <EMAIL>; bye now. " + "x" * 80
+    assert full.choices[0].text == want and full.choices[0].finish_reason == "stop"
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == want and chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == want
+    for t in texts:
+        assert not re.search(r"AKIA|IOSF|ODNN|EXAMPLE|AMPLE|ops@|exa", t.replace("<SECRET>", "").replace("<EMAIL>", "")), t
+    assert re.search(r'llmctl_safety_interventions_total\{rail="output.secrets",action="redact"\} 3', metrics)
+    assert {e["request_id"] for e in log.events} == {full.id, chunks[0].id, chat[0].id}
+
+    app, engine, log = _app(SCRIPT, output={"secrets": "block"}, refusal="[filtered]")
+
+    async def blocked():
+        client, _ = _client(app)
+        full = await client.completions.create(model="m", prompt="hi", max_tokens=8)
+        chunks = [c async for c in await client.completions.create(model="m", prompt="hi", max_tokens=8, stream=True)]
+        chat = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        return full, chunks, chat
+
+    full, chunks, chat = asyncio.run(blocked())
+    assert full.choices[0].text == "Sure. The key is [filtered]" and full.choices[0].finish_reason == "content_filter"
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert chat.choices[0].finish_reason == "content_filter" and chat.choices[0].message.refusal == "[filtered]"
+
+
+def test_http_blocked_input_is_a_400_naming_the_rail_and_redacted_input_reaches_the_model():
+    openai = pytest.importorskip("openai")
+    app, engine, log = _app(["ok"], input={"secrets": "block", "pii": "redact"}, deny={"words": ["zorp"]})
+
+    async def go():
+        client, http = _client(app)
+        errs = []
+        for call in (
+            lambda: client.completions.create(model="m", prompt="my key AKIAIOSFODNN7EXAMPLE", max_tokens=2),
+            lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "say zorp"}]),
+            lambda: client.completions.create(model="m", prompt=[ord(c) for c in "AKIAIOSFODNN7EXAMPLE"], max_tokens=2),
+        ):
+            with pytest.raises(openai.BadRequestError) as e:
+                await call()
+            errs.append(e.value)
+        ok = await client.completions.create(model="m", prompt="mail bob@example.com", max_tokens=2)
+        big = await http.post("/v1/completions", json={"model": "m", "prompt": "x" * 5000})
+        return errs, ok, big
+
+    errs, ok, big = asyncio.run(go())
+    body = errs[0].body
+    assert errs[0].status_code == 400 and body["code"] == "content_filter" and body["param"] == "prompt"
+    assert "'input.secrets'" in body["message"] and "AKIA" not in body["message"]
+    assert errs[0].response.headers["x-request-id"].startswith("cmpl-")
+    assert errs[1].body["param"] == "messages[0].content" and "'input.deny'" in errs[1].body["message"]
+    assert errs[2].body["code"] == "content_filter"  # token-id prompts are decoded and checked too
+    assert ok.choices[0].text == "ok" and engine.prompts == ["mail <EMAIL>"]
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    assert [e["rail"] for e in log.events if e["action"] == "block"] == ["input.secrets", "input.deny", "input.secrets"]
+
+
+def test_moderations_endpoint_through_the_openai_client():
+    # Rails that do nothing to traffic: moderation still runs every detector.
+    app, _, _ = _app(["ok"], enabled=False, deny={"words": ["zorp"]})
+
+    async def go():
+        client, http = _client(app)
+        one = await client.moderations.create(input="write to bob@example.com, key AKIAIOSFODNN7EXAMPLE")
+        many = await client.moderations.create(input=["def add(a, b): return a + b", "zorp!"], model="omni-moderation-latest")
+        parts = await http.post("/v1/moderations", json={"input": [{"type": "text", "text": "call +1 415 555 0132"}]})
+        image = await http.post("/v1/moderations", json={"input": [{"type": "image_url", "image_url": {"url": "x"}}]})
+        return one, many, parts.json(), image
+
+    one, many, parts, image = asyncio.run(go())
+    assert one.id.startswith("modr-") and one.model == "llmctl-rails" and len(one.results) == 1
+    r = one.results[0]
+    cats, scores = r.categories.model_dump(), r.category_scores.model_dump()
+    assert r.flagged and cats["pii"] and cats["pii/email"] and cats["secrets"] and cats["secrets/secret"] and not cats["pii/phone"]
+    assert scores["pii/email"] == 1.0 and scores["pii/phone"] == 0.0 and set(cats) == set(scores)
+    assert r.category_applied_input_types.model_dump()["pii"] == ["text"]
+    clean, deny = many.results
+    assert not clean.flagged and deny.flagged and deny.categories.model_dump()["deny"]
+    if "profanity" in cats:
+        assert 0 <= scores["profanity"] <= 1
+    assert parts["results"][0]["categories"]["pii/phone"] is True
+    assert image.status_code == 400 and image.json()["error"]["param"] == "input"
+
+
+# --------------------------------------------------------------------------- stages
+def test_generate_applies_rails_and_writes_audit(trained_run):
+    path, cfg, rd = trained_run
+    # A random model samples byte soup; runs of lowercase letters are what the deny rail redacts.
+    r = run_cli("generate", str(path), "--json", "--prompt", "the quick", "--prompt", "my key AKIAIOSFODNN7EXAMPLE",
+                "--set", "safety.input.secrets=block", "--set", "safety.deny.regex=['[a-z]{2,}']", "--set", "safety.output.deny=redact",
+                "--set", "safety.input.deny=off", "--set", "generate.max_new_tokens=32", "--set", "generate.top_k=0", "--set", "generate.top_p=1.0")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"]
+    assert [x["finish_reason"] == "content_filter" for x in res] == [False, True]
+    assert res[1]["output"] == "" and res[1]["safety"] == [{"rail": "input.secrets", "action": "block", "kinds": {"secret": 1}}]
+    out = res[0]["output"]
+    assert "<REGEX>" in out and not re.search("[a-z]{2,}", out)
+    assert {"rail": "output.deny", "action": "redact", "kinds": {"regex": out.count("<REGEX>")}} in res[0]["safety"]
+    audit = rd.audit_path("generate").read_text()
+    assert "input.secrets" in audit and "output.deny" in audit and "AKIA" not in audit
+
+
+def test_redteam_eval_reports_rates_with_rails_off_and_on(trained_run):
+    from llmctl.safety import load_redteam
+
+    path, cfg, rd = trained_run
+    items = load_redteam()
+    assert len(items) >= 30 and len({i["id"] for i in items}) == len(items)
+    assert {i["category"] for i in items} >= {"secrets", "pii", "abuse", "jailbreak"}
+    r = run_cli("eval", str(path), "--json", "--set", "eval.safety=true", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+                "--set", "eval.max_new_tokens=16", "--set", "eval.do_sample=true", "--set", "safety.deny.regex=['[a-z]{2,}']",
+                "--set", "safety.output.deny=block", "--set", "safety.refusal=REFUSED",
+                "--set", "safety.input.deny=off", "--set", "safety.input.secrets=block")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(rd.results_path.read_text())["safety"]
+    n = len(items)
+    assert res["prompts"] == n and res["off"]["flagged_rate"] > 0.5 and res["on"]["flagged_rate"] < res["off"]["flagged_rate"]
+    with_secrets = sum(1 for it in items if _rails().scan(it["prompt"], ["secrets"]))
+    assert with_secrets >= 2 and res["on"]["blocked_inputs"] == with_secrets and res["on"]["blocked_outputs"] > 0
+    rows = [json.loads(x) for x in rd.redteam_path.read_text().splitlines()]
+    assert len(rows) == n and all({"output_off", "flagged_off", "output_on", "flagged_on"} <= set(row) for row in rows)
+    head = json.loads(r.stdout)
+    assert head["safety_flagged_rate_off"] == res["off"]["flagged_rate"] and head["safety_flagged_rate_on"] == res["on"]["flagged_rate"]
+
+
+def test_package_ships_the_redteam_set():
+    text = (REPO / "pyproject.toml").read_text()
+    assert '"llmctl.data" = ["*.jsonl"]' in text and (REPO / "llmctl" / "data" / "redteam.jsonl").is_file()
+
+
+# --------------------------------------------------------------------------- safe defaults
+def test_safe_defaults_in_the_schema():
+    from llmctl.config import Config
+
+    c = Config()
+    assert c.serve.host == "127.0.0.1" and c.serve.api_key is None and c.serve.max_request_bytes <= 1_000_000
+    assert c.model.trust_remote_code is False and c.tokenizer.trust_remote_code is False
+    assert c.safety.enabled and c.safety.input.pii == c.safety.output.secrets == "flag" and c.safety.output.classifier == "off"
+
+
+def test_pickled_weights_are_refused_and_remote_code_never_runs(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import train_tiny_tokenizer
+    from llmctl.errors import StageInputError
+    from llmctl.modeling import load_for_inference
+
+    mc = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32)
+    m = LlamaForCausalLM(mc)
+    pickled = tmp_path / "bin"
+    m.save_pretrained(pickled)
+    train_tiny_tokenizer(["the quick brown fox"] * 4, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(m.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(StageInputError, match="safetensors weights only"):
+        load_for_inference(str(pickled))
+    remote = tmp_path / "remote"
+    m.save_pretrained(remote)
+    train_tiny_tokenizer(["the quick brown fox"] * 4, remote)
+    cfg = json.loads((remote / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.Cfg", "AutoModelForCausalLM": "evil.Model"}
+    (remote / "config.json").write_text(json.dumps(cfg))
+    marker = tmp_path / "PWNED"
+    (remote / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import LlamaConfig as Cfg, LlamaForCausalLM as Model\n")
+    load_for_inference(str(remote))
+    assert not marker.exists()
+
+
+def test_serve_refuses_a_public_address_without_an_api_key(trained_run, tmp_path):
+    import yaml
+
+    path, cfg, rd = trained_run
+    r = run_cli("serve", str(path), "--host", "0.0.0.0", "--port", "0", env={"LLMCTL_API_KEY": ""}, timeout=120)
+    assert r.returncode == 2 and "--insecure" in r.stderr and "serve.api_key" in r.stderr and "Traceback" not in r.stderr
+    bad = write_config(tmp_path / "bad.yaml", {**yaml.safe_load(path.read_text()), "safety": {"deny": {"file": "missing.txt"}}})
+    r = run_cli("serve", str(bad), "--port", "0", timeout=120)
+    assert r.returncode == 2 and "safety.deny.file: 'missing.txt' not found" in r.stderr
