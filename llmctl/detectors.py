@@ -108,8 +108,12 @@ _URL_USERINFO_BEFORE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@]*$")
 def _emails(text: str) -> Iterable[tuple[int, int]]:
     for m in _scan(_EMAIL, text, _lines_with(text, "@")):
         # `https://user@host`, `ftp://user:pw@host`: URL credentials, not addresses
-        if not _URL_USERINFO_BEFORE.search(text, max(0, m.start() - 200), m.start()):
-            yield m.span()
+        if _URL_USERINFO_BEFORE.search(text, max(0, m.start() - 200), m.start()):
+            continue
+        # `git@github.com:org/repo.git`: an scp-style remote, not an address
+        if text[m.end():m.end() + 1] == ":" and text[m.end() + 1:m.end() + 2] not in ("", " ", "\t", "\n"):
+            continue
+        yield m.span()
 
 
 # ---------------------------------------------------------------- phone, ip, card: digit runs
@@ -162,7 +166,7 @@ def _phones(text: str) -> Iterable[tuple[int, int]]:
 
 
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)")
-_VERSION_BEFORE = re.compile(r"""(?:\b[vV]|version[ :=]*|release |sections? "?|\u00a7 ?|[=<>~!]=\s*|[<>]\s*)$""", re.IGNORECASE)
+_VERSION_BEFORE = re.compile(r"""(?:\b[vV]|version\w*["']?[ :=]*["']?|release |sections? "?|\u00a7 ?|[=<>~!]=\s*|[<>]\s*)$""", re.IGNORECASE)
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:.])")
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
 
@@ -190,7 +194,7 @@ def _ips(text: str) -> Iterable[tuple[int, int]]:
                 continue  # leading zeros: not how addresses are written
             if all(len(p) == 1 for p in parts):
                 continue  # 1.2.3.4, 2.7.2.2: version and section numbers (costs 1.1.1.1, 8.8.8.8)
-            if _VERSION_BEFORE.search(text, max(0, m.start() - 12), m.start()):
+            if _VERSION_BEFORE.search(text, max(0, m.start() - 24), m.start()):
                 continue
             try:
                 addr = ipaddress.IPv4Address(m.group())

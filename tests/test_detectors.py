@@ -66,13 +66,14 @@ NEGATIVES = [
     "requires python@2.7 or newer", "pip install pkg@1.2.3", "@property\ndef f(self): ...",
     "ssh user@localhost", "npm i @types/node@18.0.1", "h = x@self.weight.T + b", "y = a@b.T",
     "git+https://github.com/org/repo.git@v1.0.2#egg=x", "foo@bar", "email = user + '@' + domain",
+    "git clone git@github.com:org/repo.git", "remote = 'deploy@git.example.com:apps/site.git'",
     # phones
     "a = +4294967296  # 1 << 32", "format(1234, '+b') == '+10011010010'", "x = 4155550123",
     "555-123-4567", "on 2023-01-15 at 12:30:45", "id 1700000000000", "range(100000, 999999)",
     "isbn 978-3-16-148410-0", "ts=+000000120",
     # ips / versions
     "version 1.2.3.4", "numpy==1.26.4.1", "v10.0.19041.1", "Windows 10.0.19041.1288",
-    "release 2.7.2.2", "127.0.0.1:8000", "0.0.0.0", "netmask 255.255.255.0", "oid 1.3.6.1.4.1.311",
+    "release 2.7.2.2", '__version__ = "10.0.0.1"', '"version": "192.168.10.1"', "127.0.0.1:8000", "0.0.0.0", "netmask 255.255.255.0", "oid 1.3.6.1.4.1.311",
     "0.0.0.31", "std::vector<int> v;", "a[::2]", "x[1::3]", "datetime 2024-01-02T03:04:05Z",
     "::1", "fe80::1%eth0", "224.0.0.251", "see sections \"8.2.4.44 Bogus comment\"", "1.0.0.127.in-addr.arpa",
     # cards
