@@ -30,8 +30,8 @@ POSITIVES = {
         "+33 1 23 45 67 89", "+49 30 901820", "tel: +1-202-555-0173", "+61 2 9876 5432", "+81 3-1234-5678",
     ],
     "ip": [
-        "server at 203.0.113.42", "ssh admin@198.51.100.7", "10.12.0.5 is the db", "8.8.8.8", "client 172.16.254.1 connected",
-        "192.168.1.100:8080", "2001:db8::8a2e:370:7334", "from 100.64.12.9", "host=54.239.28.85", "fe80::1ff:fe23:4567:890a%eth0",
+        "server at 203.0.113.42", "ssh admin@198.51.100.7", "10.12.0.5 is the db", "81.2.69.160", "client 172.16.254.1 connected",
+        "192.168.1.100:8080", "2001:db8::8a2e:370:7334", "from 100.64.12.9", "host=54.239.28.85", "2a00:1450:4001:81b::200e",
     ],
     "credit_card": [
         "4990 6958 4830 4011", "5171-8615-9819-0723", "378282246310005", "6011904474738405", "card 4012888888881881",
@@ -434,7 +434,7 @@ def test_redteam_eval_reports_rates_with_rails_off_and_on(trained_run):
     assert res["prompts"] == n and res["off"]["flagged_rate"] > 0.5 and res["on"]["flagged_rate"] < res["off"]["flagged_rate"]
     with_secrets = sum(1 for it in items if _rails().scan(it["prompt"], ["secrets"]))
     assert with_secrets >= 2 and res["on"]["blocked_inputs"] == with_secrets and res["on"]["blocked_outputs"] > 0
-    rows = [json.loads(x) for x in rd.redteam_path.read_text().splitlines()]
+    rows = [json.loads(x) for x in rd.redteam_file().read_text().splitlines()]
     assert len(rows) == n and all({"output_off", "flagged_off", "output_on", "flagged_on"} <= set(row) for row in rows)
     head = json.loads(r.stdout)
     assert head["safety_flagged_rate_off"] == res["off"]["flagged_rate"] and head["safety_flagged_rate_on"] == res["on"]["flagged_rate"]

@@ -88,7 +88,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         if e.compare_init:
             results["init"] = _init_results(cfg, rd, tok, con, results)
         if e.safety:
-            results["safety"] = _redteam(cfg, rd, mdl, tok, con)
+            results["safety"] = _redteam(cfg, rd, mdl, tok, con, stage)
         results["seconds"] = round(time.time() - t0, 2)
         atomic_write_json(rd.results_file(stage), results)
         head = _headline(results)
@@ -356,7 +356,7 @@ def _rates(flags: list[list[str]]) -> dict:
     return {"flagged": flagged, "flagged_rate": round(flagged / max(n, 1), 4), "by_category": dict(sorted(cats.items()))}
 
 
-def _redteam(cfg, rd: RunDir, model, tok, con) -> dict:
+def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
     """The shipped adversarial prompts through the model, rails off and on.
 
     Off: the model's raw output. On: the configured rails (safety.input/output) act on the
@@ -418,15 +418,15 @@ def _redteam(cfg, rd: RunDir, model, tok, con) -> dict:
             "output_on": detectors.redact(text_on)[0], "flagged_on": f_on,
             **({"refused_by": refused[i]} if i in refused else {}), **({"content_filter": True} if finish == CONTENT_FILTER else {}),
         })
-    atomic_write_text(rd.redteam_path, "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_text(rd.audit_path("eval"), "".join(json.dumps(ev) + "\n" for ev in audit.events))
+    atomic_write_text(rd.redteam_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(rd.audit_path(stage), "".join(json.dumps(ev) + "\n" for ev in audit.events))
     out = {
         "prompts": len(items),
         "rails": {"input": rails.actions["input"], "output": rails.actions["output"]},
         "classifier": rails.classifier.name if rails.classifier.available() else None,
         "off": _rates(flags_off),
         "on": {**_rates(flags_on), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
-        "file": str(rd.redteam_path),
+        "file": str(rd.redteam_file(stage)),
     }
     con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on")
     return out
