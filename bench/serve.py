@@ -3,7 +3,9 @@
 Starts the real `llmctl serve` on a quickstart-sized random llama (4 layers, hidden 128,
 vocab ~4096) and sends greedy /v1/completions requests of 32 new tokens from closed-loop
 clients. Each phase is bounded in count and time. Target: >= 3x throughput at 8 clients
-versus 1, zero errors.
+versus 1, zero errors. Then the safety rails' own cost per request, measured in-process on
+the texts the server streamed (prompt check, then every streamed delta through the output
+guard): p50 <= 1 ms with the default rails and with redacting/blocking ones.
 
     .venv/bin/python bench/serve.py      # writes bench/results/serve.json
 """
@@ -37,6 +39,48 @@ def pct(xs, q):
 
 def metric(client, url: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", client.get(url + "/metrics").text, re.M).group(1))
+
+
+RAILS = {
+    "default": {},  # flag PII and secrets on input and output
+    "redact_block": {"input": {"secrets": "block", "deny": "block"}, "output": {"pii": "redact", "secrets": "block", "deny": "redact"},
+                     "deny": {"words": ["zorp", "frobnicate"], "phrases": ["launch codes"], "regex": [r"(?i)rm\s+-rf\s+/"]}},
+}
+
+
+def rails_cost(samples: list[tuple[str, list[str]]], repeats: int = 5) -> dict:
+    """Per-request milliseconds the rails add: input check plus the streamed output guard."""
+    from llmctl.config import SafetyConfig
+    from llmctl.safety import Rails
+
+    out = {}
+    for name, cfg in RAILS.items():
+        rails = Rails(SafetyConfig.model_validate(cfg), stage="bench")
+        times = []
+        for _ in range(repeats):
+            for prompt, deltas in samples:
+                t0 = time.perf_counter()
+                rails.check_input(prompt, "bench")
+                g = rails.guard("bench", choice=0)
+                sent = "".join(g.feed(d) for d in deltas) + g.finish()
+                times.append(time.perf_counter() - t0)
+                assert sent == "".join(deltas) or name != "default"
+        out[name] = {"p50_ms": round(pct(times, 0.5) * 1000, 4), "p95_ms": round(pct(times, 0.95) * 1000, 4), "requests": len(times)}
+    return out
+
+
+def streamed(client, url: str, prompt: str) -> list[str]:
+    """The text deltas of one streamed completion, as a client receives them."""
+    import json
+
+    deltas = []
+    with client.stream("POST", url + "/v1/completions", json={"model": "bench", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                text = json.loads(line[6:])["choices"][0]["text"]
+                if text:
+                    deltas.append(text)
+    return deltas
 
 
 def main() -> None:
@@ -81,14 +125,18 @@ def main() -> None:
             res[conc] = {"requests": len(out), "seconds": round(wall, 2), "rps": round(len(out) / wall, 3),
                          "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
                          "tokens_per_forward_pass": round(tokens / max(forwards, 1), 2), "errors": sum(not o[1] for o in out)}
+        prompts = [f"request number {i} says" for i in range(16)]
+        safety = rails_cost([(p, streamed(client, url, p)) for p in prompts])
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     metrics = {"clients_1": res[1], "clients_8": res[8], "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096",
-               "server_exit_code": code}
+               "server_exit_code": code, "safety_rails": safety}
     write_result("serve", metrics, {
         "serve throughput 8 clients vs 1": ratio(res[8]["rps"] / res[1]["rps"], 3.0),
         "serve errors (both phases)": ratio(float(res[8]["errors"] + res[1]["errors"]), 0.0, higher_is_better=False),
+        "safety rails p50 ms per request (default)": ratio(safety["default"]["p50_ms"], 1.0, higher_is_better=False),
+        "safety rails p50 ms per request (redact/block)": ratio(safety["redact_block"]["p50_ms"], 1.0, higher_is_better=False),
     })
 
 

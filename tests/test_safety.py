@@ -493,3 +493,54 @@ def test_serve_refuses_a_public_address_without_an_api_key(trained_run, tmp_path
     bad = write_config(tmp_path / "bad.yaml", {**yaml.safe_load(path.read_text()), "safety": {"deny": {"file": "missing.txt"}}})
     r = run_cli("serve", str(bad), "--port", "0", timeout=120)
     assert r.returncode == 2 and "safety.deny.file: 'missing.txt' not found" in r.stderr
+
+
+def test_real_server_rails_moderation_audit_and_metrics(trained_run, tmp_path):
+    """`llmctl serve` in a subprocess, through the official (sync) openai client."""
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    from test_serve import Server
+
+    path, cfg, rd = trained_run
+    d = yaml.safe_load(path.read_text())
+    d["serve"] = {"model_name": "tiny", "max_request_bytes": 2048}
+    d["safety"] = {"input": {"secrets": "block", "deny": "off"}, "output": {"deny": "redact"}, "deny": {"regex": ["[a-z]{2,}"]}}
+    s = Server(write_config(tmp_path / "serve.yaml", d))
+    try:
+        c = s.client()
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="key AKIAIOSFODNN7EXAMPLE", max_tokens=4)
+        assert e.value.body["code"] == "content_filter" and "input.secrets" in e.value.body["message"]
+        r = c.completions.create(model="tiny", prompt="the quick", max_tokens=24, temperature=1.0, seed=3)
+        assert not re.search("[a-z]{2,}", r.choices[0].text)
+        m = c.moderations.create(input=["call +1 415 555 0132", "X = 1 + 2  # 3"])
+        assert [x.flagged for x in m.results] == [True, False] and m.results[0].categories.model_dump()["pii/phone"]
+        big = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x" * 3000})
+        assert big.status_code == 413
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'llmctl_safety_interventions_total{rail="input.secrets",action="block"} 1' in metrics
+        assert 'llmctl_requests_total{path="/v1/moderations",status="200"} 1' in metrics
+    finally:
+        assert s.stop() == 0, "".join(s.lines)
+    events = [json.loads(x) for x in rd.audit_path("serve").read_text().splitlines()]
+    assert events[0]["rail"] == "input.secrets" and events[0]["action"] == "block" and events[0]["request_id"] == e.value.response.headers["x-request-id"]
+    assert "AKIA" not in rd.audit_path("serve").read_text()
+    # --insecure on a public address: served, with a loud warning.
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(path), "--host", "0.0.0.0", "--port", "0", "--insecure"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, env={**__import__("os").environ, "LLMCTL_API_KEY": ""})
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "WITHOUT an API key" in line or "llmctl serve:" in line:
+                break
+        assert any("WARNING: serving 0.0.0.0 WITHOUT an API key (--insecure)" in x for x in lines), lines
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

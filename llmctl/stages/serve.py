@@ -58,7 +58,7 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     except ImportError:
         raise ConfigError("llmctl serve needs FastAPI and uvicorn: pip install 'llmctl[serve]'") from None
     from llmctl.modeling import resolve_model_path
-    from llmctl.safety import AuditLog, Classifier, Rails
+    from llmctl.safety import AuditLog, Rails
     from llmctl.server.app import create_app
     from llmctl.server.engine import Engine
     from llmctl.server.metrics import Metrics
@@ -85,8 +85,6 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
             )
         con.warn(f"WARNING: serving {host} WITHOUT an API key (--insecure): anyone who can reach this address can use the model")
     url = _url(sock)
-    if Classifier.available():  # /v1/moderations uses it: load it now, not in the first request
-        threading.Thread(target=rails.classifier.load, name="llmctl-classifier", daemon=True).start()
     engine = Engine(
         path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
         trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads,
@@ -102,6 +100,9 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
             if engine.error is not None or server.should_exit:
                 server.should_exit = True
                 return
+        # Detectors load data on first use (the classifier's model takes seconds): after the
+        # model (not competing with it for the CPU), before the first requests.
+        threading.Thread(target=rails.warm, name="llmctl-rails-warm-up", daemon=True).start()
         while not server.started and not server.should_exit:
             threading.Event().wait(0.02)
         if server.started:
