@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -36,7 +37,7 @@ SIZES = {
     # "model" overrides the quickstart's model and data sizes (full: none, the quickstart as shipped)
     "full": {"max_bytes": 8_000_000, "teacher_steps": 1500, "student_steps": 500, "eval_batches": 10, "batch": 16, "seeds": 3, "random_seeds": 3, "model": {}},
     "small": {"max_bytes": 2_000_000, "teacher_steps": 400, "student_steps": 120, "eval_batches": 8, "batch": 16, "seeds": 3, "random_seeds": 3, "model": {}},
-    "tiny": {"max_bytes": 400_000, "teacher_steps": 150, "student_steps": 40, "eval_batches": 8, "batch": 8, "seeds": 3, "random_seeds": 1,
+    "tiny": {"max_bytes": 400_000, "teacher_steps": 150, "student_steps": 20, "eval_batches": 8, "batch": 8, "seeds": 3, "random_seeds": 1,
              "model": {"hidden_size": 64, "context_length": 128, "block_size": 64, "vocab_size": 1024}},
 }
 ALPHA, TEMPERATURE = 0.5, 2.0
@@ -89,7 +90,8 @@ def run_student(teacher_cfg: dict, work: Path, name: str, size: dict, seed: int,
     cfg = student_config(teacher_cfg, work, name, size, seed, init=init, alpha=alpha)
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    shutil.copytree(work / "teacher" / "prepare", work / name / "prepare")  # same data, config and hash: prepare is up to date
+    # The teacher's prepared data: same data, tokenizer and seed, so prepare is up to date here too.
+    shutil.copytree(work / "teacher" / "prepare", work / name / "prepare", dirs_exist_ok=True)
     res = llmctl("distill", str(path))
     print(f"[distill] {name}: val_ppl {res['val_ppl']}  tokens/s {res['tokens_per_s']}  ({res['seconds']} s)", flush=True)
     return res
@@ -129,14 +131,18 @@ def main() -> None:
     teacher = llmctl("train", str(work / "teacher.yaml"))
     print(f"[distill] teacher: {tcfg['model']['n_layers']} layers, val_ppl {teacher['val_ppl']}, tokens/s {teacher['tokens_per_s']}", flush=True)
 
-    rows = []
-    for i in range(size["seeds"]):
+    def one_seed(i: int) -> dict:
         seed = 1000 + i
         kd = run_student(tcfg, work, f"kd-{seed}", size, seed, "prune", ALPHA)
         ce = run_student(tcfg, work, f"ce-{seed}", size, seed, "prune", 0.0)
         rnd = run_student(tcfg, work, f"random-kd-{seed}", size, seed, "model", ALPHA) if i < size["random_seeds"] else {}
-        rows.append({"seed": seed, "kd_ppl": kd["val_ppl"], "ce_ppl": ce["val_ppl"], "random_kd_ppl": rnd.get("val_ppl"),
-                     "kd_tokens_per_s": kd["tokens_per_s"], "ce_tokens_per_s": ce["tokens_per_s"], "pruned_layers": kd.get("pruned_layers")})
+        return {"seed": seed, "kd_ppl": kd["val_ppl"], "ce_ppl": ce["val_ppl"], "random_kd_ppl": rnd.get("val_ppl"),
+                "kd_tokens_per_s": kd["tokens_per_s"], "ce_tokens_per_s": ce["tokens_per_s"], "pruned_layers": kd.get("pruned_layers")}
+
+    # LLMCTL_BENCH_JOBS=N runs N seeds at once (a busy shared machine); tokens/s then shares the CPU.
+    jobs = int(os.environ.get("LLMCTL_BENCH_JOBS", "1"))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(one_seed, range(size["seeds"])))
 
     t_ppl = teacher["val_ppl"]
     gaps = [(r["ce_ppl"] - r["kd_ppl"]) / (r["ce_ppl"] - t_ppl) for r in rows if r["ce_ppl"] != t_ppl]
@@ -162,6 +168,7 @@ def main() -> None:
         "teacher_gen_tokens_per_s": round(t_gen, 1),
         "student_gen_tokens_per_s": round(s_gen, 1),
         "wall_seconds": round(time.time() - t_start, 1),
+        "parallel_seeds": jobs,
         "work_dir": str(work),
     }
     ratios = {
