@@ -227,6 +227,23 @@ def test_stream_guard_without_rails_passes_text_through_at_once():
     assert g.feed("AKIAIOSF") == "AKIAIOSF" and g.feed("ODNN7EXAMPLE") == "ODNN7EXAMPLE" and g.finish() == ""
 
 
+def test_generate_terminal_stream_shows_only_what_the_guard_releases(capsys, tmp_path):
+    from conftest import train_tiny_tokenizer
+    from llmctl.stages.generate import _guarded_streamer
+
+    tok = train_tiny_tokenizer(["the quick brown fox"] * 4, tmp_path / "tok")
+    rails = _rails(output={"secrets": "redact"})
+    guard = rails.guard("prompt-0", choice=0)
+    streamer = _guarded_streamer(tok, guard)
+    for piece in ["Your key: AKIAIOSF", "ODNN7EX", "AMPLE, keep it safe. " + "z" * 120]:
+        streamer.on_finalized_text(piece)
+        assert "AKIA" not in capsys.readouterr().out
+    streamer.on_finalized_text(" end", stream_end=True)
+    out = capsys.readouterr().out
+    assert guard.released.startswith("Your key: <SECRET>, keep it safe.") and guard.released.endswith(" end")
+    assert "AKIA" not in out and "IOSF" not in out and "ODNN" not in out
+
+
 def test_audit_log_file(tmp_path):
     from llmctl.safety import AuditLog, Rails
 
@@ -358,7 +375,15 @@ def test_http_blocked_input_is_a_400_naming_the_rail_and_redacted_input_reaches_
             errs.append(e.value)
         ok = await client.completions.create(model="m", prompt="mail bob@example.com", max_tokens=2)
         big = await http.post("/v1/completions", json={"model": "m", "prompt": "x" * 5000})
-        return errs, ok, big
+
+        async def chunked():  # no Content-Length: the body is counted as it arrives
+            yield b'{"model": "m", "prompt": "'
+            for _ in range(10):
+                yield b"y" * 500
+            yield b'"}'
+
+        big_chunked = await http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+        return errs, ok, (big, big_chunked)
 
     errs, ok, big = asyncio.run(go())
     body = errs[0].body
@@ -368,7 +393,9 @@ def test_http_blocked_input_is_a_400_naming_the_rail_and_redacted_input_reaches_
     assert errs[1].body["param"] == "messages[0].content" and "'input.deny'" in errs[1].body["message"]
     assert errs[2].body["code"] == "content_filter"  # token-id prompts are decoded and checked too
     assert ok.choices[0].text == "ok" and engine.prompts == ["mail <EMAIL>"]
-    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    for r in big:
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert "content-length" not in big[1].request.headers
     assert [e["rail"] for e in log.events if e["action"] == "block"] == ["input.secrets", "input.deny", "input.secrets"]
 
 
