@@ -38,14 +38,14 @@ def _machine(res: dict) -> str:
 def _quickstart_time(r: dict) -> str:
     q = r.get("quickstart", {}).get("metrics")
     if not q:
-        return "(not measured yet: `python bench/run_all.py quickstart`)"
+        return "Its time on 2 CPU cores is not measured yet for the current task (`python bench/run_all.py quickstart` measures it; see \"Measured\" below)."
     return f"On {q['cpus']} CPU cores the whole run took {_minutes(q['seconds'])} when measured (see \"Measured\" below)."
 
 
 def _quickstart(r: dict) -> list[str]:
     q = r.get("quickstart", {}).get("metrics")
     if not q:
-        return ["- quickstart: not measured yet (`python bench/run_all.py quickstart`)."]
+        return ["- quickstart (`make demo`): not measured yet for the current held-out task (`python bench/run_all.py quickstart`)."]
     e, t = q["eval"], q["train"]
     out = [
         f"- `make demo` (`llmctl run configs/quickstart.yaml`, from scratch, {_machine(r['quickstart'])}): "

@@ -25,8 +25,6 @@ def main() -> int:
     out_dir.mkdir(exist_ok=True)
     only = sys.argv[1:] or BENCHES
     results, failed = {}, []
-    if sys.argv[1:] and (HERE / "results.json").is_file():  # a subset refreshes only its rows
-        results = json.loads((HERE / "results.json").read_text())
     for name in only:
         script = HERE / f"{name}.py"
         if not script.is_file():
@@ -42,6 +40,8 @@ def main() -> int:
             continue
         results[name] = json.loads(res_file.read_text())
         results[name]["seconds"] = round(time.time() - t0, 1)
+    if sys.argv[1:] and (HERE / "results.json").is_file():  # a subset refreshes only its rows
+        results = {**json.loads((HERE / "results.json").read_text()), **results}  # read now: rows written meanwhile stay
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
     print(f"{'benchmark':<10} {'ratio':<40} {'value':>10} {'target':>10}  pass")
