@@ -163,16 +163,17 @@ def test_pii_redacted_with_typed_placeholders_and_look_alikes_survive(tmp_path):
 
     docs = [prose(i) for i in range(6)]
     docs[0] += " Mail jane.roe@corp.com or call +44 20 7946 0958 from 203.0.113.9 with card 4111 1111 1111 1111."
-    docs[1] += " token ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8 here."
+    docs[1] += " token ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8 here.\n-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBkg4LVWM9nuwNSk3yByxZpYRTBnVJk5oZ0nyEXAMPLE1234\n-----END EC PRIVATE KEY-----\nend."
     docs[2] += " requires python@2.7 and version 1.2.3.4 of the tool, build 2024-01-15."
     cfg = _cfg(tmp_path, docs, None, {"quality": {"enabled": False}, "language": False})
     r = _report(cfg)
-    assert r["pii"] == {"action": "redact", "documents": 2, "by_kind": {"credit_card": 1, "email": 1, "ip": 1, "phone": 1, "secret": 1}}
+    assert r["pii"] == {"action": "redact", "documents": 2, "by_kind": {"credit_card": 1, "email": 1, "ip": 1, "phone": 1, "private_key": 1, "secret": 1}}
     rd = RunDir(cfg.run.dir)
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     ds = load_from_disk(str(rd.dataset_dir))
     text = tok.decode([t for row in ds["train"]["input_ids"] for t in row])
     assert "<EMAIL>" in text and "<PHONE>" in text and "<CREDIT_CARD>" in text and "<SECRET>" in text
+    assert "<PRIVATE_KEY>" in text and "MHcCAQEE" not in text
     assert "jane.roe" not in text and "4111" not in text and "ghp_" not in text
     assert "python@2.7" in text and "1.2.3.4" in text
 
