@@ -319,6 +319,7 @@ class EvalConfig(Section):
     baselines: bool = Field(True, description="Report trivial baselines: unigram perplexity from training-split counts, BLEU of copying the prompt's last words.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
     safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
+    hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
 
 
 # --------------------------------------------------------------------------- generate

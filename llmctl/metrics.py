@@ -28,13 +28,17 @@ def sliding_nll(model, ids: list[int], prefix_id: int, max_length: int, stride: 
     return rolling_nll(model, [ids], prefix_id, max_length, stride, batch_size=batch_size, progress=progress)
 
 
-def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None) -> tuple[float, int]:
+def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None,
+                token_losses: list | None = None) -> tuple[float, int]:
     """Summed NLL (nats) and token count over documents, each scored on its own.
 
     Every document starts from `prefix_id` (BOS) and is cut into windows as `windows` says;
     no window spans two documents (lm-eval's loglikelihood_rolling, one request per
-    document). Windows of all documents are batched together.
+    document). Windows of all documents are batched together. With `token_losses` (a list),
+    it receives one float32 array per document: the loss of each of its tokens.
     """
+    import numpy as np
+
     import torch
     import torch.nn.functional as F
 
@@ -42,6 +46,8 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
         raise ValueError("stride must be <= max_length")
     seqs = [torch.tensor([prefix_id] + list(ids), dtype=torch.long) for ids in docs]
     wins = [(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), max_length, stride)]
+    if token_losses is not None:
+        token_losses[:] = [np.full(len(ids), np.nan, dtype=np.float32) for ids in docs]
     total, count = 0.0, 0
     device = model.device
     for i in range(0, len(wins), batch_size):
@@ -60,16 +66,23 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
             tgt[r, first:n] = s[b:e]
         with torch.no_grad():
             logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
-        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1).to(device), ignore_index=-100, reduction="sum")
-        total += nll.item()
+        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1).to(device), ignore_index=-100, reduction="none").view(tgt.shape)
+        total += nll.sum().item()
         count += int((tgt != -100).sum())
+        if token_losses is not None:
+            per = nll.float().cpu().numpy()
+            for r, (d, st, b, e) in enumerate(chunk):
+                first = b - 1 - st
+                token_losses[d][b - 1 : e - 1] = per[r, first : first + e - b]
         if progress is not None:
             progress.update(advance=len(chunk))
     return total, count
 
 
-def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """Summed NLL over labelled positions of prepared prompt/completion or chat rows."""
+def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8, token_losses: list | None = None) -> tuple[float, int]:
+    """Summed NLL over labelled positions of prepared prompt/completion or chat rows. With
+    `token_losses`, one float32 array per row: each token's loss (NaN where unlabelled)."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -88,9 +101,54 @@ def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8) -> tup
         with torch.no_grad():
             logits = model(input_ids=inp.to(model.device), attention_mask=mask.to(model.device)).logits.float()
         shift_logits, shift_labels = logits[:, :-1], lab[:, 1:].to(model.device)
-        total += F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum").item()
+        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none").view(shift_labels.shape)
+        total += nll.sum().item()
         count += int((shift_labels != -100).sum())
+        if token_losses is not None:
+            per = nll.float().cpu().numpy()
+            for r, row in enumerate(chunk):
+                a = np.full(len(row["input_ids"]), np.nan, dtype=np.float32)
+                k = len(row["input_ids"])
+                lab_r = np.asarray(row["labels"][1:k])
+                a[1:k] = np.where(lab_r != -100, per[r, : k - 1], np.nan)
+                token_losses.append(a)
     return total, count
+
+
+LOSS_BINS = (0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def loss_report(segments: list[tuple[str, list[int], "object"]], decode, top: int = 10, context: int = 12) -> dict:
+    """The hardest tokens and documents, and a histogram of token loss (nats).
+
+    `segments`: (name, token ids, per-token losses with NaN where unscored). A token is shown
+    with the `context` tokens before it; a document's loss is the mean over its scored tokens.
+    """
+    import numpy as np
+
+    flat = [(s, i, float(x)) for s, (_, _, losses) in enumerate(segments) for i, x in enumerate(losses) if not np.isnan(x)]
+    allx = np.array([x for _, _, x in flat], dtype=np.float64)
+    edges = list(LOSS_BINS) + [float("inf")]
+    counts = np.histogram(allx, bins=edges)[0].tolist() if len(allx) else [0] * (len(edges) - 1)
+    hist = [{"from": a, "to": None if b == float("inf") else b, "tokens": c} for a, b, c in zip(edges[:-1], edges[1:], counts)]
+    hardest = []
+    for s, i, x in sorted(flat, key=lambda t: -t[2])[:top]:
+        name, ids, _ = segments[s]
+        hardest.append({"document": name, "position": i, "token": decode([ids[i]]), "loss": round(x, 4),
+                        "context": decode(ids[max(0, i - context) : i])})
+    docs = []
+    for name, ids, losses in segments:
+        arr = np.asarray(losses, dtype=np.float64)
+        ok = ~np.isnan(arr)
+        if ok.any():
+            docs.append({"document": name, "tokens": int(ok.sum()), "mean_loss": round(float(arr[ok].mean()), 4)})
+    docs.sort(key=lambda d: -d["mean_loss"])
+    return {
+        "token_loss_histogram": hist,
+        "median_token_loss": round(float(np.median(allx)), 4) if len(allx) else None,
+        "hardest_tokens": hardest,
+        "hardest_documents": docs[:top],
+    }
 
 
 def perplexity_summary(nll: float, n_tokens: int, n_bytes: int) -> dict:

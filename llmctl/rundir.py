@@ -235,6 +235,9 @@ class RunDir:
     def results_file(self, stage: str = "eval") -> Path:
         return self.stage_dir(stage) / "results.json"
 
+    def token_losses_file(self, stage: str = "eval") -> Path:
+        return self.stage_dir(stage) / "token_losses.jsonl"
+
     def predictions_file(self, stage: str = "eval") -> Path:
         return self.stage_dir(stage) / "predictions.jsonl"
 

@@ -278,3 +278,51 @@ def test_short_references_make_bleu_degenerate_and_eval_says_so(trained_run, cap
     err = capsys.readouterr().err
     assert res["bleu"] == 0 and res["bleu_degenerate"] is True
     assert "BLEU is 0 by construction" in err and "chrF" in err
+
+def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg):
+    """A file the model was trained on vs one of shuffled characters: the per-token losses
+    kept in token_losses.jsonl add up to the reported NLL, and the shuffled file is hardest."""
+    import random
+
+    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+
+    path, _ = tiny_cfg
+    a = SOURCE_WITH_BLANKS
+    chars = list(a)
+    random.Random(0).shuffle(chars)
+    (tmp_path / "a.py").write_text(a)
+    (tmp_path / "b.txt").write_text("".join(chars))
+    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
+    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
+                "--set", "eval.max_length=32", "--set", "eval.generation=false", "--set", "eval.hardest=5", "--json")
+    assert r.returncode == 0, r.stderr
+    stage = tmp_path / "run" / "eval"
+    p = json.loads((stage / "results.json").read_text())["perplexity"]
+    kept = [json.loads(line) for line in (stage / "token_losses.jsonl").read_text().splitlines()]
+    assert [d["document"] for d in kept] == [str(tmp_path / "a.py"), str(tmp_path / "b.txt")]
+    losses = [x for d in kept for x in d["losses"]]
+    assert None not in losses and len(losses) == p["tokens"]
+    assert sum(losses) == pytest.approx(p["mean_loss"] * p["tokens"], rel=1e-4)
+    assert sum(b["tokens"] for b in p["token_loss_histogram"]) == p["tokens"]
+    hard = p["hardest_tokens"]
+    assert len(hard) == 5 and [h["loss"] for h in hard] == sorted((h["loss"] for h in hard), reverse=True)
+    assert hard[0]["loss"] == pytest.approx(max(losses), abs=1e-4)
+    assert p["hardest_documents"][0]["document"].endswith("b.txt")
+    assert p["hardest_documents"][0]["mean_loss"] > 2 * p["hardest_documents"][1]["mean_loss"]
+
+
+def test_prepared_split_report_is_per_document(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("eval", str(path), "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    p = json.loads(rd.results_path.read_text())["perplexity"]
+    kept = [json.loads(line) for line in rd.token_losses_file().read_text().splitlines()]
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(rd.tokenizer_dir).eos_token_id
+    stream = [t for row in load_from_disk(str(rd.dataset_dir))["validation"]["input_ids"] for t in row]
+    assert [t for d in kept for t in d["ids"]] == stream
+    assert all(d["ids"][-1] == eos for d in kept[:-1]) and sum(t == eos for t in stream) in (len(kept), len(kept) - 1)
+    assert all(d["document"].startswith("validation#") for d in kept)
+    assert sum(x for d in kept for x in d["losses"]) == pytest.approx(p["mean_loss"] * p["tokens"], rel=1e-4)

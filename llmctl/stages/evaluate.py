@@ -80,7 +80,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     results: dict = {"model": _model_identity(path), "split": e.split}
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
         if e.perplexity:
-            results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con)
+            results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
         if e.generation:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
@@ -185,8 +185,9 @@ def _check_thresholds(t, head: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- perplexity
-def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dict] | None, str, int]:
-    """(documents as token lists, or masked rows), source description, byte count.
+def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dict] | None, str, int, list[str]]:
+    """(documents as token lists, or masked rows), source description, byte count, and a
+    name per document (text_paths: file or file:line) or row.
 
     `eval.text_paths`: each file (each record of a structured file) is one document, scored
     exactly as written; the prepared text split is one stream (documents already joined by EOS).
@@ -197,16 +198,18 @@ def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dic
 
         files = expand_paths(e.text_paths, key="eval.text_paths", any_suffix=True)
         docs: list[list[int]] = []
+        names: list[str] = []
         n_bytes = 0
         for f in files:
-            for text, _where in read_documents(f):
+            for text, where in read_documents(f):
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 if ids:
                     docs.append(ids)
+                    names.append(where)
                     n_bytes += len(text.encode("utf-8"))
         if not docs:
             raise DataError(f"eval.text_paths: no text to score in {', '.join(e.text_paths)}")
-        return docs, None, ",".join(str(f) for f in files), n_bytes
+        return docs, None, ",".join(str(f) for f in files), n_bytes, names
     from datasets import load_from_disk
 
     ds = load_from_disk(str(rd.dataset_dir))
@@ -216,18 +219,48 @@ def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dic
     if cfg.data.format == "text":
         ids = [t for row in split["input_ids"] for t in row]
         n_bytes = len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
-        return [ids], None, f"{rd.dataset_dir}[{e.split}]", n_bytes
+        return [ids], None, f"{rd.dataset_dir}[{e.split}]", n_bytes, [f"{e.split}"]
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in split]
     scored = [t for r in rows for t in r["labels"] if t != -100]
     n_bytes = len(tok.decode(scored, skip_special_tokens=True).encode("utf-8"))
-    return None, rows, f"{rd.dataset_dir}[{e.split}] (completion tokens)", n_bytes
+    return None, rows, f"{rd.dataset_dir}[{e.split}] (completion tokens)", n_bytes, [f"{e.split}[{i}]" for i in range(len(rows))]
 
 
-def _perplexity(cfg, rd: RunDir, model, tok, con) -> dict:
-    from llmctl.metrics import masked_nll, perplexity_summary, rolling_nll, unigram_nll, windows
+def _segments(docs, rows, names, losses, eos_id, packed: bool) -> list[tuple[str, list[int], object]]:
+    """Documents for the loss report. The prepared text split (`packed`) is one stream of
+    documents joined by EOS: it is cut back into documents there (named split#k)."""
+    if rows is not None:
+        return [(n, r["input_ids"], a) for n, r, a in zip(names, rows, losses)]
+    if packed and eos_id is not None:
+        ids, arr = docs[0], losses[0]
+        out, start, k = [], 0, 0
+        for i, t in enumerate(ids):
+            if t == eos_id or i == len(ids) - 1:
+                if i + 1 > start:
+                    out.append((f"{names[0]}#{k}", ids[start : i + 1], arr[start : i + 1]))
+                    k += 1
+                start = i + 1
+        return out
+    return list(zip(names, docs, losses))
+
+
+def write_token_losses(path: Path, segments) -> None:
+    """One JSON line per document: its name, token ids and each token's loss (null where unscored)."""
+    import math
+
+    lines = []
+    for name, ids, losses in segments:
+        ls = [None if math.isnan(x) else round(float(x), 5) for x in losses]
+        lines.append(json.dumps({"document": name, "ids": [int(t) for t in ids], "losses": ls}) + "\n")
+    atomic_write_text(path, "".join(lines))
+
+
+def _perplexity(cfg, rd: RunDir, model, tok, con, token_file: Path | None = None) -> dict:
+    from llmctl.metrics import loss_report, masked_nll, perplexity_summary, rolling_nll, unigram_nll, windows
 
     e = cfg.eval
-    docs, rows, source, n_bytes = _eval_stream(cfg, rd, tok)
+    losses: list | None = [] if e.hardest else None
+    docs, rows, source, n_bytes, names = _eval_stream(cfg, rd, tok)
     L = e.max_length or cfg.data.block_size
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and L > limit:
@@ -241,10 +274,15 @@ def _perplexity(cfg, rd: RunDir, model, tok, con) -> dict:
     if docs is not None:
         n_win = sum(len(windows(len(d), L, stride)) for d in docs)
         with con.progress("perplexity", total=n_win, unit="windows") as prog:
-            nll, count = rolling_nll(model, docs, prefix, L, stride, batch_size=e.batch_size, progress=prog)
+            nll, count = rolling_nll(model, docs, prefix, L, stride, batch_size=e.batch_size, progress=prog, token_losses=losses)
     else:
-        nll, count = masked_nll(model, rows, tok.pad_token_id, batch_size=e.batch_size)
+        nll, count = masked_nll(model, rows, tok.pad_token_id, batch_size=e.batch_size, token_losses=losses)
     out = {"source": source, "max_length": L, "stride": stride, "prefix_token_id": prefix, **perplexity_summary(nll, count, n_bytes)}
+    if losses is not None:
+        segs = _segments(docs, rows, names, losses, tok.eos_token_id, packed=docs is not None and not e.text_paths)
+        out.update(loss_report(segs, tok.decode, top=e.hardest))
+        if token_file is not None:
+            write_token_losses(token_file, segs)
     if e.baselines and docs is not None and not e.text_paths and rd.dataset_dir.is_dir():
         from datasets import load_from_disk
 
