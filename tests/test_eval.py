@@ -296,7 +296,9 @@ def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg)
     r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--set", "eval.hardest=5", "--json")
     assert r.returncode == 0, r.stderr
-    stage = tmp_path / "run" / "eval"
+    from pathlib import Path
+
+    stage = Path(json.loads(r.stdout)["results"]).parent  # another model's eval: RUN/eval-<model>/
     p = json.loads((stage / "results.json").read_text())["perplexity"]
     kept = [json.loads(line) for line in (stage / "token_losses.jsonl").read_text().splitlines()]
     assert [d["document"] for d in kept] == [str(tmp_path / "a.py"), str(tmp_path / "b.txt")]
