@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from common import HERE, ratio, write_result
+from common import HERE, machine, ratio, write_result
 
 REPO = HERE.parent
 SIZES = {
@@ -116,6 +116,14 @@ def gen_tokens_per_s(model_dir: Path) -> float:
     return best
 
 
+def gap_closed(ce_ppl: float, kd_ppl: float, teacher_ppl: float) -> float | None:
+    """Share of the CE-student -> teacher perplexity gap that KD closes; None when there is no
+    gap to close (a teacher no better than the CE-only student)."""
+    if teacher_ppl >= ce_ppl:
+        return None
+    return (ce_ppl - kd_ppl) / (ce_ppl - teacher_ppl)
+
+
 def main() -> None:
     name = (sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LLMCTL_BENCH_SIZE", "full")).lower()
     if name not in SIZES:
@@ -124,6 +132,7 @@ def main() -> None:
     work = Path(os.environ.get("LLMCTL_BENCH_WORK") or tempfile.mkdtemp(prefix="bench-distill-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    at_start = machine()
 
     tcfg = teacher_config(work, size)
     (work / "teacher.yaml").write_text(yaml.safe_dump(tcfg, sort_keys=False))
@@ -145,7 +154,7 @@ def main() -> None:
         rows = list(pool.map(one_seed, range(size["seeds"])))
 
     t_ppl = teacher["val_ppl"]
-    gaps = [(r["ce_ppl"] - r["kd_ppl"]) / (r["ce_ppl"] - t_ppl) for r in rows if r["ce_ppl"] != t_ppl]
+    gaps = [g for r in rows if (g := gap_closed(r["ce_ppl"], r["kd_ppl"], t_ppl)) is not None]
     overhead = statistics.median(1 - r["kd_tokens_per_s"] / r["ce_tokens_per_s"] for r in rows)
     t_gen = gen_tokens_per_s(work / "teacher" / "train" / "model")
     s_gen = gen_tokens_per_s(work / f"kd-{rows[0]['seed']}" / "train" / "model")
@@ -169,6 +178,7 @@ def main() -> None:
         "student_gen_tokens_per_s": round(s_gen, 1),
         "wall_seconds": round(time.time() - t_start, 1),
         "parallel_seeds": jobs,
+        "machine": at_start,
         "work_dir": str(work),
     }
     ratios = {
