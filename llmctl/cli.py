@@ -91,7 +91,7 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def _guard(json_mode: bool = False, quiet: bool = False) -> Iterator[_console.Console]:
+def _guard(json_mode: bool = False, quiet: bool = False, report_interrupt: bool = True) -> Iterator[_console.Console]:
     """The one error boundary: user errors -> one line + exit code; bugs keep tracebacks."""
     _setup_env()
     con = _console.Console(json_mode=json_mode, quiet=quiet)
@@ -102,10 +102,12 @@ def _guard(json_mode: bool = False, quiet: bool = False) -> Iterator[_console.Co
     try:
         yield con
     except Interrupted as e:
-        con.error(str(e))
+        if report_interrupt:  # a rank's interruption is reported once, by its launcher
+            con.error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        con.error("interrupted by SIGINT")
+        if report_interrupt:
+            con.error("interrupted by SIGINT")
         raise typer.Exit(130) from None
     except LlmctlError as e:
         con.error(str(e))
@@ -128,12 +130,22 @@ def _stage(name: str):
     return importlib.import_module(f"llmctl.stages.{MODULES[name]}")
 
 
+def _launched_rank() -> int | None:
+    """This process's rank when `train --nproc` started it (its launcher reports the result)."""
+    if os.environ.get("LLMCTL_TORCHRUN") == "1" and "LOCAL_RANK" in os.environ:
+        return int(os.environ.get("RANK", "0"))
+    return None
+
+
 def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
-    with _guard(json_mode, quiet) as con:
+    rank = _launched_rank()
+    # A rank under `--nproc`: only rank 0 talks (errors always), and the launcher prints the
+    # one result, so `--json` gives one object and the table shows once.
+    with _guard(json_mode, quiet or bool(rank), report_interrupt=rank is None) as con:
         cfg = _load(config, overrides)
         rd = _rundir(cfg, run_dir)
         result = _stage(name).run(cfg, rd, force=force, **opts)
-        if result is not None:
+        if result is not None and rank is None:
             con.result(result, title=f"{name}: {rd.root}")
 
 

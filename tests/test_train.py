@@ -281,3 +281,40 @@ def test_nan_is_caught_on_the_step_it_happens_not_the_next_log_step(tmp_path):
     steps = [json.loads((p / train.META).read_text())["step"] for p in train.complete_checkpoints(rd)]
     assert nan_step < 6 and all(s < nan_step for s in steps), (nan_step, steps)
     assert rd.manifest("train")["status"] == "failed" and not rd.model_dir.exists()
+
+
+def test_collective_device_follows_the_backend(monkeypatch):
+    """NCCL takes only CUDA tensors: the stop flag's all-reduce must not use a CPU tensor there."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert train.collective_device("nccl") == torch.device("cuda", 1)
+    assert train.collective_device("gloo") == torch.device("cpu")
+    assert train.collective_device("cpu:gloo,cuda:nccl") == torch.device("cpu")
+
+
+def test_nproc_json_is_one_result(tmp_path):
+    p, cfg, rd = _setup(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})
+    r = run_cli("train", str(p), "--nproc", "2", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)  # exactly one object: the launcher's, with rank 0's numbers
+    assert res["world_size"] == 2 and res["steps"] == 2
+    assert r.stderr.count("model: llama") == 1  # only rank 0 talks
+    assert sorted(p.name for p in rd.model_dir.iterdir()) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_nproc_sigint_saves_and_exits_130(tmp_path):
+    path, cfg, rd = _setup(tmp_path, train={"max_steps": 100000, "micro_batch_size": 2, "save_every": 100000, "eval_every": 100000, "log_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "train", str(path), "--nproc", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if rd.metrics_path.is_file() and '"loss"' in rd.metrics_path.read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C reaches the launcher; the ranks run in their own sessions
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "SignalException" not in err
+    assert err.count("interrupted by SIGINT") == 1 and "resume" in err
+    assert rd.manifest("train")["status"] == "interrupted"
+    assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGINT"

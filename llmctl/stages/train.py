@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -25,7 +24,7 @@ from typing import Any, Callable
 from llmctl import console as _console
 from llmctl.config import parse_duration  # noqa: F401  (train.parse_duration, as before)
 from llmctl.errors import ConfigError, Interrupted, LlmctlError
-from llmctl.rundir import RunDir, atomic_dir, atomic_write_json
+from llmctl.rundir import RunDir, _tmp_name, atomic_dir, atomic_write_json, replace_path
 
 META = "llmctl.json"  # written into each checkpoint: what it continues
 STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -86,8 +85,20 @@ def _resume_fingerprint(cfg, rd: RunDir, hooks: Hooks | None = None) -> dict:
     return fp
 
 
-def _launch_torchrun(nproc: int) -> dict:
-    """`llmctl train CONFIG --nproc N`: re-run this same command under torchrun."""
+def _launch_torchrun(nproc: int, rd: RunDir) -> None:
+    """`llmctl train CONFIG --nproc N`: run this same command as N ranks under torchrun.
+
+    torchrun's own launcher runs in this process, so its outcome is ours to report: the
+    ranks' exit codes, and Ctrl-C/SIGTERM (forwarded to every rank, which saves a
+    checkpoint) as exit 130/143 with one line, not torchrun's traceback. Ranks print no
+    result (LLMCTL_TORCHRUN=1): the caller reports rank 0's from the train manifest.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
+
     argv = list(sys.argv[1:])
     out, skip = [], False
     for a in argv:
@@ -100,19 +111,61 @@ def _launch_torchrun(nproc: int) -> dict:
         if a.startswith("--nproc="):
             continue
         out.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "llmctl", *out]
-    _console.current().info("launching: " + " ".join(cmd[1:]))
-    env = dict(os.environ, LLMCTL_TORCHRUN="1")
-    proc = subprocess.Popen(cmd, env=env)
+    # A rank saving a checkpoint after the signal gets this long before it is killed.
+    targs = ["--standalone", f"--nproc-per-node={nproc}", "--shutdown-timeout=600", "-m", "llmctl", *out]
+    _console.current().info("launching: torchrun " + " ".join(targs))
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):  # its notices would interleave with ours
+            logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner
+    old_env = os.environ.get("LLMCTL_TORCHRUN")
+    os.environ["LLMCTL_TORCHRUN"] = "1"
     try:
-        rc = proc.wait()
-    except KeyboardInterrupt:  # torchrun forwards the signal to every rank
-        rc = proc.wait()
-    if rc != 0:
-        err = LlmctlError(f"torchrun exited with code {rc} (see the ranks' messages above)")
-        err.exit_code = rc if rc in (2, 3, 130, 143) else 1
-        raise err
-    return {"launched": f"torchrun --nproc-per-node {nproc}"}
+        torchrun(parse_args(targs))
+    except SignalException as e:
+        last = complete_checkpoints(rd)
+        raise Interrupted(e.sigval, f"interrupted by {signal.Signals(e.sigval).name}: saved {last[-1] if last else 'no checkpoint'}; re-run the same command to resume") from None
+    except ChildFailedError as e:
+        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
+        first = next(iter(codes.values()))
+        err = LlmctlError(f"train: rank(s) {', '.join(f'{r} (exit {c})' for r, c in codes.items())} failed; see the ranks' messages above")
+        err.exit_code = first if first in (2, 3, 130, 143) else 1
+        raise err from None
+    finally:
+        if old_env is None:
+            os.environ.pop("LLMCTL_TORCHRUN", None)
+        else:
+            os.environ["LLMCTL_TORCHRUN"] = old_env
+
+
+def collective_device(backend: str):
+    """Where a collective's tensors must live for a process-group backend.
+
+    NCCL only takes CUDA tensors (a CPU tensor fails), gloo only CPU ones; a combined
+    backend like 'cpu:gloo,cuda:nccl' takes CPU tensors.
+    """
+    import torch
+
+    b = str(backend).lower()
+    if "cpu:gloo" in b:
+        return torch.device("cpu")
+    if "nccl" in b:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "xccl" in b:
+        return torch.device("xpu", torch.xpu.current_device())
+    return torch.device("cpu")
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank if it is true on any (a stop every rank takes at the same step)."""
+    if _world() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device(dist.get_backend()))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # --------------------------------------------------------------------------- collator
@@ -160,8 +213,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
         _refuse_changed_finished_run(cfg, rd, hooks)
         _pick_resume(cfg, rd, None, hooks)
     if nproc > 1 and not under_torchrun:
-        _launch_torchrun(nproc)
-        return rd.manifest("train")["headline"]
+        _launch_torchrun(nproc, rd)
+        return rd.manifest("train")["headline"]  # rank 0's result
 
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
     with ctx as st:
@@ -298,7 +351,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     kwargs = {"min_lr_rate": tcfg.min_lr_ratio} if tcfg.scheduler == "cosine" else {}
     fsdp = {}
     if tcfg.distributed == "fsdp" and _world() > 1:
-        fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True}}
+        if device.type == "cpu" and is_main:
+            # accelerate only shards on accelerators; on CPU the same run is plain DDP.
+            con.warn("train.distributed=fsdp: accelerate does not shard on CPU, so these ranks run as DDP (full weights on each)")
+        fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True, "state_dict_type": "FULL_STATE_DICT"}}
     if tcfg.tensorboard:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(rd.stage_dir("train") / "tensorboard"))
     args = TrainingArguments(
@@ -367,24 +423,15 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 progress.total = state.max_steps
                 progress.update(completed=state.global_step)
 
-        def _agree(self, flag: bool) -> bool:
-            if _world() == 1:
-                return flag
-            import torch.distributed as dist
-
-            t = torch.tensor([1.0 if flag else 0.0])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return bool(t.item())
-
         def on_step_end(self, args, state, control, **kw):
             # Every step, not only log steps: a checkpoint saved after a NaN must never exist.
-            if self._agree(not trainer.step_was_finite()):
+            if agree_any(not trainer.step_was_finite()):
                 stop["nan_step"] = state.global_step
                 control.should_save = False
                 control.should_training_stop = True
                 return control
             out_of_time = max_time is not None and time.time() - t0 >= max_time
-            if self._agree(stop["signal"] is not None or out_of_time):
+            if agree_any(stop["signal"] is not None or out_of_time):
                 if stop["signal"] is None:
                     stop["reason"] = "max_time"
                 control.should_save = True
@@ -485,7 +532,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if resume is None and val_ds is not None:
                 # Not trainer.evaluate(): called before train() under DDP it leaves the model
                 # unwrapped and gradients are never all-reduced (seen with transformers 5.24).
-                init_val = _eval_loss(model, val_ds, Collator(tok.pad_token_id), tcfg.micro_batch_size, device)
+                init_val = _eval_loss(model, val_ds, Collator(tok.pad_token_id), tcfg.micro_batch_size)
                 callback.on_log(args, trainer.state, trainer.control, logs={"eval_loss": init_val})
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             state = trainer.state
@@ -529,20 +576,17 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         "world_size": _world(),
         "seconds": round(time.time() - t0, 1),
     }
-    if is_main:
-        _save_final(trainer, tok, cfg, rd)
-        if st is not None:
-            st.manifest["device"] = str(device)
-    if _world() > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    _save_final(trainer, tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
+    if st is not None:
+        st.manifest["device"] = str(device)
     return result
 
 
-def _eval_loss(model, ds, collate, batch_size: int, device) -> float:
+def _eval_loss(model, ds, collate, batch_size: int) -> float:
     """Mean of per-batch mean losses, as Trainer.evaluate reports it."""
     import torch
+
+    device = next(model.parameters()).device  # where the Trainer put it (FSDP leaves it in place)
 
     was_training = model.training
     model.eval()
@@ -591,22 +635,73 @@ def _rotate(rd: RunDir, keep_last: int, keep_best: bool) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _save_final(trainer, tok, cfg, rd: RunDir) -> None:
+def _barrier() -> None:
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shared_tmp(path: Path, is_main: bool) -> Path:
+    """A temporary folder next to `path`, named by rank 0 and known to every rank."""
+    name = [str(_tmp_name(path))] if is_main else [None]
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _collective_save(trainer, final: Path, is_main: bool, extra=None) -> None:
+    """`Trainer.save_model` on every rank into a temporary folder, then (rank 0) into place.
+
+    Under FSDP the weights are sharded: gathering them is a collective that every rank must
+    join, and only rank 0 writes. With DDP or one process it is a plain save.
+    """
+    tmp = _shared_tmp(final, is_main)
+    trainer.save_model(str(tmp))
+    _barrier()
+    if is_main:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle, not the model's
+        if extra is not None:
+            extra(tmp)
+        replace_path(tmp, final)
+    _barrier()
+
+
+def _save_final(trainer, tok, cfg, rd: RunDir, is_main: bool, build_model=None) -> None:
+    """RUN/train/model (and RUN/train/adapter for LoRA): normal Hugging Face folders."""
     from transformers import GenerationConfig
 
-    model = trainer.model
-    model = trainer.accelerator.unwrap_model(model) if hasattr(trainer, "accelerator") else model
     gen = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    if cfg.model.lora.enabled:
-        with atomic_dir(rd.adapter_dir) as tmp:
-            model.save_pretrained(tmp)
+    if not cfg.model.lora.enabled:
+        _collective_save(trainer, rd.model_dir, is_main, extra=gen.save_pretrained)
+        return
+    # LoRA: the Trainer saves the adapter; the merged model is written by rank 0 alone.
+    _collective_save(trainer, rd.adapter_dir, is_main)
+    if is_main:
+        if getattr(trainer, "is_fsdp_enabled", False):
+            # The in-memory weights are shards: merge the saved adapter into a fresh base.
+            import torch
+            from peft import PeftModel
+
+            from llmctl.modeling import build_from_scratch, load_pretrained_for_training
+
+            if build_model is not None:
+                base = build_model(cfg, tok)
+            elif cfg.model.name_or_path:
+                base = load_pretrained_for_training(cfg, tok, torch.float32)
+            else:
+                base = build_from_scratch(cfg, tok)
+            merged = PeftModel.from_pretrained(base, rd.adapter_dir).merge_and_unload()
+        else:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        with atomic_dir(rd.model_dir) as tmp:
+            merged.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-        model = model.merge_and_unload()
-    with atomic_dir(rd.model_dir) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        gen.save_pretrained(tmp)
+            gen.save_pretrained(tmp)
+    _barrier()
