@@ -114,10 +114,17 @@ def _guard(json_mode: bool = False, quiet: bool = False, report_interrupt: bool 
         raise typer.Exit(e.exit_code) from None
 
 
-def _load(config: str, overrides: Optional[List[str]]):
+def _load(config: str, overrides: Optional[List[str]], fetch: bool = False):
+    """The validated config; combinations no stage can carry out are refused here (exit 2).
+
+    `fetch` lets the check download a hub model's config.json (prepare, train, run, validate).
+    """
+    from llmctl.checks import check
     from llmctl.config import load_config
 
-    return load_config(config, overrides or [])
+    cfg = load_config(config, overrides or [])
+    check(cfg, fetch=fetch)
+    return cfg
 
 
 def _rundir(cfg, run_dir: Optional[str]):
@@ -142,7 +149,7 @@ def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mod
     # A rank under `--nproc`: only rank 0 talks (errors always), and the launcher prints the
     # one result, so `--json` gives one object and the table shows once.
     with _guard(json_mode, quiet or bool(rank), report_interrupt=rank is None) as con:
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides, fetch=name in ("prepare", "train"))
         rd = _rundir(cfg, run_dir)
         result = _stage(name).run(cfg, rd, force=force, **opts)
         if result is not None and rank is None:
@@ -217,9 +224,10 @@ def generate(
     surprisal: bool = typer.Option(False, "--surprisal", help="Show outputs coloured by each token's surprisal (implies --logprobs 0)."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    raw: bool = typer.Option(False, "--raw", help="Send plain prompts as they are, even when data.format is chat (default: as a user turn through the chat template)."),
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
-    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal)
+    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw)
 
 
 @app.command()
@@ -282,7 +290,7 @@ def run_all(
     with _guard(json_, quiet) as con:
         from llmctl.pipeline import run_pipeline
 
-        cfg = _load(config, set_)
+        cfg = _load(config, set_, fetch=True)
         rd = _rundir(cfg, run_dir)
         result = run_pipeline(cfg, rd, _stage, PIPELINE, first=from_, last=to)
         con.result(result, title=f"run: {rd.root}")
@@ -367,7 +375,7 @@ def config_validate(
 ) -> None:
     """Check a config without running anything (exit 2 with the key and the fix if it is wrong)."""
     with _guard() as con:
-        _load(config, set_)
+        _load(config, set_, fetch=True)
         con.info(f"{config}: ok")
 
 

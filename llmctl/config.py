@@ -479,6 +479,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
+        if self.model.name_or_path is not None and self.tokenizer.name_or_path is None:
+            raise ValueError(
+                f"model.name_or_path is a pretrained model ({self.model.name_or_path}) but tokenizer.name_or_path is not set, "
+                "so prepare would train a new tokenizer whose ids mean nothing to the model: "
+                f"set tokenizer.name_or_path: {self.model.name_or_path}"
+            )
         if self.model.name_or_path is None and self.data.block_size > self.model.context_length:
             raise ValueError(
                 f"data.block_size ({self.data.block_size}) is larger than model.context_length "

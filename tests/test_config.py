@@ -148,3 +148,29 @@ def test_numbers_stay_numbers(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", {"train": {"lr": 1, "max_steps": 10.0}, "model": {"dropout": 0}}))
     assert cfg.train.lr == 1.0 and cfg.train.max_steps == 10 and cfg.model.dropout == 0.0
     assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4  # YAML 1.1 reads 3e-4 as text
+
+
+def test_export_format_the_architecture_cannot_take_is_refused_before_any_work(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import sentences, tiny_config_dict, train_tiny_tokenizer
+
+    # From scratch: model.arch decides.
+    d = tiny_config_dict(tmp_path / "run", model={"arch": "gpt2"}, export={"formats": ["hf", "gguf"]})
+    p = write_config(tmp_path / "c.yaml", d)
+    for cmd in (("config", "validate"), ("prepare",), ("train",), ("export",)):
+        r = run_cli(*cmd, str(p))
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert "export.formats has gguf" in r.stderr and "model.arch is 'gpt2'" in r.stderr and "drop gguf" in r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+    r = run_cli("config", "validate", str(p), "--set", "model.arch=llama")
+    assert r.returncode == 0, r.stderr
+
+    # A pretrained model: its config.json decides.
+    mdir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(mdir)
+    train_tiny_tokenizer(sentences(32), mdir)
+    d = tiny_config_dict(tmp_path / "run2", model={"name_or_path": str(mdir)}, tokenizer={"name_or_path": str(mdir)}, export={"formats": ["gguf"]})
+    r = run_cli("config", "validate", str(write_config(tmp_path / "p.yaml", d)))
+    assert r.returncode == 2 and f"model.name_or_path ({mdir}) is 'gpt2'" in r.stderr

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, sentences, tiny_config_dict, write_config
+from conftest import run_cli, sentences, tiny_config_dict, train_tiny_tokenizer, write_config
 from llmctl.config import load_config
 from llmctl.errors import StageInputError
 from llmctl.rundir import RunDir
@@ -237,8 +237,9 @@ def test_block_size_larger_than_pretrained_model(tmp_path):
 
     mdir = tmp_path / "m"
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32)).save_pretrained(mdir)
+    train_tiny_tokenizer(sentences(32), mdir)
     f = _text_files(tmp_path)
-    path, _ = _cfg(tmp_path, {"paths": [str(f)], "block_size": 64}, model={"name_or_path": str(mdir)})
+    path, _ = _cfg(tmp_path, {"paths": [str(f)], "block_size": 64}, model={"name_or_path": str(mdir)}, tokenizer={"name_or_path": str(mdir)})
     r = run_cli("prepare", str(path))
     assert r.returncode == 2 and "block_size (64) is larger than" in r.stderr and "32 positions" in r.stderr
 

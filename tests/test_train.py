@@ -162,9 +162,12 @@ def test_pretrained_with_new_tokenizer_is_refused(tmp_path):
 
     mdir = tmp_path / "m"
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(mdir)
-    path, cfg, rd = _setup(tmp_path, model={"name_or_path": str(mdir)})
-    r = run_cli("train", str(path))
-    assert r.returncode == 2 and "tokenizer.name_or_path" in r.stderr
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", model={"name_or_path": str(mdir)}))
+    # Refused before any work: prepare would otherwise train a tokenizer the model cannot read.
+    for cmd in (("config", "validate"), ("prepare",), ("train",)):
+        r = run_cli(*cmd, str(path))
+        assert r.returncode == 2 and f"set tokenizer.name_or_path: {mdir}" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_processes_match_one(tmp_path):

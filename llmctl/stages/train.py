@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llmctl import console as _console
+from llmctl.checks import check_export_formats
 from llmctl.config import parse_duration  # noqa: F401  (train.parse_duration, as before)
 from llmctl.errors import ConfigError, Interrupted, LlmctlError
 from llmctl.rundir import RunDir, _tmp_name, atomic_dir, atomic_write_json, replace_path
@@ -341,6 +342,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         model = load_pretrained_for_training(cfg, tok, torch.float32)  # master weights fp32; autocast does bf16
     else:
         model = build_from_scratch(cfg, tok)
+    # A hub model's architecture may only be known now: refuse an impossible export before training.
+    check_export_formats(cfg.export.formats, model.config.model_type, f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.arch")
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     n_params, n_trainable = count_parameters(model)

@@ -1,0 +1,75 @@
+"""Combinations no stage can carry out, refused before any work.
+
+The schema (llmctl/config.py) checks what the YAML alone decides. What needs the model's
+own config (its architecture, for an export format) is checked here, by `config validate`
+and every stage, so that a run never trains for hours and then fails at `export`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmctl.errors import ConfigError
+
+
+def export_architectures(fmt: str) -> tuple[str, ...] | None:
+    """The model types an export format takes, as its exporter declares them; None: any."""
+    if fmt == "gguf":
+        from llmctl.exporters import gguf
+
+        return tuple(gguf.SUPPORTED)
+    return None
+
+
+def model_type(cfg, fetch: bool = False) -> tuple[str | None, str]:
+    """(model_type, where it comes from) of the model a config trains.
+
+    From scratch it is `model.arch`; a local directory has its config.json; a hub id is
+    read from the local Hugging Face cache, or downloaded (config.json only) with
+    `fetch`. None when it cannot be known without loading the model.
+    """
+    name = cfg.model.name_or_path
+    if name is None:
+        return cfg.model.arch, "model.arch"
+    where = f"model.name_or_path ({name})"
+    local = Path(name).expanduser() / "config.json"
+    path = str(local) if local.is_file() else None
+    if path is None and not Path(name).expanduser().exists():
+        try:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            path = cached if isinstance(cached, str) else None
+            if path is None and fetch:
+                path = hf_hub_download(name, "config.json")
+        except Exception:  # offline, unknown repo, bad id: the stage that loads it will say so
+            path = None
+    if path is None:
+        return None, where
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("model_type"), where
+    except (OSError, ValueError):
+        return None, where
+
+
+def check_export_formats(formats, mtype: str | None, where: str) -> None:
+    """ConfigError if a requested export format cannot take this architecture."""
+    if mtype is None:
+        return
+    for fmt in formats:
+        archs = export_architectures(fmt)
+        if archs is not None and mtype not in archs:
+            raise ConfigError(
+                f"export.formats has {fmt}, which llmctl writes for {', '.join(archs)} models only, but {where} is '{mtype}': "
+                f"drop {fmt} from export.formats (hf and onnx work for every architecture)"
+            )
+
+
+def check(cfg, fetch: bool = False) -> None:
+    """Everything a config asks for can be done (see the module docstring)."""
+    mtype, where = model_type(cfg, fetch=fetch)
+    try:
+        check_export_formats(cfg.export.formats, mtype, where)
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source}: {e}") from None
