@@ -6,6 +6,7 @@ memory stays bounded by the batch, never the corpus.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -78,29 +79,105 @@ def encode_pairs(batch: dict, tok, block_size: int, eos_id: int) -> dict:
     return {"input_ids": ids_out, "labels": labels_out, "_truncated": truncated, "_dropped": dropped, "_tokens": n_tok, "_bytes": n_bytes}
 
 
-def encode_chat(batch: dict, tok, block_size: int) -> dict:
-    """Render with the chat template; loss only on assistant tokens (generation mask)."""
-    ids_out, labels_out, truncated, dropped, n_tok, n_bytes = [], [], [], [], [], []
-    for msgs in batch["messages"]:
+# Why a chat row is dropped, as prepare reports it.
+CHAT_DROP_REASONS = {
+    "too_long": "the last assistant turn does not fit in data.block_size even with all earlier turns cut (raise data.block_size)",
+    "no_assistant_span": "the chat template renders no assistant text for it (check tokenizer.chat_template)",
+}
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _render(tok, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tok, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    Most hub chat templates have no `{% generation %}` markers, so the span of assistant
+    turn k is found by rendering the conversation prefix by prefix: what rendering
+    `msgs[:k+1]` adds to `msgs[:k]` with the generation prompt is the turn as the model
+    must produce it, end-of-turn token included. A turn whose prefix the template renders
+    differently (some templates rewrite earlier turns) is left unlabelled.
+    """
+    full = _render(tok, msgs)
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tok, msgs[:k], add_generation_prompt=True) if k else ""
+        upto = full if k == len(msgs) - 1 else _render(tok, msgs[: k + 1])
+        if upto.startswith(before) and full.startswith(upto) and len(upto) > len(before):
+            spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def _encode_conversation(tok, msgs: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids and, per token, whether it belongs to an assistant turn."""
+    template = tok.chat_template if isinstance(tok.chat_template, str) else ""
+    if _GENERATION_BLOCK.search(template or ""):
         enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids = list(enc["input_ids"])
-        mask = list(enc["assistant_masks"])
-        trunc = 0
-        if len(ids) > block_size:
-            ids, mask, trunc = ids[:block_size], mask[:block_size], 1
-        labels = [i if m else IGNORE for i, m in zip(ids, mask)]
-        if not any(m for m in mask):
-            dropped.append(1)
+        return list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    text, spans = assistant_spans(tok, msgs)
+    # Tokenized as apply_chat_template does (the template writes any BOS itself).
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [any(start < e and end > s for s, e in spans) for start, end in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def _fit_conversation(tok, msgs: list[dict], block_size: int) -> tuple[list[int], list[bool], int, str]:
+    """(ids, mask, truncated, drop reason) with history cut from the left to fit block_size.
+
+    Whole earlier turns go first (a system message stays, the kept part starts at a user
+    turn); if even the last exchange is too long, tokens are cut from its left so the last
+    assistant turn and its end-of-turn token survive.
+    """
+    system = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    rest = msgs[len(system):]
+    starts = [i for i, m in enumerate(rest) if i == 0 or m["role"] == "user"]
+    last_assistant = max(i for i, m in enumerate(rest) if m["role"] == "assistant")
+    starts = [i for i in starts if i <= last_assistant]
+    ids, mask = [], []
+    for n, i in enumerate(starts):
+        ids, mask = _encode_conversation(tok, system + rest[i:])
+        if not any(mask):
+            return [], [], 0, "no_assistant_span"
+        if len(ids) <= block_size:
+            return ids, mask, int(n > 0), ""
+    # The last exchange alone is too long: keep its end, provided the last turn fits
+    # with at least one token of context before it.
+    start = max(i for i, m in enumerate(mask) if m)
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    if len(ids) - start >= block_size:
+        return [], [], 0, "too_long"
+    return ids[-block_size:], mask[-block_size:], 1, ""
+
+
+def encode_chat(batch: dict, tok, block_size: int) -> dict:
+    """Render with the chat template; loss only on assistant turns (end-of-turn included).
+
+    Too long a conversation loses its earliest turns, never the last assistant turn.
+    `_reason` says why a dropped row was dropped (a key of CHAT_DROP_REASONS).
+    """
+    ids_out, labels_out, truncated, dropped, reasons, n_tok, n_bytes = [], [], [], [], [], [], []
+    for msgs in batch["messages"]:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        ids, mask, trunc, reason = _fit_conversation(tok, msgs, block_size)
+        if reason:
             ids_out.append([])
             labels_out.append([])
             truncated.append(0)
+            dropped.append(1)
+            reasons.append(reason)
             n_tok.append(0)
             n_bytes.append(0)
             continue
         ids_out.append(ids)
-        labels_out.append(labels)
+        labels_out.append([i if m else IGNORE for i, m in zip(ids, mask)])
         truncated.append(trunc)
         dropped.append(0)
+        reasons.append("")
         n_tok.append(len(ids))
         n_bytes.append(sum(len(str(m.get("content", "")).encode("utf-8")) for m in msgs))
-    return {"input_ids": ids_out, "labels": labels_out, "_truncated": truncated, "_dropped": dropped, "_tokens": n_tok, "_bytes": n_bytes}
+    return {"input_ids": ids_out, "labels": labels_out, "_truncated": truncated, "_dropped": dropped, "_reason": reasons, "_tokens": n_tok, "_bytes": n_bytes}

@@ -292,13 +292,20 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
                 trunc = sum(ds["_truncated"])
                 tokens = sum(ds["_tokens"])
                 nbytes = sum(ds["_bytes"])
-                ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns(["_dropped", "_truncated", "_tokens", "_bytes"])
+                why = _drop_reasons(ds, d.format)
+                ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns([c for c in ds.column_names if c.startswith("_")])
                 prog.update(completed=len(raw))
+                what = "conversations" if d.format == "chat" else "pairs"
                 if len(ds) == 0:
-                    raise DataError(f"the {name} split has no example that fits data.block_size={d.block_size}: raise it")
+                    raise DataError(f"the {name} split has no usable example: all {len(raw)} {what} dropped: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+                if dropped:
+                    con.warn(f"{name}: dropped {dropped} of {len(raw)} {what}: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+                if trunc:
+                    con.info(f"{name}: {trunc} of {len(raw)} {what} cut from the left to fit data.block_size={d.block_size}"
+                             + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
                 out[name] = ds
                 stats["splits"][name] = {"documents": len(raw), "examples": len(ds), "tokens": tokens,
-                                         "dropped_records": dropped, "truncated_records": trunc, "bytes": nbytes,
+                                         "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
                                          "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
     if "validation" not in out:
         con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
@@ -352,6 +359,19 @@ def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
             raise DataError(f"curation removed all {info['documents_before']} {name} documents ({why}): "
                             "loosen or switch off those steps under data.curate, or add data")
     return {**splits, **out}, report
+
+
+def _drop_reasons(ds, fmt: str) -> dict[str, int]:
+    """{reason in words: rows} for the rows a format's encoder dropped."""
+    from collections import Counter
+
+    from llmctl.data.formats import CHAT_DROP_REASONS
+
+    if fmt == "chat":
+        counts = Counter(r for r in ds["_reason"] if r)
+        return {CHAT_DROP_REASONS.get(r, r): n for r, n in counts.items()}
+    n = sum(ds["_dropped"])
+    return {"the completion alone does not fit in data.block_size (raise it)": n} if n else {}
 
 
 def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
