@@ -91,7 +91,7 @@ def surprisal_plain(logprobs: list[dict]) -> str:
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None,
-        logprobs: int | None = None, surprisal: bool = False, **_) -> dict:
+        logprobs: int | None = None, surprisal: bool = False, raw: bool = False, **_) -> dict:
     from llmctl.generation import Sampling, generate_batch
     from llmctl.modeling import load_for_inference, resolve_model_path
     from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails
@@ -107,14 +107,21 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     explicit = model or g.model
     path = resolve_model_path(explicit, rd, cfg, "generate")
     mdl, tok = load_for_inference(path)
+    # A chat-trained model answers a user turn; raw text is a prompt it never saw in training.
+    as_chat = cfg.data.format == "chat" and not raw and any("prompt" in it for it in items)
+    if as_chat:
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError(f"{path}: data.format is chat but the tokenizer has no chat template; pass --raw to send prompts as they are")
+        con.info("generate: data.format is chat, so each plain prompt is sent as a user turn through the chat template (--raw sends the text as it is)")
     texts = []
     refused: dict[int, str] = {}  # prompt index -> the input rail that blocked it
     for i, it in enumerate(items):
         try:
-            if "messages" in it:
+            if "messages" in it or as_chat:
                 if not getattr(tok, "chat_template", None):
                     raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
-                msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in it["messages"]]
+                msgs = it.get("messages") or [{"role": "user", "content": it["prompt"]}]
+                msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in msgs]
                 texts.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
             else:
                 texts.append(rails.check_input(it["prompt"], f"prompt-{i}"))
