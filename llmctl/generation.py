@@ -40,17 +40,62 @@ def cut_at_stop(text: str, stops) -> tuple[str, bool]:
     return text[:cut], cut < len(text)
 
 
+def context_length(model) -> int | None:
+    """Positions the model can take; None when its config sets no limit."""
+    c = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(c, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None) -> tuple[list[list[int]], int, list[int]]:
+    """(prompts cut from the left, new tokens allowed, tokens cut per prompt).
+
+    Prompt + new tokens must stay within the context: models with learned absolute
+    positions (gpt2) crash past it, and rotary ones degrade. New tokens keep up to half of
+    the context (all of `max_new_tokens` when it is smaller); a prompt longer than the rest
+    loses its beginning; generation then stops at the context.
+    """
+    if ctx is None:
+        return ids, max_new_tokens, [0] * len(ids)
+    reserve = min(max_new_tokens, max(ctx // 2, 1))
+    keep = ctx - reserve
+    cut = [max(len(x) - keep, 0) for x in ids]
+    ids = [x[c:] for x, c in zip(ids, cut)]
+    longest = max((len(x) for x in ids), default=0)
+    return ids, min(max_new_tokens, ctx - longest), cut
+
+
 def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) -> list[dict]:
-    """One dict per (prompt, sequence): text, finish_reason (eos|stop|length), token counts."""
+    """One dict per (prompt, sequence): text, finish_reason (eos|stop|length), token counts.
+
+    Prompts that would run past the model's context are cut from the left (with a
+    warning) and generation stops at the context, never past it.
+    """
     import torch
+
+    from llmctl import console as _console
 
     if sp.seed is not None:
         torch.manual_seed(sp.seed)
     tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    ctx = context_length(model)
+    ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx)
+    con = _console.current()
+    if any(cut):
+        n = sum(1 for c in cut if c)
+        con.warn(f"{n} prompt(s) longer than {len(max(ids, key=len))} tokens lost up to {max(cut)} tokens from the left, "
+                 f"to leave room for new tokens in the model's {ctx}-token context")
+    if max_new < sp.max_new_tokens:
+        con.warn(f"generating at most {max_new} tokens, not {sp.max_new_tokens}: the model's context is {ctx} tokens")
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     kw = sp.generate_kwargs()
+    kw["max_new_tokens"] = max_new
     if sp.stop:
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
     if sp.logprobs is not None:
