@@ -137,22 +137,26 @@ def _stage(name: str):
     return importlib.import_module(f"llmctl.stages.{MODULES[name]}")
 
 
-def _launched_rank() -> int | None:
-    """This process's rank when `train --nproc` started it (its launcher reports the result)."""
-    if os.environ.get("LLMCTL_TORCHRUN") == "1" and "LOCAL_RANK" in os.environ:
-        return int(os.environ.get("RANK", "0"))
-    return None
+def _reporter() -> tuple[bool, bool]:
+    """(this process talks, this process reports the result and an interruption).
+
+    Under torchrun only rank 0 talks (errors always print). Started by `train --nproc`,
+    even rank 0 leaves the result to its launcher, so `--json` gives one object and the
+    summary table shows once.
+    """
+    if "LOCAL_RANK" not in os.environ:
+        return True, True
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    return rank0, rank0 and os.environ.get("LLMCTL_TORCHRUN") != "1"
 
 
 def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
-    rank = _launched_rank()
-    # A rank under `--nproc`: only rank 0 talks (errors always), and the launcher prints the
-    # one result, so `--json` gives one object and the table shows once.
-    with _guard(json_mode, quiet or bool(rank), report_interrupt=rank is None) as con:
+    talks, reports = _reporter()
+    with _guard(json_mode, quiet or not talks, report_interrupt=reports) as con:
         cfg = _load(config, overrides, fetch=name in ("prepare", "train"))
         rd = _rundir(cfg, run_dir)
         result = _stage(name).run(cfg, rd, force=force, **opts)
-        if result is not None and rank is None:
+        if result is not None and reports:
             con.result(result, title=f"{name}: {rd.root}")
 
 
