@@ -65,6 +65,12 @@ RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: run.di
 ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is complete and up to date.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+QuantizeOpt = typer.Option(None, "--quantize", help="none, int8 or int4: quantize the model after loading, for CPU inference (same as --set SECTION.quantize=...).")
+
+
+def _with_quantize(overrides: Optional[List[str]], section: str, quantize: Optional[str]) -> Optional[List[str]]:
+    """--quantize X is --set SECTION.quantize=X (validated, hashed and saved like any key)."""
+    return list(overrides or []) + ([f"{section}.quantize={quantize}"] if quantize is not None else [])
 
 
 def _setup_env() -> None:
@@ -73,6 +79,7 @@ def _setup_env() -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (transformers' GGUF reader)
 
 
 def _silence_warnings() -> None:
@@ -208,12 +215,13 @@ def eval_(
     set_: Optional[List[str]] = SetOpt,
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Evaluate this model (hub id or dir) instead of RUN/train/model."),
+    model: Optional[str] = typer.Option(None, "--model", help="Evaluate this model (hub id, HF dir, or a .gguf file) instead of RUN/train/model."),
+    quantize: Optional[str] = QuantizeOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs; thresholds exit 4."""
-    _run_stage("eval", config, set_, run_dir, force, json_, quiet, model=model)
+    _run_stage("eval", config, _with_quantize(set_, "eval", quantize), run_dir, force, json_, quiet, model=model)
 
 
 @app.command()
@@ -226,12 +234,13 @@ def generate(
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help=".txt (one per line) or .jsonl (prompt or messages)."),
     logprobs: Optional[int] = typer.Option(None, "--logprobs", min=0, max=20, help="Record each token's logprob, entropy and the top K alternatives in outputs.jsonl."),
     surprisal: bool = typer.Option(False, "--surprisal", help="Show outputs coloured by each token's surprisal (implies --logprobs 0)."),
+    quantize: Optional[str] = QuantizeOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
     raw: bool = typer.Option(False, "--raw", help="Send plain prompts as they are, even when data.format is chat (default: as a user turn through the chat template)."),
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
-    _run_stage("generate", config, set_, run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw)
+    _run_stage("generate", config, _with_quantize(set_, "generate", quantize), run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw)
 
 
 @app.command()
@@ -257,7 +266,7 @@ def export(
     set_: Optional[List[str]] = SetOpt,
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
-    format_: Optional[List[str]] = typer.Option(None, "--format", "-f", help="hf, onnx or gguf. Repeatable; overrides export.formats."),
+    format_: Optional[List[str]] = typer.Option(None, "--format", "-f", help="hf, onnx, gguf or hf-int8. Repeatable; overrides export.formats."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -273,11 +282,12 @@ def serve(
     model: Optional[str] = typer.Option(None, "--model", help="Serve this model dir or hub id."),
     host: Optional[str] = typer.Option(None, "--host", help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, "--port", help="Port (default 8000)."),
+    quantize: Optional[str] = QuantizeOpt,
     quiet: bool = QuietOpt,
     insecure: bool = typer.Option(False, "--insecure", help="Serve a non-loopback address without an API key (anyone who can reach it can use it)."),
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API."""
-    _run_stage("serve", config, set_, run_dir, False, False, quiet, model=model, host=host, port=port, insecure=insecure)
+    _run_stage("serve", config, _with_quantize(set_, "serve", quantize), run_dir, False, False, quiet, model=model, host=host, port=port, insecure=insecure)
 
 
 @app.command("run")

@@ -320,6 +320,7 @@ class EvalConfig(Section):
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
     safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
 
 
 # --------------------------------------------------------------------------- generate
@@ -338,11 +339,12 @@ class GenerateConfig(Section):
     seed: int | None = Field(None, description="Sampling seed; null uses run.seed.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
 
 
 # --------------------------------------------------------------------------- export
 class ExportConfig(Section):
-    formats: list[Literal["hf", "onnx", "gguf"]] = Field(default_factory=lambda: ["hf"], description="Formats to export (`--format` overrides).")
+    formats: list[Literal["hf", "onnx", "gguf", "hf-int8"]] = Field(default_factory=lambda: ["hf"], description="Formats to export (`--format` overrides); hf-int8 is an HF directory with int8 weight-only Linear layers (torchao, the quant extra; loading it needs torchao too).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype of the hf export.")
     max_shard_size: str = Field("2GB", description="Shard model.safetensors above this size.")
     onnx_opset: int = Field(17, ge=14, le=20, description="ONNX opset (TorchScript exporter).")
@@ -354,6 +356,9 @@ class ExportConfig(Section):
         True,
         description="Reload each export and compare logits (and the GGUF's embedded tokenizer) with the trained model; false skips this and the manifest says `verified: false`.",
     )
+    report: bool = Field(True, description="Measure each artifact for the compression report (manifest `report`, table at the end): size and ratio to f32, perplexity on the validation split and its delta to f32, decode tokens/s of our own runtime where it applies.")
+    report_max_tokens: int | None = Field(32768, ge=64, description="Validation tokens scored per artifact in the report; null for the whole split.")
+    report_decode_tokens: int = Field(32, ge=0, description="Tokens decoded (greedy, one stream) to time each artifact in the report; 0 skips the timing.")
 
 
 # --------------------------------------------------------------------------- serve
@@ -371,6 +376,7 @@ class ServeConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
 
 
 # --------------------------------------------------------------------------- safety

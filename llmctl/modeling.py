@@ -53,8 +53,10 @@ def resolve_model_path(explicit: str | None, rundir, cfg, stage: str, prefer_exp
     """
     if explicit:
         p = Path(explicit)
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            return explicit  # loaded (dequantized) by transformers' GGUF reader
         if p.exists() and not (p / "config.json").is_file():
-            raise StageInputError(f"{explicit}: not a Hugging Face model directory (no config.json)")
+            raise StageInputError(f"{explicit}: not a Hugging Face model directory (no config.json) or a .gguf file")
         return explicit
     if prefer_export:
         m = rundir.manifest("export")
@@ -67,8 +69,24 @@ def resolve_model_path(explicit: str | None, rundir, cfg, stage: str, prefer_exp
     return str(rundir.model_dir)
 
 
-def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bool = False):
+def is_gguf(path: str) -> bool:
+    return str(path).lower().endswith(".gguf") and Path(path).is_file()
+
+
+def hf_source(path: str) -> tuple[str, dict]:
+    """(what to pass to from_pretrained, extra kwargs): a .gguf file is its folder + gguf_file."""
+    if is_gguf(path):
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
+def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bool = False, quantize: str | None = None, quantize_key: str = "--quantize"):
     """(model, tokenizer) in eval mode; the tokenizer pads on the left for generation.
+
+    `path` is a model directory, a hub id or a `.gguf` file (transformers dequantizes GGUF
+    tensors to float32: quality is the file's, speed is not llama.cpp's). `quantize`
+    ('int8' | 'int4') quantizes after loading (llmctl/quantize.py); the method applied is
+    in `model.llmctl_quantization`.
 
     Weights load from safetensors only (a pickled pytorch_model.bin can run code when
     unpickled); custom model code runs only with trust_remote_code.
@@ -76,21 +94,34 @@ def load_for_inference(path: str, device=None, dtype=None, trust_remote_code: bo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llmctl import quantize as q
+
     device = device or pick_device("auto")
+    method = q.check(quantize, device, key=quantize_key)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else pick_dtype("auto", device)
+    if method:
+        dtype = q.load_dtype(method)
+    src, kw = hf_source(path)
+    kw["trust_remote_code"] = trust_remote_code
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw, **({} if "gguf_file" in kw else {"use_safetensors": True}))
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = SAFETENSORS_HINT if "safetensors" in first else ""
         raise StageInputError(f"cannot load model '{path}': {first}{hint}") from None
+    except (ValueError, KeyError, RuntimeError) as e:
+        if "gguf_file" not in kw:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StageInputError(f"cannot load GGUF file '{path}' with transformers' GGUF reader: {first}") from None
     if tok.pad_token is None:
         # Generation pads batches; a model without a pad token pads with EOS (masked out).
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model.to(device).eval()
+    model.llmctl_quantization = q.quantize_model(model, method, key=quantize_key)
     return model, tok
 
 

@@ -43,6 +43,7 @@ def tiny_config_dict(run_dir: Path, **sections) -> dict:
         "train": {"max_steps": 4, "micro_batch_size": 4, "warmup_steps": 0, "eval_every": 2, "save_every": 2, "log_every": 1, "eval_batches": 2},
         "eval": {"batch_size": 4, "max_new_tokens": 8, "max_examples": 8},
         "generate": {"max_new_tokens": 8},
+        "export": {"report": False},  # the compression report reloads every artifact: tests/test_quantize.py
     }
     for k, v in sections.items():
         base.setdefault(k, {}).update(v)

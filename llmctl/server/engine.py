@@ -113,6 +113,7 @@ class Engine:
         trust_remote_code: bool = False,
         device: str = "auto",
         threads: int | None = None,
+        quantize: str | None = None,
     ):
         self.model_path = model_path
         self.max_batch_size = max_batch_size
@@ -122,6 +123,7 @@ class Engine:
         self.trust_remote_code = trust_remote_code
         self.device_pref = device
         self.threads = threads
+        self.quantize = quantize
         self.q: queue.Queue[Job] = queue.Queue()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -149,7 +151,9 @@ class Engine:
         device = pick_device(self.device_pref)
         if device.type == "cpu":
             torch.set_num_threads(self.threads or default_threads())
-        self.model, self.tok = load_for_inference(self.model_path, device=device, trust_remote_code=self.trust_remote_code)
+        self.model, self.tok = load_for_inference(
+            self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"
+        )
         mc = self.model.config
         self.context_length = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
         params = inspect.signature(self.model.forward).parameters

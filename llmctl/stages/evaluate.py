@@ -21,6 +21,10 @@ from llmctl.rundir import RunDir, atomic_write_json, atomic_write_text
 def _model_identity(path: str) -> dict:
     p = Path(path)
     ident = {"path": path}
+    if p.is_file():  # a GGUF file
+        st = p.stat()
+        ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return ident
     cfg_file = p / "config.json"
     if cfg_file.is_file():
         ident["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
@@ -76,8 +80,13 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
 
     t0 = time.time()
     con.step(f"loading {path}")
-    mdl, tok = load_for_inference(path)
+    mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
     results: dict = {"model": _model_identity(path), "split": e.split}
+    if e.quantize != "none":
+        results["quantization"] = mdl.llmctl_quantization
+    if path.lower().endswith(".gguf"):
+        con.info(f"{path}: GGUF read by transformers, its tensors dequantized to float32 (the file's quality; llama.cpp's speed is not measured here)")
+        results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
         if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
@@ -110,9 +119,11 @@ def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from llmctl.errors import ConfigError
+    from llmctl.modeling import hf_source
 
+    src, kw = hf_source(path)  # a .gguf file: its embedded tokenizer and its config
     try:
-        theirs = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        theirs = AutoTokenizer.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code, **kw)
     except (OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise StageInputError(f"cannot load the tokenizer of '{path}': {first}") from None
@@ -127,7 +138,7 @@ def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
             f"the prepared {cfg.eval.split} split holds the run's token ids, which mean other tokens to this model. {fix}"
         )
     try:
-        n_emb = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code), "vocab_size", None)
+        n_emb = getattr(AutoConfig.from_pretrained(src, trust_remote_code=cfg.model.trust_remote_code, **kw), "vocab_size", None)
     except (OSError, ValueError):
         n_emb = None
     if n_emb is not None and n_emb < len(ours):
@@ -140,6 +151,8 @@ def _headline(results: dict) -> dict:
     for k in ("perplexity", "bits_per_byte", "tokens"):
         if k in p:
             head[k if k != "tokens" else "ppl_tokens"] = p[k]
+    if results.get("quantization"):
+        head["quantize"] = results["quantization"]["method"]
     g = results.get("generation") or {}
     for k in ("bleu", "chrf", "ter", "exact_match", "examples", "bleu_degenerate"):
         if k in g:

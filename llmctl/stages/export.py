@@ -16,7 +16,7 @@ from llmctl import console as _console
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.rundir import RunDir, replace_path, sha256_file
 
-FORMATS = ("hf", "onnx", "gguf")
+FORMATS = ("hf", "onnx", "gguf", "hf-int8")
 
 
 def _formats(cfg, override: list[str] | None) -> list[str]:
@@ -206,6 +206,14 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                     info = onnx_x.write(model, tok, out, cfg)
                     if check:
                         checks[""] = (*onnx_x.verify(out, ref, ids, mask, cfg), {})
+                elif fmt == "hf-int8":
+                    from llmctl import quantize as quant
+
+                    info = quant.save_hf_int8(rd.model_dir, out)
+                    tok.save_pretrained(out)
+                    hf_x._compat_tokenizer_config(out)
+                    if check:
+                        checks[""] = (*quant.verify_hf_int8(out, ref, ids, mask), {})
                 else:
                     info, checks = _export_gguf(cfg, model, tok, out, pre, (ref, ids, mask) if check else None, con)
                 for sub, result in checks.items():
@@ -233,5 +241,33 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
             head[f"{fmt}_s"] = timings[fmt]["seconds"]
         head["verified"] = check
         head["max_abs_diff"] = {k: float(f"{v['max_abs_diff']:.3g}") for k, v in verification.items()}
+        report = None
+        if cfg.export.report:
+            con.step("measuring each artifact (export.report: size, perplexity, decode tokens/s vs f32)")
+            from llmctl.exporters import report as report_x
+
+            report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con)
+            st.manifest["report"] = report
+            for r in report["rows"]:
+                if r.get("ppl_delta_pct") is not None:
+                    head.setdefault("ppl_delta_pct", {})[r["name"]] = r["ppl_delta_pct"]
         st.headline.update(head)
+    if report is not None:
+        con.info("")
+        for line in report_x.table(report):
+            con.info(line)
     return {**head, "dir": str(rd.stage_dir("export"))}
+
+
+def _report_artifacts(rd: RunDir, fmts: list[str], cfg) -> list[dict]:
+    """The rows of the compression report: f32 reference first, then each artifact."""
+    rows = [{"name": "f32 (train/model)", "path": rd.model_dir, "kind": "hf"}]
+    if "hf" in fmts:
+        rows.append({"name": f"hf ({cfg.export.dtype})", "path": rd.export_dir("hf"), "kind": "hf"})
+    if "hf-int8" in fmts:
+        rows.append({"name": "hf-int8", "path": rd.export_dir("hf-int8"), "kind": "hf"})
+    if "gguf" in fmts:
+        for p in sorted(rd.export_dir("gguf").glob("*.gguf")):
+            rows.append({"name": f"gguf {p.stem.removeprefix('model-')}", "path": p, "kind": "gguf"})
+    rows.append({"name": "f32 --quantize int8", "path": rd.model_dir, "kind": "runtime", "quantize": "int8"})
+    return rows

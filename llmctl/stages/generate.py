@@ -106,7 +106,7 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     rails = Rails(cfg.safety, stage="generate", audit=audit)
     explicit = model or g.model
     path = resolve_model_path(explicit, rd, cfg, "generate")
-    mdl, tok = load_for_inference(path)
+    mdl, tok = load_for_inference(path, quantize=g.quantize, quantize_key="generate.quantize")
     # A chat-trained model answers a user turn; raw text is a prompt it never saw in training.
     as_chat = cfg.data.format == "chat" and not raw and any("prompt" in it for it in items)
     if as_chat:
@@ -184,6 +184,8 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok, "tokens_per_s": round(n_tok / max(secs, 1e-9), 1), "seconds": round(secs, 2)}
         if audit.events:
             head["safety_interventions"] = len(audit.events)
+        if g.quantize != "none":
+            head["quantize"] = g.quantize
         st.headline.update(head)
     if con.json_mode:
         return {**head, "model": path, "results": records}

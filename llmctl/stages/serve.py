@@ -75,6 +75,9 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     metrics = Metrics()
     rails = Rails(cfg.safety, stage="serve", audit=AuditLog(rd.audit_path("serve")), on_event=metrics.safety)
 
+    from llmctl.quantize import check as check_quantize
+
+    check_quantize(s.quantize, key="serve.quantize")  # a missing library fails before the port opens
     sock = _bind(host, port)
     if not api_key and not _is_loopback(sock):
         if not insecure:
@@ -87,7 +90,7 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     url = _url(sock)
     engine = Engine(
         path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
-        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads,
+        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
     )
     app = create_app(engine, name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(
@@ -115,7 +118,8 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     # handlers receive that re-raise, so the process exits 0 after a graceful stop.
     stopped_by: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    con.step(f"loading {path} (listening on {url}; /health answers 503 until the model is ready)")
+    quant = f", quantized to {s.quantize} at load" if s.quantize != "none" else ""
+    con.step(f"loading {path}{quant} (listening on {url}; /health answers 503 until the model is ready)")
     engine.start()
     threading.Thread(target=announce, name="llmctl-announce", daemon=True).start()
     try:

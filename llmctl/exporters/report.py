@@ -1,0 +1,154 @@
+"""The compression report: each exported artifact's size, perplexity and decode speed vs f32.
+
+Every artifact is loaded the way a user would load it (an HF directory with
+`from_pretrained`, a GGUF file with transformers' GGUF reader, which dequantizes to float32)
+and scored on the same validation tokens as the trained float32 model. Rows for our own
+runtime quantization (`--quantize int8|int4` on the f32 model) are measured the same way.
+
+Decode tokens/s is our own single-stream greedy decode (transformers `generate`). It is
+not measured for GGUF files: dequantized to float32 they run at f32 speed in transformers,
+which says nothing about llama.cpp's speed on the quantized file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+DECODE_PROMPT = "def main():\n    "
+
+
+def validation_tokens(rd, tok, max_tokens: int | None):
+    """(token ids, where from) of the prepared validation split, or (None, reason)."""
+    if not (rd.dataset_dir / "dataset_dict.json").is_file() and not rd.dataset_dir.is_dir():
+        return None, "no prepared dataset (run `llmctl prepare`)"
+    from datasets import load_from_disk
+
+    try:
+        ds = load_from_disk(str(rd.dataset_dir))
+    except (OSError, ValueError) as e:
+        return None, f"cannot read {rd.dataset_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    split = "validation" if "validation" in ds else ("test" if "test" in ds else None)
+    if split is None:
+        return None, "the prepared dataset has no validation or test split"
+    ids: list[int] = []
+    for row in ds[split]:
+        labels = row.get("labels")
+        # Prompt/completion rows: score only the completion, as eval does, flattened.
+        ids += [t for t in row["input_ids"]] if labels is None else [t for t in labels if t != -100]
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        return None, f"the {split} split has too few tokens"
+    return ids, f"{rd.dataset_dir}[{split}]"
+
+
+def perplexity(model, ids: list[int], prefix_id: int, window: int, batch_size: int = 16) -> float:
+    from llmctl.metrics import sliding_nll
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit:
+        window = min(window, limit)
+    nll, count = sliding_nll(model, ids, prefix_id, window, window, batch_size=batch_size)
+    return math.exp(min(nll / max(count, 1), 700))
+
+
+def decode_tokens_per_s(model, tok, new_tokens: int, reps: int = 2) -> float | None:
+    """Best-of-`reps` single-stream greedy decode speed (the model may stop early on EOS)."""
+    if new_tokens <= 0:
+        return None
+    import torch
+
+    enc = tok([DECODE_PROMPT], return_tensors="pt", add_special_tokens=False).to(model.device)
+    kw = dict(do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    best = 0.0
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=2, **kw)  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+            n = out.shape[1] - enc["input_ids"].shape[1]
+            best = max(best, n / (time.perf_counter() - t0))
+    return round(best, 1)
+
+
+def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
+    """Measure every artifact; `artifacts`: [{"name", "path", "kind": hf|gguf|runtime, "quantize"?}].
+
+    The first row is the float32 reference (the trained model). Failures to load or score an
+    artifact are recorded in its row, not raised: the export itself was verified already.
+    """
+    from llmctl.modeling import load_for_inference
+    from llmctl.quantize import model_bytes
+
+    e = cfg.export
+    ids, source = validation_tokens(rd, tok, e.report_max_tokens)
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    window = cfg.eval.max_length or cfg.data.block_size
+    rows: list[dict] = []
+    ref: dict = {}
+    for a in artifacts:
+        row = {"name": a["name"], "path": str(a["path"]), "loader": a.get("loader", "")}
+        size = model_bytes(Path(a["path"])) if a["kind"] != "runtime" else None
+        row["size_bytes"] = size
+        try:
+            import torch
+
+            model, mtok = load_for_inference(str(a["path"]), device=torch.device("cpu"), quantize=a.get("quantize"))
+            if ids is not None:
+                row["perplexity"] = round(perplexity(model, ids, prefix, window, batch_size=cfg.eval.batch_size), 4)
+            if a["kind"] != "gguf":
+                row["decode_tokens_per_s"] = decode_tokens_per_s(model, mtok, e.report_decode_tokens)
+            del model
+        except Exception as exc:  # a row that cannot be measured says why; the export stands
+            row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        if not ref:
+            ref = row
+        f32_size = ref.get("size_bytes")
+        if size and f32_size:
+            row["size_ratio"] = round(size / f32_size, 4)
+        if row.get("perplexity") is not None and ref.get("perplexity"):
+            row["ppl_delta_pct"] = round(100 * (row["perplexity"] / ref["perplexity"] - 1), 3)
+        if row.get("decode_tokens_per_s") and ref.get("decode_tokens_per_s"):
+            row["decode_speedup"] = round(row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
+        rows.append(row)
+        con.info(f"  report {row['name']}: " + ", ".join(f"{k} {row[k]}" for k in ("size_bytes", "perplexity", "ppl_delta_pct", "decode_tokens_per_s", "error") if row.get(k) is not None))
+    return {
+        "reference": artifacts[0]["name"] if artifacts else None,
+        "perplexity_source": source if ids is not None else None,
+        "perplexity_tokens": len(ids) if ids is not None else 0,
+        "perplexity_skipped": None if ids is not None else source,
+        "window": window,
+        "decode_new_tokens": e.report_decode_tokens,
+        "notes": [
+            "GGUF files are scored through transformers' GGUF reader, which dequantizes to float32: the perplexity is the file's, decode speed is not measured (use llama.cpp).",
+            "decode tokens/s: best of 2 single-stream greedy runs on this machine's CPU; noisy on a shared machine.",
+        ],
+        "rows": rows,
+    }
+
+
+def table(report: dict) -> list[str]:
+    """The report as aligned text lines (printed at the end of `llmctl export`)."""
+    head = f"{'artifact':<24} {'size':>10} {'vs f32':>7} {'perplexity':>11} {'delta':>8} {'tok/s':>7} {'speed':>6}"
+    lines = [head, "-" * len(head)]
+
+    def num(v, fmt):
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in report.get("rows", []):
+        size = f"{r['size_bytes'] / 1e6:.2f} MB" if r.get("size_bytes") else "-"
+        delta = f"{r['ppl_delta_pct']:+.2f}%" if r.get("ppl_delta_pct") is not None else "-"
+        lines.append(
+            f"{r['name']:<24} {size:>10} {num(r.get('size_ratio'), '.3f'):>7} {num(r.get('perplexity'), '.3f'):>11} "
+            f"{delta:>8} {num(r.get('decode_tokens_per_s'), '.1f'):>7} {num(r.get('decode_speedup'), '.2f'):>6}"
+            + (f"  ({r['error']})" if r.get("error") else "")
+        )
+    if report.get("perplexity_skipped"):
+        lines.append(f"perplexity not measured: {report['perplexity_skipped']}")
+    else:
+        lines.append(f"perplexity: {report['perplexity_tokens']} tokens of {report['perplexity_source']}, window {report['window']}")
+    return lines

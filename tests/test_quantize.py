@@ -1,0 +1,182 @@
+"""Quantization: `--quantize int8|int4` in eval/generate/serve, eval on a GGUF file, the
+hf-int8 export and the compression report (llmctl/quantize.py, llmctl/exporters/report.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import run_cli
+from llmctl.config import load_config
+from llmctl.errors import ConfigError, StageInputError
+
+
+def _tiny_model(hidden=64, inter=128, vocab=320):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=1,
+                      num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_int8_replaces_every_linear_and_stays_close():
+    import torch
+
+    from llmctl.quantize import quantize_model
+
+    m = _tiny_model()
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        ref = m(ids).logits
+    info = quantize_model(m, "int8")
+    assert info["method"] == "int8" and info["quantized_layers"] == 8  # 7 per layer + lm_head
+    assert not any(type(x) is torch.nn.Linear for x in m.modules())
+    assert any("quantized" in type(x).__module__ for x in m.modules())
+    with torch.no_grad():
+        out = m(ids).logits
+    assert 0 < _rel_err(out, ref) < 0.05
+
+
+def test_int4_keeps_layers_the_kernel_cannot_pack():
+    import torch
+
+    pytest.importorskip("torchao")
+    from llmctl.quantize import quantize_model
+
+    m = _tiny_model(hidden=64, inter=80)  # down_proj's input (80) is not a multiple of 32
+    ids = torch.randint(0, 320, (1, 10))
+    with torch.no_grad():
+        ref = m(ids).logits
+    info = quantize_model(m, "int4")
+    assert info["kept"] == ["model.layers.0.mlp.down_proj"] and info["quantized_layers"] == 7
+    assert m.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = m(ids).logits.float()
+    assert 0 < _rel_err(out, ref) < 0.25
+
+
+def test_bad_methods_and_devices_are_config_errors():
+    import torch
+
+    from llmctl.quantize import check, quantize_model
+
+    assert check("none") is None and check(None) is None
+    with pytest.raises(ConfigError, match="eval.quantize 'int3'"):
+        check("int3", key="eval.quantize")
+    with pytest.raises(ConfigError, match="CPU"):
+        check("int8", torch.device("cuda"))
+    m = _tiny_model()
+    m.config.quantization_config = {"quant_method": "torchao"}
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize_model(m, "int8")
+
+
+def test_cli_quantize_bad_value_is_exit_2(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), "--prompt", "the", "--quantize", "int3")
+    assert r.returncode == 2 and "generate.quantize" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_and_eval_with_int8(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("generate", str(path), "--prompt", "the quick", "--quantize", "int8", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["quantize"] == "int8" and out["results"][0]["completion_tokens"] > 0
+    assert rd.manifest("generate")["headline"]["quantize"] == "int8"
+
+    f32 = run_cli("eval", str(path), "--set", "eval.generation=false", "--json")
+    q = run_cli("eval", str(path), "--set", "eval.generation=false", "--quantize", "int8", "--json")
+    assert f32.returncode == 0 and q.returncode == 0, f32.stderr + q.stderr
+    p32, p8 = json.loads(f32.stdout)["perplexity"], json.loads(q.stdout)["perplexity"]
+    assert p8 != p32 and abs(p8 / p32 - 1) < 0.01
+    res = json.loads(rd.results_path.read_text())
+    assert res["quantization"]["method"] == "int8" and "quantize_dynamic" in res["quantization"]["library"]
+
+
+def test_eval_int4(trained_run):
+    pytest.importorskip("torchao")
+    from llmctl.stages import evaluate
+
+    path, cfg, rd = trained_run
+    head = evaluate.run(load_config(path, ["eval.generation=false", "eval.quantize=int4"]), rd, force=True)
+    assert head["quantize"] == "int4" and head["perplexity"] > 1
+
+
+def test_eval_on_a_gguf_file_and_hf_int8_export_with_report(trained_run):
+    pytest.importorskip("gguf")
+    pytest.importorskip("torchao")
+    from llmctl.stages import export
+
+    path, cfg, rd = trained_run
+    cfg2 = load_config(path, ["export.formats=[hf,gguf,hf-int8]", "export.gguf_types=[q8_0]", "export.report=true", "export.report_decode_tokens=4"])
+    export.run(cfg2, rd)
+    m = rd.manifest("export")
+    assert m["verification"]["hf-int8"]["passed"]
+    rows = {r["name"]: r for r in m["report"]["rows"]}
+    assert list(rows) == ["f32 (train/model)", "hf (float32)", "hf-int8", "gguf q8_0", "f32 --quantize int8"]
+    f32 = rows["f32 (train/model)"]
+    assert f32["size_ratio"] == 1.0 and f32["ppl_delta_pct"] == 0.0 and f32["decode_tokens_per_s"] > 0
+    assert m["report"]["perplexity_tokens"] > 0 and "validation" in m["report"]["perplexity_source"]
+    for name in ("hf-int8", "gguf q8_0"):
+        r = rows[name]
+        assert "error" not in r, r
+        assert 0 < r["size_ratio"] < 1 and r["size_bytes"] == sum(
+            v["size"] for k, v in m["files"].items() if k.startswith(("hf-int8/", "gguf/")) and (k.endswith(".safetensors") or k.endswith(".gguf")) and k.split("/")[0] == r["path"].split("/export/")[1].split("/")[0]
+        )
+        assert abs(r["ppl_delta_pct"]) < 1
+    assert "decode_tokens_per_s" not in rows["gguf q8_0"]  # dequantized by transformers: not llama.cpp's speed
+    assert rows["f32 --quantize int8"]["decode_speedup"] > 0 and rows["f32 --quantize int8"]["size_bytes"] is None
+
+    # eval evaluates the GGUF file directly, on the same tokens: the same perplexity as the report
+    gg = rd.export_dir("gguf") / "model-q8_0.gguf"
+    r = run_cli("eval", str(path), "--model", str(gg), "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "dequantized to float32" in r.stderr
+    res = json.loads(rd.results_file(rd.other_eval_stage(str(gg))).read_text())
+    assert res["model"]["path"] == str(gg) and res["model"]["weights"]["size"] == gg.stat().st_size
+    assert res["perplexity"]["perplexity"] == pytest.approx(rows["gguf q8_0"]["perplexity"], rel=1e-6)
+
+    # hf-int8 reloads in a clean interpreter without llmctl, still quantized
+    d = str(rd.export_dir("hf-int8"))
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"m = AutoModelForCausalLM.from_pretrained({d!r}); AutoTokenizer.from_pretrained({d!r})\n"
+        "print(type(m.model.layers[0].mlp.up_proj.weight).__name__); assert 'llmctl' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "Int8" in out.stdout or "Affine" in out.stdout
+
+
+def test_export_prints_the_table(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("export", str(path), "-f", "hf", "--set", "export.report=true", "--set", "export.report_decode_tokens=0")
+    assert r.returncode == 0, r.stderr
+    assert "artifact" in r.stderr and "perplexity" in r.stderr and "f32 --quantize int8" in r.stderr
+    assert "Converting and de-quantizing" not in r.stderr
+    rows = rd.manifest("export")["report"]["rows"]
+    assert all(row.get("decode_tokens_per_s") is None for row in rows)
+
+
+def test_model_path_must_be_a_dir_or_gguf(tmp_path, trained_run):
+    from llmctl.modeling import resolve_model_path
+
+    path, cfg, rd = trained_run
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(StageInputError, match=r"\.gguf file"):
+        resolve_model_path(str(f), rd, cfg, "eval")
+    g = tmp_path / "broken.gguf"
+    g.write_bytes(b"not a gguf")
+    r = run_cli("eval", str(path), "--model", str(g), "--set", "eval.generation=false")
+    assert r.returncode == 3 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
