@@ -1,0 +1,168 @@
+"""Compression: each quantized type's size, perplexity delta and decode tokens/s against f32.
+
+On a trained quickstart-like model (the quickstart's architecture and tokenizer, trained
+briefly on the builtin corpus; or a run you trained: LLMCTL_BENCH_RUN=runs/quickstart,
+whose config is reused), in one run:
+
+- `llmctl export` of every GGUF type this llmctl writes, hf-int8, and its compression
+  report: size, ratio to f32, perplexity on the validation split and the delta to f32;
+- our own single-stream greedy decode tokens/s with `--quantize int8` and `int4` against
+  f32 (llmctl.modeling.load_for_inference, llmctl.generation): the sides alternate ROUNDS
+  times and each keeps its best, because on a shared machine noise is larger than the
+  difference being measured;
+- the same decode comparison on a larger random llama (SCALE) to show where int8 pays off.
+
+Targets: --quantize int8 >= 1.5x f32 decode with |delta perplexity| <= 1%; gguf q8_0 within 1%.
+
+    .venv/bin/python bench/compress.py      # writes bench/results/compress.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from common import HERE, ratio, write_result
+
+NEW, ROUNDS = 48, 5
+TRAIN_STEPS = int(os.environ.get("LLMCTL_BENCH_COMPRESS_STEPS", "300"))
+SCALE = {"hidden": 512, "layers": 8}  # ~15M parameters (bench/_model.py: MLP 352, vocab ~4096)
+
+
+def _cli(*args: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "llmctl", *args], check=True, cwd=HERE.parent, env=env)
+
+
+def trained_run() -> tuple[Path, str]:
+    """(config path, what it is): LLMCTL_BENCH_RUN's config, or a briefly trained quickstart."""
+    given = os.environ.get("LLMCTL_BENCH_RUN")
+    if given:
+        cfg = Path(given) / "train" / "config.yaml"
+        if not cfg.is_file():
+            sys.exit(f"LLMCTL_BENCH_RUN={given}: no train/config.yaml (train it first)")
+        data = yaml.safe_load(cfg.read_text())
+        data.setdefault("run", {})["dir"] = str(Path(given).resolve())
+        path = Path(tempfile.mkdtemp(prefix="bench-compress-")) / "c.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path, f"{given} (as trained)"
+    d = yaml.safe_load((HERE.parent / "configs" / "quickstart.yaml").read_text())
+    tmp = Path(tempfile.mkdtemp(prefix="bench-compress-"))
+    d["run"]["dir"] = str(tmp / "run")
+    d["data"]["max_bytes"] = 2_000_000
+    d["train"].update(max_steps=TRAIN_STEPS, warmup_steps=30, eval_every=100000, save_every=100000, max_time="6m")
+    d["eval"] = {"compare_init": False}
+    path = tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(d))
+    _cli("run", str(path), "--to", "train", "-q")
+    return path, f"quickstart architecture, {TRAIN_STEPS} steps on 2 MB of the builtin corpus"
+
+
+def decode_race(path: str, methods: list[str], rounds: int = ROUNDS) -> dict:
+    """Best single-stream greedy decode tokens/s per method, sides alternating each round."""
+    import torch
+
+    from llmctl.exporters.report import decode_tokens_per_s
+    from llmctl.modeling import load_for_inference
+
+    models = {}
+    for m in methods:
+        try:
+            models[m] = load_for_inference(path, device=torch.device("cpu"), quantize=None if m == "f32" else m)
+        except Exception as e:  # int4 without torchao: reported, not fatal
+            print(f"[compress] {m}: cannot load ({type(e).__name__}: {e})", flush=True)
+    best = {m: 0.0 for m in models}
+    for _ in range(rounds):
+        for m, (model, tok) in models.items():
+            best[m] = max(best[m], decode_tokens_per_s(model, tok, NEW, reps=1) or 0.0)
+    return best
+
+
+def scale_model(out: Path) -> str:
+    from _model import quickstart_model
+
+    return str(quickstart_model(out, hidden=SCALE["hidden"], layers=SCALE["layers"]))
+
+
+def main() -> None:
+    import torch
+
+    from llmctl.config import load_config
+    from llmctl.exporters import report as report_x
+    from llmctl.modeling import load_for_inference
+    from llmctl.rundir import RunDir
+
+    t0 = time.time()
+    path, what = trained_run()
+    cfg = load_config(path)
+    rd = RunDir(cfg.run.dir)
+    from typing import get_args
+
+    gguf_types = list(get_args(get_args(type(cfg.export).model_fields["gguf_types"].annotation)[0]))  # every type llmctl writes
+    _cli("export", str(path), "--force", "-q", "-f", "hf-int8", "-f", "gguf",
+         "--set", f"export.gguf_types=[{','.join(gguf_types)}]", "--set", "export.report=true",
+         "--set", "export.report_decode_tokens=0", "--set", "export.report_max_tokens=16384")
+    rep = json.loads((rd.stage_dir("export") / "manifest.json").read_text())["report"]
+    rows = {r["name"]: r for r in rep["rows"]}
+    model_dir = str(rd.model_dir)
+
+    # int4 perplexity (the report has int8's): same tokens, same window
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids, _ = report_x.validation_tokens(rd, tok, 16384)
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    try:
+        m4, _ = load_for_inference(model_dir, device=torch.device("cpu"), quantize="int4")
+        p4 = report_x.perplexity(m4, ids, prefix, rep["window"])
+        del m4
+    except Exception as e:
+        print(f"[compress] int4 perplexity: {type(e).__name__}: {e}", flush=True)
+        p4 = None
+    f32_ppl = rows["f32 (train/model)"]["perplexity"]
+
+    speed = decode_race(model_dir, ["f32", "int8", "int4"])
+    big = decode_race(scale_model(Path(tempfile.mkdtemp(prefix="bench-compress-big-")) / "m"), ["f32", "int8", "int4"], rounds=3)
+
+    types = {}
+    for r in rep["rows"]:
+        types[r["name"]] = {k: r.get(k) for k in ("size_bytes", "size_ratio", "perplexity", "ppl_delta_pct", "error") if r.get(k) is not None}
+    types["f32 --quantize int4"] = {"perplexity": round(p4, 4) if p4 else None, "ppl_delta_pct": round(100 * (p4 / f32_ppl - 1), 3) if p4 else None}
+    for m in ("int8", "int4"):
+        if m in speed:
+            types[f"f32 --quantize {m}"]["decode_tokens_per_s"] = round(speed[m], 1)
+    types["f32 (train/model)"]["decode_tokens_per_s"] = round(speed["f32"], 1)
+    n_params = sum(p.numel() for p in load_for_inference(model_dir, device=torch.device("cpu"))[0].parameters())
+    metrics = {
+        "model": what, "params": n_params, "f32_perplexity": f32_ppl,
+        "perplexity_tokens": rep["perplexity_tokens"], "decode_new_tokens": NEW, "rounds": ROUNDS,
+        "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "types": types,
+        "int8_decode_speedup": round(speed["int8"] / speed["f32"], 3),
+        "int4_decode_speedup": round(speed["int4"] / speed["f32"], 3) if "int4" in speed else None,
+        "scale_model": f"random llama hidden {SCALE['hidden']}, {SCALE['layers']} layers",
+        "scale_decode_tokens_per_s": {k: round(v, 1) for k, v in big.items()},
+        "scale_int8_decode_speedup": round(big["int8"] / big["f32"], 3),
+        "seconds": round(time.time() - t0, 1),
+    }
+    int8_delta = abs(rows["f32 --quantize int8"]["ppl_delta_pct"])
+    q8 = rows.get("gguf q8_0", {})
+    write_result("compress", metrics, {
+        "compress --quantize int8 decode vs f32": ratio(speed["int8"] / speed["f32"], 1.5),
+        "compress --quantize int8 |delta ppl| %": ratio(int8_delta, 1.0, higher_is_better=False),
+        "compress gguf q8_0 |delta ppl| %": ratio(abs(q8.get("ppl_delta_pct", float("inf"))), 1.0, higher_is_better=False),
+    })
+    print()
+    for line in report_x.table(rep):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
