@@ -180,3 +180,25 @@ def test_model_path_must_be_a_dir_or_gguf(tmp_path, trained_run):
     g.write_bytes(b"not a gguf")
     r = run_cli("eval", str(path), "--model", str(g), "--set", "eval.generation=false")
     assert r.returncode == 3 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_with_int8(trained_run):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from test_serve import Server
+
+    path, cfg, rd = trained_run
+    import yaml
+
+    d = yaml.safe_load(path.read_text())
+    d["serve"] = {"quantize": "int8", "model_name": "q"}
+    qpath = path.parent / "serve-int8.yaml"
+    qpath.write_text(yaml.safe_dump(d))
+    s = Server(qpath)
+    try:
+        assert any("quantized to int8" in line for line in s.lines), "".join(s.lines)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "q", "prompt": "the quick", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] > 0
+    finally:
+        assert s.stop() == 0, "".join(s.lines)
