@@ -80,6 +80,12 @@ def _setup_env() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (transformers' GGUF reader)
+    # transformers imports torchao whenever it is installed (the quant extra): its import logs
+    # that two CUDA-only libraries do not load, and torch's pytree logs deprecations. Not ours.
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def _silence_warnings() -> None:
