@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from common import HERE, ratio, write_result
+from common import HERE, machine, ratio, write_result
 
 NEW, ROUNDS = 48, 5
 TRAIN_STEPS = int(os.environ.get("LLMCTL_BENCH_COMPRESS_STEPS", "300"))
@@ -143,7 +143,7 @@ def main() -> None:
     metrics = {
         "model": what, "params": n_params, "f32_perplexity": f32_ppl,
         "perplexity_tokens": rep["perplexity_tokens"], "decode_new_tokens": NEW, "rounds": ROUNDS,
-        "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "machine": machine(),
         "types": types,
         "int8_decode_speedup": round(speed["int8"] / speed["f32"], 3),
         "int4_decode_speedup": round(speed["int4"] / speed["f32"], 3) if "int4" in speed else None,

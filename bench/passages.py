@@ -76,6 +76,9 @@ ROWS = [  # (benchmark, ratio key in results.json, how README names it)
     ("eval", "eval log-likelihood relative difference vs lm-eval", "log-likelihood relative difference vs lm-eval (same number)"),
     ("serve", "serve throughput 8 clients vs 1", "requests/s, 8 clients vs 1"),
     ("serve", "serve errors (both phases)", "errors (both phases)"),
+    ("compress", "compress --quantize int8 decode vs f32", "`--quantize int8` single-stream decode vs f32"),
+    ("compress", "compress --quantize int8 |delta ppl| %", "`--quantize int8` perplexity change vs f32, % (lower is better)"),
+    ("compress", "compress gguf q8_0 |delta ppl| %", "GGUF q8_0 perplexity change vs f32, % (lower is better)"),
 ]
 
 
@@ -87,7 +90,7 @@ def _fmt(v: float) -> str:
 
 def _details(r: dict) -> list[str]:
     out = []
-    for fn in (_prepare_line, _generate_line, _eval_line):
+    for fn in (_prepare_line, _generate_line, _eval_line, _compress_line):
         try:
             line = fn(r)
         except (KeyError, TypeError):  # a row from an older benchmark format: not quoted
@@ -124,6 +127,28 @@ def _eval_line(r: dict) -> str | None:
                    f"perplexity {e['llmctl']['perplexity']}), lm-eval {e['lm_eval']['seconds']:.1f} s ({_n(e['lm_eval']['tokens_per_s'], 0)} tokens/s, "
                 f"perplexity {e['lm_eval']['perplexity']}).")
     return None
+
+
+def _compress_line(r: dict) -> str | None:
+    c = (r.get("compress") or {}).get("metrics")
+    if not c:
+        return None
+    parts = []
+    for name, t in c["types"].items():
+        bits = []
+        if t.get("size_ratio") is not None:
+            bits.append(f"{t['size_ratio']:.2f} of f32's size")
+        if t.get("ppl_delta_pct") is not None:
+            bits.append(f"perplexity {t['ppl_delta_pct']:+.2f}%")
+        if t.get("decode_tokens_per_s") is not None:
+            bits.append(f"{t['decode_tokens_per_s']:.1f} tokens/s")
+        if bits:
+            parts.append(f"{name}: " + ", ".join(bits))
+    big = c["scale_decode_tokens_per_s"]
+    return (f"- compress ({c['model']}, {c['params'] / 1e6:.2f}M parameters, f32 perplexity {c['f32_perplexity']} on "
+            f"{_n(c['perplexity_tokens'], 0)} validation tokens; decode {c['decode_new_tokens']} new tokens, best of {c['rounds']} alternating): "
+            + "; ".join(parts) + f". On a {c['scale_model']}: f32 {big.get('f32', 0):.1f}, int8 {big.get('int8', 0):.1f}, "
+            f"int4 {big.get('int4', 0):.1f} tokens/s (int8 {c['scale_int8_decode_speedup']:.2f}x f32).")
 
 
 def measured(r: dict) -> str:
