@@ -275,6 +275,7 @@ class TrainConfig(Section):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on.")
     seed: int | None = Field(None, description="Seed for initialisation and data order; null uses run.seed. Unlike run.seed it leaves the prepared data split alone: vary it to repeat training on the same data.")
+    fit_schedule_to_time: bool = Field(True, description="With max_time and a cosine/linear schedule: plan the decay against the time budget (seconds per step measured while training), so a run stopped by time ends at its minimum lr; max_steps stays the upper bound. A resumed run keeps the plan recorded in its checkpoint. false: the schedule runs to max_steps and the budget cuts it short.")
 
     @field_validator("max_time")
     @classmethod

@@ -238,7 +238,7 @@ def test_resume_refuses_a_changed_result_key_and_obeys_a_new_cadence(tmp_path):
     train.run(cfg, rd)
     # As if killed right after step 2's checkpoint.
     shutil.rmtree(rd.model_dir)
-    for p in train.complete_checkpoints(rd)[1:]:
+    for p in train.complete_checkpoints(rd)[2:]:
         shutil.rmtree(p)
     m = rd.manifest("train")
     m["status"] = "interrupted"
@@ -321,3 +321,57 @@ def test_nproc_sigint_saves_and_exits_130(tmp_path):
     assert err.count("interrupted by SIGINT") == 1 and "resume" in err
     assert rd.manifest("train")["status"] == "interrupted"
     assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGINT"
+
+
+def _records(rd: RunDir) -> list[dict]:
+    return [json.loads(line) for line in rd.metrics_path.read_text().splitlines()]
+
+
+class _Clock:
+    """A clock that ticks a fixed amount per reading: train's timing becomes independent of the machine's load."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 1000.0, tick
+
+    def time(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_max_time_plans_the_schedule_to_end_at_min_lr_and_a_resume_keeps_the_plan(tmp_path, monkeypatch):
+    import torch
+
+    budget = 6.0
+    monkeypatch.setattr(train, "time", _Clock(0.05))  # train's clock readings only: a few per step
+    over = {"max_steps": 100000, "max_time": budget, "warmup_steps": 3, "lr": 1e-3, "min_lr_ratio": 0.1,
+            "save_every": 4, "keep_last": 1000, "keep_best": False, "eval_every": 100000}
+    path, cfg, rd = _setup(tmp_path, train=over)
+    res = train.run(cfg, rd)
+    # The plan, not max_steps, ended the run, and it ended on the schedule's floor.
+    assert res["stopped_by"] == "max_time" and 8 < res["steps"] < 100000, res
+    assert res["planned_steps"] == res["steps"], res
+    logged = [r for r in _records(rd) if "lr" in r]
+    assert logged[-1]["step"] == res["steps"]
+    assert abs(logged[-1]["lr"] - 1e-3 * 0.1) < 1e-9, logged[-1]
+    assert logged[len(logged) // 2]["lr"] > 2e-4  # a decay, not a constant floor
+    # The planned number of steps is what the measured speed fits into the budget.
+    sps = res["sec_per_step"]
+    assert sps > 0 and logged[-1]["elapsed_s"] > 0.6 * budget, (sps, logged[-1])
+    assert logged[-1]["elapsed_s"] < budget + 10 * sps + 1.0, (sps, logged[-1])
+    mid = logged[len(logged) // 3]
+    measured = (logged[-1]["elapsed_s"] - mid["elapsed_s"]) / (logged[-1]["step"] - mid["step"])
+    assert 0.4 < measured / sps < 2.5, (measured, sps)
+    # The plan is part of the checkpoint: a resumed run keeps the schedule its checkpoint planned.
+    ckpt = train.complete_checkpoints(rd)[1]  # step 8: after the warmup and the first plan
+    planned_then = json.loads((ckpt / train.META).read_text())["planned_steps"]
+    state = torch.load(ckpt / "scheduler.pt", weights_only=True)["lr_lambdas"][0]
+    assert state["planned"] and state["total"] == planned_then > 8
+    for p in train.complete_checkpoints(rd)[2:]:
+        shutil.rmtree(p)
+    shutil.rmtree(rd.model_dir)
+    (rd.stage_dir("train") / "manifest.json").unlink()
+    cfg2 = load_config(path, ["train.max_time=600"])  # a bookkeeping key: the plan, not the clock, ends it
+    res2 = train.run(cfg2, rd)
+    assert res2["steps"] == planned_then == res2["planned_steps"], (res2, planned_then)
+    last = [r for r in _records(rd) if "lr" in r][-1]
+    assert last["step"] == planned_then and abs(last["lr"] - 1e-4) < 1e-9, last

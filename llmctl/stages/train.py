@@ -169,6 +169,36 @@ def agree_any(flag: bool) -> bool:
     return bool(t.item())
 
 
+# --------------------------------------------------------------------------- time-fitted schedule
+class TimeFittedSchedule:
+    """The lr multiplier of a warmup + cosine (to `min_ratio`) or linear (to 0) schedule whose end,
+    `total`, is planned while training so that the decay ends when the time budget does.
+
+    The Trainer's `cosine_with_min_lr` and `linear` curves, shifted one step so that the last
+    planned step itself trains at the floor, and held there past `total`. As a LambdaLR's lambda its __dict__ (plain numbers) is saved in the checkpoint's
+    scheduler.pt and restored on resume, so a resumed run keeps the planned schedule exactly.
+    `plan` (a per-run class attribute, never saved) may move `total` before each value.
+    """
+
+    plan = None
+
+    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float):
+        self.kind, self.warmup, self.total, self.min_ratio = kind, int(warmup), int(total), float(min_ratio)
+        self.planned = False  # True once `total` was fitted to the budget
+        self.sec_per_step = None  # the measured cost of one step the plan used (evals and saves included)
+
+    def __call__(self, step: int) -> float:
+        if type(self).plan is not None:
+            type(self).plan(self, step)
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        # The value at `step` is the lr of optimizer step step+1: the last step, `total`, trains at the floor.
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 # --------------------------------------------------------------------------- collator
 class Collator:
     """Pads variable-length rows (pad id, labels -100); fixed-length rows stack as they are."""
@@ -398,6 +428,47 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         **fsdp,
     )
 
+    # ---- a schedule fitted to the time budget
+    fit = bool(tcfg.fit_schedule_to_time and max_time is not None and tcfg.scheduler != "constant")
+    fitted: dict[str, Any] = {"sched": None}  # the TimeFittedSchedule, once the Trainer made it
+    # Seconds measured while training: the window [t_a, now] of steps s_a..step, minus the evals
+    # and saves inside it (they are planned separately, per eval_every/save_every steps).
+    timing: dict[str, Any] = {"start": None, "s_a": None, "t_a": None, "excluded": 0.0, "eval_s": 0.0, "save_s": 0.0, "t_mark": None}
+    replan = {"on": resume is None}  # a resumed run keeps the schedule its checkpoint planned
+
+    def plan(sched: TimeFittedSchedule, step: int) -> None:
+        if timing["start"] is None:  # the LambdaLR's first value, before a checkpoint's state is loaded
+            timing["start"] = step
+            return
+        if not replan["on"]:
+            if sched.planned:
+                return
+            replan["on"] = True  # resumed from a checkpoint written before any plan: plan from here
+            timing["start"] = step
+            return
+        now = time.time()
+        if timing["s_a"] is None:
+            if step >= timing["start"] + 2:  # the first steps carry one-time costs
+                timing["s_a"], timing["t_a"], timing["excluded"] = step, now, 0.0
+            return
+        if step < max(sched.warmup, timing["s_a"] + 5):
+            return
+        if sched.planned and sched.total - step <= max(3, sched.total // 50):
+            return  # the end is near and fixed: the steps left were given their lrs, down to the floor
+        per_step = max(now - timing["t_a"] - timing["excluded"], 1e-9) / (step - timing["s_a"])
+        per_step += timing["eval_s"] / tcfg.eval_every if val_ds is not None else 0.0
+        per_step += timing["save_s"] / tcfg.save_every
+        left = max_time - (now - t0) - 2 * per_step  # two steps in reserve for the machine's jitter
+        n = max(0, int(left / per_step))
+        if _world() > 1:  # every rank must agree on the schedule: the most cautious plan wins
+            import torch.distributed as dist
+
+            t = torch.tensor([float(n)], device=collective_device(dist.get_backend()))
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            n = int(t.item())
+        sched.total = max(step, min(sched.cap, step + n))
+        sched.planned, sched.sec_per_step = True, round(per_step, 6)
+
     # ---- callbacks
     stop = {"signal": None, "reason": "max_steps", "nan_step": None}
     fingerprint = _resume_fingerprint(cfg, rd, hooks)
@@ -434,6 +505,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 control.should_training_stop = True
                 return control
             out_of_time = max_time is not None and time.time() - t0 >= max_time
+            fs = fitted["sched"]
+            if fs is not None and fs.planned and state.global_step >= fs.total and state.global_step < state.max_steps:
+                out_of_time = True  # the schedule planned for the budget has ended (same on every rank)
+            timing["t_mark"] = time.time()
             if agree_any(stop["signal"] is not None or out_of_time):
                 if stop["signal"] is None:
                     stop["reason"] = "max_time"
@@ -455,6 +530,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 tps = (state.num_input_tokens_seen - (self.tokens_at_start or 0)) / el
                 rec.update(loss=loss, lr=float(logs.get("learning_rate", 0.0)), grad_norm=_f(logs.get("grad_norm")), tokens=int(state.num_input_tokens_seen), tokens_per_s=round(tps, 1))
                 rec.update({k: float(logs[k]) for k in hooks.log_keys if k in logs})
+                if fitted["sched"] is not None and fitted["sched"].planned:
+                    rec["planned_steps"] = fitted["sched"].total
+                    if is_main:
+                        progress.total = fitted["sched"].total  # the bar and its ETA follow the plan
                 if is_main:
                     progress.update(completed=state.global_step, loss=loss, lr=rec["lr"], tok_s=round(tps))
             if "eval_loss" in logs:
@@ -468,6 +547,19 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 metrics_f.flush()
             return control
 
+        def _took(self, key: str) -> None:
+            # An eval or a save just ended: its duration, kept out of the per-step time.
+            now = time.time()
+            if timing["t_mark"] is not None:
+                timing[key] = now - timing["t_mark"]
+                if timing["t_a"] is not None:
+                    timing["excluded"] += timing[key]
+            timing["t_mark"] = now
+
+        def on_evaluate(self, args, state, control, **kw):
+            self._took("eval_s")
+            return control
+
         def on_save(self, args, state, control, **kw):
             # The Trainer finished writing checkpoint-N: stamp it and move it into place.
             if _world() > 1:
@@ -477,7 +569,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if is_main:
                 src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if src.is_dir():
-                    atomic_write_json(src / META, {"step": state.global_step, "fingerprint": fingerprint, "config_values": config_values, "val_loss": self.val.get(state.global_step)})
+                    meta = {"step": state.global_step, "fingerprint": fingerprint, "config_values": config_values, "val_loss": self.val.get(state.global_step)}
+                    if fitted["sched"] is not None:
+                        meta["planned_steps"] = fitted["sched"].total if fitted["sched"].planned else None
+                    atomic_write_json(src / META, meta)
                     dst = rd.checkpoint_dir(state.global_step)
                     if dst.exists():
                         shutil.rmtree(dst)
@@ -489,6 +584,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 import torch.distributed as dist
 
                 dist.barrier()
+            self._took("save_s")
             return control
 
     class CheckedTrainer(hooks.trainer_class or Trainer):
@@ -508,6 +604,19 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                 ok = torch.isfinite(torch.as_tensor(gn)).all()
                 self._finite = ok if self._finite is None else self._finite & ok.to(self._finite.device)
             return gn
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if not fit or self.lr_scheduler is not None:
+                return super().create_scheduler(num_training_steps, optimizer)
+            from torch.optim.lr_scheduler import LambdaLR
+
+            cls = type("PlannedSchedule", (TimeFittedSchedule,), {"plan": staticmethod(plan)})
+            sched = cls(tcfg.scheduler, self.args.get_warmup_steps(num_training_steps), num_training_steps, tcfg.min_lr_ratio)
+            type(sched).cap = num_training_steps  # the upper bound (max_steps); class-level: not in the saved state
+            fitted["sched"] = sched
+            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, sched)
+            self._created_lr_scheduler = True
+            return self.lr_scheduler
 
         def step_was_finite(self) -> bool:
             ok, self._finite = self._finite, None
@@ -535,7 +644,9 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if resume is None and val_ds is not None:
                 # Not trainer.evaluate(): called before train() under DDP it leaves the model
                 # unwrapped and gradients are never all-reduced (seen with transformers 5.24).
+                t_eval = time.time()
                 init_val = _eval_loss(model, val_ds, Collator(tok.pad_token_id), tcfg.micro_batch_size)
+                timing["eval_s"] = time.time() - t_eval  # the first plan's estimate of an eval's cost
                 callback.on_log(args, trainer.state, trainer.control, logs={"eval_loss": init_val})
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             state = trainer.state
@@ -579,6 +690,10 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         "world_size": _world(),
         "seconds": round(time.time() - t0, 1),
     }
+    if fitted["sched"] is not None:
+        fs = fitted["sched"]
+        result["planned_steps"] = fs.total if fs.planned else None  # the schedule's end, fitted to max_time
+        result["sec_per_step"] = fs.sec_per_step
     _save_final(trainer, tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
     if st is not None:
         st.manifest["device"] = str(device)
