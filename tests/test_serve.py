@@ -48,7 +48,7 @@ class Server:
         )
         self.lines: list[str] = []
         self.url = None
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # returns as soon as the server is up; a loaded machine loads slowly
         while time.time() < deadline:
             line = self.proc.stderr.readline()
             if not line:
@@ -208,8 +208,8 @@ def test_bad_requests_get_openai_errors_and_server_survives(server):
     with pytest.raises(openai.BadRequestError, match="context length is 512") as e:
         c.completions.create(model=MODEL, prompt="the quick " * 300, max_tokens=100)
     assert e.value.body["code"] == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
-        c.completions.create(model=MODEL, prompt="x", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=2, suffix="y")
     cases = [
         ("/v1/completions", "{not json", None),
         ("/v1/completions", "[1, 2]", None),
@@ -397,3 +397,99 @@ def test_cli_errors(run_dir, tmp_path):
     (shim / "__init__.py").write_text("raise ImportError('no fastapi here')\n")
     r = run_cli("serve", str(path), env={"PYTHONPATH": str(shim.parent)}, timeout=120)
     assert r.returncode == 2 and "pip install 'llmctl[serve]'" in r.stderr
+
+
+# ---- logprobs ----------------------------------------------------------------------------
+def _greedy_and_forced(rd, prompt_ids: list[int], n: int):
+    """Greedy ids (HF generate) and the teacher-forced log-softmax over prompt + them."""
+    import torch
+
+    from llmctl.modeling import load_for_inference
+
+    model, tok = load_for_inference(str(rd.model_dir))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, len(prompt_ids):].tolist()
+        lp = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids + new])).logits[0].float(), -1)
+    return tok, new, lp
+
+
+def test_completion_logprobs_and_echo_equal_a_teacher_forced_pass(server, run_dir):
+    from openai.types import Completion
+
+    rd = run_dir[3]
+    body = {"model": MODEL, "prompt": "the quick brown", "max_tokens": 6, "temperature": 0, "logprobs": 3, "echo": True}
+    raw = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    r = Completion.model_validate(raw)  # the official client's types
+    lp = r.choices[0].logprobs
+    from transformers import AutoTokenizer
+
+    tok_ids = AutoTokenizer.from_pretrained(rd.model_dir)("the quick brown", add_special_tokens=False)["input_ids"]
+    tok, new, forced = _greedy_and_forced(rd, tok_ids, 6)
+    n = len(tok_ids)
+    new = new[: len(lp.tokens) - n]
+    assert lp.tokens == [tok.decode([t]) for t in tok_ids + new]
+    assert r.choices[0].text == "the quick brown" + tok.decode(new)
+    import torch
+
+    from llmctl.modeling import load_for_inference
+
+    model, _ = load_for_inference(str(rd.model_dir))
+    with torch.no_grad():  # the first prompt token is scored after BOS
+        after_bos = torch.log_softmax(model(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, -1], -1)
+    assert lp.token_logprobs[0] == pytest.approx(float(after_bos[tok_ids[0]]), abs=1e-4)
+    want = [float(forced[k - 1, t]) for k, t in enumerate(tok_ids + new) if k > 0]
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert sum(lp.token_logprobs[n:]) == pytest.approx(sum(want[n - 1 :]), abs=1e-4)
+    for k, top in enumerate(lp.top_logprobs):
+        assert 3 <= len(top) <= 4 and top[lp.tokens[k]] == pytest.approx(lp.token_logprobs[k], abs=1e-6)
+    for k in range(n, len(lp.tokens)):  # greedy: the chosen token is the likeliest
+        assert lp.token_logprobs[k] == pytest.approx(max(lp.top_logprobs[k].values()), abs=1e-6)
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len("the quick brown")
+    assert lp.text_offset == sorted(lp.text_offset)
+    # streamed: the same tokens and numbers, chunk by chunk
+    chunks = [json.loads(line[6:]) for line in httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=60).text.splitlines()
+              if line.startswith("data: {")]
+    got = [x for c in chunks for x in (c["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+    assert got == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])] == lp.text_offset
+    assert "".join(c["choices"][0]["text"] for c in chunks) == r.choices[0].text
+
+
+def test_chat_logprobs_shape_bytes_and_sum(server, run_dir):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    rd = run_dir[3]
+    msgs = [{"role": "user", "content": "river stones"}]
+    body = {"model": MODEL, "messages": msgs, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    r = ChatCompletion.model_validate(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json())
+    content = r.choices[0].logprobs.content
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    _, new, forced = _greedy_and_forced(rd, ids, 6)
+    new = new[: len(content)]
+    assert [c.token for c in content] == [tok.decode([t]) for t in new]
+    assert sum(c.logprob for c in content) == pytest.approx(sum(float(forced[len(ids) - 1 + k, t]) for k, t in enumerate(new)), abs=1e-4)
+    assert bytes(b for c in content for b in c.bytes).decode("utf-8", errors="replace") == tok.decode(new)
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    lines = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text.splitlines()
+    chunks = [ChatCompletionChunk.model_validate(json.loads(x[6:])) for x in lines if x.startswith("data: {")]
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, round(c.logprob, 5)) for c in streamed] == [(c.token, round(c.logprob, 5)) for c in content]
+    # without logprobs: none computed, none sent
+    plain = httpx.post(server.url + "/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None}, timeout=60).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"logprobs": True}, "logprobs"),
+])
+def test_bad_logprobs_are_400(server, path, extra, param):
+    body = {"model": MODEL, "max_tokens": 2, **({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"}), **extra}
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

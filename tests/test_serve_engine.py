@@ -293,3 +293,38 @@ def test_engine_thread_survives_a_failing_step(tmp_path, monkeypatch):
         assert _alone(e, ["fox"], [3])[0][1] == "length"
     finally:
         e.stop()
+
+
+def test_incremental_detokenization_equals_a_full_decode_and_decodes_a_short_window(tmp_path):
+    """Multi-byte characters split across byte-level tokens: the streamed text equals one full
+    decode of the output, and no step decodes more than a few tokens (not the whole output)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    texts = ["café naïve déjà vu 日本語のテキスト über straße " + s for s in sentences(120, seed=5)]
+    tok = train_tiny_tokenizer(texts, tmp_path, vocab_size=300)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
+                      initializer_range=0.35, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    GenerationConfig(eos_token_id=None, pad_token_id=tok.pad_token_id).save_pretrained(tmp_path)
+    e = _engine(tmp_path)
+    try:
+        widths = []
+        real = e.tok.decode
+
+        def counting(ids, **kw):
+            widths.append(len(ids))
+            return real(ids, **kw)
+
+        e.tok.decode = counting
+        jobs = [_job(e, p, 120, temperature=1.0, seed=s) for s, p in enumerate(["café", "日本", "the quick"])]
+        e.submit(jobs)
+        outs = [_collect(j) for j in jobs]
+        e.tok.decode = real
+        for j, (text, _, _) in zip(jobs, outs):
+            assert text == real(j.tokens, skip_special_tokens=True)
+        assert any(any(ord(c) > 127 for c in text) for text, _, _ in outs)
+        assert max(len(j.tokens) for j in jobs) >= 100 and max(widths) <= 12  # a short window, not the whole output
+    finally:
+        e.stop()

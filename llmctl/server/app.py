@@ -220,7 +220,7 @@ def create_app(
             raise ApiError(400, f"{param}: the prompt is empty", param=param)
         return ids
 
-    def make_jobs(prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str]) -> list[Job]:
+    def make_jobs(prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str], logprobs: int | None = None, echo: bool = False) -> list[Job]:
         loop = asyncio.get_running_loop()
         total = len(prompts) * req.n
         if total > engine.max_queue:
@@ -233,6 +233,7 @@ def create_app(
                     # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
                     seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                    logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
                 ))
         try:
             engine.submit(jobs)
@@ -247,18 +248,48 @@ def create_app(
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     # ---- reading the engine's output --------------------------------------------------
-    async def collect(job: Job) -> tuple[str, str]:
-        parts = []
+    async def collect(job: Job) -> tuple[str, str, list]:
+        parts, lps = [], []
         while True:
             item = await job.out.get()
             if item[0] == "delta":
                 parts.append(item[1])
+                lps += item[2]
             elif item[0] == "done":
-                return "".join(parts), item[1]
+                return "".join(parts), item[1], lps
             else:
                 raise ApiError(500, f"generation failed: {item[1]}", "server_error")
 
-    async def run_all(request: Request, jobs: list[Job]) -> list[tuple[str, str]]:
+    # ---- logprobs in OpenAI's two shapes -------------------------------------------------
+    def legacy_logprobs(entries: list, shift: int = 0) -> dict:
+        """/v1/completions: tokens, token_logprobs, top_logprobs (the top K plus the chosen
+        token, as OpenAI documents), text_offset."""
+        dec = engine.tok.decode
+        tops = []
+        for t, lp, alts, _ in entries:
+            if lp is None:
+                tops.append(None)
+                continue
+            d = {dec([a]): v for a, v in alts}
+            d.setdefault(dec([t]), lp)
+            tops.append(d)
+        return {
+            "tokens": [dec([t]) for t, *_ in entries],
+            "token_logprobs": [lp for _, lp, _, _ in entries],
+            "top_logprobs": tops,
+            "text_offset": [off + shift for *_, off in entries],
+        }
+
+    def chat_logprobs(entries: list, top: int) -> dict:
+        """/v1/chat/completions: content[] of {token, logprob, bytes, top_logprobs[]}."""
+        dec = engine.tok.decode
+
+        def one(t: int, lp: float) -> dict:
+            return {"token": dec([t]), "logprob": lp, "bytes": engine.token_bytes(t)}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(a, v) for a, v in alts[:top]]} for t, lp, alts, _ in entries], "refusal": None}
+
+    async def run_all(request: Request, jobs: list[Job]) -> list[tuple[str, str, list]]:
         """All sequences' results; cancels them if the client disconnects first."""
         task = asyncio.gather(*(collect(j) for j in jobs))
         try:
@@ -285,6 +316,7 @@ def create_app(
         ends that sequence with finish_reason content_filter and stops generating it.
         """
         pending: dict[asyncio.Future, int] = {}
+        held: list[list] = [[] for _ in jobs]  # logprobs waiting for a guard that may change text
         try:
             pending = {asyncio.ensure_future(j.out.get()): i for i, j in enumerate(jobs)}
             while pending:
@@ -295,18 +327,25 @@ def create_app(
                     g = guards[i] if guards else None
                     if item[0] == "delta":
                         text = g.feed(item[1]) if g else item[1]
-                        if text:
-                            yield sse(make_chunk(i, text, None))
+                        # Logprobs travel with their text, unless a guard may still change it:
+                        # then they wait for the end and go only if nothing was changed.
+                        lps = item[2]
+                        if g is not None and g.hold:
+                            held[i] += lps
+                            lps = []
+                        if text or lps:
+                            yield sse(make_chunk(i, text, None, lps))
                         if g is not None and g.blocked:
                             jobs[i].cancelled = True
-                            yield sse(make_chunk(i, "", CONTENT_FILTER))
+                            yield sse(make_chunk(i, "", CONTENT_FILTER, []))
                         else:
                             pending[asyncio.ensure_future(jobs[i].out.get())] = i
                     elif item[0] == "done":
                         tail = g.finish() if g else ""
-                        if tail:
-                            yield sse(make_chunk(i, tail, None))
-                        yield sse(make_chunk(i, "", CONTENT_FILTER if g is not None and g.blocked else item[1]))
+                        lps = held[i] if g is not None and not g.blocked and g.released == g.text else []
+                        if tail or lps:
+                            yield sse(make_chunk(i, tail, None, lps))
+                        yield sse(make_chunk(i, "", CONTENT_FILTER if g is not None and g.blocked else item[1], []))
                     else:
                         yield sse(error_body(f"generation failed: {item[1]}", "server_error"))
             if usage_chunk is not None:
@@ -329,14 +368,15 @@ def create_app(
                 param=param, code=CONTENT_FILTER, headers={"x-request-id": rid},
             ) from None
 
-    def checked_outputs(results: list[tuple[str, str]], rid: str) -> list[tuple[str, str, bool]]:
-        """(text, finish_reason, blocked) per choice after the output rails."""
+    def checked_outputs(results: list[tuple[str, str, list]], rid: str) -> list[tuple[str, str, bool, list | None]]:
+        """(text, finish_reason, blocked, logprobs) per choice after the output rails. A choice
+        whose text a rail changed keeps no logprobs: their tokens would show what was removed."""
         if not rails.active("output"):
-            return [(t, r, False) for t, r in results]
+            return [(t, r, False, lps) for t, r, lps in results]
         out = []
-        for i, (text, reason) in enumerate(results):
-            text, blocked = rails.check_output(text, rid, choice=i)
-            out.append((text, CONTENT_FILTER if blocked else reason, blocked))
+        for i, (raw, reason, lps) in enumerate(results):
+            text, blocked = rails.check_output(raw, rid, choice=i)
+            out.append((text, CONTENT_FILTER if blocked else reason, blocked, lps if text == raw else None))
         return out
 
     def guards_for(jobs: list[Job], rid: str):
@@ -365,12 +405,28 @@ def create_app(
                 if checked != text:
                     prompts[k] = tokenize(checked, "prompt")
         budgets = [budget(req.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS, "prompt") for ids in prompts]
-        jobs = make_jobs(prompts, budgets, req, stops)
+        jobs = make_jobs(prompts, budgets, req, stops, logprobs=req.logprobs, echo=req.echo)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
+        # echo: each choice starts with its prompt, exactly as sent (token-id prompts decoded).
+        echoed = [(x if isinstance(x, str) else engine.tok.decode(ids)) if req.echo else "" for x, ids in zip(items, prompts)]
+        want = req.logprobs is not None
+
+        def prompt_part(i: int) -> tuple[str, list]:
+            j = jobs[i]
+            return echoed[i // req.n], (j.prompt_lps or []) if want else []
+
         if req.stream:
-            def chunk(i, text, finish):
-                c = {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}]}
+            opened: set[int] = set()
+
+            def chunk(i, text, finish, lps):
+                shift = len(echoed[i // req.n])
+                if i not in opened:
+                    opened.add(i)
+                    head, head_lps = prompt_part(i)
+                    text, lps = head + text, head_lps + [(t, lp, a, off + shift) for t, lp, a, off in lps]
+                    shift = 0
+                c = {**base, "choices": [{"index": i, "text": text, "logprobs": legacy_logprobs(lps, shift) if want else None, "finish_reason": finish}]}
                 return {**c, "usage": None} if include_usage else c
 
             def usage_chunk():
@@ -378,7 +434,11 @@ def create_app(
 
             return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None, guards_for(jobs, rid)))
         results = checked_outputs(await run_all(request, jobs), rid)
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason} for i, (text, reason, _) in enumerate(results)]
+        choices = []
+        for i, (text, reason, _, lps) in enumerate(results):
+            head, head_lps = prompt_part(i)
+            logprobs = legacy_logprobs(head_lps + [(t, lp, a, off + len(head)) for t, lp, a, off in lps]) if want and lps is not None else None
+            choices.append({"index": i, "text": head + text, "logprobs": logprobs, "finish_reason": reason})
         return {**base, "choices": choices, "usage": usage(prompts, jobs)}
 
     @app.post("/v1/chat/completions")
@@ -396,20 +456,24 @@ def create_app(
         except Exception as e:  # jinja raises on conversations the template refuses
             raise ApiError(400, f"messages: the chat template rejected this conversation: {e}", param="messages") from None
         ids = tokenize(text, "messages")
-        jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        top = req.top_logprobs or 0
+        want = req.logprobs
+        jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops, logprobs=top if want else None)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
             started: set[int] = set()
 
-            def chunk(i, text, finish):
+            def chunk(i, text, finish, lps):
                 delta: dict[str, Any] = {}
                 if i not in started:
                     started.add(i)
                     delta["role"] = "assistant"
                 if text:
                     delta["content"] = text
-                c = {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                c = {**base, "choices": [{"index": i, "delta": delta, "logprobs": chat_logprobs(lps, top) if want and lps else None, "finish_reason": finish}]}
                 return {**c, "usage": None} if include_usage else c
 
             def usage_chunk():
@@ -418,8 +482,9 @@ def create_app(
             return streaming(stream_events(jobs, chunk, usage_chunk if include_usage else None, guards_for(jobs, rid)))
         results = checked_outputs(await run_all(request, jobs), rid)
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": text, "refusal": rails.refusal if blocked else None}, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason, blocked) in enumerate(results)
+            {"index": i, "message": {"role": "assistant", "content": text, "refusal": rails.refusal if blocked else None},
+             "logprobs": chat_logprobs(lps, top) if want and lps is not None else None, "finish_reason": reason}
+            for i, (text, reason, blocked, lps) in enumerate(results)
         ]
         return {**base, "choices": choices, "usage": usage([ids], jobs)}
 

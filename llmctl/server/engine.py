@@ -35,12 +35,14 @@ class Job:
 
     prompt_ids: list[int]
     max_tokens: int
+    logprobs: int | None = None  # None: off; K >= 0: each token's logprob (raw logits) and its top K alternatives
+    echo_logprobs: bool = False  # also the prompt tokens' logprobs (completions with echo)
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     loop: Any = None
-    out: Any = None  # asyncio.Queue of ("delta", text) | ("done", finish_reason, completion_tokens) | ("error", msg)
+    out: Any = None  # asyncio.Queue of ("delta", text, logprob entries) | ("done", finish_reason, completion_tokens) | ("error", msg)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     cancelled: bool = False  # set by the event loop when the client is gone
@@ -48,6 +50,27 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0
     enqueued: float = field(default_factory=time.time)
+    # With logprobs: one (logprob, [(id, logprob), ...top]) per sampled token, the text length
+    # decoded after each token, how many entries were sent, and the prompt's (echo).
+    lps: list = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    lp_sent: int = 0
+    prompt_lps: list | None = None
+    # Incremental detokenization: the text so far, and the token window still being decoded.
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def take_logprobs(self, upto: int) -> list:
+        """Entries of the tokens whose text lies within the first `upto` characters, not yet sent."""
+        if self.logprobs is None:
+            return []
+        k = self.lp_sent
+        while k < len(self.tokens) and self.ends[k] <= upto:
+            k += 1
+        out = [(self.tokens[i], *self.lps[i], self.ends[i - 1] if i else 0) for i in range(self.lp_sent, k)]
+        self.lp_sent = k
+        return out
 
     def push(self, item) -> None:
         try:
@@ -65,6 +88,19 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return hold
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (transformers' own table)."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+    return _BYTE_DECODER
+
+
+_BYTE_DECODER: dict[str, int] | None = None
 
 
 def _cache_of(out):
@@ -241,6 +277,7 @@ class Engine:
         import torch
 
         tokens = self._sample(batch)
+        self._record_logprobs(batch, tokens)
         live = []
         made = 0
         for i, j in enumerate(batch.jobs):
@@ -292,11 +329,14 @@ class Engine:
             mask[i, n - len(j.prompt_ids):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw = {"logits_to_keep": 1} if self._keep_kw else {}
+        echo = any(j.echo_logprobs for j in jobs)
+        kw = {"logits_to_keep": 1} if self._keep_kw and not echo else {}
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         self.steps += 1
         self.metrics.add_forward()
+        if echo:
+            self._prompt_logprobs(jobs, out.logits, n)
         gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
         return _Batch(jobs, _cache_of(out), mask, pos[:, -1] + 1, out.logits[:, -1, :].float(), gens)
 
@@ -350,6 +390,64 @@ class Engine:
             batch.mask = batch.mask[:, lead:]
         return batch
 
+    # ---- logprobs -----------------------------------------------------------------
+    def _prompt_logprobs(self, jobs: list[Job], logits, n: int) -> None:
+        """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token has
+        no context there: it is scored after BOS (EOS if there is none), as eval scores the
+        first token of a document, so every entry has a number."""
+        import torch
+
+        first = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        start = None
+        if first is not None:
+            with torch.inference_mode():
+                start = torch.log_softmax(self.model(input_ids=torch.tensor([[first]], device=self.model.device)).logits[0, -1].float(), dim=-1)
+        for i, j in enumerate(jobs):
+            if not j.echo_logprobs:
+                continue
+            k = len(j.prompt_ids)
+            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts prompt tokens 1..k-1
+            t0 = j.prompt_ids[0]
+            entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
+            for m, (t, row) in enumerate(zip(j.prompt_ids[1:], lp), 1):
+                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(j.prompt_ids[:m]))))
+            j.prompt_lps = entries
+
+    @staticmethod
+    def _entry(lp_row, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        import torch
+
+        alts = []
+        if top:
+            v, k = torch.topk(lp_row, top)
+            alts = list(zip(k.tolist(), v.tolist()))
+        return float(lp_row[token]), alts
+
+    def token_bytes(self, token: int) -> list[int]:
+        """The UTF-8 bytes a token stands for (byte-level BPE tokens can be part of a character)."""
+        cache = self.__dict__.setdefault("_bytes_cache", {})
+        if token not in cache:
+            piece = self.tok.convert_ids_to_tokens(token)
+            byte_of = _byte_decoder()
+            if isinstance(piece, str) and piece and all(c in byte_of for c in piece):
+                cache[token] = [byte_of[c] for c in piece]
+            else:
+                cache[token] = list(self.tok.decode([token]).encode("utf-8"))
+        return cache[token]
+
+    def _record_logprobs(self, batch: _Batch, tokens: list[int]) -> None:
+        """Logprobs of the sampled tokens under the raw logits (before temperature, top-p and
+        penalties, as vLLM reports them by default), for the rows that asked."""
+        import torch
+
+        rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
+        if not rows:
+            return
+        lp = torch.log_softmax(batch.logits[rows], dim=-1)
+        for r, i in enumerate(rows):
+            j = batch.jobs[i]
+            j.lps.append(self._entry(lp[r], tokens[i], j.logprobs))
+
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
         import torch
@@ -383,15 +481,37 @@ class Engine:
         return out
 
     # ---- per-sequence bookkeeping -------------------------------------------------
+    def _detokenize(self, j: Job, final: bool = False) -> None:
+        """Extend `j.text` by the new tokens, decoding only a short window each step (not the
+        whole output: that is O(n^2) in its length). The window starts a few tokens back so
+        that merges across token boundaries decode as a full decode would; text that ends in
+        half a character waits for the next token, unless this is the last one."""
+        dec = self.tok.decode
+        before = dec(j.tokens[j.prefix_offset : j.read_offset], skip_special_tokens=True)
+        now = dec(j.tokens[j.prefix_offset :], skip_special_tokens=True)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            j.text += now[len(before) :]
+            j.prefix_offset, j.read_offset = j.read_offset, len(j.tokens)
+
     def _advance(self, j: Job, token: int) -> bool:
         """Take one token for a sequence; False once it has finished."""
         if token in self.eos_ids:
-            self._send(j, self.tok.decode(j.tokens, skip_special_tokens=True))
+            if j.logprobs is not None:
+                j.lps.pop()  # the EOS token is not part of the completion
+            self._detokenize(j, final=True)
+            self._send(j, j.text)
             self._finish(j, "stop")
             return False
         j.tokens.append(token)
-        text = self.tok.decode(j.tokens, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in j.stop if s) if i != -1), default=-1)
+        longest = max((len(s) for s in j.stop), default=0)
+        seen = len(j.text)
+        self._detokenize(j, final=len(j.tokens) >= j.max_tokens)
+        text = j.text
+        if j.logprobs is not None:
+            j.ends.append(len(text))
+        # A stop string can only end in the new text: search from where it could start.
+        start = max(0, seen - longest + 1)
+        cut = min((i for i in (text.find(s, start) for s in j.stop if s) if i != -1), default=-1)
         if cut != -1:
             self._send(j, text[:cut])
             self._finish(j, "stop")
@@ -405,8 +525,9 @@ class Engine:
 
     @staticmethod
     def _send(j: Job, safe_text: str) -> None:
-        if len(safe_text) > j.sent:
-            j.push(("delta", safe_text[j.sent:]))
+        lps = j.take_logprobs(len(safe_text))
+        if len(safe_text) > j.sent or lps:
+            j.push(("delta", safe_text[j.sent:], lps))
             j.sent = len(safe_text)
 
     def _finish(self, j: Job, reason: str) -> None:

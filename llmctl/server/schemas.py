@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API (the fields llmctl serves) and the error shape.
 
 Unknown fields are ignored, as OpenAI-compatible servers do, so that every client works;
-fields that would change the response in a way this server cannot honour (logprobs, echo,
+fields that would change the response in a way this server cannot honour (logit_bias,
 tools, ...) are rejected by the app with a 400 that names them.
 """
 
@@ -68,25 +68,19 @@ class _Req(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     user: str | None = None
     # Accepted only at their "off" values (see UNSUPPORTED).
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     tools: Any = None
     functions: Any = None
     best_of: Any = None
-    echo: Any = None
     suffix: Any = None
 
 
 # field -> values that mean "not used"
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
     "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
 }
 
@@ -94,6 +88,9 @@ UNSUPPORTED = {
 class CompletionRequest(_Req):
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    # The legacy shape: logprobs is how many alternatives per token (0-20), echo prepends the prompt.
+    logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    echo: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -117,6 +114,8 @@ class Message(BaseModel):
 
 class ChatRequest(_Req):
     messages: list[Message] = Field(min_length=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
 
