@@ -254,7 +254,7 @@ def create_app(
             item = await job.out.get()
             if item[0] == "delta":
                 parts.append(item[1])
-                lps += item[2]
+                lps += item[2] if len(item) > 2 else []  # (engines without logprobs send two)
             elif item[0] == "done":
                 return "".join(parts), item[1], lps
             else:
@@ -329,7 +329,7 @@ def create_app(
                         text = g.feed(item[1]) if g else item[1]
                         # Logprobs travel with their text, unless a guard may still change it:
                         # then they wait for the end and go only if nothing was changed.
-                        lps = item[2]
+                        lps = item[2] if len(item) > 2 else []
                         if g is not None and g.hold:
                             held[i] += lps
                             lps = []
