@@ -87,7 +87,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     con = _console.current()
     if any(cut):
         n = sum(1 for c in cut if c)
-        con.warn(f"{n} prompt(s) longer than {len(max(ids, key=len))} tokens lost up to {max(cut)} tokens from the left, "
+        con.warn(f"{n} prompt(s) cut from the left (up to {max(cut)} tokens, keeping {len(max(ids, key=len))}) "
                  f"to leave room for new tokens in the model's {ctx}-token context")
     if max_new < sp.max_new_tokens:
         con.warn(f"generating at most {max_new} tokens, not {sp.max_new_tokens}: the model's context is {ctx} tokens")

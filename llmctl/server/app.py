@@ -264,17 +264,17 @@ def create_app(
     def legacy_logprobs(entries: list, shift: int = 0) -> dict:
         """/v1/completions: tokens, token_logprobs, top_logprobs (the top K plus the chosen
         token, as OpenAI documents), text_offset."""
-        dec = engine.tok.decode
+        dec = engine.token_text
         tops = []
         for t, lp, alts, _ in entries:
             if lp is None:
                 tops.append(None)
                 continue
-            d = {dec([a]): v for a, v in alts}
-            d.setdefault(dec([t]), lp)
+            d = {dec(a): v for a, v in alts}
+            d.setdefault(dec(t), lp)
             tops.append(d)
         return {
-            "tokens": [dec([t]) for t, *_ in entries],
+            "tokens": [dec(t) for t, *_ in entries],
             "token_logprobs": [lp for _, lp, _, _ in entries],
             "top_logprobs": tops,
             "text_offset": [off + shift for *_, off in entries],
@@ -282,10 +282,10 @@ def create_app(
 
     def chat_logprobs(entries: list, top: int) -> dict:
         """/v1/chat/completions: content[] of {token, logprob, bytes, top_logprobs[]}."""
-        dec = engine.tok.decode
+        dec = engine.token_text
 
         def one(t: int, lp: float) -> dict:
-            return {"token": dec([t]), "logprob": lp, "bytes": engine.token_bytes(t)}
+            return {"token": dec(t), "logprob": lp, "bytes": engine.token_bytes(t)}
 
         return {"content": [{**one(t, lp), "top_logprobs": [one(a, v) for a, v in alts[:top]]} for t, lp, alts, _ in entries], "refusal": None}
 

@@ -423,6 +423,13 @@ class Engine:
             alts = list(zip(k.tolist(), v.tolist()))
         return float(lp_row[token]), alts
 
+    def token_text(self, token: int) -> str:
+        """A token's text alone (cached: logprobs name every token and alternative)."""
+        cache = self.__dict__.setdefault("_text_cache", {})
+        if token not in cache:
+            cache[token] = self.tok.decode([token])
+        return cache[token]
+
     def token_bytes(self, token: int) -> list[int]:
         """The UTF-8 bytes a token stands for (byte-level BPE tokens can be part of a character)."""
         cache = self.__dict__.setdefault("_bytes_cache", {})
@@ -437,16 +444,21 @@ class Engine:
 
     def _record_logprobs(self, batch: _Batch, tokens: list[int]) -> None:
         """Logprobs of the sampled tokens under the raw logits (before temperature, top-p and
-        penalties, as vLLM reports them by default), for the rows that asked."""
+        penalties, as vLLM reports them by default), for the rows that asked: one batched
+        log-softmax, gather and top-k for all of them, then one copy to Python."""
         import torch
 
         rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
         if not rows:
             return
         lp = torch.log_softmax(batch.logits[rows], dim=-1)
+        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).view(-1).tolist()
+        k = max(batch.jobs[i].logprobs for i in rows)
+        top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+        top_v, top_i = top_v.tolist(), top_i.tolist()
         for r, i in enumerate(rows):
             j = batch.jobs[i]
-            j.lps.append(self._entry(lp[r], tokens[i], j.logprobs))
+            j.lps.append((chosen[r], list(zip(top_i[r][: j.logprobs], top_v[r][: j.logprobs]))))
 
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
