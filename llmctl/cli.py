@@ -64,6 +64,7 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a key: --set train.lr=
 RunDirOpt = typer.Option(None, "--run-dir", help="Run directory (default: run.dir or runs/<run.name>).")
 ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is complete and up to date.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
+NprocOpt = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
 QuantizeOpt = typer.Option(None, "--quantize", help="none, int8 or int4: quantize the model after loading, for CPU inference (same as --set SECTION.quantize=...).")
 
@@ -193,7 +194,7 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP)."),
+    nproc: Optional[int] = NprocOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -207,7 +208,7 @@ def distill(
     set_: Optional[List[str]] = SetOpt,
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP)."),
+    nproc: Optional[int] = NprocOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
 ) -> None:

@@ -131,7 +131,10 @@ def render_plain(res: dict) -> str:
 def render_html(res: dict) -> str:
     """A self-contained page: the prompt coloured by saliency (and attention), hover for numbers."""
 
-    def spans(key: str) -> str:
+    peak_att = max((r.get("attention_mean", 0.0) for r in res["tokens"]), default=0.0) or 1.0
+    heat = {"saliency": lambda r: r["saliency_norm"], "attention": lambda r: r["attention_mean"] / peak_att}
+
+    def spans(kind: str) -> str:
         out = []
         for r in res["tokens"]:
             lp = "n/a" if r["logprob"] is None else f"{r['logprob']:.3f}"
@@ -139,26 +142,20 @@ def render_html(res: dict) -> str:
             if "attention_mean" in r:
                 tip += f" | attention {r['attention_mean']:.3f}"
             out.append(
-                f'<span class="t" style="background:{_bar(r[key])}" title="{html.escape(tip)}">{html.escape(r["token"])}</span>'
+                f'<span class="t" style="background:{_bar(heat[kind](r))}" title="{html.escape(tip)}">{html.escape(r["token"])}</span>'
             )
         return "".join(out)
 
-    peak_att = max((r.get("attention_mean", 0.0) for r in res["tokens"]), default=0.0) or 1.0
-    for r in res["tokens"]:
-        if "attention_mean" in r:
-            r["_att_norm"] = r["attention_mean"] / peak_att
-    sections = [("Gradient x input saliency", "saliency_norm")]
+    sections = [("Gradient x input saliency", "saliency")]
     if "attention" in res:
-        sections.append(("Attention (mean over layers and heads)", "_att_norm"))
+        sections.append(("Attention (mean over layers and heads)", "attention"))
     body = "".join(
-        f"<h2>{html.escape(title)}</h2><pre>{spans(key)}<b class=\"tgt\">{html.escape(res['target'])}</b></pre>" for title, key in sections
+        f"<h2>{html.escape(title)}</h2><pre>{spans(kind)}<b class=\"tgt\">{html.escape(res['target'])}</b></pre>" for title, kind in sections
     )
     top = "".join(
         f"<tr><td><code>{html.escape(repr(t['token']))}</code></td><td>{t['logprob']:.4f}</td><td>{math.exp(t['logprob']):.4f}</td></tr>"
         for t in res["next_token"]["top"]
     )
-    for r in res["tokens"]:
-        r.pop("_att_norm", None)
     return (
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>llmctl explain</title><style>"
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{white-space:pre-wrap;font-size:1.1em;line-height:1.8}"
