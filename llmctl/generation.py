@@ -100,11 +100,15 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
     if sp.logprobs is not None:
         kw.update(output_logits=True, return_dict_in_generate=True)  # raw logits: before temperature/top-k/top-p
-    with torch.no_grad():
-        out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
+    dec = _lean_for(model, enc["input_ids"].shape[1] + max_new)
     step_logits = None
-    if sp.logprobs is not None:
-        out, step_logits = out.sequences, out.logits
+    if dec is not None:
+        out, step_logits = lean_generate(dec, tok, enc, sp, max_new, eos_ids, streamer)
+    else:
+        with torch.no_grad():
+            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
+        if sp.logprobs is not None:
+            out, step_logits = out.sequences, out.logits
     n_in = enc["input_ids"].shape[1]
     prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
     results = []
@@ -132,6 +136,97 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
             rec["logprobs"] = token_logprobs(tok, new, [step[row] for step in step_logits[: len(new)]], text, sp.logprobs)
         results.append(rec)
     return results
+
+
+# generation_config settings that add logits processors `lean_generate` does not apply: a model
+# that sets any of them (a hub model's generation_config.json) is decoded by `generate`.
+_EXTRA_PROCESSORS = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "encoder_repetition_penalty": (None, 1.0), "num_beams": (None, 1),
+    "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False), "min_p": (None,), "typical_p": (None, 1.0),
+    "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,), "watermarking_config": (None,),
+    "guidance_scale": (None, 1.0), "diversity_penalty": (None, 0.0), "constraints": (None,), "force_words_ids": (None,),
+}
+
+
+def _lean_for(model, total_len: int):
+    """The lean decoder when it reproduces `model.generate` here exactly, else None."""
+    from llmctl.lean import decoder_for
+
+    dec = decoder_for(model)
+    if dec is None or (dec.window is not None and total_len > dec.window):
+        return None
+    gc = model.generation_config
+    if any(getattr(gc, k, None) not in ok for k, ok in _EXTRA_PROCESSORS.items()):
+        return None
+    return dec
+
+
+def lean_generate(dec, tok, enc, sp: Sampling, max_new: int, eos_ids: set[int], streamer=None):
+    """`model.generate` (greedy or multinomial sampling with temperature, top-k, top-p and
+    repetition penalty, stop strings, EOS) on the lean forward pass: the same transformers
+    logits processors in the same order and the same draws from torch's generator, so a seeded
+    run returns the tokens `generate` would. Returns (ids [rows, prompt + new], raw logits per
+    step or None)."""
+    import torch
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    procs = LogitsProcessorList()
+    if sp.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(sp.repetition_penalty))
+    if sp.do_sample:
+        if sp.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(sp.temperature))
+        if sp.top_k:
+            procs.append(TopKLogitsWarper(top_k=sp.top_k))
+        if sp.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=sp.top_p))
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if sp.num_return_sequences > 1:
+        ids = ids.repeat_interleave(sp.num_return_sequences, dim=0)
+        mask = mask.repeat_interleave(sp.num_return_sequences, dim=0)
+    B, n_in = ids.shape
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=ids.device) if eos_ids else None
+    cache = dec.new_cache()
+    padded = not bool(mask.all())
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = dec.forward(ids, pos, cache, mask=mask if padded else None)
+    pos = pos[:, -1:] + 1
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    unfinished = torch.ones(B, dtype=torch.long, device=ids.device)
+    seqs, raw = ids, ([] if sp.logprobs is not None else None)
+    texts_done = [False] * B
+    for step in range(max_new):
+        if raw is not None:
+            raw.append(logits)
+        scores = procs(seqs, logits) if procs else logits
+        nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if sp.do_sample else scores.argmax(dim=-1)
+        if eos is not None:
+            nxt = nxt * unfinished + pad * (1 - unfinished)
+        seqs = torch.cat([seqs, nxt[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if eos is not None:
+            unfinished = unfinished & ~torch.isin(nxt, eos)
+        if sp.stop:
+            for r in range(B):
+                if not texts_done[r] and unfinished[r]:
+                    if cut_at_stop(tok.decode(seqs[r, n_in:], skip_special_tokens=True), sp.stop)[1]:
+                        texts_done[r] = True
+                        unfinished[r] = 0
+        if step == max_new - 1 or not bool(unfinished.any()):
+            break
+        if padded:
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        logits = dec.forward(nxt[:, None], pos, cache, mask=mask if padded else None)
+        pos = pos + 1
+    if streamer is not None:
+        streamer.end()
+    return seqs, raw
 
 
 def token_logprobs(tok, ids: list[int], logits, text: str, top: int) -> list[dict]:

@@ -1,0 +1,260 @@
+"""A lean forward pass for decoding Llama-family models (llama, mistral, qwen2, qwen3).
+
+Decoding one token of a small model is dominated by Python, not arithmetic: transformers'
+forward builds masks, dispatches through attention interfaces and cache classes and checks
+kwargs at every layer, and `generate` adds logits processors and stopping criteria on top.
+This module runs the same modules' weights in a straight line: the model's own Linear and
+RMSNorm parameters (so int8/int4 quantized Linears work unchanged), one rotary table computed
+once by the model's own rotary embedding, and torch's scaled-dot-product attention over a
+plain per-layer KV cache. Its logits equal transformers' to float rounding (tests/test_lean.py
+compares them, and greedy decoding token for token).
+
+Models it does not cover (other architectures, dynamic/longrope rotary scaling, a sliding
+window the sequence would cross) are told apart by `unsupported()` and decoded by
+transformers as before. `LLMCTL_LEAN=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported(model) -> str | None:
+    """Why the lean path cannot decode this model, or None when it can."""
+    if os.environ.get("LLMCTL_LEAN", "1") == "0":
+        return "turned off by LLMCTL_LEAN=0"
+    c = model.config
+    if c.model_type not in ARCHS:
+        return f"model_type {c.model_type!r} (lean decoding covers {', '.join(ARCHS)})"
+    if getattr(c, "hidden_act", "silu") != "silu":
+        return f"hidden_act {c.hidden_act!r}"
+    inner = getattr(model, "model", None)
+    rot = getattr(inner, "rotary_emb", None)
+    if rot is None or not isinstance(getattr(rot, "rope_type", None), str):
+        return "no single rotary embedding"
+    if "dynamic" in rot.rope_type or rot.rope_type == "longrope":
+        return f"rotary scaling {rot.rope_type!r} depends on the sequence length"
+    if getattr(c, "pretraining_tp", 1) not in (1, None):
+        return "pretraining_tp > 1"
+    for layer in getattr(inner, "layers", []):
+        a, m = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if a is None or m is None or not all(hasattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "unexpected attention layout"
+        if not all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "unexpected MLP layout"
+    return None
+
+
+def sliding_window(model) -> int | None:
+    """The smallest attention window any layer uses (None: full attention everywhere)."""
+    c = model.config
+    w = getattr(c, "sliding_window", None)
+    if not w:
+        return None
+    types = getattr(c, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    if c.model_type == "qwen2" and not getattr(c, "use_sliding_window", False):
+        return None
+    return int(w)
+
+
+class KVCache:
+    """Keys and values per layer, [batch, kv_heads, time, head_dim] each (None before the first
+    pass). Rows can be selected and caches stacked, for continuous batching."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list = [None] * n_layers
+        self.values: list = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, i: int, k, v):
+        if self.keys[i] is None:
+            self.keys[i], self.values[i] = k, v
+        else:
+            self.keys[i] = torch.cat([self.keys[i], k], dim=2)
+            self.values[i] = torch.cat([self.values[i], v], dim=2)
+        return self.keys[i], self.values[i]
+
+    def select(self, idx) -> None:
+        """Keep only these batch rows."""
+        self.keys = [k[idx] for k in self.keys]
+        self.values = [v[idx] for v in self.values]
+
+    def drop_leading(self, n: int) -> None:
+        """Drop the first `n` time steps (columns no row uses any more)."""
+        self.keys = [k[:, :, n:] for k in self.keys]
+        self.values = [v[:, :, n:] for v in self.values]
+
+    def stack(self, other: "KVCache") -> None:
+        """Append `other`'s rows below this cache's, left-padding the shorter in time."""
+        ta, tb = self.length, other.length
+        t = max(ta, tb)
+        for i in range(len(self.keys)):
+            self.keys[i] = torch.cat([F.pad(self.keys[i], (0, 0, t - ta, 0)), F.pad(other.keys[i], (0, 0, t - tb, 0))])
+            self.values[i] = torch.cat([F.pad(self.values[i], (0, 0, t - ta, 0)), F.pad(other.values[i], (0, 0, t - tb, 0))])
+
+
+class LeanDecoder:
+    """`forward(ids, positions, mask, cache)`: logits of the last position (or every position)."""
+
+    def __init__(self, model):
+        why = unsupported(model)
+        if why:
+            raise ValueError(f"lean decoding does not cover this model: {why}")
+        self.model = model.eval()
+        inner = model.model
+        c = model.config
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.layers = list(inner.layers)
+        a0 = self.layers[0].self_attn
+        self.head_dim = getattr(a0, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.n_heads = c.num_attention_heads
+        self.n_kv = getattr(c, "num_key_value_heads", None) or self.n_heads
+        self.scale = float(getattr(a0, "scaling", self.head_dim**-0.5))
+        self.qk_norm = hasattr(a0, "q_norm") and hasattr(a0, "k_norm")
+        self.window = sliding_window(model)
+        self.context = getattr(c, "max_position_embeddings", None) or 4096
+        self._cos = self._sin = None
+        self.plan = [self._layer_plan(layer) for layer in self.layers]
+        self.final_norm = self._norm_plan(self.norm)
+
+    @staticmethod
+    def _norm_plan(norm):
+        """(weight, eps) for a plain RMSNorm (x * rsqrt(mean(x^2) + eps) * weight) that torch's
+        fused rms_norm computes in one call on float32; None: call the module."""
+        w, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if type(norm).__name__.endswith("RMSNorm") and "Gemma" not in type(norm).__name__ and isinstance(w, torch.Tensor) \
+                and w.dtype == torch.float32 and isinstance(eps, float):
+            return w, eps
+        return None
+
+    @staticmethod
+    def _fused(*mods):
+        """One weight (and bias) for several plain Linears over the same input, their weights
+        re-pointed at views of it so no memory is added; None when any is not a plain Linear
+        (a quantized one is called as it is)."""
+        plain = (torch.nn.Parameter, torch.Tensor)
+        if not all(type(m) is torch.nn.Linear and type(m.weight) in plain and type(m.weight.data) is torch.Tensor for m in mods):
+            return None
+        ws = [m.weight for m in mods]
+        if len({(w.dtype, w.device) for w in ws}) != 1 or len({m.bias is None for m in mods}) != 1:
+            return None
+        if len(mods) == 1:
+            return ws[0], mods[0].bias, [ws[0].shape[0]]
+        with torch.no_grad():
+            w = torch.cat([x.detach() for x in ws])
+            b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        sizes, at = [x.shape[0] for x in ws], 0
+        for m, n in zip(mods, sizes):
+            m.weight = torch.nn.Parameter(w[at : at + n], requires_grad=False)
+            if b is not None:
+                m.bias = torch.nn.Parameter(b[at : at + n], requires_grad=False)
+            at += n
+        return w, b, sizes
+
+    def _layer_plan(self, layer):
+        a, m = layer.self_attn, layer.mlp
+        return {"ln1": self._norm_plan(layer.input_layernorm), "ln2": self._norm_plan(layer.post_attention_layernorm),
+                "qkv": self._fused(a.q_proj, a.k_proj, a.v_proj), "o": self._fused(a.o_proj),
+                "gu": self._fused(m.gate_proj, m.up_proj), "down": self._fused(m.down_proj)}
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def _rope(self, positions):
+        """cos, sin for these positions [B, n] -> [B, 1, n, head_dim], from a table computed once
+        by the model's own rotary embedding (so every static scaling type is honoured)."""
+        need = int(positions.max()) + 1
+        if self._cos is None or self._cos.shape[0] < need:
+            n = max(need, self.context)
+            p = torch.arange(n, device=positions.device)[None]
+            probe = torch.zeros(1, dtype=self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32,
+                                device=positions.device)
+            cos, sin = self.model.model.rotary_emb(probe, p)
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos[positions][:, None], self._sin[positions][:, None]
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    @torch.inference_mode()
+    def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False):
+        """ids, positions: [B, n]; mask: [B, cache.length + n] with 1 for real tokens, or None
+        when every row is real (no padding). Returns float logits [B, V] for the last position,
+        or [B, n, V] with `all_logits`."""
+        B, n = ids.shape
+        t0 = cache.length
+        if self.window is not None and t0 + n > self.window:
+            raise ValueError(f"sequence of {t0 + n} tokens crosses the model's {self.window}-token sliding window")
+        cos, sin = self._rope(positions)
+        attn_mask, causal = None, False
+        if mask is not None and not bool(mask.all()):
+            keep = mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+            if n > 1:
+                q = torch.arange(t0, t0 + n, device=ids.device)[:, None]
+                k = torch.arange(t0 + n, device=ids.device)[None]
+                # every query sees itself: padding rows attend to something (no NaN in the cache)
+                keep = (keep & (k <= q)) | (k == q)
+            attn_mask = keep
+        elif n > 1:
+            if t0 == 0:
+                causal = True
+            else:
+                q = torch.arange(t0, t0 + n, device=ids.device)[:, None]
+                attn_mask = torch.arange(t0 + n, device=ids.device)[None] <= q
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        h = self.embed(ids)
+        d = h.shape[-1]
+        for i, (layer, p) in enumerate(zip(self.layers, self.plan)):
+            a, m = layer.self_attn, layer.mlp
+            x = F.rms_norm(h, (d,), *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
+            if p["qkv"]:
+                q, k, v = F.linear(x, p["qkv"][0], p["qkv"][1]).split(p["qkv"][2], dim=-1)
+            else:
+                q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+            q, k, v = q.view(B, n, H, D), k.view(B, n, KV, D), v.view(B, n, KV, D).transpose(1, 2)
+            if self.qk_norm:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q = self._rotate(q.transpose(1, 2), cos, sin)
+            k = self._rotate(k.transpose(1, 2), cos, sin)
+            k, v = cache.append(i, k, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=KV != H)
+            o = o.transpose(1, 2).reshape(B, n, H * D)
+            h = h + (F.linear(o, p["o"][0], p["o"][1]) if p["o"] else a.o_proj(o))
+            x = F.rms_norm(h, (d,), *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
+            if p["gu"]:
+                g, u = F.linear(x, p["gu"][0], p["gu"][1]).split(p["gu"][2], dim=-1)
+            else:
+                g, u = m.gate_proj(x), m.up_proj(x)
+            x = F.silu(g) * u
+            h = h + (F.linear(x, p["down"][0], p["down"][1]) if p["down"] else m.down_proj(x))
+        if not all_logits:
+            h = h[:, -1:]
+        h = F.rms_norm(h, (d,), *self.final_norm) if self.final_norm else self.norm(h)
+        logits = self.head(h).float()
+        return logits if all_logits else logits[:, -1]
+
+
+def decoder_for(model) -> LeanDecoder | None:
+    """A LeanDecoder when it covers this model, else None (decode with transformers)."""
+    if unsupported(model):
+        return None
+    dec = getattr(model, "_llmctl_lean", None)
+    if dec is None:
+        dec = LeanDecoder(model)
+        model._llmctl_lean = dec
+    return dec

@@ -1,0 +1,141 @@
+"""The lean decoding path against transformers itself: same logits, same tokens, same draws."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import sentences, train_tiny_tokenizer
+
+V = 300
+
+
+def _model(arch: str, **kw):
+    import transformers
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    common.update(kw)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    if arch == "qwen3":
+        common["head_dim"] = 16  # wider than hidden / heads, as Qwen3 models are
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**common)).eval()
+    with torch.no_grad():  # sharper than a fresh init, so argmax ties cannot hide a difference
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("llama", {}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("qwen2", {}),  # q/k/v biases
+    ("qwen3", {}),  # q/k norms, head_dim != hidden / heads
+    ("mistral", {"sliding_window": None}),
+])
+def test_logits_equal_transformers(arch, kw):
+    from llmctl.lean import LeanDecoder, unsupported
+
+    model = _model(arch, **kw)
+    assert unsupported(model) is None
+    dec = LeanDecoder(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as batched generation has
+    mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, 2)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    cache = dec.new_cache()
+    got = dec.forward(ids[:, :8], pos[:, :8], cache, mask=mask[:, :8], all_logits=True)
+    real = mask[:, :8].bool()
+    assert torch.allclose(got[real], ref[:, :8][real], atol=1e-4), (got[real] - ref[:, :8][real]).abs().max()
+    # then token by token on the cache: the decode step users wait on
+    for t in range(8, 11):
+        step = dec.forward(ids[:, t : t + 1], pos[:, t : t + 1], cache, mask=mask[:, : t + 1])
+        assert torch.allclose(step, ref[:, t], atol=1e-4), (step - ref[:, t]).abs().max()
+
+
+def test_unsupported_models_fall_back():
+    import transformers
+
+    from llmctl.lean import decoder_for, unsupported
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert "gpt2" in unsupported(gpt2) and decoder_for(gpt2) is None
+    dyn = _model("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    assert "dynamic" in unsupported(dyn)
+    from llmctl.lean import sliding_window
+
+    assert sliding_window(_model("mistral", sliding_window=16)) == 16
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return train_tiny_tokenizer(sentences(200), tmp_path_factory.mktemp("tok"), vocab_size=V)
+
+
+@pytest.mark.parametrize("sampling", [
+    dict(do_sample=False),
+    dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, num_return_sequences=2, seed=7),
+    dict(do_sample=False, logprobs=3),
+])
+def test_generate_batch_matches_transformers_generate(tok, monkeypatch, sampling):
+    """generate_batch through the lean path returns what `model.generate` returns: the same
+    texts, finish reasons, token counts and logprobs, with prompts of different lengths (left
+    padding), a stop string, EOS, and seeded sampling with every processor."""
+    import llmctl.lean
+    from llmctl.generation import Sampling, generate_batch
+
+    model = _model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    prompts = ["the cat", "a much longer prompt about the dog and", "hello"]
+    sp = Sampling(**{"max_new_tokens": 16, **sampling})
+    monkeypatch.setenv("LLMCTL_LEAN", "0")
+    free = generate_batch(model, tok, prompts, sp)
+    # Make the rows end differently: row 0 on a stop string, row 1 on EOS, the rest by length.
+    ids1 = tok(free[1 * sp.num_return_sequences]["text"], add_special_tokens=False)["input_ids"]
+    model.generation_config.eos_token_id = ids1[4]
+    stop = free[0]["text"][6:8]
+    sp.stop = (stop,)
+    ref = generate_batch(model, tok, prompts, sp)
+    monkeypatch.setenv("LLMCTL_LEAN", "1")
+    calls = []
+    real = llmctl.lean.LeanDecoder.forward
+    monkeypatch.setattr(llmctl.lean.LeanDecoder, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    lean = generate_batch(model, tok, prompts, sp)
+    assert calls, "the lean path was not taken"
+    assert len(lean) == len(ref) == len(prompts) * sp.num_return_sequences
+    for a, b in zip(lean, ref):
+        assert (a["text"], a["finish_reason"], a["completion_tokens"]) == (b["text"], b["finish_reason"], b["completion_tokens"])
+        if sp.logprobs is not None:
+            assert [e["id"] for e in a["logprobs"]] == [e["id"] for e in b["logprobs"]]
+            assert [e["logprob"] for e in a["logprobs"]] == pytest.approx([e["logprob"] for e in b["logprobs"]], abs=1e-4)
+    if not sp.do_sample:
+        assert [r["finish_reason"] for r in ref] == ["stop", "eos", "length"], [r["text"] for r in ref]
+
+
+def test_streamer_sees_the_same_text(tok, capsys):
+    from transformers import TextStreamer
+
+    from llmctl.generation import Sampling, generate_batch
+
+    model = _model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    res = generate_batch(model, tok, ["the cat"], Sampling(max_new_tokens=12), streamer=TextStreamer(tok, skip_prompt=True))
+    assert capsys.readouterr().out.strip() == res[0]["text"].strip()
+
+
+def test_hub_generation_config_extras_use_generate(tok):
+    """A generation_config.json that asks for a processor the lean loop does not apply
+    (no_repeat_ngram_size here) is decoded by transformers, so its output stays right."""
+    from llmctl.generation import _lean_for
+
+    model = _model("llama", vocab_size=len(tok))
+    assert _lean_for(model, 20) is not None
+    model.generation_config.no_repeat_ngram_size = 3
+    assert _lean_for(model, 20) is None
