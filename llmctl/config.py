@@ -372,7 +372,7 @@ class ServeConfig(Section):
     max_tokens_cap: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch_size: int = Field(8, ge=1, description="Sequences (a request with n: 3 is three) decoded together in one forward pass.")
     max_queue: int = Field(64, ge=1, description="Sequences waiting for a slot in the running batch; past this, requests get 429 with Retry-After.")
-    batch_wait_ms: float = Field(5.0, ge=0, description="When idle, how long the first request waits for others to start with it (busy: newcomers join the running batch at the next step).")
+    batch_wait_ms: float = Field(0.0, ge=0, description="When idle, how long the first request waits for others to start with it (0: at once; newcomers join the running batch at the next step). A few ms helps only models served batch-at-a-time.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to serve on.")
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")

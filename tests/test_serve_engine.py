@@ -175,6 +175,28 @@ def test_greedy_batched_and_joining_mid_decode_equals_alone(model_dir, monkeypat
         e.stop()
 
 
+def test_lean_forward_serves_what_transformers_serves(tmp_path, monkeypatch):
+    """The engine on the lean forward pass (llmctl/lean.py) gives, token for token, what it
+    gives on transformers' forward: batched, joined mid-decode, with sampling and echo logprobs."""
+    path = _sharp_model(tmp_path, "llama")
+    outs = {}
+    for lean in ("1", "0"):
+        monkeypatch.setenv("LLMCTL_LEAN", lean)
+        e = _engine(path)
+        try:
+            assert (e.lean is not None) == (lean == "1")
+            jobs = [_job(e, p, mt, **({"temperature": 0.9, "seed": i} if i % 2 else {})) for i, (p, mt) in enumerate(zip(PROMPTS, MAX_TOKENS))]
+            echo = _job(e, PROMPTS[1], 4, logprobs=2, echo_logprobs=True)
+            with monkeypatch.context() as m:
+                _submit_during_decode(e, m, {k + 1: [j] for k, j in enumerate(jobs[1:] + [echo])})
+                e.submit([jobs[0]])
+                texts = [_collect(j) for j in jobs + [echo]]
+            outs[lean] = (texts, [(t, round(lp, 4)) for t, lp, *_ in echo.prompt_lps[1:]])
+        finally:
+            e.stop()
+    assert outs["1"] == outs["0"]
+
+
 def test_seeded_sampling_is_the_same_alone_and_batched(model_dir):
     e = _engine(model_dir)
     try:

@@ -28,7 +28,6 @@ from llmctl.server.metrics import Metrics
 from llmctl.server.schemas import UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, ModerationRequest, _Req, error_body
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-DISCONNECT_POLL_S = 0.25
 MODERATION_MODEL = "llmctl-rails"
 
 
@@ -292,15 +291,22 @@ def create_app(
     async def run_all(request: Request, jobs: list[Job]) -> list[tuple[str, str, list]]:
         """All sequences' results; cancels them if the client disconnects first."""
         task = asyncio.gather(*(collect(j) for j in jobs))
+
+        async def hung_up() -> None:
+            # The body is read: the next ASGI message is the client's disconnect, sent by the
+            # server the moment the connection closes (no polling delay).
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(hung_up())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    task.cancel()
-                    raise ApiError(499, "client closed the request", code="client_closed")
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            raise ApiError(499, "client closed the request", code="client_closed")
         finally:
+            watcher.cancel()
             for j in jobs:
                 j.cancelled = True  # no-op for finished ones; frees the rows of an abandoned request
             if not task.done():

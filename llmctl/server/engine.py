@@ -200,6 +200,12 @@ class Engine:
             eos = self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        from llmctl.lean import decoder_for
+
+        # The lean forward pass (llmctl/lean.py) when it covers the model for every length served.
+        self.lean = decoder_for(self.model)
+        if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
+            self.lean = None
         self.ready.set()
 
     def submit(self, jobs: list[Job]) -> None:
@@ -300,6 +306,12 @@ class Engine:
         B = len(batch)
         batch.mask = torch.cat([batch.mask, torch.ones((B, 1), dtype=batch.mask.dtype, device=dev)], dim=1)
         ids = torch.tensor(tokens, dtype=torch.long, device=dev).view(B, 1)
+        if self.lean is not None:
+            batch.logits = self.lean.forward(ids, batch.pos.view(B, 1), batch.cache, mask=batch.mask)
+            self.steps += 1
+            self.metrics.add_forward()
+            batch.pos = batch.pos + 1
+            return batch
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids,
@@ -330,6 +342,16 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         echo = any(j.echo_logprobs for j in jobs)
+        gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
+        if self.lean is not None:
+            cache = self.lean.new_cache()
+            logits = self.lean.forward(ids, pos, cache, mask=mask, all_logits=echo)
+            self.steps += 1
+            self.metrics.add_forward()
+            if echo:
+                self._prompt_logprobs(jobs, logits, n)
+                logits = logits[:, -1]
+            return _Batch(jobs, cache, mask, pos[:, -1] + 1, logits, gens)
         kw = {"logits_to_keep": 1} if self._keep_kw and not echo else {}
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
@@ -337,7 +359,6 @@ class Engine:
         self.metrics.add_forward()
         if echo:
             self._prompt_logprobs(jobs, out.logits, n)
-        gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
         return _Batch(jobs, _cache_of(out), mask, pos[:, -1] + 1, out.logits[:, -1, :].float(), gens)
 
     @staticmethod
@@ -346,6 +367,11 @@ class Engine:
 
     def _mergeable(self, batch: _Batch) -> bool:
         from transformers.cache_utils import DynamicLayer
+
+        from llmctl.lean import KVCache
+
+        if isinstance(batch.cache, KVCache):
+            return True
 
         layers = self._layers(batch.cache)
         return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
@@ -359,7 +385,11 @@ class Engine:
             raise RuntimeError("cannot merge these KV caches")  # _admit checks first
         ta, tb = a.mask.shape[1], b.mask.shape[1]
         T = max(ta, tb)
-        for la, lb in zip(self._layers(a.cache), self._layers(b.cache)):
+        from llmctl.lean import KVCache
+
+        if isinstance(a.cache, KVCache):
+            a.cache.stack(b.cache)
+        for la, lb in zip(self._layers(a.cache) or [], self._layers(b.cache) or []):
             # keys/values: [B, heads, T, head_dim]; pad the T axis on the left with zeros (masked).
             la.keys = torch.cat([F.pad(la.keys, (0, 0, T - ta, 0)), F.pad(lb.keys, (0, 0, T - tb, 0))], dim=0)
             la.values = torch.cat([F.pad(la.values, (0, 0, T - ta, 0)), F.pad(lb.values, (0, 0, T - tb, 0))], dim=0)
@@ -374,8 +404,14 @@ class Engine:
         """Keep only these rows; drop leading cache columns no remaining row uses."""
         import torch
 
+        from llmctl.lean import KVCache
+
         idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        batch.cache.batch_select_indices(idx)
+        lean = isinstance(batch.cache, KVCache)
+        if lean:
+            batch.cache.select(idx)
+        else:
+            batch.cache.batch_select_indices(idx)
         batch.mask = batch.mask[idx]
         batch.pos = batch.pos[idx]
         batch.logits = batch.logits[idx]
@@ -383,7 +419,10 @@ class Engine:
         batch.gens = [batch.gens[i] for i in keep]
         used = batch.mask.any(dim=0).nonzero()
         lead = int(used[0]) if len(used) else 0
-        if lead > 0 and self._mergeable(batch):
+        if lead > 0 and lean:
+            batch.cache.drop_leading(lead)
+            batch.mask = batch.mask[:, lead:]
+        elif lead > 0 and self._mergeable(batch):
             for layer in self._layers(batch.cache):
                 layer.keys = layer.keys[:, :, lead:]
                 layer.values = layer.values[:, :, lead:]
