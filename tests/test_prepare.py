@@ -114,9 +114,10 @@ def test_builtin_corpus_and_next_line_pairs(tmp_path):
     res = prepare.run(cfg, RunDir(cfg.run.dir))
     assert res["documents"] > 5 and res["pairs"] > 0
     pairs = load_from_disk(str(RunDir(cfg.run.dir).pairs_dir))["validation"]
-    for p in pairs:  # preceding lines, then a line's indentation and first word; the reference is the rest of it
-        head = p["prompt"].splitlines()[-1]
-        assert "\n" in p["prompt"] and head.strip().isidentifier()
+    for p in pairs:  # preceding lines, then the first half of a line; the reference is the rest of it
+        head = p["prompt"].splitlines()[-1].strip()
+        assert "\n" in p["prompt"] and head and not p["prompt"].endswith(" ")
+        assert len(head) <= len(p["reference"]) + 2  # the cut is at or before the line's middle
         assert p["reference"] and "\n" not in p["reference"] and p["reference"] == p["reference"].strip()
 
 
@@ -130,14 +131,18 @@ def test_next_line_pairs_come_from_code_lines():
         "    # return in a comment is not code either\n"
         "    with open(path) as f:\n"
         "        data = f.read().splitlines()\n"
+        "    for name, value in sorted(data.items()):\n"
+        "        print(name)\n"
         "    return [line.strip() for line in data]\n"
     )
     pairs = list(next_line_pairs(src, max_per_doc=10))
+    # each line is cut at the last space at or before its middle (print(name) has none: no pair)
     assert [(p.splitlines()[-1].strip(), r) for p, r in pairs] == [
-        ("def", "load(path):"), ("with", "open(path) as f:"), ("data", "= f.read().splitlines()"), ("return", "[line.strip() for line in data]"),
+        ("def", "load(path):"), ("with", "open(path) as f:"), ("data =", "f.read().splitlines()"),
+        ("for name, value in", "sorted(data.items()):"), ("return", "[line.strip() for line in data]"),
     ]
     lines = src.splitlines()
-    for p, r in pairs:  # the prompt is the file up to the line's first word, as written; so is the line
+    for p, r in pairs:  # the prompt is the file up to the cut, as written; so is the line
         assert src.startswith(p) and p.splitlines()[-1] + " " + r in lines
 
 
