@@ -54,7 +54,7 @@ def _quickstart(r: dict) -> list[str]:
         f"{t['steps']} steps in {t['seconds']:.0f} s.",
         f"  Held-out perplexity {_n(e['init_perplexity'])} before training -> {_n(e['perplexity'])} after "
         f"(unigram baseline {_n(e['baseline_unigram_perplexity'])}). BLEU on {e['examples']} held-out "
-        f"next-line pairs (complete a line of a held-out file from the lines before it and its first word): "
+        f"line-completion pairs (complete a line of a held-out file from its first half and the lines before it): "
         f"{_n(e['init_bleu'])} before -> {_n(e['bleu'])} after (copy-the-prompt baseline {_n(e['baseline_copy_bleu'])}; "
         f"chrF {_n(e['chrf'])}, exact match {e['exact_match']:.2f}).",
     ]
@@ -69,12 +69,17 @@ ROWS = [  # (benchmark, ratio key in results.json, how README names it)
     ("prepare", "prepare tokens/s vs raw encode_batch (the limit)", "tokens/s vs raw `tokenizers` `encode_batch` (the limit)"),
     ("curate", "curation share of prepare CPU time (lower better)", "data curation's share of the quickstart prepare's CPU time (lower is better)"),
     ("train", "train tokens/s llmctl vs bare PyTorch", "tokens/s vs a bare PyTorch loop (best of 3 each)"),
+    ("schedule_fit", "step-count bits/byte / time-fitted bits/byte (equal wall time)", "`max_time` run: step-count schedule's bits/byte over the time-fitted one's (equal wall time)"),
     ("generate", "generate batched(8) vs sequential", "batched (8) vs one prompt at a time"),
     ("generate", "generate batched(8) vs transformers pipeline(batch_size=8)", "batched (8) vs `transformers.pipeline` (batch_size=8)"),
     ("generate", "generate one prompt streamed vs bare model.generate", "one prompt streamed vs bare `model.generate`"),
     ("eval", "eval perplexity tokens/s vs lm-eval loglikelihood_rolling", "perplexity tokens/s vs lm-eval `loglikelihood_rolling`"),
     ("eval", "eval log-likelihood relative difference vs lm-eval", "log-likelihood relative difference vs lm-eval (same number)"),
     ("serve", "serve throughput 8 clients vs 1", "requests/s, 8 clients vs 1"),
+    ("serve", "llmctl single-stream decode vs transformers generate (in-process)", "single-stream decode (the engine's lean path) vs `model.generate`, in-process"),
+    ("serve", "serve 1 client tokens/s vs transformers generate in-process", "1 client over HTTP, tokens/s vs `model.generate` in-process"),
+    ("serve", "serve per-request overhead ms (1 client, p50)", "per-request overhead, ms beyond the tokens (1 client, p50; lower is better)"),
+    ("serve", "serve 8 clients tokens/s vs llama-server (same weights)", "8 clients, tokens/s vs llama.cpp's `llama-server` (same weights, f32 GGUF)"),
     ("serve", "serve errors (all phases)", "errors (all phases)"),
     ("serve", "serve tokens/s with logprobs=5 vs without (8 clients)", "tokens/s with `logprobs: 5` vs without (8 clients)"),
     ("serve", "safety rails p50 ms per request (default)", "safety rails, p50 ms per request (default rails; lower is better)"),
@@ -93,7 +98,7 @@ def _fmt(v: float) -> str:
 
 def _details(r: dict) -> list[str]:
     out = []
-    for fn in (_prepare_line, _generate_line, _eval_line, _compress_line):
+    for fn in (_prepare_line, _generate_line, _eval_line, _serve_line, _schedule_line, _compress_line):
         try:
             line = fn(r)
         except (KeyError, TypeError):  # a row from an older benchmark format: not quoted
@@ -130,6 +135,33 @@ def _eval_line(r: dict) -> str | None:
                    f"perplexity {e['llmctl']['perplexity']}), lm-eval {e['lm_eval']['seconds']:.1f} s ({_n(e['lm_eval']['tokens_per_s'], 0)} tokens/s, "
                 f"perplexity {e['lm_eval']['perplexity']}).")
     return None
+
+
+def _serve_line(r: dict) -> str | None:
+    s = (r.get("serve") or {}).get("metrics")
+    if not s or "single_stream" not in s:
+        return None
+    one, ref = s["single_stream"], s.get("llama_server") or {}
+    line = (f"- serve ({s['model']}, {s['max_tokens']} new tokens, greedy, {one['threads']} engine thread(s)): 1 client "
+            f"{_n(s['clients_1']['tokens_per_s'], 1)} tokens/s, 8 clients {_n(s['clients_8']['tokens_per_s'], 1)} tokens/s "
+            f"(p95 {s['clients_8']['p95_s']:.3f} s); in-process single stream: llmctl {_n(one['llmctl_tokens_per_s'], 1)}, "
+            f"`model.generate` {_n(one['generate_tokens_per_s'], 1)} tokens/s; overhead per request {one['serve_overhead_ms_p50']:.1f} ms.")
+    if "clients_8" in ref:
+        line += (f" llama-server on the same weights: 1 client {_n(ref['clients_1']['tokens_per_s'], 1)}, 8 clients "
+                 f"{_n(ref['clients_8']['tokens_per_s'], 1)} tokens/s (p95 {ref['clients_8']['p95_s']:.3f} s).")
+    elif ref.get("skipped"):
+        line += f" llama-server: not measured ({ref['skipped']})."
+    return line
+
+
+def _schedule_line(r: dict) -> str | None:
+    m = (r.get("schedule_fit") or {}).get("metrics")
+    if not m:
+        return None
+    f, s = m["time_fitted"][0], m["step_count"][0]
+    return (f"- `train.max_time` schedule ({m['budget_s']:.0f} s budget each, {m['rounds']} alternating rounds, median): time-fitted "
+            f"{m['time_fitted_bits_per_byte']:.4f} bits/byte ({f['steps']} steps, ends at lr {f['last_lr']:.1e}) vs step-count "
+            f"{m['step_count_bits_per_byte']:.4f} ({s['steps']} of {s['schedule_steps']} planned steps, cut at lr {s['last_lr']:.1e}).")
 
 
 def _compress_line(r: dict) -> str | None:
@@ -186,8 +218,8 @@ def serve(r: dict) -> str:
     errs = c1["errors"] + c8["errors"]
     return (f"Numbers (`bench/serve.py`, from `bench/results.json`: {s['model']}, {s['max_tokens']} new tokens, greedy, CPU, "
             f"2 shared cores): 1 client {c1['rps']:.2f} requests/s (p50 {c1['p50_s']:.2f} s), 8 clients {c8['rps']:.2f} requests/s "
-            f"(p50 {c8['p50_s']:.2f} s, p95 {c8['p95_s']:.2f} s), {rt:.1f}x, about {c8['tokens_per_forward_pass']:.1f} tokens per "
-            f"forward pass, {'zero errors' if errs == 0 else f'{errs} errors'}.")
+            f"(p50 {c8['p50_s']:.2f} s, p95 {c8['p95_s']:.2f} s), {rt:.1f}x, {c8['tokens_per_s']:.0f} tokens/s, "
+            f"{'zero errors' if errs == 0 else f'{errs} errors'}.")
 
 
 PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve}

@@ -2,8 +2,13 @@
 
 Starts the real `llmctl serve` on a quickstart-sized random llama (4 layers, hidden 128,
 vocab ~4096) and sends greedy /v1/completions requests of 32 new tokens from closed-loop
-clients. Each phase is bounded in count and time. Target: >= 3x throughput at 8 clients
-versus 1, zero errors. Then the safety rails' own cost per request, measured in-process on
+clients. Each phase is bounded in count and time. Targets: >= 3x throughput at 8 clients
+versus 1, zero errors; one client at >= 2x transformers' `model.generate` on the same model
+and prompts in-process (same thread count as the engine), with under 5 ms per request beyond
+the tokens themselves (a request's latency minus its tokens at the engine's in-process decode
+rate); and when llama.cpp's `llama-server` is found ($LLAMA_CPP_BIN, PATH or
+/opt/llamacpp/build/bin), the same phases against it on the same weights (our f32 GGUF), with
+8-client tokens/s >= 0.5x its own. Then the safety rails' own cost per request, measured in-process on
 the texts the server streamed (prompt check, then every streamed delta through the output
 guard): p50 <= 1 ms with the default rails and with redacting/blocking ones.
 
@@ -84,6 +89,115 @@ def streamed(client, url: str, prompt: str) -> list[str]:
     return deltas
 
 
+def in_process(model_dir: Path, prompts: list[str], threads: int) -> dict:
+    """Single-stream tokens/s in this process: transformers' `generate` and llmctl's own decode
+    (the lean path the engine runs), greedy, MAX_TOKENS each with EOS off, best of 3."""
+    import torch
+
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.modeling import load_for_inference
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_inference(str(model_dir))
+    model.generation_config.eos_token_id = None
+    sp = Sampling(max_new_tokens=MAX_TOKENS)
+
+    def hf():
+        n = 0
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+            n += out.shape[1] - ids["input_ids"].shape[1]
+        return n
+
+    def ours():
+        return sum(generate_batch(model, tok, [p], sp)[0]["completion_tokens"] for p in prompts)
+
+    best = {"generate": 0.0, "llmctl": 0.0}
+    hf(), ours()
+    for _ in range(3):
+        for name, fn in (("generate", hf), ("llmctl", ours)):
+            t0 = time.perf_counter()
+            n = fn()
+            best[name] = max(best[name], n / (time.perf_counter() - t0))
+    return {k + "_tokens_per_s": round(v, 1) for k, v in best.items()}
+
+
+def start(cmd: list[str], ready, env=None) -> tuple[subprocess.Popen, str]:
+    """Start a server; `ready(line)` returns its base URL from a line of its stderr."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    url = None
+    while url is None:
+        line = proc.stderr.readline()
+        if not line:
+            raise SystemExit(f"{cmd[0]} did not start")
+        url = ready(line)
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    return proc, url
+
+
+def phases(url: str, model_name: str, extra_body: dict, which=PHASES) -> dict:
+    import httpx
+
+    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16))
+
+    def one(i, deadline, extra=None):
+        if time.perf_counter() > deadline:
+            return None
+        t0 = time.perf_counter()
+        body = {"model": model_name, "prompt": f"request number {i} says", "max_tokens": MAX_TOKENS, "temperature": 0,
+                **extra_body, **(extra or {})}
+        r = client.post(url + "/v1/completions", json=body)
+        ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
+        return time.perf_counter() - t0, ok, r.json()["usage"]["completion_tokens"] if ok else 0
+
+    one(-1, float("inf"))  # warm-up
+    res = {}
+    for name, conc, n, extra in which:
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(conc) as ex:
+            out = [o for o in ex.map(lambda i: one(i, t0 + PHASE_SECONDS, extra), range(n)) if o is not None]
+        wall = time.perf_counter() - t0
+        lats = [o[0] for o in out]
+        tokens = sum(o[2] for o in out)
+        res[name] = {"requests": len(out), "seconds": round(wall, 2), "rps": round(len(out) / wall, 3),
+                     "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
+                     "errors": sum(not o[1] for o in out), "_requests": [(o[0], o[2]) for o in out]}
+    return res
+
+
+def llama_server(model_dir: Path, tmp: Path) -> dict:
+    """The same phases against llama.cpp's llama-server on our f32 GGUF of the same weights."""
+    import socket
+
+    from llmctl.exporters import gguf as gguf_x
+    from llmctl.modeling import load_for_inference
+
+    binary = gguf_x.llama_cpp("llama-server")
+    if binary is None:
+        return {"skipped": "llama-server not found ($LLAMA_CPP_BIN, PATH, /opt/llamacpp/build/bin)"}
+    model, tok = load_for_inference(str(model_dir))
+    (tmp / "gguf").mkdir(exist_ok=True)
+    path = gguf_x.write(model, tok, tmp / "gguf", "f32", "bench")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = model.config.max_position_embeddings
+    cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", "8", "-c", str(8 * ctx), "--no-webui"]
+    proc, url = start(cmd, lambda line: f"http://127.0.0.1:{port}" if "listening" in line or "server is listening" in line else None)
+    try:
+        # ignore_eos: every request makes MAX_TOKENS, as many or more than ours (EOS on)
+        res = phases(url, "bench", {"ignore_eos": True}, PHASES[:2])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"binary": str(binary), "gguf": path.name, "threads": "llama-server default", **res}
+
+
 def main() -> None:
     import httpx
 
@@ -92,50 +206,46 @@ def main() -> None:
     cfg = tmp / "c.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / "run")},
                                    "serve": {"model": str(model), "max_batch_size": 8, "max_queue": 256}}))
-    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"], stderr=subprocess.PIPE, text=True)
-    url = None
-    while url is None:
-        line = proc.stderr.readline()
-        if not line:
-            raise SystemExit("server did not start")
-        m = re.search(r" on (http://[\d.]+:\d+)/v1", line)
-        url = m.group(1) if m else None
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep the pipe drained
+    proc, url = start([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"],
+                      lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None))
     res = {}
     try:
         client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=16))
-
-        def one(i, deadline, extra=None):
-            if time.perf_counter() > deadline:
-                return None
-            t0 = time.perf_counter()
-            body = {"model": "bench", "prompt": f"request number {i} says", "max_tokens": MAX_TOKENS, "temperature": 0, **(extra or {})}
-            r = client.post(url + "/v1/completions", json=body)
-            ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
-            return time.perf_counter() - t0, ok, r.json()["usage"]["completion_tokens"] if ok else 0
-
-        one(-1, float("inf"))  # warm-up
-        for name, conc, n, extra in PHASES:
-            f0 = metric(client, url, "llmctl_forward_passes_total")
-            t0 = time.perf_counter()
-            with cf.ThreadPoolExecutor(conc) as ex:
-                out = [o for o in ex.map(lambda i: one(i, t0 + PHASE_SECONDS, extra), range(n)) if o is not None]
-            wall = time.perf_counter() - t0
-            forwards = metric(client, url, "llmctl_forward_passes_total") - f0
-            lats = [o[0] for o in out]
-            tokens = sum(o[2] for o in out)
-            res[name] = {"requests": len(out), "seconds": round(wall, 2), "rps": round(len(out) / wall, 3),
-                         "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
-                         "tokens_per_forward_pass": round(tokens / max(forwards, 1), 2), "errors": sum(not o[1] for o in out)}
+        f0 = metric(client, url, "llmctl_forward_passes_total")
+        res = phases(url, "bench", {})
+        forwards = metric(client, url, "llmctl_forward_passes_total") - f0
+        res["clients_all"] = {"forward_passes": forwards, "tokens_per_forward_pass": round(sum(r["tokens_per_s"] * r["seconds"] for r in res.values()) / max(forwards, 1), 2)}
         prompts = [f"request number {i} says" for i in range(16)]
         safety = rails_cost([(p, streamed(client, url, p)) for p in prompts])
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    metrics = {**res, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety}
-    write_result("serve", metrics, {
+    from llmctl.server.engine import default_threads
+
+    threads = default_threads()
+    single = in_process(model, [f"request number {i} says" for i in range(8)], threads)
+    # beyond the tokens themselves: a 1-client request's latency minus its tokens at the
+    # engine's own in-process decode rate (prefill included in that rate's prompts)
+    over = [lat - n / single["llmctl_tokens_per_s"] for lat, n in res["clients_1"].pop("_requests")]
+    for k in ("clients_8", "clients_8_logprobs"):
+        res[k].pop("_requests")
+    single["serve_overhead_ms_p50"] = round(pct(over, 0.5) * 1000, 2)
+    single["threads"] = threads
+    ref = llama_server(model, tmp)
+    for k in ("clients_1", "clients_8"):
+        if k in ref:
+            ref[k].pop("_requests")
+    metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety}
+    ratios = {
+        "serve 1 client tokens/s vs transformers generate in-process": ratio(res["clients_1"]["tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
+        "llmctl single-stream decode vs transformers generate (in-process)": ratio(single["llmctl_tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
+        "serve per-request overhead ms (1 client, p50)": ratio(single["serve_overhead_ms_p50"], 5.0, higher_is_better=False),
+    }
+    if "clients_8" in ref:
+        ratios["serve 8 clients tokens/s vs llama-server (same weights)"] = ratio(res["clients_8"]["tokens_per_s"] / ref["clients_8"]["tokens_per_s"], 0.5)
+    write_result("serve", metrics, {**ratios,
         "serve throughput 8 clients vs 1": ratio(res["clients_8"]["rps"] / res["clients_1"]["rps"], 3.0),
-        "serve errors (all phases)": ratio(float(sum(r["errors"] for r in res.values())), 0.0, higher_is_better=False),
+        "serve errors (all phases)": ratio(float(sum(r.get("errors", 0) for r in res.values())), 0.0, higher_is_better=False),
         "serve tokens/s with logprobs=5 vs without (8 clients)": ratio(res["clients_8_logprobs"]["tokens_per_s"] / res["clients_8"]["tokens_per_s"], 0.9),
         "safety rails p50 ms per request (default)": ratio(safety["default"]["p50_ms"], 1.0, higher_is_better=False),
         "safety rails p50 ms per request (redact/block)": ratio(safety["redact_block"]["p50_ms"], 1.0, higher_is_better=False),
