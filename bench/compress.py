@@ -10,7 +10,8 @@ whose config is reused), in one run:
   f32 (llmctl.modeling.load_for_inference, llmctl.generation): the sides alternate ROUNDS
   times and each keeps its best, because on a shared machine noise is larger than the
   difference being measured;
-- the same decode comparison on a larger random llama (SCALE) to show where int8 pays off.
+- the same decode comparison on a larger random llama (SCALE) to show where int8 pays off;
+- each GGUF file's decode tokens/s in llama.cpp itself (llama-server's timings), when found.
 
 Targets: --quantize int8 >= 1.5x f32 decode with |delta perplexity| <= 1%; gguf q8_0 within 1%.
 
@@ -85,6 +86,49 @@ def decode_race(path: str, methods: list[str], rounds: int = ROUNDS) -> dict:
     return best
 
 
+def llama_cpp_decode(files: dict[str, Path], rounds: int = 3) -> dict:
+    """Decode tokens/s of each GGUF file in llama.cpp itself (llama-server's own timings of a
+    greedy NEW-token completion, EOS ignored, best of `rounds`); {} when llama-server is absent."""
+    import socket
+    import urllib.request
+
+    from llmctl.exporters import gguf as gguf_x
+
+    binary = gguf_x.llama_cpp("llama-server")
+    if binary is None:
+        return {}
+    out = {}
+    for name, path in files.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", "1", "--no-webui"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    if json.loads(urllib.request.urlopen(url + "/health", timeout=1).read()).get("status") == "ok":
+                        break
+                except Exception:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"llama-server exited with {proc.returncode}") from None
+                    time.sleep(0.1)
+            body = json.dumps({"prompt": "def read_config(path):", "n_predict": NEW, "temperature": 0, "ignore_eos": True}).encode()
+            best = 0.0
+            for _ in range(rounds):
+                req = urllib.request.Request(url + "/completion", data=body, headers={"Content-Type": "application/json"})
+                res = json.loads(urllib.request.urlopen(req, timeout=120).read())
+                best = max(best, float(res["timings"]["predicted_per_second"]))
+            out[name] = round(best, 1)
+        except Exception as e:
+            print(f"[compress] llama.cpp decode of {path.name}: {type(e).__name__}: {e}", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out
+
+
 def scale_model(out: Path) -> str:
     from _model import quickstart_model
 
@@ -139,6 +183,10 @@ def main() -> None:
         if m in speed:
             types[f"f32 --quantize {m}"]["decode_tokens_per_s"] = round(speed[m], 1)
     types["f32 (train/model)"]["decode_tokens_per_s"] = round(speed["f32"], 1)
+    gguf_dir = rd.stage_dir("export") / "gguf"
+    cpp = llama_cpp_decode({f"gguf {t}": gguf_dir / f"model-{t}.gguf" for t in gguf_types if (gguf_dir / f"model-{t}.gguf").is_file()})
+    for name, tps in cpp.items():
+        types.setdefault(name, {})["llama_cpp_decode_tokens_per_s"] = tps
     n_params = sum(p.numel() for p in load_for_inference(model_dir, device=torch.device("cpu"))[0].parameters())
     metrics = {
         "model": what, "params": n_params, "f32_perplexity": f32_ppl,

@@ -10,7 +10,8 @@ the student's generation speed-up over the teacher. Target: KD below CE-only on 
 
 Every run goes through the real CLI (`llmctl prepare|train|distill --json`). Sizes:
   python bench/distill.py [full|small|tiny]   (or LLMCTL_BENCH_SIZE=...; default full)
-full = the quickstart as shipped (about an hour on 2 free CPU cores); small and tiny shrink
+full = the quickstart as shipped (about an hour on 2 free CPU cores; LLMCTL_BENCH_TEACHER_RUN=DIR
+reuses a finished quickstart run as the teacher when its config matches); small and tiny shrink
 corpus and steps (tiny also the model: hidden 64, blocks of 64, vocab 1024) for a loaded or
 slow machine, and say so in the result.
 """
@@ -136,6 +137,12 @@ def main() -> None:
 
     tcfg = teacher_config(work, size)
     (work / "teacher.yaml").write_text(yaml.safe_dump(tcfg, sort_keys=False))
+    reuse = os.environ.get("LLMCTL_BENCH_TEACHER_RUN")
+    if reuse and name == "full":
+        # A finished quickstart run (e.g. bench/quickstart.py's) is this teacher: same data,
+        # tokenizer, model and steps. Its prepare and train are copied, then checked up to date.
+        for stage in ("prepare", "train"):
+            shutil.copytree(Path(reuse) / stage, work / "teacher" / stage, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
     llmctl("prepare", str(work / "teacher.yaml"))
     teacher = llmctl("train", str(work / "teacher.yaml"))
     print(f"[distill] teacher: {tcfg['model']['n_layers']} layers, val_ppl {teacher['val_ppl']}, tokens/s {teacher['tokens_per_s']}", flush=True)

@@ -177,6 +177,8 @@ def _compress_line(r: dict) -> str | None:
             bits.append(f"perplexity {t['ppl_delta_pct']:+.2f}%")
         if t.get("decode_tokens_per_s") is not None:
             bits.append(f"{t['decode_tokens_per_s']:.1f} tokens/s")
+        if t.get("llama_cpp_decode_tokens_per_s") is not None:
+            bits.append(f"{t['llama_cpp_decode_tokens_per_s']:.1f} tokens/s in llama.cpp")
         if bits:
             parts.append(f"{name}: " + ", ".join(bits))
     big = c["scale_decode_tokens_per_s"]

@@ -57,20 +57,32 @@ def perplexity(model, ids: list[int], prefix_id: int, window: int, batch_size: i
 
 
 def decode_tokens_per_s(model, tok, new_tokens: int, reps: int = 2) -> float | None:
-    """Best-of-`reps` single-stream greedy decode speed (the model may stop early on EOS)."""
+    """Best-of-`reps` single-stream greedy decode speed as `llmctl generate` decodes (the lean
+    path where it covers the model, else `model.generate`), exactly `new_tokens` each (no EOS)."""
     if new_tokens <= 0:
         return None
     import torch
 
+    from llmctl.generation import Sampling, _lean_for, lean_generate
+
     enc = tok([DECODE_PROMPT], return_tensors="pt", add_special_tokens=False).to(model.device)
+    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
     kw = dict(do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    dec = _lean_for(model, enc["input_ids"].shape[1] + new_tokens)
+
+    def one(n: int) -> int:
+        if dec is not None:
+            out, _ = lean_generate(dec, tok, enc, Sampling(max_new_tokens=n), n, set())
+        else:
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, **kw)
+        return out.shape[1] - enc["input_ids"].shape[1]
+
     best = 0.0
     with torch.no_grad():
-        model.generate(**enc, max_new_tokens=2, **kw)  # warm-up
+        one(2)  # warm-up
         for _ in range(reps):
             t0 = time.perf_counter()
-            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-            n = out.shape[1] - enc["input_ids"].shape[1]
+            n = one(new_tokens)
             best = max(best, n / (time.perf_counter() - t0))
     return round(best, 1)
 
