@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-FILES = ["README.md", "docs/serve.md"]
+FILES = ["README.md", "docs/serve.md", "docs/safety.md"]
 
 
 def _minutes(seconds: float) -> str:
@@ -84,6 +84,11 @@ ROWS = [  # (benchmark, ratio key in results.json, how README names it)
     ("serve", "serve tokens/s with logprobs=5 vs without (8 clients)", "tokens/s with `logprobs: 5` vs without (8 clients)"),
     ("serve", "safety rails p50 ms per request (default)", "safety rails, p50 ms per request (default rails; lower is better)"),
     ("serve", "safety rails p50 ms per request (redact/block)", "safety rails, p50 ms per request (redact/block; lower is better)"),
+    ("safety", "safety detectors: benign fixture lines flagged", "detectors: lines of the benign-code fixture flagged (lower is better)"),
+    ("safety", "safety detectors: stdlib lines flagged other than e-mail", "detectors: stdlib lines flagged, other than e-mail (lower is better)"),
+    ("safety", "safety detectors: recall, lowest kind", "detectors: recall on the positive examples, lowest kind"),
+    ("safety", "safety classifier: benign fixture lines flagged at 0.9, %", "profanity classifier: benign-code fixture lines flagged at 0.9, % (lower is better)"),
+    ("safety", "safety classifier: stdlib lines flagged at 0.9, %", "profanity classifier: stdlib lines flagged at 0.9, %"),
     ("compress", "compress --quantize int8 decode vs f32", "`--quantize int8` single-stream decode vs f32"),
     ("compress", "compress --quantize int8 |delta ppl| %", "`--quantize int8` perplexity change vs f32, % (lower is better)"),
     ("compress", "compress gguf q8_0 |delta ppl| %", "GGUF q8_0 perplexity change vs f32, % (lower is better)"),
@@ -224,7 +229,81 @@ def serve(r: dict) -> str:
             f"{'zero errors' if errs == 0 else f'{errs} errors'}.")
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve}
+def _pct(n: int, of: int) -> str:
+    p = 100 * n / of if of else 0.0
+    return f"{p:.3f}%" if 0 < p < 0.1 else f"{p:.1f}%"
+
+
+def _rails_cost(r: dict) -> str:
+    s = (r.get("serve") or {}).get("metrics") or {}
+    rails = s.get("safety_rails")
+    head = "- **Rails per request** (`bench/serve.py`"
+    if not rails:
+        return head + "): not measured yet (`python bench/run_all.py serve`)."
+    d, rb = rails["default"], rails["redact_block"]
+    target = ((r["serve"].get("ratios") or {}).get("safety rails p50 ms per request (default)") or {}).get("target", "-")
+    where = _machine(r["serve"]) or "machine and load not recorded"
+    return (f"{head}: the real server's streamed {s.get('max_tokens')}-token answers on the quickstart-sized model, then each "
+            f"request's prompt check plus every streamed delta through the output guard, in-process, {d['requests']} requests; "
+            f"{where}): p50 **{d['p50_ms']:.3f} ms** with the default rails (flag PII and secrets), **{rb['p50_ms']:.3f} ms** "
+            f"with redacting/blocking rails and deny lists (p95 {d['p95_ms']:.2f} / {rb['p95_ms']:.2f} ms). Target: p50 {target} ms.")
+
+
+def _kinds(by_kind: dict) -> str:
+    return ", ".join(f"{k} {n}" for k, n in sorted(by_kind.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def safety(r: dict) -> str:
+    """docs/safety.md's costs and measurements: bench/serve.py's rails cost, bench/safety.py's detectors."""
+    lines = ["Measured with `make bench` (figures from `bench/results.json`) on the development machine, 2 CPU",
+             "cores shared with other jobs.", "", _rails_cost(r)]
+    res = r.get("safety") or {}
+    m = res.get("metrics")
+    if not m:
+        lines.append("- Detectors and classifier (`bench/safety.py`): not measured yet (`python bench/run_all.py safety`).")
+        return "\n".join(lines)
+    b, s, c = m["benign_fixture"], m["stdlib"], m["classifier"]
+    mods = ", ".join(m["stdlib_modules"])
+    benign = "no line flagged" if b["flagged_lines"] == 0 else f"{b['flagged_lines']} lines flagged ({_kinds(b['by_kind'])})"
+    other = s["flagged_lines_other_than_email"]
+    ex = "; ".join(f"`{e['line']}`" for e in s["examples"][:2])
+    lines += [
+        f"- **Detectors on benign code** (`bench/safety.py`, {_machine(res)}; `tests/fixtures/benign_code.txt`, "
+        f"{b['lines']} lines of code look-alikes: versions, decorators, hashes, UUIDs, git remotes, placeholders): "
+        f"{benign} (target: none). On the {s['lines']:,} non-empty lines ({s['files']} files, {s['bytes'] / 1e6:.1f} MB) of "
+        f"the Python {m['python']} standard library's {mods} (each file scanned whole), {s['flagged_lines']} lines are "
+        f"flagged, by kind: {_kinds(s['by_kind'])}"
+        + (f" (e.g. {ex}, shown redacted)" if ex else "")
+        + f"; {'no line' if other == 0 else f'{other} line' + ('' if other == 1 else 's')} with any other kind (target: none; the "
+        f"authors' e-mail addresses are real PII). The scan ran at {s['mb_per_s']:.1f} MB/s.",
+    ]
+    rec = m["recall"]
+    shown = ", ".join(f"{v['of']} {k}" for k, v in rec.items())
+    if all(v["found"] == v["of"] for v in rec.values()):
+        got = "100% for every kind"
+    else:
+        got = ", ".join(f"{k} {_pct(v['found'], v['of'])}" for k, v in rec.items())
+    lines.append(f"- **Recall** on the positive examples in `tests/fixtures/safety_positives.json` (the ones "
+                 f"`tests/test_safety.py` asserts on; {shown}): {got} (target: at least 95% for each).")
+    if "skipped" in c:
+        lines.append(f"- **The classifier**: not measured ({c['skipped']}).")
+        return "\n".join(lines)
+    st, bt, t = c["stdlib"], c["benign"], str(c["default_threshold"])
+    at = st["flagged_at"]
+    counts = ", ".join((f"**{n} at {th} ({_pct(n, st['lines'])})**" if th == t else f"{n} at {th}" if i else f"{n} flagged at threshold {th} ({_pct(n, st['lines'])})")
+                       for i, (th, n) in enumerate(at.items()))
+    top = ", ".join(f"`{x['line']}` {x['score']:.3f}" for x in st["top"][:3])
+    btop = bt["top"][0] if bt["top"] else None
+    bline = (f"On the benign fixture {bt['flagged_at'][t]} line{'' if bt['flagged_at'][t] == 1 else 's'} of {bt['lines']} at {t}"
+             + (f" (its top score: \"{btop['line']}\", {btop['score']:.2f})" if btop else "") + ".")
+    lines.append(f"- **The classifier** ({c['package']}; a line's score is its highest sentence's) on the same "
+                 f"{st['lines']:,} stdlib lines: {counts}; the top scores: {top}. {bline} Loading it takes "
+                 f"{c['load_seconds_median']:.1f} s in a fresh interpreter (median of {len(c['load_seconds'])}; "
+                 f"scikit-learn); serve does it in the background once the model is loaded.")
+    return "\n".join(lines)
+
+
+PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve, "safety": safety}
 
 
 def render(text: str, results: dict) -> str:

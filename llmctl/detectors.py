@@ -5,7 +5,8 @@ API (stable):
   find(text, kinds=None) -> list[Match]     # Match(kind, start, end, text); sorted by start, non-overlapping
   redact(text, kinds=None, placeholder_fmt="<{KIND}>") -> (new_text, {kind: count})
   count(text, kinds=None) -> {kind: count}  # find() tallied; kinds=None means all KINDS
-  An unknown kind raises ValueError naming the valid ones. No I/O, thread-safe; ~5 MB/s of code.
+  An unknown kind raises ValueError naming the valid ones. No I/O, thread-safe; speed: bench/safety.py
+  (`stdlib.mb_per_s` in bench/results.json).
 
 Precision rules (each has a test in tests/test_detectors.py):
 - email: local@domain.tld with an alphabetic TLD of 2+ letters, so `python@2.7`,

@@ -18,38 +18,17 @@ from conftest import REPO, run_cli, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# Positives per kind: realistic, but fake (documentation examples, test card numbers).
-POSITIVES = {
-    "email": [
-        "write to jane.doe@example.org today", "bob+filter@mail.example.co.uk", "Contact: <a.smith@uni-example.edu>",
-        "admin@sub.example.com", "first_last@example.io,", "x.y.z@example.museum", "Reach me at o'neil@example.com",
-        "MAILTO:Support@Example.COM", "user123@example.net.", "dev-team@example.dev",
-    ],
-    "phone": [
-        "call +1 415 555 0132 now", "+44 20 7946 0958", "(415) 555-0123", "415-555-0123", "415.555.0123",
-        "+33 1 23 45 67 89", "+49 30 901820", "tel: +1-202-555-0173", "+61 2 9876 5432", "+81 3-1234-5678",
-    ],
-    "ip": [
-        "server at 203.0.113.42", "ssh admin@198.51.100.7", "10.12.0.5 is the db", "81.2.69.160", "client 172.16.254.1 connected",
-        "192.168.1.100:8080", "2001:db8::8a2e:370:7334", "from 100.64.12.9", "host=54.239.28.85", "2a00:1450:4001:81b::200e",
-    ],
-    "credit_card": [
-        "4990 6958 4830 4011", "5171-8615-9819-0723", "378282246310005", "6011904474738405", "card 4012888888881881",
-        "5105 1051 0510 5100", "371449635398431", "3530111333300000", "6011000990139424", "4200675600360670",
-    ],
-    "secret": [
-        "AKIAIOSFODNN7EXAMPLE", "ghp_1a2B3c4D5e6F7g8H9i0J1k2L3m4N5o6P7q8R", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
-        "sk_live_4eC39HqLyjWDarjtT1zdp7dc", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q", "hf_AbCdEfGhIjKlMnOpQrStUvWxYzAbCdEfGh",
-        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
-        "https://admin:s3cr3tP4ss@db.example.com/prod", 'api_key = "Zx8vQ2mN7pL4kR9tW3yB6cF1"',
-        "sk-proj-Ab3De6Gh9Jk2Mn5Pq8St1Vw4Yz7Bc0Ef3Hi6Kl9No2Qr5Tu8",
-    ],
-    "private_key": [
-        "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq3xKq1\n-----END RSA PRIVATE KEY-----",
-        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\n-----END OPENSSH PRIVATE KEY-----",
-        "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49",
-    ],
-}
+# Positives per kind: realistic, but fake (documentation examples, test card numbers); shared
+# with bench/safety.py, which measures recall on the same examples.
+POSITIVES = json.loads((FIXTURES / "safety_positives.json").read_text(encoding="utf-8"))["positives"]
+
+
+def benign_lines() -> list[str]:
+    """The benign fixture's non-empty lines after its header comment (bench/safety.py reads it the same way)."""
+    lines = (FIXTURES / "benign_code.txt").read_text(encoding="utf-8").splitlines()
+    while lines and lines[0].startswith("# "):
+        lines.pop(0)
+    return [ln for ln in lines if ln.strip()]
 
 
 def _cfg(**kw):
@@ -72,7 +51,7 @@ def test_detector_recall_and_false_positives_on_benign_code():
         hits = sum(1 for t in texts if kind in {f.kind for f in rails.scan(t, ["pii", "secrets"])})
         table[kind] = hits / len(texts)
     assert all(r >= 0.95 for r in table.values()), table
-    lines = [ln for ln in (FIXTURES / "benign_code.txt").read_text().splitlines() if ln.strip() and not ln.startswith("# ")]
+    lines = benign_lines()
     flagged = [ln for ln in lines if rails.scan(ln, ["pii", "secrets"])]
     assert len(lines) >= 100 and len(flagged) / len(lines) <= 0.02, flagged
 
@@ -82,7 +61,7 @@ def test_classifier_scores_sentences_and_spares_code():
     rails = _rails(output={"classifier": "block"})
     assert rails.scan("You are a fucking idiot.", ["classifier"])
     assert not rails.scan("Kill the process and restart the server.", ["classifier"])
-    lines = [ln for ln in (FIXTURES / "benign_code.txt").read_text().splitlines() if ln.strip() and not ln.startswith("# ")]
+    lines = benign_lines()
     flagged = [ln for ln in lines if rails.scan(ln, ["classifier"])]
     assert len(flagged) / len(lines) <= 0.02, flagged
     # Segments: a profane sentence is found inside otherwise clean text.
