@@ -199,6 +199,7 @@ def main() -> None:
         "scale_decode_tokens_per_s": {k: round(v, 1) for k, v in big.items()},
         "scale_int8_decode_speedup": round(big["int8"] / big["f32"], 3),
         "seconds": round(time.time() - t0, 1),
+        "export_report": rep,  # what `llmctl export` printed: README quotes it (bench/passages.py)
     }
     int8_delta = abs(rows["f32 --quantize int8"]["ppl_delta_pct"])
     q8 = rows.get("gguf q8_0", {})

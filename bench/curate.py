@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ratio, write_result
+from common import machine, ratio, write_result
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "configs" / "quickstart.yaml"
@@ -43,6 +43,9 @@ def _prepare(run_dir: str, *sets: str) -> dict:
 
 
 def main() -> None:
+    from llmctl.data.curate import summary_lines
+
+    at_start = machine()
     with tempfile.TemporaryDirectory() as tmp:
         on = _prepare(f"{tmp}/on")
         off = _prepare(f"{tmp}/off", "data.curate.enabled=false")
@@ -62,6 +65,8 @@ def main() -> None:
         "near_duplicate_examples": [(e["doc"], e["duplicate_of"], e["jaccard"]) for e in rep["near_duplicates"].get("examples", [])],
         "pii": rep["pii"]["by_kind"],
         "corpus_bytes_cap": MAX_BYTES,
+        "machine": at_start,
+        "summary": summary_lines(rep),  # what prepare printed: README quotes it (bench/passages.py)
     }
     write_result("curate", metrics, {"curation share of prepare CPU time (lower better)": ratio(max(extra_cpu, 0.0) / on["cpu_seconds"], 0.15, higher_is_better=False)})
 

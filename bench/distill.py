@@ -167,6 +167,7 @@ def main() -> None:
     s_gen = gen_tokens_per_s(work / f"kd-{rows[0]['seed']}" / "train" / "model")
     metrics = {
         "size": name,
+        "size_settings": size,
         "note": "reduced size" if name != "full" else "quickstart size",
         "teacher_layers": tcfg["model"]["n_layers"],
         "student_layers": tcfg["model"]["n_layers"] // 2,

@@ -303,7 +303,107 @@ def safety(r: dict) -> str:
     return "\n".join(lines)
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve, "safety": safety}
+def _short(path: str) -> str:
+    return "/".join(Path(path).parts[-2:])
+
+
+def curate(r: dict) -> str:
+    """README's data-curation paragraph: what curation did to the quickstart corpus and its CPU cost."""
+    res = r.get("curate") or {}
+    c = res.get("metrics")
+    if not c:
+        return "Its cost on the quickstart corpus is not measured yet (`python bench/run_all.py curate`)."
+    share = res["ratios"]["curation share of prepare CPU time (lower better)"]
+    removed = sum(c["removed"].values())
+    steps = ", ".join(f"{k} {n}" for k, n in c["removed"].items()) or "none"
+    ex = c.get("near_duplicate_examples") or []
+    eg = f"; e.g. `{_short(ex[0][0])}` is a near duplicate of `{_short(ex[0][1])}`, Jaccard {ex[0][2]:.2f}" if ex else ""
+    names = {"email": "e-mail addresses", "ip": "IP addresses", "phone": "phone numbers", "credit_card": "card numbers",
+             "secret": "secrets", "private_key": "private keys"}
+    pii = " and ".join(f"{n} {names.get(k, k)}" for k, n in c["pii"].items()) or "nothing"
+    where = _machine(res) or "load not recorded"
+    return (f"On the quickstart corpus (its first {c['corpus_bytes_cap'] / 1e6:.0f} MB; `python bench/run_all.py curate`, {where}) "
+            f"curation removes {removed} of {c['documents_before']} documents ({steps}{eg}), redacts {pii}, and costs "
+            f"{share['value'] * 100:.1f}% of prepare's CPU time ({c['prepare_cpu_seconds']:.1f} s with curation, "
+            f"{c['prepare_cpu_seconds_without_curation']:.1f} s without; the curation step itself {c['curation_step_cpu_seconds']:.1f} s "
+            f"of CPU; target: at most {float(share['target'].split()[-1]) * 100:.0f}%).")
+
+
+def curate_summary(r: dict) -> str:
+    """README's example of prepare's curation summary: the one bench/curate.py's run printed."""
+    c = (r.get("curate") or {}).get("metrics") or {}
+    if not c.get("summary"):
+        return "(An example appears here once `python bench/run_all.py curate` has recorded one.)"
+    return "\n".join([f"From `bench/curate.py`'s run (the quickstart corpus, its first {c['corpus_bytes_cap'] / 1e6:.0f} MB):", "",
+                      "```text", *c["summary"], "```"])
+
+
+def distill(r: dict) -> str:
+    """README's distillation results: bench/distill.py's perplexities, verdict and speeds."""
+    res = r.get("distill") or {}
+    d = res.get("metrics")
+    if not d:
+        return "Not measured yet (`python bench/run_all.py distill`)."
+    rt = res["ratios"]
+    sizes = d.get("size_settings")
+    if d["size"] == "full":
+        head = "Measured at the quickstart size"
+    else:
+        head = f"Measured so far only at the **reduced `{d['size']}` size**"
+    where = _machine(res) or "load not recorded"
+    setup = f" ({sizes['max_bytes'] / 1e3:,.0f} KB of the corpus" + "".join(f", {k} {v}" for k, v in sizes.get("model", {}).items()) + ")" if sizes else ""
+    lines = [f"{head} ({where}; {d['parallel_seeds']} seed(s) at a time, `LLMCTL_BENCH_JOBS`){setup}: a {d['teacher_layers']}-layer "
+             f"teacher trained {d['teacher_steps']} steps, {d['student_layers']}-layer students {d['student_steps']} steps, alpha "
+             f"{d['alpha']}, T {d['temperature']}."]
+    if d["size"] != "full":
+        lines[0] += " The quickstart-size run (`python bench/distill.py full`) has not been made yet."
+    seeds = d["seeds"]
+    ids = " / ".join(str(s["seed"]) for s in seeds)
+    per = lambda key: " / ".join(f"{s[key]:.1f}" for s in seeds)  # noqa: E731
+    dropped = {tuple(s.get("pruned_layers") or ()) for s in seeds}
+    pruned = f" (block influence dropped layers {', '.join(map(str, next(iter(dropped))))})" if len(dropped) == 1 and () not in dropped else ""
+    rnd = [s for s in seeds if s.get("random_kd_ppl") is not None]
+    rnd_cell = " / ".join(f"{s['random_kd_ppl']:.1f}" for s in rnd) + ("" if len(rnd) == len(seeds) else
+                                                                        f" (seed{'s' if len(rnd) > 1 else ''} {', '.join(str(s['seed']) for s in rnd)} only)")
+    lines += ["", f"| model | validation perplexity (seeds {ids}) |", "|---|---|",
+              f"| teacher ({d['teacher_layers']} layers, {d['teacher_steps']} steps) | {d['teacher_val_ppl']:.1f} |",
+              f"| pruned init{pruned} + KD, {d['student_steps']} steps | {per('kd_ppl')} |",
+              f"| pruned init, CE only, {d['student_steps']} steps | {per('ce_ppl')} |",
+              f"| random init + KD, {d['student_steps']} steps | {rnd_cell} |", ""]
+    kd = rt["ce_ppl / kd_ppl, worst seed"]
+    verdict = f"The target (KD below CE-only on every seed) is **{'met' if kd['pass'] else 'not met'}**"
+    if d.get("gap_closed_by_kd_mean") is None:
+        cost = d["kd_ppl_mean"] / d["ce_ppl_mean"] - 1
+        verdict += (f": the teacher ({d['teacher_val_ppl']:.1f}) is no better than the CE-only students (mean {d['ce_ppl_mean']:.1f}), "
+                    f"so there is no gap to close, and pulling towards it {'costs' if cost > 0 else 'gains'} {abs(cost) * 100:.1f}% perplexity.")
+    else:
+        verdict += f": KD closes {d['gap_closed_by_kd_mean'] * 100:.0f}% of the gap between the CE-only students and the teacher (mean)."
+    rr, sp = rt["random_kd_ppl / pruned_kd_ppl, worst"], rt["student / teacher generation speed"]
+    lines.append(f"{verdict} Random init ends {rr['value']:.2f} times the pruned init's perplexity (worst seed). With the teacher, "
+                 f"training runs {d['teacher_overhead_tokens_per_s'] * 100:.0f}% fewer tokens/s than CE only (median over seeds); "
+                 f"the student generates {d['student_gen_tokens_per_s']:.1f} tokens/s against the teacher's "
+                 f"{d['teacher_gen_tokens_per_s']:.1f} ({sp['value']:.2f} times; target {sp['target']}).")
+    return "\n".join(lines)
+
+
+def compress_report(r: dict) -> str:
+    """README's example of `llmctl export`'s compression report: the one bench/compress.py measured."""
+    res = r.get("compress") or {}
+    c = res.get("metrics") or {}
+    rep = c.get("export_report")
+    if not rep:
+        return "  (An example report appears here once `python bench/run_all.py compress` has measured one.)"
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from llmctl.exporters.report import table
+
+    return "\n".join([f"  `bench/compress.py`'s run ({c['model']}, {_machine(res) or 'load not recorded'}; decode speeds "
+                      "are measured apart, see \"Measured\" below):", "", "```", *table(rep), "```"])
+
+
+PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
+            "distill": distill,
+            "compress-report": compress_report, "curate-summary": curate_summary}
 
 
 def render(text: str, results: dict) -> str:
