@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from _model import quickstart_model
-from common import ratio, write_result
+from common import machine, ratio, write_result
 
 MAX_TOKENS = 32
 # (name, concurrent clients, requests, extra request fields)
@@ -202,6 +202,7 @@ def main() -> None:
     import httpx
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    at_start = machine()
     model = quickstart_model(tmp / "m")
     cfg = tmp / "c.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / "run")},
@@ -235,7 +236,7 @@ def main() -> None:
     for k in ("clients_1", "clients_8"):
         if k in ref:
             ref[k].pop("_requests")
-    metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety}
+    metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety, "machine": at_start}
     ratios = {
         "serve 1 client tokens/s vs transformers generate in-process": ratio(res["clients_1"]["tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
         "llmctl single-stream decode vs transformers generate (in-process)": ratio(single["llmctl_tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
