@@ -221,15 +221,21 @@ class LeanDecoder:
         for i, (layer, p) in enumerate(zip(self.layers, self.plan)):
             a, m = layer.self_attn, layer.mlp
             x = F.rms_norm(h, (d,), *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
-            if p["qkv"]:
-                q, k, v = F.linear(x, p["qkv"][0], p["qkv"][1]).split(p["qkv"][2], dim=-1)
+            if p["qkv"] and not self.qk_norm:
+                # q and k heads rotated together: one set of rotary ops per layer, not two
+                qkv = F.linear(x, p["qkv"][0], p["qkv"][1]).view(B, n, H + 2 * KV, D).transpose(1, 2)
+                qk = self._rotate(qkv[:, : H + KV], cos, sin)
+                q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
             else:
-                q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
-            q, k, v = q.view(B, n, H, D), k.view(B, n, KV, D), v.view(B, n, KV, D).transpose(1, 2)
-            if self.qk_norm:
-                q, k = a.q_norm(q), a.k_norm(k)
-            q = self._rotate(q.transpose(1, 2), cos, sin)
-            k = self._rotate(k.transpose(1, 2), cos, sin)
+                if p["qkv"]:
+                    q, k, v = F.linear(x, p["qkv"][0], p["qkv"][1]).split(p["qkv"][2], dim=-1)
+                else:
+                    q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+                q, k, v = q.view(B, n, H, D), k.view(B, n, KV, D), v.view(B, n, KV, D).transpose(1, 2)
+                if self.qk_norm:
+                    q, k = a.q_norm(q), a.k_norm(k)
+                q = self._rotate(q.transpose(1, 2), cos, sin)
+                k = self._rotate(k.transpose(1, 2), cos, sin)
             k, v = cache.append(i, k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=KV != H)
