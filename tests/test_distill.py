@@ -262,3 +262,37 @@ def test_resume_after_sigkill_matches_uninterrupted_and_a_new_teacher_is_refused
     tm.write_text(tm.read_text().replace(json.loads(tm.read_text())["id"], "another-teacher"))
     with pytest.raises(ConfigError, match="cannot be resumed safely.*the teacher"):
         distill.run(cb, rdb)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    """Distillation is training: SIGTERM mid-run saves a checkpoint and exits 143, then resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+    from llmctl.stages import train
+
+    path, _, rd = _teacher_and_student(tmp_path, train={"max_steps": 100000, "save_every": 100000, "eval_every": 100000, "log_every": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "distill", str(path)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rd.metrics_path.is_file() and '"loss"' in rd.metrics_path.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "resume" in err and "Traceback" not in err
+    assert rd.manifest("train")["status"] == "interrupted"
+    assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGTERM"
+
+
+def test_nproc_2_distills_under_torchrun(tmp_path):
+    """`--nproc 2`: two ranks, each with its own teacher copy, one result and one model."""
+    path, _, rd = _teacher_and_student(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})
+    r = run_cli("distill", str(path), "--nproc", "2", "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["world_size"] == 2 and res["steps"] == 2
+    assert rd.manifest("train")["status"] == "complete" and (rd.model_dir / "model.safetensors").is_file()
+    assert rd.manifest("train").get("teacher"), "the teacher's lineage is recorded under torchrun too"
