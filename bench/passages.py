@@ -359,27 +359,40 @@ def distill(r: dict) -> str:
         lines[0] += " The quickstart-size run (`python bench/distill.py full`) has not been made yet."
     seeds = d["seeds"]
     ids = " / ".join(str(s["seed"]) for s in seeds)
-    per = lambda key: " / ".join(f"{s[key]:.1f}" for s in seeds)  # noqa: E731
-    dropped = {tuple(s.get("pruned_layers") or ()) for s in seeds}
-    pruned = f" (block influence dropped layers {', '.join(map(str, next(iter(dropped))))})" if len(dropped) == 1 and () not in dropped else ""
-    rnd = [s for s in seeds if s.get("random_kd_ppl") is not None]
-    rnd_cell = " / ".join(f"{s['random_kd_ppl']:.1f}" for s in rnd) + ("" if len(rnd) == len(seeds) else
-                                                                        f" (seed{'s' if len(rnd) > 1 else ''} {', '.join(str(s['seed']) for s in rnd)} only)")
+
+    def per(key: str) -> str:
+        have = [s for s in seeds if s.get(key) is not None]
+        cell = " / ".join(f"{s[key]:.1f}" for s in have)
+        return cell + ("" if len(have) == len(seeds) else f" (seed{'s' if len(have) > 1 else ''} {', '.join(str(s['seed']) for s in have)} only)")
+
+    dropped = {tuple(s.get("pruned_layers") or ()) for s in seeds if s.get("pruned_layers")}
+    pruned = f" (block influence dropped layers {', '.join(map(str, next(iter(dropped))))})" if len(dropped) == 1 else ""
+    legacy = "random_kd_ppl" in seeds[0]  # older results: KD vs CE on the pruned init, random init + KD alongside
+    rows = ([("pruned init" + pruned + " + KD", "kd_ppl"), ("pruned init, CE only", "ce_ppl"), ("random init + KD", "random_kd_ppl")] if legacy else
+            [("random init + KD", "kd_ppl"), ("random init, CE only", "ce_ppl"), ("pruned init" + pruned + " + KD", "pruned_kd_ppl"),
+             ("pruned init, CE only", "pruned_ce_ppl")])
     lines += ["", f"| model | validation perplexity (seeds {ids}) |", "|---|---|",
-              f"| teacher ({d['teacher_layers']} layers, {d['teacher_steps']} steps) | {d['teacher_val_ppl']:.1f} |",
-              f"| pruned init{pruned} + KD, {d['student_steps']} steps | {per('kd_ppl')} |",
-              f"| pruned init, CE only, {d['student_steps']} steps | {per('ce_ppl')} |",
-              f"| random init + KD, {d['student_steps']} steps | {rnd_cell} |", ""]
+              f"| teacher ({d['teacher_layers']} layers, {d['teacher_steps']} steps) | {d['teacher_val_ppl']:.1f} |"]
+    lines += [f"| {label}, {d['student_steps']} steps | {per(key)} |" for label, key in rows] + [""]
     kd = rt["ce_ppl / kd_ppl, worst seed"]
-    verdict = f"The target (KD below CE-only on every seed) is **{'met' if kd['pass'] else 'not met'}**"
+    verdict = f"The target (KD below CE-only on every seed{'' if legacy else ', random-init student'}) is **{'met' if kd['pass'] else 'not met'}**"
     if d.get("gap_closed_by_kd_mean") is None:
         cost = d["kd_ppl_mean"] / d["ce_ppl_mean"] - 1
         verdict += (f": the teacher ({d['teacher_val_ppl']:.1f}) is no better than the CE-only students (mean {d['ce_ppl_mean']:.1f}), "
                     f"so there is no gap to close, and pulling towards it {'costs' if cost > 0 else 'gains'} {abs(cost) * 100:.1f}% perplexity.")
     else:
         verdict += f": KD closes {d['gap_closed_by_kd_mean'] * 100:.0f}% of the gap between the CE-only students and the teacher (mean)."
-    rr, sp = rt["random_kd_ppl / pruned_kd_ppl, worst"], rt["student / teacher generation speed"]
-    lines.append(f"{verdict} Random init ends {rr['value']:.2f} times the pruned init's perplexity (worst seed). With the teacher, "
+    if legacy:
+        rr, how = rt["random_kd_ppl / pruned_kd_ppl, worst"], "Random init ends {:.2f} times the pruned init's perplexity (worst seed)."
+    else:
+        rr, how = rt["random-init KD ppl / pruned-init KD ppl, worst"], "Random init + KD ends {:.2f} times the pruned init + KD's perplexity."
+        if all(s.get("pruned_ce_ppl") is not None and s.get("pruned_kd_ppl") is not None for s in seeds[:1]):
+            s0 = seeds[0]
+            how += (f" From the pruned init, KD gives {s0['pruned_kd_ppl']:.1f} against CE-only {s0['pruned_ce_ppl']:.1f}: 500 more steps of plain "
+                    f"CE already reach the teacher ({d['teacher_val_ppl']:.1f}), which is far from converged, so pulling towards it cannot help there.") \
+                if s0["pruned_ce_ppl"] <= d["teacher_val_ppl"] else ""
+    sp = rt["student / teacher generation speed"]
+    lines.append(f"{verdict} {how.format(rr['value'])} With the teacher, "
                  f"training runs {d['teacher_overhead_tokens_per_s'] * 100:.0f}% fewer tokens/s than CE only (median over seeds); "
                  f"the student generates {d['student_gen_tokens_per_s']:.1f} tokens/s against the teacher's "
                  f"{d['teacher_gen_tokens_per_s']:.1f} ({sp['value']:.2f} times; target {sp['target']}).")
