@@ -126,6 +126,7 @@ class LeanDecoder:
         self.window = sliding_window(model)
         self.context = getattr(c, "max_position_embeddings", None) or 4096
         self._cos = self._sin = None
+        self.n_params = sum(p.numel() for p in model.parameters())
         self.plan = [self._layer_plan(layer) for layer in self.layers]
         self.final_norm = self._norm_plan(self.norm)
 
@@ -139,11 +140,14 @@ class LeanDecoder:
             return w, eps
         return None
 
-    @staticmethod
-    def _fused(*mods):
-        """One weight (and bias) for several plain Linears over the same input, their weights
-        re-pointed at views of it so no memory is added; None when any is not a plain Linear
-        (a quantized one is called as it is)."""
+    # Fused q/k/v and gate/up weights are copies: up to this many parameters the extra memory is
+    # small and the saved dispatches are what decode time is made of; a bigger model calls its
+    # Linears one by one (its matmuls, not dispatch, dominate there). The model is never altered.
+    FUSE_MAX_PARAMS = 50_000_000
+
+    def _fused(self, *mods):
+        """(weight, bias, output sizes) for one F.linear over several plain Linears with the same
+        input; None: call the modules (a quantized Linear, or a model too big to copy weights)."""
         plain = (torch.nn.Parameter, torch.Tensor)
         if not all(type(m) is torch.nn.Linear and type(m.weight) in plain and type(m.weight.data) is torch.Tensor for m in mods):
             return None
@@ -152,16 +156,12 @@ class LeanDecoder:
             return None
         if len(mods) == 1:
             return ws[0], mods[0].bias, [ws[0].shape[0]]
+        if self.n_params > self.FUSE_MAX_PARAMS:
+            return None
         with torch.no_grad():
             w = torch.cat([x.detach() for x in ws])
             b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
-        sizes, at = [x.shape[0] for x in ws], 0
-        for m, n in zip(mods, sizes):
-            m.weight = torch.nn.Parameter(w[at : at + n], requires_grad=False)
-            if b is not None:
-                m.bias = torch.nn.Parameter(b[at : at + n], requires_grad=False)
-            at += n
-        return w, b, sizes
+        return w, b, [x.shape[0] for x in ws]
 
     def _layer_plan(self, layer):
         a, m = layer.self_attn, layer.mlp

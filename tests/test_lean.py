@@ -139,3 +139,24 @@ def test_hub_generation_config_extras_use_generate(tok):
     assert _lean_for(model, 20) is not None
     model.generation_config.no_repeat_ngram_size = 3
     assert _lean_for(model, 20) is None
+
+
+def test_model_is_not_altered_and_big_models_call_their_linears(monkeypatch):
+    """The fused weights are copies (the model still saves: no shared storage); past
+    FUSE_MAX_PARAMS the Linears are called one by one, with the same logits."""
+    from llmctl.lean import LeanDecoder
+
+    model = _model("llama")
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    ids = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(9)[None]
+    fused = LeanDecoder(model)
+    assert fused.plan[0]["qkv"] is not None
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    monkeypatch.setattr(LeanDecoder, "FUSE_MAX_PARAMS", 0)
+    split = LeanDecoder(model)
+    assert split.plan[0]["qkv"] is None and split.plan[0]["gu"] is None
+    with torch.no_grad():
+        ref = model(ids).logits[:, -1].float()
+    for dec in (fused, split):
+        assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), ref, atol=1e-4)
