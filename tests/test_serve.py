@@ -351,17 +351,42 @@ def test_health_is_503_until_the_model_is_loaded_and_chat_needs_a_template(run_d
     from llmctl.server.metrics import Metrics
 
     rd = run_dir[3]
-    engine = Engine(str(rd.tokenizer_dir.parent.parent / "train" / "model"), 2, 4, 0, Metrics(), device="cpu", threads=1)
+    seen = []  # /health while the warm-up (the rails' detectors, in `llmctl serve`) runs
+
+    engine = Engine(str(rd.tokenizer_dir.parent.parent / "train" / "model"), 2, 4, 0, Metrics(), device="cpu", threads=1,
+                    warm=lambda: seen.append((engine.model is not None, client.get("/health").status_code)))
     client = TestClient(create_app(engine, MODEL, 16, None, Metrics()))
     r = client.get("/health")
     assert r.status_code == 503 and r.json() == {"status": "loading"} and r.headers["retry-after"]
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
     engine.load()
+    assert seen == [(True, 503)]  # warmed after the model loaded, and not yet ready while warming
     assert client.get("/health").json()["status"] == "ok"
     engine.tok.chat_template = None
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+
+
+def test_listening_socket_turns_nagle_off():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; with proto 0 every
+    keep-alive response's body waited for the client's delayed ACK (40 ms a request)."""
+    import socket
+
+    from llmctl.stages.serve import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        sock.listen()
+        client = socket.create_connection(sock.getsockname())
+        conn, _ = sock.accept()
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # what each connection gets
+        conn.close()
+        client.close()
+    finally:
+        sock.close()
 
 
 # ---- the CLI's error paths ---------------------------------------------------------

@@ -150,6 +150,7 @@ class Engine:
         device: str = "auto",
         threads: int | None = None,
         quantize: str | None = None,
+        warm=None,
     ):
         self.model_path = model_path
         self.max_batch_size = max_batch_size
@@ -160,6 +161,7 @@ class Engine:
         self.device_pref = device
         self.threads = threads
         self.quantize = quantize
+        self.warm = warm  # called after the model loads, before ready (e.g. the rails' detectors)
         self.q: queue.Queue[Job] = queue.Queue()
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -206,6 +208,10 @@ class Engine:
         self.lean = decoder_for(self.model)
         if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
             self.lean = None
+        if self.warm is not None:
+            # Ready means fast: the first requests must not share the CPU and the GIL with a
+            # detector loading (the moderation classifier's model takes seconds to unpickle).
+            self.warm()
         self.ready.set()
 
     def submit(self, jobs: list[Job]) -> None:

@@ -29,9 +29,13 @@ def _bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ConfigError(f"serve.host / --host: cannot resolve '{host}': {e.strerror}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # The protocol number matters: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # sockets whose proto is IPPROTO_TCP, and a socket made with proto 0 held every keep-alive
+    # response's body until the client's delayed ACK, 40 ms later.
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted connections
     try:
         sock.bind(addr)
     except OSError as e:
@@ -91,6 +95,7 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     engine = Engine(
         path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
         trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
+        warm=rails.warm,
     )
     app = create_app(engine, name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(
@@ -103,9 +108,6 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
             if engine.error is not None or server.should_exit:
                 server.should_exit = True
                 return
-        # Detectors load data on first use (the classifier's model takes seconds): after the
-        # model (not competing with it for the CPU), before the first requests.
-        threading.Thread(target=rails.warm, name="llmctl-rails-warm-up", daemon=True).start()
         while not server.started and not server.should_exit:
             threading.Event().wait(0.02)
         if server.started:
