@@ -276,6 +276,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to train on.")
     seed: int | None = Field(None, description="Seed for initialisation and data order; null uses run.seed. Unlike run.seed it leaves the prepared data split alone: vary it to repeat training on the same data.")
     fit_schedule_to_time: bool = Field(True, description="With max_time and a cosine/linear schedule: plan the decay against the time budget (seconds per step measured while training), so a run stopped by time ends at its minimum lr; max_steps stays the upper bound. A resumed run keeps the plan recorded in its checkpoint. false: the schedule runs to max_steps and the budget cuts it short.")
+    fit_decay_fraction: float = Field(0.2, gt=0, le=1, description="With a time-fitted schedule: the share of the planned steps (after warmup) over which the lr decays to its floor; before it, the lr holds at its peak (warmup-stable-decay, as in Hägele et al. 2024). 1.0 decays over the whole run like a plain cosine/linear schedule.")
 
     @field_validator("max_time")
     @classmethod

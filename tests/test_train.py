@@ -338,6 +338,20 @@ class _Clock:
         return self.now
 
 
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_time_fitted_schedule_holds_the_peak_then_decays_in_its_last_fraction(kind):
+    s = train.TimeFittedSchedule(kind, warmup=10, total=111, min_ratio=0.1, decay_fraction=0.2)
+    lrs = [s(k) for k in range(115)]
+    floor = 0.1 if kind == "cosine" else 0.0
+    assert lrs[:10] == [k / 10 for k in range(10)]  # warmup
+    assert lrs[10:90] == [1.0] * 80  # stable: 80% of the 100 steps after warmup
+    decay = lrs[90:111]
+    assert all(a >= b for a, b in zip(decay, decay[1:])) and decay[0] == 1.0 and 1.0 > decay[10] > floor
+    assert lrs[110] == pytest.approx(floor) and lrs[114] == pytest.approx(floor)  # the last planned step trains at the floor
+    whole = train.TimeFittedSchedule(kind, warmup=10, total=111, min_ratio=0.1, decay_fraction=1.0)
+    assert 1.0 > whole(30) > whole(60) > whole(90) > floor  # 1.0: the decay spans the run, like the Trainer's curves
+
+
 def test_max_time_plans_the_schedule_to_end_at_min_lr_and_a_resume_keeps_the_plan(tmp_path, monkeypatch):
     import torch
 
@@ -353,7 +367,7 @@ def test_max_time_plans_the_schedule_to_end_at_min_lr_and_a_resume_keeps_the_pla
     logged = [r for r in _records(rd) if "lr" in r]
     assert logged[-1]["step"] == res["steps"]
     assert abs(logged[-1]["lr"] - 1e-3 * 0.1) < 1e-9, logged[-1]
-    assert logged[len(logged) // 2]["lr"] > 2e-4  # a decay, not a constant floor
+    assert logged[len(logged) // 2]["lr"] == pytest.approx(1e-3)  # warmup-stable-decay: the peak holds, then decays
     # The planned number of steps is what the measured speed fits into the budget.
     sps = res["sec_per_step"]
     assert sps > 0 and logged[-1]["elapsed_s"] > 0.6 * budget, (sps, logged[-1])

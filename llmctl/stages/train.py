@@ -182,8 +182,9 @@ class TimeFittedSchedule:
 
     plan = None
 
-    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float):
+    def __init__(self, kind: str, warmup: int, total: int, min_ratio: float, decay_fraction: float = 1.0):
         self.kind, self.warmup, self.total, self.min_ratio = kind, int(warmup), int(total), float(min_ratio)
+        self.decay_fraction = float(decay_fraction)
         self.planned = False  # True once `total` was fitted to the budget
         self.sec_per_step = None  # the measured cost of one step the plan used (evals and saves included)
 
@@ -193,7 +194,11 @@ class TimeFittedSchedule:
         if step < self.warmup:
             return step / max(1, self.warmup)
         # The value at `step` is the lr of optimizer step step+1: the last step, `total`, trains at the floor.
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - 1 - self.warmup))
+        # Warmup-stable-decay: the peak holds until the last `decay_fraction` of the steps after
+        # warmup, which decay (1.0: the whole run decays, the Trainer's own curves).
+        span = max(1, self.total - 1 - self.warmup)
+        decay = max(1, round(span * self.decay_fraction))
+        progress = min(1.0, max(0.0, (step - self.warmup - (span - decay)) / decay))
         if self.kind == "linear":
             return 1.0 - progress
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -611,7 +616,8 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             from torch.optim.lr_scheduler import LambdaLR
 
             cls = type("PlannedSchedule", (TimeFittedSchedule,), {"plan": staticmethod(plan)})
-            sched = cls(tcfg.scheduler, self.args.get_warmup_steps(num_training_steps), num_training_steps, tcfg.min_lr_ratio)
+            sched = cls(tcfg.scheduler, self.args.get_warmup_steps(num_training_steps), num_training_steps, tcfg.min_lr_ratio,
+                        tcfg.fit_decay_fraction)
             type(sched).cap = num_training_steps  # the upper bound (max_steps); class-level: not in the saved state
             fitted["sched"] = sched
             self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, sched)
