@@ -219,7 +219,8 @@ def create_app(
             raise ApiError(400, f"{param}: the prompt is empty", param=param)
         return ids
 
-    def make_jobs(prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str], logprobs: int | None = None, echo: bool = False) -> list[Job]:
+    def make_jobs(prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str], logprobs: int | None = None, echo: bool = False,
+                  stream: bool = True) -> list[Job]:
         loop = asyncio.get_running_loop()
         total = len(prompts) * req.n
         if total > engine.max_queue:
@@ -232,7 +233,7 @@ def create_app(
                     # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
                     seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                    logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
+                    logprobs=logprobs, echo_logprobs=echo and logprobs is not None, stream=stream,
                 ))
         try:
             engine.submit(jobs)
@@ -411,7 +412,7 @@ def create_app(
                 if checked != text:
                     prompts[k] = tokenize(checked, "prompt")
         budgets = [budget(req.max_tokens, len(ids), DEFAULT_COMPLETION_TOKENS, "prompt") for ids in prompts]
-        jobs = make_jobs(prompts, budgets, req, stops, logprobs=req.logprobs, echo=req.echo)
+        jobs = make_jobs(prompts, budgets, req, stops, logprobs=req.logprobs, echo=req.echo, stream=bool(req.stream))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
         # echo: each choice starts with its prompt, exactly as sent (token-id prompts decoded).
@@ -445,7 +446,8 @@ def create_app(
             head, head_lps = prompt_part(i)
             logprobs = legacy_logprobs(head_lps + [(t, lp, a, off + len(head)) for t, lp, a, off in lps]) if want and lps is not None else None
             choices.append({"index": i, "text": head + text, "logprobs": logprobs, "finish_reason": reason})
-        return {**base, "choices": choices, "usage": usage(prompts, jobs)}
+        # plain JSON values already: a JSONResponse skips FastAPI's jsonable_encoder walk
+        return JSONResponse({**base, "choices": choices, "usage": usage(prompts, jobs)})
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
@@ -466,7 +468,8 @@ def create_app(
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         top = req.top_logprobs or 0
         want = req.logprobs
-        jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops, logprobs=top if want else None)
+        jobs = make_jobs([ids], [budget(asked, len(ids), max_tokens_cap, "messages")], req, stops, logprobs=top if want else None,
+                         stream=bool(req.stream))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": model_name, "system_fingerprint": None}
         if req.stream:
@@ -492,7 +495,7 @@ def create_app(
              "logprobs": chat_logprobs(lps, top) if want and lps is not None else None, "finish_reason": reason}
             for i, (text, reason, blocked, lps) in enumerate(results)
         ]
-        return {**base, "choices": choices, "usage": usage([ids], jobs)}
+        return JSONResponse({**base, "choices": choices, "usage": usage([ids], jobs)})
 
     # ---- moderation ----------------------------------------------------------------------
     @app.post("/v1/moderations")

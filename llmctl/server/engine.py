@@ -45,6 +45,9 @@ class Job:
     out: Any = None  # asyncio.Queue of ("delta", text, logprob entries) | ("done", finish_reason, completion_tokens) | ("error", msg)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # False: the client reads the whole answer at once, so text is handed over when the sequence
+    # ends (one event-loop wake-up per sequence instead of one per token).
+    stream: bool = True
     cancelled: bool = False  # set by the event loop when the client is gone
     finished: bool = False
     tokens: list[int] = field(default_factory=list)
@@ -556,7 +559,7 @@ class Engine:
             if j.logprobs is not None:
                 j.lps.pop()  # the EOS token is not part of the completion
             self._detokenize(j, final=True)
-            self._send(j, j.text)
+            self._send(j, j.text, final=True)
             self._finish(j, "stop")
             return False
         j.tokens.append(token)
@@ -570,18 +573,20 @@ class Engine:
         start = max(0, seen - longest + 1)
         cut = min((i for i in (text.find(s, start) for s in j.stop if s) if i != -1), default=-1)
         if cut != -1:
-            self._send(j, text[:cut])
+            self._send(j, text[:cut], final=True)
             self._finish(j, "stop")
             return False
         if len(j.tokens) >= j.max_tokens:
-            self._send(j, text)
+            self._send(j, text, final=True)
             self._finish(j, "length")
             return False
         self._send(j, text[: len(text) - _held_back(text, j.stop)])
         return True
 
     @staticmethod
-    def _send(j: Job, safe_text: str) -> None:
+    def _send(j: Job, safe_text: str, final: bool = False) -> None:
+        if not (j.stream or final):
+            return
         lps = j.take_logprobs(len(safe_text))
         if len(safe_text) > j.sent or lps:
             j.push(("delta", safe_text[j.sent:], lps))
