@@ -151,6 +151,9 @@ def _serve_line(r: dict) -> str | None:
             f"{_n(s['clients_1']['tokens_per_s'], 1)} tokens/s, 8 clients {_n(s['clients_8']['tokens_per_s'], 1)} tokens/s "
             f"(p95 {s['clients_8']['p95_s']:.3f} s); in-process single stream: llmctl {_n(one['llmctl_tokens_per_s'], 1)}, "
             f"`model.generate` {_n(one['generate_tokens_per_s'], 1)} tokens/s; overhead per request {one['serve_overhead_ms_p50']:.1f} ms.")
+    if "serve_tokens_per_s" in one:
+        line += (f" Interleaved single-stream rounds (median of {one['rounds']}): serve over HTTP {_n(one['serve_tokens_per_s'], 1)} tokens/s, "
+                 f"{one['serve_vs_generate']:.2f}x `model.generate`.")
     if "clients_8" in ref:
         line += (f" llama-server on the same weights: 1 client {_n(ref['clients_1']['tokens_per_s'], 1)}, 8 clients "
                  f"{_n(ref['clients_8']['tokens_per_s'], 1)} tokens/s (p95 {ref['clients_8']['p95_s']:.3f} s).")

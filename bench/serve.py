@@ -5,8 +5,8 @@ vocab ~4096) and sends greedy /v1/completions requests of 32 new tokens from clo
 clients. Each phase is bounded in count and time. Targets: >= 3x throughput at 8 clients
 versus 1, zero errors; one client at >= 2x transformers' `model.generate` on the same model
 and prompts in-process (same thread count as the engine), with under 5 ms per request beyond
-the tokens themselves (a request's latency minus its tokens at the engine's in-process decode
-rate); and when llama.cpp's `llama-server` is found ($LLAMA_CPP_BIN, PATH or
+the tokens themselves (a request's latency minus the same prompt's in-process decode time),
+both measured in interleaved rounds (the machine's speed drifts); and when llama.cpp's `llama-server` is found ($LLAMA_CPP_BIN, PATH or
 /opt/llamacpp/build/bin), the same phases against it on the same weights (our f32 GGUF), with
 8-client tokens/s >= 0.5x its own. Then the safety rails' own cost per request, measured in-process on
 the texts the server streamed (prompt check, then every streamed delta through the output
@@ -89,9 +89,17 @@ def streamed(client, url: str, prompt: str) -> list[str]:
     return deltas
 
 
-def in_process(model_dir: Path, prompts: list[str], threads: int) -> dict:
-    """Single-stream tokens/s in this process: transformers' `generate` and llmctl's own decode
-    (the lean path the engine runs), greedy, MAX_TOKENS each with EOS off, best of 3."""
+def single_stream(client, url: str, model_dir: Path, prompts: list[str], threads: int, rounds: int = 3) -> dict:
+    """One stream, side by side and interleaved: per round, each prompt over HTTP to the idle
+    server (one client), then in this process through llmctl's own decode (the lean path the
+    engine runs) and transformers' `model.generate`, greedy, MAX_TOKENS each, same thread count
+    as the engine. The machine's speed drifts by tens of percent within seconds, so every
+    comparison is within a round (medians over rounds), never best against typical.
+
+    Per-request overhead: a request's latency minus the in-process time of the same prompt in
+    the same round (scaled to the tokens the request made: EOS may end it early)."""
+    import statistics
+
     import torch
 
     from llmctl.generation import Sampling, generate_batch
@@ -102,26 +110,37 @@ def in_process(model_dir: Path, prompts: list[str], threads: int) -> dict:
     model.generation_config.eos_token_id = None
     sp = Sampling(max_new_tokens=MAX_TOKENS)
 
-    def hf():
-        n = 0
-        for p in prompts:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False)
-            with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
-            n += out.shape[1] - ids["input_ids"].shape[1]
-        return n
+    def http(p):
+        r = client.post(url + "/v1/completions", json={"model": "bench", "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0})
+        return r.json()["usage"]["completion_tokens"]
 
-    def ours():
-        return sum(generate_batch(model, tok, [p], sp)[0]["completion_tokens"] for p in prompts)
+    def hf(p):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
+        return out.shape[1] - ids["input_ids"].shape[1]
 
-    best = {"generate": 0.0, "llmctl": 0.0}
-    hf(), ours()
-    for _ in range(3):
-        for name, fn in (("generate", hf), ("llmctl", ours)):
-            t0 = time.perf_counter()
-            n = fn()
-            best[name] = max(best[name], n / (time.perf_counter() - t0))
-    return {k + "_tokens_per_s": round(v, 1) for k, v in best.items()}
+    def ours(p):
+        return generate_batch(model, tok, [p], sp)[0]["completion_tokens"]
+
+    def timed(fn, p):
+        t0 = time.perf_counter()
+        n = fn(p)
+        return time.perf_counter() - t0, n
+
+    for p in prompts[:2]:  # warm-up
+        http(p), hf(p), ours(p)
+    per_round, over = [], []
+    for _ in range(rounds):
+        r = {name: [timed(fn, p) for p in prompts] for name, fn in (("serve", http), ("llmctl", ours), ("generate", hf))}
+        per_round.append({k: sum(n for _, n in v) / sum(t for t, _ in v) for k, v in r.items()})
+        over += [(ts - tl * ns / max(nl, 1)) for (ts, ns), (tl, nl) in zip(r["serve"], r["llmctl"])]
+    med = {k: statistics.median(x[k] for x in per_round) for k in per_round[0]}
+    return {"rounds": rounds, "prompts": len(prompts), "threads": threads,
+            **{f"{k}_tokens_per_s": round(v, 1) for k, v in med.items()},
+            "serve_vs_generate": round(statistics.median(x["serve"] / x["generate"] for x in per_round), 3),
+            "llmctl_vs_generate": round(statistics.median(x["llmctl"] / x["generate"] for x in per_round), 3),
+            "serve_overhead_ms_p50": round(pct(over, 0.5) * 1000, 2), "serve_overhead_ms_p95": round(pct(over, 0.95) * 1000, 2)}
 
 
 def start(cmd: list[str], ready, env=None) -> tuple[subprocess.Popen, str]:
@@ -218,28 +237,22 @@ def main() -> None:
         res["clients_all"] = {"forward_passes": forwards, "tokens_per_forward_pass": round(sum(r["tokens_per_s"] * r["seconds"] for r in res.values()) / max(forwards, 1), 2)}
         prompts = [f"request number {i} says" for i in range(16)]
         safety = rails_cost([(p, streamed(client, url, p)) for p in prompts])
+        from llmctl.server.engine import default_threads
+
+        single = single_stream(client, url, model, [f"request number {i} says" for i in range(8)], default_threads())
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    from llmctl.server.engine import default_threads
-
-    threads = default_threads()
-    single = in_process(model, [f"request number {i} says" for i in range(8)], threads)
-    # beyond the tokens themselves: a 1-client request's latency minus its tokens at the
-    # engine's own in-process decode rate (prefill included in that rate's prompts)
-    over = [lat - n / single["llmctl_tokens_per_s"] for lat, n in res["clients_1"].pop("_requests")]
-    for k in ("clients_8", "clients_8_logprobs"):
+    for k in ("clients_1", "clients_8", "clients_8_logprobs"):
         res[k].pop("_requests")
-    single["serve_overhead_ms_p50"] = round(pct(over, 0.5) * 1000, 2)
-    single["threads"] = threads
     ref = llama_server(model, tmp)
     for k in ("clients_1", "clients_8"):
         if k in ref:
             ref[k].pop("_requests")
     metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety, "machine": at_start}
     ratios = {
-        "serve 1 client tokens/s vs transformers generate in-process": ratio(res["clients_1"]["tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
-        "llmctl single-stream decode vs transformers generate (in-process)": ratio(single["llmctl_tokens_per_s"] / single["generate_tokens_per_s"], 2.0),
+        "serve 1 client tokens/s vs transformers generate in-process": ratio(single["serve_vs_generate"], 2.0),
+        "llmctl single-stream decode vs transformers generate (in-process)": ratio(single["llmctl_vs_generate"], 2.0),
         "serve per-request overhead ms (1 client, p50)": ratio(single["serve_overhead_ms_p50"], 5.0, higher_is_better=False),
     }
     if "clients_8" in ref:
