@@ -195,6 +195,7 @@ class Engine:
         self.model, self.tok = load_for_inference(
             self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"
         )
+        self.device = self.model.device  # a property that walks the parameters: read once
         mc = self.model.config
         self.context_length = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
         params = inspect.signature(self.model.forward).parameters
@@ -311,7 +312,7 @@ class Engine:
             # Finished rows leave; a batch-at-a-time cache keeps them (masked) until it drains.
             batch = self._select(batch, live)
             tokens = [tokens[i] for i in live]
-        dev = self.model.device
+        dev = self.device
         B = len(batch)
         batch.mask = torch.cat([batch.mask, torch.ones((B, 1), dtype=batch.mask.dtype, device=dev)], dim=1)
         ids = torch.tensor(tokens, dtype=torch.long, device=dev).view(B, 1)
@@ -340,7 +341,7 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> _Batch:
         import torch
 
-        dev = self.model.device
+        dev = self.device
         B = len(jobs)
         n = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((B, n), self.pad_id, dtype=torch.long)
@@ -565,7 +566,11 @@ class Engine:
         j.tokens.append(token)
         longest = max((len(s) for s in j.stop), default=0)
         seen = len(j.text)
-        self._detokenize(j, final=len(j.tokens) >= j.max_tokens)
+        last = len(j.tokens) >= j.max_tokens
+        # Text is needed as it grows only to stream it, find stop strings or place logprobs;
+        # otherwise it is decoded once, at the end.
+        if last or j.stream or j.stop or j.logprobs is not None:
+            self._detokenize(j, final=last)
         text = j.text
         if j.logprobs is not None:
             j.ends.append(len(text))
@@ -576,7 +581,7 @@ class Engine:
             self._send(j, text[:cut], final=True)
             self._finish(j, "stop")
             return False
-        if len(j.tokens) >= j.max_tokens:
+        if last:
             self._send(j, text, final=True)
             self._finish(j, "length")
             return False
