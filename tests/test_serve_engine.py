@@ -175,6 +175,33 @@ def test_greedy_batched_and_joining_mid_decode_equals_alone(model_dir, monkeypat
         e.stop()
 
 
+def test_logprobs_of_rows_that_ask_equal_alone_and_in_a_mixed_batch(tmp_path):
+    """Rows with logprobs (top 0 and top 2) decoded together with a row without: each row's
+    entries equal what it gets alone, and top K has K alternatives."""
+    e = _engine(_sharp_model(tmp_path, "llama"))
+    try:
+        asks = [0, 2, None]
+        alone = []
+        for p, k in zip(PROMPTS[:3], asks):
+            j = _job(e, p, 6, logprobs=k)
+            e.submit([j])
+            _collect(j)
+            alone.append(j.lps)
+        jobs = [_job(e, p, 6, logprobs=k) for p, k in zip(PROMPTS[:3], asks)]
+        e.submit(jobs)
+        for j in jobs:
+            _collect(j)
+        assert alone[2] == [] and jobs[2].lps == []
+        for j, ref, k in zip(jobs[:2], alone[:2], asks[:2]):
+            assert len(j.lps) == len(ref) == len(j.tokens) > 0
+            for (lp, top), (lp_ref, top_ref) in zip(j.lps, ref):
+                assert lp == pytest.approx(lp_ref, abs=1e-4) and lp <= 0
+                assert len(top) == k and [t for t, _ in top] == [t for t, _ in top_ref]
+                assert all(isinstance(t, int) for t, _ in top)
+    finally:
+        e.stop()
+
+
 def test_lean_forward_serves_what_transformers_serves(tmp_path, monkeypatch):
     """The engine on the lean forward pass (llmctl/lean.py) gives, token for token, what it
     gives on transformers' forward: batched, joined mid-decode, with sampling and echo logprobs."""

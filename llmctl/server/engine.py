@@ -500,11 +500,18 @@ class Engine:
         rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
         if not rows:
             return
-        lp = torch.log_softmax(batch.logits[rows], dim=-1)
-        chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in rows], device=lp.device)).view(-1).tolist()
+        logits = batch.logits if len(rows) == len(batch.jobs) else batch.logits[rows]
+        lp = torch.log_softmax(logits, dim=-1)
+        chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1) if len(rows) == len(batch.jobs)
+                           else torch.tensor([[tokens[i]] for i in rows], device=lp.device))
         k = max(batch.jobs[i].logprobs for i in rows)
-        top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
-        top_v, top_i = top_v.tolist(), top_i.tolist()
+        if k:
+            top_v, top_i = torch.topk(lp, k, dim=-1)
+            # one copy to Python: [chosen, top values..., top ids...] per row
+            packed = torch.cat([chosen, top_v, top_i.to(lp.dtype)], dim=1).tolist()
+            chosen, top_v, top_i = [p[0] for p in packed], [p[1 : k + 1] for p in packed], [[int(t) for t in p[k + 1 :]] for p in packed]
+        else:
+            chosen, top_v, top_i = chosen.view(-1).tolist(), [[]] * len(rows), [[]] * len(rows)
         for r, i in enumerate(rows):
             j = batch.jobs[i]
             j.lps.append((chosen[r], list(zip(top_i[r][: j.logprobs], top_v[r][: j.logprobs]))))
