@@ -10,7 +10,8 @@ whose config is reused), in one run:
   f32 (llmctl.modeling.load_for_inference, llmctl.generation): the sides alternate ROUNDS
   times and each keeps its best, because on a shared machine noise is larger than the
   difference being measured;
-- the same decode comparison on a larger random llama (SCALE) to show where int8 pays off;
+- the same decode comparison on a larger random llama (SCALE) to show where int8 pays off,
+  and each Linear shape of both models alone (one token, f32 vs the dynamic int8 Linear);
 - each GGUF file's decode tokens/s in llama.cpp itself (llama-server's timings), when found.
 
 Targets: --quantize int8 >= 1.5x f32 decode with |delta perplexity| <= 1%; gguf q8_0 within 1%.
@@ -129,6 +130,39 @@ def llama_cpp_decode(files: dict[str, Path], rounds: int = 3) -> dict:
     return out
 
 
+def linear_race(model_dirs: list[str], calls: int = 2000, rounds: int = 5) -> dict:
+    """Why int8 decode is or is not faster: microseconds per call of one Linear at one token
+    (M = 1), f32 against what `--quantize int8` puts in its place (torch's dynamic int8
+    Linear), for every distinct Linear shape of these models; alternating, best of `rounds`."""
+    import torch
+    from transformers import AutoConfig
+
+    torch.set_num_threads(1)  # the engine's thread count on this machine
+    shapes = set()
+    for d in model_dirs:
+        c = AutoConfig.from_pretrained(d)
+        h, i, v = c.hidden_size, c.intermediate_size, c.vocab_size
+        shapes |= {(h, h), (h, i), (i, h), (h, v)}
+    out = {}
+    for fin, fout in sorted(shapes):
+        lin = torch.nn.Linear(fin, fout, bias=False)
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)[0]
+        x = torch.randn(1, fin)
+        best = {"f32": float("inf"), "int8": float("inf")}
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for name, mod in (("f32", lin), ("int8", q)):
+                    for _ in range(50):
+                        mod(x)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        mod(x)
+                    best[name] = min(best[name], (time.perf_counter() - t0) / calls * 1e6)
+        out[f"{fin}x{fout}"] = {"f32_us": round(best["f32"], 1), "int8_us": round(best["int8"], 1),
+                                "int8_speedup": round(best["f32"] / best["int8"], 2)}
+    return out
+
+
 def scale_model(out: Path) -> str:
     from _model import quickstart_model
 
@@ -173,7 +207,9 @@ def main() -> None:
     f32_ppl = rows["f32 (train/model)"]["perplexity"]
 
     speed = decode_race(model_dir, ["f32", "int8", "int4"])
-    big = decode_race(scale_model(Path(tempfile.mkdtemp(prefix="bench-compress-big-")) / "m"), ["f32", "int8", "int4"], rounds=3)
+    big_dir = scale_model(Path(tempfile.mkdtemp(prefix="bench-compress-big-")) / "m")
+    big = decode_race(big_dir, ["f32", "int8", "int4"], rounds=3)
+    linears = linear_race([model_dir, big_dir])
 
     types = {}
     for r in rep["rows"]:
@@ -198,6 +234,7 @@ def main() -> None:
         "scale_model": f"random llama hidden {SCALE['hidden']}, {SCALE['layers']} layers",
         "scale_decode_tokens_per_s": {k: round(v, 1) for k, v in big.items()},
         "scale_int8_decode_speedup": round(big["int8"] / big["f32"], 3),
+        "int8_linear_one_token": linears,  # per Linear shape (in x out): f32 vs dynamic int8, one call at M = 1
         "seconds": round(time.time() - t0, 1),
         "export_report": rep,  # what `llmctl export` printed: README quotes it (bench/passages.py)
     }

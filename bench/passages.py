@@ -193,7 +193,15 @@ def _compress_line(r: dict) -> str | None:
     return (f"- compress ({c['model']}, {c['params'] / 1e6:.2f}M parameters, f32 perplexity {c['f32_perplexity']} on "
             f"{_n(c['perplexity_tokens'], 0)} validation tokens; decode {c['decode_new_tokens']} new tokens, best of {c['rounds']} alternating): "
             + "; ".join(parts) + f". On a {c['scale_model']}: f32 {big.get('f32', 0):.1f}, int8 {big.get('int8', 0):.1f}, "
-            f"int4 {big.get('int4', 0):.1f} tokens/s (int8 {c['scale_int8_decode_speedup']:.2f}x f32).")
+            f"int4 {big.get('int4', 0):.1f} tokens/s (int8 {c['scale_int8_decode_speedup']:.2f}x f32)." + _linear_bits(c))
+
+
+def _linear_bits(c: dict) -> str:
+    lin = c.get("int8_linear_one_token")
+    if not lin:
+        return ""
+    return (" One Linear at one token, f32 vs the dynamic int8 Linear (microseconds per call): "
+            + ", ".join(f"{k} {v['f32_us']:.1f} vs {v['int8_us']:.1f} ({v['int8_speedup']:.2f}x)" for k, v in lin.items()) + ".")
 
 
 def measured(r: dict) -> str:
