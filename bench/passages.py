@@ -310,7 +310,7 @@ def safety(r: dict) -> str:
     lines.append(f"- **The classifier** ({c['package']}; a line's score is its highest sentence's) on the same "
                  f"{st['lines']:,} stdlib lines: {counts}; the top scores: {top}. {bline} Loading it takes "
                  f"{c['load_seconds_median']:.1f} s in a fresh interpreter (median of {len(c['load_seconds'])}; "
-                 f"scikit-learn); serve does it in the background once the model is loaded.")
+                 f"scikit-learn); serve does it after the model loads, before it reports ready.")
     return "\n".join(lines)
 
 
