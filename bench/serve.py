@@ -185,7 +185,7 @@ def phases(url: str, model_name: str, extra_body: dict, which=PHASES) -> dict:
         tokens = sum(o[2] for o in out)
         res[name] = {"requests": len(out), "seconds": round(wall, 2), "rps": round(len(out) / wall, 3),
                      "tokens_per_s": round(tokens / wall, 1), "p50_s": round(pct(lats, 0.5), 4), "p95_s": round(pct(lats, 0.95), 4),
-                     "errors": sum(not o[1] for o in out), "_requests": [(o[0], o[2]) for o in out]}
+                     "errors": sum(not o[1] for o in out)}
     return res
 
 
@@ -254,12 +254,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    for k in ("clients_1", "clients_8", "clients_8_logprobs"):
-        res[k].pop("_requests")
     ref = llama_server(model, tmp)
-    for k in ("clients_1", "clients_8"):
-        if k in ref:
-            ref[k].pop("_requests")
     metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety, "machine": at_start}
     ratios = {
         "serve 1 client tokens/s vs transformers generate in-process": ratio(single["serve_vs_generate"], 2.0),
