@@ -65,67 +65,81 @@ def sliding_window(model) -> int | None:
 
 
 class KVCache:
-    """Keys and values per layer in buffers [batch, kv_heads, capacity, head_dim] that grow by
-    doubling, so a decode step writes one column in place instead of copying the whole cache
-    (at batch 8, `torch.cat` of the cache was 40% of a step). Rows can be selected and caches
-    stacked, for continuous batching."""
+    """Keys and values of every layer in one buffer [layers, 2, batch, kv_heads, capacity,
+    head_dim] that grows by doubling, so a decode step writes one column in place instead of
+    copying the whole cache (at batch 8, `torch.cat` of the cache was 40% of a step), and the
+    onnxruntime step (llmctl/lean_ort.py) reads each layer's keys and values as they lie and
+    writes every layer's new column in one copy. Rows can be selected and caches stacked, for
+    continuous batching."""
 
     def __init__(self, n_layers: int):
-        self.keys: list = [None] * n_layers  # buffers; the first lens[i] columns are filled
-        self.values: list = [None] * n_layers
-        self.lens = [0] * n_layers
+        self.n_layers = n_layers
+        self.buf = None
+        self.lens = [0] * n_layers  # filled columns per layer (a forward pass fills them in turn)
 
     @property
     def length(self) -> int:
         return self.lens[0]
 
+    @property
+    def capacity(self) -> int:
+        return 0 if self.buf is None else self.buf.shape[4]
+
+    def _reserve(self, like, need: int) -> None:
+        """Room for `need` columns, on a buffer shaped after `like` ([B, kv_heads, n, head_dim])."""
+        if self.buf is not None and need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity, 64)
+        B, KV, _, D = like.shape
+        new = like.new_zeros(self.n_layers, 2, B, KV, cap, D)
+        if self.buf is not None:
+            t = max(self.lens)
+            new[..., :t, :] = self.buf[..., :t, :]
+        self.buf = new
+
     def append(self, i: int, k, v):
         """Write k, v ([B, kv_heads, n, head_dim]) after layer i's filled columns; returns the
         filled keys and values (views)."""
         t, n = self.lens[i], k.shape[2]
-        buf_k, buf_v = self.keys[i], self.values[i]
-        if buf_k is None or t + n > buf_k.shape[2]:
-            cap = max(t + n, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
-            new_k = k.new_zeros(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_zeros(v.shape[0], v.shape[1], cap, v.shape[3])
-            if t:
-                new_k[:, :, :t] = buf_k[:, :, :t]
-                new_v[:, :, :t] = buf_v[:, :, :t]
-            self.keys[i], self.values[i] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, t : t + n] = k
-        buf_v[:, :, t : t + n] = v
+        self._reserve(k, t + n)
+        self.buf[i, 0, :, :, t : t + n] = k
+        self.buf[i, 1, :, :, t : t + n] = v
         self.lens[i] = t + n
-        return buf_k[:, :, : t + n], buf_v[:, :, : t + n]
+        return self.buf[i, 0, :, :, : t + n], self.buf[i, 1, :, :, : t + n]
+
+    def append_all(self, kv) -> None:
+        """Write every layer's keys and values of n new tokens at once: kv [layers, 2, B, kv_heads, n, head_dim]."""
+        t, n = self.length, kv.shape[4]
+        self._reserve(kv[0, 0], t + n)
+        self.buf[..., t : t + n, :] = kv
+        self.lens = [t + n] * self.n_layers
 
     def select(self, idx) -> None:
         """Keep only these batch rows."""
-        self.keys = [k[idx] for k in self.keys]
-        self.values = [v[idx] for v in self.values]
+        self.buf = self.buf[:, :, idx]
 
     def drop_leading(self, n: int) -> None:
         """Drop the first `n` time steps (columns no row uses any more)."""
-        self.keys = [k[:, :, n:] for k in self.keys]
-        self.values = [v[:, :, n:] for v in self.values]
+        # copied, not viewed: a contiguous buffer is what onnxruntime reads in place
+        self.buf = self.buf[..., n:, :].contiguous()
         self.lens = [t - n for t in self.lens]
 
     def stack(self, other: "KVCache") -> None:
         """Append `other`'s rows below this cache's, left-padding the shorter in time."""
         ta, tb = self.length, other.length
         t = max(ta, tb)
-        for i in range(len(self.keys)):
-            for bufs, obufs in ((self.keys, other.keys), (self.values, other.values)):
-                a, b = bufs[i], obufs[i]
-                out = a.new_zeros(a.shape[0] + b.shape[0], a.shape[1], max(t, 64), a.shape[3])
-                out[: a.shape[0], :, t - ta : t] = a[:, :, :ta]
-                out[a.shape[0] :, :, t - tb : t] = b[:, :, :tb]
-                bufs[i] = out
-            self.lens[i] = t
+        a, b = self.buf, other.buf
+        out = a.new_zeros(a.shape[0], 2, a.shape[2] + b.shape[2], a.shape[3], max(t, 64), a.shape[5])
+        out[:, :, : a.shape[2], :, t - ta : t] = a[..., :ta, :]
+        out[:, :, a.shape[2] :, :, t - tb : t] = b[..., :tb, :]
+        self.buf = out
+        self.lens = [t] * self.n_layers
 
 
 class LeanDecoder:
     """`forward(ids, positions, mask, cache)`: logits of the last position (or every position)."""
 
-    def __init__(self, model):
+    def __init__(self, model, runtime: str | None = None):
         why = unsupported(model)
         if why:
             raise ValueError(f"lean decoding does not cover this model: {why}")
@@ -149,6 +163,17 @@ class LeanDecoder:
         self.plan = [self._layer_plan(layer) for layer in self.layers]
         self.final_norm = self._norm_plan(self.norm)
         self.fast = self._fast_plan()
+        # The folded pass compiled to one onnxruntime graph (llmctl/lean_ort.py) where it can be.
+        self.ort, self.ort_skipped = None, None
+        if runtime != "torch" and self.fast is not None:
+            from llmctl import lean_ort
+
+            self.ort_skipped = lean_ort.available() if self.embed.weight.device.type == "cpu" else "not on the CPU"
+            if self.ort_skipped is None:
+                try:
+                    self.ort = lean_ort.OrtStep(self)
+                except Exception as e:  # the eager folded pass computes the same logits
+                    self.ort_skipped = f"{type(e).__name__}: {e}"
 
     @staticmethod
     def _norm_plan(norm):
@@ -278,15 +303,18 @@ class LeanDecoder:
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
     @torch.inference_mode()
-    def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False):
+    def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False, runtime: str | None = None, ort=None):
         """ids, positions: [B, n]; mask: [B, cache.length + n] with 1 for real tokens, or None
-        when every row is real (no padding). Returns float logits [B, V] for the last position,
-        or [B, n, V] with `all_logits`."""
+        when every row is real (no padding); cache: from `new_cache()`. Returns float logits
+        [B, V] for the last position, or [B, n, V] with `all_logits`."""
         B, n = ids.shape
         t0 = cache.length
         if self.window is not None and t0 + n > self.window:
             raise ValueError(f"sequence of {t0 + n} tokens crosses the model's {self.window}-token sliding window")
         cos, sin = self._rope(positions)
+        ort = ort if ort is not None else (self.ort if runtime != "torch" else None)
+        if ort is not None and n == 1 and t0 > 0:  # a decode step: compiled (prefill stays eager)
+            return ort.run(ids, cos, sin, cache, mask)
         attn_mask, causal = None, False
         if mask is not None and not bool(mask.all()):
             keep = mask.bool()[:, None, None, :]  # [B, 1, 1, T]

@@ -37,14 +37,17 @@ def _model(arch: str, **kw):
     ("qwen3", {}),  # q/k norms, head_dim != hidden / heads
     ("mistral", {"sliding_window": None}),
 ])
-def test_logits_equal_transformers(arch, kw):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_logits_equal_transformers(arch, kw, runtime):
     from llmctl.lean import LeanDecoder, unsupported
 
     model = _model(arch, **kw)
     assert unsupported(model) is None
-    dec = LeanDecoder(model)
+    dec = LeanDecoder(model, runtime=runtime)
     # folded weights (norms, scale, rotary in the matmuls) unless q/k norms sit in between
     assert (dec.fast is None) == (arch == "qwen3")
+    # the folded decode step compiled to onnxruntime (installed with the dev extras) wherever it is folded
+    assert (dec.ort is not None) == (dec.fast is not None and runtime == "onnxruntime"), dec.ort_skipped
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, V, (3, 11), generator=g)
     mask = torch.ones_like(ids)
@@ -62,6 +65,61 @@ def test_logits_equal_transformers(arch, kw):
     for t in range(8, 11):
         step = dec.forward(ids[:, t : t + 1], pos[:, t : t + 1], cache, mask=mask[:, : t + 1])
         assert torch.allclose(step, ref[:, t], atol=1e-4), (step - ref[:, t]).abs().max()
+
+
+def test_onnxruntime_step_that_disagrees_is_not_used(monkeypatch):
+    """OrtStep checks its graph against the eager folded pass when it is built; a session that
+    computes anything else is dropped (the eager pass decodes) and the reason kept."""
+    import llmctl.lean_ort
+    from llmctl.lean import LeanDecoder
+
+    model = _model("llama")
+    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", -1.0)  # nothing can pass
+    dec = LeanDecoder(model)
+    assert dec.ort is None and "differ from the eager pass" in dec.ort_skipped
+    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", 1e-4)
+    monkeypatch.setenv("LLMCTL_LEAN_ORT", "0")
+    assert LeanDecoder(model).ort is None
+
+
+def test_onnxruntime_step_follows_cache_merges():
+    """Continuous batching on the onnxruntime step: rows selected out, caches of different
+    lengths stacked and leading columns dropped give the logits of each row decoded alone."""
+    from llmctl.lean import LeanDecoder
+
+    model = _model("llama")
+    dec = LeanDecoder(model)
+    assert dec.ort is not None, dec.ort_skipped
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(3, V, (2, 9), generator=g), torch.randint(3, V, (1, 4), generator=g)
+
+    def alone(ids, steps):  # the eager pass (itself checked against transformers above)
+        cache = dec.new_cache()
+        pos = torch.arange(ids.shape[1])[None]
+        out = dec.forward(ids, pos, cache, runtime="torch")
+        for t in range(steps):
+            out = dec.forward(out.argmax(-1)[:, None], pos[:, -1:] + 1 + t, cache, runtime="torch")
+        return out
+
+    ca, cb = dec.new_cache(), dec.new_cache()
+    la = dec.forward(a, torch.arange(9).repeat(2, 1), ca)
+    lb = dec.forward(b, torch.arange(4)[None], cb)
+    ca.select(torch.tensor([1]))  # row 0 leaves
+    ca.stack(cb)  # b joins, left-padded by 5 columns
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :5] = 0
+    pos = torch.tensor([[9], [4]])
+    nxt = torch.stack([la[1].argmax(), lb[0].argmax()])[:, None]
+    for t in range(2):
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        out = dec.forward(nxt, pos + t, ca, mask=mask)
+        nxt = out.argmax(-1)[:, None]
+    assert torch.allclose(out[0], alone(a[1:], 2), atol=1e-4)
+    ca.select(torch.tensor([1]))  # a leaves: b's 5 padding columns are used by no row
+    ca.drop_leading(5)
+    mask = torch.cat([mask[1:, 5:], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    out = dec.forward(nxt[1:], pos[1:] + 2, ca, mask=mask)
+    assert torch.allclose(out[0], alone(b, 3)[0], atol=1e-4)
 
 
 def test_unsupported_models_fall_back():

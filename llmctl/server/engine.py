@@ -112,6 +112,13 @@ def _cache_of(out):
     return c if c is not None else out.past_key_values
 
 
+def _lean_cache(cache) -> bool:
+    """A cache of llmctl's lean decoder, which merges row-wise."""
+    from llmctl.lean import KVCache
+
+    return isinstance(cache, KVCache)
+
+
 def default_threads() -> int:
     """CPU threads for the model: all cores but one, which is left to the HTTP event loop.
 
@@ -378,9 +385,7 @@ class Engine:
     def _mergeable(self, batch: _Batch) -> bool:
         from transformers.cache_utils import DynamicLayer
 
-        from llmctl.lean import KVCache
-
-        if isinstance(batch.cache, KVCache):
+        if _lean_cache(batch.cache):
             return True
 
         layers = self._layers(batch.cache)
@@ -395,9 +400,7 @@ class Engine:
             raise RuntimeError("cannot merge these KV caches")  # _admit checks first
         ta, tb = a.mask.shape[1], b.mask.shape[1]
         T = max(ta, tb)
-        from llmctl.lean import KVCache
-
-        if isinstance(a.cache, KVCache):
+        if _lean_cache(a.cache):
             a.cache.stack(b.cache)
         for la, lb in zip(self._layers(a.cache) or [], self._layers(b.cache) or []):
             # keys/values: [B, heads, T, head_dim]; pad the T axis on the left with zeros (masked).
@@ -414,10 +417,8 @@ class Engine:
         """Keep only these rows; drop leading cache columns no remaining row uses."""
         import torch
 
-        from llmctl.lean import KVCache
-
         idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
-        lean = isinstance(batch.cache, KVCache)
+        lean = _lean_cache(batch.cache)
         if lean:
             batch.cache.select(idx)
         else:
