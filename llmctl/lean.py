@@ -313,7 +313,7 @@ class LeanDecoder:
             raise ValueError(f"sequence of {t0 + n} tokens crosses the model's {self.window}-token sliding window")
         cos, sin = self._rope(positions)
         ort = ort if ort is not None else (self.ort if runtime != "torch" else None)
-        if ort is not None and n == 1 and t0 > 0:  # a decode step: compiled (prefill stays eager)
+        if ort is not None and n == 1 and t0 > 0:  # a decode step, compiled
             return ort.run(ids, cos, sin, cache, mask)
         attn_mask, causal = None, False
         if mask is not None and not bool(mask.all()):
@@ -332,6 +332,11 @@ class LeanDecoder:
             else:
                 q = torch.arange(t0, t0 + n, device=ids.device)[:, None]
                 attn_mask = torch.arange(t0 + n, device=ids.device)[None] <= q
+        if ort is not None and t0 == 0 and n > 1 and not all_logits:  # a prompt: compiled too
+            if attn_mask is None or attn_mask.dtype == torch.bool:
+                keep = torch.ones(n, n, dtype=torch.bool).tril_() if attn_mask is None else attn_mask
+                attn_mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
+            return ort.prefill(ids, cos, sin, cache, attn_mask.view(-1, 1, n, n))
         if self.fast is not None:
             return self._forward_folded(ids, cos, sin, cache, attn_mask, causal, all_logits)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim

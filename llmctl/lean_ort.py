@@ -43,16 +43,8 @@ def available() -> str | None:
     return None
 
 
-class _Step(torch.nn.Module):
-    """One decode step (one new token per row) with the folded weights, traced to ONNX.
-
-    ids [B]; cos, sin [B, 1, 1, D] (the new token's rotary); mask [B|1, 1, 1, C+1] additive
-    (0 or -inf) over the cache buffers' C columns and the new token; past: per layer keys and
-    values [B, KV, C, D], the cache buffers read as they are (the unfilled columns are masked).
-    Returns logits [B, V] and per layer the new token's keys and values [B, KV, 1, D].
-
-    With one token per row every reshape has a constant shape (the batch is -1) and no
-    transpose is needed: a layer is about 30 onnxruntime kernels."""
+class _Graph(torch.nn.Module):
+    """The folded weights of a LeanDecoder, for tracing to ONNX."""
 
     def __init__(self, dec):
         super().__init__()
@@ -64,18 +56,68 @@ class _Step(torch.nn.Module):
         self.H, self.KV, self.D = dec.n_heads, dec.n_kv, dec.head_dim
         self.ones = torch.ones(self.embed.shape[1])
 
+    def norm(self, x, eps):  # the pattern onnxruntime fuses into one SimplifiedLayerNormalization
+        return x / torch.sqrt(torch.pow(x, 2).mean(-1, keepdim=True) + eps) * self.ones
+
+    def mlp(self, h, w_o, b_o, o, w_gu, b_gu, eps2, w_down, b_down):
+        """The attention output's projection and residual, then the MLP block and its residual."""
+        h = h + o @ w_o
+        if b_o is not None:
+            h = h + b_o
+        gu = self.norm(h, eps2) @ w_gu
+        if b_gu is not None:
+            gu = gu + b_gu
+        gate, up = gu.split([w_down.shape[0], w_down.shape[0]], dim=-1)
+        h = h + (F.silu(gate) * up) @ w_down
+        return h if b_down is None else h + b_down
+
+
+class _Prefill(_Graph):
+    """A prompt on an empty cache: ids [B, n]; cos, sin [B, 1, n, D]; mask [B|1, 1, n, n]
+    additive (causal and padding). Returns the last position's logits [B, V] and the keys and
+    values of every layer [layers, 2, B, KV, n, D]."""
+
+    def forward(self, ids, cos, sin, mask):
+        H, KV, D = self.H, self.KV, self.D
+        g = H // KV
+        B, n = ids.shape[0], ids.shape[1]
+        h = F.embedding(ids, self.embed)  # [B, n, d]
+        new = []
+        for w_qkv, b_qkv, eps1, w_o, b_o, w_gu, b_gu, eps2, w_down, b_down in self.layers:
+            y = self.norm(h, eps1) @ w_qkv
+            if b_qkv is not None:
+                y = y + b_qkv
+            qk, v, rot = y.view(B, n, 2 * H + 3 * KV, D).transpose(1, 2).split([H + KV, KV, H + KV], dim=1)
+            q, k = (qk * cos + rot * sin).split([H, KV], dim=1)  # [B, heads, n, D]
+            new += [k, v]
+            if g > 1:  # each kv head serves g query heads
+                k = k.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
+                v = v.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
+            o = torch.matmul(p, v).transpose(1, 2).reshape(B, n, H * D)
+            h = self.mlp(h, w_o, b_o, o, w_gu, b_gu, eps2, w_down, b_down)
+        logits = self.norm(h[:, -1], self.eps) @ self.w_head
+        return logits, torch.stack(new).view(len(self.layers), 2, B, KV, n, D)
+
+
+class _Step(_Graph):
+    """One decode step (one new token per row).
+
+    ids [B]; cos, sin [B, 1, 1, D] (the new token's rotary); mask [B|1, 1, 1, C+1] additive
+    (0 or -inf) over the cache buffers' C columns and the new token; past: per layer keys and
+    values [B, KV, C, D], the cache buffers read as they are (the unfilled columns are masked).
+    Returns logits [B, V] and the new token's keys and values [layers, 2, B, KV, 1, D].
+
+    With one token per row every reshape has a constant shape (the batch is -1) and no
+    transpose is needed: a layer is about 30 onnxruntime kernels."""
+
     def forward(self, ids, cos, sin, mask, *past):
         H, KV, D = self.H, self.KV, self.D
         g = H // KV
         h = F.embedding(ids, self.embed)  # [B, d]
-        ones = self.ones
-
-        def norm(x, eps):  # the pattern onnxruntime fuses into one SimplifiedLayerNormalization
-            return x / torch.sqrt(torch.pow(x, 2).mean(-1, keepdim=True) + eps) * ones
-
         new = []
         for i, (w_qkv, b_qkv, eps1, w_o, b_o, w_gu, b_gu, eps2, w_down, b_down) in enumerate(self.layers):
-            y = norm(h, eps1) @ w_qkv
+            y = self.norm(h, eps1) @ w_qkv
             if b_qkv is not None:
                 y = y + b_qkv
             qk, v, rot = y.view(-1, 2 * H + 3 * KV, 1, D).split([H + KV, KV, H + KV], dim=1)
@@ -88,17 +130,8 @@ class _Step(torch.nn.Module):
             s = torch.cat([torch.matmul(q, pk.transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))], dim=-1) + mask
             p = torch.softmax(s, dim=-1)
             o = torch.matmul(p[..., :-1], pv) + p[..., -1:] * v  # [B, KV, g, D]
-            h = h + o.reshape(-1, H * D) @ w_o
-            if b_o is not None:
-                h = h + b_o
-            gu = norm(h, eps2) @ w_gu
-            if b_gu is not None:
-                gu = gu + b_gu
-            gate, up = gu.split([w_down.shape[0], w_down.shape[0]], dim=-1)
-            h = h + (F.silu(gate) * up) @ w_down
-            if b_down is not None:
-                h = h + b_down
-        return norm(h, self.eps) @ self.w_head, torch.stack(new).view(len(self.layers), 2, *new[0].shape)
+            h = self.mlp(h, w_o, b_o, o.reshape(-1, H * D), w_gu, b_gu, eps2, w_down, b_down)
+        return self.norm(h, self.eps) @ self.w_head, torch.stack(new).view(len(self.layers), 2, *new[0].shape)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -106,36 +139,45 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class OrtStep:
-    """An onnxruntime session over `_Folded`, for a LeanDecoder whose folded plan exists."""
+    """onnxruntime sessions over `_Step` and `_Prefill`, for a LeanDecoder whose folded plan exists."""
 
     def __init__(self, dec, threads: int | None = None):
         import onnxruntime as ort
 
         self.dec = dec
         self.L, self.KV, self.D = len(dec.layers), dec.n_kv, dec.head_dim
-        graph = _Step(dec).eval()
-        B, C = 2, 4
+        B, C, n = 2, 4, 3
         past = [torch.zeros(B, self.KV, C, self.D) for _ in range(2 * self.L)]
-        example = (torch.zeros(B, dtype=torch.long), torch.ones(B, 1, 1, self.D), torch.zeros(B, 1, 1, self.D),
-                   torch.zeros(B, 1, 1, C + 1), *past)
         self.past_names = [f"past.{i}.{kv}" for i in range(self.L) for kv in "kv"]
-        names = ["ids", "cos", "sin", "mask", *self.past_names]
-        axes = {"ids": {0: "B"}, "cos": {0: "B"}, "sin": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
-                **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}}
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, example, buf, input_names=names, output_names=["logits", "new"], dynamic_axes=axes,
-                              opset_version=17, dynamo=False)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or torch.get_num_threads()
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        self.sess = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
-        self._probe(graph)
 
-    def _probe(self, graph) -> None:
-        """The session must compute what the eager folded pass computes; raise otherwise."""
+        def session(graph, example, names, axes):
+            buf = io.BytesIO()
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph.eval(), example, buf, input_names=names, output_names=["logits", "new"], dynamic_axes=axes,
+                                  opset_version=17, dynamo=False)
+            return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+
+        self.sess = session(
+            _Step(dec), (torch.zeros(B, dtype=torch.long), torch.ones(B, 1, 1, self.D), torch.zeros(B, 1, 1, self.D),
+                         torch.zeros(B, 1, 1, C + 1), *past),
+            ["ids", "cos", "sin", "mask", *self.past_names],
+            {"ids": {0: "B"}, "cos": {0: "B"}, "sin": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
+             **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}})
+        self.prefill_sess = session(
+            _Prefill(dec), (torch.zeros(B, n, dtype=torch.long), torch.ones(B, 1, n, self.D), torch.zeros(B, 1, n, self.D),
+                            torch.zeros(B, 1, n, n)),
+            ["ids", "cos", "sin", "mask"],
+            {"ids": {0: "B", 1: "n"}, "cos": {0: "B", 2: "n"}, "sin": {0: "B", 2: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"},
+             "logits": {0: "B"}, "new": {2: "B", 4: "n"}})
+        self._probe()
+
+    def _probe(self) -> None:
+        """The sessions must compute what the eager folded pass computes; raise otherwise."""
         from llmctl.lean import KVCache
 
         g = torch.Generator().manual_seed(0)
@@ -145,13 +187,20 @@ class OrtStep:
         mask[1, :2] = 0
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         caches = KVCache(self.L), KVCache(self.L)
-        for c in caches:
-            self.dec.forward(ids[:, :5], pos[:, :5], c, mask=mask[:, :5], runtime="torch")
-        ref = self.dec.forward(ids[:, 5:], pos[:, 5:], caches[0], mask=mask, runtime="torch")
-        got = self.dec.forward(ids[:, 5:], pos[:, 5:], caches[1], mask=mask, ort=self)
-        diff = max(float((got - ref).abs().max()), float((caches[0].buf - caches[1].buf).abs().max()))
-        if not diff <= TOLERANCE * max(1.0, float(ref.abs().max())):
+        ref = [self.dec.forward(ids[:, :5], pos[:, :5], caches[0], mask=mask[:, :5], runtime="torch"),
+               self.dec.forward(ids[:, 5:], pos[:, 5:], caches[0], mask=mask, runtime="torch")]
+        got = [self.dec.forward(ids[:, :5], pos[:, :5], caches[1], mask=mask[:, :5], ort=self),
+               self.dec.forward(ids[:, 5:], pos[:, 5:], caches[1], mask=mask, ort=self)]
+        diff = max(*(float((a - b).abs().max()) for a, b in zip(got, ref)), float((caches[0].buf - caches[1].buf).abs().max()))
+        if not diff <= TOLERANCE * max(1.0, float(ref[1].abs().max())):
             raise RuntimeError(f"onnxruntime's logits differ from the eager pass by {diff:.2e}")
+
+    def prefill(self, ids, cos, sin, cache, attn_mask):
+        """A prompt ids [B, n] on an empty cache, with its rotary cos/sin and additive mask
+        [B|1, 1, n, n] (causal and padding). Returns float logits [B, V] of the last position."""
+        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "cos": _np(cos), "sin": _np(sin), "mask": _np(attn_mask)})
+        cache.append_all(torch.from_numpy(new))
+        return torch.from_numpy(logits)
 
     def run(self, ids, cos, sin, cache, mask):
         """One decode step: ids [B, 1] after the tokens in `cache` (a lean.KVCache, written in

@@ -57,6 +57,8 @@ def test_logits_equal_transformers(arch, kw, runtime):
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    last = dec.forward(ids[:, :8], pos[:, :8], dec.new_cache(), mask=mask[:, :8])  # a prompt as served (compiled with onnxruntime)
+    assert torch.allclose(last, ref[:, 7], atol=1e-4), (last - ref[:, 7]).abs().max()
     cache = dec.new_cache()
     got = dec.forward(ids[:, :8], pos[:, :8], cache, mask=mask[:, :8], all_logits=True)
     real = mask[:, :8].bool()
