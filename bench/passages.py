@@ -154,7 +154,14 @@ def _serve_line(r: dict) -> str | None:
     if "serve_tokens_per_s" in one:
         line += (f" Interleaved single-stream rounds (median of {one['rounds']}): serve over HTTP {_n(one['serve_tokens_per_s'], 1)} tokens/s, "
                  f"{one['serve_vs_generate']:.2f}x `model.generate`.")
-    if "clients_8" in ref:
+    if "clients_8" in ref and "llmctl_vs_llama_server" in ref["clients_8"]:
+        c1, c8 = ref["clients_1"], ref["clients_8"]
+        line += (f" Against llama-server on the same weights, alternating rounds (median of {len(c8['rounds'])}): 1 client "
+                 f"{_n(c1['llmctl']['tokens_per_s'], 1)} vs {_n(c1['llama_server']['tokens_per_s'], 1)} tokens/s "
+                 f"({c1['llmctl_vs_llama_server']:.2f}x), 8 clients {_n(c8['llmctl']['tokens_per_s'], 1)} vs "
+                 f"{_n(c8['llama_server']['tokens_per_s'], 1)} tokens/s ({c8['llmctl_vs_llama_server']:.2f}x; rounds "
+                 f"{', '.join(f'{x:.2f}' for x in c8['rounds'])}; p95 {c8['llmctl']['p95_s']:.3f} vs {c8['llama_server']['p95_s']:.3f} s).")
+    elif "clients_8" in ref:
         line += (f" llama-server on the same weights: 1 client {_n(ref['clients_1']['tokens_per_s'], 1)}, 8 clients "
                  f"{_n(ref['clients_8']['tokens_per_s'], 1)} tokens/s (p95 {ref['clients_8']['p95_s']:.3f} s).")
     elif ref.get("skipped"):

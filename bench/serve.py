@@ -189,8 +189,9 @@ def phases(url: str, model_name: str, extra_body: dict, which=PHASES) -> dict:
     return res
 
 
-def llama_server(model_dir: Path, tmp: Path) -> dict:
-    """The same phases against llama.cpp's llama-server on our f32 GGUF of the same weights."""
+def llama_server(model_dir: Path, tmp: Path):
+    """llama.cpp's llama-server on our f32 GGUF of the same weights: (process, url, info), or
+    (None, None, {"skipped": why})."""
     import socket
 
     from llmctl.exporters import gguf as gguf_x
@@ -198,7 +199,7 @@ def llama_server(model_dir: Path, tmp: Path) -> dict:
 
     binary = gguf_x.llama_cpp("llama-server")
     if binary is None:
-        return {"skipped": "llama-server not found ($LLAMA_CPP_BIN, PATH, /opt/llamacpp/build/bin)"}
+        return None, None, {"skipped": "llama-server not found ($LLAMA_CPP_BIN, PATH, /opt/llamacpp/build/bin)"}
     model, tok = load_for_inference(str(model_dir))
     (tmp / "gguf").mkdir(exist_ok=True)
     path = gguf_x.write(model, tok, tmp / "gguf", "f32", "bench")
@@ -208,16 +209,28 @@ def llama_server(model_dir: Path, tmp: Path) -> dict:
     ctx = model.config.max_position_embeddings
     cmd = [str(binary), "-m", str(path), "--host", "127.0.0.1", "--port", str(port), "-np", "8", "-c", str(8 * ctx), "--no-webui"]
     proc, url = start(cmd, lambda line: f"http://127.0.0.1:{port}" if "listening" in line or "server is listening" in line else None)
-    try:
-        # ignore_eos: every request makes MAX_TOKENS, as many or more than ours (EOS on)
-        res = phases(url, "bench", {"ignore_eos": True}, PHASES[:2])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return {"binary": str(binary), "gguf": path.name, "threads": "llama-server default", **res}
+    return proc, url, {"binary": str(binary), "gguf": path.name, "threads": "llama-server default"}
+
+
+def side_by_side(url: str, ref_url: str, rounds: int = 3) -> dict:
+    """The same closed-loop phases against llmctl and llama-server, alternating, `rounds` times:
+    the machine's speed drifts by tens of percent, so each ratio is taken within a round and the
+    median round is reported. llama-server runs with ignore_eos (every request makes MAX_TOKENS,
+    as many or more than ours with EOS on)."""
+    import statistics
+
+    out = {}
+    for name, conc, n in (("clients_1", 1, 16), ("clients_8", 8, 64)):
+        per = []
+        for _ in range(rounds):
+            a = phases(url, "bench", {}, [(name, conc, n, {})])[name]
+            b = phases(ref_url, "bench", {"ignore_eos": True}, [(name, conc, n, {})])[name]
+            per.append((a["tokens_per_s"] / b["tokens_per_s"], a, b))
+        mid = sorted(per, key=lambda x: x[0])[len(per) // 2]
+        out[name] = {"llmctl_vs_llama_server": round(statistics.median(x[0] for x in per), 3),
+                     "rounds": [round(x[0], 3) for x in per], "llmctl": mid[1], "llama_server": mid[2],
+                     "errors": sum(x[1]["errors"] + x[2]["errors"] for x in per)}
+    return out
 
 
 def main() -> None:
@@ -229,6 +242,7 @@ def main() -> None:
     cfg = tmp / "c.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / "run")},
                                    "serve": {"model": str(model), "max_batch_size": 8, "max_queue": 256}}))
+    ref_proc, ref_url, ref = llama_server(model, tmp)  # idle until its rounds: no CPU taken from ours
     proc, url = start([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"],
                       lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None))
     res = {}
@@ -251,18 +265,25 @@ def main() -> None:
         from llmctl.server.engine import default_threads
 
         single = single_stream(client, url, model, [f"request number {i} says" for i in range(8)], default_threads())
+        if ref_url is not None:
+            ref.update(side_by_side(url, ref_url))
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    ref = llama_server(model, tmp)
-    metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096", "server_exit_code": code, "safety_rails": safety, "machine": at_start}
+        if ref_proc is not None:
+            ref_proc.send_signal(signal.SIGTERM)
+            try:
+                ref_proc.wait(30)
+            except subprocess.TimeoutExpired:
+                ref_proc.kill()
+    metrics = {**res, "single_stream": single, "llama_server": ref, "max_tokens": MAX_TOKENS, "model": "llama 4 layers, hidden 128, vocab 4096 (a BPE trained on the stdlib's source)", "server_exit_code": code, "safety_rails": safety, "machine": at_start}
     ratios = {
         "serve 1 client tokens/s vs transformers generate in-process": ratio(single["serve_vs_generate"], 2.0),
         "llmctl single-stream decode vs transformers generate (in-process)": ratio(single["llmctl_vs_generate"], 2.0),
         "serve per-request overhead ms (1 client, p50)": ratio(single["serve_overhead_ms_p50"], 5.0, higher_is_better=False),
     }
-    if "clients_8" in ref:
-        ratios["serve 8 clients tokens/s vs llama-server (same weights)"] = ratio(res["clients_8"]["tokens_per_s"] / ref["clients_8"]["tokens_per_s"], 0.5)
+    if "clients_8" in ref:  # median of alternating rounds
+        ratios["serve 8 clients tokens/s vs llama-server (same weights)"] = ratio(ref["clients_8"]["llmctl_vs_llama_server"], 0.5)
     write_result("serve", metrics, {**ratios,
         "serve throughput 8 clients vs 1": ratio(res["clients_8"]["rps"] / res["clients_1"]["rps"], 3.0),
         "serve errors (all phases)": ratio(float(sum(r.get("errors", 0) for r in res.values())), 0.0, higher_is_better=False),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -108,10 +109,12 @@ class KVCache:
         return self.buf[i, 0, :, :, : t + n], self.buf[i, 1, :, :, : t + n]
 
     def append_all(self, kv) -> None:
-        """Write every layer's keys and values of n new tokens at once: kv [layers, 2, B, kv_heads, n, head_dim]."""
+        """Write every layer's keys and values of n new tokens at once: kv [layers, 2, B, kv_heads,
+        n, head_dim], a numpy array (onnxruntime's output; numpy copies it faster than torch)."""
         t, n = self.length, kv.shape[4]
-        self._reserve(kv[0, 0], t + n)
-        self.buf[..., t : t + n, :] = kv
+        if self.buf is None or t + n > self.capacity:
+            self._reserve(torch.from_numpy(kv[0, 0]), t + n)
+        self.buf.numpy()[..., t : t + n, :] = kv
         self.lens = [t + n] * self.n_layers
 
     def select(self, idx) -> None:
@@ -311,10 +314,12 @@ class LeanDecoder:
         t0 = cache.length
         if self.window is not None and t0 + n > self.window:
             raise ValueError(f"sequence of {t0 + n} tokens crosses the model's {self.window}-token sliding window")
-        cos, sin = self._rope(positions)
         ort = ort if ort is not None else (self.ort if runtime != "torch" else None)
         if ort is not None and n == 1 and t0 > 0:  # a decode step, compiled
-            return ort.run(ids, cos, sin, cache, mask)
+            pos = positions.numpy()
+            if pos.max() < ort.positions:
+                return ort.run(ids, pos, cache, mask)
+        cos, sin = self._rope(positions)
         attn_mask, causal = None, False
         if mask is not None and not bool(mask.all()):
             keep = mask.bool()[:, None, None, :]  # [B, 1, 1, T]
@@ -336,7 +341,9 @@ class LeanDecoder:
             if attn_mask is None or attn_mask.dtype == torch.bool:
                 keep = torch.ones(n, n, dtype=torch.bool).tril_() if attn_mask is None else attn_mask
                 attn_mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf"))
-            return ort.prefill(ids, cos, sin, cache, attn_mask.view(-1, 1, n, n))
+            pos = positions.numpy()
+            if pos.max() < ort.positions:
+                return ort.prefill(ids, np.ascontiguousarray(pos), cache, attn_mask.view(-1, 1, n, n))
         if self.fast is not None:
             return self._forward_folded(ids, cos, sin, cache, attn_mask, causal, all_logits)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim

@@ -55,6 +55,9 @@ class _Graph(torch.nn.Module):
         self.eps = dec.final_norm[1]
         self.H, self.KV, self.D = dec.n_heads, dec.n_kv, dec.head_dim
         self.ones = torch.ones(self.embed.shape[1])
+        # the model's own rotary table for every position of its context ([positions, D])
+        cos, sin = dec._rope(torch.arange(dec.context)[None])
+        self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
 
     def norm(self, x, eps):  # the pattern onnxruntime fuses into one SimplifiedLayerNormalization
         return x / torch.sqrt(torch.pow(x, 2).mean(-1, keepdim=True) + eps) * self.ones
@@ -73,14 +76,15 @@ class _Graph(torch.nn.Module):
 
 
 class _Prefill(_Graph):
-    """A prompt on an empty cache: ids [B, n]; cos, sin [B, 1, n, D]; mask [B|1, 1, n, n]
-    additive (causal and padding). Returns the last position's logits [B, V] and the keys and
+    """A prompt on an empty cache: ids and positions [B, n]; mask [B|1, 1, n, n] additive
+    (causal and padding). Returns the last position's logits [B, V] and the keys and
     values of every layer [layers, 2, B, KV, n, D]."""
 
-    def forward(self, ids, cos, sin, mask):
+    def forward(self, ids, pos, mask):
         H, KV, D = self.H, self.KV, self.D
         g = H // KV
         B, n = ids.shape[0], ids.shape[1]
+        cos, sin = F.embedding(pos, self.cos).unsqueeze(1), F.embedding(pos, self.sin).unsqueeze(1)  # [B, 1, n, D]
         h = F.embedding(ids, self.embed)  # [B, n, d]
         new = []
         for w_qkv, b_qkv, eps1, w_o, b_o, w_gu, b_gu, eps2, w_down, b_down in self.layers:
@@ -103,7 +107,7 @@ class _Prefill(_Graph):
 class _Step(_Graph):
     """One decode step (one new token per row).
 
-    ids [B]; cos, sin [B, 1, 1, D] (the new token's rotary); mask [B|1, 1, 1, C+1] additive
+    ids, pos [B] (the new token and its position); mask [B|1, 1, 1, C+1] additive
     (0 or -inf) over the cache buffers' C columns and the new token; past: per layer keys and
     values [B, KV, C, D], the cache buffers read as they are (the unfilled columns are masked).
     Returns logits [B, V] and the new token's keys and values [layers, 2, B, KV, 1, D].
@@ -111,9 +115,10 @@ class _Step(_Graph):
     With one token per row every reshape has a constant shape (the batch is -1) and no
     transpose is needed: a layer is about 30 onnxruntime kernels."""
 
-    def forward(self, ids, cos, sin, mask, *past):
+    def forward(self, ids, pos, mask, *past):
         H, KV, D = self.H, self.KV, self.D
         g = H // KV
+        cos, sin = F.embedding(pos, self.cos).view(-1, 1, 1, D), F.embedding(pos, self.sin).view(-1, 1, 1, D)
         h = F.embedding(ids, self.embed)  # [B, d]
         new = []
         for i, (w_qkv, b_qkv, eps1, w_o, b_o, w_gu, b_gu, eps2, w_down, b_down) in enumerate(self.layers):
@@ -146,6 +151,7 @@ class OrtStep:
 
         self.dec = dec
         self.L, self.KV, self.D = len(dec.layers), dec.n_kv, dec.head_dim
+        self.positions = dec.context  # the graphs' rotary tables cover positions below this
         B, C, n = 2, 4, 3
         past = [torch.zeros(B, self.KV, C, self.D) for _ in range(2 * self.L)]
         self.past_names = [f"past.{i}.{kv}" for i in range(self.L) for kv in "kv"]
@@ -163,16 +169,14 @@ class OrtStep:
             return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
 
         self.sess = session(
-            _Step(dec), (torch.zeros(B, dtype=torch.long), torch.ones(B, 1, 1, self.D), torch.zeros(B, 1, 1, self.D),
-                         torch.zeros(B, 1, 1, C + 1), *past),
-            ["ids", "cos", "sin", "mask", *self.past_names],
-            {"ids": {0: "B"}, "cos": {0: "B"}, "sin": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
+            _Step(dec), (torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, 1, 1, C + 1), *past),
+            ["ids", "pos", "mask", *self.past_names],
+            {"ids": {0: "B"}, "pos": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
              **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}})
         self.prefill_sess = session(
-            _Prefill(dec), (torch.zeros(B, n, dtype=torch.long), torch.ones(B, 1, n, self.D), torch.zeros(B, 1, n, self.D),
-                            torch.zeros(B, 1, n, n)),
-            ["ids", "cos", "sin", "mask"],
-            {"ids": {0: "B", 1: "n"}, "cos": {0: "B", 2: "n"}, "sin": {0: "B", 2: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"},
+            _Prefill(dec), (torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long), torch.zeros(B, 1, n, n)),
+            ["ids", "pos", "mask"],
+            {"ids": {0: "B", 1: "n"}, "pos": {0: "B", 1: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"},
              "logits": {0: "B"}, "new": {2: "B", 4: "n"}})
         self._probe()
 
@@ -195,17 +199,17 @@ class OrtStep:
         if not diff <= TOLERANCE * max(1.0, float(ref[1].abs().max())):
             raise RuntimeError(f"onnxruntime's logits differ from the eager pass by {diff:.2e}")
 
-    def prefill(self, ids, cos, sin, cache, attn_mask):
-        """A prompt ids [B, n] on an empty cache, with its rotary cos/sin and additive mask
+    def prefill(self, ids, pos: np.ndarray, cache, attn_mask):
+        """A prompt ids [B, n] at positions `pos` on an empty cache, with its additive mask
         [B|1, 1, n, n] (causal and padding). Returns float logits [B, V] of the last position."""
-        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "cos": _np(cos), "sin": _np(sin), "mask": _np(attn_mask)})
-        cache.append_all(torch.from_numpy(new))
+        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "pos": pos, "mask": _np(attn_mask)})
+        cache.append_all(new)
         return torch.from_numpy(logits)
 
-    def run(self, ids, cos, sin, cache, mask):
-        """One decode step: ids [B, 1] after the tokens in `cache` (a lean.KVCache, written in
-        place), with the new token's rotary cos/sin; mask [B, cache.length + 1] with 1 for real
-        tokens, or None. Returns float logits [B, V]."""
+    def run(self, ids, pos: np.ndarray, cache, mask):
+        """One decode step: ids [B, 1] at positions `pos` after the tokens in `cache` (a
+        lean.KVCache, written in place); mask [B, cache.length + 1] with 1 for real tokens, or
+        None. Returns float logits [B, V]."""
         B = ids.shape[0]
         t0 = cache.length
         C = cache.capacity  # columns past t0 are masked
@@ -216,7 +220,7 @@ class OrtStep:
             bias[:, 0, 0, :t0][mask[:, :t0].numpy() != 0] = 0.0
         bias[..., C] = 0.0  # the new token sees itself
         past = cache.buf.view(2 * self.L, *cache.buf.shape[2:]).numpy()  # each layer's keys, values: contiguous
-        feed = {"ids": _np(ids.view(B)), "cos": _np(cos), "sin": _np(sin), "mask": bias, **dict(zip(self.past_names, past))}
+        feed = {"ids": _np(ids).reshape(B), "pos": np.ascontiguousarray(pos.reshape(B)), "mask": bias, **dict(zip(self.past_names, past))}
         logits, new = self.sess.run(None, feed)
-        cache.append_all(torch.from_numpy(new))
+        cache.append_all(new)
         return torch.from_numpy(logits)

@@ -113,10 +113,16 @@ def _cache_of(out):
 
 
 def _lean_cache(cache) -> bool:
-    """A cache of llmctl's lean decoder, which merges row-wise."""
-    from llmctl.lean import KVCache
+    """A cache of llmctl's lean decoder, which merges row-wise (asked every step: no import)."""
+    global _KVCache
+    if _KVCache is None:
+        from llmctl.lean import KVCache
 
-    return isinstance(cache, KVCache)
+        _KVCache = KVCache
+    return isinstance(cache, _KVCache)
+
+
+_KVCache = None
 
 
 def default_threads() -> int:
@@ -522,7 +528,8 @@ class Engine:
         import torch
 
         logits = batch.logits
-        greedy = logits.argmax(dim=-1).tolist()
+        # numpy's argmax on CPU logits costs a fraction of torch's call (the same first maximum)
+        greedy = (logits.numpy() if logits.device.type == "cpu" else logits).argmax(-1).tolist()
         out = []
         for i, j in enumerate(batch.jobs):
             if j.cancelled or j.finished:
@@ -572,9 +579,11 @@ class Engine:
             self._finish(j, "stop")
             return False
         j.tokens.append(token)
+        last = len(j.tokens) >= j.max_tokens
+        if not (last or j.stream or j.stop or j.logprobs is not None):
+            return True  # nothing to decode, search or send before the end
         longest = max((len(s) for s in j.stop), default=0)
         seen = len(j.text)
-        last = len(j.tokens) >= j.max_tokens
         # Text is needed as it grows only to stream it, find stop strings or place logprobs;
         # otherwise it is decoded once, at the end.
         if last or j.stream or j.stop or j.logprobs is not None:
