@@ -380,3 +380,29 @@ def test_incremental_detokenization_equals_a_full_decode_and_decodes_a_short_win
         assert max(len(j.tokens) for j in jobs) >= 100 and max(widths) <= 12  # a short window, not the whole output
     finally:
         e.stop()
+
+
+def test_text_offsets_found_at_the_end_equal_the_streamed_ones(tmp_path):
+    """A whole answer with logprobs is decoded once, at its end; its tokens' text offsets (from
+    their UTF-8 bytes, or a replay of the incremental decode when those do not spell the text)
+    equal the offsets a stream finds token by token: multi-byte characters split across tokens,
+    and a special token (no text) in the middle."""
+    from llmctl.server.engine import Engine, Job
+
+    texts = ["café naïve déjà vu 日本語のテキスト über straße " + s for s in sentences(120, seed=5)]
+    tok = train_tiny_tokenizer(texts, tmp_path, vocab_size=300)
+    e = Engine(str(tmp_path), 1, 1, 0, _Metrics())
+    e.tok = tok
+    plain = tok("déjà vu 日本語 über", add_special_tokens=False)["input_ids"]
+    assert any(len(e.token_bytes(t)) == 1 and e.token_bytes(t)[0] >= 0x80 for t in plain)  # a character split across tokens
+    for ids in (plain, plain[:3] + [tok.pad_token_id] + plain[3:]):
+        streamed = Job([], 0)
+        ends = []
+        for i, t in enumerate(ids):
+            streamed.tokens.append(t)
+            e._detokenize(streamed, final=i == len(ids) - 1)
+            ends.append(len(streamed.text))
+        whole = Job([], 0, tokens=list(ids))
+        e._detokenize(whole, final=True)
+        e._text_ends(whole)
+        assert whole.text == streamed.text and whole.ends == ends

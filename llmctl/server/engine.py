@@ -501,24 +501,27 @@ class Engine:
     def _record_logprobs(self, batch: _Batch, tokens: list[int]) -> None:
         """Logprobs of the sampled tokens under the raw logits (before temperature, top-p and
         penalties, as vLLM reports them by default), for the rows that asked: one batched
-        log-softmax, gather and top-k for all of them, then one copy to Python."""
-        import torch
-
+        log-softmax, gather and top-k for all of them (numpy on CPU logits: a few calls of a
+        few microseconds, where torch's cost tens), then one copy to Python."""
         rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
         if not rows:
             return
-        logits = batch.logits if len(rows) == len(batch.jobs) else batch.logits[rows]
-        lp = torch.log_softmax(logits, dim=-1)
-        chosen = lp.gather(1, torch.tensor(tokens, device=lp.device).view(-1, 1) if len(rows) == len(batch.jobs)
-                           else torch.tensor([[tokens[i]] for i in rows], device=lp.device))
+        import numpy as np
+
+        x = batch.logits if batch.logits.device.type == "cpu" else batch.logits.cpu()
+        x = x.numpy() if len(rows) == len(batch.jobs) else x.numpy()[rows]
+        m = x.max(axis=-1, keepdims=True)
+        lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))  # [R, 1]
+        chosen = (x[np.arange(len(rows)), [tokens[i] for i in rows]] - lse[:, 0]).tolist()
         k = max(batch.jobs[i].logprobs for i in rows)
         if k:
-            top_v, top_i = torch.topk(lp, k, dim=-1)
-            # one copy to Python: [chosen, top values..., top ids...] per row
-            packed = torch.cat([chosen, top_v, top_i.to(lp.dtype)], dim=1).tolist()
-            chosen, top_v, top_i = [p[0] for p in packed], [p[1 : k + 1] for p in packed], [[int(t) for t in p[k + 1 :]] for p in packed]
+            k = min(k, x.shape[-1])
+            top_i = np.argpartition(x, -k, axis=-1)[:, -k:]
+            top_v = np.take_along_axis(x, top_i, axis=-1)
+            order = np.argsort(-top_v, axis=-1, kind="stable")  # likeliest first
+            top_i, top_v = np.take_along_axis(top_i, order, axis=-1).tolist(), (np.take_along_axis(top_v, order, axis=-1) - lse).tolist()
         else:
-            chosen, top_v, top_i = chosen.view(-1).tolist(), [[]] * len(rows), [[]] * len(rows)
+            top_i = top_v = [[]] * len(rows)
         for r, i in enumerate(rows):
             j = batch.jobs[i]
             j.lps.append((chosen[r], list(zip(top_i[r][: j.logprobs], top_v[r][: j.logprobs]))))
@@ -569,28 +572,60 @@ class Engine:
             j.text += now[len(before) :]
             j.prefix_offset, j.read_offset = j.read_offset, len(j.tokens)
 
+    def _text_ends(self, j: Job) -> None:
+        """Each token's text offset (`j.ends`) for a sequence that was not decoded as it grew
+        (a whole answer with logprobs and no stop strings), once, at its end: from the tokens'
+        UTF-8 bytes (byte-level BPE), kept when they spell the final text exactly; otherwise
+        by replaying the incremental decode."""
+        import codecs
+
+        done = len(j.ends)
+        pieces, ends, n, tail = [], [], 0, ""
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        for i, t in enumerate(j.tokens):
+            final = i == len(j.tokens) - 1
+            piece = dec.decode(bytes(self.token_bytes(t)), final=final)
+            pieces.append(piece)
+            n += len(piece)
+            tail = piece[-1:] or tail
+            # as a stream does: text that ends in half a character waits for the next token
+            half = dec.getstate()[0] or tail == "\ufffd"
+            ends.append(n if final or not half else (ends[-1] if ends else 0))
+        if "".join(pieces) != j.text:
+            scratch, ends = Job([], 0), []
+            for i, t in enumerate(j.tokens):
+                scratch.tokens.append(t)
+                self._detokenize(scratch, final=i == len(j.tokens) - 1)
+                ends.append(len(scratch.text))
+        j.ends += ends[done:]
+
     def _advance(self, j: Job, token: int) -> bool:
         """Take one token for a sequence; False once it has finished."""
+        # Text is needed as it grows only to stream it or find stop strings; otherwise it is
+        # decoded once, at the end (and logprobs' text offsets found then).
+        growing = j.stream or bool(j.stop)
         if token in self.eos_ids:
             if j.logprobs is not None:
                 j.lps.pop()  # the EOS token is not part of the completion
             self._detokenize(j, final=True)
+            if j.logprobs is not None and not growing:
+                self._text_ends(j)
             self._send(j, j.text, final=True)
             self._finish(j, "stop")
             return False
         j.tokens.append(token)
         last = len(j.tokens) >= j.max_tokens
-        if not (last or j.stream or j.stop or j.logprobs is not None):
+        if not (last or growing):
             return True  # nothing to decode, search or send before the end
         longest = max((len(s) for s in j.stop), default=0)
         seen = len(j.text)
-        # Text is needed as it grows only to stream it, find stop strings or place logprobs;
-        # otherwise it is decoded once, at the end.
-        if last or j.stream or j.stop or j.logprobs is not None:
-            self._detokenize(j, final=last)
+        self._detokenize(j, final=last)
         text = j.text
         if j.logprobs is not None:
-            j.ends.append(len(text))
+            if growing:
+                j.ends.append(len(text))
+            else:
+                self._text_ends(j)
         # A stop string can only end in the new text: search from where it could start.
         start = max(0, seen - longest + 1)
         cut = min((i for i in (text.find(s, start) for s in j.stop if s) if i != -1), default=-1)
