@@ -78,7 +78,8 @@ ROWS = [  # (benchmark, ratio key in results.json, how README names it)
     ("serve", "serve throughput 8 clients vs 1", "requests/s, 8 clients vs 1"),
     ("serve", "llmctl single-stream decode vs transformers generate (in-process)", "single-stream decode (the engine's lean path) vs `model.generate`, in-process"),
     ("serve", "serve 1 client tokens/s vs transformers generate in-process", "1 client over HTTP, tokens/s vs `model.generate` in-process"),
-    ("serve", "serve per-request overhead ms (1 client, p50)", "per-request overhead, ms beyond the tokens (1 client, p50; lower is better)"),
+    ("serve", "serve per-request overhead ms (1 client, 1-token requests, p50)", "per-request overhead: a 1-token request's latency minus the same generation in-process, ms (p50; lower is better)"),
+    ("serve", "serve overhead ms per 32-token request (1 client, p50)", "the same difference on 32-token requests, ms (p50; adds per-token bookkeeping)"),
     ("serve", "serve 8 clients tokens/s vs llama-server (same weights)", "8 clients, tokens/s vs llama.cpp's `llama-server` (same weights, f32 GGUF)"),
     ("serve", "serve errors (all phases)", "errors (all phases)"),
     ("serve", "serve tokens/s with logprobs=5 vs without (8 clients)", "tokens/s with `logprobs: 5` vs without (8 clients)"),
@@ -150,7 +151,9 @@ def _serve_line(r: dict) -> str | None:
     line = (f"- serve ({s['model']}, {s['max_tokens']} new tokens, greedy, {one['threads']} engine thread(s)): 1 client "
             f"{_n(s['clients_1']['tokens_per_s'], 1)} tokens/s, 8 clients {_n(s['clients_8']['tokens_per_s'], 1)} tokens/s "
             f"(p95 {s['clients_8']['p95_s']:.3f} s); in-process single stream: llmctl {_n(one['llmctl_tokens_per_s'], 1)}, "
-            f"`model.generate` {_n(one['generate_tokens_per_s'], 1)} tokens/s; overhead per request {one['serve_overhead_ms_p50']:.1f} ms.")
+            f"`model.generate` {_n(one['generate_tokens_per_s'], 1)} tokens/s; overhead per request "
+            + (f"{one['serve_fixed_overhead_ms_p50']:.1f} ms (1-token requests), " if "serve_fixed_overhead_ms_p50" in one else "")
+            + f"{one['serve_overhead_ms_p50']:.1f} ms on 32-token requests.")
     if "serve_tokens_per_s" in one:
         line += (f" Interleaved single-stream rounds (median of {one['rounds']}): serve over HTTP {_n(one['serve_tokens_per_s'], 1)} tokens/s, "
                  f"{one['serve_vs_generate']:.2f}x `model.generate`.")

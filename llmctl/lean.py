@@ -166,6 +166,8 @@ class LeanDecoder:
         self.plan = [self._layer_plan(layer) for layer in self.layers]
         self.final_norm = self._norm_plan(self.norm)
         self.fast = self._fast_plan()
+        if self.fast is not None:
+            self.plan = None  # only the folded weights are read from here on: free the fused copies
         # The folded pass compiled to one onnxruntime graph (llmctl/lean_ort.py) where it can be.
         self.ort, self.ort_skipped = None, None
         if runtime != "torch" and self.fast is not None:
