@@ -46,6 +46,7 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
         raise ValueError("stride must be <= max_length")
     seqs = [torch.tensor([prefix_id] + list(ids), dtype=torch.long) for ids in docs]
     wins = [(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), max_length, stride)]
+    wins.sort(key=lambda w: w[3] - w[1], reverse=True)  # windows of like length batched together: little padding
     if token_losses is not None:
         token_losses[:] = [np.full(len(ids), np.nan, dtype=np.float32) for ids in docs]
     total, count = 0.0, 0
@@ -54,18 +55,18 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
         chunk = wins[i : i + batch_size]
         L = max(e - 1 - st for _, st, _, e in chunk)
         inp = torch.zeros((len(chunk), L), dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
         tgt = torch.full((len(chunk), L), -100, dtype=torch.long)
         for r, (d, st, b, e) in enumerate(chunk):
             s = seqs[d]
             n = e - 1 - st
             inp[r, :n] = s[st : e - 1]
-            mask[r, :n] = 1
             # position k predicts s[st + k + 1]; score only targets b..e-1
             first = b - 1 - st
             tgt[r, first:n] = s[b:e]
         with torch.no_grad():
-            logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits.float()
+            # Right padding under causal attention: no real token sees a pad, so no mask is
+            # needed, and without one attention takes its fused causal kernel.
+            logits = model(input_ids=inp.to(device)).logits.float()
         nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1).to(device), ignore_index=-100, reduction="none").view(tgt.shape)
         total += nll.sum().item()
         count += int((tgt != -100).sum())
@@ -126,15 +127,19 @@ def loss_report(segments: list[tuple[str, list[int], "object"]], decode, top: in
     """
     import numpy as np
 
-    flat = [(s, i, float(x)) for s, (_, _, losses) in enumerate(segments) for i, x in enumerate(losses) if not np.isnan(x)]
-    allx = np.array([x for _, _, x in flat], dtype=np.float64)
+    lens = [len(losses) for _, _, losses in segments]
+    cat = np.concatenate([np.asarray(losses, dtype=np.float64) for _, _, losses in segments]) if segments else np.zeros(0)
+    scored = np.flatnonzero(~np.isnan(cat))  # positions in the concatenation, document by document
+    allx = cat[scored]
     edges = list(LOSS_BINS) + [float("inf")]
     counts = np.histogram(allx, bins=edges)[0].tolist() if len(allx) else [0] * (len(edges) - 1)
     hist = [{"from": a, "to": None if b == float("inf") else b, "tokens": c} for a, b, c in zip(edges[:-1], edges[1:], counts)]
     hardest = []
-    for s, i, x in sorted(flat, key=lambda t: -t[2])[:top]:
-        name, ids, _ = segments[s]
-        hardest.append({"document": name, "position": i, "token": decode([ids[i]]), "loss": round(x, 4),
+    starts = np.cumsum([0] + lens)
+    for g in scored[np.argsort(-allx, kind="stable")[:top]]:  # ties: the earlier token first
+        s = int(np.searchsorted(starts, g, side="right")) - 1
+        i, (name, ids, _) = int(g - starts[s]), segments[s]
+        hardest.append({"document": name, "position": i, "token": decode([ids[i]]), "loss": round(float(cat[g]), 4),
                         "context": decode(ids[max(0, i - context) : i])})
     docs = []
     for name, ids, losses in segments:

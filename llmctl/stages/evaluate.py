@@ -259,11 +259,11 @@ def _segments(docs, rows, names, losses, eos_id, packed: bool) -> list[tuple[str
 
 def write_token_losses(path: Path, segments) -> None:
     """One JSON line per document: its name, token ids and each token's loss (null where unscored)."""
-    import math
+    import numpy as np
 
     lines = []
     for name, ids, losses in segments:
-        ls = [None if math.isnan(x) else round(float(x), 5) for x in losses]
+        ls = [None if x != x else x for x in np.round(np.asarray(losses, dtype=np.float64), 5).tolist()]  # x != x: NaN, unscored
         lines.append(json.dumps({"document": name, "ids": [int(t) for t in ids], "losses": ls}) + "\n")
     atomic_write_text(path, "".join(lines))
 
