@@ -501,30 +501,27 @@ class Engine:
     def _record_logprobs(self, batch: _Batch, tokens: list[int]) -> None:
         """Logprobs of the sampled tokens under the raw logits (before temperature, top-p and
         penalties, as vLLM reports them by default), for the rows that asked: one batched
-        log-softmax, gather and top-k for all of them (numpy on CPU logits: a few calls of a
-        few microseconds, where torch's cost tens), then one copy to Python."""
+        logsumexp, gather and top-k for all of them (no full log-softmax written), then one
+        copy to Python."""
+        import torch
+
         rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
         if not rows:
             return
-        import numpy as np
-
-        x = batch.logits if batch.logits.device.type == "cpu" else batch.logits.cpu()
-        x = x.numpy() if len(rows) == len(batch.jobs) else x.numpy()[rows]
-        m = x.max(axis=-1, keepdims=True)
-        lse = m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))  # [R, 1]
-        chosen = (x[np.arange(len(rows)), [tokens[i] for i in rows]] - lse[:, 0]).tolist()
-        k = max(batch.jobs[i].logprobs for i in rows)
+        every = len(rows) == len(batch.jobs)
+        x = batch.logits if every else batch.logits[rows]
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        chosen = x.gather(1, torch.tensor(tokens if every else [tokens[i] for i in rows], device=x.device).view(-1, 1)) - lse
+        k = min(max(batch.jobs[i].logprobs for i in rows), x.shape[-1])
         if k:
-            k = min(k, x.shape[-1])
-            top_i = np.argpartition(x, -k, axis=-1)[:, -k:]
-            top_v = np.take_along_axis(x, top_i, axis=-1)
-            order = np.argsort(-top_v, axis=-1, kind="stable")  # likeliest first
-            top_i, top_v = np.take_along_axis(top_i, order, axis=-1).tolist(), (np.take_along_axis(top_v, order, axis=-1) - lse).tolist()
+            top_v, top_i = torch.topk(x, k, dim=-1)
+            packed = torch.cat([chosen, top_v - lse, top_i.to(x.dtype)], dim=1).tolist()  # ids exact below 2^24
         else:
-            top_i = top_v = [[]] * len(rows)
-        for r, i in enumerate(rows):
+            packed = chosen.tolist()
+        for p, i in zip(packed, rows):
             j = batch.jobs[i]
-            j.lps.append((chosen[r], list(zip(top_i[r][: j.logprobs], top_v[r][: j.logprobs]))))
+            n = j.logprobs
+            j.lps.append((p[0], list(zip(map(int, p[k + 1 : k + 1 + n]), p[1 : 1 + n]))))
 
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
