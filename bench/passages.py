@@ -169,6 +169,10 @@ def _serve_line(r: dict) -> str | None:
                  f"{_n(ref['clients_8']['tokens_per_s'], 1)} tokens/s (p95 {ref['clients_8']['p95_s']:.3f} s).")
     elif ref.get("skipped"):
         line += f" llama-server: not measured ({ref['skipped']})."
+    lp = (s.get("logprobs_rounds") or {}).get("with_vs_without")
+    if lp:
+        line += f" `logprobs: 5` vs none at 8 clients, alternating rounds: {', '.join(f'{x:.2f}' for x in lp)}."
+
     return line
 
 

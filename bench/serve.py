@@ -260,9 +260,9 @@ def main() -> None:
         res["clients_all"] = {"forward_passes": forwards, "tokens_per_forward_pass": round(sum(r["tokens_per_s"] * r["seconds"] for r in res.values()) / max(forwards, 1), 2)}
         # logprobs' cost: with and without, alternating (the machine's speed drifts between phases)
         lp, lp_errors = [], 0
-        for _ in range(3):
-            a = phases(url, "bench", {}, [("plain", 8, 32, {})])["plain"]
-            b = phases(url, "bench", {}, [("logprobs", 8, 32, {"logprobs": 5})])["logprobs"]
+        for _ in range(5):
+            a = phases(url, "bench", {}, [("plain", 8, 64, {})])["plain"]
+            b = phases(url, "bench", {}, [("logprobs", 8, 64, {"logprobs": 5})])["logprobs"]
             lp.append(b["tokens_per_s"] / a["tokens_per_s"])
             lp_errors += a["errors"] + b["errors"]
         res["logprobs_rounds"] = {"with_vs_without": [round(x, 3) for x in lp], "errors": lp_errors}
@@ -272,7 +272,7 @@ def main() -> None:
 
         single = single_stream(client, url, model, [f"request number {i} says" for i in range(8)], default_threads())
         if ref_url is not None:
-            ref.update(side_by_side(url, ref_url))
+            ref.update(side_by_side(url, ref_url, rounds=5))
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
@@ -298,7 +298,7 @@ def main() -> None:
         # within alternating rounds when llama-server ran (the phases above ran once each, minutes apart)
         "serve throughput 8 clients vs 1": ratio(ref.get("llmctl_8_vs_1_rps") or res["clients_8"]["rps"] / res["clients_1"]["rps"], 3.0),
         "serve errors (all phases)": ratio(float(sum(r.get("errors", 0) for r in res.values())), 0.0, higher_is_better=False),
-        "serve tokens/s with logprobs=5 vs without (8 clients)": ratio(sorted(res["logprobs_rounds"]["with_vs_without"])[1], 0.9),  # median of 3 alternating rounds
+        "serve tokens/s with logprobs=5 vs without (8 clients)": ratio(sorted(res["logprobs_rounds"]["with_vs_without"])[2], 0.9),  # median of 5 alternating rounds
         "safety rails p50 ms per request (default)": ratio(safety["default"]["p50_ms"], 1.0, higher_is_better=False),
         "safety rails p50 ms per request (redact/block)": ratio(safety["redact_block"]["p50_ms"], 1.0, higher_is_better=False),
     })
