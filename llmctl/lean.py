@@ -168,7 +168,7 @@ class LeanDecoder:
         self.fast = self._fast_plan()
         if self.fast is not None:
             self.plan = None  # only the folded weights are read from here on: free the fused copies
-        # The folded pass compiled to one onnxruntime graph (llmctl/lean_ort.py) where it can be.
+        # The folded pass compiled to onnxruntime graphs (llmctl/lean_ort.py) where it can be.
         self.ort, self.ort_skipped = None, None
         if runtime != "torch" and self.fast is not None:
             from llmctl import lean_ort
@@ -311,7 +311,9 @@ class LeanDecoder:
     def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False, runtime: str | None = None, ort=None):
         """ids, positions: [B, n]; mask: [B, cache.length + n] with 1 for real tokens, or None
         when every row is real (no padding); cache: from `new_cache()`. Returns float logits
-        [B, V] for the last position, or [B, n, V] with `all_logits`."""
+        [B, V] for the last position, or [B, n, V] with `all_logits`. Decode steps and prompts
+        run on the onnxruntime graphs when built (`runtime="torch"`: the eager pass; `ort`: a
+        given OrtStep, for its own check)."""
         B, n = ids.shape
         t0 = cache.length
         if self.window is not None and t0 + n > self.window:
