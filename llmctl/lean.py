@@ -323,7 +323,6 @@ class LeanDecoder:
             pos = positions.numpy()
             if pos.max() < ort.positions:
                 return ort.run(ids, pos, cache, mask)
-        cos, sin = self._rope(positions)
         attn_mask, causal = None, False
         if mask is not None and not bool(mask.all()):
             keep = mask.bool()[:, None, None, :]  # [B, 1, 1, T]
@@ -348,6 +347,7 @@ class LeanDecoder:
             pos = positions.numpy()
             if pos.max() < ort.positions:
                 return ort.prefill(ids, np.ascontiguousarray(pos), cache, attn_mask.view(-1, 1, n, n))
+        cos, sin = self._rope(positions)  # the eager pass's rotary (the graphs hold their own tables)
         if self.fast is not None:
             return self._forward_folded(ids, cos, sin, cache, attn_mask, causal, all_logits)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
