@@ -262,9 +262,10 @@ def explain(
     model: Optional[str] = typer.Option(None, "--model", help="Explain this model (hub id or dir) instead of RUN/train/model."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    raw: bool = typer.Option(False, "--raw", help="Explain the prompt as given, even when data.format is chat (default: as a user turn through the chat template, as generate sends it)."),
 ) -> None:
     """Which prompt tokens the next token depends on: saliency, logprobs, attention; heatmap + RUN/explain/explain.html."""
-    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention)
+    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw)
 
 
 @app.command()

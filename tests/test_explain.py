@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import build_trained_run, run_cli, tiny_config_dict, write_config
 from llmctl.stages.explain import OPPOSE, SUPPORT, attribute, render_html, render_plain, render_terminal
 
 
@@ -256,3 +257,55 @@ def test_terminal_heatmap_is_signed_and_shows_whitespace():
     assert "supports" in text and "opposes" in text
     plain = render_plain(res)  # logs without colour: the sign is in the bar
     assert "\u00b7" in plain and "\u21b5" in plain and re.search(r"-{3,}", plain) and re.search(r"\+{3,}", plain)
+
+
+@pytest.fixture
+def chat_run(tmp_path):
+    """A trained run whose config says data.format: chat, its tokenizer carrying a chat template."""
+    from transformers import AutoTokenizer
+
+    from llmctl.config import load_config
+    from llmctl.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+    path = write_config(tmp_path / "chat.yaml", tiny_config_dict(tmp_path / "run", data={"format": "chat"}))
+    cfg = load_config(path)
+    rd = build_trained_run(Path(cfg.run.dir), cfg)
+    tok = AutoTokenizer.from_pretrained(rd.model_dir)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.save_pretrained(rd.model_dir)
+    return path, rd, tok
+
+
+def test_chat_run_explains_the_prompt_through_the_chat_template(chat_run):
+    from llmctl.chat import render_chat, user_turn
+
+    path, rd, tok = chat_run
+    rendered = render_chat(tok, user_turn("the quick brown"))
+    assert rendered != "the quick brown"
+    r = run_cli("explain", str(path), "-p", "the quick brown", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "chat template" in r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt"] == rendered and out["chat_template"] is True and out["user_prompt"] == "the quick brown"
+    # the attributions cover every token of the rendered prompt, as generate would feed it
+    assert [t["id"] for t in out["tokens"]] == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert "".join(t["token"] for t in out["tokens"]) == rendered
+    # --raw: the text as given
+    r = run_cli("explain", str(path), "-p", "the quick brown", "--raw", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt"] == "the quick brown" and out["chat_template"] is False and "user_prompt" not in out
+    assert [t["id"] for t in out["tokens"]] == tok("the quick brown", add_special_tokens=False)["input_ids"]
+
+
+def test_chat_run_without_a_template_names_raw(chat_run):
+    path, rd, tok = chat_run
+    tok.chat_template = None
+    tok.save_pretrained(rd.model_dir)
+    cfgfile = rd.model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfgfile.read_text())
+    cfg.pop("chat_template", None)
+    cfgfile.write_text(json.dumps(cfg))
+    (rd.model_dir / "chat_template.jinja").unlink(missing_ok=True)
+    r = run_cli("explain", str(path), "-p", "the quick brown")
+    assert r.returncode == 2 and "--raw" in r.stderr and "Traceback" not in r.stderr

@@ -9,6 +9,10 @@ For one prompt it reports
   token, averaged over heads, for the last layer and over all layers. Attention maps need the
   eager kernel (sdpa returns none), so the model is switched to it for this command only.
 
+On a chat run (data.format: chat) the prompt is first rendered as a user turn through the chat
+template, as `generate` sends it (llmctl/chat.py), and the attributions cover the rendered
+tokens; `--raw` explains the text as given.
+
 Written to RUN/explain/explain.json and RUN/explain/explain.html; a heatmap on the terminal.
 Both colour a token by the sign of its saliency: one hue where it supports the prediction,
 another where it opposes it, with whitespace drawn visibly.
@@ -22,6 +26,7 @@ import math
 import sys
 
 from llmctl import console as _console
+from llmctl.chat import plain_prompts_as_chat, render_chat, user_turn
 from llmctl.errors import ConfigError
 from llmctl.rundir import RunDir, atomic_write_text
 
@@ -266,7 +271,7 @@ def render_html(res: dict) -> str:
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt: str | None = None, target: str | None = None,
-        top_k: int = 5, attention: bool = False, **_) -> dict:
+        top_k: int = 5, attention: bool = False, raw: bool = False, **_) -> dict:
     from llmctl.modeling import load_for_inference, resolve_model_path
 
     con = _console.current()
@@ -276,16 +281,24 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     mdl, tok = load_for_inference(path)
     if attention:
         mdl.set_attn_implementation("eager")
+    # The prompt the model would really see: on a chat run, generate sends it as a user turn.
+    as_chat = plain_prompts_as_chat(cfg, tok, path, raw)
+    if as_chat:
+        con.info("explain: data.format is chat, so the prompt is explained as a user turn through the chat template (--raw explains the text as it is)")
+    text = render_chat(tok, user_turn(prompt)) if as_chat else prompt
     with rd.begin("explain", cfg, inputs=[] if model else ["train"]) as st:
-        res = attribute(mdl, tok, prompt, target=target, top_k=top_k, attention=attention)
+        res = attribute(mdl, tok, text, target=target, top_k=top_k, attention=attention)
+        res["chat_template"] = as_chat
+        if as_chat:
+            res["user_prompt"] = prompt
         res["model"] = path
         atomic_write_text(rd.explain_json_path, json.dumps(res, indent=2) + "\n")
         atomic_write_text(rd.explain_html_path, render_html(res))
         st.headline.update({"prompt_tokens": len(res["tokens"]), "target": res["target"], "target_logprob": round(res["target_logprob"], 4)})
-    if not con.json_mode:
-        if con.is_tty:
-            con.err.print(render_terminal(res))
-        else:
-            sys.stderr.write(render_plain(res) + "\n")
-        return {"target": res["target"], "target_logprob": round(res["target_logprob"], 4), "html": str(rd.explain_html_path), "json": str(rd.explain_json_path)}
-    return res
+    if con.json_mode:
+        return res
+    if con.is_tty:
+        con.err.print(render_terminal(res))
+    else:
+        sys.stderr.write(render_plain(res) + "\n")
+    return {"target": res["target"], "target_logprob": round(res["target_logprob"], 4), "html": str(rd.explain_html_path), "json": str(rd.explain_json_path)}
