@@ -259,6 +259,16 @@ def test_terminal_heatmap_is_signed_and_shows_whitespace():
     assert "\u00b7" in plain and "\u21b5" in plain and re.search(r"-{3,}", plain) and re.search(r"\+{3,}", plain)
 
 
+def test_quiet_silences_the_heatmap_but_writes_results(trained_run):
+    path, cfg, rd = trained_run
+    r = run_cli("explain", str(path), "-p", "the quick brown", "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
+    assert json.loads(rd.explain_json_path.read_text())["tokens"] and rd.explain_html_path.is_file()
+    r = run_cli("explain", str(path), "--quiet", "-p", "the quick brown", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["tokens"]
+
+
 @pytest.fixture
 def chat_run(tmp_path):
     """A trained run whose config says data.format: chat, its tokenizer carrying a chat template."""

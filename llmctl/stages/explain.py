@@ -13,9 +13,9 @@ On a chat run (data.format: chat) the prompt is first rendered as a user turn th
 template, as `generate` sends it (llmctl/chat.py), and the attributions cover the rendered
 tokens; `--raw` explains the text as given.
 
-Written to RUN/explain/explain.json and RUN/explain/explain.html; a heatmap on the terminal.
-Both colour a token by the sign of its saliency: one hue where it supports the prediction,
-another where it opposes it, with whitespace drawn visibly.
+Written to RUN/explain/explain.json and RUN/explain/explain.html; a heatmap on the terminal
+(`-q` silences it). Both colour a token by the sign of its saliency: one hue where it supports
+the prediction, another where it opposes it, with whitespace drawn visibly.
 """
 
 from __future__ import annotations
@@ -297,8 +297,9 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         st.headline.update({"prompt_tokens": len(res["tokens"]), "target": res["target"], "target_logprob": round(res["target_logprob"], 4)})
     if con.json_mode:
         return res
-    if con.is_tty:
-        con.err.print(render_terminal(res))
-    else:
-        sys.stderr.write(render_plain(res) + "\n")
+    if not con.quiet:
+        if con.is_tty:
+            con.err.print(render_terminal(res))
+        else:
+            sys.stderr.write(render_plain(res) + "\n")
     return {"target": res["target"], "target_logprob": round(res["target_logprob"], 4), "html": str(rd.explain_html_path), "json": str(rd.explain_json_path)}
