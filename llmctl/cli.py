@@ -261,10 +261,11 @@ def explain(
     run_dir: Optional[str] = RunDirOpt,
     model: Optional[str] = typer.Option(None, "--model", help="Explain this model (hub id or dir) instead of RUN/train/model."),
     json_: bool = JsonOpt,
-    quiet: bool = QuietOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No heatmap or other output on stderr, only errors (explain.json and explain.html are still written)."),
+    raw: bool = typer.Option(False, "--raw", help="Explain the prompt as given, even when data.format is chat (default: as a user turn through the chat template, as generate sends it)."),
 ) -> None:
     """Which prompt tokens the next token depends on: saliency, logprobs, attention; heatmap + RUN/explain/explain.html."""
-    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention)
+    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw)
 
 
 @app.command()

@@ -9,7 +9,13 @@ For one prompt it reports
   token, averaged over heads, for the last layer and over all layers. Attention maps need the
   eager kernel (sdpa returns none), so the model is switched to it for this command only.
 
-Written to RUN/explain/explain.json and RUN/explain/explain.html; a heatmap on the terminal.
+On a chat run (data.format: chat) the prompt is first rendered as a user turn through the chat
+template, as `generate` sends it (llmctl/chat.py), and the attributions cover the rendered
+tokens; `--raw` explains the text as given.
+
+Written to RUN/explain/explain.json and RUN/explain/explain.html; a heatmap on the terminal
+(`-q` silences it). Both colour a token by the sign of its saliency: one hue where it supports
+the prediction, another where it opposes it, with whitespace drawn visibly.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import math
 import sys
 
 from llmctl import console as _console
+from llmctl.chat import plain_prompts_as_chat, render_chat, user_turn
 from llmctl.errors import ConfigError
 from llmctl.rundir import RunDir, atomic_write_text
 
@@ -95,83 +102,176 @@ def attribute(model, tok, prompt: str, target: str | None = None, top_k: int = 5
     return result
 
 
-def _bar(x: float) -> str:
-    """A background colour from white (0) to red (1)."""
-    g = int(255 * (1 - min(max(x, 0.0), 1.0)))
-    return f"#ff{g:02x}{g:02x}"
+# Signed colours (ColorBrewer RdBu ends, distinguishable with red-green colour blindness):
+# a token whose saliency is positive raises log p(target) -- it supports the prediction -- and
+# one whose saliency is negative lowers it. The background runs from white (0) to the full
+# colour at the prompt's largest |saliency|. Each full colour keeps TEXT readable on it (WCAG AA,
+# contrast >= 4.5:1), so no token's text washes out however strong its attribution.
+SUPPORT = (67, 147, 195)
+OPPOSE = (214, 96, 77)
+ATTENTION = (158, 154, 200)  # unsigned: white to purple
+TEXT = "#111111"
+_WHITE = (255, 255, 255)
+
+# Whitespace a reader could not see; the real text is in the HTML tooltip and the JSON.
+_VISIBLE = {" ": "\u00b7", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d", "\u00a0": "\u237d"}
+WHITESPACE_KEY = "\u00b7 space, \u21b5 newline, \u21e5 tab"
 
 
-def _visible(token: str) -> str:
-    return token.replace("\n", "\\n").replace("\t", "\\t")
+def _hex(rgb) -> str:
+    return "#%02x%02x%02x" % tuple(rgb)
 
 
-def render_terminal(res: dict, key: str = "saliency_norm"):
-    """A rich Text: each prompt token on a background as red as its attribution."""
+def _tint(full, x: float) -> tuple[int, int, int]:
+    """White blended towards `full` by x in [0, 1]."""
+    x = min(max(x, 0.0), 1.0)
+    return tuple(round(w + x * (f - w)) for w, f in zip(_WHITE, full))
+
+
+def saliency_colour(r: dict) -> str:
+    """The token's background: its sign picks the hue, |saliency| / peak the intensity."""
+    return _hex(_tint(SUPPORT if r["saliency"] >= 0 else OPPOSE, r["saliency_norm"]))
+
+
+def visible(token: str) -> str:
+    """The token with each whitespace character drawn as a mark (a space as a middle dot)."""
+    return "".join(_VISIBLE.get(c, c) for c in token)
+
+
+def _ends_line(token: str) -> bool:
+    return token.endswith("\n")
+
+
+def _legend_terminal():
     from rich.text import Text
 
-    t = Text()
+    t = Text("saliency: ")
+    t.append(" supports ", style=f"{TEXT} on {_hex(SUPPORT)}")
+    t.append(" ")
+    t.append(" opposes ", style=f"{TEXT} on {_hex(OPPOSE)}")
+    t.append(f" the prediction (stronger = larger |saliency|); {WHITESPACE_KEY}\n")
+    return t
+
+
+def render_terminal(res: dict):
+    """A rich Text: a legend line, then each prompt token on its signed colour, whitespace visible."""
+    from rich.text import Text
+
+    t = _legend_terminal()
     for r in res["tokens"]:
-        t.append(_visible(r["token"]), style=f"black on {_bar(r[key])}")
+        t.append(visible(r["token"]), style=f"{TEXT} on {saliency_colour(r)}")
+        if _ends_line(r["token"]):
+            t.append("\n")  # keep the prompt's lines
     t.append(" -> ", style="bold")
-    t.append(_visible(res["target"]), style="bold underline")
+    t.append(visible(res["target"]), style="bold underline")
     return t
 
 
 def render_plain(res: dict) -> str:
+    """For logs without colour: a row per token, the bar's sign (+ supports, - opposes) its saliency's."""
     lines = [f"{'token':<16} {'saliency':>9} {'logprob':>8}" + ("  attention" if "attention" in res else "")]
     for r in res["tokens"]:
         lp = "" if r["logprob"] is None else f"{r['logprob']:.3f}"
         att = f"  {r['attention_mean']:.3f}" if "attention" in res else ""
-        bar = "#" * round(10 * r["saliency_norm"])
-        lines.append(f"{_visible(r['token'])[:16]:<16} {r['saliency']:>+9.4f} {lp:>8}{att}  {bar}")
-    lines.append(f"-> {_visible(res['target'])!r}  (logprob {res['target_logprob']:.3f})")
+        bar = ("+" if r["saliency"] >= 0 else "-") * round(10 * r["saliency_norm"])
+        lines.append(f"{visible(r['token'])[:16]:<16} {r['saliency']:>+9.4f} {lp:>8}{att}  {bar}")
+    lines.append(f"-> {visible(res['target'])!r}  (logprob {res['target_logprob']:.3f})")
+    lines.append(f"(+ supports the prediction, - opposes it; {WHITESPACE_KEY})")
     return "\n".join(lines)
 
 
-def render_html(res: dict) -> str:
-    """A self-contained page: the prompt coloured by saliency (and attention), hover for numbers."""
+_CSS = (
+    f'body{{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:{TEXT};'
+    "background:#fff;max-width:60em;margin:2em auto;padding:0 1em;line-height:1.5}"
+    'code,.tokens{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"Liberation Mono",monospace}'
+    ".tokens{white-space:pre-wrap;overflow-wrap:anywhere;font-size:1.05em;line-height:2.1;padding:.6em;border:1px solid #ddd;border-radius:4px}"
+    f".t{{color:{TEXT};border-radius:3px;padding:2px 1px;box-shadow:inset 0 0 0 1px rgba(0,0,0,.08)}}"
+    ".tgt{text-decoration:underline;font-weight:bold}"
+    ".legend{display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center;margin:.4em 0;font-size:.95em}"
+    f".swatch{{color:{TEXT};padding:1px 6px;border-radius:3px}}"
+    ".scale{display:inline-block;width:10em;height:.9em;border:1px solid #ccc;vertical-align:middle}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
+)
 
-    peak_att = max((r.get("attention_mean", 0.0) for r in res["tokens"]), default=0.0) or 1.0
-    heat = {"saliency": lambda r: r["saliency_norm"], "attention": lambda r: r["attention_mean"] / peak_att}
 
-    def spans(kind: str) -> str:
-        out = []
-        for r in res["tokens"]:
-            lp = "n/a" if r["logprob"] is None else f"{r['logprob']:.3f}"
-            tip = f"saliency {r['saliency']:+.4f} | logprob {lp}"
-            if "attention_mean" in r:
-                tip += f" | attention {r['attention_mean']:.3f}"
-            out.append(
-                f'<span class="t" style="background:{_bar(heat[kind](r))}" title="{html.escape(tip)}">{html.escape(r["token"])}</span>'
-            )
-        return "".join(out)
+def _gradient(stops) -> str:
+    # A CSS gradient is drawn locally: no url(), nothing fetched.
+    return "linear-gradient(to right," + ",".join(_hex(c) for c in stops) + ")"
 
-    sections = [("Gradient x input saliency", "saliency")]
-    if "attention" in res:
-        sections.append(("Attention (mean over layers and heads)", "attention"))
-    body = "".join(
-        f"<h2>{html.escape(title)}</h2><pre>{spans(kind)}<b class=\"tgt\">{html.escape(res['target'])}</b></pre>" for title, kind in sections
+
+def _saliency_legend(res: dict) -> str:
+    peak = max((abs(r["saliency"]) for r in res["tokens"]), default=0.0)
+    return (
+        '<div class="legend">'
+        f'<span><span class="swatch" data-label="supports" style="background:{_hex(SUPPORT)}">supports</span> '
+        "the prediction: raises log p(target)</span>"
+        f'<span><span class="swatch" data-label="opposes" style="background:{_hex(OPPOSE)}">opposes</span> '
+        "it: lowers log p(target)</span>"
+        f'<span>&minus;{peak:.3g} <span class="scale" style="background:{_gradient([OPPOSE, _WHITE, SUPPORT])}"></span> '
+        f"+{peak:.3g}: colour strength is |saliency| relative to the largest in this prompt</span>"
+        f"<span>{html.escape(WHITESPACE_KEY)}; hover a token for its text and numbers</span>"
+        "</div>"
     )
+
+
+def _attention_legend(peak: float) -> str:
+    return (
+        '<div class="legend">'
+        f'<span><span class="swatch" data-label="attended" style="background:{_hex(ATTENTION)}">attended</span> '
+        "attention is unsigned: stronger colour = more attention from the position predicting the target</span>"
+        f'<span>0 <span class="scale" style="background:{_gradient([_WHITE, ATTENTION])}"></span> {peak:.3g}</span>'
+        "</div>"
+    )
+
+
+def _tooltip(r: dict) -> str:
+    lp = "n/a" if r["logprob"] is None else f"{r['logprob']:.3f}"
+    tip = f"{r['token']!r} | saliency {r['saliency']:+.4f} | logprob {lp}"
+    if "attention_mean" in r:
+        tip += f" | attention {r['attention_mean']:.3f}"
+    return tip
+
+
+def _spans(res: dict, colour) -> str:
+    out = []
+    for r in res["tokens"]:
+        out.append(f'<span class="t" style="background:{colour(r)}" title="{html.escape(_tooltip(r))}">{html.escape(visible(r["token"]))}</span>')
+        if _ends_line(r["token"]):
+            out.append("\n")  # the mark is in the span; the line break keeps the prompt's layout
+    return "".join(out)
+
+
+def render_html(res: dict) -> str:
+    """A self-contained page (no network): the prompt coloured by signed saliency (and attention),
+    a legend for each, whitespace visible, hover for a token's text and numbers."""
+    peak_att = max((r.get("attention_mean", 0.0) for r in res["tokens"]), default=0.0) or 1.0
+    sections = [("Gradient x input saliency", _saliency_legend(res), saliency_colour)]
+    if "attention" in res:
+        sections.append(("Attention (mean over layers and heads)", _attention_legend(peak_att), lambda r: _hex(_tint(ATTENTION, r["attention_mean"] / peak_att))))
+    tgt = f'<b class="tgt" title="{html.escape(repr(res["target"]))}">{html.escape(visible(res["target"]))}</b>'
+    body = "".join(f'<h2>{html.escape(title)}</h2>{legend}<pre class="tokens">{_spans(res, colour)}{tgt}</pre>' for title, legend, colour in sections)
     top = "".join(
         f"<tr><td><code>{html.escape(repr(t['token']))}</code></td><td>{t['logprob']:.4f}</td><td>{math.exp(t['logprob']):.4f}</td></tr>"
         for t in res["next_token"]["top"]
     )
+    chat = ""
+    if res.get("chat_template"):
+        chat = (f"<p>The prompt <code>{html.escape(repr(res.get('user_prompt', '')))}</code> was rendered as a user turn through the model's "
+                "chat template, as <code>generate</code> sends it; the attributions cover the rendered text (<code>--raw</code> explains the prompt as given).</p>")
+    # JSON inside <script> is raw text: only '<' must not appear (no '</script>' or '<!--').
+    data = json.dumps(res).replace("<", "\\u003c")
     return (
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>llmctl explain</title><style>"
-        "body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{white-space:pre-wrap;font-size:1.1em;line-height:1.8}"
-        ".t{border-radius:3px;padding:1px 0}.tgt{text-decoration:underline}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px}</style></head><body>"
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>llmctl explain</title><style>{_CSS}</style></head><body>'
         f"<h1>llmctl explain</h1><p>Target <code>{html.escape(repr(res['target']))}</code>, "
-        f"log p(target | prompt) = {res['target_logprob']:.4f}. Method: {html.escape(res['method'])}. "
-        "Hover a token for its numbers.</p>"
+        f"log p(target | prompt) = {res['target_logprob']:.4f}. Method: {html.escape(res['method'])}.</p>{chat}"
         f"{body}<h2>Next-token distribution</h2><p>entropy {res['next_token']['entropy']:.3f} nats</p>"
         f"<table><tr><th>token</th><th>logprob</th><th>p</th></tr>{top}</table>"
-        f"<script type=\"application/json\" id=\"data\">{html.escape(json.dumps(res))}</script></body></html>"
+        f'<script type="application/json" id="data">{data}</script></body></html>'
     )
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt: str | None = None, target: str | None = None,
-        top_k: int = 5, attention: bool = False, **_) -> dict:
+        top_k: int = 5, attention: bool = False, raw: bool = False, **_) -> dict:
     from llmctl.modeling import load_for_inference, resolve_model_path
 
     con = _console.current()
@@ -181,16 +281,25 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     mdl, tok = load_for_inference(path)
     if attention:
         mdl.set_attn_implementation("eager")
+    # The prompt the model would really see: on a chat run, generate sends it as a user turn.
+    as_chat = plain_prompts_as_chat(cfg, tok, path, raw)
+    if as_chat:
+        con.info("explain: data.format is chat, so the prompt is explained as a user turn through the chat template (--raw explains the text as it is)")
+    text = render_chat(tok, user_turn(prompt)) if as_chat else prompt
     with rd.begin("explain", cfg, inputs=[] if model else ["train"]) as st:
-        res = attribute(mdl, tok, prompt, target=target, top_k=top_k, attention=attention)
+        res = attribute(mdl, tok, text, target=target, top_k=top_k, attention=attention)
+        res["chat_template"] = as_chat
+        if as_chat:
+            res["user_prompt"] = prompt
         res["model"] = path
         atomic_write_text(rd.explain_json_path, json.dumps(res, indent=2) + "\n")
         atomic_write_text(rd.explain_html_path, render_html(res))
         st.headline.update({"prompt_tokens": len(res["tokens"]), "target": res["target"], "target_logprob": round(res["target_logprob"], 4)})
-    if not con.json_mode:
+    if con.json_mode:
+        return res
+    if not con.quiet:
         if con.is_tty:
             con.err.print(render_terminal(res))
         else:
             sys.stderr.write(render_plain(res) + "\n")
-        return {"target": res["target"], "target_logprob": round(res["target_logprob"], 4), "html": str(rd.explain_html_path), "json": str(rd.explain_json_path)}
-    return res
+    return {"target": res["target"], "target_logprob": round(res["target_logprob"], 4), "html": str(rd.explain_html_path), "json": str(rd.explain_json_path)}

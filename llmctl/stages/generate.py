@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from llmctl import console as _console
+from llmctl.chat import has_chat_template, plain_prompts_as_chat, render_chat, user_turn
 from llmctl.errors import ConfigError, DataError
 from llmctl.rundir import RunDir, atomic_write_text
 
@@ -108,21 +109,19 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     path = resolve_model_path(explicit, rd, cfg, "generate")
     mdl, tok = load_for_inference(path, quantize=g.quantize, quantize_key="generate.quantize")
     # A chat-trained model answers a user turn; raw text is a prompt it never saw in training.
-    as_chat = cfg.data.format == "chat" and not raw and any("prompt" in it for it in items)
+    as_chat = any("prompt" in it for it in items) and plain_prompts_as_chat(cfg, tok, path, raw)
     if as_chat:
-        if not getattr(tok, "chat_template", None):
-            raise ConfigError(f"{path}: data.format is chat but the tokenizer has no chat template; pass --raw to send prompts as they are")
         con.info("generate: data.format is chat, so each plain prompt is sent as a user turn through the chat template (--raw sends the text as it is)")
     texts = []
     refused: dict[int, str] = {}  # prompt index -> the input rail that blocked it
     for i, it in enumerate(items):
         try:
             if "messages" in it or as_chat:
-                if not getattr(tok, "chat_template", None):
+                if not has_chat_template(tok):
                     raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
-                msgs = it.get("messages") or [{"role": "user", "content": it["prompt"]}]
+                msgs = it.get("messages") or user_turn(it["prompt"])
                 msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in msgs]
-                texts.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+                texts.append(render_chat(tok, msgs))
             else:
                 texts.append(rails.check_input(it["prompt"], f"prompt-{i}"))
         except Blocked as b:
