@@ -8,7 +8,6 @@ resolved config that produced it). Outputs appear atomically, one writer holds a
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 import platform
@@ -19,6 +18,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+
+from filelock import FileLock, Timeout
 
 from llmctl.errors import Interrupted, LockedError, StageInputError
 
@@ -94,6 +95,24 @@ def clean_tmp(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in folder.glob(".*.old-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextmanager
+def _stage_lock(folder: Path) -> Iterator[None]:
+    """Hold the stage folder's lock, or LockedError at once if another process holds it.
+
+    An OS lock (flock on Unix, LockFileEx on Windows, through `filelock`): it dies with its
+    process, so a killed writer never leaves a lock behind that looks held.
+    """
+    lock = FileLock(folder / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"{folder} is locked: another llmctl process is writing it (wait for it or stop it)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -405,13 +424,7 @@ class RunDir:
 
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
-        lock_f = open(d / LOCK, "a+")
-        try:
-            fcntl.flock(lock_f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_f.close()
-            raise LockedError(f"{d} is locked: another llmctl process is writing it (wait for it or stop it)") from None
-        try:
+        with _stage_lock(d):
             clean_tmp(d)
             lineage = {}
             for inp in inputs:
@@ -451,22 +464,19 @@ class RunDir:
                 st.finish("failed", time.time() - t0, error=f"{type(e).__name__}: {e}")
                 raise
             st.finish("complete", time.time() - t0)
-        finally:
-            fcntl.flock(lock_f.fileno(), fcntl.LOCK_UN)
-            lock_f.close()
 
     def is_locked(self, stage: str) -> bool:
         """Whether a live process holds the stage's lock (a lock dies with its process)."""
         p = self.stage_dir(stage) / LOCK
         if not p.is_file():
             return False
-        with open(p, "r") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            return False
+        probe = FileLock(p, timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        probe.release()
+        return False
 
     def status(self, cfg: "Config | None" = None) -> list[dict]:
         rows = []
