@@ -368,35 +368,43 @@ class RunDir:
         except (ConfigError, OSError):
             return None
 
-    def require(self, stage: str, cfg: "Config", config_path: str | None = None) -> dict:
-        """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3)."""
-        cfg_arg = config_path or cfg.source
-        extra = f" --run-dir {self.root}" if self.root != RunDir.for_config(cfg).root else ""
+    def require(self, stage: str, cfg: "Config") -> dict:
+        """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3).
+
+        The message ends with the command that fixes it, with the user's --set flags and
+        --run-dir; it carries --force only to redo a stage that is complete but stale.
+        """
+        from llmctl.hints import command
+
         m = self.manifest(stage)
-        command = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
+        verb = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
         where = self.stage_dir(stage)
         if m is None:
-            raise StageInputError(f"{where} is missing: run 'llmctl {command} {cfg_arg}{extra}' first")
+            fix = command(verb, cfg, self.root)
+            raise StageInputError(f"{where} is missing: run '{fix}' first", hint=fix)
+        if m.get("status") == "running" and self.is_locked(stage):
+            raise StageInputError(f"{where} is still being written by another llmctl process (pid {m.get('pid')}): wait for it to finish")
         if m.get("status") != "complete":
-            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run 'llmctl {command} {cfg_arg}{extra}' to finish it")
+            fix = command(verb, cfg, self.root)  # no --force: it finishes (train resumes) what is there
+            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run '{fix}' to finish it", hint=fix)
         found = self._stale(stage, cfg)
         if found:
             culprit, why = found
-            force = " --force" if culprit == stage else ""
             if culprit == "train" and getattr(cfg, "distill", None) is not None:
                 culprit = "distill"
-            raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first{self.keep_hint(stage, cfg)}")
+            fix = command(culprit, cfg, self.root, *(["--force"] if found[0] == stage else []))
+            raise StageInputError(f"{where} is stale ({why}): run '{fix}' first{self.keep_hint(stage, cfg)}", hint=fix)
         return m
 
     def keep_hint(self, stage: str, cfg: "Config") -> str:
         """', or keep it with --set k=v ...': the overrides that describe what `stage` was run with."""
-        from llmctl.config import show_value
+        from llmctl.hints import set_flags
 
         changes = self.config_changes(stage, cfg)
-        sets = [f"--set {k}={show_value(a)}" for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
-        if not sets or len(sets) != len(changes):
+        pairs = [(k, a) for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
+        if not pairs or len(pairs) != len(changes):
             return ""
-        return f", or keep it by passing the settings it was run with ({' '.join(sets)})"
+        return f", or keep it by passing the settings it was run with ({set_flags(pairs)})"
 
     def up_to_date(self, stage: str, cfg: "Config", extra_hash: str | None = None) -> bool:
         m = self.manifest(stage)

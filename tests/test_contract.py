@@ -1,20 +1,38 @@
-"""The command-line contract (DESIGN.md): one JSON object on stdout whatever the exit code."""
+"""The command-line contract (DESIGN.md): one JSON object on stdout whatever the exit code,
+and hints that, run as printed, do what they say."""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
-from conftest import run_cli, sentences, tiny_config_dict, write_config
+from conftest import REPO, build_prepared_run, run_cli, sentences, tiny_config_dict, write_config
+from llmctl.config import load_config
 from llmctl.rundir import RunDir
+
+ENV = {"PYTHONPATH": str(REPO)}  # the commands below run outside the repository
 
 
 def _one_object(stdout: str) -> dict:
     lines = stdout.strip().splitlines()
     assert len(lines) == 1, stdout
     return json.loads(lines[0])
+
+
+def _argv(hint: str) -> list[str]:
+    """A printed hint as the argv that runs it here (`llmctl` is `python -m llmctl`)."""
+    args = shlex.split(hint)
+    assert args[0] == "llmctl", hint
+    return [sys.executable, "-m", "llmctl", *args[1:]]
 
 
 def test_json_object_for_config_missing_input_and_lock_errors(tmp_path):
@@ -29,7 +47,7 @@ def test_json_object_for_config_missing_input_and_lock_errors(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"paths": [str(tmp_path / "docs.txt")]}))
     r = run_cli("eval", str(path), "--json")
     obj = _one_object(r.stdout)
-    assert r.returncode == 3 and obj["ok"] is False and obj["exit_code"] == 3 and "llmctl train" in obj["error"]
+    assert r.returncode == 3 and obj == {"ok": False, "exit_code": 3, "error": obj["error"], "hint": f"llmctl train {path}"}
 
     lock_dir = tmp_path / "run" / "prepare"
     lock_dir.mkdir(parents=True)
@@ -78,3 +96,87 @@ def test_run_json_names_the_stage_that_failed(tiny_cfg):
     with pytest.raises(ThresholdError) as e:
         run_pipeline(cfg, RunDir(cfg.run.dir), {"prepare": Done, "eval": Gate}.get, ("prepare", "eval"))
     assert e.value.result == {"perplexity": 9.0, "failed_stage": "eval", "ran": [], "skipped_up_to_date": ["prepare"]}
+
+
+def _wait_for_loss(rd: RunDir, after_step: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if rd.metrics_path.is_file():
+            steps = [json.loads(line)["step"] for line in rd.metrics_path.read_text().splitlines() if '"loss"' in line]
+            if any(s > after_step for s in steps):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no training step after {after_step}")
+
+
+def test_interrupted_train_hint_resumes_without_force(tmp_path):
+    d = tiny_config_dict(tmp_path / "run", train={"max_steps": 100000, "save_every": 100000, "eval_every": 100000, "log_every": 1})
+    (tmp_path / "my configs").mkdir()
+    path = write_config(tmp_path / "my configs" / "c.yaml", d)  # a space: the hint must quote it
+    cfg = load_config(path, ["train.lr=0.001"])
+    rd = build_prepared_run(Path(cfg.run.dir), cfg)
+    cmd = [sys.executable, "-m", "llmctl", "train", str(path), "--force", "--set", "train.lr=0.001", "--json"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_loss(rd, 0, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    obj = _one_object(out)
+    assert obj["ok"] is False and obj["exit_code"] == 130 and "SIGINT" in obj["error"]
+    hint, step = obj["hint"], obj["step"]
+    assert f"run '{hint}' to resume from step {step}" in err and step >= 1
+    # The hint keeps the --set that the checkpoint was written with (or it could not resume) and
+    # drops --force (which would delete the checkpoint); the path with a space is quoted.
+    assert "--force" not in shlex.split(hint) and shlex.split(hint)[2:] == [str(path), "--set", "train.lr=0.001"]
+
+    proc = subprocess.Popen(_argv(hint), cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_loss(rd, step, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"step-{step:06d} (step {step})" in err and "resuming from" in err
+    logged = [json.loads(line)["step"] for line in rd.metrics_path.read_text().splitlines() if '"loss"' in line]
+    assert logged[0] == 1 and step + 1 in logged  # the first run's records kept, and it went on from its step
+
+
+def test_missing_and_stale_input_hints_keep_set_flags(tmp_path):
+    (tmp_path / "docs.txt").write_text("\n\n".join(sentences(60)))
+    d = tiny_config_dict(tmp_path / "unused", data={"paths": [str(tmp_path / "docs.txt")]})
+    del d["run"]["dir"]  # runs/<run.name> under the working directory
+    path = write_config(tmp_path / "c.yaml", d)
+
+    def run(*args):
+        return subprocess.run(args, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+
+    sets = ["--set", "run.name=x"]
+    r = run(sys.executable, "-m", "llmctl", "train", str(path), *sets, "--json")
+    assert r.returncode == 3, r.stderr
+    hint = _one_object(r.stdout)["hint"]
+    assert f"run '{hint}' first" in r.stderr and shlex.split(hint) == ["llmctl", "prepare", str(path), *sets]
+    r = run(*_argv(hint))
+    assert r.returncode == 0, r.stderr
+    rd = RunDir(tmp_path / "runs" / "x")  # the run the user named, not runs/t
+    assert rd.manifest("prepare")["status"] == "complete" and not (tmp_path / "runs" / "t").exists()
+
+    sets += ["--set", "data.block_size=16"]  # prepare is now stale for this command
+    r = run(sys.executable, "-m", "llmctl", "train", str(path), *sets, "--json")
+    assert r.returncode == 3, r.stderr
+    hint = _one_object(r.stdout)["hint"]
+    assert shlex.split(hint) == ["llmctl", "prepare", str(path), *sets, "--force"]
+    r = run(*_argv(hint))
+    assert r.returncode == 0, r.stderr
+    assert rd.require("prepare", load_config(path, [sets[1], sets[3]]))["status"] == "complete"
+
+
+def test_hint_commands_quote_and_give_values_back_exactly(tmp_path):
+    from llmctl.hints import command, set_flags
+
+    path = write_config(tmp_path / "a b.yaml", tiny_config_dict(tmp_path / "run"))
+    cfg = load_config(path, ["run.seed=3", "data.text_field=my field"])
+    assert shlex.split(command("train", cfg, tmp_path / "other run", "--force")) == [
+        "llmctl", "train", str(path), "--set", "run.seed=3", "--set", "data.text_field=my field", "--run-dir", str(tmp_path / "other run"), "--force"]
+    assert "--run-dir" not in command("train", cfg, cfg.run.dir)  # the config's own run directory
+    # Values as YAML reads them back: a string that looks like a number, null or a list stays itself.
+    pairs = [("data.text_field", "1e-3"), ("data.prompt_field", "null"), ("data.paths", ["x y.txt", "z.txt"]), ("train.lr", 0.0003)]
+    back = load_config(path, shlex.split(set_flags(pairs))[1::2])
+    assert (back.data.text_field, back.data.prompt_field, back.data.paths, back.train.lr) == ("1e-3", "null", ["x y.txt", "z.txt"], 0.0003)
