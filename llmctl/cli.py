@@ -341,7 +341,7 @@ def status(
     with _guard(json_) as con:
         from llmctl.rundir import RunDir
 
-        cfg = None
+        cfg = None  # a run directory: each stage is compared with the config it recorded
         if Path(run_dir).is_file():
             cfg = _load(run_dir, set_)
             rd = RunDir.for_config(cfg)
@@ -349,13 +349,7 @@ def status(
             rd = RunDir(run_dir)
             if not rd.root.is_dir():
                 raise ConfigError(f"{run_dir}: no such run directory")
-            copy = rd.stage_dir("prepare") / "config.yaml"
-            if copy.is_file():
-                try:
-                    cfg = _load(str(copy), set_)
-                except ConfigError:
-                    cfg = None
-        rows = rd.status(cfg)
+        rows = rd.status(cfg, overrides=set_ or ())
         report = None
         if rd.report_path.is_file():
             import json

@@ -486,7 +486,14 @@ class RunDir:
         probe.release()
         return False
 
-    def status(self, cfg: "Config | None" = None) -> list[dict]:
+    def status(self, cfg: "Config | None" = None, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
+        """One row per stage: state, times, headline numbers, and why it is not simply complete.
+
+        A complete stage is stale when it no longer matches `cfg`; without one, when it no longer
+        matches the config it recorded itself (its config.yaml, with `overrides`): a train run
+        made with `--set train.x=...` is complete, not stale against prepare's copy. A train stage
+        that is running or was interrupted shows its step of its total.
+        """
         rows = []
         for stage in STAGE_ORDER:
             m = self.manifest(stage)
@@ -501,17 +508,62 @@ class RunDir:
                 "seconds": m.get("seconds"),
                 "headline": m.get("headline", {}),
             }
+            prog = m.get("progress") or {}
+            if prog.get("step") is not None:
+                row["step"], row["total_steps"] = prog["step"], prog.get("total")
+                if prog.get("checkpoint_step") is not None:
+                    row["checkpoint_step"] = prog["checkpoint_step"]
+            whys = []
             if m.get("status") == "running" and not self.is_locked(stage):
                 # The process that marked it running is gone (SIGKILL, power loss): nobody holds the lock.
                 row["status"] = "interrupted"
-                row["why"] = "its process is gone; re-run the stage to resume or redo it"
-            if cfg is not None and m.get("status") == "complete":
-                why = self.staleness(stage, cfg)
+                whys.append("its process is gone; re-run the stage to resume or redo it")
+            if row["status"] in ("running", "interrupted") and "step" in row:
+                at = f"step {row['step']}/{row['total_steps'] or '?'}"
+                if row["status"] == "running":
+                    whys.insert(0, f"at {at}" + _eta(prog, m))
+                else:
+                    ckpt = row.get("checkpoint_step")
+                    resumes = f", resumes from step {ckpt}" if ckpt is not None and ckpt != row["step"] else ""
+                    whys.insert(0, f"interrupted at {at}{resumes}")
+            if m.get("status") == "complete":
+                own = cfg if cfg is not None else self._own_config(stage, overrides)
+                why = self.staleness(stage, own) if own is not None else None
                 if why:
                     row["status"] = "stale"
-                    row["why"] = why
+                    whys.append(why)
+            if whys:
+                row["why"] = "; ".join(whys)
             rows.append(row)
         return rows
+
+    def _own_config(self, stage: str, overrides=()) -> "Config | None":
+        """The config a stage recorded (its config.yaml) with `overrides`; None if it has none that
+        this version reads. A bad override is the user's error (ConfigError)."""
+        from llmctl.config import load_config
+        from llmctl.errors import ConfigError
+
+        copy = self.stage_dir(stage) / CONFIG_COPY
+        try:
+            load_config(copy)
+        except (ConfigError, OSError):
+            return None
+        return load_config(copy, list(overrides))
+
+
+def _eta(prog: dict, manifest: dict) -> str:
+    """', eta H:MM:SS' from the steps done since the stage started, if that says anything."""
+    step, total, t = prog.get("step"), prog.get("total"), prog.get("time")
+    try:
+        started = _dt.datetime.fromisoformat(manifest["started_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return ""
+    first = prog.get("first_step", 0)
+    if not (step and total and t) or step <= first or t <= started:
+        return ""
+    from llmctl.console import fmt_duration
+
+    return f", eta {fmt_duration((total - step) * (t - started) / (step - first))}"
 
 
 class StageRun:

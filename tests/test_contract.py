@@ -128,6 +128,13 @@ def test_interrupted_train_hint_resumes_without_force(tmp_path):
     # The hint keeps the --set that the checkpoint was written with (or it could not resume) and
     # drops --force (which would delete the checkpoint); the path with a space is quoted.
     assert "--force" not in shlex.split(hint) and shlex.split(hint)[2:] == [str(path), "--set", "train.lr=0.001"]
+    # status: the step it stopped at, of its total; complete and up to date for everything else
+    r = run_cli("status", str(rd.root), "--json")
+    rows = {row["stage"]: row for row in _one_object(r.stdout)["stages"]}
+    assert rows["train"]["status"] == "interrupted" and (rows["train"]["step"], rows["train"]["total_steps"]) == (step, 100000)
+    assert rows["train"]["why"] == f"interrupted at step {step}/100000" and rows["prepare"]["status"] == "complete"
+    r = run_cli("status", str(rd.root), env={"COLUMNS": "200"})  # the table's "headline" column, unwrapped
+    assert f"(interrupted at step {step}/100000)" in r.stderr, r.stderr
 
     proc = subprocess.Popen(_argv(hint), cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_loss(rd, step, proc)
@@ -180,3 +187,41 @@ def test_hint_commands_quote_and_give_values_back_exactly(tmp_path):
     pairs = [("data.text_field", "1e-3"), ("data.prompt_field", "null"), ("data.paths", ["x y.txt", "z.txt"]), ("train.lr", 0.0003)]
     back = load_config(path, shlex.split(set_flags(pairs))[1::2])
     assert (back.data.text_field, back.data.prompt_field, back.data.paths, back.train.lr) == ("1e-3", "null", ["x y.txt", "z.txt"], 0.0003)
+
+
+def test_status_compares_each_stage_with_its_own_config(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    cfg = load_config(path)
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", cfg):
+        pass
+    with rd.begin("train", load_config(path, ["train.lr=0.001"]), inputs=["prepare"]):  # llmctl train c.yaml --set train.lr=0.001
+        pass
+
+    def rows(*args):
+        r = run_cli("status", *args, "--json")
+        assert r.returncode == 0, r.stderr
+        return {row["stage"]: row for row in _one_object(r.stdout)["stages"]}
+
+    assert rows(str(rd.root))["train"]["status"] == "complete" and "why" not in rows(str(rd.root))["train"]
+    assert rows(str(path))["train"]["status"] == "stale"  # a config given: compared with that config
+    assert rows(str(path), "--set", "train.lr=0.001")["train"]["status"] == "complete"
+    with rd.begin("prepare", cfg):  # its input re-run since: stale, whatever it recorded
+        pass
+    train = rows(str(rd.root))["train"]
+    assert train["status"] == "stale" and "re-run" in train["why"]
+
+
+def test_status_of_a_killed_train_says_where_it_resumes(tmp_path):
+    from llmctl.rundir import atomic_write_json
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run")))
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("train", cfg) as st:
+        pass
+    m = rd.manifest("train")
+    m.update(status="running", progress={"step": 47, "total": 200, "checkpoint_step": 40, "first_step": 0, "time": time.time()})
+    atomic_write_json(rd.manifest_path("train"), m)  # as SIGKILL leaves it: running, and nobody holds the lock
+    row = {r["stage"]: r for r in rd.status()}["train"]
+    assert row["status"] == "interrupted" and row["why"].startswith("interrupted at step 47/200, resumes from step 40; its process is gone")
+    assert st.manifest["id"] == m["id"]

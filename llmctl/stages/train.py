@@ -528,6 +528,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if is_main:
                 progress.total = state.max_steps
                 progress.update(completed=state.global_step)
+            _record_progress(st, state.global_step, state.max_steps, checkpoint=state.global_step if resume else None)
 
         def on_step_end(self, args, state, control, **kw):
             # Every step, not only log steps: a checkpoint saved after a NaN must never exist.
@@ -577,6 +578,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if len(rec) > 3 and metrics_f is not None:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
+            _record_progress(st, state.global_step, state.max_steps, every=10.0)
             return control
 
         def _took(self, key: str) -> None:
@@ -610,6 +612,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                         shutil.rmtree(dst)
                     os.replace(src, dst)
                     _rotate(rd, tcfg.keep_last, tcfg.keep_best)
+                    _record_progress(st, state.global_step, state.max_steps, checkpoint=state.global_step)
                     if os.environ.get("LLMCTL_FAULT_KILL_AFTER_SAVE") == str(state.global_step):
                         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             if _world() > 1:
@@ -730,6 +733,23 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     if st is not None:
         st.manifest["device"] = str(device)
     return result
+
+
+def _record_progress(st, step: int, total: int, checkpoint: int | None = None, every: float = 0.0) -> None:
+    """The step reached, of how many, and the last checkpoint (where a re-run resumes) in the
+    train manifest, for `llmctl status`: running at step N/M, or interrupted at step N/M.
+    `every`: write at most that often (seconds); a checkpoint is always written."""
+    if st is None:  # ranks > 0 write nothing shared
+        return
+    prog = st.manifest.setdefault("progress", {})
+    now = time.time()
+    if checkpoint is None and now - prog.get("time", 0.0) < every:
+        return
+    prog.setdefault("first_step", int(step))  # where this process began (0, or the step it resumed from): for the ETA
+    prog.update(step=int(step), total=int(total) if total and total > 0 else None, time=round(now, 3))
+    if checkpoint is not None:
+        prog["checkpoint_step"] = int(checkpoint)
+    st.save()
 
 
 def _eval_loss(model, ds, collate, batch_size: int) -> float:
