@@ -400,10 +400,14 @@ def config_validate(
     config: str = ConfigArg,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Check a config without running anything (exit 2 with the key and the fix if it is wrong)."""
+    """Check a config without running anything (exit 2 with the key and the fix if it is wrong; warnings for likely mistakes)."""
     with _guard() as con:
-        _load(config, set_, fetch=True)
-        con.info(f"{config}: ok")
+        from llmctl.checks import footguns
+
+        warnings = footguns(_load(config, set_, fetch=True))
+        for w in warnings:
+            con.warn(w)
+        con.info(f"{config}: ok" + (f" ({len(warnings)} warning{'s' * (len(warnings) > 1)})" if warnings else ""))
 
 
 def main() -> None:

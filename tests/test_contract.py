@@ -225,3 +225,26 @@ def test_status_of_a_killed_train_says_where_it_resumes(tmp_path):
     row = {r["stage"]: r for r in rd.status()}["train"]
     assert row["status"] == "interrupted" and row["why"].startswith("interrupted at step 47/200, resumes from step 40; its process is gone")
     assert st.manifest["id"] == m["id"]
+
+
+def test_config_validate_warns_about_footguns_and_the_fix_works(tmp_path):
+    d = tiny_config_dict(tmp_path / "run", train={"max_steps": 10, "warmup_steps": 10}, model={"lora": {"enabled": True}},
+                         data={"source": "builtin", "format": "chat"})
+    path = write_config(tmp_path / "c.yaml", d)
+    r = run_cli("config", "validate", str(path))
+    assert r.returncode == 0, r.stderr  # warnings, not errors
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3 and "(3 warnings)" in r.stderr, r.stderr
+    assert "train.warmup_steps (10) >= train.max_steps (10)" in warnings[0] and "model.lora.enabled with no model.name_or_path" in warnings[1]
+    assert "data.format is chat but data.source is builtin" in warnings[2]
+
+    # prepare refuses it (exit 2) with fixes that work: either one validates without a warning.
+    r = run_cli("prepare", str(path))
+    assert r.returncode == 2 and "Set data.format: text" in r.stderr and "data.source: files" in r.stderr, r.stderr
+    assert "messages_field" not in r.stderr  # not a field name: the builtin corpus has no conversations at all
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
+    fixed = ["--set", "train.warmup_steps=1", "--set", "model.lora.enabled=false"]
+    for fix in (["--set", "data.format=text"], ["--set", "data.source=files", "--set", f"data.paths=[{chats}]"]):
+        r = run_cli("config", "validate", str(path), *fixed, *fix)
+        assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
