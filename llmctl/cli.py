@@ -411,7 +411,24 @@ def config_validate(
 
 
 def main() -> None:
-    app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
+        return
+    # --json: a command-line mistake (an unknown option, a missing CONFIG; exit 2) is reported as
+    # the one JSON object too. Errors past parsing are `_guard`'s, which returns their exit code.
+    # (click's exception classes, from click itself or from the copy newer typer versions carry)
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = app(prog_name="llmctl", standalone_mode=False)
+    except click_error as e:
+        e.show()
+        _console.Console(json_mode=True).emit_json(e.exit_code, error=e.format_message())
+        sys.exit(e.exit_code)
+    except RuntimeError as e:
+        if type(e).__name__ != "Abort":  # Ctrl-C at a prompt
+            raise
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

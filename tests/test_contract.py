@@ -42,6 +42,11 @@ def test_json_object_for_config_missing_input_and_lock_errors(tmp_path):
     obj = _one_object(r.stdout)
     assert r.returncode == 2 and obj["ok"] is False and obj["exit_code"] == 2 and "train.max_stepz" in obj["error"]
     assert obj["error"] in r.stderr  # the human line stays on stderr
+    for args in (("eval", "--json"), ("eval", str(bad), "--bogus", "--json")):  # command-line mistakes, found by the parser
+        r = run_cli(*args)
+        obj = _one_object(r.stdout)
+        assert r.returncode == 2 and obj["exit_code"] == 2 and obj["error"] in ("Missing argument 'CONFIG'.", "No such option: --bogus")
+        assert "Usage: llmctl eval" in r.stderr
 
     (tmp_path / "docs.txt").write_text("\n\n".join(sentences(40)))
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"paths": [str(tmp_path / "docs.txt")]}))
