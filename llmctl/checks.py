@@ -73,3 +73,40 @@ def check(cfg, fetch: bool = False) -> None:
         check_export_formats(cfg.export.formats, mtype, where)
     except ConfigError as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
+
+
+def builtin_format_problem(cfg) -> str | None:
+    """Why `data.format` cannot read the builtin corpus (plain Python source), with fixes that work."""
+    d = cfg.data
+    if d.source != "builtin" or d.format == "text":
+        return None
+    need = {"chat": "conversations (records with a 'messages' list of {role, content})",
+            "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')"}[d.format]
+    return (
+        f"data.format is {d.format} but data.source is builtin, the Python standard library's source as plain text: "
+        f"it has no {need.split(' (')[0]}. Set data.format: text to train on it, or data.source: files with "
+        f"data.paths listing JSONL files of {need}"
+    )
+
+
+def footguns(cfg) -> list[str]:
+    """Settings that run but almost surely do not do what was meant (`config validate` warns)."""
+    t, m = cfg.train, cfg.model
+    out = []
+    if t.max_steps is not None and t.warmup_steps >= t.max_steps:
+        out.append(
+            f"train.warmup_steps ({t.warmup_steps}) >= train.max_steps ({t.max_steps}): the learning rate is still "
+            f"warming up when training ends and never reaches train.lr; set train.warmup_steps below "
+            f"train.max_steps (about a tenth of it: {t.max_steps // 10})"
+        )
+    pruned_teacher = cfg.distill is not None and cfg.distill.student_init == "prune"
+    if m.lora.enabled and m.name_or_path is None and not pruned_teacher:
+        out.append(
+            "model.lora.enabled with no model.name_or_path: LoRA trains small adapters next to frozen weights, and a model "
+            "built from scratch has random ones that never learn; set model.name_or_path to a pretrained model, "
+            "or model.lora.enabled: false to train every weight"
+        )
+    problem = builtin_format_problem(cfg)
+    if problem:
+        out.append(problem + " (prepare will refuse this config)")
+    return out

@@ -105,8 +105,13 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def _guard(json_mode: bool = False, quiet: bool = False, report_interrupt: bool = True) -> Iterator[_console.Console]:
-    """The one error boundary: user errors -> one line + exit code; bugs keep tracebacks."""
+def _guard(json_mode: bool = False, quiet: bool = False, reports: bool = True) -> Iterator[_console.Console]:
+    """The one error boundary: user errors -> one line + exit code; bugs keep tracebacks.
+
+    With --json it also writes the one JSON object on stdout, whatever the exit code (`ok`,
+    `exit_code`, `error`, `hint`, and the result or what was measured before the failure).
+    `reports=False` (a torchrun rank): the launcher reports the interruption and the result.
+    """
     _setup_env()
     con = _console.Console(json_mode=json_mode, quiet=quiet)
     _console.set_current(con)
@@ -115,17 +120,26 @@ def _guard(json_mode: bool = False, quiet: bool = False, report_interrupt: bool 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         yield con
-    except Interrupted as e:
-        if report_interrupt:  # a rank's interruption is reported once, by its launcher
-            con.error(str(e))
-        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        if report_interrupt:
-            con.error("interrupted by SIGINT")
-        raise typer.Exit(130) from None
+        _fail(con, Interrupted(signal.SIGINT), reports)
     except LlmctlError as e:
+        _fail(con, e, reports)
+    except (typer.Exit, SystemExit):
+        raise  # an exit code chosen on purpose (no command raises one inside the boundary today)
+    except Exception as e:
+        if reports:
+            con.emit_json(1, error=f"{type(e).__name__}: {e}")
+        raise  # a bug: its traceback is the report
+    if reports:
+        con.emit_json(0)
+
+
+def _fail(con: _console.Console, e: LlmctlError, reports: bool) -> None:
+    if reports or not isinstance(e, Interrupted):  # a rank's interruption is reported once, by its launcher
         con.error(str(e))
-        raise typer.Exit(e.exit_code) from None
+    if reports:
+        con.emit_json(e.exit_code, error=str(e), hint=e.hint, partial=e.result)
+    raise typer.Exit(e.exit_code) from None
 
 
 def _load(config: str, overrides: Optional[List[str]], fetch: bool = False):
@@ -166,7 +180,7 @@ def _reporter() -> tuple[bool, bool]:
 
 def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
     talks, reports = _reporter()
-    with _guard(json_mode, quiet or not talks, report_interrupt=reports) as con:
+    with _guard(json_mode, quiet or not talks, reports=reports) as con:
         cfg = _load(config, overrides, fetch=name in ("prepare", "train"))
         rd = _rundir(cfg, run_dir)
         result = _stage(name).run(cfg, rd, force=force, **opts)
@@ -328,7 +342,7 @@ def status(
     with _guard(json_) as con:
         from llmctl.rundir import RunDir
 
-        cfg = None
+        cfg = None  # a run directory: each stage is compared with the config it recorded
         if Path(run_dir).is_file():
             cfg = _load(run_dir, set_)
             rd = RunDir.for_config(cfg)
@@ -336,13 +350,7 @@ def status(
             rd = RunDir(run_dir)
             if not rd.root.is_dir():
                 raise ConfigError(f"{run_dir}: no such run directory")
-            copy = rd.stage_dir("prepare") / "config.yaml"
-            if copy.is_file():
-                try:
-                    cfg = _load(str(copy), set_)
-                except ConfigError:
-                    cfg = None
-        rows = rd.status(cfg)
+        rows = rd.status(cfg, overrides=set_ or ())
         report = None
         if rd.report_path.is_file():
             import json
@@ -373,7 +381,7 @@ def config_show(
     json_: bool = JsonOpt,
 ) -> None:
     """Print the resolved config: defaults filled in, overrides applied."""
-    with _guard(json_):
+    with _guard(json_ and not doc) as con:
         from llmctl.config import config_doc, config_to_yaml
 
         if doc:
@@ -383,9 +391,7 @@ def config_show(
             raise ConfigError("config show: give a CONFIG file, or --doc for the key reference")
         cfg = _load(config, set_)
         if json_:
-            import json
-
-            sys.stdout.write(json.dumps(cfg.model_dump(mode="json")) + "\n")
+            con.result(cfg.model_dump(mode="json"))  # the sections, beside ok and exit_code
         else:
             sys.stdout.write(config_to_yaml(cfg))
 
@@ -395,14 +401,35 @@ def config_validate(
     config: str = ConfigArg,
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
-    """Check a config without running anything (exit 2 with the key and the fix if it is wrong)."""
+    """Check a config without running anything (exit 2 with the key and the fix if it is wrong; warnings for likely mistakes)."""
     with _guard() as con:
-        _load(config, set_, fetch=True)
-        con.info(f"{config}: ok")
+        from llmctl.checks import footguns
+
+        warnings = footguns(_load(config, set_, fetch=True))
+        for w in warnings:
+            con.warn(w)
+        con.info(f"{config}: ok" + (f" ({len(warnings)} warning{'s' * (len(warnings) > 1)})" if warnings else ""))
 
 
 def main() -> None:
-    app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
+    if "--json" not in sys.argv[1:]:
+        app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
+        return
+    # --json: a command-line mistake (an unknown option, a missing CONFIG; exit 2) is reported as
+    # the one JSON object too. Errors past parsing are `_guard`'s, which returns their exit code.
+    # (click's exception classes, from click itself or from the copy newer typer versions carry)
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+    try:
+        code = app(prog_name="llmctl", standalone_mode=False)
+    except click_error as e:
+        e.show()
+        _console.Console(json_mode=True).emit_json(e.exit_code, error=e.format_message())
+        sys.exit(e.exit_code)
+    except RuntimeError as e:
+        if type(e).__name__ != "Abort":  # Ctrl-C at a prompt
+            raise
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

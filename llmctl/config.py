@@ -482,8 +482,9 @@ class Config(Section):
     distill: DistillConfig | None = Field(None, description="Knowledge distillation (`llmctl distill`; `llmctl run` distills instead of training when this section is present).")
     safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Guard rails on input and output (generate, serve, eval).")
 
-    # Where the config came from, for messages; not part of the schema.
+    # Where the config came from and its `--set` overrides, for messages; not part of the schema.
     _source: str = "<config>"
+    _overrides: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
@@ -503,6 +504,11 @@ class Config(Section):
     @property
     def source(self) -> str:
         return self._source
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The `--set k=v` items it was loaded with, in order (hints repeat them)."""
+        return self._overrides
 
     def section_hash(self, *sections: str) -> str:
         """Hash of the given sections (dotted paths allowed, e.g. 'run.seed')."""
@@ -795,6 +801,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         overridden = {".".join(parse_override(o)[0]) for o in overrides}
         raise ConfigError(_format_validation(e, source, text, overridden)) from None
     cfg._source = source
+    cfg._overrides = tuple(overrides)
     return cfg
 
 

@@ -1,8 +1,8 @@
 """Terminal output that degrades to plain lines without a TTY.
 
-All human output goes to stderr; stdout carries only results (`--json`: one JSON object)
-and, for `generate`, the generated text. Stages call `current()` to get the console the
-CLI configured.
+All human output goes to stderr; stdout carries only results (`--json`: one JSON object,
+whatever the exit code) and, for `generate`, the generated text. Stages call `current()` to
+get the console the CLI configured.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Console:
     def __init__(self, json_mode: bool = False, quiet: bool = False, force_tty: bool | None = None):
         self.json_mode = json_mode
         self.quiet = quiet
+        self._json: dict = {}  # the --json result, written once by `emit_json`
         self.err = _RichConsole(stderr=True, highlight=False, soft_wrap=True)
         self.is_tty = self.err.is_terminal if force_tty is None else force_tty
         if not self.is_tty:
@@ -81,10 +82,9 @@ class Console:
 
     # ---- results ---------------------------------------------------------------
     def result(self, data: dict, title: str | None = None) -> None:
-        """The stage's result: JSON on stdout with --json, else a table on stderr."""
+        """The stage's result: kept for `emit_json` with --json, else a table on stderr."""
         if self.json_mode:
-            sys.stdout.write(json.dumps(data, default=str) + "\n")
-            sys.stdout.flush()
+            self._json = dict(data)
             return
         if self.quiet:
             return
@@ -94,6 +94,20 @@ class Console:
         for k, v in _flatten(data).items():
             table.add_row(k, _fmt(v))
         self.err.print(table)
+
+    def emit_json(self, exit_code: int, error: str | None = None, hint: str | None = None, partial: dict | None = None) -> None:
+        """With --json, the one object on stdout: `ok`, `exit_code`, `error` and `hint` when the
+        command failed, then the result (or, on failure, what it measured before failing)."""
+        if not self.json_mode:
+            return
+        head: dict = {"ok": exit_code == 0, "exit_code": exit_code}
+        if error is not None:
+            head["error"] = error
+        if hint is not None:
+            head["hint"] = hint
+        body = {k: v for k, v in {**self._json, **(partial or {})}.items() if k not in head}
+        sys.stdout.write(json.dumps(head | body, default=str) + "\n")
+        sys.stdout.flush()
 
     def table(self, rows: list[dict], columns: list[str], title: str | None = None) -> None:
         if self.quiet:

@@ -6,9 +6,19 @@ its traceback.
 
 
 class LlmctlError(Exception):
-    """A failure we can explain in one line. Exit code 1 (runtime failure)."""
+    """A failure we can explain in one line. Exit code 1 (runtime failure).
+
+    `hint`: the command that fixes it or resumes (also in the message), for `--json`.
+    `result`: what the command measured or did before it failed (eval's metrics next to the
+    thresholds they missed), merged into the `--json` object.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, hint: str | None = None, result: dict | None = None):
+        super().__init__(message)
+        self.hint = hint
+        self.result = result
 
 
 class ConfigError(LlmctlError):
@@ -44,10 +54,10 @@ class LockedError(LlmctlError):
 class Interrupted(LlmctlError):
     """SIGINT (exit 130) or SIGTERM (exit 143), raised after saving what can be saved."""
 
-    def __init__(self, signum: int, message: str = ""):
+    def __init__(self, signum: int, message: str = "", *, hint: str | None = None, result: dict | None = None):
         import signal
 
         self.signum = signum
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(message or f"interrupted by {name}")
+        super().__init__(message or f"interrupted by {name}", hint=hint, result=result)

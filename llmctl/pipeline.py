@@ -8,7 +8,7 @@ import time
 from typing import Callable, Sequence
 
 from llmctl import console as _console
-from llmctl.errors import ConfigError
+from llmctl.errors import ConfigError, LlmctlError
 
 
 def stage_range(stages: Sequence[str], first: str | None, last: str | None) -> list[str]:
@@ -34,7 +34,11 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
         if name == "train" and getattr(cfg, "distill", None) is not None:
             module = "distill"  # a config with a teacher trains its model by distillation, into the same RUN/train
         con.step(module)
-        res = get_stage(module).run(cfg, rd, force=False) or {}
+        try:
+            res = get_stage(module).run(cfg, rd, force=False) or {}
+        except LlmctlError as e:  # --json: which stage stopped the run, and what ran before it
+            e.result = {**(e.result or {}), "failed_stage": name, "ran": ran, "skipped_up_to_date": skipped}
+            raise
         (skipped if res.get("cached") else ran).append(name)
     summary = summarize(rd)
     summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})

@@ -8,7 +8,6 @@ resolved config that produced it). Outputs appear atomically, one writer holds a
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import os
 import platform
@@ -19,6 +18,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+
+from filelock import FileLock, Timeout
 
 from llmctl.errors import Interrupted, LockedError, StageInputError
 
@@ -94,6 +95,24 @@ def clean_tmp(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     for p in folder.glob(".*.old-*"):
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+@contextmanager
+def _stage_lock(folder: Path) -> Iterator[None]:
+    """Hold the stage folder's lock, or LockedError at once if another process holds it.
+
+    An OS lock (flock on Unix, LockFileEx on Windows, through `filelock`): it dies with its
+    process, so a killed writer never leaves a lock behind that looks held.
+    """
+    lock = FileLock(folder / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LockedError(f"{folder} is locked: another llmctl process is writing it (wait for it or stop it)") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -349,35 +368,43 @@ class RunDir:
         except (ConfigError, OSError):
             return None
 
-    def require(self, stage: str, cfg: "Config", config_path: str | None = None) -> dict:
-        """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3)."""
-        cfg_arg = config_path or cfg.source
-        extra = f" --run-dir {self.root}" if self.root != RunDir.for_config(cfg).root else ""
+    def require(self, stage: str, cfg: "Config") -> dict:
+        """The manifest of a complete, up-to-date input stage, or StageInputError (exit 3).
+
+        The message ends with the command that fixes it, with the user's --set flags and
+        --run-dir; it carries --force only to redo a stage that is complete but stale.
+        """
+        from llmctl.hints import command
+
         m = self.manifest(stage)
-        command = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
+        verb = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
         where = self.stage_dir(stage)
         if m is None:
-            raise StageInputError(f"{where} is missing: run 'llmctl {command} {cfg_arg}{extra}' first")
+            fix = command(verb, cfg, self.root)
+            raise StageInputError(f"{where} is missing: run '{fix}' first", hint=fix)
+        if m.get("status") == "running" and self.is_locked(stage):
+            raise StageInputError(f"{where} is still being written by another llmctl process (pid {m.get('pid')}): wait for it to finish")
         if m.get("status") != "complete":
-            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run 'llmctl {command} {cfg_arg}{extra}' to finish it")
+            fix = command(verb, cfg, self.root)  # no --force: it finishes (train resumes) what is there
+            raise StageInputError(f"{where} is {m.get('status', 'incomplete')}: run '{fix}' to finish it", hint=fix)
         found = self._stale(stage, cfg)
         if found:
             culprit, why = found
-            force = " --force" if culprit == stage else ""
             if culprit == "train" and getattr(cfg, "distill", None) is not None:
                 culprit = "distill"
-            raise StageInputError(f"{where} is stale ({why}): run 'llmctl {culprit} {cfg_arg}{extra}{force}' first{self.keep_hint(stage, cfg)}")
+            fix = command(culprit, cfg, self.root, *(["--force"] if found[0] == stage else []))
+            raise StageInputError(f"{where} is stale ({why}): run '{fix}' first{self.keep_hint(stage, cfg)}", hint=fix)
         return m
 
     def keep_hint(self, stage: str, cfg: "Config") -> str:
         """', or keep it with --set k=v ...': the overrides that describe what `stage` was run with."""
-        from llmctl.config import show_value
+        from llmctl.hints import set_flags
 
         changes = self.config_changes(stage, cfg)
-        sets = [f"--set {k}={show_value(a)}" for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
-        if not sets or len(sets) != len(changes):
+        pairs = [(k, a) for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
+        if not pairs or len(pairs) != len(changes):
             return ""
-        return f", or keep it by passing the settings it was run with ({' '.join(sets)})"
+        return f", or keep it by passing the settings it was run with ({set_flags(pairs)})"
 
     def up_to_date(self, stage: str, cfg: "Config", extra_hash: str | None = None) -> bool:
         m = self.manifest(stage)
@@ -405,13 +432,7 @@ class RunDir:
 
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
-        lock_f = open(d / LOCK, "a+")
-        try:
-            fcntl.flock(lock_f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_f.close()
-            raise LockedError(f"{d} is locked: another llmctl process is writing it (wait for it or stop it)") from None
-        try:
+        with _stage_lock(d):
             clean_tmp(d)
             lineage = {}
             for inp in inputs:
@@ -451,24 +472,28 @@ class RunDir:
                 st.finish("failed", time.time() - t0, error=f"{type(e).__name__}: {e}")
                 raise
             st.finish("complete", time.time() - t0)
-        finally:
-            fcntl.flock(lock_f.fileno(), fcntl.LOCK_UN)
-            lock_f.close()
 
     def is_locked(self, stage: str) -> bool:
         """Whether a live process holds the stage's lock (a lock dies with its process)."""
         p = self.stage_dir(stage) / LOCK
         if not p.is_file():
             return False
-        with open(p, "r") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-            return False
+        probe = FileLock(p, timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        probe.release()
+        return False
 
-    def status(self, cfg: "Config | None" = None) -> list[dict]:
+    def status(self, cfg: "Config | None" = None, overrides: list[str] | tuple[str, ...] = ()) -> list[dict]:
+        """One row per stage: state, times, headline numbers, and why it is not simply complete.
+
+        A complete stage is stale when it no longer matches `cfg`; without one, when it no longer
+        matches the config it recorded itself (its config.yaml, with `overrides`): a train run
+        made with `--set train.x=...` is complete, not stale against prepare's copy. A train stage
+        that is running or was interrupted shows its step of its total.
+        """
         rows = []
         for stage in STAGE_ORDER:
             m = self.manifest(stage)
@@ -483,17 +508,62 @@ class RunDir:
                 "seconds": m.get("seconds"),
                 "headline": m.get("headline", {}),
             }
+            prog = m.get("progress") or {}
+            if prog.get("step") is not None:
+                row["step"], row["total_steps"] = prog["step"], prog.get("total")
+                if prog.get("checkpoint_step") is not None:
+                    row["checkpoint_step"] = prog["checkpoint_step"]
+            whys = []
             if m.get("status") == "running" and not self.is_locked(stage):
                 # The process that marked it running is gone (SIGKILL, power loss): nobody holds the lock.
                 row["status"] = "interrupted"
-                row["why"] = "its process is gone; re-run the stage to resume or redo it"
-            if cfg is not None and m.get("status") == "complete":
-                why = self.staleness(stage, cfg)
+                whys.append("its process is gone; re-run the stage to resume or redo it")
+            if row["status"] in ("running", "interrupted") and "step" in row:
+                at = f"step {row['step']}/{row['total_steps'] or '?'}"
+                if row["status"] == "running":
+                    whys.insert(0, f"at {at}" + _eta(prog, m))
+                else:
+                    ckpt = row.get("checkpoint_step")
+                    resumes = f", resumes from step {ckpt}" if ckpt is not None and ckpt != row["step"] else ""
+                    whys.insert(0, f"interrupted at {at}{resumes}")
+            if m.get("status") == "complete":
+                own = cfg if cfg is not None else self._own_config(stage, overrides)
+                why = self.staleness(stage, own) if own is not None else None
                 if why:
                     row["status"] = "stale"
-                    row["why"] = why
+                    whys.append(why)
+            if whys:
+                row["why"] = "; ".join(whys)
             rows.append(row)
         return rows
+
+    def _own_config(self, stage: str, overrides=()) -> "Config | None":
+        """The config a stage recorded (its config.yaml) with `overrides`; None if it has none that
+        this version reads. A bad override is the user's error (ConfigError)."""
+        from llmctl.config import load_config
+        from llmctl.errors import ConfigError
+
+        copy = self.stage_dir(stage) / CONFIG_COPY
+        try:
+            load_config(copy)
+        except (ConfigError, OSError):
+            return None
+        return load_config(copy, list(overrides))
+
+
+def _eta(prog: dict, manifest: dict) -> str:
+    """', eta H:MM:SS' from the steps done since the stage started, if that says anything."""
+    step, total, t = prog.get("step"), prog.get("total"), prog.get("time")
+    try:
+        started = _dt.datetime.fromisoformat(manifest["started_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return ""
+    first = prog.get("first_step", 0)
+    if not (step and total and t) or step <= first or t <= started:
+        return ""
+    from llmctl.console import fmt_duration
+
+    return f", eta {fmt_duration((total - step) * (t - started) / (step - first))}"
 
 
 class StageRun:

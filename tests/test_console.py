@@ -25,8 +25,11 @@ def test_json_result_only_on_stdout(capsys):
     c.info("hello")
     c.result({"a": 1, "b": {"c": 2.5}})
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"a": 1, "b": {"c": 2.5}}
-    assert "hello" in err and "hello" not in out
+    assert out == "" and "hello" in err  # the object is written once, by the error boundary, with the exit code
+    c.emit_json(0)
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "exit_code": 0, "a": 1, "b": {"c": 2.5}}
+    c.emit_json(4, error="thresholds not met", partial={"failed": ["x"]})
+    assert json.loads(capsys.readouterr().out) == {"ok": False, "exit_code": 4, "error": "thresholds not met", "a": 1, "b": {"c": 2.5}, "failed": ["x"]}
 
 
 def test_human_result_goes_to_stderr(capsys):

@@ -257,15 +257,14 @@ def test_resume_refuses_a_changed_result_key_and_obeys_a_new_cadence(tmp_path):
 
 
 def test_force_takes_the_lock_before_deleting(tmp_path):
-    import fcntl
+    from filelock import FileLock
 
     from llmctl.errors import LockedError
 
     path, cfg, rd = _setup(tmp_path)
     train.run(cfg, rd)
     before = _snapshot(rd)
-    with open(rd.stage_dir("train") / ".lock", "a+") as f:  # a running job holds the lock
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    with FileLock(rd.stage_dir("train") / ".lock"):  # a running job holds the lock
         with pytest.raises(LockedError):
             train.run(cfg, rd, force=True)
     assert _snapshot(rd) == before

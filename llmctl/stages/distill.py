@@ -71,7 +71,7 @@ def teacher_identity(rec: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_tokenizer(teacher_path: str, tokenizer_dir: Path, teacher_spec: str) -> None:
+def check_tokenizer(teacher_path: str, tokenizer_dir: Path, teacher_spec: str, prepare_cmd: str = "llmctl prepare CONFIG --force") -> None:
     """Teacher and student must mean the same thing by every token id (ConfigError, exit 2)."""
     from transformers import AutoTokenizer
 
@@ -82,7 +82,7 @@ def check_tokenizer(teacher_path: str, tokenizer_dir: Path, teacher_spec: str) -
         raise ConfigError(f"distill.teacher: {teacher_spec} has no loadable tokenizer to check against this run's: {first}") from None
     s_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tv, sv = t_tok.get_vocab(), s_tok.get_vocab()
-    fix = "prepare this run with the teacher's tokenizer (tokenizer.name_or_path: the teacher) and re-run 'llmctl prepare --force'"
+    fix = f"set tokenizer.name_or_path to the teacher ({teacher_path}) in the config and run '{prepare_cmd}'"
     if tv != sv:
         diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])[:3]
         raise ConfigError(
@@ -418,7 +418,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
         raise ConfigError(f"{cfg.source}: no distill section: add one with distill.teacher (a run directory, model directory or hub id), or use 'llmctl train'")
     rd.require("prepare", cfg)
     rec = teacher_record(d.teacher)
-    check_tokenizer(rec["path"], rd.tokenizer_dir, d.teacher)  # before any work: exit 2 on a mismatch
+    from llmctl.hints import command
+
+    # before any work: exit 2 on a mismatch
+    check_tokenizer(rec["path"], rd.tokenizer_dir, d.teacher, command("prepare", cfg, rd.root, "--force"))
     identity = teacher_identity(rec)
     con.info(f"teacher: {d.teacher} ({rec['kind']}, {rec['path']}, weights sha256 {rec['model_hash'][:12]})")
     state: dict = {}

@@ -69,9 +69,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if not force and own and rd.up_to_date(stage, cfg, extra_hash=extra_hash):
         con.info(f"eval: up to date in {rd.stage_dir(stage)} (use --force to redo)")
         head = m["headline"]
-        failures = _check_thresholds(e.thresholds, head)  # thresholds may have changed since
-        if failures:
-            raise ThresholdError("eval thresholds not met: " + "; ".join(failures))
+        _gate(e.thresholds, {**head, "cached": True})  # thresholds may have changed since
         return {**head, "cached": True}
     if explicit and e.perplexity and not e.text_paths:
         _check_same_tokenizer(path, rd, cfg)
@@ -104,11 +102,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         st.headline.update(head)
         if explicit:
             st.manifest["model"] = results["model"]
-        failures = _check_thresholds(e.thresholds, head)
-        st.manifest["thresholds"] = {"failed": failures}
-    if failures:
-        raise ThresholdError("eval thresholds not met: " + "; ".join(failures))
-    return {**head, "results": str(rd.results_file(stage))}
+        st.manifest["thresholds"] = {"failed": [f["message"] for f in _check_thresholds(e.thresholds, head)]}
+    result = {**head, "results": str(rd.results_file(stage))}
+    _gate(e.thresholds, result)
+    return result
 
 
 def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
@@ -177,7 +174,19 @@ def _headline(results: dict) -> dict:
     return head
 
 
-def _check_thresholds(t, head: dict) -> list[str]:
+def _gate(t, result: dict) -> None:
+    """ThresholdError (exit 4) when a threshold is not met, carrying the metrics and the failures
+    side by side, so that `eval --json` keeps them exactly when a CI gate needs them."""
+    failures = _check_thresholds(t, result)
+    if failures:
+        raise ThresholdError(
+            "eval thresholds not met: " + "; ".join(f["message"] for f in failures),
+            result={**result, "failed_thresholds": failures},
+        )
+
+
+def _check_thresholds(t, head: dict) -> list[dict]:
+    """Each threshold not met: {threshold, metric, value, limit, message}; value None if not measured."""
     fails = []
     checks = [
         ("perplexity_max", "perplexity", lambda v, lim: v <= lim, ">"),
@@ -190,10 +199,11 @@ def _check_thresholds(t, head: dict) -> list[str]:
         lim = getattr(t, key)
         if lim is None:
             continue
+        rec = {"threshold": f"eval.thresholds.{key}", "metric": metric, "value": head.get(metric), "limit": lim}
         if metric not in head:
-            fails.append(f"eval.thresholds.{key}: {metric} was not measured")
+            fails.append(rec | {"message": f"eval.thresholds.{key}: {metric} was not measured"})
         elif not ok(head[metric], lim):
-            fails.append(f"{metric} {head[metric]} {sym} eval.thresholds.{key} {lim}")
+            fails.append(rec | {"message": f"{metric} {head[metric]} {sym} eval.thresholds.{key} {lim}"})
     return fails
 
 

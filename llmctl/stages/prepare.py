@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from llmctl import console as _console
+from llmctl.checks import builtin_format_problem
 from llmctl.errors import ConfigError, DataError
 from llmctl.rundir import RunDir, atomic_write_json, replace_path
 
@@ -171,6 +172,9 @@ def _check_block_size(cfg) -> None:
 def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
     con = _console.current()
     t0 = time.time()
+    problem = builtin_format_problem(cfg)
+    if problem:
+        raise ConfigError(f"{cfg.source}: {problem}")
     _check_block_size(cfg)
     from llmctl.data.sources import Counters
 

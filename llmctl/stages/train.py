@@ -86,7 +86,7 @@ def _resume_fingerprint(cfg, rd: RunDir, hooks: Hooks | None = None) -> dict:
     return fp
 
 
-def _launch_torchrun(nproc: int, rd: RunDir) -> None:
+def _launch_torchrun(nproc: int, rd: RunDir, resume_cmd: str) -> None:
     """`llmctl train CONFIG --nproc N`: run this same command as N ranks under torchrun.
 
     torchrun's own launcher runs in this process, so its outcome is ours to report: the
@@ -124,8 +124,7 @@ def _launch_torchrun(nproc: int, rd: RunDir) -> None:
     try:
         torchrun(parse_args(targs))
     except SignalException as e:
-        last = complete_checkpoints(rd)
-        raise Interrupted(e.sigval, f"interrupted by {signal.Signals(e.sigval).name}: saved {last[-1] if last else 'no checkpoint'}; re-run the same command to resume") from None
+        raise _interrupted(e.sigval, rd, resume_cmd) from None
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
         first = next(iter(codes.values()))
@@ -137,6 +136,25 @@ def _launch_torchrun(nproc: int, rd: RunDir) -> None:
             os.environ.pop("LLMCTL_TORCHRUN", None)
         else:
             os.environ["LLMCTL_TORCHRUN"] = old_env
+
+
+def _resume_command(cfg, rd: RunDir, hooks: Hooks, nproc: int) -> str:
+    """The command that continues this run from its last checkpoint: the same config, --set flags,
+    run directory and process count (a checkpoint resumes only on the same world size); no --force."""
+    from llmctl.hints import command
+
+    return command(hooks.name, cfg, rd.root, *(["--nproc", str(nproc)] if nproc != cfg.train.nproc else []))
+
+
+def _interrupted(signum: int, rd: RunDir, resume_cmd: str) -> Interrupted:
+    """Interrupted (exit 128+signum) naming the checkpoint it saved and the command that resumes it."""
+    name = signal.Signals(signum).name
+    last = complete_checkpoints(rd)
+    if not last:
+        return Interrupted(signum, f"interrupted by {name} before the first checkpoint: run '{resume_cmd}' to start again", hint=resume_cmd)
+    step = int(STEP_RE.match(last[-1].name).group(1))
+    return Interrupted(signum, f"interrupted by {name}: saved {last[-1]}; run '{resume_cmd}' to resume from step {step}",
+                       hint=resume_cmd, result={"step": step, "checkpoint": str(last[-1])})
 
 
 def collective_device(backend: str):
@@ -234,7 +252,9 @@ class Collator:
 def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None, **_) -> dict:
     hooks = hooks or Hooks()
     if hooks.name == "train" and getattr(cfg, "distill", None) is not None:
-        raise ConfigError(f"{cfg.source} has a distill section: run 'llmctl distill {cfg.source}' (or remove the section to train without a teacher)")
+        from llmctl.hints import command
+
+        raise ConfigError(f"{cfg.source} has a distill section: run '{command('distill', cfg, rd.root)}' (or remove the section to train without a teacher)")
     con = _console.current()
     nproc = nproc or cfg.train.nproc
     under_torchrun = "LOCAL_RANK" in os.environ
@@ -248,8 +268,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
         # Refuse before anything is touched: the record must keep describing what is there.
         _refuse_changed_finished_run(cfg, rd, hooks)
         _pick_resume(cfg, rd, None, hooks)
+    resume_cmd = _resume_command(cfg, rd, hooks, nproc)
     if nproc > 1 and not under_torchrun:
-        _launch_torchrun(nproc, rd)
+        _launch_torchrun(nproc, rd, resume_cmd)
         return rd.manifest("train")["headline"]  # rank 0's result
 
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
@@ -276,7 +297,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
             dist.barrier()  # ranks > 0 wait for rank 0's clean-up
 
         resume = _pick_resume(cfg, rd, con, hooks)
-        result = _train(cfg, rd, st, resume, max_time, con, is_main, hooks)
+        result = _train(cfg, rd, st, resume, max_time, con, is_main, hooks, resume_cmd)
         result.update(hooks.headline)
         if st is not None:
             st.headline.update(result)
@@ -292,10 +313,13 @@ def _refuse_changed_finished_run(cfg, rd: RunDir, hooks: Hooks) -> None:
     if not why and m.get("extra_hash") != hooks.identity:
         why = "its inputs outside the run (the teacher) changed since it ran"
     if why:
-        cmd = f"llmctl {hooks.name} {cfg.source}" + (f" --run-dir {rd.root}" if rd.root != RunDir.for_config(cfg).root else "")
+        from llmctl.hints import command
+
+        fix = command(hooks.name, cfg, rd.root, "--force")
         raise ConfigError(
             f"{rd.stage_dir('train')} is complete and {why}. Training again would not continue it: "
-            f"run '{cmd} --force' to start over (deletes its checkpoints and model){rd.keep_hint('train', cfg)}"
+            f"run '{fix}' to start over (deletes its checkpoints and model){rd.keep_hint('train', cfg)}",
+            hint=fix,
         )
 
 
@@ -324,9 +348,11 @@ def _pick_resume(cfg, rd: RunDir, con, hooks: Hooks | None = None) -> Path | Non
         for k, a, b in value_changes(recorded, stage_values(cfg, "train")):
             diffs.append(f"{k}: {show_value(a)} -> {show_value(b)}")
             if a != "(not set)":
-                sets.append(f"--set {k}={show_value(a)}")
+                sets.append((k, a))
     if diffs:
-        keep = f", or resume it as it was with {' '.join(sets)}" if sets and len(sets) == len(diffs) else ""
+        from llmctl.hints import set_flags
+
+        keep = f", or resume it as it was with {set_flags(sets)}" if sets and len(sets) == len(diffs) else ""
         raise ConfigError(
             f"{last} cannot be resumed safely: changed since it was written: {'; '.join(diffs)}. "
             f"Run with --force to start over (this deletes {rd.checkpoints_dir}){keep}"
@@ -336,7 +362,8 @@ def _pick_resume(cfg, rd: RunDir, con, hooks: Hooks | None = None) -> Path | Non
     return last
 
 
-def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool, hooks: Hooks | None = None) -> dict:
+def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con, is_main: bool, hooks: Hooks | None = None,
+           resume_cmd: str = "") -> dict:
     import torch
     from datasets import load_from_disk
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
@@ -501,6 +528,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if is_main:
                 progress.total = state.max_steps
                 progress.update(completed=state.global_step)
+            _record_progress(st, state.global_step, state.max_steps, checkpoint=state.global_step if resume else None)
 
         def on_step_end(self, args, state, control, **kw):
             # Every step, not only log steps: a checkpoint saved after a NaN must never exist.
@@ -550,6 +578,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
             if len(rec) > 3 and metrics_f is not None:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
+            _record_progress(st, state.global_step, state.max_steps, every=10.0)
             return control
 
         def _took(self, key: str) -> None:
@@ -583,6 +612,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
                         shutil.rmtree(dst)
                     os.replace(src, dst)
                     _rotate(rd, tcfg.keep_last, tcfg.keep_best)
+                    _record_progress(st, state.global_step, state.max_steps, checkpoint=state.global_step)
                     if os.environ.get("LLMCTL_FAULT_KILL_AFTER_SAVE") == str(state.global_step):
                         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
             if _world() > 1:
@@ -671,8 +701,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
         keep = f"; the last good checkpoint is {last[-1]}" if last else ""
         raise LlmctlError(f"loss became NaN/inf at step {stop['nan_step']}{keep}: lower train.lr or enable train.max_grad_norm")
     if stop["signal"] is not None:
-        last = complete_checkpoints(rd)
-        raise Interrupted(stop["signal"], f"interrupted by {signal.Signals(stop['signal']).name}: saved {last[-1] if last else 'no checkpoint'}; re-run the same command to resume")
+        raise _interrupted(stop["signal"], rd, resume_cmd)
 
     # ---- final model
     history = _read_metrics(rd)
@@ -704,6 +733,23 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     if st is not None:
         st.manifest["device"] = str(device)
     return result
+
+
+def _record_progress(st, step: int, total: int, checkpoint: int | None = None, every: float = 0.0) -> None:
+    """The step reached, of how many, and the last checkpoint (where a re-run resumes) in the
+    train manifest, for `llmctl status`: running at step N/M, or interrupted at step N/M.
+    `every`: write at most that often (seconds); a checkpoint is always written."""
+    if st is None:  # ranks > 0 write nothing shared
+        return
+    prog = st.manifest.setdefault("progress", {})
+    now = time.time()
+    if checkpoint is None and now - prog.get("time", 0.0) < every:
+        return
+    prog.setdefault("first_step", int(step))  # where this process began (0, or the step it resumed from): for the ETA
+    prog.update(step=int(step), total=int(total) if total and total > 0 else None, time=round(now, 3))
+    if checkpoint is not None:
+        prog["checkpoint_step"] = int(checkpoint)
+    st.save()
 
 
 def _eval_loss(model, ds, collate, batch_size: int) -> float:
