@@ -328,3 +328,61 @@ def test_prepared_split_report_is_per_document(trained_run):
     assert all(d["ids"][-1] == eos for d in kept[:-1]) and sum(t == eos for t in stream) in (len(kept), len(kept) - 1)
     assert all(d["document"].startswith("validation#") for d in kept)
     assert sum(x for d in kept for x in d["losses"]) == pytest.approx(p["mean_loss"] * p["tokens"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the loss in chunks (issue #24)
+def test_loss_is_computed_in_chunks_of_positions_with_the_same_numbers(trained_run, monkeypatch):
+    """No [batch, window, vocab] logits: the body runs to hidden states, then lm_head and the
+    cross-entropy run on a few scored positions at a time. Same numbers as the full logits."""
+    import torch
+
+    from llmctl import metrics
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    V = model.config.vocab_size
+    docs = [tok(" ".join(["the quick brown fox jumps over a lazy dog"] * k), add_special_tokens=False)["input_ids"] for k in (2, 5, 7)]
+    rows = [{"input_ids": d[:20], "labels": [-100] * 8 + d[8:20]} for d in docs]
+    assert metrics._body_and_head(model) is not None  # llama: body + lm_head reproduce the forward (checked once)
+
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    monkeypatch.setattr(metrics, "LOSS_CHUNK_BYTES", 4 * V * 5)  # 5 positions per chunk
+    chunked = metrics.rolling_nll(model, docs, tok.bos_token_id, 16, 4, batch_size=4), metrics.masked_nll(model, rows, tok.pad_token_id, batch_size=2)
+    hook.remove()
+    assert shapes and all(len(s) == 2 and s[0] <= 5 and s[1] == V for s in shapes), shapes  # never [B, T, V]
+
+    monkeypatch.setattr(metrics, "_body_and_head", lambda m: None)  # the plain path: model(...).logits, [B, T, V]
+    full = metrics.rolling_nll(model, docs, tok.bos_token_id, 16, 4, batch_size=4), metrics.masked_nll(model, rows, tok.pad_token_id, batch_size=2)
+    for (n_c, c_c), (n_f, c_f) in zip(chunked, full):
+        assert c_c == c_f and n_c == pytest.approx(n_f, rel=1e-6), (chunked, full)
+    # and the plain path is what the old code computed: one forward, log-softmax at every position
+    with torch.no_grad():
+        s = torch.tensor([[tok.bos_token_id] + docs[0]])
+        ref = -torch.log_softmax(model(s).logits[0, :-1].float(), -1).gather(1, s[0, 1:, None]).sum().item()
+    assert metrics.rolling_nll(model, docs[:1], tok.bos_token_id, 64, 64)[0] == pytest.approx(ref, rel=1e-6)
+
+
+def test_a_head_that_is_not_a_plain_linear_map_keeps_the_full_logits(trained_run):
+    """A model whose forward does more to the logits than lm_head (soft-capping, scaling) fails
+    the one-time check and is scored through its own forward."""
+    import torch
+
+    from llmctl import metrics
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    forward = model.forward
+
+    def capped(*a, **kw):
+        out = forward(*a, **kw)
+        out.logits = 5 * torch.tanh(out.logits / 5)
+        return out
+
+    model.forward = capped
+    assert metrics._body_and_head(model) is None
+    ids = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        s = torch.tensor([[tok.bos_token_id] + ids])
+        ref = -torch.log_softmax(model(s).logits[0, :-1].float(), -1).gather(1, s[0, 1:, None]).sum().item()
+    assert metrics.rolling_nll(model, [ids], tok.bos_token_id, 32, 32)[0] == pytest.approx(ref, rel=1e-6)
