@@ -358,8 +358,8 @@ class ExportConfig(Section):
         True,
         description="Reload each export and compare logits (and the GGUF's embedded tokenizer) with the trained model; false skips this and the manifest says `verified: false`.",
     )
-    report: bool = Field(True, description="Measure each artifact for the compression report (manifest `report`, table at the end): size and ratio to f32, perplexity on the validation split and its delta to f32, decode tokens/s of our own runtime where it applies.")
-    report_max_tokens: int | None = Field(32768, ge=64, description="Validation tokens scored per artifact in the report; null for the whole split.")
+    report: bool = Field(True, description="Measure each artifact for the compression report (manifest `report`, table at the end): size and ratio to f32, perplexity as `llmctl eval` computes it on the same held-out data and its delta to f32, decode tokens/s of our own runtime where it applies.")
+    report_max_tokens: int | None = Field(None, ge=64, description="Held-out tokens scored per artifact in the report: the first documents or rows up to this many (cheaper, but then the f32 row is not eval's perplexity); null: all of eval's held-out data, as `llmctl eval` scores it.")
     report_decode_tokens: int = Field(32, ge=0, description="Tokens decoded (greedy, one stream) to time each artifact in the report; 0 skips the timing.")
 
 

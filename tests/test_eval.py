@@ -330,7 +330,55 @@ def test_prepared_split_report_is_per_document(trained_run):
     assert sum(x for d in kept for x in d["losses"]) == pytest.approx(p["mean_loss"] * p["tokens"], rel=1e-4)
 
 
-# --------------------------------------------------------------------------- the loss in chunks (issue #24)
+# --------------------------------------------------------------------------- one perplexity (issue #24)
+def _chat_run(tmp_path):
+    """A prepared chat run (prompts masked, assistant turns labelled) with a random model in train/."""
+    from conftest import save_random_model, sentences, tiny_config_dict, write_config
+    from llmctl.rundir import RunDir
+    from llmctl.stages import prepare
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "say " + s}, {"role": "assistant", "content": s}]}) + "\n"
+                         for s in sentences(30, seed=7)))
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "format": "chat", "validation_fraction": 0.3, "block_size": 64},
+                         eval={"generation": False, "batch_size": 3})
+    path = write_config(tmp_path / "c.yaml", d)
+    cfg = load_config(path)
+    rd = RunDir(cfg.run.dir)
+    prepare.run(cfg, rd)
+    return path, save_random_model(rd, cfg)
+
+
+@pytest.mark.parametrize("fmt", ["text", "chat"])
+def test_export_report_perplexity_is_evals(fmt, tmp_path, tiny_cfg):
+    """The compression report scores every artifact with eval's routine on eval's data: its f32
+    row is `llmctl eval`'s perplexity (chat: each answer after its own prompt, not answers strung
+    together; text: eval's stride too)."""
+    from conftest import build_trained_run
+    from llmctl.stages import export
+
+    if fmt == "chat":
+        path, rd = _chat_run(tmp_path)
+        sets = []
+    else:
+        path, cfg = tiny_cfg
+        rd = build_trained_run(Path(cfg.run.dir), cfg)
+        sets = ["eval.stride=8", "eval.generation=false"]  # overlapping windows: each token with more context
+    head = evaluate.run(load_config(path, sets), rd)
+    export.run(load_config(path, sets + ["export.report=true", "export.report_decode_tokens=0"]), rd)
+    rep = rd.manifest("export")["report"]
+    f32 = rep["rows"][0]
+    assert f32["name"] == "f32 (train/model)" and "error" not in f32, f32
+    assert f32["perplexity"] == pytest.approx(head["perplexity"], rel=1e-9, abs=0), (f32, head)
+    assert rep["perplexity_tokens"] == head["ppl_tokens"] == rep["perplexity_of_tokens"]
+    assert rep["stride"] == (8 if fmt == "text" else rep["window"])
+    # A capped report scores a prefix and says it is not eval's number.
+    export.run(load_config(path, sets + ["export.report=true", "export.report_decode_tokens=0", "export.report_max_tokens=64"]), rd, force=True)
+    rep = rd.manifest("export")["report"]
+    assert rep["perplexity_tokens"] <= 64 < rep["perplexity_of_tokens"] == head["ppl_tokens"]
+    assert "not the number llmctl eval reports" in rep["notes"][0]
+
+
 def test_loss_is_computed_in_chunks_of_positions_with_the_same_numbers(trained_run, monkeypatch):
     """No [batch, window, vocab] logits: the body runs to hidden states, then lm_head and the
     cross-entropy run on a few scored positions at a time. Same numbers as the full logits."""
