@@ -159,3 +159,29 @@ def test_cli_logprobs_and_surprisal(trained_run):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1 + len(rec["logprobs"]) and lines[1].split()[-2] == f"{rec['logprobs'][0]['logprob']:.3f}"
+
+
+def test_tokens_per_s_counts_the_decoding_only(trained_run, monkeypatch):
+    """A slow one-off setup (the lean decoder's onnxruntime graphs are built on first use) does
+    not count in tokens/s: only prefill and decoding do."""
+    import time
+
+    import llmctl.generation as gen
+    from llmctl.config import load_config
+    from llmctl.stages import generate
+
+    path, cfg, rd = trained_run
+    real = gen._lean_for
+
+    def slow_setup(model, total_len):
+        time.sleep(2.0)
+        return real(model, total_len)
+
+    monkeypatch.setattr(gen, "_lean_for", slow_setup)
+    head = generate.run(load_config(path, ["generate.max_new_tokens=8"]), rd, prompts=["the quick", "river"])
+    n = head["completion_tokens"]
+    assert n > 0 and head["seconds"] >= 2.0, head
+    assert head["tokens_per_s"] > n / 1.0, head  # with the setup counted it would be under n / 2
+    assert head["decode_seconds"] < head["seconds"] - 1.9, head  # the setup is in the wall time, not the decode time
+    assert abs(head["tokens_per_s"] * head["decode_seconds"] - n) <= 0.05 * n  # tokens / decode seconds
+

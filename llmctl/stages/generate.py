@@ -137,12 +137,14 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     )
     stream = len(todo) == 1 and len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
+    decode_s = 0.0  # tokens/s is over the decoding only: not loading, the decoder's build, rails or writing
     records = []
     with rd.begin("generate", cfg, inputs=[] if explicit else ["train"]) as st:
         if stream:
             guard = rails.guard("prompt-0", choice=0)
             sys.stdout.write(texts[0])
             res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard))
+            decode_s += res[0]["decode_seconds"]
             sys.stdout.write("\n")
             # The terminal saw what the guard released; the record says the same.
             results = [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})]
@@ -152,6 +154,7 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
                 for i in range(0, len(todo), g.batch_size):
                     batch = todo[i : i + g.batch_size]
                     res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
+                    decode_s += res[0]["decode_seconds"] if res else 0.0
                     for k, r in enumerate(res):
                         idx, choice = batch[k // g.num_return_sequences], k % g.num_return_sequences
                         text, blocked = rails.check_output(r["text"], f"prompt-{idx}", choice=choice)
@@ -181,7 +184,8 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         atomic_write_text(rd.audit_path("generate"), "".join(json.dumps(e) + "\n" for e in audit.events))
         secs = time.time() - t0
         n_tok = sum(r["completion_tokens"] for r in records)
-        head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok, "tokens_per_s": round(n_tok / max(secs, 1e-9), 1), "seconds": round(secs, 2)}
+        head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok,
+                "tokens_per_s": round(n_tok / decode_s, 1) if decode_s > 0 else None, "decode_seconds": round(decode_s, 3), "seconds": round(secs, 2)}
         if audit.events:
             head["safety_interventions"] = len(audit.events)
         if g.quantize != "none":
