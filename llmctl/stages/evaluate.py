@@ -18,23 +18,6 @@ from llmctl.errors import StageInputError, ThresholdError
 from llmctl.rundir import RunDir, atomic_write_json, atomic_write_text
 
 
-def _model_identity(path: str) -> dict:
-    p = Path(path)
-    ident = {"path": path}
-    if p.is_file():  # a GGUF file
-        st = p.stat()
-        ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return ident
-    cfg_file = p / "config.json"
-    if cfg_file.is_file():
-        ident["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
-        w = p / "model.safetensors"
-        if w.is_file():
-            st = w.stat()
-            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return ident
-
-
 def _auto_stops(prompts: list[str], refs: list[str]) -> list[str]:
     stops = []
     if all("\n" not in r.strip() for r in refs):
@@ -48,13 +31,13 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     e = cfg.eval
     explicit = model or e.model
     inputs = []
-    from llmctl.modeling import resolve_model_path
+    from llmctl.modeling import model_identity, resolve_model_path
 
     path = resolve_model_path(explicit, rd, cfg, "eval")
     # Another model's numbers live in their own folder (RUN/eval-<model>): they never stand in
     # for the run's own evaluation, nor reach its status, summary or model card.
     stage = rd.other_eval_stage(explicit) if explicit else "eval"
-    extra = json.dumps(_model_identity(path), sort_keys=True) if explicit else None
+    extra = json.dumps(model_identity(path), sort_keys=True) if explicit else None
     extra_hash = hashlib.sha256(extra.encode()).hexdigest()[:16] if extra else None
     if not explicit:
         inputs.append("train")
@@ -81,7 +64,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     t0 = time.time()
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
-    results: dict = {"model": _model_identity(path), "split": e.split}
+    results: dict = {"model": model_identity(path), "split": e.split}
     if e.quantize != "none":
         results["quantization"] = mdl.llmctl_quantization
     if path.lower().endswith(".gguf"):
