@@ -44,11 +44,14 @@ def _body_and_head(model):
     split = None
     if body is not model and head is not None:
         probe = torch.arange(8, device=model.device).view(1, -1) % max(1, model.config.vocab_size)
-        with torch.no_grad():
-            want = model(input_ids=probe, use_cache=False).logits.float()
-            got = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
-        if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-            split = (body, head)
+        try:
+            with torch.no_grad():
+                want = model(input_ids=probe, use_cache=False).logits.float()
+                got = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                split = (body, head)
+        except (TypeError, ValueError, AttributeError, RuntimeError):  # a body that wants other inputs: the plain path
+            split = None
     _SPLIT_OK[model] = split
     return split
 
