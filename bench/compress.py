@@ -194,12 +194,13 @@ def main() -> None:
     # int4 perplexity (the report has int8's): same tokens, same window
     from transformers import AutoTokenizer
 
+    from llmctl import heldout
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids, _ = report_x.validation_tokens(rd, tok, 16384)
-    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    held = heldout.load(cfg, rd, tok, max_tokens=16384)
     try:
         m4, _ = load_for_inference(model_dir, device=torch.device("cpu"), quantize="int4")
-        p4 = report_x.perplexity(m4, ids, prefix, rep["window"])
+        p4 = heldout.perplexity(m4, tok, held, cfg)["perplexity"]
         del m4
     except Exception as e:
         print(f"[compress] int4 perplexity: {type(e).__name__}: {e}", flush=True)

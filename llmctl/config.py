@@ -267,7 +267,7 @@ class TrainConfig(Section):
     save_every: int = Field(200, ge=1, description="Write a checkpoint every N steps.")
     keep_last: int = Field(2, ge=1, description="Keep the last K checkpoints (plus the best by validation loss).")
     keep_best: bool = Field(True, description="Also keep the checkpoint with the best validation loss.")
-    max_time: float | str | None = Field(None, description="Wall-clock budget: seconds or '1h30m'; training ends cleanly with a checkpoint.")
+    max_time: float | str | None = Field(None, description="Wall-clock budget: seconds or '1h30m'; training ends cleanly with a checkpoint. With a time-fitted schedule (fit_schedule_to_time) it changes the result: another budget makes train stale.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events to train/tensorboard (needs the 'tensorboard' extra).")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun.")
@@ -358,8 +358,8 @@ class ExportConfig(Section):
         True,
         description="Reload each export and compare logits (and the GGUF's embedded tokenizer) with the trained model; false skips this and the manifest says `verified: false`.",
     )
-    report: bool = Field(True, description="Measure each artifact for the compression report (manifest `report`, table at the end): size and ratio to f32, perplexity on the validation split and its delta to f32, decode tokens/s of our own runtime where it applies.")
-    report_max_tokens: int | None = Field(32768, ge=64, description="Validation tokens scored per artifact in the report; null for the whole split.")
+    report: bool = Field(True, description="Measure each artifact for the compression report (manifest `report`, table at the end): size and ratio to f32, perplexity as `llmctl eval` computes it on the same held-out data and its delta to f32, decode tokens/s of our own runtime where it applies.")
+    report_max_tokens: int | None = Field(None, ge=64, description="Held-out tokens scored per artifact in the report: the first documents or rows up to this many (cheaper, but then the f32 row is not eval's perplexity); null: all of eval's held-out data, as `llmctl eval` scores it.")
     report_decode_tokens: int = Field(32, ge=0, description="Tokens decoded (greedy, one stream) to time each artifact in the report; 0 skips the timing.")
 
 
@@ -530,7 +530,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 
 # Keys inside those sections that never change a stage's output: logging, evaluation and
 # checkpoint cadence, budgets, workers, process count. Changing them never makes a stage stale,
-# and a resumed run may change them.
+# and a resumed run may change them. One exception is decided per config: `time_fitted`.
 BOOKKEEPING_KEYS: dict[str, tuple[str, ...]] = {
     "prepare": ("data.num_proc",),
     "train": (
@@ -572,7 +572,17 @@ def stage_values(cfg: "Config", stage: str) -> dict[str, Any]:
     for s in STAGE_SECTIONS.get(kind, ()):
         _leaves(s, _get_path(dump, s), out)
     skip = BOOKKEEPING_KEYS.get(kind, ())
-    return {k: v for k, v in out.items() if not any(k == b or k.startswith(b + ".") for b in skip)}
+    values = {k: v for k, v in out.items() if not any(k == b or k.startswith(b + ".") for b in skip)}
+    if kind == "train" and time_fitted(cfg.train):
+        # The schedule is planned against the budget: another max_time trains another model.
+        # Recorded in seconds, so '1h' and 3600 are the same run.
+        values["train.max_time"] = parse_duration(cfg.train.max_time)
+    return values
+
+
+def time_fitted(tcfg: "TrainConfig") -> bool:
+    """Whether the lr schedule is fitted to `train.max_time` (then the budget is a result key)."""
+    return bool(tcfg.fit_schedule_to_time and tcfg.max_time is not None and tcfg.scheduler != "constant")
 
 
 def values_hash(values: dict[str, Any]) -> str:

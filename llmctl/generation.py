@@ -69,11 +69,14 @@ def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None) -
 
 
 def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) -> list[dict]:
-    """One dict per (prompt, sequence): text, finish_reason (eos|stop|length), token counts.
+    """One dict per (prompt, sequence): text, finish_reason (eos|stop|length), token counts,
+    and the batch's decode_seconds (prefill and decoding; not the decoder's one-off build).
 
     Prompts that would run past the model's context are cut from the left (with a
     warning) and generation stops at the context, never past it.
     """
+    import time
+
     import torch
 
     from llmctl import console as _console
@@ -100,7 +103,8 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
     if sp.logprobs is not None:
         kw.update(output_logits=True, return_dict_in_generate=True)  # raw logits: before temperature/top-k/top-p
-    dec = _lean_for(model, enc["input_ids"].shape[1] + max_new)
+    dec = _lean_for(model, enc["input_ids"].shape[1] + max_new)  # built on first use (its onnxruntime graphs too): setup
+    t_decode = time.perf_counter()  # tokens/s counts from here: prefill and decoding, no one-off setup
     step_logits = None
     if dec is not None:
         out, step_logits = lean_generate(dec, tok, enc, sp, max_new, eos_ids, streamer)
@@ -109,6 +113,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
             out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
         if sp.logprobs is not None:
             out, step_logits = out.sequences, out.logits
+    decode_s = time.perf_counter() - t_decode
     n_in = enc["input_ids"].shape[1]
     prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
     results = []
@@ -131,6 +136,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
             "finish_reason": finish,
             "prompt_tokens": int(prompt_lens[row // sp.num_return_sequences]),
             "completion_tokens": n_tokens,
+            "decode_seconds": decode_s,  # the whole batch's (shared by its rows)
         }
         if step_logits is not None:
             rec["logprobs"] = token_logprobs(tok, new, [step[row] for step in step_logits[: len(new)]], text, sp.logprobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 
 
@@ -23,6 +24,70 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
     return out
 
 
+# Logits are made a chunk of scored positions at a time: [chunk, vocab] float32 of at most this
+# many bytes, never [batch, window, vocab] (16 x 2048 x 128k vocab would be 16.8 GB).
+LOSS_CHUNK_BYTES = 256 * 2**20
+_SPLIT_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> body + lm_head reproduce its logits
+
+
+def _body_and_head(model):
+    """(the model without its output layer, that layer) when the two reproduce `model(...).logits`.
+
+    Checked once per model against its own forward on a few tokens: a model whose head does more
+    than a linear map (logit soft-capping, scaling) keeps the plain path.
+    """
+    import torch
+
+    if model in _SPLIT_OK:
+        return _SPLIT_OK[model]
+    body, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    split = None
+    if body is not model and head is not None:
+        probe = torch.arange(8, device=model.device).view(1, -1) % max(1, model.config.vocab_size)
+        try:
+            with torch.no_grad():
+                want = model(input_ids=probe, use_cache=False).logits.float()
+                got = head(body(input_ids=probe, use_cache=False).last_hidden_state).float()
+            if got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                split = (body, head)
+        except (TypeError, ValueError, AttributeError, RuntimeError):  # a body that wants other inputs: the plain path
+            split = None
+    _SPLIT_OK[model] = split
+    return split
+
+
+def token_nll(model, input_ids, targets, attention_mask=None):
+    """Per-position NLL [B, T] (float32; 0 where `targets` is -100) of `targets[b, t]` after
+    `input_ids[b, :t + 1]`, i.e. targets already shifted.
+
+    The model body runs once to hidden states; its output layer and the cross-entropy then run on
+    the scored positions only, LOSS_CHUNK_BYTES of logits at a time: peak memory does not grow
+    with batch x window x vocabulary. The numbers are those of `model(...).logits`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = model.device
+    input_ids, targets = input_ids.to(device), targets.to(device)
+    mask = attention_mask.to(device) if attention_mask is not None else None
+    split = _body_and_head(model)
+    if split is None:  # the plain path: a [B, T, V] tensor
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none").view(targets.shape)
+    body, head = split
+    hidden = body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat = targets.reshape(-1)
+    scored = (flat != -100).nonzero().squeeze(1)
+    out = torch.zeros(flat.shape[0], dtype=torch.float32, device=device)
+    vocab = model.config.vocab_size or 1
+    step = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
+    for i in range(0, scored.shape[0], step):
+        at = scored[i : i + step]
+        out[at] = F.cross_entropy(head(hidden[at]).float(), flat[at], reduction="none")
+    return out.view(targets.shape)
+
+
 def sliding_nll(model, ids: list[int], prefix_id: int, max_length: int, stride: int, batch_size: int = 8, progress=None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) of `ids` given `prefix_id` before the first."""
     return rolling_nll(model, [ids], prefix_id, max_length, stride, batch_size=batch_size, progress=progress)
@@ -38,9 +103,7 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
     it receives one float32 array per document: the loss of each of its tokens.
     """
     import numpy as np
-
     import torch
-    import torch.nn.functional as F
 
     if stride > max_length:
         raise ValueError("stride must be <= max_length")
@@ -50,7 +113,6 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
     if token_losses is not None:
         token_losses[:] = [np.full(len(ids), np.nan, dtype=np.float32) for ids in docs]
     total, count = 0.0, 0
-    device = model.device
     for i in range(0, len(wins), batch_size):
         chunk = wins[i : i + batch_size]
         L = max(e - 1 - st for _, st, _, e in chunk)
@@ -66,8 +128,7 @@ def rolling_nll(model, docs: list[list[int]], prefix_id: int, max_length: int, s
         with torch.no_grad():
             # Right padding under causal attention: no real token sees a pad, so no mask is
             # needed, and without one attention takes its fused causal kernel.
-            logits = model(input_ids=inp.to(device)).logits.float()
-        nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), tgt.view(-1).to(device), ignore_index=-100, reduction="none").view(tgt.shape)
+            nll = token_nll(model, inp, tgt)
         total += nll.sum().item()
         count += int((tgt != -100).sum())
         if token_losses is not None:
@@ -85,7 +146,6 @@ def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8, token_
     `token_losses`, one float32 array per row: each token's loss (NaN where unlabelled)."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
@@ -99,10 +159,11 @@ def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8, token_
             inp[r, :k] = torch.tensor(row["input_ids"])
             lab[r, :k] = torch.tensor(row["labels"])
             mask[r, :k] = 1
+        # Position k predicts token k + 1: the last position predicts nothing.
+        shift_labels = torch.cat([lab[:, 1:], torch.full((len(chunk), 1), -100, dtype=torch.long)], dim=1)
         with torch.no_grad():
-            logits = model(input_ids=inp.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], lab[:, 1:].to(model.device)
-        nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="none").view(shift_labels.shape)
+            nll = token_nll(model, inp, shift_labels, attention_mask=mask)[:, :-1]
+        shift_labels = shift_labels[:, :-1]
         total += nll.sum().item()
         count += int((shift_labels != -100).sum())
         if token_losses is not None:

@@ -69,6 +69,26 @@ def resolve_model_path(explicit: str | None, rundir, cfg, stage: str, prefer_exp
     return str(rundir.model_dir)
 
 
+def model_identity(path: str) -> dict:
+    """What identifies a model given by path (`--model`): its config and weights' size and mtime."""
+    import hashlib
+
+    p = Path(path)
+    ident = {"path": path}
+    if p.is_file():  # a GGUF file
+        st = p.stat()
+        ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return ident
+    cfg_file = p / "config.json"
+    if cfg_file.is_file():
+        ident["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
+        w = p / "model.safetensors"
+        if w.is_file():
+            st = w.stat()
+            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return ident
+
+
 def is_gguf(path: str) -> bool:
     return str(path).lower().endswith(".gguf") and Path(path).is_file()
 

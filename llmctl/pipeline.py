@@ -76,7 +76,8 @@ def summarize(rd) -> dict:
             out["chrf"] = _numbers(before=e.get("init_chrf"), after=e.get("chrf"), copy_prompt_baseline=e.get("baseline_copy_chrf"), pairs=e.get("examples"))
             out["exact_match"] = _numbers(before=e.get("init_exact_match"), after=e.get("exact_match"))
             out["bleu_degenerate"] = "every reference is shorter than 4 tokens: BLEU is 0 by construction"
-    if rd.outputs_path.is_file():
+    own_outputs = "train" in ((rd.manifest("generate") or {}).get("lineage") or {})  # not another model's (older llmctl wrote them here)
+    if own_outputs and rd.outputs_path.is_file():
         first = rd.outputs_path.read_text().splitlines()[:1]
         if first:
             rec = json.loads(first[0])

@@ -109,10 +109,14 @@ def build_prepared_run(run_dir: Path, cfg, n_docs: int = 64, with_pairs: bool = 
 
 def build_trained_run(run_dir: Path, cfg, seed: int = 0):
     """RUN/prepare plus RUN/train/model: a tiny random llama saved with save_pretrained."""
+    return save_random_model(build_prepared_run(run_dir, cfg), cfg, seed=seed)
+
+
+def save_random_model(rd, cfg, seed: int = 0):
+    """RUN/train/model for a prepared run (any format): a tiny random llama, as train would record it."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    rd = build_prepared_run(run_dir, cfg)
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     torch.manual_seed(seed)
     mc = LlamaConfig(

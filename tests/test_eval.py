@@ -328,3 +328,109 @@ def test_prepared_split_report_is_per_document(trained_run):
     assert all(d["ids"][-1] == eos for d in kept[:-1]) and sum(t == eos for t in stream) in (len(kept), len(kept) - 1)
     assert all(d["document"].startswith("validation#") for d in kept)
     assert sum(x for d in kept for x in d["losses"]) == pytest.approx(p["mean_loss"] * p["tokens"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- one perplexity (issue #24)
+def _chat_run(tmp_path):
+    """A prepared chat run (prompts masked, assistant turns labelled) with a random model in train/."""
+    from conftest import save_random_model, sentences, tiny_config_dict, write_config
+    from llmctl.rundir import RunDir
+    from llmctl.stages import prepare
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "say " + s}, {"role": "assistant", "content": s}]}) + "\n"
+                         for s in sentences(30, seed=7)))
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "format": "chat", "validation_fraction": 0.3, "block_size": 64},
+                         eval={"generation": False, "batch_size": 3})
+    path = write_config(tmp_path / "c.yaml", d)
+    cfg = load_config(path)
+    rd = RunDir(cfg.run.dir)
+    prepare.run(cfg, rd)
+    return path, save_random_model(rd, cfg)
+
+
+@pytest.mark.parametrize("fmt", ["text", "chat"])
+def test_export_report_perplexity_is_evals(fmt, tmp_path, tiny_cfg):
+    """The compression report scores every artifact with eval's routine on eval's data: its f32
+    row is `llmctl eval`'s perplexity (chat: each answer after its own prompt, not answers strung
+    together; text: eval's stride too)."""
+    from conftest import build_trained_run
+    from llmctl.stages import export
+
+    if fmt == "chat":
+        path, rd = _chat_run(tmp_path)
+        sets = []
+    else:
+        path, cfg = tiny_cfg
+        rd = build_trained_run(Path(cfg.run.dir), cfg)
+        sets = ["eval.stride=8", "eval.generation=false"]  # overlapping windows: each token with more context
+    head = evaluate.run(load_config(path, sets), rd)
+    export.run(load_config(path, sets + ["export.report=true", "export.report_decode_tokens=0"]), rd)
+    rep = rd.manifest("export")["report"]
+    f32 = rep["rows"][0]
+    assert f32["name"] == "f32 (train/model)" and "error" not in f32, f32
+    assert f32["perplexity"] == pytest.approx(head["perplexity"], rel=1e-9, abs=0), (f32, head)
+    assert rep["perplexity_tokens"] == head["ppl_tokens"] == rep["perplexity_of_tokens"]
+    assert rep["stride"] == (8 if fmt == "text" else rep["window"])
+    # A capped report scores a prefix and says it is not eval's number.
+    export.run(load_config(path, sets + ["export.report=true", "export.report_decode_tokens=0", "export.report_max_tokens=64"]), rd, force=True)
+    rep = rd.manifest("export")["report"]
+    assert rep["perplexity_tokens"] <= 64 < rep["perplexity_of_tokens"] == head["ppl_tokens"]
+    assert "not the number llmctl eval reports" in rep["notes"][0]
+
+
+def test_loss_is_computed_in_chunks_of_positions_with_the_same_numbers(trained_run, monkeypatch):
+    """No [batch, window, vocab] logits: the body runs to hidden states, then lm_head and the
+    cross-entropy run on a few scored positions at a time. Same numbers as the full logits."""
+    import torch
+
+    from llmctl import metrics
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    V = model.config.vocab_size
+    docs = [tok(" ".join(["the quick brown fox jumps over a lazy dog"] * k), add_special_tokens=False)["input_ids"] for k in (2, 5, 7)]
+    rows = [{"input_ids": d[:20], "labels": [-100] * 8 + d[8:20]} for d in docs]
+    assert metrics._body_and_head(model) is not None  # llama: body + lm_head reproduce the forward (checked once)
+
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    monkeypatch.setattr(metrics, "LOSS_CHUNK_BYTES", 4 * V * 5)  # 5 positions per chunk
+    chunked = metrics.rolling_nll(model, docs, tok.bos_token_id, 16, 4, batch_size=4), metrics.masked_nll(model, rows, tok.pad_token_id, batch_size=2)
+    hook.remove()
+    assert shapes and all(len(s) == 2 and s[0] <= 5 and s[1] == V for s in shapes), shapes  # never [B, T, V]
+
+    monkeypatch.setattr(metrics, "_body_and_head", lambda m: None)  # the plain path: model(...).logits, [B, T, V]
+    full = metrics.rolling_nll(model, docs, tok.bos_token_id, 16, 4, batch_size=4), metrics.masked_nll(model, rows, tok.pad_token_id, batch_size=2)
+    for (n_c, c_c), (n_f, c_f) in zip(chunked, full):
+        assert c_c == c_f and n_c == pytest.approx(n_f, rel=1e-6), (chunked, full)
+    # and the plain path is what the old code computed: one forward, log-softmax at every position
+    with torch.no_grad():
+        s = torch.tensor([[tok.bos_token_id] + docs[0]])
+        ref = -torch.log_softmax(model(s).logits[0, :-1].float(), -1).gather(1, s[0, 1:, None]).sum().item()
+    assert metrics.rolling_nll(model, docs[:1], tok.bos_token_id, 64, 64)[0] == pytest.approx(ref, rel=1e-6)
+
+
+def test_a_head_that_is_not_a_plain_linear_map_keeps_the_full_logits(trained_run):
+    """A model whose forward does more to the logits than lm_head (soft-capping, scaling) fails
+    the one-time check and is scored through its own forward."""
+    import torch
+
+    from llmctl import metrics
+
+    _, cfg, rd = trained_run
+    model, tok = _model(rd)
+    forward = model.forward
+
+    def capped(*a, **kw):
+        out = forward(*a, **kw)
+        out.logits = 5 * torch.tanh(out.logits / 5)
+        return out
+
+    model.forward = capped
+    assert metrics._body_and_head(model) is None
+    ids = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        s = torch.tensor([[tok.bos_token_id] + ids])
+        ref = -torch.log_softmax(model(s).logits[0, :-1].float(), -1).gather(1, s[0, 1:, None]).sum().item()
+    assert metrics.rolling_nll(model, [ids], tok.bos_token_id, 32, 32)[0] == pytest.approx(ref, rel=1e-6)

@@ -159,3 +159,72 @@ def test_cli_logprobs_and_surprisal(trained_run):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1 + len(rec["logprobs"]) and lines[1].split()[-2] == f"{rec['logprobs'][0]['logprob']:.3f}"
+
+
+def test_tokens_per_s_counts_the_decoding_only(trained_run, monkeypatch):
+    """A slow one-off setup (the lean decoder's onnxruntime graphs are built on first use) does
+    not count in tokens/s: only prefill and decoding do."""
+    import time
+
+    import llmctl.generation as gen
+    from llmctl.config import load_config
+    from llmctl.stages import generate
+
+    path, cfg, rd = trained_run
+    real = gen._lean_for
+
+    def slow_setup(model, total_len):
+        time.sleep(2.0)
+        return real(model, total_len)
+
+    monkeypatch.setattr(gen, "_lean_for", slow_setup)
+    head = generate.run(load_config(path, ["generate.max_new_tokens=8"]), rd, prompts=["the quick", "river"])
+    n = head["completion_tokens"]
+    assert n > 0 and head["seconds"] >= 2.0, head
+    assert head["tokens_per_s"] > n / 1.0, head  # with the setup counted it would be under n / 2
+    assert head["decode_seconds"] < head["seconds"] - 1.9, head  # the setup is in the wall time, not the decode time
+    assert abs(head["tokens_per_s"] * head["decode_seconds"] - n) <= 0.05 * n  # tokens / decode seconds
+
+
+def test_generate_with_another_model_never_stands_in_for_the_runs_own(trained_run, tmp_path):
+    """`generate --model X` writes RUN/generate-<X>/, as `eval --model` does: RUN/generate/ and
+    `llmctl run`'s sample stay the run's own model's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.config import load_config
+    from llmctl.pipeline import summarize
+    from llmctl.rundir import atomic_write_json
+    from llmctl.stages import generate
+
+    path, cfg, rd = trained_run
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    m = AutoModelForCausalLM.from_pretrained(rd.model_dir)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    m.save_pretrained(other)
+    AutoTokenizer.from_pretrained(rd.model_dir).save_pretrained(other)
+    cfg = load_config(path, ["generate.prompts=[the quick]", "generate.max_new_tokens=6"])
+
+    theirs = generate.run(cfg, rd, model=str(other))  # the CLI always passes force
+    sub = "generate-" + rd.other_eval_stage(str(other)).removeprefix("eval-")
+    assert sub.startswith("generate-other-") and rd.manifest(sub)["status"] == "complete"
+    assert rd.manifest(sub)["model"]["path"] == str(other) and theirs["outputs_file"] == str(rd.stage_dir(sub) / "outputs.jsonl")
+    assert json.loads((rd.stage_dir(sub) / "outputs.jsonl").read_text().splitlines()[0])["prompt"] == "the quick"
+    assert rd.manifest("generate") is None and not rd.outputs_path.exists()  # the run's own generate is untouched
+    assert "sample" not in summarize(rd)
+    # `llmctl run` (force=False) still generates with the run's model, then skips it as up to date.
+    ours = generate.run(cfg, rd, force=False)
+    assert "cached" not in ours and rd.manifest("generate")["lineage"]["train"]
+    sample = json.loads(rd.outputs_path.read_text().splitlines()[0])
+    assert summarize(rd)["sample"] == (sample["prompt"] + sample["output"])[:300]
+    assert generate.run(cfg, rd, force=False)["cached"] is True
+    assert generate.run(cfg, rd, model=str(other), force=False)["cached"] is True
+    # A generate/ written by another model (older llmctl wrote it there) is not the run's own.
+    man = rd.manifest("generate")
+    man["lineage"].pop("train")
+    atomic_write_json(rd.manifest_path("generate"), man)
+    assert "sample" not in summarize(rd)
+    assert "cached" not in generate.run(cfg, rd, force=False)

@@ -152,8 +152,8 @@ def test_only_output_keys_make_a_stage_stale_and_each_change_is_named(cfg, tmp_p
     short = load_config(tmp_path / "c.yaml", ["train.max_steps=60"])
     with rd.begin("train", short, inputs=["prepare"]):
         pass
-    # Bookkeeping never makes train stale: logging, cadence, budgets, workers, tensorboard, nproc.
-    book = ["train.log_every=7", "train.eval_every=9", "train.save_every=11", "train.keep_last=5", "train.max_time=10m",
+    # Bookkeeping never makes train stale: logging, cadence, workers, tensorboard, nproc (max_time: below).
+    book = ["train.log_every=7", "train.eval_every=9", "train.save_every=11", "train.keep_last=5",
             "train.num_workers=2", "train.tensorboard=true", "train.nproc=2", "train.eval_batches=3", "train.max_steps=60"]
     assert rd.staleness("train", load_config(tmp_path / "c.yaml", book)) is None
     # The config says 4 steps, the run was trained for 60: each key, old -> new, and what to run.
@@ -163,6 +163,41 @@ def test_only_output_keys_make_a_stage_stale_and_each_change_is_named(cfg, tmp_p
     assert "train.max_steps: 60 -> 4" in msg and "train.lr: 0.0003 -> 1e-05" in msg, msg
     assert "config sections" not in msg and "llmctl train" in msg and "--force" in msg
     assert "--set train.lr=0.0003 --set train.max_steps=60" in msg
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear"])
+def test_max_time_makes_train_stale_when_the_schedule_is_fitted_to_it(tmp_path, scheduler):
+    # A cosine or linear schedule with fit_schedule_to_time (the default) is planned against the
+    # budget: 10 minutes and an hour train different models.
+    d = tiny_config_dict(tmp_path / "run", train={"max_time": "10m", "scheduler": scheduler})
+    path = write_config(tmp_path / "c.yaml", d)
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", load_config(path)):
+        pass
+    with rd.begin("train", load_config(path), inputs=["prepare"]):
+        pass
+    assert rd.manifest("train")["config_values"]["train.max_time"] == 600.0
+    assert rd.staleness("train", load_config(path, ["train.max_time=600"])) is None  # '10m' and 600 s: the same budget
+    why = rd.staleness("train", load_config(path, ["train.max_time=1h"]))
+    assert why and "train.max_time: 600.0 -> 3600.0" in why, why
+    with pytest.raises(StageInputError, match="--set train.max_time=600.0"):
+        rd.require("train", load_config(path, ["train.max_time=1h"]))
+    # No budget at all is another schedule too (it runs to max_steps).
+    assert "train.max_time: 600.0 -> (not set)" in rd.staleness("train", load_config(path, ["train.max_time=null"]))
+
+
+@pytest.mark.parametrize("unfitted", ["train.fit_schedule_to_time=false", "train.scheduler=constant"])
+def test_max_time_stays_bookkeeping_when_the_schedule_ignores_it(tmp_path, unfitted):
+    # The schedule runs to max_steps and the budget only cuts it short: not a result key.
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", load_config(path)):
+        pass
+    with rd.begin("train", load_config(path, [unfitted, "train.max_time=10m"]), inputs=["prepare"]):
+        pass
+    assert "train.max_time" not in rd.manifest("train")["config_values"]
+    for budget in ("1h", "null", "90s"):
+        assert rd.staleness("train", load_config(path, [unfitted, f"train.max_time={budget}"])) is None
 
 
 def test_a_key_added_to_the_schema_at_its_default_changes_nothing(cfg, tmp_path):

@@ -213,8 +213,9 @@ def test_finished_run_is_never_modified_by_a_rerun(tmp_path):
     path, cfg, rd = _setup(tmp_path)
     train.run(cfg, rd)
     before = _snapshot(rd)
-    # Bookkeeping only (logging, cadence, budget): up to date, nothing touched.
-    res = train.run(load_config(path, ["train.log_every=3", "train.save_every=1", "train.max_time=1h", "train.eval_every=1"]), rd)
+    # Bookkeeping only (logging, cadence): up to date, nothing touched. (A budget is a result key
+    # once the schedule is fitted to it, which the default cosine schedule would be.)
+    res = train.run(load_config(path, ["train.log_every=3", "train.save_every=1", "train.eval_every=1"]), rd)
     assert res["cached"] is True and _snapshot(rd) == before
     # A key that changes the result: refused with what changed and the fix; nothing touched.
     with pytest.raises(ConfigError) as e:
@@ -354,6 +355,8 @@ def test_time_fitted_schedule_holds_the_peak_then_decays_in_its_last_fraction(ki
 def test_max_time_plans_the_schedule_to_end_at_min_lr_and_a_resume_keeps_the_plan(tmp_path, monkeypatch):
     import torch
 
+    from llmctl.errors import ConfigError
+
     budget = 6.0
     monkeypatch.setattr(train, "time", _Clock(0.05))  # train's clock readings only: a few per step
     over = {"max_steps": 100000, "max_time": budget, "warmup_steps": 3, "lr": 1e-3, "min_lr_ratio": 0.1,
@@ -383,8 +386,11 @@ def test_max_time_plans_the_schedule_to_end_at_min_lr_and_a_resume_keeps_the_pla
         shutil.rmtree(p)
     shutil.rmtree(rd.model_dir)
     (rd.stage_dir("train") / "manifest.json").unlink()
-    cfg2 = load_config(path, ["train.max_time=600"])  # a bookkeeping key: the plan, not the clock, ends it
-    res2 = train.run(cfg2, rd)
+    # The budget is a result key of a time-fitted schedule: a resume with another one is refused.
+    with pytest.raises(ConfigError, match=r"train.max_time: 6.0 -> 600.0.*--set train.max_time=6.0"):
+        train.run(load_config(path, ["train.max_time=600"]), rd)
+    monkeypatch.setattr(train, "time", _Clock(0.005))  # a faster machine now: the plan, not the clock, ends it
+    res2 = train.run(cfg, rd)
     assert res2["steps"] == planned_then == res2["planned_steps"], (res2, planned_then)
     last = [r for r in _records(rd) if "lr" in r][-1]
     assert last["step"] == planned_then and abs(last["lr"] - 1e-4) < 1e-9, last

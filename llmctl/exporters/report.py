@@ -2,7 +2,8 @@
 
 Every artifact is loaded the way a user would load it (an HF directory with
 `from_pretrained`, a GGUF file with transformers' GGUF reader, which dequantizes to float32)
-and scored on the same validation tokens as the trained float32 model. Rows for our own
+and scored with `llmctl eval`'s own perplexity routine (llmctl/heldout.py) on eval's held-out
+data, windows and stride: the f32 row is the number `llmctl eval` reports. Rows for our own
 runtime quantization (`--quantize int8|int4` on the f32 model) are measured the same way.
 
 Decode tokens/s is our own single-stream greedy decode (transformers `generate`). It is
@@ -12,48 +13,23 @@ which says nothing about llama.cpp's speed on the quantized file.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 DECODE_PROMPT = "def main():\n    "
 
 
-def validation_tokens(rd, tok, max_tokens: int | None):
-    """(token ids, where from) of the prepared validation split, or (None, reason)."""
-    if not (rd.dataset_dir / "dataset_dict.json").is_file() and not rd.dataset_dir.is_dir():
-        return None, "no prepared dataset (run `llmctl prepare`)"
-    from datasets import load_from_disk
+def heldout_data(cfg, rd, tok, max_tokens: int | None):
+    """(eval's held-out data, or None; None, or why it is missing)."""
+    from llmctl import heldout
+    from llmctl.errors import LlmctlError
 
     try:
-        ds = load_from_disk(str(rd.dataset_dir))
+        return heldout.load(cfg, rd, tok, max_tokens=max_tokens), None
+    except LlmctlError as e:
+        return None, str(e)
     except (OSError, ValueError) as e:
         return None, f"cannot read {rd.dataset_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    split = "validation" if "validation" in ds else ("test" if "test" in ds else None)
-    if split is None:
-        return None, "the prepared dataset has no validation or test split"
-    ids: list[int] = []
-    for row in ds[split]:
-        labels = row.get("labels")
-        # Prompt/completion rows: score only the completion, as eval does, flattened.
-        ids += [t for t in row["input_ids"]] if labels is None else [t for t in labels if t != -100]
-        if max_tokens and len(ids) >= max_tokens:
-            break
-    if max_tokens:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
-        return None, f"the {split} split has too few tokens"
-    return ids, f"{rd.dataset_dir}[{split}]"
-
-
-def perplexity(model, ids: list[int], prefix_id: int, window: int, batch_size: int = 16) -> float:
-    from llmctl.metrics import sliding_nll
-
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit:
-        window = min(window, limit)
-    nll, count = sliding_nll(model, ids, prefix_id, window, window, batch_size=batch_size)
-    return math.exp(min(nll / max(count, 1), 700))
 
 
 def decode_tokens_per_s(model, tok, new_tokens: int, reps: int = 2) -> float | None:
@@ -93,13 +69,13 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
     The first row is the float32 reference (the trained model). Failures to load or score an
     artifact are recorded in its row, not raised: the export itself was verified already.
     """
+    from llmctl import heldout
     from llmctl.modeling import load_for_inference
     from llmctl.quantize import model_bytes
 
     e = cfg.export
-    ids, source = validation_tokens(rd, tok, e.report_max_tokens)
-    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    window = cfg.eval.max_length or cfg.data.block_size
+    held, skipped = heldout_data(cfg, rd, tok, e.report_max_tokens)
+    scored: dict = {}
     rows: list[dict] = []
     ref: dict = {}
     for a in artifacts:
@@ -110,8 +86,10 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
             import torch
 
             model, mtok = load_for_inference(str(a["path"]), device=torch.device("cpu"), quantize=a.get("quantize"))
-            if ids is not None:
-                row["perplexity"] = round(perplexity(model, ids, prefix, window, batch_size=cfg.eval.batch_size), 4)
+            if held is not None:
+                # Eval's routine, the run's token ids: every artifact reads the same tokens.
+                scored = heldout.perplexity(model, tok, held, cfg)
+                row["perplexity"] = scored["perplexity"]
             if a["kind"] != "gguf":
                 row["decode_tokens_per_s"] = decode_tokens_per_s(model, mtok, e.report_decode_tokens)
             del model
@@ -128,17 +106,23 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
             row["decode_speedup"] = round(row["decode_tokens_per_s"] / ref["decode_tokens_per_s"], 3)
         rows.append(row)
         con.info(f"  report {row['name']}: " + ", ".join(f"{k} {row[k]}" for k in ("size_bytes", "perplexity", "ppl_delta_pct", "decode_tokens_per_s", "error") if row.get(k) is not None))
+    notes = [
+        "perplexity: llmctl eval's routine on eval's held-out data, window and stride (prompt/completion and chat rows: each completion after its own prompt).",
+        "GGUF files are scored through transformers' GGUF reader, which dequantizes to float32: the perplexity is the file's, decode speed is not measured (use llama.cpp).",
+        "decode tokens/s: best of 2 single-stream greedy runs on this machine's CPU; noisy on a shared machine.",
+    ]
+    if held is not None and held.total_tokens is not None:
+        notes.insert(0, f"perplexity over the first {held.tokens} of {held.total_tokens} held-out tokens (export.report_max_tokens): not the number llmctl eval reports.")
     return {
         "reference": artifacts[0]["name"] if artifacts else None,
-        "perplexity_source": source if ids is not None else None,
-        "perplexity_tokens": len(ids) if ids is not None else 0,
-        "perplexity_skipped": None if ids is not None else source,
-        "window": window,
+        "perplexity_source": held.source if held is not None else None,
+        "perplexity_tokens": held.tokens if held is not None else 0,
+        "perplexity_of_tokens": (held.total_tokens or held.tokens) if held is not None else 0,  # eval's count
+        "perplexity_skipped": skipped,
+        "window": scored.get("max_length"),
+        "stride": scored.get("stride"),
         "decode_new_tokens": e.report_decode_tokens,
-        "notes": [
-            "GGUF files are scored through transformers' GGUF reader, which dequantizes to float32: the perplexity is the file's, decode speed is not measured (use llama.cpp).",
-            "decode tokens/s: best of 2 single-stream greedy runs on this machine's CPU; noisy on a shared machine.",
-        ],
+        "notes": notes,
         "rows": rows,
     }
 
@@ -162,5 +146,7 @@ def table(report: dict) -> list[str]:
     if report.get("perplexity_skipped"):
         lines.append(f"perplexity not measured: {report['perplexity_skipped']}")
     else:
-        lines.append(f"perplexity: {report['perplexity_tokens']} tokens of {report['perplexity_source']}, window {report['window']}")
+        part = "" if report.get("perplexity_of_tokens", report["perplexity_tokens"]) == report["perplexity_tokens"] else f" (the first of {report['perplexity_of_tokens']}: not eval's number)"
+        stride = f", stride {report['stride']}" if report.get("stride") not in (None, report.get("window")) else ""
+        lines.append(f"perplexity: {report['perplexity_tokens']} tokens{part} of {report['perplexity_source']}, window {report['window']}{stride}")
     return lines

@@ -14,25 +14,8 @@ import time
 from pathlib import Path
 
 from llmctl import console as _console
-from llmctl.errors import DataError, StageInputError, ThresholdError
+from llmctl.errors import StageInputError, ThresholdError
 from llmctl.rundir import RunDir, atomic_write_json, atomic_write_text
-
-
-def _model_identity(path: str) -> dict:
-    p = Path(path)
-    ident = {"path": path}
-    if p.is_file():  # a GGUF file
-        st = p.stat()
-        ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return ident
-    cfg_file = p / "config.json"
-    if cfg_file.is_file():
-        ident["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()[:16]
-        w = p / "model.safetensors"
-        if w.is_file():
-            st = w.stat()
-            ident["weights"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    return ident
 
 
 def _auto_stops(prompts: list[str], refs: list[str]) -> list[str]:
@@ -48,13 +31,13 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     e = cfg.eval
     explicit = model or e.model
     inputs = []
-    from llmctl.modeling import resolve_model_path
+    from llmctl.modeling import model_identity, resolve_model_path
 
     path = resolve_model_path(explicit, rd, cfg, "eval")
     # Another model's numbers live in their own folder (RUN/eval-<model>): they never stand in
     # for the run's own evaluation, nor reach its status, summary or model card.
     stage = rd.other_eval_stage(explicit) if explicit else "eval"
-    extra = json.dumps(_model_identity(path), sort_keys=True) if explicit else None
+    extra = json.dumps(model_identity(path), sort_keys=True) if explicit else None
     extra_hash = hashlib.sha256(extra.encode()).hexdigest()[:16] if extra else None
     if not explicit:
         inputs.append("train")
@@ -79,7 +62,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     t0 = time.time()
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
-    results: dict = {"model": _model_identity(path), "split": e.split}
+    results: dict = {"model": model_identity(path), "split": e.split}
     if e.quantize != "none":
         results["quantization"] = mdl.llmctl_quantization
     if path.lower().endswith(".gguf"):
@@ -208,47 +191,6 @@ def _check_thresholds(t, head: dict) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- perplexity
-def _eval_stream(cfg, rd: RunDir, tok) -> tuple[list[list[int]] | None, list[dict] | None, str, int, list[str]]:
-    """(documents as token lists, or masked rows), source description, byte count, and a
-    name per document (text_paths: file or file:line) or row.
-
-    `eval.text_paths`: each file (each record of a structured file) is one document, scored
-    exactly as written; the prepared text split is one stream (documents already joined by EOS).
-    """
-    e = cfg.eval
-    if e.text_paths:
-        from llmctl.data.sources import expand_paths, read_documents
-
-        files = expand_paths(e.text_paths, key="eval.text_paths", any_suffix=True)
-        docs: list[list[int]] = []
-        names: list[str] = []
-        n_bytes = 0
-        for f in files:
-            for text, where in read_documents(f):
-                ids = tok(text, add_special_tokens=False)["input_ids"]
-                if ids:
-                    docs.append(ids)
-                    names.append(where)
-                    n_bytes += len(text.encode("utf-8"))
-        if not docs:
-            raise DataError(f"eval.text_paths: no text to score in {', '.join(e.text_paths)}")
-        return docs, None, ",".join(str(f) for f in files), n_bytes, names
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(rd.dataset_dir))
-    if e.split not in ds:
-        raise StageInputError(f"{rd.dataset_dir} has no '{e.split}' split: set eval.split to one of {', '.join(ds)} or data.{e.split}_fraction and re-run prepare")
-    split = ds[e.split]
-    if cfg.data.format == "text":
-        ids = [t for row in split["input_ids"] for t in row]
-        n_bytes = len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
-        return [ids], None, f"{rd.dataset_dir}[{e.split}]", n_bytes, [f"{e.split}"]
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in split]
-    scored = [t for r in rows for t in r["labels"] if t != -100]
-    n_bytes = len(tok.decode(scored, skip_special_tokens=True).encode("utf-8"))
-    return None, rows, f"{rd.dataset_dir}[{e.split}] (completion tokens)", n_bytes, [f"{e.split}[{i}]" for i in range(len(rows))]
-
-
 def _segments(docs, rows, names, losses, eos_id, packed: bool) -> list[tuple[str, list[int], object]]:
     """Documents for the loss report. The prepared text split (`packed`) is one stream of
     documents joined by EOS: it is cut back into documents there (named split#k)."""
@@ -279,30 +221,17 @@ def write_token_losses(path: Path, segments) -> None:
 
 
 def _perplexity(cfg, rd: RunDir, model, tok, con, token_file: Path | None = None) -> dict:
-    from llmctl.metrics import loss_report, masked_nll, perplexity_summary, rolling_nll, unigram_nll, windows
+    from llmctl import heldout
+    from llmctl.metrics import loss_report, unigram_nll
 
     e = cfg.eval
     losses: list | None = [] if e.hardest else None
-    docs, rows, source, n_bytes, names = _eval_stream(cfg, rd, tok)
-    L = e.max_length or cfg.data.block_size
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and L > limit:
-        L = limit
-    stride = e.stride or L
-    if stride > L:
-        from llmctl.errors import ConfigError
-
-        raise ConfigError(f"eval.stride ({stride}) is larger than the window eval.max_length ({L})")
-    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if docs is not None:
-        n_win = sum(len(windows(len(d), L, stride)) for d in docs)
-        with con.progress("perplexity", total=n_win, unit="windows") as prog:
-            nll, count = rolling_nll(model, docs, prefix, L, stride, batch_size=e.batch_size, progress=prog, token_losses=losses)
-    else:
-        nll, count = masked_nll(model, rows, tok.pad_token_id, batch_size=e.batch_size, token_losses=losses)
-    out = {"source": source, "max_length": L, "stride": stride, "prefix_token_id": prefix, **perplexity_summary(nll, count, n_bytes)}
+    held = heldout.load(cfg, rd, tok)
+    out = heldout.perplexity(model, tok, held, cfg, con=con, token_losses=losses)
+    count = out["tokens"]
+    docs, rows, names = held.docs, held.rows, held.names
     if losses is not None:
-        segs = _segments(docs, rows, names, losses, tok.eos_token_id, packed=docs is not None and not e.text_paths)
+        segs = _segments(docs, rows, names, losses, tok.eos_token_id, packed=held.packed)
         out.update(loss_report(segs, tok.decode, top=e.hardest))
         if token_file is not None:
             write_token_losses(token_file, segs)

@@ -93,19 +93,28 @@ def surprisal_plain(logprobs: list[dict]) -> str:
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None,
         logprobs: int | None = None, surprisal: bool = False, raw: bool = False, **_) -> dict:
+    import hashlib
+
     from llmctl.generation import Sampling, generate_batch
-    from llmctl.modeling import load_for_inference, resolve_model_path
+    from llmctl.modeling import load_for_inference, model_identity, resolve_model_path
     from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails
 
     con = _console.current()
     g = cfg.generate
-    if not force and not prompts and not prompts_file and rd.up_to_date("generate", cfg):
-        con.info(f"generate: up to date in {rd.stage_dir('generate')}")
-        return {**rd.manifest("generate")["headline"], "cached": True}
+    explicit = model or g.model
+    # Another model's outputs live in their own folder (RUN/generate-<model>), as eval's do: they
+    # never stand in for the run's own generate stage, nor for `llmctl run`'s sample.
+    stage = "generate-" + rd.other_eval_stage(explicit).removeprefix("eval-") if explicit else "generate"
+    identity = model_identity(explicit) if explicit else None
+    extra_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if identity else None
+    outputs_path = rd.stage_dir(stage) / rd.outputs_path.name
+    own = explicit or "train" in ((rd.manifest(stage) or {}).get("lineage") or {})
+    if not force and not prompts and not prompts_file and own and rd.up_to_date(stage, cfg, extra_hash=extra_hash):
+        con.info(f"generate: up to date in {rd.stage_dir(stage)}")
+        return {**rd.manifest(stage)["headline"], "cached": True}
     items = _read_prompts(cfg, list(prompts or []), prompts_file)
     audit = AuditLog(None)  # written with the outputs, atomically
     rails = Rails(cfg.safety, stage="generate", audit=audit)
-    explicit = model or g.model
     path = resolve_model_path(explicit, rd, cfg, "generate")
     mdl, tok = load_for_inference(path, quantize=g.quantize, quantize_key="generate.quantize")
     # A chat-trained model answers a user turn; raw text is a prompt it never saw in training.
@@ -136,12 +145,16 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     )
     stream = len(todo) == 1 and len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
+    decode_s = 0.0  # tokens/s is over the decoding only: not loading, the decoder's build, rails or writing
     records = []
-    with rd.begin("generate", cfg, inputs=[] if explicit else ["train"]) as st:
+    with rd.begin(stage, cfg, inputs=[] if explicit else ["train"], extra_hash=extra_hash) as st:
+        if identity:
+            st.manifest["model"] = identity
         if stream:
             guard = rails.guard("prompt-0", choice=0)
             sys.stdout.write(texts[0])
             res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard))
+            decode_s += res[0]["decode_seconds"]
             sys.stdout.write("\n")
             # The terminal saw what the guard released; the record says the same.
             results = [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})]
@@ -151,6 +164,7 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
                 for i in range(0, len(todo), g.batch_size):
                     batch = todo[i : i + g.batch_size]
                     res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
+                    decode_s += res[0]["decode_seconds"] if res else 0.0
                     for k, r in enumerate(res):
                         idx, choice = batch[k // g.num_return_sequences], k % g.num_return_sequences
                         text, blocked = rails.check_output(r["text"], f"prompt-{idx}", choice=choice)
@@ -176,11 +190,12 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
                     sys.stdout.write(r["text"] + "\n" + surprisal_plain(r["logprobs"]) + "\n")
             elif not stream and not con.json_mode:
                 sys.stdout.write(r["text"] + "\n")
-        atomic_write_text(rd.outputs_path, "".join(json.dumps(r) + "\n" for r in records))
-        atomic_write_text(rd.audit_path("generate"), "".join(json.dumps(e) + "\n" for e in audit.events))
+        atomic_write_text(outputs_path, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_text(rd.audit_path(stage), "".join(json.dumps(e) + "\n" for e in audit.events))
         secs = time.time() - t0
         n_tok = sum(r["completion_tokens"] for r in records)
-        head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok, "tokens_per_s": round(n_tok / max(secs, 1e-9), 1), "seconds": round(secs, 2)}
+        head = {"prompts": len(texts), "outputs": len(records), "completion_tokens": n_tok,
+                "tokens_per_s": round(n_tok / decode_s, 1) if decode_s > 0 else None, "decode_seconds": round(decode_s, 3), "seconds": round(secs, 2)}
         if audit.events:
             head["safety_interventions"] = len(audit.events)
         if g.quantize != "none":
@@ -188,4 +203,4 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         st.headline.update(head)
     if con.json_mode:
         return {**head, "model": path, "results": records}
-    return {**head, "outputs_file": str(rd.outputs_path)}
+    return {**head, "outputs_file": str(outputs_path)}

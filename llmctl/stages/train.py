@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from llmctl import console as _console
 from llmctl.checks import check_export_formats
-from llmctl.config import parse_duration  # noqa: F401  (train.parse_duration, as before)
+from llmctl.config import parse_duration, time_fitted  # noqa: F401  (train.parse_duration, as before)
 from llmctl.errors import ConfigError, Interrupted, LlmctlError
 from llmctl.rundir import RunDir, _tmp_name, atomic_dir, atomic_write_json, replace_path
 
@@ -461,7 +461,7 @@ def _train(cfg, rd: RunDir, st, resume: Path | None, max_time: float | None, con
     )
 
     # ---- a schedule fitted to the time budget
-    fit = bool(tcfg.fit_schedule_to_time and max_time is not None and tcfg.scheduler != "constant")
+    fit = time_fitted(tcfg)  # the same rule that makes max_time a result key
     fitted: dict[str, Any] = {"sched": None}  # the TimeFittedSchedule, once the Trainer made it
     # Seconds measured while training: the window [t_a, now] of steps s_a..step, minus the evals
     # and saves inside it (they are planned separately, per eval_every/save_every steps).
