@@ -356,6 +356,11 @@ class RunDir:
             if recorded is None:
                 # No per-key record and no readable copy: only the whole sections can be compared.
                 return [("(" + ", ".join(STAGE_SECTIONS[stage_kind(stage)]) + ")", None, None)]
+        elif set(now) - set(recorded):
+            # A key that became a result key since the stage ran (train.max_time on a fitted
+            # schedule): what it was is in the stage's config copy.
+            copy = self._values_from_copy(stage) or {}
+            recorded = {**{k: copy[k] for k in set(now) - set(recorded) if k in copy}, **recorded}
         return value_changes(recorded, now)
 
     def _values_from_copy(self, stage: str) -> dict | None:

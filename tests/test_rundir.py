@@ -186,6 +186,22 @@ def test_max_time_makes_train_stale_when_the_schedule_is_fitted_to_it(tmp_path, 
     assert "train.max_time: 600.0 -> (not set)" in rd.staleness("train", load_config(path, ["train.max_time=null"]))
 
 
+def test_a_train_recorded_before_max_time_was_a_result_key_reads_it_from_its_config_copy(tmp_path):
+    # Manifests written before max_time counted lack it; the stage's config.yaml has it.
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", train={"max_time": "10m"}))
+    rd = RunDir(tmp_path / "run")
+    with rd.begin("prepare", load_config(path)):
+        pass
+    with rd.begin("train", load_config(path), inputs=["prepare"]):
+        pass
+    mpath = rd.stage_dir("train") / "manifest.json"
+    m = json.loads(mpath.read_text())
+    del m["config_values"]["train.max_time"]
+    mpath.write_text(json.dumps(m))
+    assert rd.staleness("train", load_config(path)) is None
+    assert "train.max_time: 600.0 -> 3600.0" in rd.staleness("train", load_config(path, ["train.max_time=1h"]))
+
+
 @pytest.mark.parametrize("unfitted", ["train.fit_schedule_to_time=false", "train.scheduler=constant"])
 def test_max_time_stays_bookkeeping_when_the_schedule_ignores_it(tmp_path, unfitted):
     # The schedule runs to max_steps and the budget only cuts it short: not a result key.
@@ -208,7 +224,8 @@ def test_a_key_added_to_the_schema_at_its_default_changes_nothing(cfg, tmp_path)
     del m["config_values"]["data.txt_unit"]  # as written by a version without that key
     atomic_write_json(rd.manifest_path("prepare"), m)
     assert rd.staleness("prepare", cfg) is None
-    assert "data.txt_unit: (not set) -> line" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.txt_unit=line"]))
+    # The stage's config copy, read by today's schema, says what the old code did: the default.
+    assert "data.txt_unit: paragraph -> line" in rd.staleness("prepare", load_config(tmp_path / "c.yaml", ["data.txt_unit=line"]))
 
 
 def test_manifest_without_per_key_record_is_diffed_against_its_config_copy(cfg, tmp_path):
