@@ -263,9 +263,80 @@ def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
 
     train = [prose(i, 120) for i in range(10)]
     cfg = _cfg(tmp_path, train, [train[0], train[1]], {"quality": {"enabled": False}, "language": False})
-    with pytest.raises(DataError, match=r"curation removed all 2 validation documents \(leakage 2\)"):
+    with pytest.raises(DataError, match=r"curation removed all 2 validation documents \(leakage 2\); .*--set data.curate.leakage=false"):
         prepare.run(cfg, RunDir(cfg.run.dir))
-    assert not RunDir(cfg.run.dir).report_path.exists()
+    r = json.loads(RunDir(cfg.run.dir).report_path.read_text())  # the report is there to say why
+    assert r["splits"]["validation"]["removed_by"] == {"leakage": 2} and r["removed"]["leakage"]["documents"] == 2
+
+
+def test_emptied_split_names_the_sub_filters_and_their_keys_exit_2_and_writes_the_report(tmp_path):
+    from conftest import run_cli
+
+    docs = ["Too short here."] * 3 + [f"Only {w} words." for w in VOCAB[:9]] + ["\n".join(["no punctuation at the end of this line"] * 2 + ["nor here on this one"] * 2)]
+    cfg = _cfg(tmp_path, docs, None, {"language": False, "exact_dedup": False})
+    res = run_cli("prepare", str(tmp_path / "c.yaml"))
+    assert res.returncode == 2, res.stderr
+    err = " ".join(res.stderr.split())
+    assert "curation removed all 13 train documents (quality/min_words 12: lower data.curate.quality.min_words (now 5); " in err
+    assert "quality/duplicate_lines 1: raise data.curate.quality.max_duplicate_line_fraction (now 0.3)" in err
+    assert "--set data.curate.quality.enabled=false" in err and str(RunDir(cfg.run.dir).report_path) in err
+    r = json.loads(RunDir(cfg.run.dir).report_path.read_text())
+    assert r["quality_filters"]["min_words"]["removed"] == 12 and r["splits"]["train"]["removed_by"] == {
+        "quality:min_words": 12, "quality:duplicate_lines": 1}
+
+
+def _turn_rows(fmt: str, n: int, system: str | None = None) -> list[dict]:
+    """Short-answer turns: arithmetic questions answered by a number."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        q, ans = f"What is {a} plus {b}?", str(a + b)
+        if fmt == "prompt_completion":
+            rows.append({"prompt": q, "completion": ans})
+        else:
+            rows.append({"messages": ([{"role": "system", "content": system}] if system else [])
+                         + [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion"])
+def test_default_curation_keeps_short_answer_turns(tmp_path, fmt):
+    """The prose quality filters deleted 360 of 360 short-answer conversations: for turns the
+    default curation is dedup, PII/secrets and leakage only (and still does those)."""
+    rows = _turn_rows(fmt, 360)
+    rows.append(rows[5])  # an exact duplicate is still removed
+    if fmt == "chat":
+        rows[7]["messages"][0]["content"] += " Mail jane.roe@corp.com."
+    else:
+        rows[7]["prompt"] += " Mail jane.roe@corp.com."
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "format": fmt, "validation_fraction": 0.0, "block_size": 32,
+                                                  "curate": {"enabled": True}})
+    cfg = load_config(write_config(tmp_path / "c.yaml", d))
+    p = curate.plan(cfg.data)
+    assert not p.quality and not p.language and p.exact_dedup and p.near_dedup and p.leakage and p.pii == "redact"
+    r = _report(cfg)
+    assert r["splits"]["train"]["removed_by"] == {"exact_dedup": 1} and r["splits"]["train"]["documents_after"] == 360
+    assert r["pii"]["by_kind"] == {"email": 1} and r["format"] == fmt
+    # an explicit switch still turns them on
+    d["data"]["curate"] = {"enabled": True, "quality": {"enabled": True}}
+    assert curate.plan(load_config(write_config(tmp_path / "c2.yaml", d)).data).quality
+
+
+def test_a_shared_system_prompt_does_not_make_conversations_near_duplicates():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    system = prose(99, 120)  # a long system prompt that every conversation carries
+    rows = _turn_rows("chat", 50, system=system)
+    rows.append({"messages": [{"role": "system", "content": "Be brief."}] + rows[3]["messages"][1:]})  # same exchange
+    ds = Dataset.from_list(rows)
+    dc = DataConfig(source="files", paths=["x.jsonl"], format="chat")
+    out, rep = curate.curate({"train": ds}, "chat", curate.plan(dc), 7, 1, _tmp())
+    assert len(out["train"]) == 50 and rep["splits"]["train"]["removed_by"] == {"exact_dedup": 1}
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -1,9 +1,15 @@
 """Data curation for `prepare`: filters, PII scrubbing, dedup, leakage, and the data report.
 
+What applies depends on the documents: the quality filters and language id are for prose
+`text` documents (off by default for code and for chat and prompt/completion turns, where a
+short answer is good data); dedup, PII/secret scrubbing and leakage apply to every format.
+
 Two passes over the split documents (Arrow datasets, memory-mapped):
 1. `annotate` (per document, parallel with `datasets.map(num_proc)`): the quality filters
-   and language id (prose only by default), PII scrubbing (llmctl.detectors), the exact-dedup
-   key (hash of the normalised text) and the MinHash signature (rensa, seeded).
+   and language id, PII scrubbing (llmctl.detectors),
+   the exact-dedup key (hash of the normalised text) and the MinHash signature (rensa, seeded).
+   Chat conversations are compared on their user and assistant turns: a system prompt that
+   every conversation shares is not duplication.
 2. `dedup` (sequential, in a fixed order: train, then validation, then test): a document whose
    normalised text was seen is an exact duplicate; one whose signature shares an LSH band with
    a kept document *and* whose estimated Jaccard reaches the threshold is a near duplicate.
@@ -46,6 +52,7 @@ class Plan:
     """The curation settings resolved for one source (prose or code)."""
 
     content: str
+    format: str
     language: bool
     quality: bool
     pii: str
@@ -76,14 +83,17 @@ def content_kind(data_cfg) -> str:
 
 
 def plan(data_cfg) -> Plan:
+    """The steps to run. Language id and the quality filters default to prose `text` only:
+    on chat or prompt/completion turns they delete good short answers ("4", "Paris.")."""
     c = data_cfg.curate
     kind = content_kind(data_cfg)
     on = c.enabled
-    prose = kind == "prose"
+    prose_text = kind == "prose" and data_cfg.format == "text"
     return Plan(
         content=kind,
-        language=on and (c.language if c.language is not None else prose),
-        quality=on and (c.quality.enabled if c.quality.enabled is not None else prose),
+        format=data_cfg.format,
+        language=on and (c.language if c.language is not None else prose_text),
+        quality=on and (c.quality.enabled if c.quality.enabled is not None else prose_text),
         pii=c.pii.action if on else "off",
         pii_kinds=list(c.pii.kinds),
         exact_dedup=on and c.exact_dedup,
@@ -100,6 +110,14 @@ def doc_text(row: dict, fmt: str) -> str:
     if fmt == "prompt_completion":
         return row["prompt"] + "\n" + row["completion"]
     return "\n".join(m["content"] for m in row["messages"])
+
+
+def dedup_text(row: dict, fmt: str) -> str:
+    """The text that dedup and leakage compare: the document, or for chat its user and
+    assistant turns (a system prompt shared by every conversation is not duplication)."""
+    if fmt == "chat":
+        return "\n".join(m["content"] for m in row["messages"] if m["role"] != "system")
+    return doc_text(row, fmt)
 
 
 def normalise(text: str) -> str:
@@ -288,12 +306,16 @@ def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
         cols["_words"].append(len(words))
         cols["_chars"].append(len(text))
         cols["_pii"].append(json.dumps(dict(sorted(pii.items()))) if pii else "")
-        # the exact key: lower-cased, whitespace runs collapsed (= normalise(text))
-        cols["_exact"].append(hashlib.blake2b(b" ".join(words), digest_size=16).hexdigest() if p.exact_dedup or p.leakage else "")
+        key, key_words = text, words
+        if fmt == "chat":
+            key = dedup_text(row, fmt)
+            key_words = key.lower().encode("utf-8", "surrogatepass").split()
+        # the exact key: lower-cased, whitespace runs collapsed (= normalise(key))
+        cols["_exact"].append(hashlib.blake2b(b" ".join(key_words), digest_size=16).hexdigest() if p.exact_dedup or p.leakage else "")
         cols["_terms"].append(json.dumps(term_counts(low, terms)) if terms and not drop else "")
         cols["_minhash"].append([])
         if p.near_dedup and not drop:
-            to_sign.append((i, text, words))
+            to_sign.append((i, key, key_words))
     if to_sign:
         sigs = _signatures([t for _, t, _ in to_sign], [w for _, _, w in to_sign], c, seed)
         for (i, _, _), sig in zip(to_sign, sigs):
@@ -402,7 +424,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
 
     cache_dir = Path(cache_dir)
     order = [s for s in ("train", "validation", "test") if splits.get(s) is not None and len(splits[s])]
-    report: dict = {"content": p.content, "plan": {
+    report: dict = {"content": p.content, "format": fmt, "plan": {
         "language": p.language, "quality": p.quality, "pii": p.pii, "exact_dedup": p.exact_dedup,
         "near_dedup": p.near_dedup, "leakage": p.leakage}}
     annotated = {}
@@ -512,7 +534,8 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
             steps.append({"step": step, "documents_before": docs, "removed": removed, "documents_after": docs - removed,
                           "words_before": w, "words_after": w - wsum[step], "chars_before": ch, "chars_after": ch - csum[step]})
             docs, w, ch = docs - removed, w - wsum[step], ch - csum[step]
-        per_split[name] = {"documents_before": len(rs), "documents_after": docs, "steps": steps}
+        per_split[name] = {"documents_before": len(rs), "documents_after": docs, "steps": steps,
+                           "removed_by": dict(Counter(r for r in rs if r).most_common())}
         keep = [i for i, r in enumerate(rs) if not r]
         kept = ds.select(keep) if len(keep) < len(rs) else ds
         out[name] = kept.remove_columns(["_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms"])
@@ -565,6 +588,49 @@ def add_tokens(report: dict, tok, fmt: str, final_tokens: dict[str, int]) -> Non
             t -= removed_tokens.get(s["step"], 0)
             s["tokens_after"] = t
         info["tokens_before"], info["tokens_after"] = total, after
+
+
+# What relaxes each removal reason: the config keys under data.curate, with "-" before a key
+# that should go down and "+" before one that should go up (the current value is shown).
+_RELAX = {
+    "quality:min_words": ["-quality.min_words"],
+    "quality:max_words": ["+quality.max_words"],
+    "quality:mean_word_length": ["-quality.min_mean_word_length", "+quality.max_mean_word_length"],
+    "quality:symbol_ratio": ["+quality.max_symbol_ratio"],
+    "quality:alpha_words": ["-quality.min_alpha_word_ratio"],
+    "quality:bullet_lines": ["+quality.max_bullet_line_fraction"],
+    "quality:ellipsis_lines": ["+quality.max_ellipsis_line_fraction"],
+    "quality:duplicate_lines": ["+quality.max_duplicate_line_fraction"],
+    "quality:duplicate_paragraphs": ["+quality.max_duplicate_paragraph_fraction"],
+    "quality:lorem_ipsum": [],
+    "quality:line_punctuation": ["-quality.min_line_punctuation_ratio"],
+    "language": ["+languages", "-min_language_score"],
+    "pii": [],
+    "exact_dedup": [],
+    "near_dedup": ["+near_dedup.threshold"],
+    "leakage": [],
+}
+# The switch that turns each step off.
+_OFF = {"quality": "quality.enabled=false", "language": "language=false", "pii": "pii.action=redact",
+        "exact_dedup": "exact_dedup=false", "near_dedup": "near_dedup.enabled=false", "leakage": "leakage=false"}
+
+
+def emptied_message(split: str, info: dict, curate_cfg) -> str:
+    """Why curation left a split empty: each sub-filter with its count, the keys that relax
+    it (with their values now) and the switch that turns its step off."""
+    parts, steps = [], []
+    for reason, n in info["removed_by"].items():
+        knobs = []
+        for k in _RELAX.get(reason, []):
+            value = functools.reduce(getattr, k[1:].split("."), curate_cfg)
+            knobs.append(f"{'lower' if k[0] == '-' else 'raise' if k != '+languages' else 'extend'} data.curate.{k[1:]} (now {value})")
+        parts.append(f"{reason.replace(':', '/')} {n}" + (": " + " or ".join(knobs) if knobs else ""))
+        step = reason.split(":")[0]
+        if step not in steps:
+            steps.append(step)
+    off = " or ".join(f"--set data.curate.{_OFF[s]}" for s in steps)
+    return (f"curation removed all {info['documents_before']} {split} documents ({'; '.join(parts)}); "
+            f"relax those keys, or switch the step off with {off}, or add data")
 
 
 def summary_lines(report: dict) -> list[str]:
