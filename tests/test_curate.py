@@ -255,7 +255,8 @@ def test_parallel_annotation_gives_the_same_result():
         out, rep = curate.curate({"train": ds}, "text", p, 3, nproc, _tmp())
         reps.append((out["train"]["text"], {k: v["documents"] for k, v in rep["removed"].items()}, rep["pii"], rep["term_groups"]))
     assert reps[0] == reps[1]
-    assert reps[0][1]["exact_dedup"] == 1 and reps[0][1]["near_dedup"] == 1 and reps[0][2]["by_kind"] == {"email": 1}
+    # the address is in the near duplicate: not in the data, so not in the PII summary
+    assert reps[0][1]["exact_dedup"] == 1 and reps[0][1]["near_dedup"] == 1 and reps[0][2]["by_kind"] == {}
 
 
 def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
@@ -337,6 +338,20 @@ def test_a_shared_system_prompt_does_not_make_conversations_near_duplicates():
     dc = DataConfig(source="files", paths=["x.jsonl"], format="chat")
     out, rep = curate.curate({"train": ds}, "chat", curate.plan(dc), 7, 1, _tmp())
     assert len(out["train"]) == 50 and rep["splits"]["train"]["removed_by"] == {"exact_dedup": 1}
+
+
+def test_pii_summary_counts_only_documents_the_pii_step_kept_or_dropped(tmp_path):
+    docs = [prose(i) for i in range(6)]
+    docs[0] += " Mail jane.roe@corp.com now."
+    docs[1] = docs[0]  # an exact duplicate: removed after scrubbing, not counted twice
+    docs.append("Mail bob@corp.com.")  # dropped by quality (min_words) before the pii step
+    cfg = _cfg(tmp_path, docs, None, {"language": False})
+    r = _report(cfg)
+    assert _removed(r)["quality"] == 1 and _removed(r)["exact_dedup"] == 1
+    assert r["pii"] == {"action": "redact", "documents": 1, "by_kind": {"email": 1}}
+    cfg = _cfg(tmp_path, docs, None, {"language": False, "pii": {"action": "drop"}})
+    r = _report(prepare_force(cfg))
+    assert _removed(r)["pii"] == 2 and r["pii"] == {"action": "drop", "documents": 2, "by_kind": {"email": 2}}
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -6,7 +6,7 @@ short answer is good data); dedup, PII/secret scrubbing and leakage apply to eve
 
 Two passes over the split documents (Arrow datasets, memory-mapped):
 1. `annotate` (per document, parallel with `datasets.map(num_proc)`): the quality filters
-   and language id, PII scrubbing (llmctl.detectors),
+   and language id, PII scrubbing (llmctl.detectors; skipped for documents already dropped),
    the exact-dedup key (hash of the normalised text) and the MinHash signature (rensa, seeded).
    Chat conversations are compared on their user and assistant turns: a system prompt that
    every conversation shares is not duplication.
@@ -290,9 +290,9 @@ def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
             if lang not in c.languages or score < c.min_language_score:
                 drop = "language"
         pii: Counter = Counter()
-        if p.pii != "off":
+        if p.pii != "off" and not drop:  # a dropped document is neither scrubbed nor counted
             scrubbed, pii = _scrub_row(row, fmt, p.pii_kinds, c.pii.placeholder)
-            if pii and p.pii == "drop" and not drop:
+            if pii and p.pii == "drop":
                 drop = "pii"
             if p.pii == "redact":
                 row.update(scrubbed)
@@ -522,7 +522,8 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
                 langs_before[lang] += 1
                 if not rs[i]:
                     langs_after[lang] += 1
-            if pii:
+            # what the pii step did to the documents that reached it: redacted and kept, or dropped
+            if pii and (rs[i] == "pii" if p.pii == "drop" else not rs[i]):
                 pii_docs += 1
                 pii_counts.update(json.loads(pii))
         steps = []
@@ -648,7 +649,7 @@ def summary_lines(report: dict) -> list[str]:
     if q:
         lines.append("  quality filters: " + ", ".join(f"{k} {v}" for k, v in q.items()))
     if report["pii"]["by_kind"]:
-        verb = "redacted" if report["pii"]["action"] == "redact" else "found"
+        verb = "redacted" if report["pii"]["action"] == "redact" else "dropped"
         lines.append(f"  PII {verb}: " + ", ".join(f"{k} {v}" for k, v in report["pii"]["by_kind"].items())
                      + f" in {report['pii']['documents']} documents")
     if report.get("languages"):
