@@ -87,8 +87,8 @@ class QualityConfig(Section):
 
 
 class NearDedupConfig(Section):
-    enabled: bool = Field(True, description="Drop near duplicates (MinHash LSH, rensa), keeping the first.")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of shingle sets at or above which two documents are near duplicates.")
+    enabled: bool = Field(True, description="Drop near duplicates, keeping the first: MinHash LSH (rensa signatures) proposes candidates, their exact shingle Jaccard decides.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of shingle sets at or above which two documents are near duplicates.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
     shingle: Literal["word", "char"] = Field("word", description="Shingle over words or characters.")
     shingle_size: int = Field(5, ge=1, description="Words (or characters) per shingle.")
