@@ -400,6 +400,18 @@ def test_a_shared_system_prompt_does_not_make_conversations_near_duplicates():
     assert len(out["train"]) == 50 and rep["splits"]["train"]["removed_by"] == {"exact_dedup": 1}
 
 
+def test_prepare_redacts_env_file_secrets_in_conversations():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    rows = _turn_rows("chat", 3)
+    rows[0]["messages"][0]["content"] = "My .env:\nexport DB_PASSWORD=hunter2secret\nAWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1\nPASSWORD=\n"
+    out, rep = curate.curate({"train": Dataset.from_list(rows)}, "chat", curate.plan(DataConfig(source="files", paths=["x.jsonl"], format="chat")), 7, 1, _tmp())
+    assert out["train"][0]["messages"][0]["content"] == "My .env:\nexport DB_PASSWORD=<SECRET>\nAWS_SECRET_ACCESS_KEY=<SECRET>\nPASSWORD=\n"
+    assert rep["pii"] == {"action": "redact", "documents": 1, "by_kind": {"secret": 2}}
+
+
 def test_pii_summary_counts_only_documents_the_pii_step_kept_or_dropped(tmp_path):
     docs = [prose(i) for i in range(6)]
     docs[0] += " Mail jane.roe@corp.com now."
