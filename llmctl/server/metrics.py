@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Paths reported as themselves; anything else is counted as "other" (bounded label values).
 KNOWN_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/moderations", "/v1/models", "/health", "/metrics")
