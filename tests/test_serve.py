@@ -470,6 +470,54 @@ def test_listening_socket_turns_nagle_off():
         sock.close()
 
 
+def test_request_plumbing_works_without_an_app():
+    """The pieces the routes share are plain functions and objects: no app, no engine thread."""
+    from types import SimpleNamespace
+
+    from llmctl.server.jobs import budget
+    from llmctl.server.routes.completions import CompletionChoices
+    from llmctl.server.schemas import ApiError
+
+    st = SimpleNamespace(max_tokens_cap=8, engine=SimpleNamespace(context_length=10))
+    assert budget(st, None, 4, 16, "prompt") == 6 and budget(st, 3, 4, 16, "prompt") == 3
+    with pytest.raises(ApiError) as e:
+        budget(st, 7, 4, 16, "prompt")
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    # echo: a choice's first streamed chunk carries its prompt; later offsets count past it
+    jobs = [SimpleNamespace(prompt_lps=[(65, None, [], 0)])]
+    out = CompletionChoices(SimpleNamespace(token_text=chr), {"id": "x"}, [[65]], jobs, ["A"], 1, want=True)
+    first = out.chunk(0, "b", None, [(98, -0.1, [], 0)])["choices"][0]
+    later = out.chunk(0, "c", None, [(99, -0.2, [], 1)])["choices"][0]
+    assert first["text"] == "Ab" and first["logprobs"]["tokens"] == ["A", "b"] and first["logprobs"]["text_offset"] == [0, 1]
+    assert later["text"] == "c" and later["logprobs"]["text_offset"] == [2]
+
+
+def test_metrics_text_is_prometheus_client_s_in_declared_label_order():
+    """/metrics says what prometheus_client's generate_latest says, with labels in their
+    declared order ({rail,action}, as always) and no _created samples; one registry per app."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmctl.server.metrics import Metrics
+
+    m = Metrics()
+    m.request("/v1/completions", 200, 0.3)
+    m.request("/elsewhere", 404)
+    m.add_tokens(5)
+    m.safety({"rail": "output.secrets", "action": "redact"})
+    m.set_running(2)
+    ours = m.render().decode()
+    assert 'llmctl_safety_interventions_total{rail="output.secrets",action="redact"} 1.0' in ours and "_created" not in ours
+    assert re.search(r'^llmctl_requests_total\{path="other",status="404"\} 1', ours, re.M)
+
+    def families(text: str) -> set:
+        return {(f.name, f.type, f.documentation, tuple((s.name, tuple(sorted(s.labels.items())), s.value) for s in f.samples if not s.name.endswith("_created")))
+                for f in text_string_to_metric_families(text) if not f.name.endswith("_created")}
+
+    assert families(ours) == families(generate_latest(m.registry).decode())
+    assert "llmctl_tokens_generated_total 0.0" in Metrics().render().decode()  # a new app counts from zero
+
+
 # ---- the CLI's error paths ---------------------------------------------------------
 def test_cli_errors(run_dir, tmp_path):
     _, path, _, rd = run_dir

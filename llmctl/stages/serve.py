@@ -58,9 +58,10 @@ def _url(sock: socket.socket) -> str:
 def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, port: int | None = None, insecure: bool = False, **_) -> None:
     try:
         import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn
     except ImportError:
-        raise ConfigError("llmctl serve needs FastAPI and uvicorn: pip install 'llmctl[serve]'") from None
+        raise ConfigError("llmctl serve needs FastAPI, uvicorn and prometheus_client: pip install 'llmctl[serve]'") from None
     from llmctl.modeling import resolve_model_path
     from llmctl.safety import AuditLog, Rails
     from llmctl.server.app import create_app

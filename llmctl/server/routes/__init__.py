@@ -1,0 +1,1 @@
+"""The server's endpoints, one APIRouter per module; `llmctl.server.app` includes them all."""
