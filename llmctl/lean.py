@@ -147,6 +147,7 @@ class LeanDecoder:
         if why:
             raise ValueError(f"lean decoding does not cover this model: {why}")
         self.model = model.eval()
+        self.key = weights_key(model)  # the weights these copies were made from
         inner = model.model
         c = model.config
         self.embed = inner.embed_tokens
@@ -390,12 +391,23 @@ class LeanDecoder:
         return logits if all_logits else logits[:, -1]
 
 
+def weights_key(model) -> tuple:
+    """What the decoder's folded and fused copies were made from: each parameter's and buffer's
+    storage and version counter. An in-place change (`with torch.no_grad(): w.mul_(2)`,
+    `load_state_dict`, an optimizer step) bumps the version and a replaced tensor has a new
+    storage, so either makes the key differ. (Writes through `w.data` bypass the version
+    counter and go unseen.)"""
+    return tuple((t.data_ptr(), t._version) for ts in (model.parameters(), model.buffers()) for t in ts)
+
+
 def decoder_for(model) -> LeanDecoder | None:
-    """A LeanDecoder when it covers this model, else None (decode with transformers)."""
+    """A LeanDecoder when it covers this model, else None (decode with transformers). The
+    decoder is kept on the model and rebuilt when its weights change (see `weights_key`)."""
     if unsupported(model):
         return None
     dec = getattr(model, "_llmctl_lean", None)
-    if dec is None:
+    if dec is None or dec.key != weights_key(model):
         dec = LeanDecoder(model)
         model._llmctl_lean = dec
     return dec
+

@@ -223,3 +223,40 @@ def test_model_is_not_altered_and_big_models_call_their_linears(monkeypatch):
         ref = model(ids).logits[:, -1].float()
     for dec in (fused, split):
         assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_weights_changed_after_a_decode_are_decoded_with(monkeypatch, runtime):
+    """The decoder kept on the model holds folded copies of the weights (and onnxruntime graphs
+    with them as constants): a weight changed in place after a decode is picked up by the next
+    one, which equals `model.forward` again."""
+    from llmctl.lean import decoder_for
+
+    if runtime == "torch":
+        monkeypatch.setenv("LLMCTL_LEAN_ORT", "0")
+    model = _model("llama")
+    ids = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(9)[None]
+
+    def check():
+        dec = decoder_for(model)
+        assert dec is not None and (dec.ort is not None) == (runtime == "onnxruntime"), dec.ort_skipped
+        cache = dec.new_cache()
+        got = dec.forward(ids[:, :8], pos[:, :8], cache)
+        step = dec.forward(ids[:, 8:], pos[:, 8:], cache)  # a decode step (the compiled one with onnxruntime)
+        with torch.no_grad():
+            ref = model(ids).logits.float()
+        assert torch.allclose(got, ref[:, 7], atol=1e-4), (got - ref[:, 7]).abs().max()
+        assert torch.allclose(step, ref[:, 8], atol=1e-4), (step - ref[:, 8]).abs().max()
+        return dec
+
+    first = check()
+    assert decoder_for(model) is first  # kept while the weights stay
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    check()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(-3.0)
+    check()
+    model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items() if k.endswith("down_proj.weight")}, strict=False)
+    check()

@@ -282,11 +282,19 @@ def test_stop_strings_eos_and_penalties(tmp_path):
         assert (reason, n) == ("stop", j.tokens.index(j.tokens[3])) and full.startswith(text)
         e.eos_ids = set()
         # A strong frequency penalty forbids repeating a token.
-        j = _job(e, "the quick", 25, frequency_penalty=2.0, presence_penalty=2.0)
-        e.model.lm_head.weight.data *= 0.01  # flatten the logits so the penalty dominates
+        import torch
+
+        with torch.no_grad():
+            e.model.lm_head.weight.mul_(0.01)  # flatten the logits so the penalty dominates
+        j = _job(e, "the quick", 25, frequency_penalty=2.0, presence_penalty=2.0, logprobs=0)
         e.submit([j])
         _collect(j)
         assert len(set(j.tokens)) == len(j.tokens)
+        # ... and the engine decoded with the flattened weights (not a copy folded before the
+        # change): its logprobs (raw logits, before penalties) are the changed model's.
+        with torch.no_grad():
+            ref = torch.log_softmax(e.model(torch.tensor([j.prompt_ids])).logits[0, -1].float(), dim=-1)
+        assert j.lps[0][0] == pytest.approx(float(ref[j.tokens[0]]), abs=1e-4)
     finally:
         e.stop()
 

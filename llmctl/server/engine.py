@@ -367,6 +367,9 @@ class Engine:
         echo = any(j.echo_logprobs for j in jobs)
         gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
         if self.lean is not None:
+            from llmctl.lean import decoder_for
+
+            self.lean = decoder_for(self.model) or self.lean  # rebuilt if the weights changed since
             cache = self.lean.new_cache()
             logits = self.lean.forward(ids, pos, cache, mask=mask, all_logits=echo)
             self.steps += 1
