@@ -152,13 +152,19 @@ _EXTRA_PROCESSORS = {
 
 def _lean_for(model, total_len: int):
     """The lean decoder when it reproduces `model.generate` here exactly, else None."""
-    from llmctl.lean import decoder_for
+    from llmctl.lean import decoder_for, tell_skipped
 
     dec = decoder_for(model)
-    if dec is None or (dec.window is not None and total_len > dec.window):
+    if dec is None:
+        return None
+    if dec.window is not None and total_len > dec.window:
+        tell_skipped(model, "lean decoding", f"prompt and new tokens would cross its {dec.window}-token sliding window",
+                     "decoding with transformers")
         return None
     gc = model.generation_config
-    if any(getattr(gc, k, None) not in ok for k, ok in _EXTRA_PROCESSORS.items()):
+    extra = [k for k, ok in _EXTRA_PROCESSORS.items() if getattr(gc, k, None) not in ok]
+    if extra:
+        tell_skipped(model, "lean decoding", f"its generation_config sets {', '.join(extra)}", "decoding with transformers")
         return None
     return dec
 

@@ -219,11 +219,13 @@ class Engine:
             eos = self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        from llmctl.lean import decoder_for
+        from llmctl.lean import decoder_for, tell_skipped
 
         # The lean forward pass (llmctl/lean.py) when it covers the model for every length served.
         self.lean = decoder_for(self.model)
         if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
+            tell_skipped(self.model, "lean decoding", f"its {self.lean.window}-token sliding window is shorter than the context served",
+                         "decoding with transformers")
             self.lean = None
         if self.warm is not None:
             # Ready means fast: the first requests must not share the CPU and the GIL with a
