@@ -229,7 +229,8 @@ def create_app(
         for ids, mt in zip(prompts, budgets):
             for k in range(req.n):
                 jobs.append(Job(
-                    ids, mt, temperature=req.temperature, top_p=req.top_p, stop=stops,
+                    ids, mt, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k or 0, 0),
+                    repetition_penalty=req.repetition_penalty, stop=stops,
                     # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
                     seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

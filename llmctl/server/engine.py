@@ -5,9 +5,9 @@ request; a request with `n: 3` is three sequences). Before each decoding step, s
 that are waiting are prefilled together (left padding, per-row position ids) and merged
 into the running batch's KV cache; after each step, finished or cancelled sequences leave
 the batch and their cache rows are dropped, so a freed slot is reused at the next step.
-Every sequence samples with its own temperature, top_p, penalties and seed, and stops on
-its own EOS, stop strings or max_tokens. Tokens reach each request's asyncio queue as they
-are produced.
+Every sequence samples with its own temperature, top_k, top_p, penalties and seed (by the
+sampler `generate` uses, llmctl/sampling.py), and stops on its own EOS, stop strings or
+max_tokens. Tokens reach each request's asyncio queue as they are produced.
 
 Models whose cache cannot be merged row-wise (anything but plain DynamicLayer caches, e.g.
 sliding-window attention) fall back to batch-at-a-time: waiting sequences start together
@@ -37,8 +37,10 @@ class Job:
     max_tokens: int
     logprobs: int | None = None  # None: off; K >= 0: each token's logprob (raw logits) and its top K alternatives
     echo_logprobs: bool = False  # also the prompt tokens' logprobs (completions with echo)
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     loop: Any = None
@@ -63,6 +65,18 @@ class Job:
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    _sampling: Any = field(default=None, repr=False, compare=False)
+
+    def sampling(self):
+        """The sampler's settings for this sequence (llmctl/sampling.py, the one `generate` uses)."""
+        if self._sampling is None:
+            from llmctl.sampling import SamplingParams
+
+            self._sampling = SamplingParams(
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            )
+        return self._sampling
 
     def take_logprobs(self, upto: int) -> list:
         """Entries of the tokens whose text lies within the first `upto` characters, not yet sent."""
@@ -367,7 +381,9 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         echo = any(j.echo_logprobs for j in jobs)
-        gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
+        from llmctl.sampling import generator
+
+        gens = [generator(j.seed) for j in jobs]
         if self.lean is not None:
             from llmctl.lean import decoder_for
 
@@ -530,36 +546,12 @@ class Engine:
 
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
-        import torch
+        """Each running row's next token, by the sampler `generate` uses (finished rows: pad)."""
+        from llmctl.sampling import next_tokens
 
-        logits = batch.logits
-        # numpy's argmax on CPU logits costs a fraction of torch's call (the same first maximum)
-        greedy = (logits.numpy() if logits.device.type == "cpu" else logits).argmax(-1).tolist()
-        out = []
-        for i, j in enumerate(batch.jobs):
-            if j.cancelled or j.finished:
-                out.append(self.pad_id)
-                continue
-            penal = (j.presence_penalty or j.frequency_penalty) and j.tokens
-            if j.temperature <= 0 and not penal:
-                out.append(greedy[i])
-                continue
-            row = logits[i]
-            if penal:
-                ids, counts = torch.tensor(j.tokens, device=row.device).unique(return_counts=True)
-                row = row.clone()
-                row[ids] -= j.frequency_penalty * counts.to(row.dtype) + j.presence_penalty
-            if j.temperature <= 0:
-                out.append(int(torch.argmax(row)))
-                continue
-            probs = torch.softmax(row / j.temperature, dim=-1)
-            if j.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                keep = sp.cumsum(-1) - sp < j.top_p  # the smallest set whose mass reaches top_p
-                probs = torch.zeros_like(probs).scatter(0, si, sp * keep)
-                probs = probs / probs.sum()
-            out.append(int(torch.multinomial(probs.cpu(), 1, generator=batch.gens[i])))
-        return out
+        jobs = batch.jobs
+        params = [None if (j.cancelled or j.finished) else j.sampling() for j in jobs]
+        return next_tokens(batch.logits, params, [j.prompt_ids for j in jobs], [j.tokens for j in jobs], batch.gens, skip=self.pad_id)
 
     # ---- per-sequence bookkeeping -------------------------------------------------
     def _detokenize(self, j: Job, final: bool = False) -> None:
