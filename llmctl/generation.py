@@ -57,20 +57,21 @@ def context_length(model) -> int | None:
     return None
 
 
-def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None) -> tuple[list[list[int]], int, list[int]]:
+def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None, bos: int | None = None) -> tuple[list[list[int]], int, list[int]]:
     """(prompts cut from the left, new tokens allowed, tokens cut per prompt).
 
     Prompt + new tokens must stay within the context: models with learned absolute
     positions (gpt2) crash past it, and rotary ones degrade. New tokens keep up to half of
     the context (all of `max_new_tokens` when it is smaller); a prompt longer than the rest
-    loses its beginning; generation then stops at the context.
+    loses its beginning (after a leading `bos`, which stays); generation then stops at the
+    context.
     """
     if ctx is None:
         return ids, max_new_tokens, [0] * len(ids)
     reserve = min(max_new_tokens, max(ctx // 2, 1))
     keep = ctx - reserve
     cut = [max(len(x) - keep, 0) for x in ids]
-    ids = [x[c:] for x, c in zip(ids, cut)]
+    ids = [x[:1] + x[c + 1 :] if c and bos is not None and x[0] == bos else x[c:] for x, c in zip(ids, cut)]
     longest = max((len(x) for x in ids), default=0)
     return ids, min(max_new_tokens, ctx - longest), cut
 
@@ -88,9 +89,12 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     if sp.seed is not None:
         torch.manual_seed(sp.seed)
     tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    from llmctl.tokenizer import wants_bos, with_bos
+
+    want = wants_bos(tok)  # one BOS rule for training data, generate, eval and serve
+    ids = [with_bos(tok, x, want) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
     ctx = context_length(model)
-    ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx)
+    ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx, bos=tok.bos_token_id if want else None)
     con = _console.current()
     if any(cut):
         n = sum(1 for c in cut if c)

@@ -26,6 +26,7 @@ from llmctl.safety import CONTENT_FILTER, Blocked, Rails
 from llmctl.server.engine import Engine, Job, QueueFull
 from llmctl.server.metrics import Metrics
 from llmctl.server.schemas import UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, ModerationRequest, _Req, error_body
+from llmctl.tokenizer import with_bos
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MODERATION_MODEL = "llmctl-rails"
@@ -207,8 +208,10 @@ def create_app(
         return asked if asked is not None else min(default, room)
 
     def tokenize(prompt: Any, param: str) -> list[int]:
+        """Text with BOS first when the tokenizer wants it (the rule generate and training use);
+        token ids exactly as sent."""
         if isinstance(prompt, str):
-            ids = engine.tok(prompt, add_special_tokens=False)["input_ids"]
+            ids = with_bos(engine.tok, engine.tok(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
         else:
             ids = list(prompt)
             vocab = engine.model.get_input_embeddings().weight.shape[0]
@@ -417,7 +420,7 @@ def create_app(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": rid, "object": "text_completion", "created": now, "model": model_name, "system_fingerprint": None}
         # echo: each choice starts with its prompt, exactly as sent (token-id prompts decoded).
-        echoed = [(x if isinstance(x, str) else engine.tok.decode(ids)) if req.echo else "" for x, ids in zip(items, prompts)]
+        echoed = [(x if isinstance(x, str) else engine.tok.decode(ids[engine.leading_bos(ids):])) if req.echo else "" for x, ids in zip(items, prompts)]
         want = req.logprobs is not None
 
         def prompt_part(i: int) -> tuple[str, list]:

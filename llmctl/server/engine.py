@@ -468,26 +468,40 @@ class Engine:
         return batch
 
     # ---- logprobs -----------------------------------------------------------------
+    def leading_bos(self, ids: list[int]) -> int:
+        """1 when a prompt opens with BOS (added by the BOS rule, or sent so) and has more: that
+        BOS is the context of the first token, not echoed text."""
+        return int(len(ids) > 1 and ids[0] == self.tok.bos_token_id)
+
     def _prompt_logprobs(self, jobs: list[Job], logits, n: int) -> None:
-        """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token has
-        no context there: it is scored after BOS (EOS if there is none), as eval scores the
-        first token of a document, so every entry has a number."""
+        """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token is
+        scored after BOS (`tokenizer.score_prefix`: EOS if there is none), as eval scores the
+        first token of a document, so every entry has a number: from the prefill when the
+        prompt opens with BOS (itself not echoed), else from one more forward pass."""
         import torch
 
-        first = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        from llmctl.tokenizer import score_prefix
+
+        first = score_prefix(self.tok)
         start = None
-        if first is not None:
+        if first is not None and any(j.echo_logprobs and not self.leading_bos(j.prompt_ids) for j in jobs):
             with torch.inference_mode():
                 start = torch.log_softmax(self.model(input_ids=torch.tensor([[first]], device=self.model.device)).logits[0, -1].float(), dim=-1)
         for i, j in enumerate(jobs):
             if not j.echo_logprobs:
                 continue
-            k = len(j.prompt_ids)
-            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts prompt tokens 1..k-1
-            t0 = j.prompt_ids[0]
-            entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
-            for m, (t, row) in enumerate(zip(j.prompt_ids[1:], lp), 1):
-                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(j.prompt_ids[:m]))))
+            lead = self.leading_bos(j.prompt_ids)
+            ids = j.prompt_ids[lead:]
+            k = len(ids)
+            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts the echoed tokens 1..k-1
+            t0 = ids[0]
+            if lead:
+                row0 = torch.log_softmax(logits[i, n - k - 1].float(), dim=-1)  # after the BOS
+                entries = [(t0, *self._entry(row0, t0, j.logprobs or 0), 0)]
+            else:
+                entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
+            for m, (t, row) in enumerate(zip(ids[1:], lp), 1):
+                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(ids[:m]))))
             j.prompt_lps = entries
 
     @staticmethod

@@ -283,7 +283,9 @@ def _perplexity(cfg, rd: RunDir, model, tok, con, token_file: Path | None = None
         from llmctl.errors import ConfigError
 
         raise ConfigError(f"eval.stride ({stride}) is larger than the window eval.max_length ({L})")
-    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    from llmctl.tokenizer import score_prefix
+
+    prefix = score_prefix(tok)
     if docs is not None:
         n_win = sum(len(windows(len(d), L, stride)) for d in docs)
         with con.progress("perplexity", total=n_win, unit="windows") as prog:
