@@ -108,6 +108,8 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     # transformers decodes greedily; the sampler (llmctl/sampling.py) chooses each token as a
     # last logits processor, with per-row generators, exactly as the lean loop and serve do.
     kw = {"max_new_tokens": max_new, "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    if sp.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = 1.0  # the sampler applies the asked one, in place of generation_config's
     if sp.stop:
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
     if sp.logprobs is not None:
