@@ -15,18 +15,25 @@ class Sampling:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     num_return_sequences: int = 1
-    seed: int | None = None
+    seed: int | None = None  # return sequence k of a prompt draws from its own generator seeded seed + k
     logprobs: int | None = None  # None: off; K >= 0: per-token logprob and entropy, plus the top K alternatives
+    presence_penalty: float = 0.0  # OpenAI's, over the output (as the server takes them)
+    frequency_penalty: float = 0.0
 
-    def generate_kwargs(self) -> dict:
-        kw = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_return_sequences": self.num_return_sequences}
-        if self.do_sample:
-            kw.update(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p)
-        else:
-            kw.update(temperature=None, top_k=None, top_p=None)
-        if self.repetition_penalty != 1.0:
-            kw["repetition_penalty"] = self.repetition_penalty
-        return kw
+    def params(self):
+        """The sampler's settings (llmctl/sampling.py): greedy is temperature 0."""
+        from llmctl.sampling import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature if self.do_sample else 0.0, top_k=self.top_k or 0, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+        )
+
+    def generators(self, rows: int) -> list:
+        """Each row's generator: rows are prompts x return sequences, choice k of a prompt seeded seed + k."""
+        from llmctl.sampling import generator
+
+        return [generator(self.seed, r % self.num_return_sequences) for r in range(rows)]
 
 
 def cut_at_stop(text: str, stops) -> tuple[str, bool]:
@@ -50,20 +57,21 @@ def context_length(model) -> int | None:
     return None
 
 
-def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None) -> tuple[list[list[int]], int, list[int]]:
+def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None, bos: int | None = None) -> tuple[list[list[int]], int, list[int]]:
     """(prompts cut from the left, new tokens allowed, tokens cut per prompt).
 
     Prompt + new tokens must stay within the context: models with learned absolute
     positions (gpt2) crash past it, and rotary ones degrade. New tokens keep up to half of
     the context (all of `max_new_tokens` when it is smaller); a prompt longer than the rest
-    loses its beginning; generation then stops at the context.
+    loses its beginning (after a leading `bos`, which stays); generation then stops at the
+    context.
     """
     if ctx is None:
         return ids, max_new_tokens, [0] * len(ids)
     reserve = min(max_new_tokens, max(ctx // 2, 1))
     keep = ctx - reserve
     cut = [max(len(x) - keep, 0) for x in ids]
-    ids = [x[c:] for x, c in zip(ids, cut)]
+    ids = [x[:1] + x[c + 1 :] if c and bos is not None and x[0] == bos else x[c:] for x, c in zip(ids, cut)]
     longest = max((len(x) for x in ids), default=0)
     return ids, min(max_new_tokens, ctx - longest), cut
 
@@ -84,9 +92,12 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     if sp.seed is not None:
         torch.manual_seed(sp.seed)
     tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    from llmctl.tokenizer import wants_bos, with_bos
+
+    want = wants_bos(tok)  # one BOS rule for training data, generate, eval and serve
+    ids = [with_bos(tok, x, want) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
     ctx = context_length(model)
-    ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx)
+    ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx, bos=tok.bos_token_id if want else None)
     con = _console.current()
     if any(cut):
         n = sum(1 for c in cut if c)
@@ -97,8 +108,11 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    kw = sp.generate_kwargs()
-    kw["max_new_tokens"] = max_new
+    # transformers decodes greedily; the sampler (llmctl/sampling.py) chooses each token as a
+    # last logits processor, with per-row generators, exactly as the lean loop and serve do.
+    kw = {"max_new_tokens": max_new, "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    if sp.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = 1.0  # the sampler applies the asked one, in place of generation_config's
     if sp.stop:
         kw.update(stop_strings=list(sp.stop), tokenizer=tok)
     if sp.logprobs is not None:
@@ -109,8 +123,17 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     if dec is not None:
         out, step_logits = lean_generate(dec, tok, enc, sp, max_new, eos_ids, streamer)
     else:
+        inputs = {k: v.repeat_interleave(sp.num_return_sequences, dim=0) for k, v in enc.items()}
+        params = sp.params()
+        if not (params.greedy and not params.penalized):
+            from llmctl.sampling import DrawProcessor
+
+            n_in = inputs["input_ids"].shape[1]
+            starts = (n_in - inputs["attention_mask"].sum(dim=1)).tolist()
+            rows = len(starts)
+            kw["logits_processor"] = [DrawProcessor([params] * rows, sp.generators(rows), starts, n_in)]
         with torch.no_grad():
-            out = model.generate(**enc, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
+            out = model.generate(**inputs, pad_token_id=tok.pad_token_id, eos_token_id=list(eos_ids) or None, streamer=streamer, **kw)
         if sp.logprobs is not None:
             out, step_logits = out.sequences, out.logits
     decode_s = time.perf_counter() - t_decode
@@ -137,6 +160,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
             "prompt_tokens": int(prompt_lens[row // sp.num_return_sequences]),
             "completion_tokens": n_tokens,
             "decode_seconds": decode_s,  # the whole batch's (shared by its rows)
+            "token_ids": new,  # generated, up to EOS (past a stop string's cut too)
         }
         if step_logits is not None:
             rec["logprobs"] = token_logprobs(tok, new, [step[row] for step in step_logits[: len(new)]], text, sp.logprobs)
@@ -158,42 +182,40 @@ _EXTRA_PROCESSORS = {
 
 def _lean_for(model, total_len: int):
     """The lean decoder when it reproduces `model.generate` here exactly, else None."""
-    from llmctl.lean import decoder_for
+    from llmctl.lean import decoder_for, tell_skipped
 
     dec = decoder_for(model)
-    if dec is None or (dec.window is not None and total_len > dec.window):
+    if dec is None:
+        return None
+    if dec.window is not None and total_len > dec.window:
+        tell_skipped(model, "lean decoding", f"prompt and new tokens would cross its {dec.window}-token sliding window",
+                     "decoding with transformers")
         return None
     gc = model.generation_config
-    if any(getattr(gc, k, None) not in ok for k, ok in _EXTRA_PROCESSORS.items()):
+    extra = [k for k, ok in _EXTRA_PROCESSORS.items() if getattr(gc, k, None) not in ok]
+    if extra:
+        tell_skipped(model, "lean decoding", f"its generation_config sets {', '.join(extra)}", "decoding with transformers")
         return None
     return dec
 
 
 def lean_generate(dec, tok, enc, sp: Sampling, max_new: int, eos_ids: set[int], streamer=None):
-    """`model.generate` (greedy or multinomial sampling with temperature, top-k, top-p and
-    repetition penalty, stop strings, EOS) on the lean forward pass: the same transformers
-    logits processors in the same order and the same draws from torch's generator, so a seeded
-    run returns the tokens `generate` would. Returns (ids [rows, prompt + new], raw logits per
+    """`model.generate` (stop strings, EOS) on the lean forward pass, each token chosen by the
+    sampler `generate` and serve use (llmctl/sampling.py), so a seeded run returns the tokens
+    transformers' `generate` path returns. Returns (ids [rows, prompt + new], raw logits per
     step or None)."""
     import torch
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
 
-    procs = LogitsProcessorList()
-    if sp.repetition_penalty != 1.0:
-        procs.append(RepetitionPenaltyLogitsProcessor(sp.repetition_penalty))
-    if sp.do_sample:
-        if sp.temperature != 1.0:
-            procs.append(TemperatureLogitsWarper(sp.temperature))
-        if sp.top_k:
-            procs.append(TopKLogitsWarper(top_k=sp.top_k))
-        if sp.top_p < 1.0:
-            procs.append(TopPLogitsWarper(top_p=sp.top_p))
+    from llmctl.sampling import next_tokens
+
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if sp.num_return_sequences > 1:
         ids = ids.repeat_interleave(sp.num_return_sequences, dim=0)
         mask = mask.repeat_interleave(sp.num_return_sequences, dim=0)
     B, n_in = ids.shape
+    params, gens = [sp.params()] * B, sp.generators(B)
+    prompts = [r[n_in - int(m.sum()) :] for r, m in zip(ids.tolist(), mask)] if params[0].penalized else [[]] * B
+    outputs: list[list[int]] = [[] for _ in range(B)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=ids.device) if eos_ids else None
     cache = dec.new_cache()
@@ -209,8 +231,10 @@ def lean_generate(dec, tok, enc, sp: Sampling, max_new: int, eos_ids: set[int], 
     for step in range(max_new):
         if raw is not None:
             raw.append(logits)
-        scores = procs(seqs, logits) if procs else logits
-        nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if sp.do_sample else scores.argmax(dim=-1)
+        drawn = next_tokens(logits, params, prompts, outputs, gens)
+        for o, t in zip(outputs, drawn):
+            o.append(t)
+        nxt = torch.tensor(drawn, dtype=torch.long, device=ids.device)
         if eos is not None:
             nxt = nxt * unfinished + pad * (1 - unfinished)
         seqs = torch.cat([seqs, nxt[:, None]], dim=-1)

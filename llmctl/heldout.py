@@ -123,7 +123,9 @@ def window(cfg, model) -> tuple[int, int]:
 
 def prefix_id(tok) -> int:
     """The token every document is conditioned on: BOS, else EOS (as lm-eval)."""
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    from llmctl.tokenizer import score_prefix
+
+    return score_prefix(tok)
 
 
 def perplexity(model, tok, held: HeldOut, cfg, con=None, token_losses: list | None = None) -> dict:

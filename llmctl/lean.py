@@ -147,6 +147,7 @@ class LeanDecoder:
         if why:
             raise ValueError(f"lean decoding does not cover this model: {why}")
         self.model = model.eval()
+        self.key = weights_key(model)  # the weights these copies were made from
         inner = model.model
         c = model.config
         self.embed = inner.embed_tokens
@@ -162,6 +163,7 @@ class LeanDecoder:
         self.window = sliding_window(model)
         self.context = getattr(c, "max_position_embeddings", None) or 4096
         self._cos = self._sin = None
+        self.fast_skipped: str | None = None  # why the weights are not folded (see _fast_plan)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.plan = [self._layer_plan(layer) for layer in self.layers]
         self.final_norm = self._norm_plan(self.norm)
@@ -170,6 +172,8 @@ class LeanDecoder:
             self.plan = None  # only the folded weights are read from here on: free the fused copies
         # The folded pass compiled to onnxruntime graphs (llmctl/lean_ort.py) where it can be.
         self.ort, self.ort_skipped = None, None
+        if runtime != "torch" and self.fast is None:
+            self.ort_skipped = f"the weights are not folded ({self.fast_skipped})"
         if runtime != "torch" and self.fast is not None:
             from llmctl import lean_ort
 
@@ -219,6 +223,21 @@ class LeanDecoder:
                 "qkv": self._fused(a.q_proj, a.k_proj, a.v_proj), "o": self._fused(a.o_proj),
                 "gu": self._fused(m.gate_proj, m.up_proj), "down": self._fused(m.down_proj)}
 
+    def _unfoldable(self) -> str | None:
+        """Why `_fast_plan` cannot fold this model's weights, or None when it can."""
+        if self.qk_norm:
+            return "q/k norms sit between the projections and rotary"
+        if self.n_params > self.FUSE_MAX_PARAMS:
+            return f"{self.n_params / 1e6:.0f}M parameters, above the {self.FUSE_MAX_PARAMS / 1e6:.0f}M up to which weights are copied"
+        if self.final_norm is None or not all(p["ln1"] and p["ln2"] for p in self.plan):
+            return "a norm is not a plain float32 RMSNorm"
+        if not all(p["qkv"] and p["o"] and p["gu"] and p["down"] for p in self.plan):
+            return "a projection is not a plain Linear (quantized?)"
+        head = self._fused(self.head)
+        if head is None or head[1] is not None:
+            return "lm_head is not a plain Linear without bias"
+        return None
+
     def _fast_plan(self):
         """Weights for the one-token decode step of a small model, folded so that a layer is a
         few calls: each RMSNorm's weight into the matmul that follows it, the attention scale
@@ -226,13 +245,10 @@ class LeanDecoder:
         one matmul gives q, k, v, rot(q) and rot(k); residual adds ride in addmm. None when a
         layer is not plain (quantized, q/k norms, an unusual norm) or the model is too big to
         copy its weights (see FUSE_MAX_PARAMS)."""
-        if self.qk_norm or self.final_norm is None or self.n_params > self.FUSE_MAX_PARAMS:
-            return None
-        if not all(p["ln1"] and p["ln2"] and p["qkv"] and p["o"] and p["gu"] and p["down"] for p in self.plan):
+        self.fast_skipped = self._unfoldable()
+        if self.fast_skipped:
             return None
         head = self._fused(self.head)
-        if head is None or head[1] is not None:
-            return None
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
 
         def rot(w, heads):  # rotate-half applied to the output rows of each head
@@ -249,8 +265,11 @@ class LeanDecoder:
                     bq, bk, bv = b.detach().split([H * D, KV * D, KV * D])
                     b = torch.cat([bq * self.scale, bk, bv, rot(bq, H) * self.scale, rot(bk, KV)])
                 gu = p["gu"][0].detach() * p["ln2"][0].detach()
-                layers.append((w.t().contiguous(), b, p["ln1"][1], p["o"][0].detach().t().contiguous(), p["o"][1],
-                               gu.t().contiguous(), p["gu"][1], p["ln2"][1], p["down"][0].detach().t().contiguous(), p["down"][1]))
+                # Biases detached too: a Parameter that requires grad cannot become a constant of
+                # the onnxruntime graph (tracing raised, and the model lost the compiled step).
+                b_o, b_gu, b_down = (None if x is None else x.detach() for x in (p["o"][1], p["gu"][1], p["down"][1]))
+                layers.append((w.t().contiguous(), b, p["ln1"][1], p["o"][0].detach().t().contiguous(), b_o,
+                               gu.t().contiguous(), b_gu, p["ln2"][1], p["down"][0].detach().t().contiguous(), b_down))
             w_head = (head[0].detach() * self.final_norm[0].detach()).t().contiguous()
         return layers, w_head
 
@@ -390,12 +409,39 @@ class LeanDecoder:
         return logits if all_logits else logits[:, -1]
 
 
+def weights_key(model) -> tuple:
+    """What the decoder's folded and fused copies were made from: each parameter's and buffer's
+    storage and version counter. An in-place change (`with torch.no_grad(): w.mul_(2)`,
+    `load_state_dict`, an optimizer step) bumps the version and a replaced tensor has a new
+    storage, so either makes the key differ. (Writes through `w.data` bypass the version
+    counter and go unseen.)"""
+    return tuple((t.data_ptr(), t._version) for ts in (model.parameters(), model.buffers()) for t in ts)
+
+
 def decoder_for(model) -> LeanDecoder | None:
-    """A LeanDecoder when it covers this model, else None (decode with transformers)."""
-    if unsupported(model):
+    """A LeanDecoder when it covers this model, else None (decode with transformers). The
+    decoder is kept on the model and rebuilt when its weights change (see `weights_key`)."""
+    why = unsupported(model)
+    if why:
+        tell_skipped(model, "lean decoding", why, "decoding with transformers")
         return None
     dec = getattr(model, "_llmctl_lean", None)
-    if dec is None:
+    if dec is None or dec.key != weights_key(model):
         dec = LeanDecoder(model)
         model._llmctl_lean = dec
+    if dec.ort_skipped:
+        tell_skipped(model, "the onnxruntime decode step", dec.ort_skipped, "decoding with the eager lean pass")
     return dec
+
+
+def tell_skipped(model, path: str, why: str, instead: str) -> None:
+    """One line on stderr saying why a faster decode path is not used for this model: once per
+    model and reason, not per request."""
+    said = model.__dict__.setdefault("_llmctl_skips", set())
+    if (path, why) in said:
+        return
+    said.add((path, why))
+    from llmctl import console
+
+    console.current().info(f"{path} is off for this model: {why}; {instead}")
+

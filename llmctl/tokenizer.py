@@ -21,6 +21,40 @@ DEFAULT_CHAT_TEMPLATE = (
 CHAT_ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
 
+# ---- the BOS rule: one place decides, for training data, generate, eval and serve ----------------
+def wants_bos(tok) -> bool:
+    """Whether the model sees BOS first: exactly when the tokenizer itself prepends it
+    (`tok(text)` with special tokens starts with bos_token_id where the plain encoding does
+    not). A hub Llama or Mistral does (add_bos_token), and llama.cpp (the GGUF's
+    add_bos_token, written by the same test) and vLLM then add it too; llmctl's trained
+    tokenizers do not (documents are separated by EOS). Asked of the tokenizer's behaviour,
+    not its `add_bos_token` attribute: transformers 5 keeps the rule in the post-processor
+    of tokenizer.json and reloads the attribute as False."""
+    bos = tok.bos_token_id
+    if bos is None:
+        return False
+    full = tok("a")["input_ids"]
+    return len(full) > len(tok("a", add_special_tokens=False)["input_ids"]) and full[0] == bos
+
+
+def with_bos(tok, ids, want: bool | None = None) -> list[int]:
+    """Token ids encoded without special tokens (a prompt, a document, a rendered chat) as the
+    model sees them: BOS first when `wants_bos` (pass `want` to ask once for many), never
+    twice (a chat template may write it)."""
+    ids = list(ids)
+    if (wants_bos(tok) if want is None else want) and (not ids or ids[0] != tok.bos_token_id):
+        return [tok.bos_token_id] + ids
+    return ids
+
+
+def score_prefix(tok) -> int | None:
+    """The token the first token of a text is scored after (eval's perplexity, serve's echo
+    logprobs), as lm-eval does: BOS, which a `wants_bos` tokenizer puts there anyway, else EOS.
+    llmctl's trained tokenizers have a BOS they never add, and keep it here so that eval
+    numbers stay comparable with earlier runs."""
+    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -65,6 +99,7 @@ def train_tokenizer(texts: Iterable[str], cfg, chat: bool = False, model_max_len
         eos_token=t.eos_token,
         bos_token=t.bos_token,
         pad_token=t.pad_token,
+        add_bos_token=False,  # documents are separated by EOS; prompts start bare (see wants_bos)
         extra_special_tokens=extras or None,
         model_max_length=model_max_length or int(1e30),
     )

@@ -34,6 +34,7 @@ def _model(arch: str, **kw):
     ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     ("qwen2", {}),  # q/k/v biases
+    ("llama", {"attention_bias": True, "mlp_bias": True}),  # o_proj and down_proj biases too
     ("qwen3", {}),  # q/k norms, head_dim != hidden / heads
     ("mistral", {"sliding_window": None}),
 ])
@@ -223,3 +224,65 @@ def test_model_is_not_altered_and_big_models_call_their_linears(monkeypatch):
         ref = model(ids).logits[:, -1].float()
     for dec in (fused, split):
         assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_weights_changed_after_a_decode_are_decoded_with(monkeypatch, runtime):
+    """The decoder kept on the model holds folded copies of the weights (and onnxruntime graphs
+    with them as constants): a weight changed in place after a decode is picked up by the next
+    one, which equals `model.forward` again."""
+    from llmctl.lean import decoder_for
+
+    if runtime == "torch":
+        monkeypatch.setenv("LLMCTL_LEAN_ORT", "0")
+    model = _model("llama")
+    ids = torch.randint(3, V, (1, 9), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(9)[None]
+
+    def check():
+        dec = decoder_for(model)
+        assert dec is not None and (dec.ort is not None) == (runtime == "onnxruntime"), dec.ort_skipped
+        cache = dec.new_cache()
+        got = dec.forward(ids[:, :8], pos[:, :8], cache)
+        step = dec.forward(ids[:, 8:], pos[:, 8:], cache)  # a decode step (the compiled one with onnxruntime)
+        with torch.no_grad():
+            ref = model(ids).logits.float()
+        assert torch.allclose(got, ref[:, 7], atol=1e-4), (got - ref[:, 7]).abs().max()
+        assert torch.allclose(step, ref[:, 8], atol=1e-4), (step - ref[:, 8]).abs().max()
+        return dec
+
+    first = check()
+    assert decoder_for(model) is first  # kept while the weights stay
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    check()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(-3.0)
+    check()
+    model.load_state_dict({k: v * 1.5 for k, v in model.state_dict().items() if k.endswith("down_proj.weight")}, strict=False)
+    check()
+
+
+def test_a_skipped_fast_path_says_why_once(tok, monkeypatch, capsys):
+    """Where the lean path or its onnxruntime step is not used, one line on stderr says why:
+    once per model, however many decodes follow."""
+    import transformers
+
+    import llmctl.lean_ort
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.lean import decoder_for
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                                                pad_token_id=tok.pad_token_id))
+    for _ in range(2):
+        assert decoder_for(gpt2) is None
+        generate_batch(gpt2, tok, ["the cat"], Sampling(max_new_tokens=2))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "lean decoding is off" in lines[0] and "gpt2" in lines[0], lines
+    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", -1.0)  # the compiled step never passes its check
+    model = _model("llama", vocab_size=len(tok))
+    for _ in range(2):
+        assert decoder_for(model).ort is None
+        generate_batch(model, tok, ["the cat"], Sampling(max_new_tokens=2))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "onnxruntime" in lines[0] and "differ from the eager pass" in lines[0], lines

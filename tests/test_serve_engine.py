@@ -241,6 +241,40 @@ def test_seeded_sampling_is_the_same_alone_and_batched(model_dir):
         e.stop()
 
 
+SETTINGS = [
+    dict(temperature=0.0, repetition_penalty=1.3),
+    dict(temperature=0.9, top_k=20, top_p=0.9, seed=3),
+    dict(temperature=1.3, top_p=0.8, repetition_penalty=1.2, seed=11),
+    dict(temperature=0.7, top_k=5, presence_penalty=0.5, frequency_penalty=0.3, seed=5),
+    dict(temperature=1.0, seed=2**64 - 1),  # choice 1 wraps around to seed 0
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_generate_and_serve_sample_the_same_tokens(model_dir, settings):
+    """One sampler: `generate` (batched, left-padded, two sequences per prompt) and the serve
+    engine (continuous batching, a request with n=2 per prompt) give the same tokens for the
+    same prompts, seed and settings."""
+    from llmctl.generation import Sampling, generate_batch
+
+    e = _engine(model_dir)
+    try:
+        prompts = PROMPTS[:3]
+        t = settings["temperature"]
+        sp = Sampling(max_new_tokens=12, do_sample=t > 0, num_return_sequences=2,
+                      **{"top_k": 0, **{k: v for k, v in settings.items() if k != "temperature" or t > 0}})
+        gen = [r["token_ids"] for r in generate_batch(e.model, e.tok, prompts, sp)]
+        seed = settings.get("seed")
+        jobs = [_job(e, p, 12, **{**settings, "seed": None if seed is None else (seed + k) % 2**64}) for p in prompts for k in range(2)]
+        e.submit(jobs)
+        for j in jobs:
+            _collect(j)
+        assert [j.tokens for j in jobs] == gen
+        assert len({tuple(g) for g in gen}) == (3 if t == 0 else 6)  # the prompts matter, and when sampling the seeds
+    finally:
+        e.stop()
+
+
 def test_batch_at_a_time_fallback_gives_the_same_text(model_dir, monkeypatch):
     """Caches that cannot be merged row-wise (e.g. sliding windows) still decode correctly."""
     e = _engine(model_dir)
@@ -282,11 +316,19 @@ def test_stop_strings_eos_and_penalties(tmp_path):
         assert (reason, n) == ("stop", j.tokens.index(j.tokens[3])) and full.startswith(text)
         e.eos_ids = set()
         # A strong frequency penalty forbids repeating a token.
-        j = _job(e, "the quick", 25, frequency_penalty=2.0, presence_penalty=2.0)
-        e.model.lm_head.weight.data *= 0.01  # flatten the logits so the penalty dominates
+        import torch
+
+        with torch.no_grad():
+            e.model.lm_head.weight.mul_(0.01)  # flatten the logits so the penalty dominates
+        j = _job(e, "the quick", 25, frequency_penalty=2.0, presence_penalty=2.0, logprobs=0)
         e.submit([j])
         _collect(j)
         assert len(set(j.tokens)) == len(j.tokens)
+        # ... and the engine decoded with the flattened weights (not a copy folded before the
+        # change): its logprobs (raw logits, before penalties) are the changed model's.
+        with torch.no_grad():
+            ref = torch.log_softmax(e.model(torch.tensor([j.prompt_ids])).logits[0, -1].float(), dim=-1)
+        assert j.lps[0][0] == pytest.approx(float(ref[j.tokens[0]]), abs=1e-4)
     finally:
         e.stop()
 

@@ -64,6 +64,21 @@ def test_seed_at_the_edges_of_int64_works(client):
         assert r.status_code == 200, r.text
 
 
+def test_top_k_and_repetition_penalty_reach_the_sampler(client):
+    """vLLM's extra sampling fields: top_k 1 samples the greedy text whatever the temperature
+    and seed; out-of-range values are 400s naming the field."""
+    body = {"model": "m", "prompt": "the quick", "max_tokens": 4}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    for seed in range(3):
+        r = client.post("/v1/completions", json={**body, "temperature": 2.0, "top_k": 1, "seed": seed, "repetition_penalty": 1.0})
+        assert r.json()["choices"][0]["text"] == greedy
+    sampled = {client.post("/v1/completions", json={**body, "temperature": 2.0, "seed": seed}).json()["choices"][0]["text"] for seed in range(3)}
+    assert sampled != {greedy}  # without top_k these settings do sample
+    for field, bad in (("top_k", -2), ("repetition_penalty", 0)):
+        r = client.post("/v1/completions", json={**body, field: bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 def _weird(rng: random.Random, depth: int = 0):
     pool = [
         None, True, False, 0, -1, 1, 2**80, -(2**80), 1e308, -1e-308, 0.5, 3, 17, "", "m", "x" * 300, "\ud800", "\udfff\ud800", "é\u0000",
@@ -77,7 +92,7 @@ def _weird(rng: random.Random, depth: int = 0):
 
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
-          "stream_options", "presence_penalty", "frequency_penalty", "user", "logprobs", "logit_bias", "echo", "suffix", "best_of"]
+          "stream_options", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty", "user", "logprobs", "logit_bias", "echo", "suffix", "best_of"]
 
 
 def test_fuzz_no_body_gives_a_5xx(client):

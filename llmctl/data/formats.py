@@ -16,20 +16,24 @@ IGNORE = -100
 
 def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: dict, batch_docs: int = 1000) -> Iterator[dict]:
     """Tokenize documents in batches, join them with EOS, yield full `block_size` blocks.
+    Each document starts with BOS when the tokenizer wants it (`tokenizer.wants_bos`).
 
     The remainder carries over between batches, so only the corpus's last partial block is
     dropped (counted in stats['dropped_tokens']). Memory is bounded by one batch.
     """
+    from llmctl.tokenizer import wants_bos
+
     carry = np.empty(0, dtype=np.int32)
     batch: list[str] = []
+    head = [tok.bos_token_id] if wants_bos(tok) else []
 
     def flush(batch: list[str], carry: np.ndarray):
         enc = tok._tokenizer.encode_batch(batch, add_special_tokens=False)
         parts = [carry]
         for e in enc:
-            parts.append(np.asarray(e.ids, dtype=np.int32))
+            parts.append(np.asarray(head + e.ids, dtype=np.int32))
             parts.append(np.array([eos_id], dtype=np.int32))
-            stats["tokens"] += len(e.ids) + 1
+            stats["tokens"] += len(head) + len(e.ids) + 1
         stream = np.concatenate(parts)
         n = len(stream) // block_size
         for row in stream[: n * block_size].reshape(n, block_size).tolist():
@@ -50,16 +54,20 @@ def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: di
 
 
 def encode_pairs(batch: dict, tok, block_size: int, eos_id: int) -> dict:
-    """Prompt + completion + EOS; loss only on the completion. Prompts are cut from the left."""
+    """[BOS] + prompt + completion + EOS; loss only on the completion. BOS as `wants_bos`
+    says; prompts are cut from the left (after the BOS)."""
+    from llmctl.tokenizer import wants_bos
+
+    head = [tok.bos_token_id] if wants_bos(tok) else []
     p_enc = tok._tokenizer.encode_batch(batch["prompt"], add_special_tokens=False)
     c_enc = tok._tokenizer.encode_batch(batch["completion"], add_special_tokens=False)
     ids_out, labels_out, truncated, dropped, n_tok, n_bytes = [], [], [], [], [], []
     for p, c, pt, ct in zip(p_enc, c_enc, batch["prompt"], batch["completion"]):
         comp = c.ids + [eos_id]
-        prompt = p.ids
+        prompt = head + p.ids
         trunc = 0
         if len(prompt) + len(comp) > block_size:
-            keep = block_size - len(comp)
+            keep = block_size - len(comp) - len(head)
             if keep < 1:  # the completion alone does not fit: nothing sensible to learn
                 dropped.append(1)
                 ids_out.append([])
@@ -68,7 +76,7 @@ def encode_pairs(batch: dict, tok, block_size: int, eos_id: int) -> dict:
                 n_tok.append(0)
                 n_bytes.append(0)
                 continue
-            prompt = prompt[-keep:]
+            prompt = head + prompt[len(head) :][-keep:]
             trunc = 1
         ids_out.append(prompt + comp)
         labels_out.append([IGNORE] * len(prompt) + comp)
@@ -113,16 +121,22 @@ def assistant_spans(tok, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
 
 
 def _encode_conversation(tok, msgs: list[dict]) -> tuple[list[int], list[bool]]:
-    """Token ids and, per token, whether it belongs to an assistant turn."""
+    """Token ids and, per token, whether it belongs to an assistant turn. BOS first as
+    `wants_bos` says (templates that write it themselves get no second one)."""
+    from llmctl.tokenizer import with_bos
+
     template = tok.chat_template if isinstance(tok.chat_template, str) else ""
     if _GENERATION_BLOCK.search(template or ""):
         enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        return list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
-    text, spans = assistant_spans(tok, msgs)
-    # Tokenized as apply_chat_template does (the template writes any BOS itself).
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [any(start < e and end > s for s, e in spans) for start, end in enc["offset_mapping"]]
-    return list(enc["input_ids"]), mask
+        ids, mask = list(enc["input_ids"]), [bool(m) for m in enc["assistant_masks"]]
+    else:
+        text, spans = assistant_spans(tok, msgs)
+        # Tokenized as apply_chat_template does (no special tokens added: the template's own stay).
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [any(start < e and end > s for s, e in spans) for start, end in enc["offset_mapping"]]
+    full = with_bos(tok, ids)
+    return full, [False] * (len(full) - len(ids)) + mask
 
 
 def _fit_conversation(tok, msgs: list[dict], block_size: int) -> tuple[list[int], list[bool], int, str]:
@@ -149,9 +163,10 @@ def _fit_conversation(tok, msgs: list[dict], block_size: int) -> tuple[list[int]
     start = max(i for i, m in enumerate(mask) if m)
     while start > 0 and mask[start - 1]:
         start -= 1
-    if len(ids) - start >= block_size:
+    lead = 1 if ids and ids[0] == tok.bos_token_id and not mask[0] else 0  # a BOS stays first
+    if len(ids) - start + lead >= block_size:
         return [], [], 0, "too_long"
-    return ids[-block_size:], mask[-block_size:], 1, ""
+    return ids[:lead] + ids[len(ids) - block_size + lead :], mask[:lead] + mask[len(mask) - block_size + lead :], 1, ""
 
 
 def encode_chat(batch: dict, tok, block_size: int) -> dict:

@@ -5,9 +5,9 @@ request; a request with `n: 3` is three sequences). Before each decoding step, s
 that are waiting are prefilled together (left padding, per-row position ids) and merged
 into the running batch's KV cache; after each step, finished or cancelled sequences leave
 the batch and their cache rows are dropped, so a freed slot is reused at the next step.
-Every sequence samples with its own temperature, top_p, penalties and seed, and stops on
-its own EOS, stop strings or max_tokens. Tokens reach each request's asyncio queue as they
-are produced.
+Every sequence samples with its own temperature, top_k, top_p, penalties and seed (by the
+sampler `generate` uses, llmctl/sampling.py), and stops on its own EOS, stop strings or
+max_tokens. Tokens reach each request's asyncio queue as they are produced.
 
 Models whose cache cannot be merged row-wise (anything but plain DynamicLayer caches, e.g.
 sliding-window attention) fall back to batch-at-a-time: waiting sequences start together
@@ -37,8 +37,10 @@ class Job:
     max_tokens: int
     logprobs: int | None = None  # None: off; K >= 0: each token's logprob (raw logits) and its top K alternatives
     echo_logprobs: bool = False  # also the prompt tokens' logprobs (completions with echo)
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     loop: Any = None
@@ -63,6 +65,18 @@ class Job:
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    _sampling: Any = field(default=None, repr=False, compare=False)
+
+    def sampling(self):
+        """The sampler's settings for this sequence (llmctl/sampling.py, the one `generate` uses)."""
+        if self._sampling is None:
+            from llmctl.sampling import SamplingParams
+
+            self._sampling = SamplingParams(
+                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            )
+        return self._sampling
 
     def take_logprobs(self, upto: int) -> list:
         """Entries of the tokens whose text lies within the first `upto` characters, not yet sent."""
@@ -219,11 +233,13 @@ class Engine:
             eos = self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        from llmctl.lean import decoder_for
+        from llmctl.lean import decoder_for, tell_skipped
 
         # The lean forward pass (llmctl/lean.py) when it covers the model for every length served.
         self.lean = decoder_for(self.model)
         if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
+            tell_skipped(self.model, "lean decoding", f"its {self.lean.window}-token sliding window is shorter than the context served",
+                         "decoding with transformers")
             self.lean = None
         if self.warm is not None:
             # Ready means fast: the first requests must not share the CPU and the GIL with a
@@ -365,8 +381,13 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         echo = any(j.echo_logprobs for j in jobs)
-        gens = [torch.Generator(device="cpu").manual_seed(j.seed) if j.seed is not None else None for j in jobs]
+        from llmctl.sampling import generator
+
+        gens = [generator(j.seed) for j in jobs]
         if self.lean is not None:
+            from llmctl.lean import decoder_for
+
+            self.lean = decoder_for(self.model) or self.lean  # rebuilt if the weights changed since
             cache = self.lean.new_cache()
             logits = self.lean.forward(ids, pos, cache, mask=mask, all_logits=echo)
             self.steps += 1
@@ -447,26 +468,40 @@ class Engine:
         return batch
 
     # ---- logprobs -----------------------------------------------------------------
+    def leading_bos(self, ids: list[int]) -> int:
+        """1 when a prompt opens with BOS (added by the BOS rule, or sent so) and has more: that
+        BOS is the context of the first token, not echoed text."""
+        return int(len(ids) > 1 and ids[0] == self.tok.bos_token_id)
+
     def _prompt_logprobs(self, jobs: list[Job], logits, n: int) -> None:
-        """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token has
-        no context there: it is scored after BOS (EOS if there is none), as eval scores the
-        first token of a document, so every entry has a number."""
+        """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token is
+        scored after BOS (`tokenizer.score_prefix`: EOS if there is none), as eval scores the
+        first token of a document, so every entry has a number: from the prefill when the
+        prompt opens with BOS (itself not echoed), else from one more forward pass."""
         import torch
 
-        first = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.tok.eos_token_id
+        from llmctl.tokenizer import score_prefix
+
+        first = score_prefix(self.tok)
         start = None
-        if first is not None:
+        if first is not None and any(j.echo_logprobs and not self.leading_bos(j.prompt_ids) for j in jobs):
             with torch.inference_mode():
                 start = torch.log_softmax(self.model(input_ids=torch.tensor([[first]], device=self.model.device)).logits[0, -1].float(), dim=-1)
         for i, j in enumerate(jobs):
             if not j.echo_logprobs:
                 continue
-            k = len(j.prompt_ids)
-            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts prompt tokens 1..k-1
-            t0 = j.prompt_ids[0]
-            entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
-            for m, (t, row) in enumerate(zip(j.prompt_ids[1:], lp), 1):
-                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(j.prompt_ids[:m]))))
+            lead = self.leading_bos(j.prompt_ids)
+            ids = j.prompt_ids[lead:]
+            k = len(ids)
+            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts the echoed tokens 1..k-1
+            t0 = ids[0]
+            if lead:
+                row0 = torch.log_softmax(logits[i, n - k - 1].float(), dim=-1)  # after the BOS
+                entries = [(t0, *self._entry(row0, t0, j.logprobs or 0), 0)]
+            else:
+                entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
+            for m, (t, row) in enumerate(zip(ids[1:], lp), 1):
+                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(ids[:m]))))
             j.prompt_lps = entries
 
     @staticmethod
@@ -525,36 +560,12 @@ class Engine:
 
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
-        import torch
+        """Each running row's next token, by the sampler `generate` uses (finished rows: pad)."""
+        from llmctl.sampling import next_tokens
 
-        logits = batch.logits
-        # numpy's argmax on CPU logits costs a fraction of torch's call (the same first maximum)
-        greedy = (logits.numpy() if logits.device.type == "cpu" else logits).argmax(-1).tolist()
-        out = []
-        for i, j in enumerate(batch.jobs):
-            if j.cancelled or j.finished:
-                out.append(self.pad_id)
-                continue
-            penal = (j.presence_penalty or j.frequency_penalty) and j.tokens
-            if j.temperature <= 0 and not penal:
-                out.append(greedy[i])
-                continue
-            row = logits[i]
-            if penal:
-                ids, counts = torch.tensor(j.tokens, device=row.device).unique(return_counts=True)
-                row = row.clone()
-                row[ids] -= j.frequency_penalty * counts.to(row.dtype) + j.presence_penalty
-            if j.temperature <= 0:
-                out.append(int(torch.argmax(row)))
-                continue
-            probs = torch.softmax(row / j.temperature, dim=-1)
-            if j.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                keep = sp.cumsum(-1) - sp < j.top_p  # the smallest set whose mass reaches top_p
-                probs = torch.zeros_like(probs).scatter(0, si, sp * keep)
-                probs = probs / probs.sum()
-            out.append(int(torch.multinomial(probs.cpu(), 1, generator=batch.gens[i])))
-        return out
+        jobs = batch.jobs
+        params = [None if (j.cancelled or j.finished) else j.sampling() for j in jobs]
+        return next_tokens(batch.logits, params, [j.prompt_ids for j in jobs], [j.tokens for j in jobs], batch.gens, skip=self.pad_id)
 
     # ---- per-sequence bookkeeping -------------------------------------------------
     def _detokenize(self, j: Job, final: bool = False) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from llmctl.server.engine import Job, QueueFull
 from llmctl.server.schemas import UNSUPPORTED, ApiError, _Req
 from llmctl.server.state import ServerState
+from llmctl.tokenizer import with_bos
 
 
 def check_request(st: ServerState, req: _Req) -> list[str]:
@@ -48,10 +49,11 @@ def budget(st: ServerState, asked: int | None, prompt_len: int, default: int, pa
 
 
 def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
-    """Token ids of a text, or a token-id prompt checked against the vocabulary."""
+    """Token ids of a text, with BOS first when the tokenizer wants it (the rule generate and
+    training use), or a token-id prompt exactly as sent, checked against the vocabulary."""
     engine = st.engine
     if isinstance(prompt, str):
-        ids = engine.tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = with_bos(engine.tok, engine.tok(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
     else:
         ids = list(prompt)
         vocab = engine.model.get_input_embeddings().weight.shape[0]
@@ -75,7 +77,8 @@ def make_jobs(st: ServerState, prompts: list[list[int]], budgets: list[int], req
     for ids, mt in zip(prompts, budgets):
         for k in range(req.n):
             jobs.append(Job(
-                ids, mt, temperature=req.temperature, top_p=req.top_p, stop=stops,
+                ids, mt, temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k or 0, 0),
+                repetition_penalty=req.repetition_penalty, stop=stops,
                 # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
                 seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,

@@ -66,6 +66,9 @@ class _Req(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # Not OpenAI's, but the extra sampling fields vLLM and llama.cpp's server take (0 or -1: top_k off).
+    top_k: StrictInt | None = Field(None, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0)
     user: str | None = None
     # Accepted only at their "off" values (see UNSUPPORTED).
     logit_bias: Any = None

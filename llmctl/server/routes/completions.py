@@ -57,7 +57,7 @@ def prompt_items(prompt: Any) -> list:
 
 def _as_text(st: ServerState, item: Any, ids: list[int]) -> str:
     """A prompt as text, exactly as sent (token-id prompts decoded)."""
-    return item if isinstance(item, str) else st.engine.tok.decode(ids)
+    return item if isinstance(item, str) else st.engine.tok.decode(ids[st.engine.leading_bos(ids):])
 
 
 def prompt_ids(st: ServerState, items: list, rid: str) -> list[list[int]]:
