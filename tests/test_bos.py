@@ -129,3 +129,24 @@ def test_generate_eval_and_serve_see_the_same_prompt(model_dir, monkeypatch):
     finally:
         engine.stop()
         torch.set_num_threads(threads)
+
+
+def test_explain_attributes_the_prompt_the_model_sees(model_dir):
+    """explain feeds the prompt as generate does: BOS first exactly when the rule says so, and
+    the next token it explains is generate's greedy first token."""
+    import torch
+
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.modeling import load_for_inference
+    from llmctl.stages.explain import attribute
+
+    d, want = model_dir
+    model, tok = load_for_inference(str(d))
+    text = "the quick brown fox"
+    out = attribute(model, tok, text)
+    plain = tok(text, add_special_tokens=False)["input_ids"]
+    ids = [tok.bos_token_id] * want + plain
+    assert [t["id"] for t in out["tokens"]] == ids
+    with torch.no_grad():
+        first = generate_batch(model, tok, [text], Sampling(max_new_tokens=1))[0]["token_ids"][0]
+    assert out["target_ids"] == [first]

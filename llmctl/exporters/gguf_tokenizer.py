@@ -194,8 +194,10 @@ def add_to_writer(w, tok, vocab_size: int, pre: str) -> None:
     if tok.pad_token_id is not None:
         w.add_pad_token_id(tok.pad_token_id)
     # What the tokenizer adds on its own: llama.cpp then adds the same (llama-bpe defaults to BOS).
+    from llmctl.tokenizer import wants_bos
+
     plain, full = _ids(tok, "a"), tok("a")["input_ids"]
-    w.add_add_bos_token(tok.bos_token_id is not None and full[: len(full) - len(plain)][:1] == [tok.bos_token_id])
+    w.add_add_bos_token(wants_bos(tok))
     w.add_add_eos_token(tok.eos_token_id is not None and len(full) > len(plain) and full[-1] == tok.eos_token_id)
     if getattr(tok, "chat_template", None):
         w.add_chat_template(tok.chat_template)

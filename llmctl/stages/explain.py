@@ -42,9 +42,12 @@ def attribute(model, tok, prompt: str, target: str | None = None, top_k: int = 5
     """Logprobs and attributions for `prompt` (-> `target`, default: the greedy next token)."""
     import torch
 
+    from llmctl.tokenizer import with_bos
+
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ConfigError("explain: the prompt is empty")
+    ids = with_bos(tok, ids)  # the prompt as generate and serve feed it
     dev = model.device
     prompt_ids = torch.tensor([ids], device=dev)
     with torch.no_grad():
