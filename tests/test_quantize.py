@@ -187,23 +187,46 @@ def test_model_path_must_be_a_dir_or_gguf(tmp_path, trained_run):
     assert r.returncode == 3 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_serve_with_int8(trained_run):
+def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path):
+    """`serve --quantize int8` answers with the quantized model: its echoed prompt logprobs are
+    the int8 model's teacher-forced ones, close to f32's but not f32's (a sharp model, so that
+    quantization moves the numbers measurably)."""
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("fastapi")
+    import torch
+    import yaml
+
+    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from llmctl.modeling import load_for_inference
     from test_serve import Server
 
     path, cfg, rd = trained_run
-    import yaml
-
+    sharp = build_sharp_model(tmp_path / "sharp", SOURCE_WITH_BLANKS)
     d = yaml.safe_load(path.read_text())
-    d["serve"] = {"quantize": "int8", "model_name": "q"}
+    d["serve"] = {"quantize": "int8", "model_name": "q", "model": str(sharp)}
     qpath = path.parent / "serve-int8.yaml"
     qpath.write_text(yaml.safe_dump(d))
+    prompt = SOURCE_WITH_BLANKS[:160]
     s = Server(qpath)
     try:
         assert any("quantized to int8" in line for line in s.lines), "".join(s.lines)
-        r = httpx.post(s.url + "/v1/completions", json={"model": "q", "prompt": "the quick", "max_tokens": 5, "temperature": 0}, timeout=60)
+        r = httpx.post(s.url + "/v1/completions", json={"model": "q", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                                        "echo": True, "logprobs": 0}, timeout=60)
         assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] > 0
+        served = r.json()["choices"][0]["logprobs"]["token_logprobs"]
     finally:
         assert s.stop() == 0, "".join(s.lines)
+
+    def forced(model, ids):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return torch.tensor([float(lp[k - 1, ids[k]]) for k in range(1, len(ids))])
+
+    f32, tok = load_for_inference(str(sharp))
+    q8, _ = load_for_inference(str(sharp), quantize="int8")
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    got = torch.tensor(served[1 : len(ids)])
+    want_q, want_f = forced(q8, ids), forced(f32, ids)
+    moved = float((want_q - want_f).abs().max())
+    assert moved > 1e-3 and float((want_q - want_f).abs().mean()) < 0.1 * float(want_f.abs().mean()), (want_q, want_f)
+    assert float((got - want_q).abs().max()) < moved / 20, (got, want_q, want_f)
