@@ -121,9 +121,9 @@ def test_each_positive_is_found_with_its_kind_and_span(kind, text, expected):
     assert text[m.start : m.end] == expected
 
 
-def test_recall_at_least_95_percent():
-    hits = sum(any(m.kind == k and m.text == e for m in d.find(t)) for k, t, e in POSITIVES)
-    assert hits / len(POSITIVES) >= 0.95
+def test_every_kind_has_positives():
+    # Recall is pinned item by item above (every positive found, with its span); this keeps a
+    # new detector kind from landing without any.
     assert {k for k, _, _ in POSITIVES} | {"private_key"} == set(d.KINDS)
 
 
