@@ -1,6 +1,6 @@
 """Combinations no stage can carry out, refused before any work.
 
-The schema (llmctl/config.py) checks what the YAML alone decides. What needs the model's
+The schema (llmctl/config/schema.py) checks what the YAML alone decides. What needs the model's
 own config (its architecture, for an export format) is checked here, by `config validate`
 and every stage, so that a run never trains for hours and then fails at `export`.
 """

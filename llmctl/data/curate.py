@@ -5,12 +5,12 @@ What applies depends on the documents: the quality filters and language id are f
 short answer is good data); dedup, PII/secret scrubbing and leakage apply to every format.
 
 Two passes over the split documents (Arrow datasets, memory-mapped):
-1. `annotate` (per document, parallel with `datasets.map(num_proc)`): the quality filters
+1. `annotate_batch` (per document, parallel with `datasets.map(num_proc)`): the quality filters
    and language id, PII scrubbing (llmctl.detectors; skipped for documents already dropped),
    the exact-dedup key (hash of the normalised text) and the MinHash signature (rensa, seeded).
    Chat conversations are compared on their user and assistant turns: a system prompt that
    every conversation shares is not duplication.
-2. `dedup` (sequential, in a fixed order: train, then validation, then test): a document whose
+2. `_Dedup` (sequential, in a fixed order: train, then validation, then test): a document whose
    normalised text was seen is an exact duplicate; one whose *exact* shingle Jaccard with a
    kept document reaches the threshold is a near duplicate. MinHash LSH only proposes the
    candidates, with bands chosen so that a pair at the threshold is missed with probability
@@ -18,6 +18,9 @@ Two passes over the split documents (Arrow datasets, memory-mapped):
    threshold, and the shingle sets of the rest (recomputed from the two texts) decide.
    A held-out document that duplicates a *training* document is counted as leakage. Memory is
    the hash set and the LSH index (num_perm x 4 bytes + num_bands keys per kept document).
+Then the report (`_split_report`, `_Tally`): documents, words and characters before and after
+each step per split, examples of what each step removed, languages, PII and term groups;
+`add_tokens` adds token counts once prepare has a tokenizer.
 
 The first occurrence is kept, so re-runs are deterministic for a given run.seed.
 """
@@ -50,6 +53,8 @@ _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
 _EXAMPLES = 5
 # The fields that hold a document's text, per data.format.
 TEXT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"]}
+# The per-document columns the annotate pass adds (removed again from the curated splits).
+ANNOTATIONS = ("_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms")
 
 
 @dataclass
@@ -270,30 +275,37 @@ def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict
     return {"messages": [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]}, counts
 
 
+def _filter(text: str, p: Plan) -> tuple[str, str]:
+    """(the reason a filter drops the document, or '', its language or '') for the quality
+    filters and language id, whichever the plan runs."""
+    c = p.cfg
+    # quality first: it is cheap, and language id is unreliable on the very short
+    # documents that min_words removes
+    if p.quality:
+        fail = quality_failure(text, c.quality)
+        if fail:
+            return "quality:" + fail, ""
+    if p.language:
+        lang, score = language(text)
+        if lang not in c.languages or score < c.min_language_score:
+            return "language", lang
+        return "", lang
+    return "", ""
+
+
 def annotate_batch(batch: dict, fmt: str, p: Plan, seed: int) -> dict:
     """Per-document work for `datasets.map(batched=True)`: scrubbed fields + _columns."""
     c = p.cfg
     keys = list(batch)
     n = len(batch[keys[0]])
     out: dict[str, list] = {k: [] for k in keys}
-    cols: dict[str, list] = {"_drop": [], "_lang": [], "_words": [], "_chars": [], "_exact": [], "_minhash": [], "_pii": [], "_terms": []}
+    cols: dict[str, list] = {col: [] for col in ANNOTATIONS}
     terms = frozenset(t.lower().encode() for ts in (c.term_groups or {}).values() for t in ts)
     to_sign: list[tuple[int, str, list[bytes]]] = []
     for i in range(n):
         row = {k: batch[k][i] for k in keys}
         text = doc_text(row, fmt)
-        drop = ""
-        lang = ""
-        # quality first: it is cheap, and language id is unreliable on the very short
-        # documents that min_words removes
-        if p.quality:
-            fail = quality_failure(text, c.quality)
-            if fail:
-                drop = "quality:" + fail
-        if p.language and not drop:
-            lang, score = language(text)
-            if lang not in c.languages or score < c.min_language_score:
-                drop = "language"
+        drop, lang = _filter(text, p)
         pii: Counter = Counter()
         if p.pii != "off" and not drop:  # a dropped document is neither scrubbed nor counted
             scrubbed, pii = _scrub_row(row, fmt, p.pii_kinds, c.pii.placeholder)
@@ -446,6 +458,231 @@ def _sig_matrix(col, num_perm: int):
 
 
 # --------------------------------------------------------------------------- the pass
+def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir, con=None) -> tuple[dict, dict]:
+    """Curate each split; return (curated splits, report dict without token counts)."""
+    order = [s for s in ("train", "validation", "test") if splits.get(s) is not None and len(splits[s])]
+    annotated = {name: _annotate(name, splits[name], fmt, p, seed, num_proc, cache_dir) for name in order}
+    ids = _DocIds(annotated)
+    dedup = _Dedup(annotated, fmt, p, ids)
+    # sequential, in a fixed order; each document ends with one reason ('' = kept)
+    reasons = {name: dedup.split(name, annotated[name]) for name in order}
+
+    report: dict = {"content": p.content, "format": fmt, "plan": {
+        "language": p.language, "quality": p.quality, "pii": p.pii, "exact_dedup": p.exact_dedup,
+        "near_dedup": p.near_dedup, "leakage": p.leakage}}
+    tally = _Tally()
+    out, per_split = {}, {}
+    for name in order:
+        out[name], per_split[name], hist = _split_report(name, annotated[name], reasons[name], p, ids, tally)
+        report.setdefault("length_histogram_words", {})[name] = hist
+    report["splits"] = per_split
+    report["removed"] = tally.removed(order)
+    report["quality_filters"] = {f: {"removed": tally.quality[f], "examples": tally.examples.get("quality:" + f, [])}
+                                 for f in QUALITY_FILTERS} if p.quality else {}
+    report["near_duplicates"] = dedup.summary()
+    report["pii"] = {"action": p.pii, "documents": tally.pii_docs, "by_kind": dict(sorted(tally.pii.items()))}
+    report["languages"] = {"before": dict(tally.langs_before.most_common()),
+                           "after": dict(tally.langs_after.most_common())} if p.language else {}
+    if "train" in out and p.cfg.term_groups:
+        col = annotated["train"].select_columns(["_terms"]).to_dict()["_terms"]
+        report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
+    # for add_tokens, once the tokenizer exists
+    report["_removed_idx"] = tally.removed_idx
+    report["_annotated"] = annotated
+    return out, report
+
+
+def _annotate(name: str, ds, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir):
+    """Pass 1 over one split: `annotate_batch`, in parallel when the split is large enough."""
+    from pathlib import Path
+
+    return ds.map(
+        annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
+        num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
+        cache_file_name=str(Path(cache_dir) / f"curate-{name}.arrow"), desc=None,
+    )
+
+
+class _DocIds:
+    """Where a document came from (its `_id`, else split/index), read only for the few
+    examples the report shows."""
+
+    def __init__(self, annotated: dict):
+        self.cols = {name: ds.select_columns(["_id"]) for name, ds in annotated.items() if "_id" in ds.column_names}
+
+    def __call__(self, split: str, i: int) -> str:
+        return self.cols[split][i]["_id"] if split in self.cols else f"{split}/{i}"
+
+
+class _Dedup:
+    """Pass 2: exact and near dedup, and leakage, over the splits in order (train first).
+
+    State: the exact keys seen (key -> first split, index), and the LSH index of the kept
+    documents (LSH id -> split, index), whose shingle sets are recomputed from their text only
+    when LSH proposes them (and cached)."""
+
+    def __init__(self, annotated: dict, fmt: str, p: Plan, ids: _DocIds):
+        self.fmt, self.p, self.ids = fmt, p, ids
+        self.nd = p.cfg.near_dedup
+        self.lsh = LSHIndex(self.nd.threshold, self.nd.num_perm) if p.near_dedup else None
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.where: dict[int, tuple[str, int]] = {}
+        self.near_pairs: list[dict] = []
+        # the (scrubbed) text of a document, read back only for the candidates LSH proposes
+        self.text_cols = {name: ds.select_columns(TEXT_COLUMNS[fmt]) for name, ds in annotated.items()}
+        self.kept_set = functools.lru_cache(maxsize=4096)(lambda g: self.key_set(*self.where[g]))
+
+    def key_set(self, split: str, i: int):
+        return shingle_set(dedup_text(self.text_cols[split][i], self.fmt), self.nd.shingle, self.nd.shingle_size)
+
+    def split(self, name: str, ds) -> list[str]:
+        """The removal reason of each document of one split ('' = kept)."""
+        rs: list[str] = []
+        lsh = self.lsh
+        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow").iter(batch_size=1000):
+            sigs, sig_row = _sig_matrix(batch.column("_minhash"), self.nd.num_perm) if lsh is not None else (None, None)
+            band_keys = lsh.keys(sigs) if lsh is not None and len(sigs) else []
+            for k, (drop, ex) in enumerate(zip(batch.column("_drop").to_pylist(), batch.column("_exact").to_pylist())):
+                near = (sigs[sig_row[k]], band_keys[sig_row[k]]) if lsh is not None and sig_row[k] >= 0 else None
+                rs.append(drop or self.reason(name, len(rs), ex, near))
+        return rs
+
+    def reason(self, name: str, i: int, ex: str, near) -> str:
+        """Why document i of split `name` goes (exact_dedup, near_dedup, leakage), or '' when it
+        stays; a kept document joins the seen keys and the LSH index."""
+        held_out = name != "train"
+        p = self.p
+        if ex and ex in self.seen and (p.exact_dedup or (held_out and self.seen[ex][0] == "train" and p.leakage)):
+            return "leakage" if held_out and self.seen[ex][0] == "train" and p.leakage else "exact_dedup"
+        if near is not None:
+            hit = self.near(name, i, *near)
+            if hit:
+                return hit
+        if ex:
+            self.seen.setdefault(ex, (name, i))
+        return ""
+
+    def near(self, name: str, i: int, sig, keys) -> str:
+        """'near_dedup' (or 'leakage') when a kept document is a near duplicate; else '', and
+        the document joins the index."""
+        own: list = []
+
+        def confirm(j) -> float:
+            if not own:
+                own.append(self.key_set(name, i))
+            return jaccard(own[0], self.kept_set(j))
+
+        hit = self.lsh.query(sig, keys, confirm)
+        if hit is None:
+            gid = len(self.where)
+            self.lsh.insert(gid, sig, keys)
+            self.where[gid] = (name, i)
+            return ""
+        src_split, src_i = self.where[hit[0]]
+        if len(self.near_pairs) < 20:
+            self.near_pairs.append({"doc": self.ids(name, i), "split": name, "duplicate_of": self.ids(src_split, src_i),
+                                    "duplicate_split": src_split, "jaccard": round(hit[1], 3)})
+        return "leakage" if name != "train" and src_split == "train" and self.p.leakage else "near_dedup"
+
+    def summary(self) -> dict:
+        """report['near_duplicates']: the LSH settings, its work, and the first pairs found."""
+        lsh, nd = self.lsh, self.nd
+        if lsh is None:
+            return {}
+        return {"threshold": nd.threshold, "num_perm": nd.num_perm, "jaccard": "exact (shingle sets)",
+                "bands": lsh.bands, "rows": lsh.rows, "lsh_miss_at_threshold": MAX_MISS,
+                "candidate_pairs": lsh.candidates, "exact_checks": lsh.checked,
+                "shingle": f"{nd.shingle}:{nd.shingle_size}", "examples": self.near_pairs}
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass
+class _Tally:
+    """What the report counts across splits."""
+
+    removed_idx: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # split -> step -> indices
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first document ids
+    quality: Counter = field(default_factory=Counter)
+    pii: Counter = field(default_factory=Counter)
+    pii_docs: int = 0
+    langs_before: Counter = field(default_factory=Counter)
+    langs_after: Counter = field(default_factory=Counter)
+
+    def removed(self, order: list[str]) -> dict:
+        """report['removed']: documents and the first examples per step."""
+        return {step: {"documents": sum(len(self.removed_idx[s].get(step, [])) for s in order),
+                       "examples": [e for r, ex in self.examples.items() if r.split(":")[0] == step for e in ex][:_EXAMPLES]}
+                for step in STEPS}
+
+
+def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _Tally) -> tuple[Any, dict, dict]:
+    """One split's kept documents (annotations dropped), its report['splits'] entry and its
+    length histogram; its removals, languages and PII go into the tally."""
+    meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"]).to_dict()
+    words, chars = meta["_words"], meta["_chars"]
+    counts, wsum, csum = _tally_removals(name, rs, words, chars, ids, tally)
+    _tally_langs_pii(meta["_lang"], meta["_pii"], rs, p, tally)
+    steps, docs = _step_table(rs, words, chars, counts, wsum, csum, p)
+    info = {"documents_before": len(rs), "documents_after": docs, "steps": steps,
+            "removed_by": dict(Counter(r for r in rs if r).most_common())}
+    keep = [i for i, r in enumerate(rs) if not r]
+    kept = ds.select(keep) if len(keep) < len(rs) else ds
+    hist = {"before": _hist(words), "after": _hist(words[i] for i in keep)}
+    return kept.remove_columns(list(ANNOTATIONS)), info, hist
+
+
+def _tally_removals(name: str, rs: list[str], words: list[int], chars: list[int], ids: _DocIds,
+                    tally: _Tally) -> tuple[Counter, Counter, Counter]:
+    """(documents, words, chars) removed per step ('' = kept); records each removal's index,
+    the first examples of each reason and the quality filter counts."""
+    counts: Counter = Counter()
+    wsum: Counter = Counter()
+    csum: Counter = Counter()
+    tally.removed_idx[name] = {}
+    for i, r in enumerate(rs):
+        step = r.split(":")[0] if r else ""
+        counts[step] += 1
+        wsum[step] += words[i]
+        csum[step] += chars[i]
+        if r:
+            tally.removed_idx[name].setdefault(step, []).append(i)
+            ex = tally.examples.setdefault(r, [])
+            if len(ex) < _EXAMPLES:
+                ex.append(ids(name, i))
+            if r.startswith("quality:"):
+                tally.quality[r.split(":", 1)[1]] += 1
+    return counts, wsum, csum
+
+
+def _tally_langs_pii(langs: list[str], piis: list[str], rs: list[str], p: Plan, tally: _Tally) -> None:
+    """Languages before and after curation; PII found in the documents the pii step acted on."""
+    for i, (lang, pii) in enumerate(zip(langs, piis)):
+        if lang:
+            tally.langs_before[lang] += 1
+            if not rs[i]:
+                tally.langs_after[lang] += 1
+        # what the pii step did to the documents that reached it: redacted and kept, or dropped
+        if pii and (rs[i] == "pii" if p.pii == "drop" else not rs[i]):
+            tally.pii_docs += 1
+            tally.pii.update(json.loads(pii))
+
+
+def _step_table(rs: list[str], words: list[int], chars: list[int], counts: Counter, wsum: Counter,
+                csum: Counter, p: Plan) -> tuple[list[dict], int]:
+    """Documents, words and chars before and after each step (in STEPS order), and the
+    documents left at the end."""
+    steps = []
+    docs, w, ch = len(rs), sum(words), sum(chars)
+    for step in STEPS:
+        if step == "pii" and p.pii != "drop":
+            continue
+        removed = counts[step]
+        steps.append({"step": step, "documents_before": docs, "removed": removed, "documents_after": docs - removed,
+                      "words_before": w, "words_after": w - wsum[step], "chars_before": ch, "chars_after": ch - csum[step]})
+        docs, w, ch = docs - removed, w - wsum[step], ch - csum[step]
+    return steps, docs
+
+
 def _hist(values: Iterable[int]) -> dict[str, int]:
     """Counts in power-of-two word-length bins: '0', '1', '2-3', '4-7', ..."""
     h: Counter = Counter()
@@ -456,10 +693,6 @@ def _hist(values: Iterable[int]) -> dict[str, int]:
             lo = 1 << (int(v).bit_length() - 1)
             h[f"{lo}-{2 * lo - 1}"] += 1
     return dict(sorted(h.items(), key=lambda kv: int(kv[0].split("-")[0])))
-
-
-# ASCII punctuation -> space on UTF-8 bytes (C speed); bytes >= 128 stay, so non-ASCII words survive
-_SPLIT_TABLE = bytes(b if (chr(b).isalnum() or b == 39 or b >= 128) else 32 for b in range(256))
 
 
 def _sum_terms(column: Iterable[str], keep: Iterable[bool], groups: dict[str, list[str]]) -> dict:
@@ -481,171 +714,6 @@ def _sum_terms(column: Iterable[str], keep: Iterable[bool], groups: dict[str, li
                        "top_terms": dict(Counter({t: per_term[t] for t in map(str.lower, ts) if per_term[t]}).most_common(5))}
                    for g, ts in groups.items()},
     }
-
-
-def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir, con=None) -> tuple[dict, dict]:
-    """Curate each split; return (curated splits, report dict without token counts)."""
-    from pathlib import Path
-
-    cache_dir = Path(cache_dir)
-    order = [s for s in ("train", "validation", "test") if splits.get(s) is not None and len(splits[s])]
-    report: dict = {"content": p.content, "format": fmt, "plan": {
-        "language": p.language, "quality": p.quality, "pii": p.pii, "exact_dedup": p.exact_dedup,
-        "near_dedup": p.near_dedup, "leakage": p.leakage}}
-    annotated = {}
-    for name in order:
-        ds = splits[name]
-        annotated[name] = ds.map(
-            annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
-            num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
-            cache_file_name=str(cache_dir / f"curate-{name}.arrow"), desc=None,
-        )
-    # sequential dedup in a fixed order; each document ends with one reason ('' = kept)
-    seen: dict[str, tuple[str, int]] = {}
-    nd = p.cfg.near_dedup
-    lsh = LSHIndex(nd.threshold, nd.num_perm) if p.near_dedup else None
-    reasons: dict[str, list[str]] = {}
-    near_pairs: list[dict] = []
-    gid = 0
-    where: dict[int, tuple[str, int]] = {}
-    id_cols = {name: annotated[name].select_columns(["_id"]) for name in order if "_id" in annotated[name].column_names}
-    # the (scrubbed) text of a document, read back only for the candidates LSH proposes
-    text_cols = {name: annotated[name].select_columns(TEXT_COLUMNS[fmt]) for name in order}
-
-    def key_set(split: str, i: int):
-        return shingle_set(dedup_text(text_cols[split][i], fmt), nd.shingle, nd.shingle_size)
-
-    kept_set = functools.lru_cache(maxsize=4096)(lambda g: key_set(*where[g]))
-
-    class _Ids:  # where a document came from, read only for the few examples the report shows
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, i):
-            return id_cols[self.name][i]["_id"] if self.name in id_cols else f"{self.name}/{i}"
-
-    ids = {name: _Ids(name) for name in order}
-    for name in order:
-        ds = annotated[name]
-        rs: list[str] = []
-        held_out = name != "train"
-        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow").iter(batch_size=1000):
-            sigs, sig_row = _sig_matrix(batch.column("_minhash"), nd.num_perm) if lsh is not None else (None, None)
-            band_keys = lsh.keys(sigs) if lsh is not None and len(sigs) else []
-            for k, (drop, ex) in enumerate(zip(batch.column("_drop").to_pylist(), batch.column("_exact").to_pylist())):
-                i = len(rs)
-                if drop:
-                    rs.append(drop)
-                    continue
-                if ex and ex in seen and (p.exact_dedup or (held_out and seen[ex][0] == "train" and p.leakage)):
-                    src = seen[ex][0]
-                    rs.append("leakage" if held_out and src == "train" and p.leakage else "exact_dedup")
-                    continue
-                if lsh is not None and sig_row[k] >= 0:
-                    sig, keys = sigs[sig_row[k]], band_keys[sig_row[k]]
-                    own: list = []
-
-                    def confirm(j, name=name, i=i, own=own) -> float:
-                        if not own:
-                            own.append(key_set(name, i))
-                        return jaccard(own[0], kept_set(j))
-
-                    hit = lsh.query(sig, keys, confirm)
-                    if hit is not None:
-                        src_split, src_i = where[hit[0]]
-                        is_leak = held_out and src_split == "train" and p.leakage
-                        rs.append("leakage" if is_leak else "near_dedup")
-                        if len(near_pairs) < 20:
-                            near_pairs.append({"doc": ids[name][i], "split": name, "duplicate_of": ids[src_split][src_i],
-                                               "duplicate_split": src_split, "jaccard": round(hit[1], 3)})
-                        continue
-                    lsh.insert(gid, sig, keys)
-                    where[gid] = (name, i)
-                    gid += 1
-                if ex:
-                    seen.setdefault(ex, (name, i))
-                rs.append("")
-        reasons[name] = rs
-    # the report: documents/words/chars before and after each step, per split
-    out = {}
-    per_split = {}
-    examples: dict[str, list[str]] = {}
-    quality_counts: Counter = Counter()
-    pii_counts: Counter = Counter()
-    pii_docs = 0
-    langs_before: Counter = Counter()
-    langs_after: Counter = Counter()
-    hist_before: dict[str, list[int]] = {}
-    removed_idx: dict[str, dict[str, list[int]]] = {}
-    for name in order:
-        ds = annotated[name]
-        rs = reasons[name]
-        meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"]).to_dict()
-        words = meta["_words"]
-        chars = meta["_chars"]
-        hist_before[name] = words
-        counts: Counter = Counter()
-        wsum: Counter = Counter()
-        csum: Counter = Counter()
-        removed_idx[name] = {}
-        for i, r in enumerate(rs):
-            step = r.split(":")[0] if r else ""
-            counts[step] += 1
-            wsum[step] += words[i]
-            csum[step] += chars[i]
-            if r:
-                removed_idx[name].setdefault(step, []).append(i)
-                ex = examples.setdefault(r, [])
-                if len(ex) < _EXAMPLES:
-                    ex.append(ids[name][i])
-                if r.startswith("quality:"):
-                    quality_counts[r.split(":", 1)[1]] += 1
-        for i, (lang, pii) in enumerate(zip(meta["_lang"], meta["_pii"])):
-            if lang:
-                langs_before[lang] += 1
-                if not rs[i]:
-                    langs_after[lang] += 1
-            # what the pii step did to the documents that reached it: redacted and kept, or dropped
-            if pii and (rs[i] == "pii" if p.pii == "drop" else not rs[i]):
-                pii_docs += 1
-                pii_counts.update(json.loads(pii))
-        steps = []
-        docs, w, ch = len(rs), sum(words), sum(chars)
-        for step in STEPS:
-            if step == "pii" and p.pii != "drop":
-                continue
-            removed = counts[step]
-            steps.append({"step": step, "documents_before": docs, "removed": removed, "documents_after": docs - removed,
-                          "words_before": w, "words_after": w - wsum[step], "chars_before": ch, "chars_after": ch - csum[step]})
-            docs, w, ch = docs - removed, w - wsum[step], ch - csum[step]
-        per_split[name] = {"documents_before": len(rs), "documents_after": docs, "steps": steps,
-                           "removed_by": dict(Counter(r for r in rs if r).most_common())}
-        keep = [i for i, r in enumerate(rs) if not r]
-        kept = ds.select(keep) if len(keep) < len(rs) else ds
-        out[name] = kept.remove_columns(["_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms"])
-        report.setdefault("length_histogram_words", {})[name] = {
-            "before": _hist(words), "after": _hist(words[i] for i in keep)}
-    report["splits"] = per_split
-    report["removed"] = {
-        step: {"documents": sum(len(removed_idx[s].get(step, [])) for s in order),
-               "examples": [e for r, ex in examples.items() if r.split(":")[0] == step for e in ex][:_EXAMPLES]}
-        for step in STEPS
-    }
-    report["quality_filters"] = {f: {"removed": quality_counts[f], "examples": examples.get("quality:" + f, [])}
-                                 for f in QUALITY_FILTERS} if p.quality else {}
-    report["near_duplicates"] = {"threshold": nd.threshold, "num_perm": nd.num_perm, "jaccard": "exact (shingle sets)",
-                                 "bands": lsh.bands, "rows": lsh.rows, "lsh_miss_at_threshold": MAX_MISS,
-                                 "candidate_pairs": lsh.candidates, "exact_checks": lsh.checked,
-                                 "shingle": f"{nd.shingle}:{nd.shingle_size}",
-                                 "examples": near_pairs} if lsh is not None else {}
-    report["pii"] = {"action": p.pii, "documents": pii_docs, "by_kind": dict(sorted(pii_counts.items()))}
-    report["languages"] = {"before": dict(langs_before.most_common()), "after": dict(langs_after.most_common())} if p.language else {}
-    if "train" in out and p.cfg.term_groups:
-        col = annotated["train"].select_columns(["_terms"]).to_dict()["_terms"]
-        report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
-    report["_removed_idx"] = removed_idx
-    report["_annotated"] = annotated
-    return out, report
 
 
 def add_tokens(report: dict, tok, fmt: str, final_tokens: dict[str, int]) -> None:

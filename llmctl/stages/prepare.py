@@ -182,13 +182,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
     build = rd.stage_dir("prepare") / f".build.tmp-{int(t0)}"
     # Reading records is cheap next to tokenizing; it gives the input fingerprint for caching.
     con.step(f"reading {cfg.data.source} data")
-    recs, fp = _records(cfg, counters)
-    extras = {}
-    for split, paths, key in (("validation", cfg.data.validation_paths, "data.validation_paths"), ("test", cfg.data.test_paths, "data.test_paths")):
-        if paths:
-            extras[split], efp = _explicit(paths, key, cfg, counters)
-            fp += efp
-    extra_hash = hashlib.sha256(fp.encode()).hexdigest()[:16]
+    recs, extras, extra_hash = _inputs(cfg, counters)
     if not force and rd.up_to_date("prepare", cfg, extra_hash=extra_hash):
         con.info(f"prepare: up to date in {rd.stage_dir('prepare')} (use --force to redo)")
         shutil.rmtree(build, ignore_errors=True)
@@ -201,32 +195,69 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        for name in ("tokenizer", "dataset", "pairs"):
-            src = build / name
-            if src.exists():
-                replace_path(src, rd.stage_dir("prepare") / name)
-            elif (rd.stage_dir("prepare") / name).exists():
-                shutil.rmtree(rd.stage_dir("prepare") / name)
-        atomic_write_json(rd.stats_path, headline["stats"])
-        report = headline.pop("report")
-        if report is not None:
-            atomic_write_json(rd.report_path, report)
-        elif rd.report_path.exists():
-            rd.report_path.unlink()
-        shutil.rmtree(build, ignore_errors=True)
-        headline.pop("stats")
+        _publish(rd, build, headline)
         headline["seconds"] = round(time.time() - t0, 1)
         st.headline.update(headline)
     return headline
 
 
-def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
-    from datasets import Dataset, DatasetDict, disable_progress_bars
+def _inputs(cfg, counters) -> tuple[Iterator[tuple[dict, str]], dict, str]:
+    """(records of the main source, {split: records} of explicit validation/test files, the
+    hash of every input's fingerprint)."""
+    recs, fp = _records(cfg, counters)
+    extras = {}
+    for split, paths, key in (("validation", cfg.data.validation_paths, "data.validation_paths"), ("test", cfg.data.test_paths, "data.test_paths")):
+        if paths:
+            extras[split], efp = _explicit(paths, key, cfg, counters)
+            fp += efp
+    return recs, extras, hashlib.sha256(fp.encode()).hexdigest()[:16]
 
-    from llmctl.data import formats
-    from llmctl.tokenizer import ensure_chat_template, load_tokenizer, train_tokenizer
+
+def _publish(rd: RunDir, build: Path, headline: dict) -> None:
+    """Move what the build made into RUN/prepare (an output this build did not make goes, so
+    nothing stale stays), then write stats.json and report.json, taking both out of the headline."""
+    for name in ("tokenizer", "dataset", "pairs"):
+        src = build / name
+        if src.exists():
+            replace_path(src, rd.stage_dir("prepare") / name)
+        elif (rd.stage_dir("prepare") / name).exists():
+            shutil.rmtree(rd.stage_dir("prepare") / name)
+    atomic_write_json(rd.stats_path, headline["stats"])
+    report = headline.pop("report")
+    if report is not None:
+        atomic_write_json(rd.report_path, report)
+    elif rd.report_path.exists():
+        rd.report_path.unlink()
+    shutil.rmtree(build, ignore_errors=True)
+    headline.pop("stats")
+
+
+def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
+    """Records -> split documents -> curated -> tokenizer -> tokenized dataset and held-out
+    pairs, all under `build`; returns the headline (with `stats` and `report` for _publish)."""
+    from datasets import disable_progress_bars
 
     disable_progress_bars()
+    d = cfg.data
+    splits = _read_splits(cfg, recs, extras, counters, build, con)
+    splits, report = _curate(cfg, rd, splits, build, con)
+    tok = _tokenizer(cfg, splits["train"], build, con)
+    stats: dict = {"format": d.format, "source": d.source, "block_size": d.block_size, "vocab_size": len(tok),
+                   "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
+    _tokenize(cfg, splits, tok, build, con, stats)
+    _save_pairs(cfg, tok, splits, build, stats)
+    if report is not None:
+        from llmctl.data import curate
+
+        curate.add_tokens(report, tok, d.format, {k: v["tokens"] for k, v in stats["splits"].items()})
+        for line in curate.summary_lines(report):
+            con.info(line)
+    return _headline(stats, len(tok), counters, report)
+
+
+def _read_splits(cfg, recs, extras, counters, build: Path, con) -> dict:
+    """The documents in Arrow files, split by run.seed; explicit validation/test files
+    replace a held-out fraction."""
     d = cfg.data
     docs = _to_arrow(_normalise(recs, cfg, counters), build / "cache" / "raw.arrow")
     if docs is None:
@@ -237,101 +268,16 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         if splits[name] is None:
             raise DataError(f"data.{name}_paths: no usable records")
     con.info("documents: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v is not None and len(v)))
-    splits, report = _curate(cfg, rd, splits, build, con)
+    return splits
 
-    # ---- tokenizer
-    chat = d.format == "chat"
-    if cfg.tokenizer.name_or_path:
-        con.step(f"loading tokenizer {cfg.tokenizer.name_or_path}")
-        tok = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.trust_remote_code)
-    else:
-        con.step(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) on the training split")
-        tok = train_tokenizer(_train_texts(splits["train"], d.format, cfg.tokenizer.max_train_bytes), cfg, chat=chat, model_max_length=cfg.model.context_length if not cfg.model.name_or_path else None)
-    if chat:
-        ensure_chat_template(tok, cfg.tokenizer.chat_template)
-    elif cfg.tokenizer.chat_template:
-        tok.chat_template = cfg.tokenizer.chat_template
-    tok.save_pretrained(build / "tokenizer")
-    eos = tok.eos_token_id
 
-    # ---- tokenize
-    stats: dict = {"format": d.format, "source": d.source, "block_size": d.block_size, "vocab_size": len(tok),
-                   "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
-    out: dict = {}
-    for name in SPLITS:
-        if splits.get(name) is None or len(splits[name]) == 0:
-            continue
-        with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
-            if d.format == "text":
-                s = {"documents": 0, "bytes": 0, "tokens": 0, "kept_tokens": 0, "dropped_tokens": 0}
-                texts = splits[name]
-
-                def docs_text(texts=texts) -> Iterator[str]:
-                    for i, batch in enumerate(texts.iter(batch_size=1000)):
-                        prog.update(completed=i * 1000)
-                        yield from batch["text"]
-
-                import pyarrow as pa
-
-                blocks = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
-                ds = _to_arrow(formats.pack_text(docs_text(), tok, d.block_size, eos, s), build / "cache" / f"{name}.arrow", chunk=2048, schema=blocks)
-                prog.update(completed=len(texts))
-                if len(ds) == 0:
-                    raise DataError(
-                        f"the {name} split has {s['tokens']} tokens, fewer than one block of data.block_size={d.block_size}: "
-                        "add data or lower data.block_size"
-                    )
-                out[name] = ds
-                stats["splits"][name] = {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
-                                         "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
-                                         "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
-            else:
-                raw = splits[name].flatten_indices()
-                fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
-                kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": eos} if d.format == "prompt_completion" else {})
-                ds = raw.map(fn, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=raw.column_names,
-                             num_proc=d.num_proc if d.num_proc > 1 and len(raw) > 1000 else None,
-                             cache_file_name=str(build / "cache" / f"{name}.arrow"))
-                dropped = sum(ds["_dropped"])
-                trunc = sum(ds["_truncated"])
-                tokens = sum(ds["_tokens"])
-                nbytes = sum(ds["_bytes"])
-                why = _drop_reasons(ds, d.format)
-                ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns([c for c in ds.column_names if c.startswith("_")])
-                prog.update(completed=len(raw))
-                what = "conversations" if d.format == "chat" else "pairs"
-                if len(ds) == 0:
-                    raise DataError(f"the {name} split has no usable example: all {len(raw)} {what} dropped: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
-                if dropped:
-                    con.warn(f"{name}: dropped {dropped} of {len(raw)} {what}: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
-                if trunc:
-                    con.info(f"{name}: {trunc} of {len(raw)} {what} cut from the left to fit data.block_size={d.block_size}"
-                             + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
-                out[name] = ds
-                stats["splits"][name] = {"documents": len(raw), "examples": len(ds), "tokens": tokens,
-                                         "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
-                                         "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
-    if "validation" not in out:
-        con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
-    DatasetDict(out).save_to_disk(str(build / "dataset"))
-
-    # ---- held-out prompt/reference pairs for BLEU
-    pairs = _pairs(cfg, tok, splits)
-    if pairs:
-        DatasetDict({k: Dataset.from_dict(v) for k, v in pairs.items()}).save_to_disk(str(build / "pairs"))
-        stats["pairs"] = {k: len(v["prompt"]) for k, v in pairs.items()}
-    if report is not None:
-        from llmctl.data import curate
-
-        curate.add_tokens(report, tok, d.format, {k: v["tokens"] for k, v in stats["splits"].items()})
-        for line in curate.summary_lines(report):
-            con.info(line)
+def _headline(stats: dict, vocab_size: int, counters, report: dict | None) -> dict:
     tr = stats["splits"]["train"]
     headline = {
         "documents": sum(s.get("documents", 0) for s in stats["splits"].values()),
         "train_tokens": tr["tokens"],
         "validation_tokens": stats["splits"].get("validation", {}).get("tokens", 0),
-        "vocab_size": len(tok),
+        "vocab_size": vocab_size,
         "bytes_per_token": tr["bytes_per_token"],
         "skipped_records": counters.skipped,
         "pairs": sum(stats.get("pairs", {}).values()),
@@ -365,6 +311,106 @@ def _curate(cfg, rd: RunDir, splits: dict, build: Path, con) -> tuple[dict, dict
             atomic_write_json(rd.report_path, {k: v for k, v in report.items() if not k.startswith("_")})
             raise DataError(f"{curate.emptied_message(name, info, cfg.data.curate)} (the curation report: {rd.report_path})")
     return {**splits, **out}, report
+
+
+# --------------------------------------------------------------------------- tokenizer and tokens
+def _tokenizer(cfg, train_docs, build: Path, con):
+    """Load the configured tokenizer or train one on the (curated) training split; set its
+    chat template; save it to build/tokenizer."""
+    from llmctl.tokenizer import ensure_chat_template, load_tokenizer, train_tokenizer
+
+    d = cfg.data
+    chat = d.format == "chat"
+    if cfg.tokenizer.name_or_path:
+        con.step(f"loading tokenizer {cfg.tokenizer.name_or_path}")
+        tok = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.trust_remote_code)
+    else:
+        con.step(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) on the training split")
+        tok = train_tokenizer(_train_texts(train_docs, d.format, cfg.tokenizer.max_train_bytes), cfg, chat=chat, model_max_length=cfg.model.context_length if not cfg.model.name_or_path else None)
+    if chat:
+        ensure_chat_template(tok, cfg.tokenizer.chat_template)
+    elif cfg.tokenizer.chat_template:
+        tok.chat_template = cfg.tokenizer.chat_template
+    tok.save_pretrained(build / "tokenizer")
+    return tok
+
+
+def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
+    """Each split as training examples in build/dataset: packed blocks (text) or encoded
+    pairs and conversations; their numbers go into stats['splits']."""
+    from datasets import DatasetDict
+
+    d = cfg.data
+    out: dict = {}
+    for name in SPLITS:
+        if splits.get(name) is None or len(splits[name]) == 0:
+            continue
+        with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
+            if d.format == "text":
+                out[name], stats["splits"][name] = _pack_split(name, splits[name], tok, d, build, prog)
+            else:
+                out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
+    if "validation" not in out:
+        con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
+    DatasetDict(out).save_to_disk(str(build / "dataset"))
+
+
+def _pack_split(name: str, texts, tok, d, build: Path, prog) -> tuple[object, dict]:
+    """Text documents packed into data.block_size blocks (EOS between documents), and their stats."""
+    import pyarrow as pa
+
+    from llmctl.data import formats
+
+    s = {"documents": 0, "bytes": 0, "tokens": 0, "kept_tokens": 0, "dropped_tokens": 0}
+    blocks = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
+    rows = formats.pack_text(_texts_with_progress(texts, prog), tok, d.block_size, tok.eos_token_id, s)
+    ds = _to_arrow(rows, build / "cache" / f"{name}.arrow", chunk=2048, schema=blocks)
+    prog.update(completed=len(texts))
+    if len(ds) == 0:
+        raise DataError(
+            f"the {name} split has {s['tokens']} tokens, fewer than one block of data.block_size={d.block_size}: "
+            "add data or lower data.block_size"
+        )
+    return ds, {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
+                "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
+                "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
+
+
+def _texts_with_progress(texts, prog) -> Iterator[str]:
+    for i, batch in enumerate(texts.iter(batch_size=1000)):
+        prog.update(completed=i * 1000)
+        yield from batch["text"]
+
+
+def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[object, dict]:
+    """Prompt/completion pairs or conversations encoded (labels on the completion or the
+    assistant turns); examples that cannot fit are dropped and counted, and their stats."""
+    from llmctl.data import formats
+
+    raw = docs.flatten_indices()
+    fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
+    kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": tok.eos_token_id} if d.format == "prompt_completion" else {})
+    ds = raw.map(fn, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=raw.column_names,
+                 num_proc=d.num_proc if d.num_proc > 1 and len(raw) > 1000 else None,
+                 cache_file_name=str(build / "cache" / f"{name}.arrow"))
+    dropped = sum(ds["_dropped"])
+    trunc = sum(ds["_truncated"])
+    tokens = sum(ds["_tokens"])
+    nbytes = sum(ds["_bytes"])
+    why = _drop_reasons(ds, d.format)
+    ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns([c for c in ds.column_names if c.startswith("_")])
+    prog.update(completed=len(raw))
+    what = "conversations" if d.format == "chat" else "pairs"
+    if len(ds) == 0:
+        raise DataError(f"the {name} split has no usable example: all {len(raw)} {what} dropped: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+    if dropped:
+        con.warn(f"{name}: dropped {dropped} of {len(raw)} {what}: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+    if trunc:
+        con.info(f"{name}: {trunc} of {len(raw)} {what} cut from the left to fit data.block_size={d.block_size}"
+                 + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
+    return ds, {"documents": len(raw), "examples": len(ds), "tokens": tokens,
+                "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
+                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
 
 
 def _drop_reasons(ds, fmt: str) -> dict[str, int]:
@@ -404,6 +450,17 @@ def _rows(ds) -> Iterator[dict]:
         keys = list(batch)
         for i in range(len(batch[keys[0]])):
             yield {k: batch[k][i] for k in keys}
+
+
+# --------------------------------------------------------------------------- held-out pairs
+def _save_pairs(cfg, tok, splits: dict, build: Path, stats: dict) -> None:
+    """Held-out prompt/reference pairs for BLEU, in build/pairs."""
+    from datasets import Dataset, DatasetDict
+
+    pairs = _pairs(cfg, tok, splits)
+    if pairs:
+        DatasetDict({k: Dataset.from_dict(v) for k, v in pairs.items()}).save_to_disk(str(build / "pairs"))
+        stats["pairs"] = {k: len(v["prompt"]) for k, v in pairs.items()}
 
 
 def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:

@@ -1,21 +1,19 @@
 """The experiment schema: one YAML file, one section per stage.
 
 Every key is documented once here with `Field(description=...)`; `llmctl config show --doc`
-prints them. Unknown keys are errors that name the nearest valid key.
+prints them. Unknown keys are errors that name the nearest valid key (llmctl.config.loading).
+Only pydantic and the standard library: importing it stays instant (`llmctl --help`).
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
-from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from llmctl.errors import ConfigError
@@ -514,338 +512,22 @@ class Config(Section):
         """Hash of the given sections (dotted paths allowed, e.g. 'run.seed')."""
         data = self.model_dump(mode="json")
         # An absent optional section (distill) leaves the hash as it was before the section existed.
-        payload = {s: v for s in sections if (v := _get_path(data, s)) is not None or "." in s}
+        payload = {s: v for s in sections if (v := get_path(data, s)) is not None or "." in s}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Which config sections each stage's output depends on (besides its input stages).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prepare": ("data", "tokenizer", "run.seed"),
-    "train": ("model", "train", "run.seed", "distill"),
-    "eval": ("eval", "safety"),
-    "generate": ("generate", "safety"),
-    "export": ("export",),
-}
-
-# Keys inside those sections that never change a stage's output: logging, evaluation and
-# checkpoint cadence, budgets, workers, process count. Changing them never makes a stage stale,
-# and a resumed run may change them. One exception is decided per config: `time_fitted`.
-BOOKKEEPING_KEYS: dict[str, tuple[str, ...]] = {
-    "prepare": ("data.num_proc",),
-    "train": (
-        "train.log_every",
-        "train.eval_every",
-        "train.eval_batches",
-        "train.save_every",
-        "train.keep_last",
-        "train.keep_best",
-        "train.max_time",
-        "train.tensorboard",
-        "train.nproc",
-        "train.num_workers",
-        "train.gradient_checkpointing",
-    ),
-    "eval": ("eval.thresholds",),  # checked again on every run, even a cached one
-}
-
-
-def stage_kind(stage: str) -> str:
-    """'eval-<model>' (an evaluation of another model) is an eval; every other stage is itself."""
-    base = stage.split("-", 1)[0]
-    return base if base in STAGE_SECTIONS and base != stage else stage
-
-
-def _leaves(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict) and value:
-        for k, v in value.items():
-            _leaves(f"{prefix}.{k}", v, out)
-    else:
-        out[prefix] = value
-
-
-def stage_values(cfg: "Config", stage: str) -> dict[str, Any]:
-    """The config keys (dotted) that a stage's output depends on, with their values."""
-    kind = stage_kind(stage)
-    dump = cfg.model_dump(mode="json")
-    out: dict[str, Any] = {}
-    for s in STAGE_SECTIONS.get(kind, ()):
-        _leaves(s, _get_path(dump, s), out)
-    skip = BOOKKEEPING_KEYS.get(kind, ())
-    values = {k: v for k, v in out.items() if not any(k == b or k.startswith(b + ".") for b in skip)}
-    if kind == "train" and time_fitted(cfg.train):
-        # The schedule is planned against the budget: another max_time trains another model.
-        # Recorded in seconds, so '1h' and 3600 are the same run.
-        values["train.max_time"] = parse_duration(cfg.train.max_time)
-    return values
-
-
-def time_fitted(tcfg: "TrainConfig") -> bool:
-    """Whether the lr schedule is fitted to `train.max_time` (then the budget is a result key)."""
-    return bool(tcfg.fit_schedule_to_time and tcfg.max_time is not None and tcfg.scheduler != "constant")
-
-
-def values_hash(values: dict[str, Any]) -> str:
-    blob = json.dumps(values, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-_DEFAULTS: dict[str, Any] | None = None
-
-
-def _default_values() -> dict[str, Any]:
-    global _DEFAULTS
-    if _DEFAULTS is None:
-        _DEFAULTS = {}
-        _leaves("", Config().model_dump(mode="json"), _DEFAULTS)
-        _DEFAULTS = {k.lstrip("."): v for k, v in _DEFAULTS.items()}
-    return _DEFAULTS
-
-
-def value_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, recorded, current) for each key whose value differs.
-
-    A key the record lacks (added to the schema since) counts as changed only when its current
-    value is not the default: a new key at its default describes what the old code did.
-    """
-    missing = object()
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, missing), new.get(k, missing)
-        if a is missing:
-            if b == _default_values().get(k, missing):
-                continue
-            a = "(not set)"
-        if b is missing:
-            b = "(not set)"
-        if a != b:
-            out.append((k, a, b))
-    return out
-
-
-def show_value(v: Any) -> str:
-    """A value as it would be written in YAML or after --set."""
-    if isinstance(v, str):
-        return v
-    return json.dumps(v)
-
-
-# --------------------------------------------------------------------------- loading
-def _get_path(d: Any, dotted: str) -> Any:
+# --------------------------------------------------------------------------- the schema's shape
+def get_path(d: Any, dotted: str) -> Any:
+    """The value at a dotted key ('train.max_time') of a nested dict."""
     for part in dotted.split("."):
         d = d[part]
     return d
 
 
-def _section_type(ann: Any) -> type[BaseModel] | None:
+def section_type(ann: Any) -> type[BaseModel] | None:
     """The section class of a field annotation, also for an optional section (`X | None`)."""
     for a in (ann, *getattr(ann, "__args__", ())):
         if isinstance(a, type) and issubclass(a, BaseModel):
             return a
     return None
-
-
-def _all_keys(model: type[BaseModel], prefix: str = "") -> dict[str, type[BaseModel] | None]:
-    out: dict[str, type[BaseModel] | None] = {}
-    for name, field in model.model_fields.items():
-        sub = _section_type(field.annotation)
-        out[prefix + name] = sub
-        if sub is not None:
-            out.update(_all_keys(sub, prefix + name + "."))
-    return out
-
-
-def _suggest(loc: tuple, model: type[BaseModel] = Config) -> str:
-    """'did you mean' for an unknown key, among its siblings (and any section's keys)."""
-    parent = model
-    for part in loc[:-1]:
-        field = parent.model_fields.get(str(part)) if parent else None
-        parent = _section_type(field.annotation) if field else None
-    bad = str(loc[-1])
-    if parent is not None:
-        match = difflib.get_close_matches(bad, list(parent.model_fields), n=1, cutoff=0.6)
-        if match:
-            return ".".join(map(str, loc[:-1] + (match[0],)))
-    full = ".".join(map(str, loc))
-    match = difflib.get_close_matches(full, list(_all_keys(model)), n=1, cutoff=0.75)
-    return match[0] if match else ""
-
-
-def _line_of(text: str | None, loc: tuple) -> int | None:
-    """1-based line of a key path in the YAML text, if it is there."""
-    if not text:
-        return None
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key, value in node.value:
-            if key.value == str(part):
-                line, node = key.start_mark.line + 1, value
-                break
-        else:
-            break
-    return line
-
-
-def _first_duplicate_key(text: str) -> tuple[str, int, int] | None:
-    """(dotted key, first line, second line) of a key given twice in one mapping, if any."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return None
-
-    def walk(node, prefix: str):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, int] = {}
-            for k, v in node.value:
-                name = str(k.value)
-                line = k.start_mark.line + 1
-                key = f"{prefix}{name}"
-                if name in seen and name != "<<":
-                    return key, seen[name], line
-                seen[name] = line
-                found = walk(v, key + ".")
-                if found:
-                    return found
-        elif isinstance(node, yaml.SequenceNode):
-            for item in node.value:
-                found = walk(item, prefix)
-                if found:
-                    return found
-        return None
-
-    return walk(root, "") if root is not None else None
-
-
-def _format_validation(err: ValidationError, source: str, text: str | None, overridden: set[str]) -> str:
-    msgs = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(map(str, loc)) or "<root>"
-        line = _line_of(text, loc)
-        if key in overridden:
-            where = f"--set {key}"
-        else:
-            where = f"{source}:{line}" if line else source
-        if e["type"] == "extra_forbidden":
-            hint = _suggest(loc)
-            msg = f"{where}: unknown key '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
-        elif e["type"] == "value_error":
-            msg = f"{where}: {e['msg'].removeprefix('Value error, ')}"
-        else:
-            got = e.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-            msg = f"{where}: {key}: {e['msg']}{got_s}"
-        msgs.append(msg)
-    return "; ".join(msgs)
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key or any(not p for p in key.split(".")):
-        raise ConfigError(f"--set {item!r}: bad key {key!r}; use dotted keys like train.lr=1e-3")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
-    return key.split("."), value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-            node = nxt
-        node[path[-1]] = value
-    return data
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML, apply `--set` overrides, validate. Raises ConfigError with one line."""
-    overrides = overrides or []
-    text = None
-    source = "<defaults>"
-    data: Any = {}
-    if path is not None:
-        p = Path(path)
-        source = str(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{source}: not valid UTF-8") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark else source
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-        dup = _first_duplicate_key(text)
-        if dup:
-            key, first, second = dup
-            raise ConfigError(f"{source}:{second}: duplicate key '{key}' (first at line {first}): YAML keeps only the last one; remove one of them")
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: the top level must be a mapping of sections (run, data, model, ...)")
-    data = apply_overrides(data, overrides)
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        overridden = {".".join(parse_override(o)[0]) for o in overrides}
-        raise ConfigError(_format_validation(e, source, text, overridden)) from None
-    cfg._source = source
-    cfg._overrides = tuple(overrides)
-    return cfg
-
-
-def config_to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=False)
-
-
-def config_doc() -> str:
-    """Markdown reference of every key, generated from the schema."""
-    lines: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = _section_type(field.annotation)
-            key = prefix + name
-            if ann is not None:
-                if not prefix:
-                    lines.append(f"\n### `{key}`\n\n{field.description or ''}\n")
-                    lines.append("| key | default | description |\n|---|---|---|")
-                walk(ann, key + ".")
-                continue
-            default = "(required)" if field.is_required() else f"`{json.dumps(field.get_default(call_default_factory=True))}`"
-            lines.append(f"| `{key}` | {default} | {field.description or ''} |")
-
-    walk(Config, "")
-    return "\n".join(lines).strip() + "\n"
-
-
-README_START = "<!-- config-reference:start (generated by `llmctl config show --doc`; `make docs` refreshes it) -->"
-README_END = "<!-- config-reference:end -->"
-
-
-def readme_with_reference(readme: str) -> str:
-    """The README with its config reference regenerated from the schema."""
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{config_doc()}{README_END}{tail}"
