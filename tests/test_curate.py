@@ -112,6 +112,21 @@ def test_near_dedup_is_deterministic_under_the_seed_and_finds_planted_pairs():
     assert runs[0] == runs[1]
 
 
+def test_near_dedup_with_character_shingles_finds_planted_pairs():
+    from datasets import Dataset
+
+    from llmctl.config import DataConfig
+
+    docs = [prose(i, 60) for i in range(40)]
+    planted = [edit(docs[i], 0.01, i) for i in range(0, 40, 4)]  # 10 near duplicates
+    ds = Dataset.from_dict({"text": docs + planted})
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False}, "pii": {"action": "off"},
+                                                               "near_dedup": {"shingle": "char", "shingle_size": 5}})
+    out, rep = curate.curate({"train": ds}, "text", curate.plan(dc), 7, 1, _tmp())
+    assert 9 <= rep["removed"]["near_dedup"]["documents"] <= 10 and len(out["train"]) >= 40
+    assert all(p["jaccard"] >= 0.8 for p in rep["near_duplicates"]["examples"])
+
+
 def _tmp():
     import tempfile
 

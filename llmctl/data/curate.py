@@ -368,7 +368,7 @@ def shingle_set(text: str, kind: str, size: int):
     import xxhash
 
     if kind == "char":
-        h = np.fromiter(map(xxhash.xxh3_64_intdigest, shingles(text, "char", size)), dtype=np.uint64)
+        h = np.fromiter((xxhash.xxh3_64_intdigest(x.encode("utf-8", "surrogatepass")) for x in shingles(text, "char", size)), dtype=np.uint64)
     else:
         h = shingle_hashes(text.lower().encode("utf-8", "surrogatepass").split(), size)
     return np.unique(h)

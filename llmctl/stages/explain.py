@@ -158,7 +158,6 @@ def _legend_terminal():
 
 def render_terminal(res: dict):
     """A rich Text: a legend line, then each prompt token on its signed colour, whitespace visible."""
-    from rich.text import Text
 
     t = _legend_terminal()
     for r in res["tokens"]:
