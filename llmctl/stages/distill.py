@@ -1,9 +1,10 @@
 """`llmctl distill`: train a student against a teacher's logits, into RUN/train.
 
-Training itself is `llmctl train`'s machinery (checkpoints, exact resume, SIGTERM, max_time,
-metrics, torchrun), given three hooks: the student (the model section, or the teacher pruned
-by block influence), a Trainer whose `compute_loss` mixes KL to the teacher with CE on the
-labels, and the teacher's identity, which goes into the manifest and the staleness checks.
+Training itself is `llmctl train`'s machinery in llmctl/train/ (checkpoints, exact resume,
+SIGTERM, max_time, metrics, torchrun), given three hooks: the student (the model section, or
+the teacher pruned by block influence), a Trainer whose `compute_loss` mixes KL to the teacher
+with CE on the labels, and the teacher's identity, which goes into the manifest and the
+staleness checks. It imports llmctl/train, not the train stage: stages never import each other.
 
     loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)
 
@@ -20,7 +21,8 @@ from pathlib import Path
 from llmctl import console as _console
 from llmctl.errors import ConfigError, StageInputError
 from llmctl.rundir import RunDir, model_hash, model_stat
-from llmctl.stages import train as _train
+from llmctl.train.build import Collator, device_and_dtype, load_splits
+from llmctl.train.stage import Hooks, run as train_run
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -131,12 +133,9 @@ def _mlp_parts(layer):
 
 def calibration_batches(rd: RunDir, n_batches: int, batch_size: int, pad_id: int) -> list[dict]:
     """Held-out rows (the validation split, else the start of train) as model inputs."""
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(rd.dataset_dir))
-    split = ds["validation"] if "validation" in ds else ds["train"]
-    split = split.with_format("torch")
-    collate = _train.Collator(pad_id)
+    train_ds, val_ds = load_splits(rd)
+    split = val_ds if val_ds is not None else train_ds
+    collate = Collator(pad_id)
     rows = min(len(split), n_batches * batch_size)
     return [collate([split[j] for j in range(i, min(i + batch_size, rows))]) for i in range(0, rows, batch_size)]
 
@@ -431,9 +430,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
     def dtype():
         import torch
 
-        from llmctl.modeling import pick_device, pick_dtype
-
-        t = pick_dtype(cfg.train.precision, pick_device(cfg.train.device))
+        t = device_and_dtype(cfg.train)[1]  # the student's
         return torch.float32 if t == torch.float16 else t  # the teacher's logits under fp16 overflow too easily
 
     def teacher():
@@ -444,12 +441,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
     def build_student(cfg_, tok):
         import torch
 
-        from llmctl.modeling import pick_device
-
         student = load_teacher(rec["path"], torch.float32, cfg.model.trust_remote_code)  # master weights fp32
         if len(tok) > student.get_input_embeddings().weight.shape[0]:
             raise ConfigError(f"distill.teacher: this run's tokenizer has {len(tok)} tokens, the teacher's embeddings {student.get_input_embeddings().weight.shape[0]}")
-        device = pick_device(cfg.train.device)
+        device = device_and_dtype(cfg.train)[0]
         student.to(device)
         batches = [{k: v.to(device) for k, v in b.items()} for b in calibration_batches(rd, d.calibration_batches, cfg.train.micro_batch_size, tok.pad_token_id)]
         init.update(prune(student, d, batches))
@@ -463,7 +458,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
         )
         return student
 
-    hooks = _train.Hooks(
+    hooks = Hooks(
         name="distill",
         build_model=build_student if d.student_init == "prune" else None,
         trainer_class=make_trainer_class(),
@@ -473,4 +468,4 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
         headline=headline,
         log_keys=("ce_loss", "kl_loss"),
     )
-    return _train.run(cfg, rd, force=force, nproc=nproc, hooks=hooks)
+    return train_run(cfg, rd, force=force, nproc=nproc, hooks=hooks)
