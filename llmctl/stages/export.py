@@ -213,7 +213,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                     tok.save_pretrained(out)
                     hf_x._compat_tokenizer_config(out)
                     if check:
-                        checks[""] = (*quant.verify_hf_int8(out, ref, ids, mask), {})
+                        checks[""] = (*hf_x.verify_int8(out, ref, ids, mask), {})
                 else:
                     info, checks = _export_gguf(cfg, model, tok, out, pre, (ref, ids, mask) if check else None, con)
                 for sub, result in checks.items():
