@@ -75,8 +75,10 @@ def test_config_rooms_import_only_the_schema():
 
 def test_data_and_prepare_import_nothing_above_them():
     graph = _graph()
+    # tokenizer (one BOS rule: wants_bos, with_bos) sits below the data modules: it imports only errors
+    assert graph["llmctl.tokenizer"] <= {"llmctl.errors"}
     for name in [m for m in graph if m.startswith("llmctl.data")]:
-        assert graph[name] <= {"llmctl.errors", "llmctl.detectors"} | {m for m in graph if m.startswith("llmctl.data")}, name
+        assert graph[name] <= {"llmctl.errors", "llmctl.detectors", "llmctl.tokenizer"} | {m for m in graph if m.startswith("llmctl.data")}, name
     assert not {m for m in graph["llmctl.stages.prepare"] if m.startswith(("llmctl.stages.", "llmctl.server", "llmctl.exporters"))}
 
 
