@@ -71,7 +71,7 @@ def decode_race(path: str, methods: list[str], rounds: int = ROUNDS) -> dict:
     """Best single-stream greedy decode tokens/s per method, sides alternating each round."""
     import torch
 
-    from llmctl.exporters.report import decode_tokens_per_s
+    from llmctl.compression_report import decode_tokens_per_s
     from llmctl.modeling import load_for_inference
 
     models = {}
@@ -173,7 +173,7 @@ def main() -> None:
     import torch
 
     from llmctl.config import load_config
-    from llmctl.exporters import report as report_x
+    from llmctl import compression_report as report_x
     from llmctl.modeling import load_for_inference
     from llmctl.rundir import RunDir
 

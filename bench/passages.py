@@ -433,7 +433,7 @@ def compress_report(r: dict) -> str:
         return "  (An example report appears here once `python bench/run_all.py compress` has measured one.)"
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from llmctl.exporters.report import table
+    from llmctl.compression_report import table
 
     return "\n".join([f"  `bench/compress.py`'s run ({c['model']}, {_machine(res) or 'load not recorded'}; decode speeds "
                       "are measured apart, see \"Measured\" below):", "", "```", *table(rep), "```"])

@@ -11,15 +11,7 @@ import json
 from pathlib import Path
 
 from llmctl.errors import ConfigError
-
-
-def export_architectures(fmt: str) -> tuple[str, ...] | None:
-    """The model types an export format takes, as its exporter declares them; None: any."""
-    if fmt == "gguf":
-        from llmctl.exporters import gguf
-
-        return tuple(gguf.SUPPORTED)
-    return None
+from llmctl.export_support import architectures
 
 
 def model_type(cfg, fetch: bool = False) -> tuple[str | None, str]:
@@ -58,7 +50,7 @@ def check_export_formats(formats, mtype: str | None, where: str) -> None:
     if mtype is None:
         return
     for fmt in formats:
-        archs = export_architectures(fmt)
+        archs = architectures(fmt)  # llmctl/export_support.py, which the exporters read too
         if archs is not None and mtype not in archs:
             raise ConfigError(
                 f"export.formats has {fmt}, which llmctl writes for {', '.join(archs)} models only, but {where} is '{mtype}': "

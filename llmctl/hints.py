@@ -14,12 +14,10 @@ from typing import Any, Iterable
 
 def command(verb: str, cfg, root: str | Path | None = None, *flags: str) -> str:
     """`llmctl VERB CONFIG [--set K=V]... [--run-dir DIR] [FLAGS]` for the run `cfg` describes."""
-    from llmctl.rundir import RunDir
-
     args = ["llmctl", verb, cfg.source]
     for item in cfg.overrides:
         args += ["--set", item]
-    if root is not None and Path(root) != RunDir.for_config(cfg).root:
+    if root is not None and Path(root) != cfg.run.root:
         args += ["--run-dir", str(root)]
     return shlex.join([*args, *flags])
 

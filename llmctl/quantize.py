@@ -14,7 +14,11 @@ Used by eval, generate and serve (`quantize_model` after loading) and by export
   extra (torchao). Layers whose input is not a multiple of 32 or output not a multiple of
   16 (what the int4 CPU kernel packs) stay bfloat16.
 - hf-int8 export: transformers' `TorchAoConfig(Int8WeightOnlyConfig())`, which
-  `save_pretrained` writes and `from_pretrained` reloads (torchao needed to load it).
+  `save_pretrained` writes and `from_pretrained` reloads (torchao needed to load it); the
+  export stage reloads and checks it like every export (llmctl/exporters/hf.py:verify_int8).
+
+Nothing here imports the exporters, the stages or the server: loading a model for eval,
+generate or serve (llmctl/modeling.py) needs only this module.
 """
 
 from __future__ import annotations
@@ -118,19 +122,3 @@ def model_bytes(path: Path) -> int:
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
-
-# Relative to the largest reference logit, like the GGUF q8_0 check: int8 rounding, not a wrong tensor.
-HF_INT8_TOLERANCE = 6e-2
-
-
-def verify_hf_int8(out: Path, ref, ids, mask) -> tuple[float, float]:
-    """Reload the saved hf-int8 directory as a user would and compare logits with f32's."""
-    from transformers import AutoModelForCausalLM
-
-    from llmctl.exporters.common import max_diff, reference_logits
-
-    m = AutoModelForCausalLM.from_pretrained(out).eval()
-    if not is_prequantized(m):
-        raise ValueError(f"{out}: reloaded without its quantization_config")
-    diff = max_diff(reference_logits(m, ids, mask), ref, mask)
-    return diff, HF_INT8_TOLERANCE * max(1.0, float(ref.abs().max()))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from filelock import FileLock, Timeout
 
 from llmctl.errors import Interrupted, LockedError, StageInputError
+from llmctl.hints import command, set_flags
 
 if TYPE_CHECKING:
     from llmctl.config import Config
@@ -186,7 +187,7 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: "Config", override: str | Path | None = None) -> "RunDir":
-        return cls(override or cfg.run.dir or Path("runs") / cfg.run.name)
+        return cls(override or cfg.run.root)
 
     # ---- layout -----------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
@@ -379,8 +380,6 @@ class RunDir:
         The message ends with the command that fixes it, with the user's --set flags and
         --run-dir; it carries --force only to redo a stage that is complete but stale.
         """
-        from llmctl.hints import command
-
         m = self.manifest(stage)
         verb = "distill" if stage == "train" and getattr(cfg, "distill", None) is not None else stage
         where = self.stage_dir(stage)
@@ -403,8 +402,6 @@ class RunDir:
 
     def keep_hint(self, stage: str, cfg: "Config") -> str:
         """', or keep it with --set k=v ...': the overrides that describe what `stage` was run with."""
-        from llmctl.hints import set_flags
-
         changes = self.config_changes(stage, cfg)
         pairs = [(k, a) for k, a, _ in changes if not k.startswith("(") and a != "(not set)"]
         if not pairs or len(pairs) != len(changes):

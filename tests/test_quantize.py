@@ -1,5 +1,5 @@
 """Quantization: `--quantize int8|int4` in eval/generate/serve, eval on a GGUF file, the
-hf-int8 export and the compression report (llmctl/quantize.py, llmctl/exporters/report.py)."""
+hf-int8 export and the compression report (llmctl/quantize.py, llmctl/compression_report.py)."""
 
 from __future__ import annotations
 

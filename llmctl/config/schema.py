@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -59,6 +60,11 @@ class RunConfig(Section):
     name: str = Field("default", description="Name of the run; the run directory defaults to runs/<name>.")
     dir: str | None = Field(None, description="Run directory (overrides runs/<name>); relative to the working directory.")
     seed: int = Field(42, description="Seed for splits, shuffling, initialisation and sampling.")
+
+    @property
+    def root(self) -> Path:
+        """The run directory this section names: `dir`, else runs/<name> (`--run-dir` may override it)."""
+        return Path(self.dir) if self.dir else Path("runs") / self.name
 
 
 # --------------------------------------------------------------------------- data.curate

@@ -21,8 +21,9 @@ import subprocess
 from pathlib import Path
 
 from llmctl.errors import ConfigError
+from llmctl.export_support import architectures
 
-SUPPORTED = ("llama",)
+SUPPORTED = architectures("gguf")  # llmctl/export_support.py: the pre-flight checks read the same list
 TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # Largest |logit diff| from the trained model, relative to its largest logit: each type's rounding
 # (measured on tiny random llamas: q8_0 0.02, q5 0.15-0.18, q4 0.25-0.29). A wrong tensor is caught

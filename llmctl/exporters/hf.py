@@ -8,6 +8,9 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 # Loose enough for the dtype's rounding, tight enough to catch a wrong tensor.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1.5e-1}
+# hf-int8 (written by llmctl/quantize.py:save_hf_int8): relative to the largest reference logit,
+# like the GGUF q8_0 check: int8 rounding, not a wrong tensor.
+INT8_TOLERANCE = 6e-2
 
 
 def write(model, tok, out: Path, cfg, card: str) -> dict:
@@ -52,3 +55,17 @@ def verify(out: Path, ref, ids, mask, cfg) -> tuple[float, float]:
 
     m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     return max_diff(reference_logits(m, ids, mask), ref, mask), TOLERANCE[cfg.export.dtype]
+
+
+def verify_int8(out: Path, ref, ids, mask) -> tuple[float, float]:
+    """Reload the saved hf-int8 directory as a user would and compare logits with f32's."""
+    from transformers import AutoModelForCausalLM
+
+    from llmctl.exporters.common import max_diff, reference_logits
+    from llmctl.quantize import is_prequantized
+
+    m = AutoModelForCausalLM.from_pretrained(out).eval()
+    if not is_prequantized(m):
+        raise ValueError(f"{out}: reloaded without its quantization_config")
+    diff = max_diff(reference_logits(m, ids, mask), ref, mask)
+    return diff, INT8_TOLERANCE * max(1.0, float(ref.abs().max()))

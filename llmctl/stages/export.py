@@ -213,7 +213,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
                     tok.save_pretrained(out)
                     hf_x._compat_tokenizer_config(out)
                     if check:
-                        checks[""] = (*quant.verify_hf_int8(out, ref, ids, mask), {})
+                        checks[""] = (*hf_x.verify_int8(out, ref, ids, mask), {})
                 else:
                     info, checks = _export_gguf(cfg, model, tok, out, pre, (ref, ids, mask) if check else None, con)
                 for sub, result in checks.items():
@@ -244,7 +244,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         report = None
         if cfg.export.report:
             con.step("measuring each artifact (export.report: size, perplexity, decode tokens/s vs f32)")
-            from llmctl.exporters import report as report_x
+            from llmctl import compression_report as report_x
 
             report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con)
             st.manifest["report"] = report

@@ -6,6 +6,9 @@ and scored with `llmctl eval`'s own perplexity routine (llmctl/heldout.py) on ev
 data, windows and stride: the f32 row is the number `llmctl eval` reports. Rows for our own
 runtime quantization (`--quantize int8|int4` on the f32 model) are measured the same way.
 
+An evaluation, not an exporter: `llmctl export` calls `build` after writing (export.report),
+and it sits beside heldout.py so the exporters import nothing eval-side.
+
 Decode tokens/s is our own single-stream greedy decode (transformers `generate`). It is
 not measured for GGUF files: dequantized to float32 they run at f32 speed in transformers,
 which says nothing about llama.cpp's speed on the quantized file.
