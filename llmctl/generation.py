@@ -21,8 +21,8 @@ class Sampling:
     frequency_penalty: float = 0.0
 
     def params(self):
-        """The sampler's settings (llmctl/sampling.py): greedy is temperature 0."""
-        from llmctl.sampling import SamplingParams
+        """The sampler's settings (llmctl/inference/sampling.py): greedy is temperature 0."""
+        from llmctl.inference.sampling import SamplingParams
 
         return SamplingParams(
             temperature=self.temperature if self.do_sample else 0.0, top_k=self.top_k or 0, top_p=self.top_p,
@@ -31,7 +31,7 @@ class Sampling:
 
     def generators(self, rows: int) -> list:
         """Each row's generator: rows are prompts x return sequences, choice k of a prompt seeded seed + k."""
-        from llmctl.sampling import generator
+        from llmctl.inference.sampling import generator
 
         return [generator(self.seed, r % self.num_return_sequences) for r in range(rows)]
 
@@ -108,7 +108,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
     enc = tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    # transformers decodes greedily; the sampler (llmctl/sampling.py) chooses each token as a
+    # transformers decodes greedily; the sampler (llmctl/inference/sampling.py) chooses each token as a
     # last logits processor, with per-row generators, exactly as the lean loop and serve do.
     kw = {"max_new_tokens": max_new, "do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     if sp.repetition_penalty != 1.0:
@@ -126,7 +126,7 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
         inputs = {k: v.repeat_interleave(sp.num_return_sequences, dim=0) for k, v in enc.items()}
         params = sp.params()
         if not (params.greedy and not params.penalized):
-            from llmctl.sampling import DrawProcessor
+            from llmctl.inference.sampling import DrawProcessor
 
             n_in = inputs["input_ids"].shape[1]
             starts = (n_in - inputs["attention_mask"].sum(dim=1)).tolist()
@@ -182,7 +182,7 @@ _EXTRA_PROCESSORS = {
 
 def _lean_for(model, total_len: int):
     """The lean decoder when it reproduces `model.generate` here exactly, else None."""
-    from llmctl.lean import decoder_for, tell_skipped
+    from llmctl.inference.lean import decoder_for, tell_skipped
 
     dec = decoder_for(model)
     if dec is None:
@@ -201,12 +201,12 @@ def _lean_for(model, total_len: int):
 
 def lean_generate(dec, tok, enc, sp: Sampling, max_new: int, eos_ids: set[int], streamer=None):
     """`model.generate` (stop strings, EOS) on the lean forward pass, each token chosen by the
-    sampler `generate` and serve use (llmctl/sampling.py), so a seeded run returns the tokens
+    sampler `generate` and serve use (llmctl/inference/sampling.py), so a seeded run returns the tokens
     transformers' `generate` path returns. Returns (ids [rows, prompt + new], raw logits per
     step or None)."""
     import torch
 
-    from llmctl.sampling import next_tokens
+    from llmctl.inference.sampling import next_tokens
 
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if sp.num_return_sequences > 1:

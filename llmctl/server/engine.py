@@ -6,7 +6,7 @@ that are waiting are prefilled together (left padding, per-row position ids) and
 into the running batch's KV cache; after each step, finished or cancelled sequences leave
 the batch and their cache rows are dropped, so a freed slot is reused at the next step.
 Every sequence samples with its own temperature, top_k, top_p, penalties and seed (by the
-sampler `generate` uses, llmctl/sampling.py), and stops on its own EOS, stop strings or
+sampler `generate` uses, llmctl/inference/sampling.py), and stops on its own EOS, stop strings or
 max_tokens. Tokens reach each request's asyncio queue as they are produced.
 
 Models whose cache cannot be merged row-wise (anything but plain DynamicLayer caches, e.g.
@@ -68,9 +68,9 @@ class Job:
     _sampling: Any = field(default=None, repr=False, compare=False)
 
     def sampling(self):
-        """The sampler's settings for this sequence (llmctl/sampling.py, the one `generate` uses)."""
+        """The sampler's settings for this sequence (llmctl/inference/sampling.py, the one `generate` uses)."""
         if self._sampling is None:
-            from llmctl.sampling import SamplingParams
+            from llmctl.inference.sampling import SamplingParams
 
             self._sampling = SamplingParams(
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -130,7 +130,7 @@ def _lean_cache(cache) -> bool:
     """A cache of llmctl's lean decoder, which merges row-wise (asked every step: no import)."""
     global _KVCache
     if _KVCache is None:
-        from llmctl.lean import KVCache
+        from llmctl.inference.kvcache import KVCache
 
         _KVCache = KVCache
     return isinstance(cache, _KVCache)
@@ -233,9 +233,9 @@ class Engine:
             eos = self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        from llmctl.lean import decoder_for, tell_skipped
+        from llmctl.inference.lean import decoder_for, tell_skipped
 
-        # The lean forward pass (llmctl/lean.py) when it covers the model for every length served.
+        # The lean forward pass (llmctl/inference/lean.py) when it covers the model for every length served.
         self.lean = decoder_for(self.model)
         if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
             tell_skipped(self.model, "lean decoding", f"its {self.lean.window}-token sliding window is shorter than the context served",
@@ -381,11 +381,11 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         echo = any(j.echo_logprobs for j in jobs)
-        from llmctl.sampling import generator
+        from llmctl.inference.sampling import generator
 
         gens = [generator(j.seed) for j in jobs]
         if self.lean is not None:
-            from llmctl.lean import decoder_for
+            from llmctl.inference.lean import decoder_for
 
             self.lean = decoder_for(self.model) or self.lean  # rebuilt if the weights changed since
             cache = self.lean.new_cache()
@@ -561,7 +561,7 @@ class Engine:
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
         """Each running row's next token, by the sampler `generate` uses (finished rows: pad)."""
-        from llmctl.sampling import next_tokens
+        from llmctl.inference.sampling import next_tokens
 
         jobs = batch.jobs
         params = [None if (j.cancelled or j.finished) else j.sampling() for j in jobs]
