@@ -54,11 +54,12 @@ def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dic
     return out
 
 
-def _guarded_streamer(tok, guard):
-    """A TextStreamer that prints only what the output rails release."""
-    from transformers import TextStreamer
+def _guarded_streamer(tok, guard, stops=()):
+    """The terminal stream (the inference core's incremental text, cut at the stop strings),
+    printing only what the output rails release."""
+    from llmctl.inference.detok import TextStream
 
-    class GuardedStreamer(TextStreamer):
+    class GuardedStream(TextStream):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             out = guard.feed(text)
             if stream_end:
@@ -67,7 +68,7 @@ def _guarded_streamer(tok, guard):
                 sys.stdout.write(out)
                 sys.stdout.flush()
 
-    return GuardedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    return GuardedStream(tok, stops)
 
 
 def surprisal_text(text: str, logprobs: list[dict]):
@@ -153,7 +154,7 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         if stream:
             guard = rails.guard("prompt-0", choice=0)
             sys.stdout.write(texts[0])
-            res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard))
+            res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard, sp.stop))
             decode_s += res[0]["decode_seconds"]
             sys.stdout.write("\n")
             # The terminal saw what the guard released; the record says the same.
