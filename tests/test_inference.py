@@ -149,3 +149,31 @@ def test_prompts_open_with_bos_exactly_when_the_tokenizer_adds_it(tok):
     assert not want and ids == [tok("the quick")["input_ids"], tok("fox")["input_ids"]]
     assert context_length(SimpleNamespace(config=SimpleNamespace(n_positions=64))) == 64
     assert context_length(SimpleNamespace(config=SimpleNamespace())) is None
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_generate_streams_the_text_it_returns(tok, monkeypatch, lean):
+    """generate's terminal stream (TextStream) on the lean loop and on transformers' generate:
+    the streamed pieces join to the returned text, which ends before the stop string."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.inference.detok import TextStream
+
+    monkeypatch.setenv("LLMCTL_LEAN", lean)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         max_position_embeddings=128, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                         initializer_range=0.3)).eval()
+    model.generation_config.eos_token_id = None
+    full = generate_batch(model, tok, ["the cat"], Sampling(max_new_tokens=30))[0]["text"]
+    stop = full[10:12]
+    out = []
+
+    class Collect(TextStream):
+        def on_finalized_text(self, text, stream_end=False):
+            out.append((text, stream_end))
+
+    res = generate_batch(model, tok, ["the cat"], Sampling(max_new_tokens=30, stop=(stop,)), streamer=Collect(tok, (stop,)))[0]
+    assert res["finish_reason"] == "stop" and res["text"] == full[: full.index(stop)]
+    assert "".join(t for t, _ in out) == res["text"] and [e for _, e in out].count(True) == 1
