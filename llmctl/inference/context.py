@@ -27,6 +27,11 @@ def encode(tok, texts: Sequence[str]) -> tuple[list[list[int]], bool]:
     return [with_bos(tok, x, want) for x in tok(list(texts), add_special_tokens=False)["input_ids"]], want
 
 
+def encode_one(tok, text: str) -> list[int]:
+    """One text's token ids as the model sees them (`encode` for a single text)."""
+    return with_bos(tok, tok(text, add_special_tokens=False)["input_ids"])
+
+
 def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None, bos: int | None = None) -> tuple[list[list[int]], int, list[int]]:
     """(prompts cut from the left, new tokens allowed, tokens cut per prompt).
 

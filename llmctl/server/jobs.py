@@ -9,7 +9,7 @@ from typing import Any
 from llmctl.server.engine import Job, QueueFull
 from llmctl.server.schemas import UNSUPPORTED, ApiError, _Req
 from llmctl.server.state import ServerState
-from llmctl.inference.context import encode, room
+from llmctl.inference.context import encode_one, room
 
 
 def check_request(st: ServerState, req: _Req) -> list[str]:
@@ -54,7 +54,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
     training use), or a token-id prompt exactly as sent, checked against the vocabulary."""
     engine = st.engine
     if isinstance(prompt, str):
-        ids = encode(engine.tok, [prompt])[0][0] if prompt else []
+        ids = encode_one(engine.tok, prompt) if prompt else []
     else:
         ids = list(prompt)
         vocab = engine.model.get_input_embeddings().weight.shape[0]
