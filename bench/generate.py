@@ -79,7 +79,7 @@ def main() -> None:
     write_result("generate", metrics, {
         "generate batched(8) vs sequential": ratio(best["batched"] / best["sequential"], 3.0),
         "generate batched(8) vs transformers pipeline(batch_size=8)": ratio(best["batched"] / best["pipeline"], 0.9),
-        # the lean decode path (llmctl/lean.py) against transformers generate: issue 19 asks for 2x
+        # the lean decode path (llmctl/inference/lean.py) against transformers generate: issue 19 asks for 2x
         "generate one prompt streamed vs bare model.generate": ratio(best["single_llmctl"] / best["single_generate"], 2.0),
     })
 

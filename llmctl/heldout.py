@@ -110,7 +110,9 @@ def window(cfg, model) -> tuple[int, int]:
     """(window, stride) as eval scores: eval.max_length (else data.block_size) within the
     model's positions; eval.stride (else the window: disjoint windows)."""
     L = cfg.eval.max_length or cfg.data.block_size
-    limit = getattr(model.config, "max_position_embeddings", None)
+    from llmctl.inference.context import context_length
+
+    limit = context_length(model)
     if limit and L > limit:
         L = limit
     stride = cfg.eval.stride or L

@@ -88,7 +88,8 @@ def test_generate_eval_and_serve_see_the_same_prompt(model_dir, monkeypatch):
     import torch
     from starlette.testclient import TestClient
 
-    from llmctl.generation import Sampling, fit_to_context, generate_batch
+    from llmctl.generation import Sampling, generate_batch
+    from llmctl.inference.context import fit_to_context
     from llmctl.metrics import rolling_nll
     from llmctl.server.app import create_app
     from llmctl.server.engine import Engine

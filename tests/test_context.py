@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import build_prepared_run, run_cli, sentences, tiny_config_dict, write_config
 from llmctl.config import load_config
-from llmctl.generation import fit_to_context
+from llmctl.inference.context import fit_to_context
 from llmctl.rundir import RunDir
 
 CTX = 32

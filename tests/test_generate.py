@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import run_cli
-from llmctl.generation import Sampling, cut_at_stop, generate_batch
+from llmctl.generation import Sampling, generate_batch
+from llmctl.inference.stops import cut_at_stop
 
 
 def _model(rd):

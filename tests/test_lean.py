@@ -40,7 +40,7 @@ def _model(arch: str, **kw):
 ])
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
 def test_logits_equal_transformers(arch, kw, runtime):
-    from llmctl.lean import LeanDecoder, unsupported
+    from llmctl.inference.lean import LeanDecoder, unsupported
 
     model = _model(arch, **kw)
     assert unsupported(model) is None
@@ -73,14 +73,14 @@ def test_logits_equal_transformers(arch, kw, runtime):
 def test_onnxruntime_step_that_disagrees_is_not_used(monkeypatch):
     """OrtStep checks its graph against the eager folded pass when it is built; a session that
     computes anything else is dropped (the eager pass decodes) and the reason kept."""
-    import llmctl.lean_ort
-    from llmctl.lean import LeanDecoder
+    import llmctl.inference.lean_ort
+    from llmctl.inference.lean import LeanDecoder
 
     model = _model("llama")
-    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", -1.0)  # nothing can pass
+    monkeypatch.setattr(llmctl.inference.lean_ort, "TOLERANCE", -1.0)  # nothing can pass
     dec = LeanDecoder(model)
     assert dec.ort is None and "differ from the eager pass" in dec.ort_skipped
-    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", 1e-4)
+    monkeypatch.setattr(llmctl.inference.lean_ort, "TOLERANCE", 1e-4)
     monkeypatch.setenv("LLMCTL_LEAN_ORT", "0")
     assert LeanDecoder(model).ort is None
 
@@ -88,7 +88,7 @@ def test_onnxruntime_step_that_disagrees_is_not_used(monkeypatch):
 def test_onnxruntime_step_follows_cache_merges():
     """Continuous batching on the onnxruntime step: rows selected out, caches of different
     lengths stacked and leading columns dropped give the logits of each row decoded alone."""
-    from llmctl.lean import LeanDecoder
+    from llmctl.inference.lean import LeanDecoder
 
     model = _model("llama")
     dec = LeanDecoder(model)
@@ -128,13 +128,13 @@ def test_onnxruntime_step_follows_cache_merges():
 def test_unsupported_models_fall_back():
     import transformers
 
-    from llmctl.lean import decoder_for, unsupported
+    from llmctl.inference.lean import decoder_for, unsupported
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, n_positions=64))
     assert "gpt2" in unsupported(gpt2) and decoder_for(gpt2) is None
     dyn = _model("llama", rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     assert "dynamic" in unsupported(dyn)
-    from llmctl.lean import sliding_window
+    from llmctl.inference.lean import sliding_window
 
     assert sliding_window(_model("mistral", sliding_window=16)) == 16
 
@@ -153,7 +153,7 @@ def test_generate_batch_matches_transformers_generate(tok, monkeypatch, sampling
     """generate_batch through the lean path returns what `model.generate` returns: the same
     texts, finish reasons, token counts and logprobs, with prompts of different lengths (left
     padding), a stop string, EOS, and seeded sampling with every processor."""
-    import llmctl.lean
+    import llmctl.inference.lean
     from llmctl.generation import Sampling, generate_batch
 
     model = _model("llama", vocab_size=len(tok), pad_token_id=tok.pad_token_id)
@@ -169,8 +169,8 @@ def test_generate_batch_matches_transformers_generate(tok, monkeypatch, sampling
     ref = generate_batch(model, tok, prompts, sp)
     monkeypatch.setenv("LLMCTL_LEAN", "1")
     calls = []
-    real = llmctl.lean.LeanDecoder.forward
-    monkeypatch.setattr(llmctl.lean.LeanDecoder, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real = llmctl.inference.lean.LeanDecoder.forward
+    monkeypatch.setattr(llmctl.inference.lean.LeanDecoder, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     lean = generate_batch(model, tok, prompts, sp)
     assert calls, "the lean path was not taken"
     assert len(lean) == len(ref) == len(prompts) * sp.num_return_sequences
@@ -207,7 +207,7 @@ def test_hub_generation_config_extras_use_generate(tok):
 def test_model_is_not_altered_and_big_models_call_their_linears(monkeypatch):
     """The fused weights are copies (the model still saves: no shared storage); past
     FUSE_MAX_PARAMS the Linears are called one by one, with the same logits."""
-    from llmctl.lean import LeanDecoder
+    from llmctl.inference.lean import LeanDecoder
 
     model = _model("llama")
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
@@ -231,7 +231,7 @@ def test_weights_changed_after_a_decode_are_decoded_with(monkeypatch, runtime):
     """The decoder kept on the model holds folded copies of the weights (and onnxruntime graphs
     with them as constants): a weight changed in place after a decode is picked up by the next
     one, which equals `model.forward` again."""
-    from llmctl.lean import decoder_for
+    from llmctl.inference.lean import decoder_for
 
     if runtime == "torch":
         monkeypatch.setenv("LLMCTL_LEAN_ORT", "0")
@@ -268,9 +268,9 @@ def test_a_skipped_fast_path_says_why_once(tok, monkeypatch, capsys):
     once per model, however many decodes follow."""
     import transformers
 
-    import llmctl.lean_ort
+    import llmctl.inference.lean_ort
     from llmctl.generation import Sampling, generate_batch
-    from llmctl.lean import decoder_for
+    from llmctl.inference.lean import decoder_for
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                                                 pad_token_id=tok.pad_token_id))
@@ -279,7 +279,7 @@ def test_a_skipped_fast_path_says_why_once(tok, monkeypatch, capsys):
         generate_batch(gpt2, tok, ["the cat"], Sampling(max_new_tokens=2))
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "lean decoding is off" in lines[0] and "gpt2" in lines[0], lines
-    monkeypatch.setattr(llmctl.lean_ort, "TOLERANCE", -1.0)  # the compiled step never passes its check
+    monkeypatch.setattr(llmctl.inference.lean_ort, "TOLERANCE", -1.0)  # the compiled step never passes its check
     model = _model("llama", vocab_size=len(tok))
     for _ in range(2):
         assert decoder_for(model).ort is None

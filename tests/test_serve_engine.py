@@ -203,7 +203,7 @@ def test_logprobs_of_rows_that_ask_equal_alone_and_in_a_mixed_batch(tmp_path):
 
 
 def test_lean_forward_serves_what_transformers_serves(tmp_path, monkeypatch):
-    """The engine on the lean forward pass (llmctl/lean.py) gives, token for token, what it
+    """The engine on the lean forward pass (llmctl/inference/lean.py) gives, token for token, what it
     gives on transformers' forward: batched, joined mid-decode, with sampling and echo logprobs."""
     path = _sharp_model(tmp_path, "llama")
     outs = {}

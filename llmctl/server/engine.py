@@ -6,8 +6,8 @@ that are waiting are prefilled together (left padding, per-row position ids) and
 into the running batch's KV cache; after each step, finished or cancelled sequences leave
 the batch and their cache rows are dropped, so a freed slot is reused at the next step.
 Every sequence samples with its own temperature, top_k, top_p, penalties and seed (by the
-sampler `generate` uses, llmctl/sampling.py), and stops on its own EOS, stop strings or
-max_tokens. Tokens reach each request's asyncio queue as they are produced.
+sampler `generate` uses, llmctl/inference/sampling.py), and stops on its own EOS, stop strings or
+max_tokens (the inference core's stop rule, incremental detokenizer and logprobs). Tokens reach each request's asyncio queue as they are produced.
 
 Models whose cache cannot be merged row-wise (anything but plain DynamicLayer caches, e.g.
 sliding-window attention) fall back to batch-at-a-time: waiting sequences start together
@@ -23,6 +23,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from llmctl.inference.context import context_length
+from llmctl.inference.detok import TokenPieces, step, text_ends
+from llmctl.inference.logprobs import prompt_entries, sampled
+from llmctl.inference.stops import release
 
 
 class QueueFull(Exception):
@@ -68,9 +73,9 @@ class Job:
     _sampling: Any = field(default=None, repr=False, compare=False)
 
     def sampling(self):
-        """The sampler's settings for this sequence (llmctl/sampling.py, the one `generate` uses)."""
+        """The sampler's settings for this sequence (llmctl/inference/sampling.py, the one `generate` uses)."""
         if self._sampling is None:
-            from llmctl.sampling import SamplingParams
+            from llmctl.inference.sampling import SamplingParams
 
             self._sampling = SamplingParams(
                 temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -96,30 +101,6 @@ class Job:
             self.cancelled = True
 
 
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might start a stop string (not safe to send yet)."""
-    hold = 1 if text.endswith("\ufffd") else 0  # half of a multi-byte character
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte (transformers' own table)."""
-    global _BYTE_DECODER
-    if _BYTE_DECODER is None:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
-    return _BYTE_DECODER
-
-
-_BYTE_DECODER: dict[str, int] | None = None
-
-
 def _cache_of(out):
     """The KV cache of a forward pass (`cache` in transformers >= 5.2x, `past_key_values` before)."""
     c = getattr(out, "cache", None)
@@ -130,7 +111,7 @@ def _lean_cache(cache) -> bool:
     """A cache of llmctl's lean decoder, which merges row-wise (asked every step: no import)."""
     global _KVCache
     if _KVCache is None:
-        from llmctl.lean import KVCache
+        from llmctl.inference.kvcache import KVCache
 
         _KVCache = KVCache
     return isinstance(cache, _KVCache)
@@ -223,8 +204,7 @@ class Engine:
             self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"
         )
         self.device = self.model.device  # a property that walks the parameters: read once
-        mc = self.model.config
-        self.context_length = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+        self.context_length = context_length(self.model)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params
@@ -233,9 +213,9 @@ class Engine:
             eos = self.tok.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        from llmctl.lean import decoder_for, tell_skipped
+        from llmctl.inference.lean import decoder_for, tell_skipped
 
-        # The lean forward pass (llmctl/lean.py) when it covers the model for every length served.
+        # The lean forward pass (llmctl/inference/lean.py) when it covers the model for every length served.
         self.lean = decoder_for(self.model)
         if self.lean is not None and self.lean.window is not None and self.lean.window < (self.context_length or 1 << 30):
             tell_skipped(self.model, "lean decoding", f"its {self.lean.window}-token sliding window is shorter than the context served",
@@ -381,11 +361,11 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         echo = any(j.echo_logprobs for j in jobs)
-        from llmctl.sampling import generator
+        from llmctl.inference.sampling import generator
 
         gens = [generator(j.seed) for j in jobs]
         if self.lean is not None:
-            from llmctl.lean import decoder_for
+            from llmctl.inference.lean import decoder_for
 
             self.lean = decoder_for(self.model) or self.lean  # rebuilt if the weights changed since
             cache = self.lean.new_cache()
@@ -493,75 +473,40 @@ class Engine:
             lead = self.leading_bos(j.prompt_ids)
             ids = j.prompt_ids[lead:]
             k = len(ids)
-            lp = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts the echoed tokens 1..k-1
-            t0 = ids[0]
-            if lead:
-                row0 = torch.log_softmax(logits[i, n - k - 1].float(), dim=-1)  # after the BOS
-                entries = [(t0, *self._entry(row0, t0, j.logprobs or 0), 0)]
-            else:
-                entries = [(t0, *self._entry(start, t0, j.logprobs or 0), 0)] if start is not None else [(t0, None, [], 0)]
-            for m, (t, row) in enumerate(zip(ids[1:], lp), 1):
-                entries.append((t, *self._entry(row, t, j.logprobs or 0), len(self.tok.decode(ids[:m]))))
-            j.prompt_lps = entries
-
-    @staticmethod
-    def _entry(lp_row, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        import torch
-
-        alts = []
-        if top:
-            v, k = torch.topk(lp_row, top)
-            alts = list(zip(k.tolist(), v.tolist()))
-        return float(lp_row[token]), alts
+            rows = torch.log_softmax(logits[i, n - k : n - 1].float(), dim=-1)  # predicts the echoed tokens 1..k-1
+            row0 = torch.log_softmax(logits[i, n - k - 1].float(), dim=-1) if lead else start  # after the BOS
+            j.prompt_lps = prompt_entries(self.tok.decode, ids, row0, rows, j.logprobs or 0)
 
     def token_text(self, token: int) -> str:
         """A token's text alone (cached: logprobs name every token and alternative)."""
-        cache = self.__dict__.setdefault("_text_cache", {})
-        if token not in cache:
-            cache[token] = self.tok.decode([token])
-        return cache[token]
+        return self._pieces().text(token)
 
     def token_bytes(self, token: int) -> list[int]:
         """The UTF-8 bytes a token stands for (byte-level BPE tokens can be part of a character)."""
-        cache = self.__dict__.setdefault("_bytes_cache", {})
-        if token not in cache:
-            piece = self.tok.convert_ids_to_tokens(token)
-            byte_of = _byte_decoder()
-            if isinstance(piece, str) and piece and all(c in byte_of for c in piece):
-                cache[token] = [byte_of[c] for c in piece]
-            else:
-                cache[token] = list(self.tok.decode([token]).encode("utf-8"))
-        return cache[token]
+        return self._pieces().bytes(token)
+
+    def _pieces(self) -> TokenPieces:
+        pieces = self.__dict__.get("_token_pieces")
+        if pieces is None or pieces.tok is not self.tok:
+            pieces = self.__dict__["_token_pieces"] = TokenPieces(self.tok)
+        return pieces
 
     def _record_logprobs(self, batch: _Batch, tokens: list[int]) -> None:
         """Logprobs of the sampled tokens under the raw logits (before temperature, top-p and
-        penalties, as vLLM reports them by default), for the rows that asked: one batched
-        logsumexp, gather and top-k for all of them (no full log-softmax written), then one
-        copy to Python."""
-        import torch
-
+        penalties, as vLLM reports them by default), for the rows that asked, in one batched
+        call (`inference.logprobs.sampled`)."""
         rows = [i for i, j in enumerate(batch.jobs) if j.logprobs is not None and not (j.cancelled or j.finished)]
         if not rows:
             return
         every = len(rows) == len(batch.jobs)
         x = batch.logits if every else batch.logits[rows]
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        chosen = x.gather(1, torch.tensor(tokens if every else [tokens[i] for i in rows], device=x.device).view(-1, 1)) - lse
-        k = min(max(batch.jobs[i].logprobs for i in rows), x.shape[-1])
-        if k:
-            top_v, top_i = torch.topk(x, k, dim=-1)
-            packed = torch.cat([chosen, top_v - lse, top_i.to(x.dtype)], dim=1).tolist()  # ids exact below 2^24
-        else:
-            packed = chosen.tolist()
-        for p, i in zip(packed, rows):
-            j = batch.jobs[i]
-            n = j.logprobs
-            j.lps.append((p[0], list(zip(map(int, p[k + 1 : k + 1 + n]), p[1 : 1 + n]))))
+        for i, e in zip(rows, sampled(x, [tokens[i] for i in rows], [batch.jobs[i].logprobs for i in rows])):
+            batch.jobs[i].lps.append(e)
 
     # ---- sampling ---------------------------------------------------------------
     def _sample(self, batch: _Batch) -> list[int]:
         """Each running row's next token, by the sampler `generate` uses (finished rows: pad)."""
-        from llmctl.sampling import next_tokens
+        from llmctl.inference.sampling import next_tokens
 
         jobs = batch.jobs
         params = [None if (j.cancelled or j.finished) else j.sampling() for j in jobs]
@@ -569,43 +514,16 @@ class Engine:
 
     # ---- per-sequence bookkeeping -------------------------------------------------
     def _detokenize(self, j: Job, final: bool = False) -> None:
-        """Extend `j.text` by the new tokens, decoding only a short window each step (not the
-        whole output: that is O(n^2) in its length). The window starts a few tokens back so
-        that merges across token boundaries decode as a full decode would; text that ends in
-        half a character waits for the next token, unless this is the last one."""
-        dec = self.tok.decode
-        before = dec(j.tokens[j.prefix_offset : j.read_offset], skip_special_tokens=True)
-        now = dec(j.tokens[j.prefix_offset :], skip_special_tokens=True)
-        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
-            j.text += now[len(before) :]
-            j.prefix_offset, j.read_offset = j.read_offset, len(j.tokens)
+        """Extend `j.text` by the new tokens (`inference.detok.step`: a short window each step,
+        not the whole output); text that ends in half a character waits for the next token,
+        unless this is the last one."""
+        delta, j.prefix_offset, j.read_offset = step(self.tok, j.tokens, j.prefix_offset, j.read_offset, final=final)
+        j.text += delta
 
     def _text_ends(self, j: Job) -> None:
         """Each token's text offset (`j.ends`) for a sequence that was not decoded as it grew
-        (a whole answer with logprobs and no stop strings), once, at its end: from the tokens'
-        UTF-8 bytes (byte-level BPE), kept when they spell the final text exactly; otherwise
-        by replaying the incremental decode."""
-        import codecs
-
-        done = len(j.ends)
-        pieces, ends, n, tail = [], [], 0, ""
-        dec = codecs.getincrementaldecoder("utf-8")("replace")
-        for i, t in enumerate(j.tokens):
-            final = i == len(j.tokens) - 1
-            piece = dec.decode(bytes(self.token_bytes(t)), final=final)
-            pieces.append(piece)
-            n += len(piece)
-            tail = piece[-1:] or tail
-            # as a stream does: text that ends in half a character waits for the next token
-            half = dec.getstate()[0] or tail == "\ufffd"
-            ends.append(n if final or not half else (ends[-1] if ends else 0))
-        if "".join(pieces) != j.text:
-            scratch, ends = Job([], 0), []
-            for i, t in enumerate(j.tokens):
-                scratch.tokens.append(t)
-                self._detokenize(scratch, final=i == len(j.tokens) - 1)
-                ends.append(len(scratch.text))
-        j.ends += ends[done:]
+        (a whole answer with logprobs and no stop strings), once, at its end."""
+        j.ends += text_ends(self.tok, j.tokens, j.text, self.token_bytes)[len(j.ends):]
 
     def _advance(self, j: Job, token: int) -> bool:
         """Take one token for a sequence; False once it has finished."""
@@ -625,7 +543,6 @@ class Engine:
         last = len(j.tokens) >= j.max_tokens
         if not (last or growing):
             return True  # nothing to decode, search or send before the end
-        longest = max((len(s) for s in j.stop), default=0)
         seen = len(j.text)
         self._detokenize(j, final=last)
         text = j.text
@@ -634,18 +551,12 @@ class Engine:
                 j.ends.append(len(text))
             else:
                 self._text_ends(j)
-        # A stop string can only end in the new text: search from where it could start.
-        start = max(0, seen - longest + 1)
-        cut = min((i for i in (text.find(s, start) for s in j.stop if s) if i != -1), default=-1)
-        if cut != -1:
-            self._send(j, text[:cut], final=True)
-            self._finish(j, "stop")
+        safe, stopped = release(text, j.stop, seen, final=last)  # the one stop rule, with its hold-back
+        if stopped or last:
+            self._send(j, text[:safe], final=True)
+            self._finish(j, "stop" if stopped else "length")
             return False
-        if last:
-            self._send(j, text, final=True)
-            self._finish(j, "length")
-            return False
-        self._send(j, text[: len(text) - _held_back(text, j.stop)])
+        self._send(j, text[:safe])
         return True
 
     @staticmethod

@@ -9,7 +9,7 @@ from typing import Any
 from llmctl.server.engine import Job, QueueFull
 from llmctl.server.schemas import UNSUPPORTED, ApiError, _Req
 from llmctl.server.state import ServerState
-from llmctl.tokenizer import with_bos
+from llmctl.inference.context import encode_one, room
 
 
 def check_request(st: ServerState, req: _Req) -> list[str]:
@@ -36,8 +36,9 @@ def budget(st: ServerState, asked: int | None, prompt_len: int, default: int, pa
     if asked is not None and asked > cap:
         raise ApiError(400, f"max_tokens ({asked}) is above this server's cap of {cap} (serve.max_tokens_cap)", param="max_tokens")
     ctx = st.engine.context_length
-    room = (ctx - prompt_len) if ctx else cap
-    if room < 1 or (asked is not None and asked > room):
+    left = room(ctx, prompt_len)  # the context rule generate and eval use (they cut; serve refuses)
+    left = cap if left is None else left
+    if left < 1 or (asked is not None and asked > left):
         want = asked if asked is not None else 1
         raise ApiError(
             400,
@@ -45,7 +46,7 @@ def budget(st: ServerState, asked: int | None, prompt_len: int, default: int, pa
             param=param,
             code="context_length_exceeded",
         )
-    return asked if asked is not None else min(default, room)
+    return asked if asked is not None else min(default, left)
 
 
 def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
@@ -53,7 +54,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
     training use), or a token-id prompt exactly as sent, checked against the vocabulary."""
     engine = st.engine
     if isinstance(prompt, str):
-        ids = with_bos(engine.tok, engine.tok(prompt, add_special_tokens=False)["input_ids"]) if prompt else []
+        ids = encode_one(engine.tok, prompt) if prompt else []
     else:
         ids = list(prompt)
         vocab = engine.model.get_input_embeddings().weight.shape[0]

@@ -42,6 +42,7 @@ def attribute(model, tok, prompt: str, target: str | None = None, top_k: int = 5
     """Logprobs and attributions for `prompt` (-> `target`, default: the greedy next token)."""
     import torch
 
+    from llmctl.inference.logprobs import entropy, top
     from llmctl.tokenizer import with_bos
 
     ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -54,17 +55,15 @@ def attribute(model, tok, prompt: str, target: str | None = None, top_k: int = 5
         logits = _full(model(input_ids=prompt_ids).logits[0])
     logp = torch.log_softmax(logits, dim=-1)
     prompt_lp = [None] + [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
-    next_lp = logp[-1]
-    top = torch.topk(next_lp, min(top_k, next_lp.numel()))
-    next_top = [{"token": tok.decode([int(t)]), "id": int(t), "logprob": float(v)} for v, t in zip(top.values, top.indices)]
-    entropy = float(-(next_lp.exp() * next_lp).sum())
+    alts = top(logp[-1], top_k)  # the next token's distribution, as generate --logprobs reports it
+    next_top = [{"token": tok.decode([t]), "id": t, "logprob": v} for t, v in alts]
 
     if target:
         tgt_ids = tok(target, add_special_tokens=False)["input_ids"]
         if not tgt_ids:
             raise ConfigError("explain: --target tokenizes to nothing")
     else:
-        tgt_ids = [int(top.indices[0])]
+        tgt_ids = [alts[0][0]]
     full = torch.tensor([ids + tgt_ids], device=dev)
     n = len(ids)
     emb = model.get_input_embeddings()(full).detach().requires_grad_(True)
@@ -86,7 +85,7 @@ def attribute(model, tok, prompt: str, target: str | None = None, top_k: int = 5
         "target": tok.decode(tgt_ids),
         "target_ids": tgt_ids,
         "target_logprob": float(score.detach()),
-        "next_token": {"top": next_top, "entropy": entropy},
+        "next_token": {"top": next_top, "entropy": entropy(logp[-1])},
         "method": "gradient x input on input embeddings, summed over the hidden size",
         "tokens": rows,
     }

@@ -54,11 +54,12 @@ def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dic
     return out
 
 
-def _guarded_streamer(tok, guard):
-    """A TextStreamer that prints only what the output rails release."""
-    from transformers import TextStreamer
+def _guarded_streamer(tok, guard, stops=()):
+    """The terminal stream (the inference core's incremental text, cut at the stop strings),
+    printing only what the output rails release."""
+    from llmctl.inference.detok import TextStream
 
-    class GuardedStreamer(TextStreamer):
+    class GuardedStream(TextStream):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             out = guard.feed(text)
             if stream_end:
@@ -67,7 +68,7 @@ def _guarded_streamer(tok, guard):
                 sys.stdout.write(out)
                 sys.stdout.flush()
 
-    return GuardedStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    return GuardedStream(tok, stops)
 
 
 def surprisal_text(text: str, logprobs: list[dict]):
@@ -95,9 +96,8 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         logprobs: int | None = None, surprisal: bool = False, raw: bool = False, **_) -> dict:
     import hashlib
 
-    from llmctl.generation import Sampling, generate_batch
     from llmctl.modeling import load_for_inference, model_identity, resolve_model_path
-    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails
+    from llmctl.safety import AuditLog, Rails
 
     con = _console.current()
     g = cfg.generate
@@ -121,75 +121,20 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     as_chat = any("prompt" in it for it in items) and plain_prompts_as_chat(cfg, tok, path, raw)
     if as_chat:
         con.info("generate: data.format is chat, so each plain prompt is sent as a user turn through the chat template (--raw sends the text as it is)")
-    texts = []
-    refused: dict[int, str] = {}  # prompt index -> the input rail that blocked it
-    for i, it in enumerate(items):
-        try:
-            if "messages" in it or as_chat:
-                if not has_chat_template(tok):
-                    raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
-                msgs = it.get("messages") or user_turn(it["prompt"])
-                msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in msgs]
-                texts.append(render_chat(tok, msgs))
-            else:
-                texts.append(rails.check_input(it["prompt"], f"prompt-{i}"))
-        except Blocked as b:
-            refused[i] = b.rail
-            texts.append(it.get("prompt") or "")
+    texts, refused = _render(items, tok, rails, as_chat, path)
     todo = [i for i in range(len(texts)) if i not in refused]
-    sp = Sampling(
-        max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
-        top_p=g.top_p, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
-        num_return_sequences=g.num_return_sequences, seed=g.seed if g.seed is not None else cfg.run.seed,
-        logprobs=logprobs if logprobs is not None else (g.logprobs if g.logprobs is not None else (0 if surprisal else None)),
-    )
+    sp = _sampling(cfg, logprobs, surprisal)
     stream = len(todo) == 1 and len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
-    decode_s = 0.0  # tokens/s is over the decoding only: not loading, the decoder's build, rails or writing
     records = []
     with rd.begin(stage, cfg, inputs=[] if explicit else ["train"], extra_hash=extra_hash) as st:
         if identity:
             st.manifest["model"] = identity
-        if stream:
-            guard = rails.guard("prompt-0", choice=0)
-            sys.stdout.write(texts[0])
-            res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard))
-            decode_s += res[0]["decode_seconds"]
-            sys.stdout.write("\n")
-            # The terminal saw what the guard released; the record says the same.
-            results = [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})]
-        else:
-            results = []
-            with con.progress("generating", total=len(todo), unit="prompts") as prog:
-                for i in range(0, len(todo), g.batch_size):
-                    batch = todo[i : i + g.batch_size]
-                    res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
-                    decode_s += res[0]["decode_seconds"] if res else 0.0
-                    for k, r in enumerate(res):
-                        idx, choice = batch[k // g.num_return_sequences], k % g.num_return_sequences
-                        text, blocked = rails.check_output(r["text"], f"prompt-{idx}", choice=choice)
-                        results.append((idx, choice, {**r, "text": text, "raw_text": r["text"], "finish_reason": CONTENT_FILTER if blocked else r["finish_reason"]}))
-                    prog.update(advance=len(batch))
-            for i, rail in refused.items():
-                results.append((i, 0, {"text": "", "finish_reason": CONTENT_FILTER, "prompt_tokens": 0, "completion_tokens": 0}))
-            results.sort(key=lambda x: x[:2])
+        results, decode_s = _decode(mdl, tok, texts, refused, sp, rails, stream, g.batch_size, con)
         for idx, choice, r in results:
-            rec = {"index": idx, **({"messages": items[idx]["messages"]} if "messages" in items[idx] else {}), "prompt": texts[idx], "output": r["text"], **{k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}}
-            if "logprobs" in r and r["text"] == r.get("raw_text", r["text"]):
-                rec["logprobs"] = r["logprobs"]  # not when a rail changed the text: the tokens would show it
-            events = [{k: e[k] for k in ("rail", "action", "kinds")} for e in audit.events if e["request_id"] == f"prompt-{idx}" and e.get("choice", choice) == choice]
-            if events:
-                rec["safety"] = events
+            rec = _record(items[idx], texts[idx], idx, choice, r, audit.events)
             records.append(rec)
-            if surprisal and not con.json_mode and "logprobs" in rec:
-                if sys.stdout.isatty():
-                    from rich.console import Console
-
-                    Console().print(surprisal_text(r["text"], r["logprobs"]))
-                else:
-                    sys.stdout.write(r["text"] + "\n" + surprisal_plain(r["logprobs"]) + "\n")
-            elif not stream and not con.json_mode:
-                sys.stdout.write(r["text"] + "\n")
+            _show(r, rec, surprisal, stream, con)
         atomic_write_text(outputs_path, "".join(json.dumps(r) + "\n" for r in records))
         atomic_write_text(rd.audit_path(stage), "".join(json.dumps(e) + "\n" for e in audit.events))
         secs = time.time() - t0
@@ -204,3 +149,95 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     if con.json_mode:
         return {**head, "model": path, "results": records}
     return {**head, "outputs_file": str(outputs_path)}
+
+
+def _render(items: list[dict], tok, rails, as_chat: bool, path: str) -> tuple[list[str], dict[int, str]]:
+    """(each prompt's text as the model gets it, after the input rails; prompt index -> the
+    input rail that blocked it)."""
+    from llmctl.safety import Blocked
+
+    texts = []
+    refused: dict[int, str] = {}
+    for i, it in enumerate(items):
+        try:
+            if "messages" in it or as_chat:
+                if not has_chat_template(tok):
+                    raise ConfigError(f"{path}: the tokenizer has no chat template, so 'messages' prompts cannot be rendered; give plain 'prompt' text")
+                msgs = it.get("messages") or user_turn(it["prompt"])
+                msgs = [{**m, "content": rails.check_input(str(m.get("content") or ""), f"prompt-{i}")} for m in msgs]
+                texts.append(render_chat(tok, msgs))
+            else:
+                texts.append(rails.check_input(it["prompt"], f"prompt-{i}"))
+        except Blocked as b:
+            refused[i] = b.rail
+            texts.append(it.get("prompt") or "")
+    return texts, refused
+
+
+def _sampling(cfg, logprobs: int | None, surprisal: bool):
+    from llmctl.generation import Sampling
+
+    g = cfg.generate
+    return Sampling(
+        max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
+        top_p=g.top_p, repetition_penalty=g.repetition_penalty, stop=tuple(g.stop),
+        num_return_sequences=g.num_return_sequences, seed=g.seed if g.seed is not None else cfg.run.seed,
+        logprobs=logprobs if logprobs is not None else (g.logprobs if g.logprobs is not None else (0 if surprisal else None)),
+    )
+
+
+def _decode(mdl, tok, texts: list[str], refused: dict[int, str], sp, rails, stream: bool, batch_size: int, con) -> tuple[list, float]:
+    """([(prompt index, choice, result)] in order, decode seconds: the decoding only, not
+    loading, the decoder's build, rails or writing). Streamed to the terminal when `stream`."""
+    from llmctl.generation import generate_batch
+    from llmctl.safety import CONTENT_FILTER
+
+    if stream:
+        guard = rails.guard("prompt-0", choice=0)
+        sys.stdout.write(texts[0])
+        res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard, sp.stop))
+        sys.stdout.write("\n")
+        # The terminal saw what the guard released; the record says the same.
+        return [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})], res[0]["decode_seconds"]
+    todo = [i for i in range(len(texts)) if i not in refused]
+    n_seq = sp.num_return_sequences
+    decode_s = 0.0
+    results = []
+    with con.progress("generating", total=len(todo), unit="prompts") as prog:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
+            decode_s += res[0]["decode_seconds"] if res else 0.0
+            for k, r in enumerate(res):
+                idx, choice = batch[k // n_seq], k % n_seq
+                text, blocked = rails.check_output(r["text"], f"prompt-{idx}", choice=choice)
+                results.append((idx, choice, {**r, "text": text, "raw_text": r["text"], "finish_reason": CONTENT_FILTER if blocked else r["finish_reason"]}))
+            prog.update(advance=len(batch))
+    for i, rail in refused.items():
+        results.append((i, 0, {"text": "", "finish_reason": CONTENT_FILTER, "prompt_tokens": 0, "completion_tokens": 0}))
+    results.sort(key=lambda x: x[:2])
+    return results, decode_s
+
+
+def _record(item: dict, text: str, idx: int, choice: int, r: dict, events: list[dict]) -> dict:
+    """One line of outputs.jsonl."""
+    rec = {"index": idx, **({"messages": item["messages"]} if "messages" in item else {}), "prompt": text, "output": r["text"], **{k: r[k] for k in ("prompt_tokens", "completion_tokens", "finish_reason")}}
+    if "logprobs" in r and r["text"] == r.get("raw_text", r["text"]):
+        rec["logprobs"] = r["logprobs"]  # not when a rail changed the text: the tokens would show it
+    mine = [{k: e[k] for k in ("rail", "action", "kinds")} for e in events if e["request_id"] == f"prompt-{idx}" and e.get("choice", choice) == choice]
+    if mine:
+        rec["safety"] = mine
+    return rec
+
+
+def _show(r: dict, rec: dict, surprisal: bool, stream: bool, con) -> None:
+    """An output on stdout (unless it streamed there, or --json): coloured by surprisal if asked."""
+    if surprisal and not con.json_mode and "logprobs" in rec:
+        if sys.stdout.isatty():
+            from rich.console import Console
+
+            Console().print(surprisal_text(r["text"], r["logprobs"]))
+        else:
+            sys.stdout.write(r["text"] + "\n" + surprisal_plain(r["logprobs"]) + "\n")
+    elif not stream and not con.json_mode:
+        sys.stdout.write(r["text"] + "\n")

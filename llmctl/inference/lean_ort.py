@@ -14,7 +14,7 @@ disagree. It reads the `KVCache` buffers in place (their unfilled columns masked
 only the new token's keys and values, which the cache writes in one copy. Prompts (prefill)
 stay on the eager path, where one call covers many tokens.
 
-Used wherever llmctl decodes through `lean.decoder_for` (`generate`, `serve`, eval's
+Used wherever llmctl decodes through `llmctl.inference.lean.decoder_for` (`generate`, `serve`, eval's
 generation) when onnxruntime is installed (the `onnx` and `serve` extras) and the model is on
 the CPU; `LLMCTL_LEAN_ORT=0` keeps the eager path.
 """
@@ -28,6 +28,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from llmctl.inference.kvcache import KVCache
 
 TOLERANCE = 1e-4  # probe logits: ORT against the eager folded pass (float32 rounding)
 
@@ -182,8 +184,6 @@ class OrtStep:
 
     def _probe(self) -> None:
         """The sessions must compute what the eager folded pass computes; raise otherwise."""
-        from llmctl.lean import KVCache
-
         g = torch.Generator().manual_seed(0)
         V = self.dec.embed.weight.shape[0]
         ids = torch.randint(0, V, (2, 6), generator=g)
