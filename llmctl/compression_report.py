@@ -44,8 +44,10 @@ def decode_tokens_per_s(model, tok, new_tokens: int, reps: int = 2) -> float | N
 
     from llmctl.generation import Sampling, _lean_for, lean_generate
 
-    enc = tok([DECODE_PROMPT], return_tensors="pt", add_special_tokens=False).to(model.device)
-    enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    from llmctl.inference.context import encode_one
+
+    ids = torch.tensor([encode_one(tok, DECODE_PROMPT)], device=model.device)  # BOS as generate feeds it
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     kw = dict(do_sample=False, temperature=None, top_k=None, top_p=None, pad_token_id=tok.pad_token_id, eos_token_id=None)
     dec = _lean_for(model, enc["input_ids"].shape[1] + new_tokens)
 

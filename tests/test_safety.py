@@ -242,6 +242,7 @@ def test_audit_log_file(tmp_path):
 # --------------------------------------------------------------------------- HTTP layer
 class _FakeTok:
     chat_template = "plain"
+    bos_token_id = None  # a tokenizer without BOS: prompts are the characters as sent
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) % 256 for c in text]}

@@ -32,6 +32,12 @@ def encode_one(tok, text: str) -> list[int]:
     return with_bos(tok, tok(text, add_special_tokens=False)["input_ids"])
 
 
+def leading_bos(tok, ids: list[int]) -> int:
+    """1 when a prompt opens with BOS (added by the BOS rule, or sent so) and has more: that
+    BOS is the context of the first token, not text to echo."""
+    return int(len(ids) > 1 and ids[0] == getattr(tok, "bos_token_id", None))
+
+
 def fit_to_context(ids: list[list[int]], max_new_tokens: int, ctx: int | None, bos: int | None = None) -> tuple[list[list[int]], int, list[int]]:
     """(prompts cut from the left, new tokens allowed, tokens cut per prompt).
 

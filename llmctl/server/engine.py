@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.inference.context import context_length
+from llmctl.inference.context import context_length, leading_bos
 from llmctl.inference.detok import TokenPieces, step, text_ends
 from llmctl.inference.logprobs import prompt_entries, sampled
 from llmctl.inference.stops import release
@@ -449,9 +449,8 @@ class Engine:
 
     # ---- logprobs -----------------------------------------------------------------
     def leading_bos(self, ids: list[int]) -> int:
-        """1 when a prompt opens with BOS (added by the BOS rule, or sent so) and has more: that
-        BOS is the context of the first token, not echoed text."""
-        return int(len(ids) > 1 and ids[0] == self.tok.bos_token_id)
+        """1 when a prompt opens with BOS and has more (`inference.context.leading_bos`)."""
+        return leading_bos(self.tok, ids)
 
     def _prompt_logprobs(self, jobs: list[Job], logits, n: int) -> None:
         """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token is

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from llmctl.inference.context import leading_bos
 from llmctl.server.engine import Job
 from llmctl.server.jobs import budget, check_request, make_jobs, tokenize, usage
 from llmctl.server.rails import checked_input, checked_outputs, guards_for
@@ -57,7 +58,7 @@ def prompt_items(prompt: Any) -> list:
 
 def _as_text(st: ServerState, item: Any, ids: list[int]) -> str:
     """A prompt as text, exactly as sent (token-id prompts decoded)."""
-    return item if isinstance(item, str) else st.engine.tok.decode(ids[st.engine.leading_bos(ids):])
+    return item if isinstance(item, str) else st.engine.tok.decode(ids[leading_bos(st.engine.tok, ids):])
 
 
 def prompt_ids(st: ServerState, items: list, rid: str) -> list[list[int]]:
