@@ -173,75 +173,21 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         if set(fmts) <= set(m.get("formats", [])):
             con.info(f"export: up to date in {rd.stage_dir('export')} (use --force to redo)")
             return {**m["headline"], "cached": True}
-    from llmctl.exporters import common, gguf as gguf_x, hf as hf_x, onnx as onnx_x
+    from llmctl.exporters import common, gguf as gguf_x
 
     model, tok = _load_trained(cfg, rd)
     pre = gguf_x.check_supported(model, tok) if "gguf" in fmts else None  # fail before any work
     check = cfg.export.verify
     ids, mask = common.verify_batch(tok)
-    ref = common.reference_logits(model, ids, mask)
+    probe = (common.reference_logits(model, ids, mask), ids, mask) if check else None
     inputs = ["train"] + (["eval"] if _own_fresh_eval(cfg, rd) else [])
+    report = None
     with rd.begin("export", cfg, inputs=inputs) as st:
-        build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
-        build.mkdir()
-        verification: dict = {}
-        timings: dict = {}
-        try:
-            lora = _check_lora(cfg, rd, model, ids, mask) if check else None
-            if lora is not None:
-                verification["lora_merge"] = {"max_abs_diff": lora, "tolerance": 1e-4, "passed": lora <= 1e-4}
-                if lora > 1e-4:
-                    raise LlmctlError(f"LoRA merge check failed: merged model differs from adapter+base by {lora:.3g} (tolerance 1e-4)")
-            for fmt in fmts:
-                t0 = time.time()
-                out = build / fmt
-                out.mkdir()
-                con.step(f"exporting {fmt}")
-                checks: dict = {}
-                if fmt == "hf":
-                    info = hf_x.write(model, tok, out, cfg, _model_card(cfg, rd, fmts))
-                    if check:
-                        checks[""] = (*hf_x.verify(out, ref, ids, mask, cfg), {})
-                elif fmt == "onnx":
-                    info = onnx_x.write(model, tok, out, cfg)
-                    if check:
-                        checks[""] = (*onnx_x.verify(out, ref, ids, mask, cfg), {})
-                elif fmt == "hf-int8":
-                    from llmctl import quantize as quant
-
-                    info = quant.save_hf_int8(rd.model_dir, out)
-                    tok.save_pretrained(out)
-                    hf_x._compat_tokenizer_config(out)
-                    if check:
-                        checks[""] = (*hf_x.verify_int8(out, ref, ids, mask), {})
-                else:
-                    info, checks = _export_gguf(cfg, model, tok, out, pre, (ref, ids, mask) if check else None, con)
-                for sub, result in checks.items():
-                    _record_check(f"{fmt}:{sub}" if sub else fmt, result, verification, con)
-                timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
-            files = {}
-            for fmt in fmts:
-                replace_path(build / fmt, rd.export_dir(fmt))
-                for f in sorted(rd.export_dir(fmt).rglob("*")):
-                    if f.is_file():
-                        files[str(f.relative_to(rd.stage_dir("export")))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
-        st.manifest["formats"] = fmts
-        st.manifest["files"] = files
-        st.manifest["verification"] = verification
-        st.manifest["verified"] = check
+        files, verification, timings = _export_all(cfg, rd, model, tok, fmts, pre, probe, con)
+        st.manifest.update({"formats": fmts, "files": files, "verification": verification, "verified": check, "formats_info": timings})
         if not check:
             con.warn("export: export.verify is false: nothing was reloaded or compared with the trained model")
-        st.manifest["formats_info"] = timings
-        head = {"formats": ",".join(fmts)}
-        for fmt in fmts:
-            size = sum(v["size"] for k, v in files.items() if k.startswith(fmt + "/"))
-            head[f"{fmt}_mb"] = round(size / 1e6, 3)
-            head[f"{fmt}_s"] = timings[fmt]["seconds"]
-        head["verified"] = check
-        head["max_abs_diff"] = {k: float(f"{v['max_abs_diff']:.3g}") for k, v in verification.items()}
-        report = None
+        head = _headline(fmts, files, timings, verification, check)
         if cfg.export.report:
             con.step("measuring each artifact (export.report: size, perplexity, decode tokens/s vs f32)")
             from llmctl import compression_report as report_x
@@ -257,6 +203,76 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         for line in report_x.table(report):
             con.info(line)
     return {**head, "dir": str(rd.stage_dir("export"))}
+
+
+def _export_all(cfg, rd: RunDir, model, tok, fmts: list[str], pre, probe, con) -> tuple[dict, dict, dict]:
+    """Write and verify every format in a build folder, then move each into place with its
+    checksums: (files, verification, timings). A failed check leaves nothing behind."""
+    build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
+    build.mkdir()
+    verification: dict = {}
+    timings: dict = {}
+    try:
+        lora = _check_lora(cfg, rd, model, probe[1], probe[2]) if probe else None
+        if lora is not None:
+            verification["lora_merge"] = {"max_abs_diff": lora, "tolerance": 1e-4, "passed": lora <= 1e-4}
+            if lora > 1e-4:
+                raise LlmctlError(f"LoRA merge check failed: merged model differs from adapter+base by {lora:.3g} (tolerance 1e-4)")
+        for fmt in fmts:
+            t0 = time.time()
+            out = build / fmt
+            out.mkdir()
+            con.step(f"exporting {fmt}")
+            info, checks = _export_one(fmt, cfg, rd, model, tok, out, fmts, pre, probe, con)
+            for sub, result in checks.items():
+                _record_check(f"{fmt}:{sub}" if sub else fmt, result, verification, con)
+            timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
+        files = {}
+        for fmt in fmts:
+            replace_path(build / fmt, rd.export_dir(fmt))
+            for f in sorted(rd.export_dir(fmt).rglob("*")):
+                if f.is_file():
+                    files[str(f.relative_to(rd.stage_dir("export")))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return files, verification, timings
+
+
+def _export_one(fmt: str, cfg, rd: RunDir, model, tok, out: Path, fmts: list[str], pre, probe, con) -> tuple[dict, dict]:
+    """Write one format into `out`: (its info, {sub-check: (diff, tolerance, extra checks)})."""
+    from llmctl.exporters import hf as hf_x, onnx as onnx_x
+
+    checks: dict = {}
+    if fmt == "hf":
+        info = hf_x.write(model, tok, out, cfg, _model_card(cfg, rd, fmts))
+        if probe:
+            checks[""] = (*hf_x.verify(out, *probe, cfg), {})
+    elif fmt == "onnx":
+        info = onnx_x.write(model, tok, out, cfg)
+        if probe:
+            checks[""] = (*onnx_x.verify(out, *probe, cfg), {})
+    elif fmt == "hf-int8":
+        from llmctl import quantize as quant
+
+        info = quant.save_hf_int8(rd.model_dir, out)
+        tok.save_pretrained(out)
+        hf_x._compat_tokenizer_config(out)
+        if probe:
+            checks[""] = (*hf_x.verify_int8(out, *probe), {})
+    else:
+        info, checks = _export_gguf(cfg, model, tok, out, pre, probe, con)
+    return info, checks
+
+
+def _headline(fmts: list[str], files: dict, timings: dict, verification: dict, check: bool) -> dict:
+    head: dict = {"formats": ",".join(fmts)}
+    for fmt in fmts:
+        size = sum(v["size"] for k, v in files.items() if k.startswith(fmt + "/"))
+        head[f"{fmt}_mb"] = round(size / 1e6, 3)
+        head[f"{fmt}_s"] = timings[fmt]["seconds"]
+    head["verified"] = check
+    head["max_abs_diff"] = {k: float(f"{v['max_abs_diff']:.3g}") for k, v in verification.items()}
+    return head
 
 
 def _report_artifacts(rd: RunDir, fmts: list[str], cfg) -> list[dict]:
