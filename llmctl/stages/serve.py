@@ -56,24 +56,15 @@ def _url(sock: socket.socket) -> str:
 
 
 def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, port: int | None = None, insecure: bool = False, **_) -> None:
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn
-    except ImportError:
-        raise ConfigError("llmctl serve needs FastAPI, uvicorn and prometheus_client: pip install 'llmctl[serve]'") from None
+    _require_serve_extra()
     from llmctl.modeling import resolve_model_path
     from llmctl.safety import AuditLog, Rails
-    from llmctl.server.app import create_app
-    from llmctl.server.engine import Engine
     from llmctl.server.metrics import Metrics
 
     con = _console.current()
     s = cfg.serve
     path = resolve_model_path(model or s.model, rd, cfg, "serve", prefer_export=True)
-    name = s.model_name or cfg.run.name
     api_key = s.api_key or os.environ.get(API_KEY_ENV) or None
-    host = host or s.host
     port = s.port if port is None else port
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port}: a port is 0..65535 (0 = any free port)")
@@ -83,55 +74,9 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     from llmctl.quantize import check as check_quantize
 
     check_quantize(s.quantize, key="serve.quantize")  # a missing library fails before the port opens
-    sock = _bind(host, port)
-    if not api_key and not _is_loopback(sock):
-        if not insecure:
-            sock.close()
-            raise ConfigError(
-                f"serve.host / --host: {host} is reachable from other machines and no API key is set: "
-                f"set serve.api_key or ${API_KEY_ENV}, or pass --insecure to serve it to anyone"
-            )
-        con.warn(f"WARNING: serving {host} WITHOUT an API key (--insecure): anyone who can reach this address can use the model")
-    url = _url(sock)
-    engine = Engine(
-        path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
-        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
-        warm=rails.warm,
-    )
-    app = create_app(engine, name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(
-        app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
-    ))
-
-    def announce() -> None:
-        """Print the URL once the port is open and the model is ready; stop on a failed load."""
-        while not engine.ready.wait(0.05):
-            if engine.error is not None or server.should_exit:
-                server.should_exit = True
-                return
-        while not server.started and not server.should_exit:
-            threading.Event().wait(0.02)
-        if server.started:
-            auth = " (API key required: Authorization: Bearer ...)" if api_key else ""
-            con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
-            con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
-
-    # The CLI turns SIGTERM into an exception; while serving, uvicorn handles SIGTERM/SIGINT
-    # (stop accepting, finish in-flight requests) and re-raises the signal afterwards. These
-    # handlers receive that re-raise, so the process exits 0 after a graceful stop.
-    stopped_by: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
-    quant = f", quantized to {s.quantize} at load" if s.quantize != "none" else ""
-    con.step(f"loading {path}{quant} (listening on {url}; /health answers 503 until the model is ready)")
-    engine.start()
-    threading.Thread(target=announce, name="llmctl-announce", daemon=True).start()
-    try:
-        server.run(sockets=[sock])
-    finally:
-        engine.stop()
-        sock.close()
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+    sock = _open_socket(host or s.host, port, api_key, insecure, con)
+    engine, server = _engine_and_server(cfg, path, api_key, metrics, rails)
+    stopped_by = _serve(engine, server, sock, path, s.model_name or cfg.run.name, api_key, s.quantize, con)
     if engine.error is not None:
         err = engine.error
         if isinstance(err, LlmctlError):
@@ -141,3 +86,81 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
     con.info(f"llmctl serve: stopped{why}")
     return None
+
+
+def _require_serve_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("llmctl serve needs FastAPI, uvicorn and prometheus_client: pip install 'llmctl[serve]'") from None
+
+
+def _open_socket(host: str, port: int, api_key: str | None, insecure: bool, con) -> socket.socket:
+    """The listening socket; a non-loopback address without an API key needs --insecure."""
+    sock = _bind(host, port)
+    if not api_key and not _is_loopback(sock):
+        if not insecure:
+            sock.close()
+            raise ConfigError(
+                f"serve.host / --host: {host} is reachable from other machines and no API key is set: "
+                f"set serve.api_key or ${API_KEY_ENV}, or pass --insecure to serve it to anyone"
+            )
+        con.warn(f"WARNING: serving {host} WITHOUT an API key (--insecure): anyone who can reach this address can use the model")
+    return sock
+
+
+def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails):
+    import uvicorn
+
+    from llmctl.server.app import create_app
+    from llmctl.server.engine import Engine
+
+    s = cfg.serve
+    engine = Engine(
+        path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
+        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
+        warm=rails.warm,
+    )
+    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
+    ))
+    return engine, server
+
+
+def _announce(engine, server, url: str, name: str, api_key: str | None, con) -> None:
+    """Print the URL once the port is open and the model is ready; stop on a failed load."""
+    while not engine.ready.wait(0.05):
+        if engine.error is not None or server.should_exit:
+            server.should_exit = True
+            return
+    while not server.started and not server.should_exit:
+        threading.Event().wait(0.02)
+    if server.started:
+        auth = " (API key required: Authorization: Bearer ...)" if api_key else ""
+        con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
+        con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
+
+
+def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: str | None, quantize: str, con) -> list[int]:
+    """Load the model in the engine thread and serve until stopped; the signals that stopped it."""
+    url = _url(sock)
+    # The CLI turns SIGTERM into an exception; while serving, uvicorn handles SIGTERM/SIGINT
+    # (stop accepting, finish in-flight requests) and re-raises the signal afterwards. These
+    # handlers receive that re-raise, so the process exits 0 after a graceful stop.
+    stopped_by: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped_by.append(signum)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    quant = f", quantized to {quantize} at load" if quantize != "none" else ""
+    con.step(f"loading {path}{quant} (listening on {url}; /health answers 503 until the model is ready)")
+    engine.start()
+    threading.Thread(target=_announce, args=(engine, server, url, name, api_key, con), name="llmctl-announce", daemon=True).start()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+        sock.close()
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return stopped_by
