@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import REPO, run_cli
+from conftest import REPO, invoke_cli
 from llmctl.config import readme_with_reference
 
 README = (REPO / "README.md").read_text()
@@ -38,9 +38,9 @@ def test_readme_quickstart_runs_as_written(tmp_path):
             args = ["status", str(run_dir)]
         else:
             args = args + ["--run-dir", str(run_dir)] + [x for s in SMALL for x in ("--set", s)]
-        r = run_cli(*args, timeout=600)
+        r = invoke_cli(*args)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
-    r = run_cli("status", str(run_dir), "--json")
+    r = invoke_cli("status", str(run_dir), "--json")
     stages = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
     assert stages == {s: "complete" for s in ("prepare", "train", "eval", "generate", "export")}
 
