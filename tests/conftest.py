@@ -292,3 +292,17 @@ def build_sharp_model(out_dir: Path, text: str, steps: int = 80, window: int = 2
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tmp_path_factory):
+    """`sharp_model(steps)`: build_sharp_model on SOURCE_WITH_BLANKS, built once per session for
+    each step count (several tests score the same model). Read it, never write into it."""
+    built: dict[int, Path] = {}
+
+    def get(steps: int = 80) -> Path:
+        if steps not in built:
+            built[steps] = build_sharp_model(tmp_path_factory.mktemp(f"sharp-{steps}"), SOURCE_WITH_BLANKS, steps=steps)
+        return built[steps]
+
+    return get

@@ -59,17 +59,17 @@ def _lm_eval_rolling(model_dir, text: str, L: int) -> float:
     return -lm.loglikelihood_rolling([req])[0]
 
 
-def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
+def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg, sharp_model):
     """`eval.text_paths` on source with blank lines and indentation = lm-eval, on a sharp model."""
     from transformers import AutoTokenizer
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     text = SOURCE_WITH_BLANKS
     f = tmp_path / "config_reader.py"
     f.write_text(text)
-    mdir = build_sharp_model(tmp_path / "sharp", text)
+    mdir = sharp_model()
     tok = AutoTokenizer.from_pretrained(mdir)
     n = len(tok(text, add_special_tokens=False)["input_ids"])
     L = 32
@@ -95,15 +95,15 @@ def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
     assert abs(whole - theirs) / theirs > 0.05
 
 
-def test_each_file_is_its_own_document(tmp_path, tiny_cfg):
+def test_each_file_is_its_own_document(tmp_path, tiny_cfg, sharp_model):
     """Two files score as two lm-eval requests (each from BOS), not one stream."""
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     a, b = SOURCE_WITH_BLANKS, SOURCE_WITH_BLANKS.replace("Config", "Settings")
     (tmp_path / "a.py").write_text(a)
     (tmp_path / "b.txt").write_text(b)
-    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
+    mdir = sharp_model(40)
     r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
@@ -279,12 +279,12 @@ def test_short_references_make_bleu_degenerate_and_eval_says_so(trained_run, cap
     assert res["bleu"] == 0 and res["bleu_degenerate"] is True
     assert "BLEU is 0 by construction" in err and "chrF" in err
 
-def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg):
+def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg, sharp_model):
     """A file the model was trained on vs one of shuffled characters: the per-token losses
     kept in token_losses.jsonl add up to the reported NLL, and the shuffled file is hardest."""
     import random
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     a = SOURCE_WITH_BLANKS
@@ -292,7 +292,7 @@ def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg)
     random.Random(0).shuffle(chars)
     (tmp_path / "a.py").write_text(a)
     (tmp_path / "b.txt").write_text("".join(chars))
-    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
+    mdir = sharp_model(40)
     r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--set", "eval.hardest=5", "--json")
     assert r.returncode == 0, r.stderr

@@ -187,7 +187,7 @@ def test_model_path_must_be_a_dir_or_gguf(tmp_path, trained_run):
     assert r.returncode == 3 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path):
+def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path, sharp_model):
     """`serve --quantize int8` answers with the quantized model: its echoed prompt logprobs are
     the int8 model's teacher-forced ones, close to f32's but not f32's (a sharp model, so that
     quantization moves the numbers measurably)."""
@@ -196,12 +196,12 @@ def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path):
     import torch
     import yaml
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
     from llmctl.modeling import load_for_inference
     from test_serve import Server
 
     path, cfg, rd = trained_run
-    sharp = build_sharp_model(tmp_path / "sharp", SOURCE_WITH_BLANKS)
+    sharp = sharp_model()
     d = yaml.safe_load(path.read_text())
     d["serve"] = {"quantize": "int8", "model_name": "q", "model": str(sharp)}
     qpath = path.parent / "serve-int8.yaml"
