@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, invoke_cli, sentences
@@ -135,6 +136,7 @@ def lora_sft_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # LoRA: test_train.py; chat labels: test_prepare.py; the template unless --raw: test_chat_prompts.py; chat runs: test_scenarios.py
 def test_lora_sft_end_to_end_on_a_local_chat_model(tmp_path):
     path = lora_sft_config(tmp_path)
     r = invoke_cli("config", "validate", str(path))

@@ -287,6 +287,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGTERM"
 
 
+@pytest.mark.slow  # torchrun's launch: test_train.py::test_two_processes_match_one; distill's result and lineage: test_cli_distill_*
 def test_nproc_2_distills_under_torchrun(tmp_path):
     """`--nproc 2`: two ranks, each with its own teacher copy, one result and one model."""
     path, _, rd = _teacher_and_student(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from conftest import REPO, invoke_cli
 from llmctl.config import readme_with_reference
 
@@ -29,6 +31,7 @@ SMALL = ["data.max_bytes=200000", "tokenizer.vocab_size=512", "model.n_layers=1"
          "eval.max_new_tokens=4", "generate.max_new_tokens=4", "export.gguf_types=[f32]"]
 
 
+@pytest.mark.slow  # each command on tiny data: test_scenarios.py; quickstart.yaml validates: test_configs_dir.py; builtin data: test_pipeline.py
 def test_readme_quickstart_runs_as_written(tmp_path):
     run_dir = tmp_path / "run"
     for cmd in quickstart_commands():

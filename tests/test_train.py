@@ -178,9 +178,11 @@ def test_two_processes_match_one(tmp_path):
     assert r.returncode == 0, r.stderr
     two = {"train": {"max_steps": 3, "micro_batch_size": 2, "log_every": 1, "eval_every": 100, "save_every": 100}}
     p2, c2, rd2 = _setup(tmp_path, "two", **two)
-    r = run_cli("train", str(p2), "--nproc", "2", timeout=600)
+    r = run_cli("train", str(p2), "--nproc", "2", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     assert rd2.manifest("train")["headline"]["world_size"] == 2
+    res = json.loads(r.stdout)  # exactly one object: the launcher's, with rank 0's numbers
+    assert res["world_size"] == 2 and res["steps"] == 3 and r.stderr.count("model: llama") == 1  # only rank 0 talks
     a, b = _losses(rd1), _losses(rd2)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
@@ -296,6 +298,7 @@ def test_collective_device_follows_the_backend(monkeypatch):
     assert train.collective_device("cpu:gloo,cuda:nccl") == torch.device("cpu")
 
 
+@pytest.mark.slow  # test_two_processes_match_one checks the same under torchrun, on the default tier
 def test_nproc_json_is_one_result(tmp_path):
     p, cfg, rd = _setup(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})
     r = run_cli("train", str(p), "--nproc", "2", "--json", timeout=600)
