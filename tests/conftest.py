@@ -180,6 +180,64 @@ def run_cli(*args: str, cwd: Path | None = None, input: str | None = None, timeo
     )
 
 
+def invoke_cli(*args: str, cwd: Path | None = None, input: str | None = None, env: dict | None = None):
+    """`llmctl ARGS` in this process, through the same entry point (`llmctl.cli.main`); returns a
+    CompletedProcess like `run_cli`, without paying a fresh interpreter and torch import (seconds).
+
+    What the process would show is kept: exit code, stdout, stderr, warnings on stderr, a bug's
+    traceback on stderr with exit 1. What a command changes in the process (environment, cwd,
+    warning filters, logging, SIGTERM handler, the current console, torch's thread count) is put
+    back afterwards. Use `run_cli` where the test is about the process: signals, kills, torchrun,
+    a server that keeps running, anything read at import time.
+    """
+    import logging
+    import signal
+    import subprocess
+    import sys
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from llmctl import cli, console
+
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else None
+    saved = (dict(os.environ), os.getcwd(), sys.argv, logging.root.manager.disable, signal.getsignal(signal.SIGTERM), console._current)
+    code = 0
+    try:
+        with warnings.catch_warnings(), CliRunner().isolation(input=input, env=env) as (out, err, _):
+            # a fresh interpreter's warning filters, and warnings printed on this call's stderr
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+            os.chdir(cwd or REPO)
+            sys.argv = ["llmctl", *args]
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    sys.stderr.write(e.code + "\n")
+            except Exception:
+                sys.stderr.write(traceback.format_exc())
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    finally:
+        environ, cwd_, sys.argv, disable, sigterm, console._current = saved
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd_)
+        logging.disable(disable)
+        signal.signal(signal.SIGTERM, sigterm)
+        if threads is not None:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["llmctl", *args], code, stdout, stderr)
+
+
 SOURCE_WITH_BLANKS = '''import os
 
 
@@ -234,3 +292,17 @@ def build_sharp_model(out_dir: Path, text: str, steps: int = 80, window: int = 2
     model.save_pretrained(out_dir)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def sharp_model(tmp_path_factory):
+    """`sharp_model(steps)`: build_sharp_model on SOURCE_WITH_BLANKS, built once per session for
+    each step count (several tests score the same model). Read it, never write into it."""
+    built: dict[int, Path] = {}
+
+    def get(steps: int = 80) -> Path:
+        if steps not in built:
+            built[steps] = build_sharp_model(tmp_path_factory.mktemp(f"sharp-{steps}"), SOURCE_WITH_BLANKS, steps=steps)
+        return built[steps]
+
+    return get

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
-from conftest import REPO, run_cli, sentences
+from conftest import REPO, invoke_cli, sentences
 from llmctl.data import formats
 from llmctl.rundir import RunDir
 
@@ -135,25 +136,26 @@ def lora_sft_config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # LoRA: test_train.py; chat labels: test_prepare.py; the template unless --raw: test_chat_prompts.py; chat runs: test_scenarios.py
 def test_lora_sft_end_to_end_on_a_local_chat_model(tmp_path):
     path = lora_sft_config(tmp_path)
-    r = run_cli("config", "validate", str(path))
+    r = invoke_cli("config", "validate", str(path))
     assert r.returncode == 0, r.stderr
-    r = run_cli("prepare", str(path), "--json")
+    r = invoke_cli("prepare", str(path), "--json")
     assert r.returncode == 0, r.stderr
     stats = json.loads(RunDir(tmp_path / "run").stats_path.read_text())["splits"]
     kept = sum(s["examples"] for s in stats.values())
     assert kept == 48  # every ordinary conversation is kept
     assert "dropped 1 of" in r.stderr and "does not fit in data.block_size" in r.stderr
 
-    r = run_cli("train", str(path), "--json")
+    r = invoke_cli("train", str(path), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     # Loss on the assistant turns only: from ~log(vocab) to a fraction of it.
     assert res["trainable_parameters"] < res["parameters"] and res["val_loss"] < 1.5 < res["init_val_loss"]
 
     # A plain prompt on a chat-trained run is sent through the chat template.
-    r = run_cli("generate", str(path), "-p", "the river stones glow", "--json")
+    r = invoke_cli("generate", str(path), "-p", "the river stones glow", "--json")
     assert r.returncode == 0, r.stderr
     assert "chat template" in r.stderr
     rec = json.loads(r.stdout)["results"][0]
@@ -161,6 +163,6 @@ def test_lora_sft_end_to_end_on_a_local_chat_model(tmp_path):
     assert rec["output"].startswith("the quick brown fox")  # the answer it was taught, not an empty string
 
     # --raw sends the text as it is.
-    r = run_cli("generate", str(path), "-p", "the river stones glow", "--raw", "--json")
+    r = invoke_cli("generate", str(path), "-p", "the river stones glow", "--raw", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][0]["prompt"] == "the river stones glow"

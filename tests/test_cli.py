@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, run_cli, tiny_config_dict, write_config
+from conftest import REPO, invoke_cli, run_cli, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.rundir import RunDir
 
@@ -59,7 +59,7 @@ def test_config_error_exit_2_one_line(tmp_path):
 
 def test_missing_input_exit_3(tmp_path):
     p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
-    r = run_cli("eval", str(p))
+    r = invoke_cli("eval", str(p))
     assert r.returncode == 3
     assert "run 'llmctl train" in r.stderr or "run 'llmctl prepare" in r.stderr
 
@@ -70,21 +70,21 @@ def test_status_table_and_json(tmp_path):
     rd = RunDir(tmp_path / "run")
     with rd.begin("prepare", cfg) as st:
         st.headline["documents"] = 12
-    r = run_cli("status", str(tmp_path / "run"), "--json")
+    r = invoke_cli("status", str(tmp_path / "run"), "--json")
     assert r.returncode == 0
     data = json.loads(r.stdout)
     stages = {s["stage"]: s for s in data["stages"]}
     assert stages["prepare"]["status"] == "complete" and stages["prepare"]["headline"]["documents"] == 12
     assert stages["train"]["status"] == "missing"
-    r = run_cli("status", str(tmp_path / "run"))
+    r = invoke_cli("status", str(tmp_path / "run"))
     assert r.returncode == 0 and "prepare" in r.stderr and "documents=12" in r.stderr
-    r = run_cli("status", str(tmp_path / "nope"))
+    r = invoke_cli("status", str(tmp_path / "nope"))
     assert r.returncode == 2
 
 
 def test_run_rejects_unknown_stage_range(tmp_path):
     p = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
-    r = run_cli("run", str(p), "--from", "trian")
+    r = invoke_cli("run", str(p), "--from", "trian")
     assert r.returncode == 2 and "--from" in r.stderr
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli, write_config
+from conftest import invoke_cli, write_config
 from llmctl.config import Config, config_doc, config_to_yaml, load_config
 from llmctl.errors import ConfigError
 
@@ -94,11 +94,11 @@ def test_doc_lists_every_section_key():
 
 def test_cli_config_show_and_validate(tmp_path):
     p = write_config(tmp_path / "c.yaml", {"run": {"name": "zz"}})
-    r = run_cli("config", "show", str(p), "--set", "train.lr=0.5")
+    r = invoke_cli("config", "show", str(p), "--set", "train.lr=0.5")
     assert r.returncode == 0 and "name: zz" in r.stdout and "lr: 0.5" in r.stdout
-    r = run_cli("config", "validate", str(p))
+    r = invoke_cli("config", "validate", str(p))
     assert r.returncode == 0
-    r = run_cli("config", "validate", str(p), "--set", "model.archh=gpt2")
+    r = invoke_cli("config", "validate", str(p), "--set", "model.archh=gpt2")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "did you mean 'model.arch'" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -107,7 +107,7 @@ def test_cli_config_show_and_validate(tmp_path):
 def test_validate_catches_a_bad_duration(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("run:\n  name: x\ntrain:\n  max_time: 3 fortnights\n")
-    r = run_cli("config", "validate", str(p))
+    r = invoke_cli("config", "validate", str(p))
     assert r.returncode == 2 and f"{p}:4: train.max_time: cannot read '3 fortnights'" in r.stderr and "'1h30m'" in r.stderr
     for ok in ("90s", "1h30m", 3600, "45m"):
         assert load_config(None, [f"train.max_time={ok}"])
@@ -159,12 +159,12 @@ def test_export_format_the_architecture_cannot_take_is_refused_before_any_work(t
     d = tiny_config_dict(tmp_path / "run", model={"arch": "gpt2"}, export={"formats": ["hf", "gguf"]})
     p = write_config(tmp_path / "c.yaml", d)
     for cmd in (("config", "validate"), ("prepare",), ("train",), ("export",)):
-        r = run_cli(*cmd, str(p))
+        r = invoke_cli(*cmd, str(p))
         assert r.returncode == 2, (cmd, r.stderr)
         assert "export.formats has gguf" in r.stderr and "model.arch is 'gpt2'" in r.stderr and "drop gguf" in r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
-    r = run_cli("config", "validate", str(p), "--set", "model.arch=llama")
+    r = invoke_cli("config", "validate", str(p), "--set", "model.arch=llama")
     assert r.returncode == 0, r.stderr
 
     # A pretrained model: its config.json decides.
@@ -172,5 +172,5 @@ def test_export_format_the_architecture_cannot_take_is_refused_before_any_work(t
     GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(mdir)
     train_tiny_tokenizer(sentences(32), mdir)
     d = tiny_config_dict(tmp_path / "run2", model={"name_or_path": str(mdir)}, tokenizer={"name_or_path": str(mdir)}, export={"formats": ["gguf"]})
-    r = run_cli("config", "validate", str(write_config(tmp_path / "p.yaml", d)))
+    r = invoke_cli("config", "validate", str(write_config(tmp_path / "p.yaml", d)))
     assert r.returncode == 2 and f"model.name_or_path ({mdir}) is 'gpt2'" in r.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, invoke_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -16,7 +16,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_validates(path):
-    r = run_cli("config", "validate", str(path))
+    r = invoke_cli("config", "validate", str(path))
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
 
 

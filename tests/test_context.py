@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import build_prepared_run, run_cli, sentences, tiny_config_dict, write_config
+from conftest import build_prepared_run, invoke_cli, sentences, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.inference.context import fit_to_context
 from llmctl.rundir import RunDir
@@ -53,7 +53,7 @@ def test_fit_to_context_rule():
 def test_gpt2_generate_long_prompt_is_cut_not_crashed(tmp_path):
     path, rd = _gpt2_run(tmp_path, generate={"max_new_tokens": 8, "do_sample": False})
     long_prompt = " ".join(sentences(6, seed=4))  # well over 32 tokens
-    r = run_cli("generate", str(path), "-p", long_prompt, "-p", "the fox", "--json")
+    r = invoke_cli("generate", str(path), "-p", long_prompt, "-p", "the fox", "--json")
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr and "cut" in r.stderr and "32-token context" in r.stderr
     res = json.loads(r.stdout)["results"]
@@ -61,7 +61,7 @@ def test_gpt2_generate_long_prompt_is_cut_not_crashed(tmp_path):
     assert res[1]["completion_tokens"] == 8
 
     # More new tokens than the context holds: generation stops at the context.
-    r = run_cli("generate", str(path), "-p", "the fox", "--json", "--set", "generate.max_new_tokens=100")
+    r = invoke_cli("generate", str(path), "-p", "the fox", "--json", "--set", "generate.max_new_tokens=100")
     assert r.returncode == 0, r.stderr
     rec = json.loads(r.stdout)["results"][0]
     assert rec["prompt_tokens"] + rec["completion_tokens"] == CTX and rec["finish_reason"] == "length"
@@ -70,7 +70,7 @@ def test_gpt2_generate_long_prompt_is_cut_not_crashed(tmp_path):
 
 def test_gpt2_eval_compare_init_with_long_generations(tmp_path):
     path, rd = _gpt2_run(tmp_path, eval={"max_new_tokens": 40, "compare_init": True, "stop": []})
-    r = run_cli("eval", str(path), "--json")
+    r = invoke_cli("eval", str(path), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert "Traceback" not in r.stderr and "at most" in r.stderr

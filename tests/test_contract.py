@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from conftest import REPO, build_prepared_run, run_cli, sentences, tiny_config_dict, write_config
+from conftest import REPO, build_prepared_run, invoke_cli, sentences, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.rundir import RunDir
 
@@ -38,32 +38,32 @@ def _argv(hint: str) -> list[str]:
 def test_json_object_for_config_missing_input_and_lock_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_stepz: 3\n")
-    r = run_cli("prepare", str(bad), "--json")
+    r = invoke_cli("prepare", str(bad), "--json")
     obj = _one_object(r.stdout)
     assert r.returncode == 2 and obj["ok"] is False and obj["exit_code"] == 2 and "train.max_stepz" in obj["error"]
     assert obj["error"] in r.stderr  # the human line stays on stderr
     for args in (("eval", "--json"), ("eval", str(bad), "--bogus", "--json")):  # command-line mistakes, found by the parser
-        r = run_cli(*args)
+        r = invoke_cli(*args)
         obj = _one_object(r.stdout)
         assert r.returncode == 2 and obj["exit_code"] == 2 and obj["error"] in ("Missing argument 'CONFIG'.", "No such option: --bogus")
         assert "Usage: llmctl eval" in r.stderr
 
     (tmp_path / "docs.txt").write_text("\n\n".join(sentences(40)))
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"paths": [str(tmp_path / "docs.txt")]}))
-    r = run_cli("eval", str(path), "--json")
+    r = invoke_cli("eval", str(path), "--json")
     obj = _one_object(r.stdout)
     assert r.returncode == 3 and obj == {"ok": False, "exit_code": 3, "error": obj["error"], "hint": f"llmctl train {path}"}
 
     lock_dir = tmp_path / "run" / "prepare"
     lock_dir.mkdir(parents=True)
     with FileLock(lock_dir / ".lock"):  # another writer holds the stage
-        r = run_cli("prepare", str(path), "--json")
+        r = invoke_cli("prepare", str(path), "--json")
     obj = _one_object(r.stdout)
     assert r.returncode == 1 and obj["exit_code"] == 1 and "locked" in obj["error"]
 
-    r = run_cli("status", str(tmp_path / "nope"), "--json")
+    r = invoke_cli("status", str(tmp_path / "nope"), "--json")
     assert r.returncode == 2 and _one_object(r.stdout)["exit_code"] == 2
-    r = run_cli("config", "show", str(path), "--json")
+    r = invoke_cli("config", "show", str(path), "--json")
     obj = _one_object(r.stdout)
     assert r.returncode == 0 and obj["ok"] is True and obj["exit_code"] == 0 and obj["train"]["max_steps"] == 4
 
@@ -72,7 +72,7 @@ def test_eval_threshold_failure_keeps_the_metrics_in_json(trained_run):
     path, cfg, rd = trained_run
     args = ("eval", str(path), "--set", "eval.thresholds.perplexity_max=1.5", "--set", "eval.generation=false", "--json")
     for cached in (False, True):
-        r = run_cli(*args)
+        r = invoke_cli(*args)
         assert r.returncode == 4, r.stderr
         obj = _one_object(r.stdout)
         assert obj["ok"] is False and obj["exit_code"] == 4 and "perplexity_max" in obj["error"]
@@ -134,11 +134,11 @@ def test_interrupted_train_hint_resumes_without_force(tmp_path):
     # drops --force (which would delete the checkpoint); the path with a space is quoted.
     assert "--force" not in shlex.split(hint) and shlex.split(hint)[2:] == [str(path), "--set", "train.lr=0.001"]
     # status: the step it stopped at, of its total; complete and up to date for everything else
-    r = run_cli("status", str(rd.root), "--json")
+    r = invoke_cli("status", str(rd.root), "--json")
     rows = {row["stage"]: row for row in _one_object(r.stdout)["stages"]}
     assert rows["train"]["status"] == "interrupted" and (rows["train"]["step"], rows["train"]["total_steps"]) == (step, 100000)
     assert rows["train"]["why"] == f"interrupted at step {step}/100000" and rows["prepare"]["status"] == "complete"
-    r = run_cli("status", str(rd.root), env={"COLUMNS": "200"})  # the table's "headline" column, unwrapped
+    r = invoke_cli("status", str(rd.root), env={"COLUMNS": "200"})  # the table's "headline" column, unwrapped
     assert f"(interrupted at step {step}/100000)" in r.stderr, r.stderr
 
     proc = subprocess.Popen(_argv(hint), cwd=tmp_path, env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,8 +157,9 @@ def test_missing_and_stale_input_hints_keep_set_flags(tmp_path):
     del d["run"]["dir"]  # runs/<run.name> under the working directory
     path = write_config(tmp_path / "c.yaml", d)
 
-    def run(*args):
-        return subprocess.run(args, cwd=tmp_path, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    def run(*args):  # `python -m llmctl ARGS` in tmp_path, in this process
+        assert args[:3] == (sys.executable, "-m", "llmctl"), args
+        return invoke_cli(*args[3:], cwd=tmp_path)
 
     sets = ["--set", "run.name=x"]
     r = run(sys.executable, "-m", "llmctl", "train", str(path), *sets, "--json")
@@ -204,7 +205,7 @@ def test_status_compares_each_stage_with_its_own_config(tmp_path):
         pass
 
     def rows(*args):
-        r = run_cli("status", *args, "--json")
+        r = invoke_cli("status", *args, "--json")
         assert r.returncode == 0, r.stderr
         return {row["stage"]: row for row in _one_object(r.stdout)["stages"]}
 
@@ -236,7 +237,7 @@ def test_config_validate_warns_about_footguns_and_the_fix_works(tmp_path):
     d = tiny_config_dict(tmp_path / "run", train={"max_steps": 10, "warmup_steps": 10}, model={"lora": {"enabled": True}},
                          data={"source": "builtin", "format": "chat"})
     path = write_config(tmp_path / "c.yaml", d)
-    r = run_cli("config", "validate", str(path))
+    r = invoke_cli("config", "validate", str(path))
     assert r.returncode == 0, r.stderr  # warnings, not errors
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3 and "(3 warnings)" in r.stderr, r.stderr
@@ -244,12 +245,12 @@ def test_config_validate_warns_about_footguns_and_the_fix_works(tmp_path):
     assert "data.format is chat but data.source is builtin" in warnings[2]
 
     # prepare refuses it (exit 2) with fixes that work: either one validates without a warning.
-    r = run_cli("prepare", str(path))
+    r = invoke_cli("prepare", str(path))
     assert r.returncode == 2 and "Set data.format: text" in r.stderr and "data.source: files" in r.stderr, r.stderr
     assert "messages_field" not in r.stderr  # not a field name: the builtin corpus has no conversations at all
     chats = tmp_path / "chats.jsonl"
     chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}) + "\n")
     fixed = ["--set", "train.warmup_steps=1", "--set", "model.lora.enabled=false"]
     for fix in (["--set", "data.format=text"], ["--set", "data.source=files", "--set", f"data.paths=[{chats}]"]):
-        r = run_cli("config", "validate", str(path), *fixed, *fix)
+        r = invoke_cli("config", "validate", str(path), *fixed, *fix)
         assert r.returncode == 0 and "warning" not in r.stderr, r.stderr

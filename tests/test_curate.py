@@ -223,16 +223,16 @@ def test_code_sources_skip_prose_filters_and_report_term_groups(tmp_path):
 
 
 def test_status_shows_the_curation_summary(tmp_path):
-    from conftest import run_cli
+    from conftest import invoke_cli
 
     docs = [prose(i) for i in range(12)] + [prose(0)]
     cfg = _cfg(tmp_path, docs, None, {"quality": {"enabled": False}, "language": False})
     prepare.run(cfg, RunDir(cfg.run.dir))
-    res = run_cli("status", str(cfg.run.dir))
+    res = invoke_cli("status", str(cfg.run.dir))
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "curation (prose source)" in out and "exact_dedup: 1 removed" in out
-    res = run_cli("status", str(cfg.run.dir), "--json")
+    res = invoke_cli("status", str(cfg.run.dir), "--json")
     assert json.loads(res.stdout)["curation"]["removed"]["exact_dedup"]["documents"] == 1
 
 
@@ -346,11 +346,11 @@ def test_curation_that_empties_a_split_is_one_clear_error(tmp_path):
 
 
 def test_emptied_split_names_the_sub_filters_and_their_keys_exit_2_and_writes_the_report(tmp_path):
-    from conftest import run_cli
+    from conftest import invoke_cli
 
     docs = ["Too short here."] * 3 + [f"Only {w} words." for w in VOCAB[:9]] + ["\n".join(["no punctuation at the end of this line"] * 2 + ["nor here on this one"] * 2)]
     cfg = _cfg(tmp_path, docs, None, {"language": False, "exact_dedup": False})
-    res = run_cli("prepare", str(tmp_path / "c.yaml"))
+    res = invoke_cli("prepare", str(tmp_path / "c.yaml"))
     assert res.returncode == 2, res.stderr
     err = " ".join(res.stderr.split())
     assert "curation removed all 13 train documents (quality/min_words 12: lower data.curate.quality.min_words (now 5); " in err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_prepared_run, build_trained_run, run_cli, tiny_config_dict, write_config
+from conftest import build_prepared_run, build_trained_run, invoke_cli, run_cli, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.errors import ConfigError, StageInputError
 from llmctl.stages import distill
@@ -157,7 +157,7 @@ def test_grad_accumulation_1x8_equals_2x4(tmp_path):
 
 def test_cli_distill_lineage_staleness_and_later_stages(tmp_path):
     path, cfg, rd = _teacher_and_student(tmp_path, alpha=0.7)
-    r = run_cli("distill", str(path), "--json")
+    r = invoke_cli("distill", str(path), "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["steps"] == 4 and res["pruned_layers"] == [0] and res["alpha"] == 0.7
@@ -170,7 +170,7 @@ def test_cli_distill_lineage_staleness_and_later_stages(tmp_path):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(rd.model_dir).num_hidden_layers == 1
-    r = run_cli("generate", str(path), "--prompt", "the quick", "--json")  # later stages see an ordinary RUN/train
+    r = invoke_cli("generate", str(path), "--prompt", "the quick", "--json")  # later stages see an ordinary RUN/train
     assert r.returncode == 0, r.stderr
     rd.require("train", cfg)
 
@@ -249,7 +249,7 @@ def test_resume_after_sigkill_matches_uninterrupted_and_a_new_teacher_is_refused
     pb, cb, rdb = _teacher_and_student(tmp_path / "b", train=over)
     r = run_cli("distill", str(pb), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "2"})
     assert r.returncode == -signal.SIGKILL and rdb.manifest("train")["status"] == "running"
-    r = run_cli("distill", str(pb))
+    r = invoke_cli("distill", str(pb))
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
     resumed = _losses(rdb)
     assert sorted(resumed) == [1, 2, 3, 4]
@@ -287,6 +287,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert train.complete_checkpoints(rd), "a checkpoint must be saved on SIGTERM"
 
 
+@pytest.mark.slow  # torchrun's launch: test_train.py::test_two_processes_match_one; distill's result and lineage: test_cli_distill_*
 def test_nproc_2_distills_under_torchrun(tmp_path):
     """`--nproc 2`: two ranks, each with its own teacher copy, one result and one model."""
     path, _, rd = _teacher_and_student(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})

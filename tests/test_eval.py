@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from llmctl.config import load_config
 from llmctl.modeling import load_for_inference
 from llmctl.metrics import sliding_nll, text_metrics, windows
@@ -59,22 +59,22 @@ def _lm_eval_rolling(model_dir, text: str, L: int) -> float:
     return -lm.loglikelihood_rolling([req])[0]
 
 
-def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
+def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg, sharp_model):
     """`eval.text_paths` on source with blank lines and indentation = lm-eval, on a sharp model."""
     from transformers import AutoTokenizer
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     text = SOURCE_WITH_BLANKS
     f = tmp_path / "config_reader.py"
     f.write_text(text)
-    mdir = build_sharp_model(tmp_path / "sharp", text)
+    mdir = sharp_model()
     tok = AutoTokenizer.from_pretrained(mdir)
     n = len(tok(text, add_special_tokens=False)["input_ids"])
     L = 32
     assert n > 3 * L  # several rolling windows
-    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{f}]", "--set", f"eval.max_length={L}",
+    r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{f}]", "--set", f"eval.max_length={L}",
                 "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(Path(json.loads(r.stdout)["results"]).read_text())["perplexity"]
@@ -95,16 +95,16 @@ def test_text_file_scored_as_written_agrees_with_lm_eval(tmp_path, tiny_cfg):
     assert abs(whole - theirs) / theirs > 0.05
 
 
-def test_each_file_is_its_own_document(tmp_path, tiny_cfg):
+def test_each_file_is_its_own_document(tmp_path, tiny_cfg, sharp_model):
     """Two files score as two lm-eval requests (each from BOS), not one stream."""
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     a, b = SOURCE_WITH_BLANKS, SOURCE_WITH_BLANKS.replace("Config", "Settings")
     (tmp_path / "a.py").write_text(a)
     (tmp_path / "b.txt").write_text(b)
-    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
-    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
+    mdir = sharp_model(40)
+    r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(Path(json.loads(r.stdout)["results"]).read_text())["perplexity"]
@@ -127,7 +127,7 @@ def test_bleu_equals_sacrebleu_cli(tmp_path):
 
 def test_eval_writes_results_and_predictions(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("eval", str(path), "--json")
+    r = invoke_cli("eval", str(path), "--json")
     assert r.returncode == 0, r.stderr
     head = json.loads(r.stdout)
     res = json.loads(rd.results_path.read_text())
@@ -152,13 +152,13 @@ def test_eval_writes_results_and_predictions(trained_run):
     preds = [json.loads(line) for line in rd.predictions_path.read_text().splitlines()]
     assert len(preds) == 8 and {"prompt", "reference", "prediction", "bleu", "chrf"} <= set(preds[0])
     assert rd.manifest("eval")["status"] == "complete"
-    again = run_cli("eval", str(path), "--json")
+    again = invoke_cli("eval", str(path), "--json")
     assert json.loads(again.stdout)["cached"] is True
 
 
 def test_threshold_failure_exits_4(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("eval", str(path), "--set", "eval.thresholds.perplexity_max=1.5", "--set", "eval.generation=false")
+    r = invoke_cli("eval", str(path), "--set", "eval.thresholds.perplexity_max=1.5", "--set", "eval.generation=false")
     assert r.returncode == 4
     assert "perplexity" in r.stderr and "perplexity_max 1.5" in r.stderr
     assert rd.results_path.is_file()  # the numbers are still written
@@ -168,7 +168,7 @@ def test_eval_on_text_files_and_external_model(trained_run, tmp_path):
     path, cfg, rd = trained_run
     f = tmp_path / "held.txt"
     f.write_text("the quick brown fox\n\njumps over a lazy dog\n")
-    r = run_cli("eval", str(path), "--model", str(rd.model_dir), "--set", f"eval.text_paths=[{f}]", "--set", "eval.generation=false", "--json")
+    r = invoke_cli("eval", str(path), "--model", str(rd.model_dir), "--set", f"eval.text_paths=[{f}]", "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
     _, tok = _model(rd)
     assert json.loads(r.stdout)["ppl_tokens"] == len(tok(f.read_text(), add_special_tokens=False)["input_ids"])
@@ -176,9 +176,9 @@ def test_eval_on_text_files_and_external_model(trained_run, tmp_path):
 
 def test_missing_model_and_missing_train(tmp_path, tiny_cfg):
     path, cfg = tiny_cfg
-    r = run_cli("eval", str(path))
+    r = invoke_cli("eval", str(path))
     assert r.returncode == 3 and "llmctl" in r.stderr
-    r = run_cli("eval", str(path), "--model", str(tmp_path / "nope"), "--set", f"eval.text_paths=[{path}]")
+    r = invoke_cli("eval", str(path), "--model", str(tmp_path / "nope"), "--set", f"eval.text_paths=[{path}]")
     assert r.returncode == 3 and "cannot load model" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -257,7 +257,7 @@ def test_a_model_with_another_tokenizer_is_refused_before_scoring(trained_run, t
     other = tmp_path / "foreign"
     tok = train_tiny_tokenizer(sentences(40, seed=7, length=(2, 4)) + ["zebra quartz xylophone"], other, vocab_size=290)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(other)
-    r = run_cli("eval", str(path), "--model", str(other), "--set", "eval.generation=false")
+    r = invoke_cli("eval", str(path), "--model", str(other), "--set", "eval.generation=false")
     assert r.returncode == 2, r.stderr
     assert "tokenizer differs" in r.stderr and "eval.text_paths" in r.stderr and "Traceback" not in r.stderr
     assert not any(p.name.startswith("eval") for p in rd.root.iterdir())  # refused before anything was written
@@ -279,12 +279,12 @@ def test_short_references_make_bleu_degenerate_and_eval_says_so(trained_run, cap
     assert res["bleu"] == 0 and res["bleu_degenerate"] is True
     assert "BLEU is 0 by construction" in err and "chrF" in err
 
-def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg):
+def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg, sharp_model):
     """A file the model was trained on vs one of shuffled characters: the per-token losses
     kept in token_losses.jsonl add up to the reported NLL, and the shuffled file is hardest."""
     import random
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
 
     path, _ = tiny_cfg
     a = SOURCE_WITH_BLANKS
@@ -292,8 +292,8 @@ def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg)
     random.Random(0).shuffle(chars)
     (tmp_path / "a.py").write_text(a)
     (tmp_path / "b.txt").write_text("".join(chars))
-    mdir = build_sharp_model(tmp_path / "sharp", a, steps=40)
-    r = run_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
+    mdir = sharp_model(40)
+    r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.text_paths=[{tmp_path / 'a.py'},{tmp_path / 'b.txt'}]",
                 "--set", "eval.max_length=32", "--set", "eval.generation=false", "--set", "eval.hardest=5", "--json")
     assert r.returncode == 0, r.stderr
     from pathlib import Path
@@ -315,7 +315,7 @@ def test_hardest_tokens_and_documents_from_kept_token_losses(tmp_path, tiny_cfg)
 
 def test_prepared_split_report_is_per_document(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("eval", str(path), "--set", "eval.generation=false", "--json")
+    r = invoke_cli("eval", str(path), "--set", "eval.generation=false", "--json")
     assert r.returncode == 0, r.stderr
     p = json.loads(rd.results_path.read_text())["perplexity"]
     kept = [json.loads(line) for line in rd.token_losses_file().read_text().splitlines()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_trained_run, run_cli, tiny_config_dict, write_config
+from conftest import build_trained_run, invoke_cli, tiny_config_dict, write_config
 from llmctl.stages.explain import OPPOSE, SUPPORT, attribute, render_html, render_plain, render_terminal
 
 
@@ -90,7 +90,7 @@ def test_terminal_heatmap_and_html(trained_run):
 
 def test_cli_writes_json_and_html(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("explain", str(path), "-p", "the quick brown", "--attention", "--json")
+    r = invoke_cli("explain", str(path), "-p", "the quick brown", "--attention", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["target"] == out["next_token"]["top"][0]["token"]
@@ -100,9 +100,9 @@ def test_cli_writes_json_and_html(trained_run):
     page = _Page(rd.explain_html_path.read_text())
     assert len(page.sections) == 2 and len(page.legends) == 2  # saliency and attention, each with its legend
     assert all(len(sec) == len(out["tokens"]) for sec in page.sections)
-    r = run_cli("explain", str(path), "-p", "the quick brown")  # plain lines without a TTY
+    r = invoke_cli("explain", str(path), "-p", "the quick brown")  # plain lines without a TTY
     assert r.returncode == 0 and "saliency" in r.stderr and "->" in r.stderr
-    r = run_cli("explain", str(path), "-p", "")
+    r = invoke_cli("explain", str(path), "-p", "")
     assert r.returncode == 2 and "prompt" in r.stderr
 
 
@@ -261,10 +261,10 @@ def test_terminal_heatmap_is_signed_and_shows_whitespace():
 
 def test_quiet_silences_the_heatmap_but_writes_results(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("explain", str(path), "-p", "the quick brown", "-q")
+    r = invoke_cli("explain", str(path), "-p", "the quick brown", "-q")
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "", r.stderr
     assert json.loads(rd.explain_json_path.read_text())["tokens"] and rd.explain_html_path.is_file()
-    r = run_cli("explain", str(path), "--quiet", "-p", "the quick brown", "--json")
+    r = invoke_cli("explain", str(path), "--quiet", "-p", "the quick brown", "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads(r.stdout)["tokens"]
 
@@ -292,7 +292,7 @@ def test_chat_run_explains_the_prompt_through_the_chat_template(chat_run):
     path, rd, tok = chat_run
     rendered = render_chat(tok, user_turn("the quick brown"))
     assert rendered != "the quick brown"
-    r = run_cli("explain", str(path), "-p", "the quick brown", "--json")
+    r = invoke_cli("explain", str(path), "-p", "the quick brown", "--json")
     assert r.returncode == 0, r.stderr
     assert "chat template" in r.stderr
     out = json.loads(r.stdout)
@@ -301,7 +301,7 @@ def test_chat_run_explains_the_prompt_through_the_chat_template(chat_run):
     assert [t["id"] for t in out["tokens"]] == tok(rendered, add_special_tokens=False)["input_ids"]
     assert "".join(t["token"] for t in out["tokens"]) == rendered
     # --raw: the text as given
-    r = run_cli("explain", str(path), "-p", "the quick brown", "--raw", "--json")
+    r = invoke_cli("explain", str(path), "-p", "the quick brown", "--raw", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["prompt"] == "the quick brown" and out["chat_template"] is False and "user_prompt" not in out
@@ -317,5 +317,5 @@ def test_chat_run_without_a_template_names_raw(chat_run):
     cfg.pop("chat_template", None)
     cfgfile.write_text(json.dumps(cfg))
     (rd.model_dir / "chat_template.jinja").unlink(missing_ok=True)
-    r = run_cli("explain", str(path), "-p", "the quick brown")
+    r = invoke_cli("explain", str(path), "-p", "the quick brown")
     assert r.returncode == 2 and "--raw" in r.stderr and "Traceback" not in r.stderr

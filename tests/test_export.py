@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from llmctl.config import load_config
 from llmctl.rundir import sha256_file
 from llmctl.stages import export
@@ -24,7 +24,7 @@ def _logits(model, tok, text="the quick brown fox"):
 
 def test_all_formats_round_trip_and_checksums(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("export", str(path), "-f", "hf", "-f", "onnx", "-f", "gguf", "--set", "export.gguf_types=[f32,q8_0]", "--json")
+    r = invoke_cli("export", str(path), "-f", "hf", "-f", "onnx", "-f", "gguf", "--set", "export.gguf_types=[f32,q8_0]", "--json")
     assert r.returncode == 0, r.stderr
     m = rd.manifest("export")
     assert m["status"] == "complete" and m["formats"] == ["hf", "onnx", "gguf"]
@@ -47,7 +47,7 @@ def test_all_formats_round_trip_and_checksums(trained_run):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
-    again = run_cli("export", str(path), "-f", "hf", "--set", "export.gguf_types=[f32,q8_0]", "--json")
+    again = invoke_cli("export", str(path), "-f", "hf", "--set", "export.gguf_types=[f32,q8_0]", "--json")
     assert json.loads(again.stdout)["cached"] is True
 
 
@@ -115,9 +115,9 @@ def test_unsupported_architecture_for_gguf(tmp_path):
     cfg = load_config(p)
     rd = build_prepared_run(tmp_path / "run", cfg)
     train.run(cfg, rd)
-    r = run_cli("export", str(p), "-f", "gguf")
+    r = invoke_cli("export", str(p), "-f", "gguf")
     assert r.returncode == 2 and "gguf supports llama" in r.stderr and "'gpt2'" in r.stderr
-    r = run_cli("export", str(p), "-f", "hf", "-f", "onnx")
+    r = invoke_cli("export", str(p), "-f", "hf", "-f", "onnx")
     assert r.returncode == 0, r.stderr
 
 
@@ -137,7 +137,7 @@ def test_lora_merged_equals_adapter(tmp_path):
 
 def test_missing_train_and_bad_format(tiny_cfg):
     path, cfg = tiny_cfg
-    r = run_cli("export", str(path))
+    r = invoke_cli("export", str(path))
     assert r.returncode == 3 and "llmctl" in r.stderr
-    r = run_cli("export", str(path), "-f", "tflite")
+    r = invoke_cli("export", str(path), "-f", "tflite")
     assert r.returncode == 2 and "tflite" in r.stderr

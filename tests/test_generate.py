@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli
+from conftest import invoke_cli
 from llmctl.generation import Sampling, generate_batch
 from llmctl.inference.stops import cut_at_stop
 
@@ -59,7 +59,7 @@ def test_stop_strings_cut_output(trained_run):
 
 def test_cli_prompts_json_and_outputs_file(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), "-p", "the quick", "-p", "river", "--json", "--set", "generate.num_return_sequences=2")
+    r = invoke_cli("generate", str(path), "-p", "the quick", "-p", "river", "--json", "--set", "generate.num_return_sequences=2")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["prompts"] == 2 and out["outputs"] == 4
@@ -72,12 +72,12 @@ def test_cli_prompts_json_and_outputs_file(trained_run):
 
 def test_stdin_and_file_prompts(trained_run, tmp_path):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), "--json", input="the quick\nriver stones\n")
+    r = invoke_cli("generate", str(path), "--json", input="the quick\nriver stones\n")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["prompts"] == 2
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "the"}) + "\n")
-    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    r = invoke_cli("generate", str(path), "--prompts-file", str(f), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["prompts"] == 1
 
 
@@ -90,20 +90,20 @@ def test_chat_messages_use_template(trained_run, tmp_path):
     tok = AutoTokenizer.from_pretrained(rd.model_dir)
     f = tmp_path / "chat.jsonl"
     f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    r = invoke_cli("generate", str(path), "--prompts-file", str(f), "--json")
     assert r.returncode == 2 and "chat template" in r.stderr
     tok.chat_template = DEFAULT_CHAT_TEMPLATE
     tok.save_pretrained(rd.model_dir)
-    r = run_cli("generate", str(path), "--prompts-file", str(f), "--json")
+    r = invoke_cli("generate", str(path), "--prompts-file", str(f), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["results"][0]["prompt"].endswith("<|assistant|>\n")
 
 
 def test_no_prompts_and_missing_model(tiny_cfg, trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), input="")
+    r = invoke_cli("generate", str(path), input="")
     assert r.returncode == 2 and "no prompts" in r.stderr
-    r = run_cli("generate", str(path), "-p", "x", "--model", "/nonexistent/model")
+    r = invoke_cli("generate", str(path), "-p", "x", "--model", "/nonexistent/model")
     assert r.returncode == 3 and "Traceback" not in r.stderr
 
 
@@ -151,12 +151,12 @@ def test_logprobs_stop_at_the_stop_string(trained_run):
 
 def test_cli_logprobs_and_surprisal(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), "-p", "the quick", "--logprobs", "2", "--set", "generate.do_sample=false")
+    r = invoke_cli("generate", str(path), "-p", "the quick", "--logprobs", "2", "--set", "generate.do_sample=false")
     assert r.returncode == 0, r.stderr
     rec = json.loads(rd.outputs_path.read_text().splitlines()[0])
     assert len(rec["logprobs"]) == rec["completion_tokens"] and all(len(x["top"]) == 2 for x in rec["logprobs"])
     assert all(x["top"][0]["id"] == x["id"] for x in rec["logprobs"])  # greedy picks the top token
-    r = run_cli("generate", str(path), "-p", "the quick", "--surprisal", "--set", "generate.do_sample=false")
+    r = invoke_cli("generate", str(path), "-p", "the quick", "--surprisal", "--set", "generate.do_sample=false")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 1 + len(rec["logprobs"]) and lines[1].split()[-2] == f"{rec['logprobs'][0]['logprob']:.3f}"

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_cli, sentences
+from conftest import invoke_cli, sentences
 from llmctl.config import load_config
 from llmctl.errors import ConfigError
 from llmctl.exporters import common, gguf as gx, gguf_tokenizer as gt
@@ -131,7 +131,7 @@ def test_cli_refuses_sentencepiece_tokenizer_before_any_work(trained_run):
     path, cfg, rd = trained_run
     spm = _train_tok(pre_tokenizers.Metaspace(), {"byte_fallback": True, "unk_token": "<|pad|>"}, decoder=decoders.Metaspace(), vocab_size=200)
     spm.save_pretrained(rd.model_dir)
-    r = run_cli("export", str(path), "-f", "hf", "-f", "gguf")
+    r = invoke_cli("export", str(path), "-f", "hf", "-f", "gguf")
     assert r.returncode == 2, r.stderr
     assert "SentencePiece-style" in r.stderr and "Traceback" not in r.stderr
     assert rd.manifest("export") is None and not rd.export_dir("hf").exists()
@@ -149,7 +149,7 @@ def test_rows_not_multiple_of_32_kept_f16_with_gqa(tmp_path):
         export={"formats": ["gguf"], "gguf_types": ["f32", "q8_0", "q4_0"]}))
     cfg = load_config(p)
     rd = build_trained_run(tmp_path / "run", cfg)
-    r = run_cli("export", str(p), "--json")
+    r = invoke_cli("export", str(p), "--json")
     assert r.returncode == 0, r.stderr
     m = rd.manifest("export")
     kept = m["formats_info"]["gguf"]["kept_higher_precision"]
@@ -238,7 +238,7 @@ def test_every_gguf_type_from_config(trained_run):
         v = m["verification"][f"gguf:{q}"]
         assert v["passed"] and v["tolerance"] == pytest.approx(gx.TOLERANCE[q] * max(1.0, v["tolerance"] / gx.TOLERANCE[q]))
         assert gx.tensor_types(rd.export_dir("gguf") / f"model-{q}.gguf")["blk.0.ffn_up.weight"] == q
-    r = run_cli("config", "validate", str(path), "--set", "export.gguf_types=[q3_k]")
+    r = invoke_cli("config", "validate", str(path), "--set", "export.gguf_types=[q3_k]")
     assert r.returncode == 2 and "gguf_types" in r.stderr
 
 

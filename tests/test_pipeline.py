@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli, write_config
+from conftest import invoke_cli, write_config
 from llmctl.rundir import RunDir
 
 TINY = {
@@ -23,7 +23,7 @@ def test_run_end_to_end_then_skips(tmp_path):
     d = json.loads(json.dumps(TINY))
     d["run"]["dir"] = str(tmp_path / "run")
     path = write_config(tmp_path / "c.yaml", d)
-    r = run_cli("run", str(path), "--json", timeout=900)
+    r = invoke_cli("run", str(path), "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["ran"] == ["prepare", "train", "eval", "generate", "export"] and out["skipped_up_to_date"] == []
@@ -37,13 +37,13 @@ def test_run_end_to_end_then_skips(tmp_path):
         assert m["status"] == "complete" and m["finished_at"], stage
     assert rd.manifest("train")["lineage"]["prepare"]["id"] == rd.manifest("prepare")["id"]
 
-    again = run_cli("run", str(path), "--json", timeout=600)
+    again = invoke_cli("run", str(path), "--json")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout)["ran"] == []
     assert json.loads(again.stdout)["skipped_up_to_date"] == ["prepare", "train", "eval", "generate", "export"]
 
     # a changed eval config re-runs only eval, --from/--to pick a range
-    r = run_cli("run", str(path), "--json", "--from", "eval", "--to", "eval", "--set", "eval.max_new_tokens=3")
+    r = invoke_cli("run", str(path), "--json", "--from", "eval", "--to", "eval", "--set", "eval.max_new_tokens=3")
     assert r.returncode == 0 and json.loads(r.stdout)["ran"] == ["eval"]
 
 
@@ -52,7 +52,7 @@ def test_run_stops_at_first_failure_with_its_code(tmp_path):
     d["run"]["dir"] = str(tmp_path / "run")
     d["data"] = {"source": "files", "paths": [str(tmp_path / "missing.txt")], "block_size": 32}
     path = write_config(tmp_path / "c.yaml", d)
-    r = run_cli("run", str(path))
+    r = invoke_cli("run", str(path))
     assert r.returncode == 2 and "missing.txt" in r.stderr
     assert RunDir(tmp_path / "run").manifest("train") is None
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, sentences, tiny_config_dict, train_tiny_tokenizer, write_config
+from conftest import invoke_cli, sentences, tiny_config_dict, train_tiny_tokenizer, write_config
 from llmctl.config import load_config
 from llmctl.errors import StageInputError
 from llmctl.rundir import RunDir
@@ -190,14 +190,14 @@ def test_tokenizer_loaded_from_local_dir(tmp_path):
 def test_rerun_is_cached_and_force_redoes(tmp_path):
     f = _text_files(tmp_path)
     path, _ = _cfg(tmp_path, {"paths": [str(f)]})
-    r1 = run_cli("prepare", str(path), "--json")
+    r1 = invoke_cli("prepare", str(path), "--json")
     assert r1.returncode == 0, r1.stderr
-    r2 = run_cli("prepare", str(path), "--json")
+    r2 = invoke_cli("prepare", str(path), "--json")
     assert r2.returncode == 0 and json.loads(r2.stdout)["cached"] is True and "up to date" in r2.stderr
     f.write_text(f.read_text() + "\n\nbrand new paragraph of text here.\n")  # input changed: redo
-    r3 = run_cli("prepare", str(path), "--json")
+    r3 = invoke_cli("prepare", str(path), "--json")
     assert "cached" not in json.loads(r3.stdout)
-    r4 = run_cli("prepare", str(path), "--json", "--force")
+    r4 = invoke_cli("prepare", str(path), "--json", "--force")
     assert r4.returncode == 0 and "cached" not in json.loads(r4.stdout)
 
 
@@ -218,7 +218,7 @@ def test_bad_input_exit_2_one_line(tmp_path, setup, needle):
     setup(data)
     name = next((p.name for p in data.iterdir()), "missing.txt")
     path, _ = _cfg(tmp_path, {"paths": [str(data / name)]})
-    r = run_cli("prepare", str(path))
+    r = invoke_cli("prepare", str(path))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -245,7 +245,7 @@ def test_block_size_larger_than_pretrained_model(tmp_path):
     train_tiny_tokenizer(sentences(32), mdir)
     f = _text_files(tmp_path)
     path, _ = _cfg(tmp_path, {"paths": [str(f)], "block_size": 64}, model={"name_or_path": str(mdir)}, tokenizer={"name_or_path": str(mdir)})
-    r = run_cli("prepare", str(path))
+    r = invoke_cli("prepare", str(path))
     assert r.returncode == 2 and "block_size (64) is larger than" in r.stderr and "32 positions" in r.stderr
 
 
@@ -312,10 +312,10 @@ def test_hub_dataset_cache_outlives_the_build_folder(tmp_path, monkeypatch):
 
 
 def test_a_stage_that_fails_before_doing_anything_leaves_no_run_dir(tmp_path):
-    from conftest import run_cli
+    from conftest import invoke_cli
 
     path, cfg = _cfg(tmp_path, {"paths": [str(tmp_path / "missing.txt")]})
     for args in (["prepare", str(path)], ["train", str(path)], ["eval", str(path)], ["export", str(path)], ["generate", str(path), "-p", "hi"]):
-        r = run_cli(*args)
+        r = invoke_cli(*args)
         assert r.returncode in (2, 3), (args, r.stderr)
         assert not (tmp_path / "run").exists(), args

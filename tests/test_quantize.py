@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from llmctl.config import load_config
 from llmctl.errors import ConfigError, StageInputError
 
@@ -82,21 +82,21 @@ def test_bad_methods_and_devices_are_config_errors():
 
 def test_cli_quantize_bad_value_is_exit_2(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), "--prompt", "the", "--quantize", "int3")
+    r = invoke_cli("generate", str(path), "--prompt", "the", "--quantize", "int3")
     assert r.returncode == 2 and "generate.quantize" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_generate_and_eval_with_int8(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("generate", str(path), "--prompt", "the quick", "--quantize", "int8", "--json")
+    r = invoke_cli("generate", str(path), "--prompt", "the quick", "--quantize", "int8", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["quantize"] == "int8" and out["results"][0]["completion_tokens"] > 0
     assert "Failed to load" not in r.stderr and "_pytree" not in r.stderr  # torchao's import chatter is silenced
     assert rd.manifest("generate")["headline"]["quantize"] == "int8"
 
-    f32 = run_cli("eval", str(path), "--set", "eval.generation=false", "--json")
-    q = run_cli("eval", str(path), "--set", "eval.generation=false", "--quantize", "int8", "--json")
+    f32 = invoke_cli("eval", str(path), "--set", "eval.generation=false", "--json")
+    q = invoke_cli("eval", str(path), "--set", "eval.generation=false", "--quantize", "int8", "--json")
     assert f32.returncode == 0 and q.returncode == 0, f32.stderr + q.stderr
     p32, p8 = json.loads(f32.stdout)["perplexity"], json.loads(q.stdout)["perplexity"]
     assert p8 != p32 and abs(p8 / p32 - 1) < 0.01
@@ -165,7 +165,7 @@ def test_hf_int8_reloads_without_llmctl(trained_run):
 
 def test_export_prints_the_table(trained_run):
     path, cfg, rd = trained_run
-    r = run_cli("export", str(path), "-f", "hf", "--set", "export.report=true", "--set", "export.report_decode_tokens=0")
+    r = invoke_cli("export", str(path), "-f", "hf", "--set", "export.report=true", "--set", "export.report_decode_tokens=0")
     assert r.returncode == 0, r.stderr
     assert "artifact" in r.stderr and "perplexity" in r.stderr and "f32 --quantize int8" in r.stderr
     assert "Converting and de-quantizing" not in r.stderr
@@ -183,11 +183,11 @@ def test_model_path_must_be_a_dir_or_gguf(tmp_path, trained_run):
         resolve_model_path(str(f), rd, cfg, "eval")
     g = tmp_path / "broken.gguf"
     g.write_bytes(b"not a gguf")
-    r = run_cli("eval", str(path), "--model", str(g), "--set", "eval.generation=false")
+    r = invoke_cli("eval", str(path), "--model", str(g), "--set", "eval.generation=false")
     assert r.returncode == 3 and "broken.gguf" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path):
+def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path, sharp_model):
     """`serve --quantize int8` answers with the quantized model: its echoed prompt logprobs are
     the int8 model's teacher-forced ones, close to f32's but not f32's (a sharp model, so that
     quantization moves the numbers measurably)."""
@@ -196,12 +196,12 @@ def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path):
     import torch
     import yaml
 
-    from conftest import SOURCE_WITH_BLANKS, build_sharp_model
+    from conftest import SOURCE_WITH_BLANKS
     from llmctl.modeling import load_for_inference
     from test_serve import Server
 
     path, cfg, rd = trained_run
-    sharp = build_sharp_model(tmp_path / "sharp", SOURCE_WITH_BLANKS)
+    sharp = sharp_model()
     d = yaml.safe_load(path.read_text())
     d["serve"] = {"quantize": "int8", "model_name": "q", "model": str(sharp)}
     qpath = path.parent / "serve-int8.yaml"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import REPO, run_cli
+import pytest
+
+from conftest import REPO, invoke_cli
 from llmctl.config import readme_with_reference
 
 README = (REPO / "README.md").read_text()
@@ -29,6 +31,7 @@ SMALL = ["data.max_bytes=200000", "tokenizer.vocab_size=512", "model.n_layers=1"
          "eval.max_new_tokens=4", "generate.max_new_tokens=4", "export.gguf_types=[f32]"]
 
 
+@pytest.mark.slow  # each command on tiny data: test_scenarios.py; quickstart.yaml validates: test_configs_dir.py; builtin data: test_pipeline.py
 def test_readme_quickstart_runs_as_written(tmp_path):
     run_dir = tmp_path / "run"
     for cmd in quickstart_commands():
@@ -38,9 +41,9 @@ def test_readme_quickstart_runs_as_written(tmp_path):
             args = ["status", str(run_dir)]
         else:
             args = args + ["--run-dir", str(run_dir)] + [x for s in SMALL for x in ("--set", s)]
-        r = run_cli(*args, timeout=600)
+        r = invoke_cli(*args)
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
-    r = run_cli("status", str(run_dir), "--json")
+    r = invoke_cli("status", str(run_dir), "--json")
     stages = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
     assert stages == {s: "complete" for s in ("prepare", "train", "eval", "generate", "export")}
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_cli, write_config
+from conftest import REPO, invoke_cli, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -437,7 +437,7 @@ def test_moderations_endpoint_through_the_openai_client():
 def test_generate_applies_rails_and_writes_audit(trained_run):
     path, cfg, rd = trained_run
     # A random model samples byte soup; runs of lowercase letters are what the deny rail redacts.
-    r = run_cli("generate", str(path), "--json", "--prompt", "the quick", "--prompt", "my key AKIAIOSFODNN7EXAMPLE",
+    r = invoke_cli("generate", str(path), "--json", "--prompt", "the quick", "--prompt", "my key AKIAIOSFODNN7EXAMPLE",
                 "--set", "safety.input.secrets=block", "--set", "safety.deny.regex=['[a-z]{2,}']", "--set", "safety.output.deny=redact",
                 "--set", "safety.input.deny=off", "--set", "generate.max_new_tokens=32", "--set", "generate.top_k=0", "--set", "generate.top_p=1.0")
     assert r.returncode == 0, r.stderr
@@ -458,7 +458,7 @@ def test_redteam_eval_reports_rates_with_rails_off_and_on(trained_run):
     items = load_redteam()
     assert len(items) >= 30 and len({i["id"] for i in items}) == len(items)
     assert {i["category"] for i in items} >= {"secrets", "pii", "abuse", "jailbreak"}
-    r = run_cli("eval", str(path), "--json", "--set", "eval.safety=true", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+    r = invoke_cli("eval", str(path), "--json", "--set", "eval.safety=true", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
                 "--set", "eval.max_new_tokens=16", "--set", "eval.do_sample=true", "--set", "safety.deny.regex=['[a-z]{2,}']",
                 "--set", "safety.output.deny=block", "--set", "safety.refusal=REFUSED",
                 "--set", "safety.input.deny=off", "--set", "safety.input.secrets=block")
@@ -518,14 +518,15 @@ def test_pickled_weights_are_refused_and_remote_code_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.timeout(300)  # refusals run in this process: one that serves instead must not hang the suite
 def test_serve_refuses_a_public_address_without_an_api_key(trained_run, tmp_path):
     import yaml
 
     path, cfg, rd = trained_run
-    r = run_cli("serve", str(path), "--host", "0.0.0.0", "--port", "0", env={"LLMCTL_API_KEY": ""}, timeout=120)
+    r = invoke_cli("serve", str(path), "--host", "0.0.0.0", "--port", "0", env={"LLMCTL_API_KEY": ""})
     assert r.returncode == 2 and "--insecure" in r.stderr and "serve.api_key" in r.stderr and "Traceback" not in r.stderr
     bad = write_config(tmp_path / "bad.yaml", {**yaml.safe_load(path.read_text()), "safety": {"deny": {"file": "missing.txt"}}})
-    r = run_cli("serve", str(bad), "--port", "0", timeout=120)
+    r = invoke_cli("serve", str(bad), "--port", "0")
     assert r.returncode == 2 and "safety.deny.file: 'missing.txt' not found" in r.stderr
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_trained_run, run_cli, tiny_config_dict, write_config
+from conftest import REPO, build_trained_run, invoke_cli, run_cli, tiny_config_dict, write_config
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -519,14 +519,15 @@ def test_metrics_text_is_prometheus_client_s_in_declared_label_order():
 
 
 # ---- the CLI's error paths ---------------------------------------------------------
+@pytest.mark.timeout(300)  # refusals run in this process: one that serves instead must not hang the suite
 def test_cli_errors(run_dir, tmp_path):
     _, path, _, rd = run_dir
     # No trained model in this run: exit 3 with the command to run.
     empty = write_config(tmp_path / "e.yaml", tiny_config_dict(tmp_path / "empty"))
-    r = run_cli("serve", str(empty), "--port", "0", timeout=120)
+    r = invoke_cli("serve", str(empty), "--port", "0")
     assert r.returncode == 3 and "llmctl train" in r.stderr and "Traceback" not in r.stderr
     # --model that is not a model directory: exit 3.
-    r = run_cli("serve", str(path), "--model", str(tmp_path), "--port", "0", timeout=120)
+    r = invoke_cli("serve", str(path), "--model", str(tmp_path), "--port", "0")
     assert r.returncode == 3 and "no config.json" in r.stderr
     # A busy port: exit 1, one line.
     busy = socket.socket()

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli
 from llmctl.errors import StageInputError
 from llmctl.modeling import resolve_model_path
 from llmctl.stages import export
@@ -18,6 +18,7 @@ def _fake_export(rd, cfg):
         st.manifest["formats"] = ["hf"]
 
 
+@pytest.mark.timeout(300)  # the refusal runs in this process: a serve that starts instead must not hang the suite
 def test_serve_refuses_an_export_of_an_older_model(trained_run):
     path, cfg, rd = trained_run
     _fake_export(rd, cfg)
@@ -27,7 +28,7 @@ def test_serve_refuses_an_export_of_an_older_model(trained_run):
     assert resolve_model_path(None, rd, cfg, "generate") == str(rd.model_dir)  # generate uses the new model
     with pytest.raises(StageInputError, match=r"export is stale \(train/ was re-run since it ran\).*llmctl export .*--force"):
         resolve_model_path(None, rd, cfg, "serve", prefer_export=True)
-    r = run_cli("serve", str(path), "--port", "0")
+    r = invoke_cli("serve", str(path), "--port", "0")
     assert r.returncode == 3 and "export is stale" in r.stderr and "Traceback" not in r.stderr
 
 

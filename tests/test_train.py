@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, build_prepared_run, run_cli, tiny_config_dict, write_config
+from conftest import REPO, build_prepared_run, invoke_cli, run_cli, tiny_config_dict, write_config
 from llmctl.config import load_config
 from llmctl.rundir import RunDir, atomic_write_json
 from llmctl.stages import train
@@ -66,7 +66,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert rdb.manifest("train")["status"] == "running"  # killed: nothing claims completion
     assert not rdb.model_dir.exists()
     assert [p.name for p in train.complete_checkpoints(rdb)] == ["step-000004"]
-    r = run_cli("train", str(pb))
+    r = invoke_cli("train", str(pb))
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stderr
     resumed = _losses(rdb)
@@ -76,7 +76,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
     # A change that makes resuming unsafe is refused with the fix.
     (rdb.stage_dir("train") / "manifest.json").unlink()
-    r = run_cli("train", str(pb), "--set", "model.hidden_size=64")
+    r = invoke_cli("train", str(pb), "--set", "model.hidden_size=64")
     assert r.returncode == 2 and "cannot be resumed safely" in r.stderr and "model.hidden_size: 32 -> 64" in r.stderr and "--force" in r.stderr
 
 
@@ -106,14 +106,14 @@ def test_sigterm_saves_checkpoint_and_exits_143(tmp_path):
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
     path, cfg, rd = _setup(tmp_path, train={"lr": 1e30, "max_grad_norm": None, "max_steps": 6, "warmup_steps": 0, "scheduler": "constant"})
-    r = run_cli("train", str(path))
+    r = invoke_cli("train", str(path))
     assert r.returncode == 1 and "NaN" in r.stderr and "Traceback" not in r.stderr
     assert rd.manifest("train")["status"] == "failed" and not rd.model_dir.exists()
 
 
 def test_missing_prepare_exit_3(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run"))
-    r = run_cli("train", str(path))
+    r = invoke_cli("train", str(path))
     assert r.returncode == 3 and "run 'llmctl prepare" in r.stderr
 
 
@@ -165,7 +165,7 @@ def test_pretrained_with_new_tokenizer_is_refused(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", model={"name_or_path": str(mdir)}))
     # Refused before any work: prepare would otherwise train a tokenizer the model cannot read.
     for cmd in (("config", "validate"), ("prepare",), ("train",)):
-        r = run_cli(*cmd, str(path))
+        r = invoke_cli(*cmd, str(path))
         assert r.returncode == 2 and f"set tokenizer.name_or_path: {mdir}" in r.stderr and "Traceback" not in r.stderr, (cmd, r.stderr)
     assert not (tmp_path / "run").exists()
 
@@ -174,13 +174,15 @@ def test_two_processes_match_one(tmp_path):
     """DDP on CPU (gloo): 2 ranks x 2 sequences == 1 rank x 4 sequences, step by step."""
     one = {"train": {"max_steps": 3, "micro_batch_size": 4, "log_every": 1, "eval_every": 100, "save_every": 100}}
     p1, c1, rd1 = _setup(tmp_path, "one", **one)
-    r = run_cli("train", str(p1))
+    r = invoke_cli("train", str(p1))
     assert r.returncode == 0, r.stderr
     two = {"train": {"max_steps": 3, "micro_batch_size": 2, "log_every": 1, "eval_every": 100, "save_every": 100}}
     p2, c2, rd2 = _setup(tmp_path, "two", **two)
-    r = run_cli("train", str(p2), "--nproc", "2", timeout=600)
+    r = run_cli("train", str(p2), "--nproc", "2", "--json", timeout=600)
     assert r.returncode == 0, r.stderr
     assert rd2.manifest("train")["headline"]["world_size"] == 2
+    res = json.loads(r.stdout)  # exactly one object: the launcher's, with rank 0's numbers
+    assert res["world_size"] == 2 and res["steps"] == 3 and r.stderr.count("model: llama") == 1  # only rank 0 talks
     a, b = _losses(rd1), _losses(rd2)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
@@ -296,6 +298,7 @@ def test_collective_device_follows_the_backend(monkeypatch):
     assert train.collective_device("cpu:gloo,cuda:nccl") == torch.device("cpu")
 
 
+@pytest.mark.slow  # test_two_processes_match_one checks the same under torchrun, on the default tier
 def test_nproc_json_is_one_result(tmp_path):
     p, cfg, rd = _setup(tmp_path, train={"max_steps": 2, "micro_batch_size": 2, "eval_every": 100, "save_every": 100})
     r = run_cli("train", str(p), "--nproc", "2", "--json", timeout=600)
