@@ -286,3 +286,22 @@ def test_a_skipped_fast_path_says_why_once(tok, monkeypatch, capsys):
         generate_batch(model, tok, ["the cat"], Sampling(max_new_tokens=2))
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "onnxruntime" in lines[0] and "differ from the eager pass" in lines[0], lines
+
+
+def test_a_decoder_that_disagrees_with_the_models_forward_is_dropped(tok, monkeypatch, capsys):
+    """The fast path is checked at load against `model.forward` (not against itself): a decoder
+    whose logits differ is not used, and one line says why."""
+    import llmctl.inference.lean as lean
+    from llmctl.generation import Sampling, generate_batch
+
+    model = _model("llama", vocab_size=len(tok))
+    assert lean.decoder_for(model) is not None and model._llmctl_lean.disagrees is None
+    real = lean.LeanDecoder.forward
+    monkeypatch.setattr(lean.LeanDecoder, "forward", lambda self, *a, **k: real(self, *a, **k) + 1e-2)
+    model2 = _model("llama", vocab_size=len(tok))
+    for _ in range(2):
+        assert lean.decoder_for(model2) is None
+        out = generate_batch(model2, tok, ["the cat"], Sampling(max_new_tokens=2, do_sample=False))
+        assert out[0]["completion_tokens"] == 2  # transformers decodes instead
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "lean decoding is off" in lines[0] and "model's own forward" in lines[0], lines

@@ -356,10 +356,40 @@ def decoder_for(model) -> LeanDecoder | None:
     dec = getattr(model, "_llmctl_lean", None)
     if dec is None or dec.key != weights_key(model):
         dec = LeanDecoder(model)
+        dec.disagrees = disagreement(dec, model)
         model._llmctl_lean = dec
+    if dec.disagrees:
+        tell_skipped(model, "lean decoding", dec.disagrees, "decoding with transformers")
+        return None
     if dec.ort_skipped:
         tell_skipped(model, "the onnxruntime decode step", dec.ort_skipped, "decoding with the eager lean pass")
     return dec
+
+
+PROBE_TOLERANCE = 1e-4  # relative to the largest logit: float32 rounding of the folded weights
+
+
+def disagreement(dec: "LeanDecoder", model) -> str | None:
+    """Why the decoder, as it will run (onnxruntime graphs where built), does not compute what
+    the model's own forward computes on a probe (a padded prompt, then a decode step); None
+    when it does. A second implementation of the model's math is trusted only this way."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, dec.embed.weight.shape[0], (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding, as batched prompts have
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    dev = dec.embed.weight.device
+    ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        cache = dec.new_cache()
+        got = [dec.forward(ids[:, :5], pos[:, :5], cache, mask=mask[:, :5]), dec.forward(ids[:, 5:], pos[:, 5:], cache, mask=mask)]
+    diff = max(float((got[0].float() - ref[:, 4]).abs().max()), float((got[1].float() - ref[:, 5]).abs().max()))
+    if not diff <= PROBE_TOLERANCE * max(1.0, float(ref.abs().max())):
+        return f"its logits differ from the model's own forward by {diff:.2e} on a probe"
+    return None
 
 
 def tell_skipped(model, path: str, why: str, instead: str) -> None:
