@@ -70,7 +70,7 @@ def check(cfg, fetch: bool = False) -> None:
 def builtin_format_problem(cfg) -> str | None:
     """Why `data.format` cannot read the builtin corpus (plain Python source), with fixes that work."""
     d = cfg.data
-    if d.source != "builtin" or d.format == "text":
+    if d.source != "builtin" or d.format in ("text", "preference"):  # preference: pairs built from held-out lines
         return None
     need = {"chat": "conversations (records with a 'messages' list of {role, content})",
             "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')"}[d.format]

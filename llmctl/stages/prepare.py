@@ -52,6 +52,9 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
     """Keep only the fields the format needs, checking they are there and well typed; `_id`
     says where each document came from (file:line), for the data report's examples."""
     d = cfg.data
+    if d.format == "preference":
+        yield from _preference_rows(recs, cfg, counters)
+        return
     for rec, where in recs:
         try:
             if d.format == "text":
@@ -82,6 +85,39 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
                 counters.skip("bad_record")
                 continue
             raise
+
+
+def _preference_rows(recs, cfg, counters) -> Iterator[dict]:
+    """{prompt, chosen, rejected} pairs, checked like the other formats; a pair whose answers
+    are equal teaches nothing and is dropped, counted as `chosen_equals_rejected`."""
+    d = cfg.data
+    for rec, where in (_builtin_pairs(recs) if d.source == "builtin" else recs):
+        try:
+            for field, key in ((d.prompt_field, "data.prompt_field"), (d.chosen_field, "data.chosen_field"), (d.rejected_field, "data.rejected_field")):
+                _need(rec, field, key, where)
+            p, c, r = rec[d.prompt_field], rec[d.chosen_field], rec[d.rejected_field]
+            if not all(isinstance(x, str) for x in (p, c, r)):
+                raise DataError(f"{where}: '{d.prompt_field}', '{d.chosen_field}' and '{d.rejected_field}' must be strings")
+        except DataError:
+            if d.on_error == "skip":
+                counters.skip("bad_record")
+                continue
+            raise
+        if c.strip() == r.strip():
+            counters.skip("chosen_equals_rejected")
+            continue
+        yield {"prompt": p, "chosen": c, "rejected": r, "_id": where}
+
+
+def _builtin_pairs(recs) -> Iterator[tuple[dict, str]]:
+    """Pairs from the builtin corpus (the demo): the prompt is a line's context and first half,
+    chosen its real continuation, rejected the continuation of the line before it."""
+    from llmctl.data.pairs import next_line_pairs
+
+    for rec, where in recs:
+        pairs = list(next_line_pairs(rec["text"]))
+        for i in range(1, len(pairs)):
+            yield {"prompt": pairs[i][0], "chosen": pairs[i][1], "rejected": pairs[i - 1][1]}, f"{where}#{i}"
 
 
 def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
@@ -348,6 +384,8 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
                 out[name], stats["splits"][name] = _pack_split(name, splits[name], tok, d, build, prog)
+            elif d.format == "preference":
+                out[name], stats["splits"][name] = _pair_split(splits[name], tok, prog)
             else:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
     if "validation" not in out:
@@ -374,6 +412,20 @@ def _pack_split(name: str, texts, tok, d, build: Path, prog) -> tuple[object, di
     return ds, {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
                 "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
                 "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
+
+
+def _pair_split(docs, tok, prog) -> tuple[object, dict]:
+    """Preference pairs kept as text: the trainer (TRL) tokenizes them with the model's own
+    rules and truncates to data.block_size. Their sizes in tokens, for the stats."""
+    ds = docs.flatten_indices().select_columns(["prompt", "chosen", "rejected"])
+    tokens = nbytes = 0
+    for batch in ds.iter(batch_size=1000):
+        for col in ("prompt", "chosen", "rejected"):
+            tokens += sum(map(len, tok(batch[col], add_special_tokens=False)["input_ids"]))
+            nbytes += sum(len(t.encode("utf-8")) for t in batch[col])
+    prog.update(completed=len(ds))
+    return ds, {"documents": len(ds), "examples": len(ds), "tokens": tokens, "bytes": nbytes,
+                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
 
 
 def _texts_with_progress(texts, prog) -> Iterator[str]:
@@ -433,6 +485,8 @@ def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
             text = doc["text"]
         elif fmt == "prompt_completion":
             text = doc["prompt"] + doc["completion"]
+        elif fmt == "preference":
+            text = doc["prompt"] + doc["chosen"] + doc["rejected"]
         else:
             text = "\n".join(m["content"] for m in doc["messages"])
         yield text
