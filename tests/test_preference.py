@@ -95,3 +95,110 @@ def test_wrong_key_for_method_is_exit_2(tmp_path, train, data, words):
     assert r.returncode == 2, r.stdout + r.stderr
     for w in words:
         assert w in r.stderr + r.stdout
+
+
+# --------------------------------------------------------------------------- training
+def _implicit_accuracy(run: Path, method_ref: bool = True) -> float:
+    """Share of the training pairs where the trained model's log-ratio against the
+    initialisation favours chosen (the DPO implicit reward), computed here independently."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.config import load_config
+    from llmctl.modeling import build_from_scratch
+
+    tok = AutoTokenizer.from_pretrained(run / "prepare" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(run / "train" / "model").eval()
+    cfg = load_config(run.parent / "cfg.yaml")
+    torch.manual_seed(0)
+    ref = build_from_scratch(cfg, tok).eval()
+
+    def logp(m, p, a):
+        ids = tok(p + a, add_special_tokens=False)["input_ids"]
+        n = len(tok(p, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            lp = m(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return sum(lp[i - 1, ids[i]].item() for i in range(n, len(ids)))
+
+    ds = load_from_disk(str(run / "prepare" / "dataset"))["train"]
+    wins = [logp(model, r["prompt"], r["chosen"]) - logp(ref, r["prompt"], r["chosen"])
+            > logp(model, r["prompt"], r["rejected"]) - logp(ref, r["prompt"], r["rejected"]) for r in ds]
+    return sum(wins) / len(wins)
+
+
+def test_dpo_raises_preference_accuracy_on_its_pairs(tmp_path):
+    cfg = pref_config(tmp_path, train={"max_steps": 8, "beta": 0.5})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    manifest = json.loads((run / "train" / "manifest.json").read_text())
+    assert manifest["preference"]["method"] == "dpo"
+    assert "seeded initialisation" in manifest["preference"]["reference_model"]
+    logged = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    acc = [m["rewards/accuracies"] for m in logged if "rewards/accuracies" in m]
+    assert acc, logged[:3]
+    assert (run / "train" / "model" / "config.json").exists()
+    assert _implicit_accuracy(run) > 0.8
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "train" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # the last record of a step wins (a resumed run rewrites it)
+    return out
+
+
+def test_dpo_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
+    from tests.conftest import run_cli
+
+    train = {"max_steps": 6, "save_every": 3, "log_every": 1}
+    runs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        runs[name] = pref_config(tmp_path / name, train=train)
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "3"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stderr
+    full, resumed = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(4, 7):  # the reference model is rebuilt the same: the same losses after the resume
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+def test_dpo_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = pref_config(tmp_path, train={"max_steps": 100000, "log_every": 1})
+    assert invoke_cli("prepare", str(cfg)).returncode == 0
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "train", str(cfg)], cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert any((tmp_path / "run" / "train" / "checkpoints").glob("step-*/llmctl.json")), err
+
+
+@pytest.mark.parametrize("method, keys", [("orpo", {"beta": 0.2}), ("simpo", {"simpo_gamma": 0.3})])
+def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
+    cfg = pref_config(tmp_path, train={"method": method, "max_steps": 3, **keys})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert (run / "train" / "model" / "config.json").exists()
+    assert json.loads((run / "train" / "manifest.json").read_text())["preference"] == {"method": method, "reference_model": None}
+    assert sorted(_losses(run)) == [1, 2, 3]

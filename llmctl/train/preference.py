@@ -1,0 +1,79 @@
+"""Preference training (train.method dpo, orpo, simpo) through TRL's trainers.
+
+`make_trainer` is what `stage.setup` calls instead of the sft Trainer; everything around it
+(callbacks, checkpoints, resume, signals, the time budget, the final save) is the same
+machinery. TRL tokenizes the {prompt, chosen, rejected} text rows prepare wrote.
+
+The reference model (dpo; orpo and simpo have none) is the model training starts from:
+`model.name_or_path` (a hub model, or a previous run's RUN/train/model to train on top of
+it), or the seeded initialisation of a new model. With LoRA it is that base with the adapter
+disabled (no second copy in memory); otherwise a frozen copy made before the first step,
+so a resumed run rebuilds the same reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from llmctl.errors import ConfigError
+
+# Keys of the trainers' logs copied into metrics.jsonl (train and eval).
+LOG_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "eval_rewards/accuracies", "eval_rewards/margins")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
+def reference_name(cfg) -> str | None:
+    """What the manifest records as the reference model: None for reference-free methods."""
+    if cfg.train.method != "dpo":
+        return None
+    base = cfg.model.name_or_path or f"the seeded initialisation of model.arch={cfg.model.arch} (run.seed)"
+    return base + (" (LoRA adapter disabled)" if cfg.model.lora.enabled else "")
+
+
+def trainer_and_config(cfg):
+    """(TRL trainer class, its config class, the config's method-specific keyword arguments)."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"train.method={cfg.train.method} needs TRL: pip install 'llmctl[preference]'") from None
+    t = cfg.train
+    beta = t.beta if t.beta is not None else DEFAULT_BETA[t.method]
+    length = {"max_length": cfg.data.block_size}
+    if t.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig, {**length, "beta": beta, "loss_type": [t.loss_type or "sigmoid"], "label_smoothing": t.label_smoothing or 0.0}
+    if t.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig, {**length, "beta": beta}
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    # SimPO is CPO's loss with the SFT term off (cpo_alpha=0): no reference model.
+    gamma = t.simpo_gamma if t.simpo_gamma is not None else 0.5
+    return CPOTrainer, CPOConfig, {**length, "beta": beta, "loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": gamma}
+
+
+def make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan):
+    """The TRL trainer for train.method, with llmctl's checks mixed in (build.make_trainer).
+    `args_for(cls, extra)`: the TrainingArguments of build.training_arguments as `cls`."""
+    from llmctl.train import build
+
+    trainer_cls, config_cls, extra = trainer_and_config(cfg)
+    args = args_for(config_cls, extra)
+    kwargs = {}
+    if cfg.train.method == "dpo" and not cfg.model.lora.enabled:
+        # A frozen copy of the starting weights; TRL would otherwise reload from a path the
+        # model may not have (a new model has none).
+        ref = copy.deepcopy(model)
+        ref.requires_grad_(False)
+        kwargs["ref_model"] = ref
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return build.make_trainer(trainer_cls, time_plan, model=model, args=args, train_dataset=_text(train_ds),
+                              eval_dataset=_text(val_ds), processing_class=tok, **kwargs)
+
+
+def _text(ds):
+    return None if ds is None else ds.with_format(None)
