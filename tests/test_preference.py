@@ -202,3 +202,29 @@ def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
     assert (run / "train" / "model" / "config.json").exists()
     assert json.loads((run / "train" / "manifest.json").read_text())["preference"] == {"method": method, "reference_model": None}
     assert sorted(_losses(run)) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_reports_preference_accuracy_and_gates_on_it(tmp_path, monkeypatch):
+    cfg = pref_config(tmp_path, train={"max_steps": 8, "beta": 0.5}, eval={"compare_init": True})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    r = invoke_cli("eval", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    p = res["preference"]
+    assert p["pairs"] == 8 and p["preference_accuracy"] >= 0.75 and p["reward_margin"] > 0
+    assert p["chosen_tokens"] > 0 and p["rejected_tokens"] > 0
+    assert "perplexity" not in res and "generation" not in res
+    assert res["init"]["preference_accuracy"] == 0.0 and res["init"]["reward_margin"] == 0.0  # the start is the reference
+    r = invoke_cli("eval", str(cfg), "--set", "eval.thresholds.preference_accuracy_min=0.7")
+    assert r.returncode == 0, r.stderr
+
+    # The gate: a model that prefers too few chosen answers fails it (exit 4), naming the threshold.
+    from llmctl.stages import evaluate
+
+    monkeypatch.setattr(evaluate, "_preference", lambda *a, **k: {**p, "preference_accuracy": 0.25})
+    r = invoke_cli("eval", str(cfg), "--force", "--set", "eval.thresholds.preference_accuracy_min=0.7", "--set", "eval.compare_init=false")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "eval.thresholds.preference_accuracy_min" in r.stderr

@@ -323,6 +323,7 @@ class ThresholdsConfig(Section):
     chrf_min: float | None = Field(None, ge=0, description="Fail (exit 4) if chrF is below this.")
     ter_max: float | None = Field(None, ge=0, description="Fail (exit 4) if TER is above this.")
     exact_match_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if exact match is below this.")
+    preference_accuracy_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if preference accuracy (data.format=preference) is below this.")
 
 
 class EvalConfig(Section):

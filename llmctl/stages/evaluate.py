@@ -68,10 +68,13 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if path.lower().endswith(".gguf"):
         con.info(f"{path}: GGUF read by transformers, its tensors dequantized to float32 (the file's quality; llama.cpp's speed is not measured here)")
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
+    pref = cfg.data.format == "preference" and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
-        if e.perplexity:
+        if pref:  # the held-out split is pairs: no text for perplexity, no references for BLEU
+            results["preference"] = _preference(cfg, rd, mdl, tok, con)
+        if e.perplexity and not pref:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
-        if e.generation:
+        if e.generation and not pref:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
@@ -145,8 +148,12 @@ def _headline(results: dict) -> dict:
         head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
     if "copy_prompt_chrf" in g:
         head["baseline_copy_chrf"] = g["copy_prompt_chrf"]
+    pr = results.get("preference") or {}
+    for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy", "chosen_tokens", "rejected_tokens"):
+        if k in pr:
+            head[k] = pr[k]
     if init:
-        for k in ("perplexity", "bleu", "chrf", "exact_match"):
+        for k in ("perplexity", "bleu", "chrf", "exact_match", "preference_accuracy", "reward_margin", "likelihood_accuracy"):
             if k in init:
                 head[f"init_{k}"] = init[k]
     head.update(b)
@@ -177,6 +184,7 @@ def _check_thresholds(t, head: dict) -> list[dict]:
         ("chrf_min", "chrf", lambda v, lim: v >= lim, "<"),
         ("ter_max", "ter", lambda v, lim: v <= lim, ">"),
         ("exact_match_min", "exact_match", lambda v, lim: v >= lim, "<"),
+        ("preference_accuracy_min", "preference_accuracy", lambda v, lim: v >= lim, "<"),
     ]
     for key, metric, ok, sym in checks:
         lim = getattr(t, key)
@@ -325,6 +333,9 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
     con.step("evaluating the model before training (eval.compare_init)")
     if "perplexity" in trained:
         out["perplexity"] = _perplexity(cfg, rd, model, tok, con)["perplexity"]
+    if "preference" in trained:
+        p = _preference(cfg, rd, model, tok, con, reference=model)
+        out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy")})
     if "generation" in trained:
         ds = _load_pairs(cfg, rd)
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
@@ -332,6 +343,84 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
 
         m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
         out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
+    return out
+
+
+# --------------------------------------------------------------------------- preference pairs
+def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
+    """On the held-out pairs: how often the model's implicit reward, beta * (log p(answer) -
+    log p_ref(answer)), is higher for chosen than for rejected (ties count as misses, so the
+    reference itself scores 0), the mean reward margin, how often the model alone gives chosen
+    the higher log-likelihood, and the mean answer lengths in tokens. The reference is the
+    starting model (llmctl.train.preference.reference_model)."""
+    from datasets import load_from_disk
+
+    from llmctl.train.preference import DEFAULT_BETA, reference_model
+
+    e = cfg.eval
+    ds = load_from_disk(str(rd.dataset_dir))
+    if e.split not in ds:
+        raise StageInputError(f"{rd.dataset_dir} has no '{e.split}' split: set eval.split to one of {', '.join(ds)} or data.{e.split}_fraction and re-run prepare")
+    pairs = ds[e.split]
+    if e.max_examples:
+        pairs = pairs.select(range(min(len(pairs), e.max_examples)))
+    device = next(model.parameters()).device
+    ref = reference if reference is not None else reference_model(cfg, tok).to(device)
+    prompts = list(pairs["prompt"])
+    con.step(f"scoring {len(pairs)} preference pairs ({e.split}) against the reference model")
+    lp = {k: answer_logps(model, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
+    ref_lp = lp if ref is model else {k: answer_logps(ref, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
+    t = cfg.train
+    beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
+    margins = [beta * ((c - rc) - (r - rr)) for (c, _), (rc, _), (r, _), (rr, _) in zip(lp["chosen"], ref_lp["chosen"], lp["rejected"], ref_lp["rejected"])]
+    n = max(len(margins), 1)
+    out = {
+        "pairs": len(margins),
+        "preference_accuracy": round(sum(m > 0 for m in margins) / n, 4),
+        "reward_margin": round(sum(margins) / n, 4),
+        "likelihood_accuracy": round(sum(c > r for (c, _), (r, _) in zip(lp["chosen"], lp["rejected"])) / n, 4),
+        "chosen_tokens": round(sum(k for _, k in lp["chosen"]) / n, 2),
+        "rejected_tokens": round(sum(k for _, k in lp["rejected"]) / n, 2),
+        "beta": beta,
+    }
+    con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f}  "
+             f"likelihood accuracy {out['likelihood_accuracy']:.3f} on {out['pairs']} pairs")
+    return out
+
+
+def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length: int, batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p(answer + EOS | prompt), answer tokens) per pair; the prompt is cut from
+    the left to fit max_length, as prepare cuts prompt/completion pairs."""
+    import torch
+
+    from llmctl.tokenizer import wants_bos, with_bos
+
+    bos = wants_bos(tok)
+    rows = []
+    for p, a in zip(prompts, answers):
+        pi = with_bos(tok, tok(p, add_special_tokens=False)["input_ids"], bos)
+        ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ai = ai[: max_length - 1]
+        keep = max_length - len(ai)
+        pi = pi[:1] + pi[1:][-(keep - 1):] if len(pi) > keep else pi
+        rows.append((pi + ai, len(pi)))
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            n = max(len(ids) for ids, _ in batch)
+            ids = torch.full((len(batch), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), n), dtype=torch.long)
+            for j, (r, _) in enumerate(batch):
+                ids[j, : len(r)] = torch.as_tensor(r)
+                mask[j, : len(r)] = 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
+            for j, (r, start) in enumerate(batch):
+                out.append((tok_lp[j, start - 1 : len(r) - 1].sum().item(), len(r) - start))
     return out
 
 

@@ -31,6 +31,16 @@ def reference_name(cfg) -> str | None:
     return base + (" (LoRA adapter disabled)" if cfg.model.lora.enabled else "")
 
 
+def reference_model(cfg, tok):
+    """The reference as eval rebuilds it: the starting model (for every method: orpo and simpo
+    train without one, but their implicit reward is measured against the same start)."""
+    from llmctl.modeling import build_from_scratch, load_for_inference
+
+    if cfg.model.name_or_path:
+        return load_for_inference(cfg.model.name_or_path)[0]
+    return build_from_scratch(cfg, tok).eval()
+
+
 def trainer_and_config(cfg):
     """(TRL trainer class, its config class, the config's method-specific keyword arguments)."""
     try:
