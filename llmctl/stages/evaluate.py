@@ -70,9 +70,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
     pref = cfg.data.format == "preference" and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
-        if pref:  # the held-out split is pairs: no text for perplexity, no references for BLEU
+        if pref:  # the held-out split is pairs: perplexity is on the chosen answers, no BLEU
             results["preference"] = _preference(cfg, rd, mdl, tok, con)
-        if e.perplexity and not pref:
+        if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
         if e.generation and not pref:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
@@ -372,55 +372,58 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     ref_lp = lp if ref is model else {k: answer_logps(ref, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
     t = cfg.train
     beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
-    margins = [beta * ((c - rc) - (r - rr)) for (c, _), (rc, _), (r, _), (rr, _) in zip(lp["chosen"], ref_lp["chosen"], lp["rejected"], ref_lp["rejected"])]
-    n = max(len(margins), 1)
+    # A pair with an answer too long to score at all is left out (and counted).
+    keep = [i for i in range(len(prompts)) if lp["chosen"][i][1] and lp["rejected"][i][1]]
+    c, r = [lp["chosen"][i][0] for i in keep], [lp["rejected"][i][0] for i in keep]
+    rc, rr = [ref_lp["chosen"][i][0] for i in keep], [ref_lp["rejected"][i][0] for i in keep]
+    margins = [beta * ((a - ra) - (b - rb)) for a, ra, b, rb in zip(c, rc, r, rr)]
+    n = max(len(keep), 1)
     out = {
-        "pairs": len(margins),
+        "pairs": len(keep),
         "preference_accuracy": round(sum(m > 0 for m in margins) / n, 4),
         "reward_margin": round(sum(margins) / n, 4),
-        "likelihood_accuracy": round(sum(c > r for (c, _), (r, _) in zip(lp["chosen"], lp["rejected"])) / n, 4),
-        "chosen_tokens": round(sum(k for _, k in lp["chosen"]) / n, 2),
-        "rejected_tokens": round(sum(k for _, k in lp["rejected"]) / n, 2),
+        "likelihood_accuracy": round(sum(a > b for a, b in zip(c, r)) / n, 4),
+        "chosen_tokens": round(sum(lp["chosen"][i][1] for i in keep) / n, 2),
+        "rejected_tokens": round(sum(lp["rejected"][i][1] for i in keep) / n, 2),
         "beta": beta,
     }
+    if len(keep) < len(prompts):
+        out["unscored_pairs"] = len(prompts) - len(keep)
+        con.warn(f"{out['unscored_pairs']} pair(s) left out: an answer alone does not fit in data.block_size={cfg.data.block_size}")
     con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f}  "
              f"likelihood accuracy {out['likelihood_accuracy']:.3f} on {out['pairs']} pairs")
     return out
 
 
 def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length: int, batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log p(answer + EOS | prompt), answer tokens) per pair; the prompt is cut from
-    the left to fit max_length, as prepare cuts prompt/completion pairs."""
+    """(sum of log p(answer + EOS | prompt), answer tokens) per pair, encoded as prepare encodes
+    prompt/completion pairs (formats.encode_pairs: BOS as the tokenizer wants, the prompt cut
+    from the left). An answer too long for max_length on its own scores (-inf, 0)."""
     import torch
 
-    from llmctl.tokenizer import wants_bos, with_bos
+    from llmctl.data.formats import IGNORE, encode_pairs
 
-    bos = wants_bos(tok)
-    rows = []
-    for p, a in zip(prompts, answers):
-        pi = with_bos(tok, tok(p, add_special_tokens=False)["input_ids"], bos)
-        ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ai = ai[: max_length - 1]
-        keep = max_length - len(ai)
-        pi = pi[:1] + pi[1:][-(keep - 1):] if len(pi) > keep else pi
-        rows.append((pi + ai, len(pi)))
+    enc = encode_pairs({"prompt": prompts, "completion": answers}, tok, max_length, tok.eos_token_id)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = []
+    out: list[tuple[float, int]] = []
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size]
-            n = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), n), dtype=torch.long)
-            for j, (r, _) in enumerate(batch):
-                ids[j, : len(r)] = torch.as_tensor(r)
-                mask[j, : len(r)] = 1
-            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
-            tok_lp = logp[:, :-1].gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
-            for j, (r, start) in enumerate(batch):
-                out.append((tok_lp[j, start - 1 : len(r) - 1].sum().item(), len(r) - start))
+        for i in range(0, len(prompts), batch_size):
+            ids_b, lab_b = enc["input_ids"][i : i + batch_size], enc["labels"][i : i + batch_size]
+            n = max(max(len(r) for r in ids_b), 2)
+            ids = torch.full((len(ids_b), n), pad, dtype=torch.long)
+            labels = torch.full((len(ids_b), n), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(ids_b), n), dtype=torch.long)
+            for j, (r, lab) in enumerate(zip(ids_b, lab_b)):
+                ids[j, : len(r)], labels[j, : len(r)], mask[j, : len(r)] = torch.as_tensor(r), torch.as_tensor(lab), 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+            target = labels[:, 1:]
+            scored = target != IGNORE
+            tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+            for j in range(len(ids_b)):
+                k = int(scored[j].sum())
+                out.append((tok_lp[j].sum().item() if k else float("-inf"), k))
     return out
 
 

@@ -31,6 +31,19 @@ def reference_name(cfg) -> str | None:
     return base + (" (LoRA adapter disabled)" if cfg.model.lora.enabled else "")
 
 
+def reference_lineage(cfg) -> dict:
+    """RUN/train/manifest.json's `preference`: the method and its reference model; a local
+    starting model (a previous run's model) also by its identity (config hash, weights)."""
+    from pathlib import Path
+
+    from llmctl.modeling import model_identity
+
+    out = {"method": cfg.train.method, "reference_model": reference_name(cfg)}
+    if out["reference_model"] and cfg.model.name_or_path and Path(cfg.model.name_or_path).is_dir():
+        out["reference_identity"] = model_identity(str(Path(cfg.model.name_or_path).resolve()))
+    return out
+
+
 def reference_model(cfg, tok):
     """The reference as eval rebuilds it: the starting model (for every method: orpo and simpo
     train without one, but their implicit reward is measured against the same start)."""

@@ -85,9 +85,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
         if st is not None and (hooks.manifest or cfg.train.method != "sft"):
             st.manifest.update(hooks.manifest)
             if cfg.train.method != "sft":  # lineage: what the preference loss measured against
-                from llmctl.train.preference import reference_name
+                from llmctl.train.preference import reference_lineage
 
-                st.manifest["preference"] = {"method": cfg.train.method, "reference_model": reference_name(cfg)}
+                st.manifest["preference"] = reference_lineage(cfg)
             st.save()
         # Under the lock: a second `--force` cannot wipe the checkpoints of a running job.
         if force and is_main:
