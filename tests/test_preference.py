@@ -228,3 +228,24 @@ def test_eval_reports_preference_accuracy_and_gates_on_it(tmp_path, monkeypatch)
     r = invoke_cli("eval", str(cfg), "--force", "--set", "eval.thresholds.preference_accuracy_min=0.7", "--set", "eval.compare_init=false")
     assert r.returncode == 4, r.stdout + r.stderr
     assert "eval.thresholds.preference_accuracy_min" in r.stderr
+
+
+def test_lora_dpo_on_top_of_a_previous_run(tmp_path):
+    """The starting model is a previous run's model (model.name_or_path); with LoRA the
+    reference is that base with the adapter disabled, and eval rebuilds it from the same path."""
+    from llmctl.config import load_config
+    from tests.conftest import build_trained_run
+
+    sft = load_config(write_config(tmp_path / "sft.yaml", tiny_config_dict(tmp_path / "sft")))
+    base = build_trained_run(tmp_path / "sft", sft).model_dir
+    cfg = pref_config(tmp_path, train={"max_steps": 6, "lr": 2e-2}, tokenizer={"name_or_path": str(base)},
+                      model={"name_or_path": str(base), "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}})
+    for stage in ("prepare", "train", "eval"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    pref = json.loads((run / "train" / "manifest.json").read_text())["preference"]
+    assert pref["reference_model"] == f"{base} (LoRA adapter disabled)"
+    assert pref["reference_identity"]["config_sha256"]
+    res = json.loads((run / "eval" / "results.json").read_text())["preference"]
+    assert res["pairs"] == 8 and res["reward_margin"] != 0.0
