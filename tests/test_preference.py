@@ -249,3 +249,29 @@ def test_lora_dpo_on_top_of_a_previous_run(tmp_path):
     assert pref["reference_identity"]["config_sha256"]
     res = json.loads((run / "eval" / "results.json").read_text())["preference"]
     assert res["pairs"] == 8 and res["reward_margin"] != 0.0
+
+
+def test_chat_pairs_share_their_prompt_rendered_with_the_template(tmp_path):
+    from datasets import load_from_disk
+
+    rows = []
+    for i in range(12):
+        ask = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"name {WORDS[i % 8]} {i}"}]
+        rows.append({"chosen": ask + [{"role": "assistant", "content": WORDS[i % 8]}],
+                     "rejected": ask + [{"role": "assistant", "content": f"no {i}"}]})
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}) + "\n")
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "preference", "validation_fraction": 0.0})
+    cfg["train"].update({"method": "dpo", "max_steps": 2})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    r = invoke_cli("prepare", str(path))
+    assert r.returncode != 0 and "pairs.jsonl:13" in r.stderr and "last assistant turn" in r.stderr
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    row = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))["train"][0]
+    assert "be brief" in row["prompt"] and "name " in row["prompt"] and "be brief" not in row["chosen"]
+    assert row["chosen"].strip() and row["chosen"] != row["rejected"]
+    assert row["chosen"].endswith("<|endoftext|>")  # one EOS: TRL adds none to an answer ending on it

@@ -278,7 +278,10 @@ def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict
     if fmt == "prompt_completion":
         return {"prompt": red(row["prompt"]), "completion": red(row["completion"])}, counts
     if fmt == "preference":
-        return {k: red(row[k]) for k in ("prompt", "chosen", "rejected")}, counts
+        out = {k: red(row[k]) for k in ("prompt", "chosen", "rejected")}
+        if "messages" in row:  # the chat form: its prompt is rendered from these turns
+            out["messages"] = [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]
+        return out, counts
     return {"messages": [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]}, counts
 
 

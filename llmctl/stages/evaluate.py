@@ -401,9 +401,9 @@ def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length:
     from the left). An answer too long for max_length on its own scores (-inf, 0)."""
     import torch
 
-    from llmctl.data.formats import IGNORE, encode_pairs
+    from llmctl.data.formats import IGNORE, answers_without_eos, encode_pairs
 
-    enc = encode_pairs({"prompt": prompts, "completion": answers}, tok, max_length, tok.eos_token_id)
+    enc = encode_pairs({"prompt": prompts, "completion": answers_without_eos(tok, answers)}, tok, max_length, tok.eos_token_id)
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out: list[tuple[float, int]] = []

@@ -91,22 +91,54 @@ def _preference_rows(recs, cfg, counters) -> Iterator[dict]:
     """{prompt, chosen, rejected} pairs, checked like the other formats; a pair whose answers
     are equal teaches nothing and is dropped, counted as `chosen_equals_rejected`."""
     d = cfg.data
+    form = None  # text or chat: one form per source, so the Arrow columns agree
     for rec, where in (_builtin_pairs(recs) if d.source == "builtin" else recs):
         try:
-            for field, key in ((d.prompt_field, "data.prompt_field"), (d.chosen_field, "data.chosen_field"), (d.rejected_field, "data.rejected_field")):
+            for field, key in ((d.chosen_field, "data.chosen_field"), (d.rejected_field, "data.rejected_field")):
                 _need(rec, field, key, where)
-            p, c, r = rec[d.prompt_field], rec[d.chosen_field], rec[d.rejected_field]
-            if not all(isinstance(x, str) for x in (p, c, r)):
-                raise DataError(f"{where}: '{d.prompt_field}', '{d.chosen_field}' and '{d.rejected_field}' must be strings")
+            this = "chat" if isinstance(rec[d.chosen_field], list) else "text"
+            if form is not None and this != form:
+                raise DataError(f"{where}: a {this} pair among {form} pairs: give every row the same form")
+            form = this
+            row = _chat_pair(rec, d, where) if this == "chat" else _text_pair(rec, d, where)
         except DataError:
             if d.on_error == "skip":
                 counters.skip("bad_record")
                 continue
             raise
-        if c.strip() == r.strip():
+        if row["chosen"].strip() == row["rejected"].strip():
             counters.skip("chosen_equals_rejected")
             continue
-        yield {"prompt": p, "chosen": c, "rejected": r, "_id": where}
+        yield {**row, "_id": where}
+
+
+def _text_pair(rec: dict, d, where: str) -> dict:
+    _need(rec, d.prompt_field, "data.prompt_field", where)
+    p, c, r = rec[d.prompt_field], rec[d.chosen_field], rec[d.rejected_field]
+    if not all(isinstance(x, str) for x in (p, c, r)):
+        raise DataError(f"{where}: '{d.prompt_field}', '{d.chosen_field}' and '{d.rejected_field}' must be strings")
+    return {"prompt": p, "chosen": c, "rejected": r}
+
+
+def _chat_pair(rec: dict, d, where: str) -> dict:
+    """The chat form {chosen: messages, rejected: messages}: the turns both share are the
+    prompt (`messages`, rendered with the chat template once the tokenizer exists); each
+    side's one remaining turn, an assistant's, is its answer. `prompt` holds the shared
+    turns' text for curation and the tokenizer."""
+    sides = []
+    for field in (d.chosen_field, d.rejected_field):
+        msgs = rec[field]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+            raise DataError(f"{where}: '{field}' must be a list of {{role, content}} objects")
+        sides.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
+    chosen, rejected = sides
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or len(chosen) != n + 1 or len(rejected) != n + 1 or chosen[n]["role"] != "assistant" or rejected[n]["role"] != "assistant":
+        raise DataError(f"{where}: '{d.chosen_field}' and '{d.rejected_field}' must share every turn but a last assistant turn each")
+    return {"prompt": "\n".join(m["content"] for m in chosen[:n]), "chosen": chosen[n]["content"], "rejected": rejected[n]["content"],
+            "messages": chosen[:n]}
 
 
 def _builtin_pairs(recs) -> Iterator[tuple[dict, str]]:
@@ -356,7 +388,7 @@ def _tokenizer(cfg, train_docs, build: Path, con):
     from llmctl.tokenizer import ensure_chat_template, load_tokenizer, train_tokenizer
 
     d = cfg.data
-    chat = d.format == "chat"
+    chat = d.format == "chat" or (d.format == "preference" and "messages" in train_docs.column_names)
     if cfg.tokenizer.name_or_path:
         con.step(f"loading tokenizer {cfg.tokenizer.name_or_path}")
         tok = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.trust_remote_code)
@@ -416,8 +448,15 @@ def _pack_split(name: str, texts, tok, d, build: Path, prog) -> tuple[object, di
 
 def _pair_split(docs, tok, prog) -> tuple[object, dict]:
     """Preference pairs kept as text: the trainer (TRL) tokenizes them with the model's own
-    rules and truncates to data.block_size. Their sizes in tokens, for the stats."""
-    ds = docs.flatten_indices().select_columns(["prompt", "chosen", "rejected"])
+    rules and truncates to data.block_size. The chat form is rendered here: the prompt is the
+    shared turns with the generation prompt, each answer its turn as the template writes it
+    (end-of-turn included). Their sizes in tokens, for the stats."""
+    ds = docs.flatten_indices()
+    if "messages" in ds.column_names:
+        from llmctl.data.formats import render_chat_pair
+
+        ds = ds.map(lambda row: render_chat_pair(tok, row["messages"], row["chosen"], row["rejected"]))
+    ds = ds.select_columns(["prompt", "chosen", "rejected"])
     tokens = nbytes = 0
     for batch in ds.iter(batch_size=1000):
         for col in ("prompt", "chosen", "rejected"):
