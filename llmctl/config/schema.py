@@ -311,8 +311,8 @@ class TrainConfig(Section):
         return self
 
 
-# Which train keys each method reads; one set for another method is a config error. They are
-# null by default and left out of the train hash while null, so sft runs keep their hash.
+# Which train keys each method reads; one set for another method is a config error (null
+# means the method's default, so an unset key never is).
 METHOD_KEYS = {"beta": ("dpo", "orpo", "simpo"), "loss_type": ("dpo",), "label_smoothing": ("dpo",), "simpo_gamma": ("simpo",)}
 
 
@@ -541,8 +541,6 @@ class Config(Section):
     def section_hash(self, *sections: str) -> str:
         """Hash of the given sections (dotted paths allowed, e.g. 'run.seed')."""
         data = self.model_dump(mode="json")
-        if data["train"]["method"] == "sft":  # the preference keys: sft runs keep the hash they had before them
-            data["train"] = {k: v for k, v in data["train"].items() if k != "method" and not (k in METHOD_KEYS and v is None)}
         # An absent optional section (distill) leaves the hash as it was before the section existed.
         payload = {s: v for s in sections if (v := get_path(data, s)) is not None or "." in s}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
