@@ -73,7 +73,8 @@ def builtin_format_problem(cfg) -> str | None:
     if d.source != "builtin" or d.format in ("text", "preference"):  # preference: pairs built from held-out lines
         return None
     need = {"chat": "conversations (records with a 'messages' list of {role, content})",
-            "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')"}[d.format]
+            "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')",
+            "unpaired_preference": "labelled completions (records with 'prompt', 'completion' and 'label')"}[d.format]
     return (
         f"data.format is {d.format} but data.source is builtin, the Python standard library's source as plain text: "
         f"it has no {need.split(' (')[0]}. Set data.format: text to train on it, or data.source: files with "

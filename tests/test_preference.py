@@ -87,7 +87,8 @@ def test_field_names_configurable_and_dedup_on_the_pair(tmp_path):
     ({"method": "orpo", "loss_type": "ipo"}, {}, ["train.loss_type", "orpo"]),
     ({"method": "dpo", "simpo_gamma": 0.5}, {}, ["train.simpo_gamma", "dpo"]),
     ({"method": "sft", "beta": 0.1}, {"format": "text"}, ["train.beta", "sft"]),
-    ({"method": "kto"}, {}, ["kto", "not built"]),
+    ({"method": "kto"}, {}, ["train.method=kto", "unpaired_preference"]),
+    ({"method": "dpo", "desirable_weight": 2.0}, {}, ["train.desirable_weight", "kto"]),
     ({"method": "dpo"}, {"format": "text"}, ["data.format=text", "preference"]),
 ])
 def test_wrong_key_for_method_is_exit_2(tmp_path, train, data, words):
@@ -275,3 +276,30 @@ def test_chat_pairs_share_their_prompt_rendered_with_the_template(tmp_path):
     assert "be brief" in row["prompt"] and "name " in row["prompt"] and "be brief" not in row["chosen"]
     assert row["chosen"].strip() and row["chosen"] != row["rejected"]
     assert row["chosen"].endswith("<|endoftext|>")  # one EOS: TRL adds none to an answer ending on it
+
+
+
+def test_kto_trains_on_labelled_completions_and_eval_scores_them(tmp_path):
+    rows = []
+    for i in range(40):
+        w = WORDS[i % len(WORDS)]
+        good = i % 2 == 0
+        rows.append({"prompt": f"say {w} {i}:", "completion": f" {w} {w} {w}" if good else f" zz qq {i % 3}",
+                     "label": good if i % 4 else ("true" if good else "false")})
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "unpaired_preference", "validation_fraction": 0.2, "block_size": 48})
+    cfg["train"].update({"method": "kto", "beta": 0.5, "lr": 5e-3, "max_steps": 8, "eval_every": 100, "save_every": 100})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    for stage in ("prepare", "train", "eval"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "train" / "manifest.json").read_text())["preference"]["method"] == "kto"
+    res = json.loads((run / "eval" / "results.json").read_text())["preference"]
+    assert res["desirable"] + res["undesirable"] == 8 and res["preference_accuracy"] >= 0.75 and res["reward_margin"] > 0
+
+    p.write_text(json.dumps({"prompt": "a", "completion": "b", "label": "maybe"}) + "\n")
+    r = invoke_cli("prepare", str(path), "--force")
+    assert r.returncode != 0 and "rows.jsonl:1" in r.stderr and "'label'" in r.stderr

@@ -53,7 +53,7 @@ _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
 _EXAMPLES = 5
 # The fields that hold a document's text, per data.format.
 TEXT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
-                "preference": ["prompt", "chosen", "rejected"]}
+                "preference": ["prompt", "chosen", "rejected"], "unpaired_preference": ["prompt", "completion"]}
 # The per-document columns the annotate pass adds (removed again from the curated splits).
 ANNOTATIONS = ("_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms")
 
@@ -101,7 +101,7 @@ def plan(data_cfg) -> Plan:
     on = c.enabled
     prose_text = kind == "prose" and data_cfg.format == "text"
     # A preference pair is judged as a pair: a terse rejected answer is the point, not noise.
-    pair = data_cfg.format == "preference"
+    pair = data_cfg.format in ("preference", "unpaired_preference")
     return Plan(
         content=kind,
         format=data_cfg.format,
@@ -120,7 +120,7 @@ def plan(data_cfg) -> Plan:
 def doc_text(row: dict, fmt: str) -> str:
     if fmt == "text":
         return row["text"]
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired_preference"):
         return row["prompt"] + "\n" + row["completion"]
     if fmt == "preference":  # the pair: a duplicate or leaked pair is the same prompt and both answers
         return row["prompt"] + "\n" + row["chosen"] + "\n" + row["rejected"]
@@ -275,7 +275,7 @@ def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict
 
     if fmt == "text":
         return {"text": red(row["text"])}, counts
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired_preference"):
         return {"prompt": red(row["prompt"]), "completion": red(row["completion"])}, counts
     if fmt == "preference":
         out = {k: red(row[k]) for k in ("prompt", "chosen", "rejected")}

@@ -68,7 +68,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if path.lower().endswith(".gguf"):
         con.info(f"{path}: GGUF read by transformers, its tensors dequantized to float32 (the file's quality; llama.cpp's speed is not measured here)")
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
-    pref = cfg.data.format == "preference" and not e.text_paths
+    pref = cfg.data.format in ("preference", "unpaired_preference") and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
         if pref:  # the held-out split is pairs: perplexity is on the chosen answers, no BLEU
             results["preference"] = _preference(cfg, rd, mdl, tok, con)
@@ -335,7 +335,7 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
         out["perplexity"] = _perplexity(cfg, rd, model, tok, con)["perplexity"]
     if "preference" in trained:
         p = _preference(cfg, rd, model, tok, con, reference=model)
-        out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy")})
+        out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy") if k in p})
     if "generation" in trained:
         ds = _load_pairs(cfg, rd)
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
@@ -366,12 +366,14 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
         pairs = pairs.select(range(min(len(pairs), e.max_examples)))
     device = next(model.parameters()).device
     ref = reference if reference is not None else reference_model(cfg, tok).to(device)
+    t = cfg.train
+    beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
+    if "label" in pairs.column_names:
+        return _unpaired(cfg, pairs, model, ref, tok, con, beta)
     prompts = list(pairs["prompt"])
     con.step(f"scoring {len(pairs)} preference pairs ({e.split}) against the reference model")
     lp = {k: answer_logps(model, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
     ref_lp = lp if ref is model else {k: answer_logps(ref, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
-    t = cfg.train
-    beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
     # A pair with an answer too long to score at all is left out (and counted).
     keep = [i for i in range(len(prompts)) if lp["chosen"][i][1] and lp["rejected"][i][1]]
     c, r = [lp["chosen"][i][0] for i in keep], [lp["rejected"][i][0] for i in keep]
@@ -392,6 +394,41 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
         con.warn(f"{out['unscored_pairs']} pair(s) left out: an answer alone does not fit in data.block_size={cfg.data.block_size}")
     con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f}  "
              f"likelihood accuracy {out['likelihood_accuracy']:.3f} on {out['pairs']} pairs")
+    return out
+
+
+def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
+    """kto's rows {prompt, completion, label}: preference_accuracy is the share whose implicit
+    reward has the label's sign (positive for a desirable completion, negative for an
+    undesirable one; zero is a miss), reward_margin the mean reward of the desirable rows less
+    that of the undesirable ones; chosen/rejected_tokens their mean lengths."""
+    e = cfg.eval
+    prompts, answers, labels = list(rows["prompt"]), list(rows["completion"]), list(rows["label"])
+    con.step(f"scoring {len(rows)} labelled completions ({e.split}) against the reference model")
+    lp = answer_logps(model, tok, prompts, answers, cfg.data.block_size, e.batch_size)
+    ref_lp = lp if ref is model else answer_logps(ref, tok, prompts, answers, cfg.data.block_size, e.batch_size)
+    keep = [i for i in range(len(rows)) if lp[i][1]]
+    reward = {i: beta * (lp[i][0] - ref_lp[i][0]) for i in keep}
+    good, bad = [i for i in keep if labels[i]], [i for i in keep if not labels[i]]
+
+    def mean(xs) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    out = {
+        "pairs": len(keep),
+        "desirable": len(good),
+        "undesirable": len(bad),
+        "preference_accuracy": round(mean([(reward[i] > 0) if labels[i] else (reward[i] < 0) for i in keep]), 4),
+        "reward_margin": round(mean([reward[i] for i in good]) - mean([reward[i] for i in bad]), 4),
+        "chosen_tokens": round(mean([lp[i][1] for i in good]), 2),
+        "rejected_tokens": round(mean([lp[i][1] for i in bad]), 2),
+        "beta": beta,
+    }
+    if len(keep) < len(rows):
+        out["unscored_pairs"] = len(rows) - len(keep)
+        con.warn(f"{out['unscored_pairs']} row(s) left out: a completion alone does not fit in data.block_size={cfg.data.block_size}")
+    con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f} "
+             f"on {len(good)} desirable and {len(bad)} undesirable completions")
     return out
 
 

@@ -55,6 +55,9 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
     if d.format == "preference":
         yield from _preference_rows(recs, cfg, counters)
         return
+    if d.format == "unpaired_preference":
+        yield from _unpaired_rows(recs, cfg, counters)
+        return
     for rec, where in recs:
         try:
             if d.format == "text":
@@ -110,6 +113,29 @@ def _preference_rows(recs, cfg, counters) -> Iterator[dict]:
             counters.skip("chosen_equals_rejected")
             continue
         yield {**row, "_id": where}
+
+
+def _unpaired_rows(recs, cfg, counters) -> Iterator[dict]:
+    """{prompt, completion, label} rows for kto; label true (desirable) or false, also as 1/0
+    or the strings true/false (a CSV's cells)."""
+    d = cfg.data
+    labels = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # 1 == True, 0 == False
+    for rec, where in recs:
+        try:
+            for field, key in ((d.prompt_field, "data.prompt_field"), (d.completion_field, "data.completion_field"), (d.label_field, "data.label_field")):
+                _need(rec, field, key, where)
+            p, c, lab = rec[d.prompt_field], rec[d.completion_field], rec[d.label_field]
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise DataError(f"{where}: '{d.prompt_field}' and '{d.completion_field}' must be strings")
+            key = lab.strip().lower() if isinstance(lab, str) else lab
+            if isinstance(key, float) or key not in labels:
+                raise DataError(f"{where}: '{d.label_field}' is {lab!r}: expected true (desirable) or false")
+        except DataError:
+            if d.on_error == "skip":
+                counters.skip("bad_record")
+                continue
+            raise
+        yield {"prompt": p, "completion": c, "label": labels[key], "_id": where}
 
 
 def _text_pair(rec: dict, d, where: str) -> dict:
@@ -416,7 +442,7 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
                 out[name], stats["splits"][name] = _pack_split(name, splits[name], tok, d, build, prog)
-            elif d.format == "preference":
+            elif d.format in ("preference", "unpaired_preference"):
                 out[name], stats["splits"][name] = _pair_split(splits[name], tok, prog)
             else:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
@@ -456,10 +482,11 @@ def _pair_split(docs, tok, prog) -> tuple[object, dict]:
         from llmctl.data.formats import render_chat_pair
 
         ds = ds.map(lambda row: render_chat_pair(tok, row["messages"], row["chosen"], row["rejected"]))
-    ds = ds.select_columns(["prompt", "chosen", "rejected"])
+    texts = ["prompt", "completion"] if "label" in ds.column_names else ["prompt", "chosen", "rejected"]
+    ds = ds.select_columns(texts + (["label"] if "label" in ds.column_names else []))
     tokens = nbytes = 0
     for batch in ds.iter(batch_size=1000):
-        for col in ("prompt", "chosen", "rejected"):
+        for col in texts:
             tokens += sum(map(len, tok(batch[col], add_special_tokens=False)["input_ids"]))
             nbytes += sum(len(t.encode("utf-8")) for t in batch[col])
     prog.update(completed=len(ds))
@@ -522,7 +549,7 @@ def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
     for doc in _rows(docs):
         if fmt == "text":
             text = doc["text"]
-        elif fmt == "prompt_completion":
+        elif fmt in ("prompt_completion", "unpaired_preference"):
             text = doc["prompt"] + doc["completion"]
         elif fmt == "preference":
             text = doc["prompt"] + doc["chosen"] + doc["rejected"]

@@ -1,10 +1,11 @@
-"""Preference training (train.method dpo, orpo, simpo) through TRL's trainers.
+"""Preference training (train.method dpo, orpo, simpo, kto) through TRL's trainers.
 
 `make_trainer` is what `stage.setup` calls instead of the sft Trainer; everything around it
 (callbacks, checkpoints, resume, signals, the time budget, the final save) is the same
-machinery. TRL tokenizes the {prompt, chosen, rejected} text rows prepare wrote.
+machinery. TRL tokenizes the {prompt, chosen, rejected} (or, for kto, {prompt, completion,
+label}) text rows prepare wrote.
 
-The reference model (dpo; orpo and simpo have none) is the model training starts from:
+The reference model (dpo and kto; orpo and simpo have none) is the model training starts from:
 `model.name_or_path` (a hub model, or a previous run's RUN/train/model to train on top of
 it), or the seeded initialisation of a new model. With LoRA it is that base with the adapter
 disabled (no second copy in memory); otherwise a frozen copy made before the first step,
@@ -20,12 +21,13 @@ from llmctl.errors import ConfigError
 # Keys of the trainers' logs copied into metrics.jsonl (train and eval).
 LOG_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "eval_rewards/accuracies", "eval_rewards/margins")
-DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+REFERENCE_METHODS = ("dpo", "kto")
 
 
 def reference_name(cfg) -> str | None:
     """What the manifest records as the reference model: None for reference-free methods."""
-    if cfg.train.method != "dpo":
+    if cfg.train.method not in REFERENCE_METHODS:
         return None
     base = cfg.model.name_or_path or f"the seeded initialisation of model.arch={cfg.model.arch} (run.seed)"
     return base + (" (LoRA adapter disabled)" if cfg.model.lora.enabled else "")
@@ -67,6 +69,11 @@ def trainer_and_config(cfg):
         from trl import DPOConfig, DPOTrainer
 
         return DPOTrainer, DPOConfig, {**length, "beta": beta, "loss_type": [t.loss_type or "sigmoid"], "label_smoothing": t.label_smoothing or 0.0}
+    if t.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig, {**length, "beta": beta, "desirable_weight": t.desirable_weight or 1.0,
+                                       "undesirable_weight": t.undesirable_weight or 1.0}
     if t.method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -86,7 +93,7 @@ def make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan):
     trainer_cls, config_cls, extra = trainer_and_config(cfg)
     args = args_for(config_cls, extra)
     kwargs = {}
-    if cfg.train.method == "dpo" and not cfg.model.lora.enabled:
+    if cfg.train.method in REFERENCE_METHODS and not cfg.model.lora.enabled:
         # A frozen copy of the starting weights; TRL would otherwise reload from a path the
         # model may not have (a new model has none).
         ref = copy.deepcopy(model)
