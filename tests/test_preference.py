@@ -90,9 +90,11 @@ def test_field_names_configurable_and_dedup_on_the_pair(tmp_path):
     ({"method": "kto"}, {}, ["train.method=kto", "unpaired_preference"]),
     ({"method": "dpo", "desirable_weight": 2.0}, {}, ["train.desirable_weight", "kto"]),
     ({"method": "dpo"}, {"format": "text"}, ["data.format=text", "preference"]),
+    ({"method": "dpo"}, {"distill": {"teacher": "runs/x"}}, ["distill section", "train.method: sft"]),
 ])
 def test_wrong_key_for_method_is_exit_2(tmp_path, train, data, words):
-    r = invoke_cli("config", "validate", str(pref_config(tmp_path, train=train, data=data)))
+    sections = {"distill": data.pop("distill")} if "distill" in data else {}
+    r = invoke_cli("config", "validate", str(pref_config(tmp_path, train=train, data=data, **sections)))
     assert r.returncode == 2, r.stdout + r.stderr
     for w in words:
         assert w in r.stderr + r.stdout

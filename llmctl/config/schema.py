@@ -523,6 +523,9 @@ class Config(Section):
                 "so prepare would train a new tokenizer whose ids mean nothing to the model: "
                 f"set tokenizer.name_or_path: {self.model.name_or_path}"
             )
+        if self.distill is not None and self.train.method != "sft":
+            raise ValueError(f"train.method={self.train.method} with a distill section: distillation trains with the next-token loss; "
+                             "set train.method: sft, or remove the distill section")
         if self.data.format not in METHOD_FORMAT[self.train.method]:
             raise ValueError(
                 f"train.method={self.train.method} with data.format={self.data.format}: dpo, orpo and simpo train on "

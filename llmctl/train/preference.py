@@ -29,7 +29,7 @@ def reference_name(cfg) -> str | None:
     """What the manifest records as the reference model: None for reference-free methods."""
     if cfg.train.method not in REFERENCE_METHODS:
         return None
-    base = cfg.model.name_or_path or f"the seeded initialisation of model.arch={cfg.model.arch} (run.seed)"
+    base = cfg.model.name_or_path or f"the seeded initialisation of model.arch={cfg.model.arch} (train.seed, else run.seed)"
     return base + (" (LoRA adapter disabled)" if cfg.model.lora.enabled else "")
 
 
