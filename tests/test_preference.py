@@ -195,6 +195,17 @@ def test_dpo_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
     assert any((tmp_path / "run" / "train" / "checkpoints").glob("step-*/llmctl.json")), err
 
 
+def test_dpo_max_time_ends_cleanly_with_a_model_and_a_checkpoint(tmp_path):
+    cfg = pref_config(tmp_path, train={"max_steps": 100000, "max_time": 2})
+    assert invoke_cli("prepare", str(cfg)).returncode == 0
+    r = invoke_cli("train", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stopped_by"] == "max_time" and 0 < res["steps"] < 100000 and "val_ppl" not in res
+    assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
+    assert any((tmp_path / "run" / "train" / "checkpoints").glob("step-*/llmctl.json"))
+
+
 @pytest.mark.parametrize("method, keys", [("orpo", {"beta": 0.2}), ("simpo", {"simpo_gamma": 0.3})])
 def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
     cfg = pref_config(tmp_path, train={"method": method, "max_steps": 3, **keys})
