@@ -316,3 +316,17 @@ def test_kto_trains_on_labelled_completions_and_eval_scores_them(tmp_path):
     p.write_text(json.dumps({"prompt": "a", "completion": "b", "label": "maybe"}) + "\n")
     r = invoke_cli("prepare", str(path), "--force")
     assert r.returncode != 0 and "rows.jsonl:1" in r.stderr and "'label'" in r.stderr
+
+
+def test_builtin_corpus_gives_pairs_whose_rejected_answer_comes_from_another_file(tmp_path):
+    from datasets import load_from_disk
+
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"] = {"source": "builtin", "format": "preference", "max_bytes": 200000, "block_size": 64, "curate": {"enabled": False}}
+    cfg["train"]["method"] = "dpo"
+    r = invoke_cli("prepare", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert r.returncode == 0, r.stderr
+    ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))["train"]
+    assert len(ds) > 20
+    assert all(row["chosen"] != row["rejected"] for row in ds)
+    assert sum(row["rejected"] in row["prompt"] for row in ds) < len(ds) / 4  # not the prompt's own lines

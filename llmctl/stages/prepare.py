@@ -169,13 +169,17 @@ def _chat_pair(rec: dict, d, where: str) -> dict:
 
 def _builtin_pairs(recs) -> Iterator[tuple[dict, str]]:
     """Pairs from the builtin corpus (the demo): the prompt is a line's context and first half,
-    chosen its real continuation, rejected the continuation of the line before it."""
+    chosen its real continuation, rejected a line's continuation from the previous file. Not
+    the same file's: its lines are in the prompt's context, and copying them is no mistake."""
     from llmctl.data.pairs import next_line_pairs
 
+    before: list[str] = []
     for rec, where in recs:
         pairs = list(next_line_pairs(rec["text"]))
-        for i in range(1, len(pairs)):
-            yield {"prompt": pairs[i][0], "chosen": pairs[i][1], "rejected": pairs[i - 1][1]}, f"{where}#{i}"
+        if before:
+            for i, (prompt, chosen) in enumerate(pairs):
+                yield {"prompt": prompt, "chosen": chosen, "rejected": before[i % len(before)]}, f"{where}#{i}"
+        before = [ref for _, ref in pairs] or before
 
 
 def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
