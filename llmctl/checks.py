@@ -99,6 +99,12 @@ def footguns(cfg) -> list[str]:
             "built from scratch has random ones that never learn; set model.name_or_path to a pretrained model, "
             "or model.lora.enabled: false to train every weight"
         )
+    if t.method != "sft" and m.name_or_path is None and not m.lora.enabled:
+        out.append(
+            f"train.method={t.method} with no model.name_or_path: preference training starts from a model that already "
+            "writes answers (and, for dpo and kto, measures against it as the reference); a new model's random "
+            "initialisation is neither. Set model.name_or_path to a pretrained model or a previous run's train/model"
+        )
     problem = builtin_format_problem(cfg)
     if problem:
         out.append(problem + " (prepare will refuse this config)")

@@ -330,3 +330,8 @@ def test_builtin_corpus_gives_pairs_whose_rejected_answer_comes_from_another_fil
     assert len(ds) > 20
     assert all(row["chosen"] != row["rejected"] for row in ds)
     assert sum(row["rejected"] in row["prompt"] for row in ds) < len(ds) / 4  # not the prompt's own lines
+
+
+def test_validate_warns_about_preference_training_from_scratch(tmp_path):
+    r = invoke_cli("config", "validate", str(pref_config(tmp_path)))
+    assert r.returncode == 0 and "train.method=dpo with no model.name_or_path" in r.stderr
