@@ -88,8 +88,12 @@ def trainer_and_config(cfg):
 def make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan):
     """The TRL trainer for train.method, with llmctl's checks mixed in (build.make_trainer).
     `args_for(cls, extra)`: the TrainingArguments of build.training_arguments as `cls`."""
+    import warnings
+
     from llmctl.train import build
 
+    # TRL 1.16 asks transformers 5 the old name at every eval: noise, not the user's to fix.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     trainer_cls, config_cls, extra = trainer_and_config(cfg)
     args = args_for(config_cls, extra)
     kwargs = {}
