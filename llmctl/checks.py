@@ -70,10 +70,11 @@ def check(cfg, fetch: bool = False) -> None:
 def builtin_format_problem(cfg) -> str | None:
     """Why `data.format` cannot read the builtin corpus (plain Python source), with fixes that work."""
     d = cfg.data
-    if d.source != "builtin" or d.format == "text":
+    if d.source != "builtin" or d.format in ("text", "preference"):  # preference: pairs built from held-out lines
         return None
     need = {"chat": "conversations (records with a 'messages' list of {role, content})",
-            "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')"}[d.format]
+            "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')",
+            "unpaired_preference": "labelled completions (records with 'prompt', 'completion' and 'label')"}[d.format]
     return (
         f"data.format is {d.format} but data.source is builtin, the Python standard library's source as plain text: "
         f"it has no {need.split(' (')[0]}. Set data.format: text to train on it, or data.source: files with "
@@ -97,6 +98,12 @@ def footguns(cfg) -> list[str]:
             "model.lora.enabled with no model.name_or_path: LoRA trains small adapters next to frozen weights, and a model "
             "built from scratch has random ones that never learn; set model.name_or_path to a pretrained model, "
             "or model.lora.enabled: false to train every weight"
+        )
+    if t.method != "sft" and m.name_or_path is None and not m.lora.enabled:
+        out.append(
+            f"train.method={t.method} with no model.name_or_path: preference training starts from a model that already "
+            "writes answers (and, for dpo and kto, measures against it as the reference); a new model's random "
+            "initialisation is neither. Set model.name_or_path to a pretrained model or a previous run's train/model"
         )
     problem = builtin_format_problem(cfg)
     if problem:

@@ -71,6 +71,15 @@ def load(cfg, rd, tok, max_tokens: int | None = None) -> HeldOut:
         ids = [t for row in split["input_ids"] for t in row]
         n_bytes = len(tok.decode(ids, skip_special_tokens=True).encode("utf-8"))
         held = HeldOut([ids], None, f"{rd.dataset_dir}[{e.split}]", n_bytes, [f"{e.split}"], packed=True)
+    elif cfg.data.format in ("preference", "unpaired_preference"):  # scored: the chosen (desirable) answers
+        from llmctl.data.formats import answers_without_eos, encode_pairs
+
+        if cfg.data.format == "unpaired_preference":
+            split = split.filter(lambda x: x, input_columns="label").rename_column("completion", "chosen")
+        enc = encode_pairs({"prompt": split["prompt"], "completion": answers_without_eos(tok, split["chosen"])}, tok, cfg.data.block_size, tok.eos_token_id)
+        rows = [{"input_ids": i, "labels": lab} for i, lab, d in zip(enc["input_ids"], enc["labels"], enc["_dropped"]) if not d]
+        held = HeldOut(None, rows, f"{rd.dataset_dir}[{e.split}] (chosen answers)", _row_bytes(rows, tok),
+                       [f"{e.split}[{i}]" for i in range(len(rows))])
     else:
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in split]
         held = HeldOut(None, rows, f"{rd.dataset_dir}[{e.split}] (completion tokens)", _row_bytes(rows, tok),

@@ -148,16 +148,21 @@ class DataConfig(Section):
     hub_name: str | None = Field(None, description="Hugging Face dataset id (source=hub), e.g. 'wikitext'.")
     hub_config: str | None = Field(None, description="Dataset configuration name (source=hub), e.g. 'wikitext-2-raw-v1'.")
     hub_split: str = Field("train", description="Split to read from the hub dataset (source=hub).")
-    format: Literal["text", "prompt_completion", "chat"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference"] = Field(
         "text",
         description="text: documents packed into block_size blocks; prompt_completion: loss on the "
-        "completion only; chat: 'messages' rendered with the chat template, loss on assistant turns.",
+        "completion only; chat: 'messages' rendered with the chat template, loss on assistant turns; "
+        "preference: {prompt, chosen, rejected} pairs for train.method dpo/orpo/simpo; "
+        "unpaired_preference: {prompt, completion, label} rows (label true: desirable) for train.method kto.",
     )
     txt_unit: Literal["file", "paragraph", "line"] = Field("paragraph", description="How .txt files split into documents: whole file, blank-line-separated paragraphs, or lines.")
     text_field: str = Field("text", description="Field holding the document text (format=text, structured files).")
     prompt_field: str = Field("prompt", description="Field holding the prompt (format=prompt_completion).")
     completion_field: str = Field("completion", description="Field holding the completion (format=prompt_completion).")
     messages_field: str = Field("messages", description="Field holding the chat messages (format=chat).")
+    chosen_field: str = Field("chosen", description="Field holding the preferred answer (format=preference).")
+    rejected_field: str = Field("rejected", description="Field holding the dispreferred answer (format=preference).")
+    label_field: str = Field("label", description="Field saying whether the completion is desirable: true/false (format=unpaired_preference).")
     block_size: int = Field(256, ge=8, description="Tokens per training example (packed blocks, or max length for pairs).")
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of documents held out for validation (ignored when validation_paths is set).")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of documents held out for test (ignored when test_paths is set).")
@@ -281,6 +286,13 @@ class TrainConfig(Section):
     seed: int | None = Field(None, description="Seed for initialisation and data order; null uses run.seed. Unlike run.seed it leaves the prepared data split alone: vary it to repeat training on the same data.")
     fit_schedule_to_time: bool = Field(True, description="With max_time and a cosine/linear schedule: plan the decay against the time budget (seconds per step measured while training), so a run stopped by time ends at its minimum lr; max_steps stays the upper bound. A resumed run keeps the plan recorded in its checkpoint. false: the schedule runs to max_steps and the budget cuts it short.")
     fit_decay_fraction: float = Field(0.2, gt=0, le=1, description="With a time-fitted schedule: the share of the planned steps (after warmup) over which the lr decays to its floor; before it, the lr holds at its peak (warmup-stable-decay, as in Hägele et al. 2024). 1.0 decays over the whole run like a plain cosine/linear schedule.")
+    method: Literal["sft", "dpo", "orpo", "kto", "simpo"] = Field("sft", description="sft: next-token loss on the prepared examples; dpo, orpo, simpo: preference training on data.format=preference pairs (TRL's DPOTrainer, ORPOTrainer, CPOTrainer with the SimPO loss); kto: on data.format=unpaired_preference rows (TRL's KTOTrainer).")
+    beta: float | None = Field(None, gt=0, description="Preference methods: the strength of the preference term (dpo, kto: deviation from the reference model, default 0.1; orpo: weight of the odds-ratio term, default 0.1; simpo: reward scale, default 2.0).")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] | None = Field(None, description="method=dpo only: the DPO loss (TRL's DPOConfig.loss_type); default sigmoid.")
+    label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="method=dpo only: the probability a preference label is flipped (robust/cDPO); default 0.")
+    simpo_gamma: float | None = Field(None, ge=0, description="method=simpo only: the target reward margin; default 0.5.")
+    desirable_weight: float | None = Field(None, gt=0, description="method=kto only: the loss weight of desirable rows; default 1.")
+    undesirable_weight: float | None = Field(None, gt=0, description="method=kto only: the loss weight of undesirable rows; default 1 (KTO suggests weights that balance the two counts).")
 
     @field_validator("max_time")
     @classmethod
@@ -295,7 +307,19 @@ class TrainConfig(Section):
     def _check(self) -> "TrainConfig":
         if self.max_steps is None and self.epochs is None:
             raise ValueError("train.max_steps and train.epochs are both null: set one of them")
+        for key, methods in METHOD_KEYS.items():
+            if getattr(self, key) is not None and self.method not in methods:
+                raise ValueError(f"train.{key} does not apply to train.method={self.method} (it is for {', '.join(methods)}): remove it")
         return self
+
+
+# Which train keys each method reads; one set for another method is a config error (null
+# means the method's default, so an unset key never is).
+METHOD_KEYS = {"beta": ("dpo", "orpo", "simpo", "kto"), "loss_type": ("dpo",), "label_smoothing": ("dpo",), "simpo_gamma": ("simpo",),
+               "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
+# The data format each method trains on.
+METHOD_FORMAT = {"sft": ("text", "prompt_completion", "chat"), "dpo": ("preference",), "orpo": ("preference",),
+                 "simpo": ("preference",), "kto": ("unpaired_preference",)}
 
 
 # --------------------------------------------------------------------------- eval
@@ -305,6 +329,7 @@ class ThresholdsConfig(Section):
     chrf_min: float | None = Field(None, ge=0, description="Fail (exit 4) if chrF is below this.")
     ter_max: float | None = Field(None, ge=0, description="Fail (exit 4) if TER is above this.")
     exact_match_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if exact match is below this.")
+    preference_accuracy_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if preference accuracy (data.format=preference) is below this.")
 
 
 class EvalConfig(Section):
@@ -497,6 +522,14 @@ class Config(Section):
                 f"model.name_or_path is a pretrained model ({self.model.name_or_path}) but tokenizer.name_or_path is not set, "
                 "so prepare would train a new tokenizer whose ids mean nothing to the model: "
                 f"set tokenizer.name_or_path: {self.model.name_or_path}"
+            )
+        if self.distill is not None and self.train.method != "sft":
+            raise ValueError(f"train.method={self.train.method} with a distill section: distillation trains with the next-token loss; "
+                             "set train.method: sft, or remove the distill section")
+        if self.data.format not in METHOD_FORMAT[self.train.method]:
+            raise ValueError(
+                f"train.method={self.train.method} with data.format={self.data.format}: dpo, orpo and simpo train on "
+                "data.format=preference pairs, kto on data.format=unpaired_preference rows, sft on the other formats"
             )
         if self.model.name_or_path is None and self.data.block_size > self.model.context_length:
             raise ValueError(

@@ -52,7 +52,8 @@ _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25cf\u25aa\u2023\u2043\u2219]|\d+[.)])\
 _TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019", ")", ":")
 _EXAMPLES = 5
 # The fields that hold a document's text, per data.format.
-TEXT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"]}
+TEXT_COLUMNS = {"text": ["text"], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
+                "preference": ["prompt", "chosen", "rejected"], "unpaired_preference": ["prompt", "completion"]}
 # The per-document columns the annotate pass adds (removed again from the curated splits).
 ANNOTATIONS = ("_drop", "_lang", "_words", "_chars", "_exact", "_minhash", "_pii", "_terms")
 
@@ -99,11 +100,13 @@ def plan(data_cfg) -> Plan:
     kind = content_kind(data_cfg)
     on = c.enabled
     prose_text = kind == "prose" and data_cfg.format == "text"
+    # A preference pair is judged as a pair: a terse rejected answer is the point, not noise.
+    pair = data_cfg.format in ("preference", "unpaired_preference")
     return Plan(
         content=kind,
         format=data_cfg.format,
-        language=on and (c.language if c.language is not None else prose_text),
-        quality=on and (c.quality.enabled if c.quality.enabled is not None else prose_text),
+        language=on and not pair and (c.language if c.language is not None else prose_text),
+        quality=on and not pair and (c.quality.enabled if c.quality.enabled is not None else prose_text),
         pii=c.pii.action if on else "off",
         pii_kinds=list(c.pii.kinds),
         exact_dedup=on and c.exact_dedup,
@@ -117,8 +120,10 @@ def plan(data_cfg) -> Plan:
 def doc_text(row: dict, fmt: str) -> str:
     if fmt == "text":
         return row["text"]
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired_preference"):
         return row["prompt"] + "\n" + row["completion"]
+    if fmt == "preference":  # the pair: a duplicate or leaked pair is the same prompt and both answers
+        return row["prompt"] + "\n" + row["chosen"] + "\n" + row["rejected"]
     return "\n".join(m["content"] for m in row["messages"])
 
 
@@ -270,8 +275,13 @@ def _scrub_row(row: dict, fmt: str, kinds: list[str], fmt_ph: str) -> tuple[dict
 
     if fmt == "text":
         return {"text": red(row["text"])}, counts
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired_preference"):
         return {"prompt": red(row["prompt"]), "completion": red(row["completion"])}, counts
+    if fmt == "preference":
+        out = {k: red(row[k]) for k in ("prompt", "chosen", "rejected")}
+        if "messages" in row:  # the chat form: its prompt is rendered from these turns
+            out["messages"] = [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]
+        return out, counts
     return {"messages": [{"role": m["role"], "content": red(m["content"])} for m in row["messages"]]}, counts
 
 

@@ -196,3 +196,26 @@ def encode_chat(batch: dict, tok, block_size: int) -> dict:
         n_tok.append(len(ids))
         n_bytes.append(sum(len(str(m.get("content", "")).encode("utf-8")) for m in msgs))
     return {"input_ids": ids_out, "labels": labels_out, "_truncated": truncated, "_dropped": dropped, "_reason": reasons, "_tokens": n_tok, "_bytes": n_bytes}
+
+
+def render_chat_pair(tok, prompt_msgs: list[dict], chosen: str, rejected: str) -> dict:
+    """A chat preference pair as text: {prompt: the shared turns rendered with the generation
+    prompt, chosen/rejected: what rendering each assistant turn adds after it (end-of-turn
+    included), or the bare content where the template rewrites earlier turns}."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in prompt_msgs]
+    prompt = _render(tok, msgs, add_generation_prompt=True)
+
+    def answer(text: str) -> str:
+        full = _render(tok, msgs + [{"role": "assistant", "content": text}])
+        out = full[len(prompt):] if full.startswith(prompt) and len(full) > len(prompt) else text
+        # Ending on EOS itself (not the template's newline after it): TRL adds EOS to an answer
+        # that does not end with it, and one is enough.
+        return out.rstrip() if tok.eos_token and out.rstrip().endswith(tok.eos_token) else out
+
+    return {"prompt": prompt, "chosen": answer(chosen), "rejected": answer(rejected)}
+
+
+def answers_without_eos(tok, answers: list[str]) -> list[str]:
+    """Answers with a trailing EOS text removed: encode_pairs adds the EOS token itself."""
+    eos = tok.eos_token or ""
+    return [a[: -len(eos)] if eos and a.endswith(eos) else a for a in answers]

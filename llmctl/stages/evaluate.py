@@ -68,10 +68,13 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if path.lower().endswith(".gguf"):
         con.info(f"{path}: GGUF read by transformers, its tensors dequantized to float32 (the file's quality; llama.cpp's speed is not measured here)")
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
+    pref = cfg.data.format in ("preference", "unpaired_preference") and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
+        if pref:  # the held-out split is pairs: perplexity is on the chosen answers, no BLEU
+            results["preference"] = _preference(cfg, rd, mdl, tok, con)
         if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
-        if e.generation:
+        if e.generation and not pref:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
@@ -145,8 +148,12 @@ def _headline(results: dict) -> dict:
         head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
     if "copy_prompt_chrf" in g:
         head["baseline_copy_chrf"] = g["copy_prompt_chrf"]
+    pr = results.get("preference") or {}
+    for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy", "chosen_tokens", "rejected_tokens"):
+        if k in pr:
+            head[k] = pr[k]
     if init:
-        for k in ("perplexity", "bleu", "chrf", "exact_match"):
+        for k in ("perplexity", "bleu", "chrf", "exact_match", "preference_accuracy", "reward_margin", "likelihood_accuracy"):
             if k in init:
                 head[f"init_{k}"] = init[k]
     head.update(b)
@@ -177,6 +184,7 @@ def _check_thresholds(t, head: dict) -> list[dict]:
         ("chrf_min", "chrf", lambda v, lim: v >= lim, "<"),
         ("ter_max", "ter", lambda v, lim: v <= lim, ">"),
         ("exact_match_min", "exact_match", lambda v, lim: v >= lim, "<"),
+        ("preference_accuracy_min", "preference_accuracy", lambda v, lim: v >= lim, "<"),
     ]
     for key, metric, ok, sym in checks:
         lim = getattr(t, key)
@@ -325,6 +333,9 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
     con.step("evaluating the model before training (eval.compare_init)")
     if "perplexity" in trained:
         out["perplexity"] = _perplexity(cfg, rd, model, tok, con)["perplexity"]
+    if "preference" in trained:
+        p = _preference(cfg, rd, model, tok, con, reference=model)
+        out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy") if k in p})
     if "generation" in trained:
         ds = _load_pairs(cfg, rd)
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
@@ -332,6 +343,124 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
 
         m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
         out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
+    return out
+
+
+# --------------------------------------------------------------------------- preference pairs
+def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
+    """On the held-out pairs: how often the model's implicit reward, beta * (log p(answer) -
+    log p_ref(answer)), is higher for chosen than for rejected (ties count as misses, so the
+    reference itself scores 0), the mean reward margin, how often the model alone gives chosen
+    the higher log-likelihood, and the mean answer lengths in tokens. The reference is the
+    starting model (llmctl.train.preference.reference_model)."""
+    from datasets import load_from_disk
+
+    from llmctl.train.preference import DEFAULT_BETA, reference_model
+
+    e = cfg.eval
+    ds = load_from_disk(str(rd.dataset_dir))
+    if e.split not in ds:
+        raise StageInputError(f"{rd.dataset_dir} has no '{e.split}' split: set eval.split to one of {', '.join(ds)} or data.{e.split}_fraction and re-run prepare")
+    pairs = ds[e.split]
+    if e.max_examples:
+        pairs = pairs.select(range(min(len(pairs), e.max_examples)))
+    device = next(model.parameters()).device
+    ref = reference if reference is not None else reference_model(cfg, tok).to(device)
+    t = cfg.train
+    beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
+    if "label" in pairs.column_names:
+        return _unpaired(cfg, pairs, model, ref, tok, con, beta)
+    prompts = list(pairs["prompt"])
+    con.step(f"scoring {len(pairs)} preference pairs ({e.split}) against the reference model")
+    lp = {k: answer_logps(model, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
+    ref_lp = lp if ref is model else {k: answer_logps(ref, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
+    # A pair with an answer too long to score at all is left out (and counted).
+    keep = [i for i in range(len(prompts)) if lp["chosen"][i][1] and lp["rejected"][i][1]]
+    c, r = [lp["chosen"][i][0] for i in keep], [lp["rejected"][i][0] for i in keep]
+    rc, rr = [ref_lp["chosen"][i][0] for i in keep], [ref_lp["rejected"][i][0] for i in keep]
+    margins = [beta * ((a - ra) - (b - rb)) for a, ra, b, rb in zip(c, rc, r, rr)]
+    n = max(len(keep), 1)
+    out = {
+        "pairs": len(keep),
+        "preference_accuracy": round(sum(m > 0 for m in margins) / n, 4),
+        "reward_margin": round(sum(margins) / n, 4),
+        "likelihood_accuracy": round(sum(a > b for a, b in zip(c, r)) / n, 4),
+        "chosen_tokens": round(sum(lp["chosen"][i][1] for i in keep) / n, 2),
+        "rejected_tokens": round(sum(lp["rejected"][i][1] for i in keep) / n, 2),
+        "beta": beta,
+    }
+    if len(keep) < len(prompts):
+        out["unscored_pairs"] = len(prompts) - len(keep)
+        con.warn(f"{out['unscored_pairs']} pair(s) left out: an answer alone does not fit in data.block_size={cfg.data.block_size}")
+    con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f}  "
+             f"likelihood accuracy {out['likelihood_accuracy']:.3f} on {out['pairs']} pairs")
+    return out
+
+
+def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
+    """kto's rows {prompt, completion, label}: preference_accuracy is the share whose implicit
+    reward has the label's sign (positive for a desirable completion, negative for an
+    undesirable one; zero is a miss), reward_margin the mean reward of the desirable rows less
+    that of the undesirable ones; chosen/rejected_tokens their mean lengths."""
+    e = cfg.eval
+    prompts, answers, labels = list(rows["prompt"]), list(rows["completion"]), list(rows["label"])
+    con.step(f"scoring {len(rows)} labelled completions ({e.split}) against the reference model")
+    lp = answer_logps(model, tok, prompts, answers, cfg.data.block_size, e.batch_size)
+    ref_lp = lp if ref is model else answer_logps(ref, tok, prompts, answers, cfg.data.block_size, e.batch_size)
+    keep = [i for i in range(len(rows)) if lp[i][1]]
+    reward = {i: beta * (lp[i][0] - ref_lp[i][0]) for i in keep}
+    good, bad = [i for i in keep if labels[i]], [i for i in keep if not labels[i]]
+
+    def mean(xs) -> float:
+        return sum(xs) / len(xs) if xs else 0.0
+
+    out = {
+        "pairs": len(keep),
+        "desirable": len(good),
+        "undesirable": len(bad),
+        "preference_accuracy": round(mean([(reward[i] > 0) if labels[i] else (reward[i] < 0) for i in keep]), 4),
+        "reward_margin": round(mean([reward[i] for i in good]) - mean([reward[i] for i in bad]), 4),
+        "chosen_tokens": round(mean([lp[i][1] for i in good]), 2),
+        "rejected_tokens": round(mean([lp[i][1] for i in bad]), 2),
+        "beta": beta,
+    }
+    if len(keep) < len(rows):
+        out["unscored_pairs"] = len(rows) - len(keep)
+        con.warn(f"{out['unscored_pairs']} row(s) left out: a completion alone does not fit in data.block_size={cfg.data.block_size}")
+    con.info(f"preference accuracy {out['preference_accuracy']:.3f}  reward margin {out['reward_margin']:.3f} "
+             f"on {len(good)} desirable and {len(bad)} undesirable completions")
+    return out
+
+
+def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length: int, batch_size: int) -> list[tuple[float, int]]:
+    """(sum of log p(answer + EOS | prompt), answer tokens) per pair, encoded as prepare encodes
+    prompt/completion pairs (formats.encode_pairs: BOS as the tokenizer wants, the prompt cut
+    from the left). An answer too long for max_length on its own scores (-inf, 0)."""
+    import torch
+
+    from llmctl.data.formats import IGNORE, answers_without_eos, encode_pairs
+
+    enc = encode_pairs({"prompt": prompts, "completion": answers_without_eos(tok, answers)}, tok, max_length, tok.eos_token_id)
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out: list[tuple[float, int]] = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            ids_b, lab_b = enc["input_ids"][i : i + batch_size], enc["labels"][i : i + batch_size]
+            n = max(max(len(r) for r in ids_b), 2)
+            ids = torch.full((len(ids_b), n), pad, dtype=torch.long)
+            labels = torch.full((len(ids_b), n), IGNORE, dtype=torch.long)
+            mask = torch.zeros((len(ids_b), n), dtype=torch.long)
+            for j, (r, lab) in enumerate(zip(ids_b, lab_b)):
+                ids[j, : len(r)], labels[j, : len(r)], mask[j, : len(r)] = torch.as_tensor(r), torch.as_tensor(lab), 1
+            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+            target = labels[:, 1:]
+            scored = target != IGNORE
+            tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+            for j in range(len(ids_b)):
+                k = int(scored[j].sum())
+                out.append((tok_lp[j].sum().item() if k else float("-inf"), k))
     return out
 
 

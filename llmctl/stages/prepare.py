@@ -52,6 +52,12 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
     """Keep only the fields the format needs, checking they are there and well typed; `_id`
     says where each document came from (file:line), for the data report's examples."""
     d = cfg.data
+    if d.format == "preference":
+        yield from _preference_rows(recs, cfg, counters)
+        return
+    if d.format == "unpaired_preference":
+        yield from _unpaired_rows(recs, cfg, counters)
+        return
     for rec, where in recs:
         try:
             if d.format == "text":
@@ -82,6 +88,98 @@ def _normalise(recs, cfg, counters) -> Iterator[dict]:
                 counters.skip("bad_record")
                 continue
             raise
+
+
+def _preference_rows(recs, cfg, counters) -> Iterator[dict]:
+    """{prompt, chosen, rejected} pairs, checked like the other formats; a pair whose answers
+    are equal teaches nothing and is dropped, counted as `chosen_equals_rejected`."""
+    d = cfg.data
+    form = None  # text or chat: one form per source, so the Arrow columns agree
+    for rec, where in (_builtin_pairs(recs) if d.source == "builtin" else recs):
+        try:
+            for field, key in ((d.chosen_field, "data.chosen_field"), (d.rejected_field, "data.rejected_field")):
+                _need(rec, field, key, where)
+            this = "chat" if isinstance(rec[d.chosen_field], list) else "text"
+            if form is not None and this != form:
+                raise DataError(f"{where}: a {this} pair among {form} pairs: give every row the same form")
+            form = this
+            row = _chat_pair(rec, d, where) if this == "chat" else _text_pair(rec, d, where)
+        except DataError:
+            if d.on_error == "skip":
+                counters.skip("bad_record")
+                continue
+            raise
+        if row["chosen"].strip() == row["rejected"].strip():
+            counters.skip("chosen_equals_rejected")
+            continue
+        yield {**row, "_id": where}
+
+
+def _unpaired_rows(recs, cfg, counters) -> Iterator[dict]:
+    """{prompt, completion, label} rows for kto; label true (desirable) or false, also as 1/0
+    or the strings true/false (a CSV's cells)."""
+    d = cfg.data
+    labels = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}  # 1 == True, 0 == False
+    for rec, where in recs:
+        try:
+            for field, key in ((d.prompt_field, "data.prompt_field"), (d.completion_field, "data.completion_field"), (d.label_field, "data.label_field")):
+                _need(rec, field, key, where)
+            p, c, lab = rec[d.prompt_field], rec[d.completion_field], rec[d.label_field]
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise DataError(f"{where}: '{d.prompt_field}' and '{d.completion_field}' must be strings")
+            key = lab.strip().lower() if isinstance(lab, str) else lab
+            if isinstance(key, float) or key not in labels:
+                raise DataError(f"{where}: '{d.label_field}' is {lab!r}: expected true (desirable) or false")
+        except DataError:
+            if d.on_error == "skip":
+                counters.skip("bad_record")
+                continue
+            raise
+        yield {"prompt": p, "completion": c, "label": labels[key], "_id": where}
+
+
+def _text_pair(rec: dict, d, where: str) -> dict:
+    _need(rec, d.prompt_field, "data.prompt_field", where)
+    p, c, r = rec[d.prompt_field], rec[d.chosen_field], rec[d.rejected_field]
+    if not all(isinstance(x, str) for x in (p, c, r)):
+        raise DataError(f"{where}: '{d.prompt_field}', '{d.chosen_field}' and '{d.rejected_field}' must be strings")
+    return {"prompt": p, "chosen": c, "rejected": r}
+
+
+def _chat_pair(rec: dict, d, where: str) -> dict:
+    """The chat form {chosen: messages, rejected: messages}: the turns both share are the
+    prompt (`messages`, rendered with the chat template once the tokenizer exists); each
+    side's one remaining turn, an assistant's, is its answer. `prompt` holds the shared
+    turns' text for curation and the tokenizer."""
+    sides = []
+    for field in (d.chosen_field, d.rejected_field):
+        msgs = rec[field]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs)):
+            raise DataError(f"{where}: '{field}' must be a list of {{role, content}} objects")
+        sides.append([{"role": str(m["role"]), "content": str(m["content"])} for m in msgs])
+    chosen, rejected = sides
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0 or len(chosen) != n + 1 or len(rejected) != n + 1 or chosen[n]["role"] != "assistant" or rejected[n]["role"] != "assistant":
+        raise DataError(f"{where}: '{d.chosen_field}' and '{d.rejected_field}' must share every turn but a last assistant turn each")
+    return {"prompt": "\n".join(m["content"] for m in chosen[:n]), "chosen": chosen[n]["content"], "rejected": rejected[n]["content"],
+            "messages": chosen[:n]}
+
+
+def _builtin_pairs(recs) -> Iterator[tuple[dict, str]]:
+    """Pairs from the builtin corpus (the demo): the prompt is a line's context and first half,
+    chosen its real continuation, rejected a line's continuation from the previous file. Not
+    the same file's: its lines are in the prompt's context, and copying them is no mistake."""
+    from llmctl.data.pairs import next_line_pairs
+
+    before: list[str] = []
+    for rec, where in recs:
+        pairs = list(next_line_pairs(rec["text"]))
+        if before:
+            for i, (prompt, chosen) in enumerate(pairs):
+                yield {"prompt": prompt, "chosen": chosen, "rejected": before[i % len(before)]}, f"{where}#{i}"
+        before = [ref for _, ref in pairs] or before
 
 
 def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
@@ -320,7 +418,7 @@ def _tokenizer(cfg, train_docs, build: Path, con):
     from llmctl.tokenizer import ensure_chat_template, load_tokenizer, train_tokenizer
 
     d = cfg.data
-    chat = d.format == "chat"
+    chat = d.format == "chat" or (d.format == "preference" and "messages" in train_docs.column_names)
     if cfg.tokenizer.name_or_path:
         con.step(f"loading tokenizer {cfg.tokenizer.name_or_path}")
         tok = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.trust_remote_code)
@@ -348,6 +446,8 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
                 out[name], stats["splits"][name] = _pack_split(name, splits[name], tok, d, build, prog)
+            elif d.format in ("preference", "unpaired_preference"):
+                out[name], stats["splits"][name] = _pair_split(splits[name], tok, prog)
             else:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
     if "validation" not in out:
@@ -374,6 +474,28 @@ def _pack_split(name: str, texts, tok, d, build: Path, prog) -> tuple[object, di
     return ds, {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
                 "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
                 "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
+
+
+def _pair_split(docs, tok, prog) -> tuple[object, dict]:
+    """Preference pairs kept as text: the trainer (TRL) tokenizes them with the model's own
+    rules and truncates to data.block_size. The chat form is rendered here: the prompt is the
+    shared turns with the generation prompt, each answer its turn as the template writes it
+    (end-of-turn included). Their sizes in tokens, for the stats."""
+    ds = docs.flatten_indices()
+    if "messages" in ds.column_names:
+        from llmctl.data.formats import render_chat_pair
+
+        ds = ds.map(lambda row: render_chat_pair(tok, row["messages"], row["chosen"], row["rejected"]))
+    texts = ["prompt", "completion"] if "label" in ds.column_names else ["prompt", "chosen", "rejected"]
+    ds = ds.select_columns(texts + (["label"] if "label" in ds.column_names else []))
+    tokens = nbytes = 0
+    for batch in ds.iter(batch_size=1000):
+        for col in texts:
+            tokens += sum(map(len, tok(batch[col], add_special_tokens=False)["input_ids"]))
+            nbytes += sum(len(t.encode("utf-8")) for t in batch[col])
+    prog.update(completed=len(ds))
+    return ds, {"documents": len(ds), "examples": len(ds), "tokens": tokens, "bytes": nbytes,
+                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
 
 
 def _texts_with_progress(texts, prog) -> Iterator[str]:
@@ -431,8 +553,10 @@ def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
     for doc in _rows(docs):
         if fmt == "text":
             text = doc["text"]
-        elif fmt == "prompt_completion":
+        elif fmt in ("prompt_completion", "unpaired_preference"):
             text = doc["prompt"] + doc["completion"]
+        elif fmt == "preference":
+            text = doc["prompt"] + doc["chosen"] + doc["rejected"]
         else:
             text = "\n".join(m["content"] for m in doc["messages"])
         yield text

@@ -100,8 +100,9 @@ def build_model(cfg, tok, build=None):
     return model
 
 
-def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_main: bool):
-    """train.* as the Trainer's TrainingArguments; checkpoint-N folders go to RUN/train/checkpoints."""
+def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_main: bool, cls=None, extra: dict | None = None):
+    """train.* as the Trainer's TrainingArguments; checkpoint-N folders go to RUN/train/checkpoints.
+    `cls`: a subclass to build instead (TRL's DPOConfig...), with its own keys in `extra`."""
     import torch
     from transformers import TrainingArguments
 
@@ -116,7 +117,7 @@ def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_ma
         fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True, "state_dict_type": "FULL_STATE_DICT"}}
     if tcfg.tensorboard:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(rd.stage_dir("train") / "tensorboard"))
-    return TrainingArguments(
+    return (cls or TrainingArguments)(
         output_dir=str(rd.checkpoints_dir),
         max_steps=tcfg.max_steps if tcfg.max_steps else -1,
         num_train_epochs=tcfg.epochs or 1.0,
@@ -152,6 +153,7 @@ def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_ma
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away
         remove_unused_columns=False,
         **fsdp,
+        **(extra or {}),
     )
 
 

@@ -94,9 +94,11 @@ def _f(v):
 class MetricsCallback(TrainerCallback):
     """One metrics.jsonl record per log (loss, lr, tokens/s, val loss), the bar, the manifest's step."""
 
-    def __init__(self, run: RunState, plan: TimePlan, budget: TimeBudget, out: Outputs, *, resumed: bool, log_keys: tuple = ()):
+    def __init__(self, run: RunState, plan: TimePlan, budget: TimeBudget, out: Outputs, *, resumed: bool, log_keys: tuple = (),
+                 perplexity: bool = True):
         self.run, self.plan, self.budget, self.out = run, plan, budget, out
         self.resumed, self.log_keys = resumed, log_keys
+        self.perplexity = perplexity  # False: the val loss is a preference loss, exp() of it means nothing
         self.t_start = budget.clock()
         self.tokens_at_start = None
 
@@ -119,9 +121,12 @@ class MetricsCallback(TrainerCallback):
         if "eval_loss" in logs:
             vl = float(logs["eval_loss"])
             self.run.val[state.global_step] = vl
-            rec.update(val_loss=vl, val_ppl=ppl(vl))
+            rec.update(val_loss=vl, **({"val_ppl": ppl(vl)} if self.perplexity else {}))
+            rec.update({k: logs[k] for k in self.log_keys if k.startswith("eval_") and k in logs})
             if self.out.is_main:
-                self.out.con.info(f"step {state.global_step}: val_loss {vl:.4f}  val_ppl {ppl(vl):.2f}")
+                more = f"  val_ppl {ppl(vl):.2f}" if self.perplexity else "".join(
+                    f"  {k.removeprefix('eval_')} {logs[k]:.3f}" for k in self.log_keys if k.startswith("eval_") and k in logs)
+                self.out.con.info(f"step {state.global_step}: val_loss {vl:.4f}{more}")
         if len(rec) > 3:
             self.out.write(rec)
         self.out.record_progress(state.global_step, state.max_steps, every=10.0)

@@ -36,8 +36,9 @@ def read_metrics(rd: RunDir) -> list[dict]:
 
 
 def summarize(state, run: RunState, plan: TimePlan, budget: TimeBudget, rd: RunDir, *, init_val: float | None,
-              final_val: float | None, n_params: int, n_trainable: int, device) -> dict:
-    """The result (and the manifest's headline): steps, why it stopped, losses, speed. `state`: the Trainer's."""
+              final_val: float | None, n_params: int, n_trainable: int, device, perplexity: bool = True) -> dict:
+    """The result (and the manifest's headline): steps, why it stopped, losses, speed. `state`: the Trainer's.
+    `perplexity` False (a preference loss): no *_ppl numbers."""
     history = read_metrics(rd)
     if init_val is None:  # a resumed run: the first process measured it
         init_val = next((r["val_loss"] for r in history if r.get("step") == 0 and "val_loss" in r), None)
@@ -59,6 +60,8 @@ def summarize(state, run: RunState, plan: TimePlan, budget: TimeBudget, rd: RunD
         "world_size": world(),
         "seconds": round(budget.elapsed(), 1),
     }
+    if not perplexity:
+        del result["init_val_ppl"], result["val_ppl"]
     if plan.sched is not None:
         result["planned_steps"] = plan.planned_steps()  # the schedule's end, fitted to max_time
         result["sec_per_step"] = plan.sched.sec_per_step

@@ -82,8 +82,12 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
 
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
     with ctx as st:
-        if st is not None and hooks.manifest:
+        if st is not None and (hooks.manifest or cfg.train.method != "sft"):
             st.manifest.update(hooks.manifest)
+            if cfg.train.method != "sft":  # lineage: what the preference loss measured against
+                from llmctl.train.preference import reference_lineage
+
+                st.manifest["preference"] = reference_lineage(cfg)
             st.save()
         # Under the lock: a second `--force` cannot wipe the checkpoints of a running job.
         if force and is_main:
@@ -157,7 +161,7 @@ def train(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     init_val, final_val = loop(t, resume, cfg.train.micro_batch_size)
     finish.raise_if_stopped(t.run, rd, resume_cmd)
     result = finish.summarize(t.trainer.state, t.run, t.plan, budget, rd, init_val=init_val, final_val=final_val,
-                              n_params=t.n_params, n_trainable=t.n_trainable, device=t.device)
+                              n_params=t.n_params, n_trainable=t.n_trainable, device=t.device, perplexity=cfg.train.method == "sft")
     finish.save_final(t.trainer, t.tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
     if st is not None:
         st.manifest["device"] = str(t.device)
@@ -200,17 +204,27 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     model = build.build_model(cfg, tok, hooks.build_model)
     n_params, n_trainable = count_parameters(model)
     con.info(f"model: {cfg.model.name_or_path or cfg.model.arch} {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable), device {device}, {str(dtype).replace('torch.', '')}")
-    args = build.training_arguments(cfg, rd, device, dtype, val_ds is not None, con, is_main)
+    def args_for(cls=None, extra=None):
+        return build.training_arguments(cfg, rd, device, dtype, val_ds is not None, con, is_main, cls, extra)
 
     plan = TimePlan(budget, kind=tcfg.scheduler, min_ratio=tcfg.min_lr_ratio, decay_fraction=tcfg.fit_decay_fraction,
                     eval_every=tcfg.eval_every if val_ds is not None else None, save_every=tcfg.save_every, resumed=resume is not None)
     run = cb.RunState()
     out = cb.Outputs(con, is_main, progress=con.progress("train", total=None, unit="steps") if is_main else nullcontext(),
                      metrics=open(rd.metrics_path, "a") if is_main else None, st=st, clock=budget.clock)
-    collate = build.Collator(tok.pad_token_id)
-    trainer = build.make_trainer(hooks.trainer_class, plan if time_fitted(tcfg) else None, **hooks.trainer_kwargs, model=model, args=args,
-                              train_dataset=train_ds, eval_dataset=val_ds, data_collator=collate, processing_class=tok)
-    metrics = cb.MetricsCallback(run, plan, budget, out, resumed=resume is not None, log_keys=hooks.log_keys)
+    time_plan = plan if time_fitted(tcfg) else None
+    log_keys = hooks.log_keys
+    if tcfg.method == "sft":
+        collate = build.Collator(tok.pad_token_id)
+        trainer = build.make_trainer(hooks.trainer_class, time_plan, **hooks.trainer_kwargs, model=model, args=args_for(),
+                                     train_dataset=train_ds, eval_dataset=val_ds, data_collator=collate, processing_class=tok)
+    else:
+        from llmctl.train import preference
+
+        collate = None  # text pairs: TRL tokenizes and collates them; the first eval is skipped
+        trainer = preference.make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan)
+        log_keys = log_keys + preference.LOG_KEYS
+    metrics = cb.MetricsCallback(run, plan, budget, out, resumed=resume is not None, log_keys=log_keys, perplexity=tcfg.method == "sft")
     for callback in (
         metrics,
         cb.StopCallback(run, plan, budget, trainer.step_was_finite),
@@ -227,7 +241,7 @@ def loop(t: Training, resume: Path | None, batch_size: int) -> tuple[float | Non
     old = {s: signal.signal(s, t.run.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with t.out.progress:
-            init_val = _first_eval(t, batch_size) if resume is None and t.val_ds is not None else None
+            init_val = _first_eval(t, batch_size) if resume is None and t.val_ds is not None and t.collate is not None else None
             t.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             final_val = _last_eval(t)
     finally:

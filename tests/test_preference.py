@@ -1,0 +1,337 @@
+"""Preference training: data.format=preference, train.method dpo/orpo/simpo, the preference eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import invoke_cli, tiny_config_dict, write_config
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+
+
+def write_pairs(path: Path, n: int = 40, extra: list[dict] | None = None) -> Path:
+    """Pairs whose chosen answer repeats the prompt's word and whose rejected answer is noise."""
+    rows = []
+    for i in range(n):
+        w = WORDS[i % len(WORDS)]
+        rows.append({"prompt": f"say {w} {i}:", "chosen": f" {w} {w} {w}", "rejected": f" zz qq {i % 3}"})
+    rows += extra or []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def pref_config(tmp_path: Path, train: dict | None = None, data: dict | None = None, **sections) -> Path:
+    pairs = write_pairs(tmp_path / "pairs.jsonl")
+    cfg = tiny_config_dict(tmp_path / "run", **sections)
+    cfg["data"].update({"paths": [str(pairs)], "format": "preference", "validation_fraction": 0.2, "block_size": 48}, **(data or {}))
+    cfg["train"].update({"method": "dpo", "lr": 5e-3, "eval_every": 100, "save_every": 100}, **(train or {}))
+    return write_config(tmp_path / "cfg.yaml", cfg)
+
+
+# --------------------------------------------------------------------------- data
+def test_prepare_writes_pairs_and_drops_equal_answers(tmp_path):
+    from datasets import load_from_disk
+
+    extra = [{"prompt": "same", "chosen": "x", "rejected": "x"}, {"prompt": "same2", "chosen": " y ", "rejected": "y"}]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", n=20, extra=extra)
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(pairs)], "format": "preference", "validation_fraction": 0.2})
+    cfg["train"]["method"] = "dpo"
+    r = invoke_cli("prepare", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert r.returncode == 0, r.stderr
+    ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))
+    assert set(ds) == {"train", "validation"}
+    assert len(ds["train"]) + len(ds["validation"]) == 20
+    assert ds["train"].column_names == ["prompt", "chosen", "rejected"]
+    stats = json.loads((tmp_path / "run" / "prepare" / "stats.json").read_text())
+    assert stats["format"] == "preference"
+    assert stats["skipped_reasons"] == {"chosen_equals_rejected": 2}
+    assert stats["splits"]["train"]["examples"] == len(ds["train"]) and stats["splits"]["train"]["tokens"] > 0
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"prompt": "a", "good": "b", "rejected": "c"}) + "\n")
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "preference"})
+    cfg["train"]["method"] = "dpo"
+    r = invoke_cli("prepare", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert r.returncode != 0
+    assert "pairs.jsonl:2" in r.stderr and "chosen" in r.stderr and "data.chosen_field" in r.stderr
+
+
+def test_field_names_configurable_and_dedup_on_the_pair(tmp_path):
+    from datasets import load_from_disk
+
+    rows = [{"q": f"q{i % 5}", "good": "yes", "bad": f"no{i % 5}"} for i in range(20)]  # 5 distinct pairs, each 4 times
+    rows += [{"q": "q0", "good": "yes", "bad": "other"}]  # same prompt and chosen, another rejected: a new pair
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "preference", "prompt_field": "q", "chosen_field": "good", "rejected_field": "bad",
+                        "validation_fraction": 0.0, "curate": {"enabled": True, "near_dedup": {"enabled": False}}})
+    cfg["train"]["method"] = "dpo"
+    r = invoke_cli("prepare", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert r.returncode == 0, r.stderr
+    ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))
+    assert len(ds["train"]) == 6
+    report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())
+    assert not report["plan"].get("quality") and not report["plan"].get("language")
+
+
+# --------------------------------------------------------------------------- config
+@pytest.mark.parametrize("train, data, words", [
+    ({"method": "orpo", "loss_type": "ipo"}, {}, ["train.loss_type", "orpo"]),
+    ({"method": "dpo", "simpo_gamma": 0.5}, {}, ["train.simpo_gamma", "dpo"]),
+    ({"method": "sft", "beta": 0.1}, {"format": "text"}, ["train.beta", "sft"]),
+    ({"method": "kto"}, {}, ["train.method=kto", "unpaired_preference"]),
+    ({"method": "dpo", "desirable_weight": 2.0}, {}, ["train.desirable_weight", "kto"]),
+    ({"method": "dpo"}, {"format": "text"}, ["data.format=text", "preference"]),
+    ({"method": "dpo"}, {"distill": {"teacher": "runs/x"}}, ["distill section", "train.method: sft"]),
+])
+def test_wrong_key_for_method_is_exit_2(tmp_path, train, data, words):
+    sections = {"distill": data.pop("distill")} if "distill" in data else {}
+    r = invoke_cli("config", "validate", str(pref_config(tmp_path, train=train, data=data, **sections)))
+    assert r.returncode == 2, r.stdout + r.stderr
+    for w in words:
+        assert w in r.stderr + r.stdout
+
+
+# --------------------------------------------------------------------------- training
+def _implicit_accuracy(run: Path, method_ref: bool = True) -> float:
+    """Share of the training pairs where the trained model's log-ratio against the
+    initialisation favours chosen (the DPO implicit reward), computed here independently."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmctl.config import load_config
+    from llmctl.modeling import build_from_scratch
+
+    tok = AutoTokenizer.from_pretrained(run / "prepare" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(run / "train" / "model").eval()
+    cfg = load_config(run.parent / "cfg.yaml")
+    torch.manual_seed(0)
+    ref = build_from_scratch(cfg, tok).eval()
+
+    def logp(m, p, a):
+        ids = tok(p + a, add_special_tokens=False)["input_ids"]
+        n = len(tok(p, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            lp = m(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        return sum(lp[i - 1, ids[i]].item() for i in range(n, len(ids)))
+
+    ds = load_from_disk(str(run / "prepare" / "dataset"))["train"]
+    wins = [logp(model, r["prompt"], r["chosen"]) - logp(ref, r["prompt"], r["chosen"])
+            > logp(model, r["prompt"], r["rejected"]) - logp(ref, r["prompt"], r["rejected"]) for r in ds]
+    return sum(wins) / len(wins)
+
+
+def test_dpo_raises_preference_accuracy_on_its_pairs(tmp_path):
+    cfg = pref_config(tmp_path, train={"max_steps": 8, "beta": 0.5})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    manifest = json.loads((run / "train" / "manifest.json").read_text())
+    assert manifest["preference"]["method"] == "dpo"
+    assert "seeded initialisation" in manifest["preference"]["reference_model"]
+    logged = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    acc = [m["rewards/accuracies"] for m in logged if "rewards/accuracies" in m]
+    assert acc, logged[:3]
+    assert (run / "train" / "model" / "config.json").exists()
+    assert _implicit_accuracy(run) > 0.8
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "train" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # the last record of a step wins (a resumed run rewrites it)
+    return out
+
+
+def test_dpo_resumes_after_a_kill_like_an_uninterrupted_run(tmp_path):
+    from tests.conftest import run_cli
+
+    train = {"max_steps": 6, "save_every": 3, "log_every": 1}
+    runs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        runs[name] = pref_config(tmp_path / name, train=train)
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "3"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stderr
+    full, resumed = _losses(tmp_path / "a" / "run"), _losses(tmp_path / "b" / "run")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in range(4, 7):  # the reference model is rebuilt the same: the same losses after the resume
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+def test_dpo_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = pref_config(tmp_path, train={"max_steps": 100000, "log_every": 1})
+    assert invoke_cli("prepare", str(cfg)).returncode == 0
+    metrics = tmp_path / "run" / "train" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "llmctl", "train", str(cfg)], cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and '"loss"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert any((tmp_path / "run" / "train" / "checkpoints").glob("step-*/llmctl.json")), err
+
+
+def test_dpo_max_time_ends_cleanly_with_a_model_and_a_checkpoint(tmp_path):
+    cfg = pref_config(tmp_path, train={"max_steps": 100000, "max_time": 2})
+    assert invoke_cli("prepare", str(cfg)).returncode == 0
+    r = invoke_cli("train", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["stopped_by"] == "max_time" and 0 < res["steps"] < 100000 and "val_ppl" not in res
+    assert (tmp_path / "run" / "train" / "model" / "config.json").exists()
+    assert any((tmp_path / "run" / "train" / "checkpoints").glob("step-*/llmctl.json"))
+
+
+@pytest.mark.parametrize("method, keys", [("orpo", {"beta": 0.2}), ("simpo", {"simpo_gamma": 0.3})])
+def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
+    cfg = pref_config(tmp_path, train={"method": method, "max_steps": 3, **keys})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert (run / "train" / "model" / "config.json").exists()
+    assert json.loads((run / "train" / "manifest.json").read_text())["preference"] == {"method": method, "reference_model": None}
+    assert sorted(_losses(run)) == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_reports_preference_accuracy_and_gates_on_it(tmp_path, monkeypatch):
+    cfg = pref_config(tmp_path, train={"max_steps": 8, "beta": 0.5}, eval={"compare_init": True})
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    r = invoke_cli("eval", str(cfg), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    p = res["preference"]
+    assert p["pairs"] == 8 and p["preference_accuracy"] >= 0.75 and p["reward_margin"] > 0
+    assert p["chosen_tokens"] > 0 and p["rejected_tokens"] > 0
+    assert "chosen answers" in res["perplexity"]["source"] and "generation" not in res
+    assert res["init"]["preference_accuracy"] == 0.0 and res["init"]["reward_margin"] == 0.0  # the start is the reference
+    r = invoke_cli("eval", str(cfg), "--set", "eval.thresholds.preference_accuracy_min=0.7")
+    assert r.returncode == 0, r.stderr
+
+    # The gate: a model that prefers too few chosen answers fails it (exit 4), naming the threshold.
+    from llmctl.stages import evaluate
+
+    monkeypatch.setattr(evaluate, "_preference", lambda *a, **k: {**p, "preference_accuracy": 0.25})
+    r = invoke_cli("eval", str(cfg), "--force", "--set", "eval.thresholds.preference_accuracy_min=0.7", "--set", "eval.compare_init=false")
+    assert r.returncode == 4, r.stdout + r.stderr
+    assert "eval.thresholds.preference_accuracy_min" in r.stderr
+
+
+def test_lora_dpo_on_top_of_a_previous_run(tmp_path):
+    """The starting model is a previous run's model (model.name_or_path); with LoRA the
+    reference is that base with the adapter disabled, and eval rebuilds it from the same path."""
+    from llmctl.config import load_config
+    from tests.conftest import build_trained_run
+
+    sft = load_config(write_config(tmp_path / "sft.yaml", tiny_config_dict(tmp_path / "sft")))
+    base = build_trained_run(tmp_path / "sft", sft).model_dir
+    cfg = pref_config(tmp_path, train={"max_steps": 6, "lr": 2e-2}, tokenizer={"name_or_path": str(base)},
+                      model={"name_or_path": str(base), "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}})
+    for stage in ("prepare", "train", "eval"):
+        r = invoke_cli(stage, str(cfg))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    pref = json.loads((run / "train" / "manifest.json").read_text())["preference"]
+    assert pref["reference_model"] == f"{base} (LoRA adapter disabled)"
+    assert pref["reference_identity"]["config_sha256"]
+    res = json.loads((run / "eval" / "results.json").read_text())["preference"]
+    assert res["pairs"] == 8 and res["reward_margin"] != 0.0
+
+
+def test_chat_pairs_share_their_prompt_rendered_with_the_template(tmp_path):
+    from datasets import load_from_disk
+
+    rows = []
+    for i in range(12):
+        ask = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"name {WORDS[i % 8]} {i}"}]
+        rows.append({"chosen": ask + [{"role": "assistant", "content": WORDS[i % 8]}],
+                     "rejected": ask + [{"role": "assistant", "content": f"no {i}"}]})
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "y"}]}) + "\n")
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "preference", "validation_fraction": 0.0})
+    cfg["train"].update({"method": "dpo", "max_steps": 2})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    r = invoke_cli("prepare", str(path))
+    assert r.returncode != 0 and "pairs.jsonl:13" in r.stderr and "last assistant turn" in r.stderr
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    row = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))["train"][0]
+    assert "be brief" in row["prompt"] and "name " in row["prompt"] and "be brief" not in row["chosen"]
+    assert row["chosen"].strip() and row["chosen"] != row["rejected"]
+    assert row["chosen"].endswith("<|endoftext|>")  # one EOS: TRL adds none to an answer ending on it
+
+
+
+def test_kto_trains_on_labelled_completions_and_eval_scores_them(tmp_path):
+    rows = []
+    for i in range(40):
+        w = WORDS[i % len(WORDS)]
+        good = i % 2 == 0
+        rows.append({"prompt": f"say {w} {i}:", "completion": f" {w} {w} {w}" if good else f" zz qq {i % 3}",
+                     "label": good if i % 4 else ("true" if good else "false")})
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"].update({"paths": [str(p)], "format": "unpaired_preference", "validation_fraction": 0.2, "block_size": 48})
+    cfg["train"].update({"method": "kto", "beta": 0.5, "lr": 5e-3, "max_steps": 8, "eval_every": 100, "save_every": 100})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    for stage in ("prepare", "train", "eval"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert json.loads((run / "train" / "manifest.json").read_text())["preference"]["method"] == "kto"
+    res = json.loads((run / "eval" / "results.json").read_text())["preference"]
+    assert res["desirable"] + res["undesirable"] == 8 and res["preference_accuracy"] >= 0.75 and res["reward_margin"] > 0
+
+    p.write_text(json.dumps({"prompt": "a", "completion": "b", "label": "maybe"}) + "\n")
+    r = invoke_cli("prepare", str(path), "--force")
+    assert r.returncode != 0 and "rows.jsonl:1" in r.stderr and "'label'" in r.stderr
+
+
+def test_builtin_corpus_gives_pairs_whose_rejected_answer_comes_from_another_file(tmp_path):
+    from datasets import load_from_disk
+
+    cfg = tiny_config_dict(tmp_path / "run")
+    cfg["data"] = {"source": "builtin", "format": "preference", "max_bytes": 200000, "block_size": 64, "curate": {"enabled": False}}
+    cfg["train"]["method"] = "dpo"
+    r = invoke_cli("prepare", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert r.returncode == 0, r.stderr
+    ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))["train"]
+    assert len(ds) > 20
+    assert all(row["chosen"] != row["rejected"] for row in ds)
+    assert sum(row["rejected"] in row["prompt"] for row in ds) < len(ds) / 4  # not the prompt's own lines
+
+
+def test_validate_warns_about_preference_training_from_scratch(tmp_path):
+    r = invoke_cli("config", "validate", str(pref_config(tmp_path)))
+    assert r.returncode == 0 and "train.method=dpo with no model.name_or_path" in r.stderr
