@@ -1,7 +1,7 @@
 """The scenario matrix: every stage with default settings on every data format.
 
 Each feature has its own tests; this tier finds where two of them meet and break. For each
-format (text, prompt_completion, chat) one tiny run goes through prepare with default
+format (text, prompt_completion, chat, and preference trained with DPO) one tiny run goes through prepare with default
 curation, train, eval (with `--json` and a failing threshold), generate, explain, export with
 its report, one served request and status, all through the real CLI in this process. Then
 it checks what must agree across commands:
@@ -26,7 +26,7 @@ import pytest
 
 from conftest import WORDS, sentences, tiny_config_dict, write_config
 
-FORMATS = ("text", "prompt_completion", "chat")
+FORMATS = ("text", "prompt_completion", "chat", "preference")
 PROMPT = "the quick brown"
 # Sampling on, with every knob a user turns: generate and serve must agree token for token.
 SAMPLING = {"do_sample": True, "temperature": 0.9, "top_k": 20, "top_p": 0.9, "seed": 7, "max_new_tokens": 12}
@@ -46,6 +46,9 @@ def _write_data(tmp: Path, fmt: str) -> tuple[Path, int]:
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))  # short answers: "yes", "river stones"
         if fmt == "prompt_completion":
             rows.append({"prompt": f"{q} ({i})", "completion": " " + answer})
+        elif fmt == "preference":  # short answers too; rejected is another plausible answer
+            other = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
+            rows.append({"prompt": f"{q} ({i})", "chosen": " " + answer, "rejected": " " + other + " no"})
         else:
             rows.append({"messages": [{"role": "user", "content": f"{q} ({i})"}, {"role": "assistant", "content": answer}]})
     path = tmp / "rows.jsonl"
@@ -54,10 +57,12 @@ def _write_data(tmp: Path, fmt: str) -> tuple[Path, int]:
 
 
 def _config(tmp: Path, fmt: str, data_path: Path) -> Path:
+    train = {"method": "dpo"} if fmt == "preference" else {}
     d = tiny_config_dict(
         tmp / "run",
         data={"format": fmt, "paths": [str(data_path)], "block_size": 48},
         model={"context_length": 128},
+        train=train,
         eval={"max_examples": 6, "max_new_tokens": 6},
         generate={**SAMPLING, "prompts": [PROMPT]},
         export={"formats": ["hf"], "report": True, "report_decode_tokens": 0},
