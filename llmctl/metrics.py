@@ -147,18 +147,12 @@ def masked_nll(model, rows: list[dict], pad_id: int, batch_size: int = 8, token_
     import numpy as np
     import torch
 
+    from llmctl.data.formats import pad_right
+
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        n = max(len(r["input_ids"]) for r in chunk)
-        inp = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-        lab = torch.full((len(chunk), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for r, row in enumerate(chunk):
-            k = len(row["input_ids"])
-            inp[r, :k] = torch.tensor(row["input_ids"])
-            lab[r, :k] = torch.tensor(row["labels"])
-            mask[r, :k] = 1
+        inp, lab, mask = pad_right(chunk, pad_id)
         # Position k predicts token k + 1: the last position predicts nothing.
         shift_labels = torch.cat([lab[:, 1:], torch.full((len(chunk), 1), -100, dtype=torch.long)], dim=1)
         with torch.no_grad():

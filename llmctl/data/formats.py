@@ -14,6 +14,24 @@ import numpy as np
 IGNORE = -100
 
 
+def pad_right(rows: list[dict], pad_id: int):
+    """Rows of input_ids/labels of any lengths as (ids, labels, attention_mask) long tensors,
+    right-padded with `pad_id` (labels with IGNORE, mask 0): the one batch builder of training
+    and scoring."""
+    import torch
+
+    n = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        k = len(r["input_ids"])
+        ids[i, :k] = torch.as_tensor(r["input_ids"])
+        labels[i, :k] = torch.as_tensor(r["labels"])
+        mask[i, :k] = 1
+    return ids, labels, mask
+
+
 def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: dict, batch_docs: int = 1000) -> Iterator[dict]:
     """Tokenize documents in batches, join them with EOS, yield full `block_size` blocks.
     Each document starts with BOS when the tokenizer wants it (`tokenizer.wants_bos`).

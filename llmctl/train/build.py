@@ -29,14 +29,9 @@ class Collator:
             ids = torch.stack([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
             labels = torch.stack([torch.as_tensor(r["labels"], dtype=torch.long) for r in rows])
             return {"input_ids": ids, "labels": labels}
-        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), n), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for i, r in enumerate(rows):
-            k = len(r["input_ids"])
-            ids[i, :k] = torch.as_tensor(r["input_ids"])
-            labels[i, :k] = torch.as_tensor(r["labels"])
-            mask[i, :k] = 1
+        from llmctl.data.formats import pad_right
+
+        ids, labels, mask = pad_right(rows, self.pad_id)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
