@@ -10,7 +10,6 @@ import random
 import re
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -265,7 +264,7 @@ class _ScriptedEngine:
         self.tok = _FakeTok()
         self.context_length = 100_000
         self.max_queue = 64
-        self.model = SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=SimpleNamespace(shape=(256,))))
+        self.vocab_size = 256
         self.prompts: list[str] = []
 
     def submit(self, jobs):

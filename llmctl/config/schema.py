@@ -352,6 +352,7 @@ class EvalConfig(Section):
     safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
 
 
 # --------------------------------------------------------------------------- generate
@@ -371,6 +372,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
 
 
 # --------------------------------------------------------------------------- export
@@ -408,6 +410,7 @@ class ServeConfig(Section):
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
 
 
 # --------------------------------------------------------------------------- safety

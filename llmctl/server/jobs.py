@@ -57,7 +57,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
         ids = encode_one(engine.tok, prompt) if prompt else []
     else:
         ids = list(prompt)
-        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        vocab = engine.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
