@@ -74,6 +74,9 @@ def make_jobs(st: ServerState, prompts: list[list[int]], budgets: list[int], req
     total = len(prompts) * req.n
     if total > engine.max_queue:
         raise ApiError(400, f"this request asks for {total} completions (prompts x n); this server queues at most {engine.max_queue} (serve.max_queue)", param="n")
+    if echo and logprobs is not None and not getattr(engine, "prompt_logprobs", True):
+        raise ApiError(400, "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return: "
+                       "drop echo or logprobs", param="echo")
     jobs = []
     for ids, mt in zip(prompts, budgets):
         for k in range(req.n):

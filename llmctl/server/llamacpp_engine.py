@@ -7,7 +7,7 @@ logprob entries and text offsets, finish reasons) is the torch engine's own `_ad
 the token ids llama-server streams. One worker thread per slot (serve.max_batch_size) takes
 a waiting job, streams it from llama-server, and takes the next; llama-server batches the
 slots' sequences together. Echoed prompt logprobs need the prompt's logits, which
-llama-server does not return: such a request gets a 400.
+llama-server does not return: such a request gets a 400 (server/jobs.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from llmctl.server.engine import Engine, Job
 
 
 class LlamaCppEngine(Engine):
+    prompt_logprobs = False  # llama-server returns no logits for prompt tokens: echo + logprobs is a 400
+
     def __init__(self, model_path: str, gguf_path: str, max_batch_size: int, max_queue: int, metrics,
                  trust_remote_code: bool = False, threads: int | None = None, quantize: str | None = None, warm=None):
         super().__init__(model_path, max_batch_size, max_queue, 0.0, metrics, trust_remote_code=trust_remote_code,
