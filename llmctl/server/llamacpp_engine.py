@@ -47,11 +47,13 @@ class LlamaCppEngine(Engine):
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.server = LlamaServer(self.gguf_path, self.max_batch_size, self.context_length or 4096, threads=self.threads)
         self.server.start()
-        qtype = GGUF_TYPE[self.quantize or "none"]
-        why = disagreement(self.server, model, self.tok, qtype)
-        if why:
-            self.server.stop()
-            raise LlmctlError(f"serve.engine llama.cpp: {why}; not serving it (set serve.engine: torch to serve with transformers)")
+        try:
+            why = disagreement(self.server, model, self.tok, GGUF_TYPE[self.quantize or "none"])
+            if why:
+                raise LlmctlError(f"serve.engine llama.cpp: {why}; not serving it (set serve.engine: torch to serve with transformers)")
+        except BaseException:
+            self.server.stop()  # never left running behind a failed load
+            raise
         del model
         if self.warm is not None:
             self.warm()
