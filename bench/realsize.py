@@ -93,10 +93,23 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
             out = model.generate(**enc, max_new_tokens=NEW, do_sample=False, pad_token_id=tok.pad_token_id, **kw)
         return out.shape[1] - enc["input_ids"].shape[1]
 
+    # The ceiling of any torch decode at this precision and thread count: each token reads every
+    # Linear's weight once (F.linear at M=1), and does nothing else.
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def matmuls_only():
+        with torch.inference_mode():
+            for _ in range(NEW):
+                for w in weights:
+                    torch.nn.functional.linear(xs[w.shape[1]], w)
+        return NEW
+
     sides = {
         "llmctl": lambda: generate_batch(model, tok, [prompt], sp)[0]["completion_tokens"],
         "hf_generate": hf,
         "hf_generate_static_cache": lambda: hf(cache_implementation="static"),
+        "torch_matmuls_only": matmuls_only,
     }
     for fn in sides.values():  # warm-up (the lean decoder's build, the static cache's allocation)
         fn()
@@ -114,6 +127,7 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
             **{f"{k}_tokens_per_s": round(statistics.median(v), 1) for k, v in runs.items()},
             "llmctl_vs_hf_generate": round(statistics.median(x["llmctl"] / x["hf_generate"] for x in per_round), 3),
             "llmctl_vs_hf_static_cache": round(statistics.median(x["llmctl"] / x["hf_generate_static_cache"] for x in per_round), 3),
+            "ceiling_vs_hf_generate": round(statistics.median(x["torch_matmuls_only"] / x["hf_generate"] for x in per_round), 3),
             "lean_path": _lean_state(model),
             "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()}}
 
@@ -245,6 +259,8 @@ def main() -> None:
         metrics["model_params"] = g["model_params"]
         ratios["85M generate one stream vs transformers generate"] = ratio(g["llmctl_vs_hf_generate"], 2.0)
         ratios["85M generate one stream vs transformers generate (static cache)"] = ratio(g["llmctl_vs_hf_static_cache"], None)
+        # what no torch path at this precision can pass: the weights' matmuls alone
+        ratios["85M torch matmuls alone (the ceiling) vs transformers generate"] = ratio(g["ceiling_vs_hf_generate"], None)
     if args.only in (None, "serve"):
         s = metrics["serve"] = serve_rows(model_dir, args.rounds)
         for prec, ref in (("f32", "llama-server f32"), ("int8", "llama-server q8_0")):
