@@ -79,6 +79,7 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
     from llmctl.quantize import model_bytes
 
     e = cfg.export
+    t_start = time.perf_counter()
     held, skipped = heldout_data(cfg, rd, tok, e.report_max_tokens)
     scored: dict = {}
     rows: list[dict] = []
@@ -129,6 +130,7 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
         "decode_new_tokens": e.report_decode_tokens,
         "notes": notes,
         "rows": rows,
+        "seconds": round(time.perf_counter() - t_start, 1),
     }
 
 
