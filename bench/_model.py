@@ -62,7 +62,8 @@ SIZES = {
 # The 85M model's training: batch 4 x 256 tokens, bf16 autocast (2.4x float32's matmul rate on this
 # CPU; master weights stay float32), AdamW at 1e-3 with a cosine to 10%; the step count or the
 # time budget, whichever ends first (llmctl fits the schedule to the budget). On 2 shared cores a
-# step takes tens of seconds: LLMCTL_BENCH_85M_TIME widens the budget on a quiet machine.
+# step takes tens of seconds: LLMCTL_BENCH_85M_TIME changes the budget, LLMCTL_BENCH_85M_TRAIN (JSON,
+# e.g. '{"micro_batch_size": 2, "warmup_steps": 5}') any other train key; info.json records what ran.
 TRAIN_85M = {"max_steps": 400, "micro_batch_size": 4, "lr": 1.0e-3, "warmup_steps": 20, "max_time": "55m", "precision": "bf16",
              "eval_every": 50, "eval_batches": 4, "save_every": 50, "log_every": 5}
 
@@ -85,7 +86,10 @@ def real_config(size: str, run_dir: Path) -> dict:
     if size == "85m":
         import os
 
-        d["train"] = {**TRAIN_85M, "max_time": os.environ.get("LLMCTL_BENCH_85M_TIME", TRAIN_85M["max_time"])}
+        import json
+
+        d["train"] = {**TRAIN_85M, "max_time": os.environ.get("LLMCTL_BENCH_85M_TIME", TRAIN_85M["max_time"]),
+                      **json.loads(os.environ.get("LLMCTL_BENCH_85M_TRAIN") or "{}")}
     return d
 
 
@@ -133,7 +137,7 @@ def real_model(size: str, root: Path | None = None) -> Path:
         losses = [r for r in recs if "loss" in r]
         evals = [r for r in recs if "val_loss" in r]
         info["train"] = {"steps": losses[-1]["step"], "tokens": losses[-1].get("tokens"), "final_loss": losses[-1]["loss"],
-                         "final_val_loss": evals[-1]["val_loss"] if evals else None, "settings": TRAIN_85M,
+                         "final_val_loss": evals[-1]["val_loss"] if evals else None, "settings": real_config(size, base / "run")["train"],
                          "headline": man.get("headline") or man.get("metrics")}
         src = rd.model_dir
     else:  # random weights from llmctl's own from-scratch builder: a 0.39B training run is hours here

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,11 @@ def bare_loop(cfg, rd) -> float:
 
 LORA = {"85m": {"batch": 4, "block": 256, "steps": 8}, "0.5b": {"batch": 2, "block": 128, "steps": 6}}
 LORA_WARMUP, LORA_ROUNDS = 2, 2
+if os.environ.get("LLMCTL_BENCH_LORA_STEPS"):  # a loaded machine: fewer steps (the first timed step is the one after LORA_WARMUP)
+    LORA_WARMUP = 1
+    for _s in LORA.values():
+        _s["steps"] = int(os.environ["LLMCTL_BENCH_LORA_STEPS"])
+LORA_ROUNDS = int(os.environ.get("LLMCTL_BENCH_LORA_ROUNDS", LORA_ROUNDS))
 
 BARE_LORA = r'''
 import json, sys, time
