@@ -4,6 +4,9 @@
 Both sides are fresh processes timed from outside (spawn to exit: imports, model load,
 tokenizing, scoring); they alternate and each keeps its best of ROUNDS. The summed
 log-likelihoods must agree (same number), and the tokens/s ratio says how fast.
+
+    python bench/eval.py               # toy model (random 4 x 128): ~2 min; bench/results/eval.json
+    python bench/eval.py --size 85m    # the trained 85M bench model, 40 KB of text, 2 rounds: ~10 min; eval-85m.json
 """
 
 from __future__ import annotations
@@ -46,15 +49,22 @@ def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
     return dt, r.stdout
 
 
-def main() -> None:
+def main(size: str = "toy") -> None:
     import yaml
 
     from llmctl.data.sources import builtin_files
 
+    global ROUNDS
     tmp = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    model = quickstart_model(tmp / "m")
+    if size == "toy":
+        model, what, max_bytes = quickstart_model(tmp / "m"), "random llama 4 layers, hidden 128, vocab 4096", MAX_BYTES
+    else:  # a 40 KB slice keeps four end-to-end runs of an 85M model to minutes on 2 cores
+        from _model import real_model
+
+        model, what, max_bytes = real_model(size), f"bench/_model.py real_model({size!r}) (trained)", int(os.environ.get("BENCH_EVAL_BYTES", 40_000))
+        ROUNDS = 2
     files = []
-    for f in builtin_files(7, MAX_BYTES):  # stdlib source as written: blank lines, indentation
+    for f in builtin_files(7, max_bytes):  # stdlib source as written: blank lines, indentation
         dst = tmp / "text" / f"{len(files):03d}_{f.name}"
         dst.parent.mkdir(exist_ok=True)
         shutil.copyfile(f, dst)
@@ -91,14 +101,20 @@ def main() -> None:
         "llmctl": {"seconds": min(runs["llmctl"]), "tokens_per_s": round(tokens / min(runs["llmctl"]), 1), "perplexity": p["perplexity"], "all_seconds": runs["llmctl"]},
         "lm_eval": {"seconds": min(runs["lm_eval"]), "tokens_per_s": round(tokens / min(runs["lm_eval"]), 1),
                     "perplexity": round(math.exp(theirs.nll / tokens), 4), "all_seconds": runs["lm_eval"]},
-        "nll_relative_difference": rel, "model": "random llama 4 layers, hidden 128, vocab 4096", "machine": machine(),
+        "nll_relative_difference": rel, "model": what, "machine": machine(), "uptime": os.popen("uptime").read().strip(),
     }
-    write_result("eval", metrics, {
+    from _model import params_of
+
+    write_result("eval" if size == "toy" else f"eval-{size}", metrics, {
         "eval perplexity tokens/s vs lm-eval loglikelihood_rolling": ratio(min(runs["lm_eval"]) / min(runs["llmctl"]), 1.0),
         "eval log-likelihood relative difference vs lm-eval": ratio(rel, 1e-4, higher_is_better=False),
-    })
+    }, model_params=params_of(model))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=["toy", "85m", "0.5b"], default="toy", help="toy: a random quickstart-sized llama; 85m/0.5b: bench/_model.py's realistic models")
+    main(ap.parse_args().size)

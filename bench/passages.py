@@ -9,6 +9,7 @@ keeps them equal to what this renders. After a benchmark run (bench/run_all.py d
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -218,23 +219,107 @@ def _linear_bits(c: dict) -> str:
             + ", ".join(f"{k} {v['f32_us']:.1f} vs {v['int8_us']:.1f} ({v['int8_speedup']:.2f}x)" for k, v in lin.items()) + ".")
 
 
+# Rows measured on bench/_model.py's realistic models: they lead "Measured" (the `realistic` passage).
+REALISTIC = ["compress-85m", "eval-85m", "train-85m", "train-0.5b", "bounded"]
+REALISTIC_COMMANDS = [  # (row, command, expected wall time on 2 quiet cores)
+    ("85M model", "python bench/_model.py 85m", "prepare and about an hour of training the first time; cached in `~/.cache/llmctl-bench` after"),
+    ("0.5B model", "python bench/_model.py 0.5b", "about 5 minutes the first time; cached after"),
+    ("compress-85m", "python bench/compress.py --size 85m", "about 15 minutes"),
+    ("eval-85m", "python bench/eval.py --size 85m", "about 10 minutes"),
+    ("train-85m", "python bench/train.py --size 85m", "about 15 minutes"),
+    ("train-0.5b", "python bench/train.py --size 0.5b", "about 20 minutes"),
+    ("bounded", "python bench/bounded.py", "about 20 minutes"),
+]
+
+
+def _params(res: dict) -> str:
+    """A row's model_params as README shows it: 88.1M, 1.33M, teacher 1.33M / student 0.70M, or '-' (no model)."""
+    p = (res or {}).get("model_params")
+    if isinstance(p, dict):
+        return " / ".join(f"{k} {_params({'model_params': v})}" for k, v in p.items())
+    if not isinstance(p, (int, float)):
+        return "-"
+    return f"{p / 1e9:.2f}B" if p >= 1e9 else f"{p / 1e6:.1f}M" if p >= 1e7 else f"{p / 1e6:.2f}M"
+
+
+def _training_line(c: dict) -> str | None:
+    t = c.get("training")
+    if not t:
+        return None
+    s = t.get("settings") or {}
+    val = f", validation loss {t['final_val_loss']:.3f} (perplexity {math.exp(t['final_val_loss']):,.1f})" if t.get("final_val_loss") else ""
+    wall = f" in {_minutes(c['training_seconds'])}" if c.get("training_seconds") else ""
+    return (f"- The 85M model ({_params({'model_params': c['model_params']})} parameters: 12 layers x 768, GQA 12/4, MLP 2048, "
+            f"a 16k BPE trained on the builtin corpus) was trained by `llmctl train`: {t['steps']} steps of "
+            f"{s.get('micro_batch_size')} x 256 tokens ({t['tokens']:,} tokens, {s.get('precision', 'fp32')}, lr {s.get('lr')}){wall}; "
+            f"final training loss {t['final_loss']:.3f}{val}.")
+
+
+def _bounded_lines(b: dict) -> list[str]:
+    m = b["metrics"]
+    out = [f"- Bounded at 0.5B ({m['model']}; {m['lora_steps']} LoRA steps, only the costs are measured; `{m.get('uptime', '')}`):", "",
+           "| stage | wall time | peak RSS |", "|---|---|---|"]
+    for name, s in m["stages"].items():
+        extra = f" (ready in {s['ready_seconds']:.0f} s, one {s['completion_tokens']}-token completion in {s['request_seconds']:.1f} s)" if name == "serve" else ""
+        out.append(f"| {name} | {s['seconds']:.0f} s{extra} | {s['peak_rss_mb'] / 1024:.2f} GB |")
+    v = m.get("eval_vocabulary") or {}
+    if v:
+        out += ["", "  Eval's memory against the vocabulary (the same text, window and batch): " + "; ".join(
+            f"{k} vocabulary ({_params({'model_params': x['params']})} parameters): peak RSS {x['peak_rss_mb']:,.0f} MB, of which weights "
+            f"{x['weights_mb']:,.0f} MB, the rest {x['working_mb']:,.0f} MB" for k, x in v.items()) + "."]
+    if m.get("export_report_seconds") is not None:
+        out.append(f"  Export: the formats took {m['export_seconds_formats']:.0f} s, its compression report {m['export_report_seconds']:.0f} s"
+                   + (f" ({m['export_report_limit']})" if m.get("export_report_limit") else "") + ".")
+    return out
+
+
+def realistic(r: dict) -> str:
+    lines = ["At the size users run (issue #26). **Provisional**: measured on 2 CPU cores shared with other jobs",
+             "(each row records `uptime`); rerun on a quiet machine with the commands at the end.", ""]
+    c = (r.get("compress-85m") or {}).get("metrics")
+    if c and _training_line(c):
+        lines.append(_training_line(c))
+    rows = [(b, k, v) for b in REALISTIC if b != "bounded" for k, v in ((r.get(b) or {}).get("ratios") or {}).items()]
+    if rows:
+        lines += ["", "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
+        for b, k, row in rows:
+            met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
+            load = (((r.get(b) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+            lines.append(f"| {b} | {_params(r[b])} | {k} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
+        lines.append("")
+    if c:
+        t = c["types"]
+        parts = [f"{name}: perplexity {x['perplexity']:.3f} ({x.get('ppl_delta_pct', 0):+.2f}%)" for name, x in t.items() if x.get("perplexity") is not None]
+        cpp = [f"{name}: {x['llama_cpp_perplexity']:.3f} ({x['llama_cpp_ppl_delta_pct']:+.2f}%)" for name, x in t.items()
+               if x.get("llama_cpp_perplexity") is not None and x.get("llama_cpp_ppl_delta_pct") is not None]
+        lines.append(f"- compress-85m, perplexity on the first {c['perplexity_tokens']:,} validation tokens (ours): " + "; ".join(parts) + ".")
+        if cpp:
+            lines.append(f"  In llama.cpp itself (`llama-perplexity -c {c['llama_cpp_perplexity_ctx']}`, the same text): " + "; ".join(cpp) + ".")
+    b = r.get("bounded")
+    if b and b.get("metrics"):
+        lines += _bounded_lines(b)
+    lines += ["", "Commands (each writes its row; `python bench/run_all.py NAME` also merges it into `bench/results.json`):", ""]
+    lines += [f"- {what}: `{cmd}`: {t}" for what, cmd, t in REALISTIC_COMMANDS]
+    return "\n".join(lines)
+
+
 def measured(r: dict) -> str:
     lines = ["Measured on this project's development machine (2 CPU cores, no GPU), shared with other",
              "jobs while measuring, so absolute figures are noisy (the load average is recorded with each",
              "benchmark in `bench/results.json`); ratios compare sides run alternately in the same conditions.", ""]
     lines += _quickstart(r)
     lines += ["- `make bench` (`bench/results.json`; load: the machine's 1-minute load average when measured):", "",
-              "| benchmark | ratio | value | target | met | load |", "|---|---|---|---|---|---|"]
+              "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
     known = {(b, k) for b, k, _ in ROWS}
-    extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known]
+    extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known and b not in REALISTIC]
     for bench, key, label in ROWS + extra:  # a benchmark added later shows under its own ratio name
         row = ((r.get(bench) or {}).get("ratios") or {}).get(key)
         load = (((r.get(bench) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
         if row is None:
-            lines.append(f"| {bench} | {label} | not measured | | | |")
+            lines.append(f"| {bench} | {_params(r.get(bench))} | {label} | not measured | | | |")
         else:
             met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
-            lines.append(f"| {bench} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
+            lines.append(f"| {bench} | {_params(r.get(bench))} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
     details = _details(r)
     if details:
         lines += [""] + details
@@ -439,7 +524,7 @@ def compress_report(r: dict) -> str:
                       "are measured apart, see \"Measured\" below):", "", "```", *table(rep), "```"])
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
+PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
             "distill": distill,
             "compress-report": compress_report, "curate-summary": curate_summary}
 

@@ -192,7 +192,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
             con.step("measuring each artifact (export.report: size, perplexity, decode tokens/s vs f32)")
             from llmctl import compression_report as report_x
 
-            report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con)
+            report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con, export_seconds=sum(t["seconds"] for t in timings.values()))
             st.manifest["report"] = report
             for r in report["rows"]:
                 if r.get("ppl_delta_pct") is not None:
