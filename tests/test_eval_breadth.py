@@ -73,3 +73,123 @@ def test_thresholds_min_and_max_gate_any_headline_metric(trained_run):
     assert r.returncode == 4 and "tasks.nope.acc was not measured" in r.stderr
     bad = invoke_cli("eval", str(path), "--set", "eval.thresholds.min.rougeL=high")
     assert bad.returncode == 2 and "eval.thresholds.min" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- lm-eval tasks
+def write_mc_task(folder: Path, name: str = "llmctl_lines", n: int = 24) -> Path:
+    """A local multiple-choice task (dataset_path: json) from SOURCE_WITH_BLANKS: the start of
+    a line, then its true rest among the rests of three other lines."""
+    import random
+
+    from conftest import SOURCE_WITH_BLANKS
+
+    lines = [ln for ln in SOURCE_WITH_BLANKS.splitlines() if len(ln.split()) >= 2]
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        ln = lines[i % len(lines)]
+        cut = len(ln) - len(ln.lstrip()) + len(ln.split()[0])
+        others = rng.sample([x for x in lines if x != ln], 3)
+        choices = [ln[cut:]] + [o[len(o) - len(o.lstrip()) + len(o.split()[0]):] for o in others]
+        rng.shuffle(choices)
+        rows.append({"context": ln[:cut], "choices": choices, "label": choices.index(ln[cut:])})
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+        "doc_to_target: \"{{label}}\"\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return folder / f"{name}.yaml"
+
+
+def _lm_eval_cli(model_dir: Path, task_yaml: Path, out: Path, batch: int = 4) -> dict:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+                        "--device", "cpu", "--batch_size", str(batch), "--tasks", task_yaml.stem, "--include_path", str(task_yaml.parent),
+                        "--output_path", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(next(out.rglob("results_*.json")).read_text())["results"][task_yaml.stem]
+
+
+def test_local_task_equals_lm_eval_cli_on_the_same_model(tmp_path, tiny_cfg, sharp_model):
+    pytest.importorskip("lm_eval")
+    path, _ = tiny_cfg
+    task = write_mc_task(tmp_path / "tasks")
+    mdir = sharp_model(40)
+    r = invoke_cli("eval", str(path), "--model", str(mdir), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false",
+                   "--set", "eval.generation=false", "--json")
+    assert r.returncode == 0, r.stderr
+    head = json.loads(r.stdout)
+    ours = json.loads(Path(head["results"]).read_text())["tasks"]["llmctl_lines"]
+    theirs = _lm_eval_cli(mdir, task, tmp_path / "lm_eval_out")
+    for m in ("acc", "acc_norm"):
+        assert ours[m] == pytest.approx(theirs[f"{m},none"], abs=1e-9), (m, ours, theirs)
+        assert ours[f"{m}_stderr"] == pytest.approx(theirs[f"{m}_stderr,none"], abs=1e-9)
+    assert ours["samples"] == 24 and head["tasks.llmctl_lines.acc"] == ours["acc"]
+    assert 0.25 < ours["acc"] < 1.0  # the model knows the text, and the task is not trivial to it
+    # The comparison can fail: another model scores differently on the same questions.
+    other = invoke_cli("eval", str(path), "--model", str(sharp_model(5)), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false",
+                       "--set", "eval.generation=false", "--json")
+    assert json.loads(other.stdout)["tasks.llmctl_lines.acc"] != ours["acc"]
+
+
+def test_hub_task_without_cached_data_fails_offline_in_one_line(trained_run):
+    pytest.importorskip("lm_eval")
+    path, cfg, rd = trained_run
+    r = invoke_cli("eval", str(path), "--set", "eval.tasks=[arc_easy]", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+                   env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if "arc_easy" in ln]
+    assert err and "not in the Hugging Face cache" in err[0] and "local task YAML" in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_task_specs_fail_before_any_model_work(tmp_path, trained_run):
+    from llmctl.errors import ConfigError
+    from llmctl.evaluation import tasks
+
+    path, cfg, rd = trained_run
+    task = write_mc_task(tmp_path / "t")
+    rel = tmp_path / "rel.yaml"
+    rel.write_text(task.read_text().replace(str((tmp_path / "t" / "llmctl_lines.jsonl").resolve()), "data/lines.jsonl"))
+    (tmp_path / "notask.yaml").write_text("dataset_path: json\n")
+    for spec, want in [(rel, "data_files 'data/lines.jsonl' not found"), (tmp_path / "notask.yaml", "defines no task"),
+                       (tmp_path / "missing.yaml", "does not exist")]:
+        r = invoke_cli("eval", str(path), "--set", f"eval.tasks=[{spec}]", "--set", "eval.perplexity=false", "--set", "eval.generation=false")
+        assert r.returncode == 2 and want in r.stderr and "Traceback" not in r.stderr, (spec, r.stderr)
+    # An unknown name: lm-eval's KeyError becomes a one-line config error with the nearest names.
+    class TM:
+        all_tasks = ["arc_easy", "arc_challenge", "hellaswag"]
+
+    err = tasks._load_error(KeyError("Spec 'arc_esay' is not a registered task/group/tag name or valid YAML path"), ["arc_esay"], TM())
+    assert isinstance(err, ConfigError) and "did you mean arc_easy" in str(err)
+    names, include, registry = tasks.resolve([str(task), "hellaswag"])
+    assert names == ["llmctl_lines", "hellaswag"] and include == [str(task.parent.resolve())] and registry
+
+
+def test_task_thresholds_and_compare_init(tmp_path, trained_run):
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    from llmctl.evaluation.tasks import run_tasks
+    from llmctl.modeling import build_from_scratch
+
+    path, cfg, rd = trained_run
+    task = write_mc_task(tmp_path / "t", n=12)
+    r = invoke_cli("eval", str(path), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+                   "--set", "eval.compare_init=true", "--set", "eval.thresholds.min.tasks.llmctl_lines.acc=1.01", "--json")
+    assert r.returncode == 4, r.stderr
+    out = json.loads(r.stdout)
+    assert out["failed_thresholds"][0]["metric"] == "tasks.llmctl_lines.acc" and "tasks.llmctl_lines.acc" in out["error"]
+    res = json.loads(rd.results_path.read_text())
+    assert res["tasks"]["llmctl_lines"]["acc"] == out["tasks.llmctl_lines.acc"]
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    init = run_tasks(build_from_scratch(cfg, tok).eval(), tok, [str(task)], num_fewshot=None, limit=None, batch_size=4)
+    assert out["init_tasks.llmctl_lines.acc"] == init["llmctl_lines"]["acc"] == res["init"]["tasks"]["llmctl_lines"]["acc"]
+    # a cached eval is gated again (thresholds never change the numbers)
+    again = invoke_cli("eval", str(path), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+                       "--set", "eval.compare_init=true", "--set", "eval.thresholds.min.tasks.llmctl_lines.acc=0", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
