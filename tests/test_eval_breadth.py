@@ -193,3 +193,110 @@ def test_task_thresholds_and_compare_init(tmp_path, trained_run):
     again = invoke_cli("eval", str(path), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
                        "--set", "eval.compare_init=true", "--set", "eval.thresholds.min.tasks.llmctl_lines.acc=0", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
+
+
+# --------------------------------------------------------------------------- pass@k in a sandbox
+def test_pass_at_k_is_the_unbiased_estimator():
+    from math import comb
+
+    from llmctl.evaluation.codeexec import pass_at_k
+
+    for n, c, k in [(10, 1, 1), (10, 3, 5), (20, 0, 10), (5, 5, 1), (10, 8, 5), (200, 13, 10)]:
+        assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert pass_at_k(10, 1, 1) == pytest.approx(0.1)
+
+
+def test_shipped_tasks_pass_with_their_solutions_and_fail_without():
+    from llmctl.evaluation.codeexec import execute_all, load_tasks, program
+
+    tasks = load_tasks(None, "all")
+    assert len(tasks) >= 20 and {t["split"] for t in tasks} == {"train", "test"}
+    good = execute_all([(i, program(t, t["canonical_solution"])) for i, t in enumerate(tasks)], 10, 256, 2)
+    assert all(r["outcome"] == "pass" for r in good.values()), [(tasks[i]["task_id"], r) for i, r in good.items() if r["outcome"] != "pass"]
+    bad = execute_all([(i, program(t, "\n    return None\n")) for i, t in enumerate(tasks)], 10, 256, 2)
+    assert all(r["outcome"] in ("fail", "error") for r in bad.values())
+    assert sum(r["outcome"] == "fail" for r in bad.values()) > len(tasks) // 2
+
+
+def _marker_processes(marker: str) -> int:
+    n = 0
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and marker.encode() in (p / "cmdline").read_bytes() + (p / "environ").read_bytes():
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_sandbox_limits(tmp_path, monkeypatch):
+    """Each limit tested on a program that tries to break it."""
+    import socket
+    import time
+
+    from llmctl.evaluation.codeexec import isolation, run_sample
+
+    iso = isolation()
+    # an infinite loop: killed at the timeout, counted as timeout
+    t0 = time.time()
+    assert run_sample("while True:\n    pass\n", 2, 256)["outcome"] == "timeout"
+    assert time.time() - t0 < 10
+    # a fork bomb: refused (RLIMIT_NPROC, or the Python guard as root), and nothing survives the sample
+    marker = f"llmctl-forkbomb-{tmp_path.name}"
+    r = run_sample(f"import os\nos.environ['M'] = '{marker}'\nwhile True:\n    os.fork()\n", 5, 256)
+    assert r["outcome"] == "error" and ("Resource temporarily unavailable" in r["detail"] or "disabled" in r["detail"]), r
+    time.sleep(0.5)
+    assert _marker_processes(marker) == 0
+    # writing outside the temporary directory: refused by the kernel (Landlock); inside it works
+    target = tmp_path / "escaped.txt"
+    if iso["landlock"]:
+        r = run_sample(f"open({str(target)!r}, 'w').write('x')\n", 5, 256)
+        assert r["outcome"] == "error" and "PermissionError" in r["detail"], r
+        assert not target.exists()
+        assert run_sample("import os\nos.remove('/etc/hostname')\n", 5, 256)["outcome"] == "error"
+    assert run_sample("open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'\n", 5, 256)["outcome"] == "pass"
+    # a socket: no network (a new network namespace), not even this host's loopback
+    if iso["namespaces"]:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        r = run_sample(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n", 5, 256)
+        assert r["outcome"] == "error" and "OSError" in r["detail"], r
+        srv.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            srv.accept()
+        srv.close()
+    # memory: RLIMIT_AS turns a 2 GiB allocation into MemoryError
+    assert run_sample("x = bytearray(2 ** 31)\n", 5, 256)["detail"].startswith("MemoryError")
+    # a stripped environment and a temporary working directory
+    monkeypatch.setenv("LLMCTL_SECRET_TOKEN", "hunter2")
+    r = run_sample(f"import os\nassert 'LLMCTL_SECRET_TOKEN' not in os.environ\nassert os.getcwd() != {str(Path.cwd())!r}\n"
+                   "assert os.getcwd().split('/')[-1].startswith('llmctl-code-')\n", 5, 256)
+    assert r["outcome"] == "pass", r
+
+
+def test_eval_code_reports_pass_at_k_and_every_sample(trained_run, tmp_path):
+    path, cfg, rd = trained_run
+    f = tmp_path / "tasks.jsonl"
+    f.write_text(json.dumps({"task_id": "t/0", "prompt": "def one():\n    return 1\n# ", "entry_point": "one", "tests": "assert one() == 1\n"}) + "\n"
+                 + json.dumps({"task_id": "t/1", "prompt": "def two():", "entry_point": "two", "tests": "assert two() == 2\n"}) + "\n")
+    r = invoke_cli("eval", str(path), "--set", "eval.code.enabled=true", "--set", f"eval.code.path={f}", "--set", "eval.code.samples=5",
+                   "--set", "eval.code.max_new_tokens=6", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
+                   "--set", "eval.thresholds.min.pass@1=0.9", "--json")
+    assert r.returncode == 4, r.stderr  # a random model does not write two()
+    head = json.loads(r.stdout)
+    code = json.loads(rd.results_path.read_text())["code"]
+    rows = [json.loads(line) for line in Path(code["file"]).read_text().splitlines()]
+    assert len(rows) == 10 and sum(code["outcomes"].values()) == 10
+    assert {"pass@1", "pass@5"} <= set(head) and "pass@10" not in head
+    from llmctl.evaluation.codeexec import pass_at_k
+
+    per = {t: sum(x["outcome"] == "pass" for x in rows if x["task_id"] == t) for t in ("t/0", "t/1")}
+    assert head["pass@1"] == pytest.approx(sum(pass_at_k(5, c, 1) for c in per.values()) / 2, abs=1e-4)
+    assert per["t/1"] == 0 and code["per_task"] == per
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "x", "prompt": "def f():"}\n')
+    r = invoke_cli("eval", str(path), "--set", "eval.code.enabled=true", "--set", f"eval.code.path={bad}", "--set", "eval.perplexity=false",
+                   "--set", "eval.generation=false")
+    assert r.returncode == 2 and f"{bad}:1: missing entry_point, tests" in r.stderr and "Traceback" not in r.stderr

@@ -401,6 +401,20 @@ def _tasks(cfg, model, tok, con) -> dict:
     return out
 
 
+def _code(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """pass@k on code tasks in the sandbox (llmctl.evaluation.codeexec); samples to code_samples.jsonl."""
+    from llmctl.evaluation import codeexec
+
+    out, rows = codeexec.evaluate(model, tok, cfg.eval.code, cfg.run.seed, cfg.eval.batch_size, con)
+    if stage is not None:
+        atomic_write_text(rd.code_samples_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.code_samples_file(stage))
+    ks = "  ".join(f"{k} {out[k]:.3f}" for k in out if k.startswith("pass@"))
+    con.info(f"code: {ks} on {out['tasks']} tasks x {out['samples_per_task']} samples; outcomes " +
+             ", ".join(f"{k} {v}" for k, v in out["outcomes"].items()))
+    return out
+
+
 # --------------------------------------------------------------------------- preference pairs
 def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     """On the held-out pairs: how often the model's implicit reward, beta * (log p(answer) -
