@@ -415,6 +415,21 @@ def _code(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
     return out
 
 
+def _bias(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """The bias probe (llmctl.evaluation.bias); every pair to bias_pairs.jsonl."""
+    from llmctl.evaluation.bias import probe
+
+    out, rows = probe(model, tok, cfg.eval.bias, cfg.run.seed, cfg.eval.batch_size)
+    if stage is not None:
+        atomic_write_text(rd.bias_pairs_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.bias_pairs_file(stage))
+    for g, s in out["groups"].items():
+        lo, hi = s["mean_gap_ci95"]
+        con.info(f"bias probe {g}: prefers the stereotyped sentence in {s['stereotype_share']:.0%} of {s['pairs']} pairs; "
+                 f"mean log-likelihood gap {s['mean_gap']:+.3f} nats (95% CI {lo:+.3f} to {hi:+.3f})")
+    return out
+
+
 # --------------------------------------------------------------------------- preference pairs
 def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     """On the held-out pairs: how often the model's implicit reward, beta * (log p(answer) -
