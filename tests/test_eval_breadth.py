@@ -384,3 +384,52 @@ def test_bias_probe_sees_a_model_that_learned_a_stereotype(tmp_path):
     f.write_text('{"group": "gender", "stereotyped": "the nurse was she", "anti_stereotyped": "a completely different sentence here"}\n')
     with pytest.raises(DataError, match=f"{f}:1: the sentences differ"):
         probe(model, tok, B, 0, 8)
+
+
+# --------------------------------------------------------------------------- counterfactual augmentation
+def test_counterfactual_swaps_words_with_case_and_her_his():
+    from llmctl.data.counterfactual import swap
+
+    assert swap("He gave her his book.") == ("She gave him her book.", 3)
+    assert swap("The book is hers, not his.") == ("The book is his, not hers.", 2)
+    assert swap("I saw her and her dog; HE laughed") == ("I saw him and his dog; SHE laughed", 3)
+    assert swap("The King met the queen.") == ("The Queen met the king.", 2)
+    assert swap("the river stones glow") == ("the river stones glow", 0)
+
+
+def test_prepare_counterfactual_adds_swapped_copies_and_reports_the_balance(tmp_path):
+    from datasets import load_from_disk
+
+    from conftest import tiny_config_dict, write_config
+    from llmctl.rundir import RunDir
+    from llmctl.stages import prepare
+
+    docs = [f"{s} walked to the market and {p} bought bread for {o} family today." for s, p, o in
+            [("The man", "he", "his")] * 6 + [("The woman", "she", "her")] * 2] + [f"River stones glow under the pale moon number {i} tonight." for i in range(8)]
+    docs = [d.replace("market", f"market {i}") for i, d in enumerate(docs)]  # no duplicates for dedup to remove
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    d = tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "validation_fraction": 0.0, "block_size": 16,
+                                                 "curate": {"enabled": True, "near_dedup": {"enabled": False}, "language": False,
+                                                            "counterfactual": "gender"}})
+    cfg = load_config(write_config(tmp_path / "c.yaml", d))
+    rd = RunDir(cfg.run.dir)
+    prepare.run(cfg, rd)
+    rep = json.loads(rd.report_path.read_text())["counterfactual"]
+    assert rep["documents_added"] == 8 and rep["words_swapped"] == 8 * 3
+    b, a = rep["term_groups_before"]["groups"], rep["term_groups_after"]["groups"]
+    assert b["male"]["count"] == 6 * 3 and b["female"]["count"] == 2 * 3
+    assert a["male"]["count"] == a["female"]["count"] == 8 * 3  # balanced after
+    stats = json.loads(rd.stats_path.read_text())
+    assert stats["splits"]["train"]["documents"] == 16 + 8
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    text = tok.decode([t for row in load_from_disk(str(rd.dataset_dir))["train"]["input_ids"] for t in row])
+    assert "The woman walked to the market 0 and she bought bread for her family" in text  # the copy of a "man" document
+    # a format it cannot apply to is refused at load time
+    bad = dict(d, data={**d["data"], "format": "preference"}, train={**d["train"], "method": "dpo"})
+    from llmctl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="counterfactual"):
+        load_config(write_config(tmp_path / "b.yaml", bad))
