@@ -68,6 +68,9 @@ def summarize(rd) -> dict:
     if e:
         if "perplexity" in e:
             out["eval_perplexity"] = _numbers(before=e.get("init_perplexity"), after=e["perplexity"], unigram_baseline=e.get("baseline_unigram_perplexity"))
+        lead = e.get("generation_lead")  # eval.metrics' first: the generation metric the summary leads with
+        if lead and lead != "bleu" and lead in e:
+            out[lead] = _numbers(before=e.get(f"init_{lead}"), after=e[lead], copy_prompt_baseline=e.get(f"baseline_copy_{lead}"), pairs=e.get("examples"))
         if "bleu" in e and not e.get("bleu_degenerate"):
             out["bleu"] = _numbers(before=e.get("init_bleu"), after=e["bleu"], copy_prompt_baseline=e.get("baseline_copy_bleu"), pairs=e.get("examples"))
         elif "bleu" in e:

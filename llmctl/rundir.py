@@ -291,6 +291,14 @@ class RunDir:
         """Per-prompt results of the red-team eval (eval.safety)."""
         return self.stage_dir(stage) / "redteam.jsonl"
 
+    def code_samples_file(self, stage: str = "eval") -> Path:
+        """Every sampled completion of the code eval (eval.code) with its sandbox outcome."""
+        return self.stage_dir(stage) / "code_samples.jsonl"
+
+    def bias_pairs_file(self, stage: str = "eval") -> Path:
+        """Every pair of the bias probe (eval.bias) with both log-likelihoods."""
+        return self.stage_dir(stage) / "bias_pairs.jsonl"
+
     def export_dir(self, fmt: str) -> Path:
         return self.root / "export" / fmt
 

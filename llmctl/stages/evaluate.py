@@ -45,7 +45,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if need_prepare and rd.manifest("prepare") is not None:
         rd.require("prepare", cfg)
         inputs.append("prepare")
-    elif not e.text_paths:
+    elif e.perplexity and not e.text_paths:
         rd.require("prepare", cfg)  # raises with the command to run
     m = rd.manifest(stage) or {}
     own = explicit or "train" in (m.get("lineage") or {})
@@ -78,6 +78,12 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
+        if e.tasks:
+            results["tasks"] = _tasks(cfg, mdl, tok, con)
+        if e.code.enabled:
+            results["code"] = _code(cfg, rd, mdl, tok, con, stage)
+        if e.bias.enabled:
+            results["bias"] = _bias(cfg, rd, mdl, tok, con, stage)
         if e.compare_init:
             results["init"] = _init_results(cfg, rd, tok, con, results)
         if e.safety:
@@ -129,6 +135,8 @@ def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
 
 
 def _headline(results: dict) -> dict:
+    from llmctl.evaluation.textmetrics import GENERATION_METRICS
+
     head = {}
     p = results.get("perplexity") or {}
     for k in ("perplexity", "bits_per_byte", "tokens"):
@@ -137,26 +145,39 @@ def _headline(results: dict) -> dict:
     if results.get("quantization"):
         head["quantize"] = results["quantization"]["method"]
     g = results.get("generation") or {}
-    for k in ("bleu", "chrf", "ter", "exact_match", "examples", "bleu_degenerate"):
+    for k in (*GENERATION_METRICS, "examples", "bleu_degenerate", "lead"):
         if k in g:
-            head[k] = g[k]
+            head[k if k != "lead" else "generation_lead"] = g[k]
     b = results.get("baselines") or {}
     init = results.get("init") or {}
     if "unigram_perplexity" in p:
         head["baseline_unigram_perplexity"] = p["unigram_perplexity"]
-    if "copy_prompt_bleu" in g:
-        head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
-    if "copy_prompt_chrf" in g:
-        head["baseline_copy_chrf"] = g["copy_prompt_chrf"]
+    for k in GENERATION_METRICS:
+        if f"copy_prompt_{k}" in g:
+            head[f"baseline_copy_{k}"] = g[f"copy_prompt_{k}"]
     pr = results.get("preference") or {}
     for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy", "chosen_tokens", "rejected_tokens"):
         if k in pr:
             head[k] = pr[k]
     if init:
-        for k in ("perplexity", "bleu", "chrf", "exact_match", "preference_accuracy", "reward_margin", "likelihood_accuracy"):
+        for k in ("perplexity", *GENERATION_METRICS, "preference_accuracy", "reward_margin", "likelihood_accuracy"):
             if k in init:
                 head[f"init_{k}"] = init[k]
     head.update(b)
+    from llmctl.evaluation import tasks as _tasks_mod
+
+    head.update(_tasks_mod.headline(results.get("tasks") or {}))
+    head.update(_tasks_mod.headline(init.get("tasks") or {}, prefix="init_"))
+    for k, v in (results.get("code") or {}).items():
+        if k.startswith("pass@"):
+            head[k] = v
+    bias = results.get("bias") or {}
+    for k in ("stereotype_share", "mean_gap", "pairs"):
+        if k in bias:
+            head[f"bias.{k}"] = bias[k]
+    for k, v in init.items():
+        if k.startswith(("pass@", "bias.")):
+            head[f"init_{k}"] = v
     s = results.get("safety") or {}
     if s:
         head["safety_flagged_rate_off"] = s["off"]["flagged_rate"]
@@ -195,6 +216,13 @@ def _check_thresholds(t, head: dict) -> list[dict]:
             fails.append(rec | {"message": f"eval.thresholds.{key}: {metric} was not measured"})
         elif not ok(head[metric], lim):
             fails.append(rec | {"message": f"{metric} {head[metric]} {sym} eval.thresholds.{key} {lim}"})
+    for side, sym in (("min", "<"), ("max", ">")):
+        for metric, lim in getattr(t, side).items():
+            rec = {"threshold": f"eval.thresholds.{side}.{metric}", "metric": metric, "value": head.get(metric), "limit": lim}
+            if not isinstance(head.get(metric), (int, float)):
+                fails.append(rec | {"message": f"eval.thresholds.{side}.{metric}: {metric} was not measured"})
+            elif (head[metric] < lim) if side == "min" else (head[metric] > lim):
+                fails.append(rec | {"message": f"{metric} {head[metric]} {sym} eval.thresholds.{side}.{metric} {lim}"})
     return fails
 
 
@@ -287,12 +315,17 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
             for j, r in zip(idx, res):
                 out[j] = r
                 if pred_file is not None:
-                    rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"], **sentence_scores(r["text"].strip(), refs[j])}
+                    rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"],
+                           **sentence_scores(r["text"].strip(), refs[j], e.metrics)}
                     pred_file.write(json.dumps(rec) + "\n")
             if pred_file is not None:
                 pred_file.flush()
             prog.update(advance=len(idx))
     return [out[j]["text"].strip() for j in range(len(prompts))]
+
+
+_LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+          "exact_match": "exact", "token_f1": "F1"}
 
 
 def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = None) -> dict | None:
@@ -307,12 +340,14 @@ def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = Non
     predictions.parent.mkdir(parents=True, exist_ok=True)
     with open(predictions, "w") as f:
         hyps = _generate_all(model, tok, prompts, refs, cfg, con, pred_file=f)
-    out = text_metrics(hyps, refs)
-    if cfg.eval.baselines:
+    metrics = cfg.eval.metrics
+    out = text_metrics(hyps, refs, metrics)
+    if cfg.eval.baselines:  # the trivial baseline beside each metric: the prompt's last words as the answer
         copy = [" ".join(p.split()[-8:]) for p in prompts]
-        base = text_metrics(copy, refs)
-        out["copy_prompt_bleu"], out["copy_prompt_chrf"] = base["bleu"], base["chrf"]
-    con.info(f"BLEU {out['bleu']:.2f}  chrF {out['chrf']:.2f}  TER {out['ter']:.2f}  exact {out['exact_match']:.3f} on {len(refs)} pairs")
+        base = text_metrics(copy, refs, metrics)
+        out.update({f"copy_prompt_{k}": base[k] for k in metrics})
+    out["lead"] = metrics[0]
+    con.info("  ".join(f"{_LABEL[k]} {out[k]:.3f}" for k in metrics) + f" on {len(refs)} pairs")
     if out.get("bleu_note"):
         con.warn(f"BLEU: {out['bleu_note']}")
     return out
@@ -336,13 +371,62 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
     if "preference" in trained:
         p = _preference(cfg, rd, model, tok, con, reference=model)
         out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy") if k in p})
+    if "tasks" in trained:
+        out["tasks"] = _tasks(cfg, model, tok, con)
+    if "code" in trained:
+        out.update({k: v for k, v in _code(cfg, rd, model, tok, con, None).items() if k.startswith("pass@")})
+    if "bias" in trained:
+        b = _bias(cfg, rd, model, tok, con, None)
+        out.update({f"bias.{k}": b[k] for k in ("stereotype_share", "mean_gap")})
     if "generation" in trained:
         ds = _load_pairs(cfg, rd)
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
         from llmctl.metrics import text_metrics
 
-        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
-        out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
+        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs, cfg.eval.metrics)
+        out.update({k: m[k] for k in cfg.eval.metrics})
+    return out
+
+
+# --------------------------------------------------------------------------- lm-eval tasks, code, bias
+def _tasks(cfg, model, tok, con) -> dict:
+    from llmctl.evaluation.tasks import run_tasks
+
+    e = cfg.eval
+    out = run_tasks(model, tok, e.tasks, num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.batch_size, con=con)
+    for task, rec in out.items():
+        shown = [f"{m} {v:.4f}" + (f" ± {rec[m + '_stderr']:.4f}" if isinstance(rec.get(m + "_stderr"), float) else "")
+                 for m, v in rec.items() if isinstance(v, float) and "_stderr" not in m]
+        con.info(f"{task}: {', '.join(shown)} on {rec.get('samples', '?')} questions")
+    return out
+
+
+def _code(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """pass@k on code tasks in the sandbox (llmctl.evaluation.codeexec); samples to code_samples.jsonl."""
+    from llmctl.evaluation import codeexec
+
+    out, rows = codeexec.evaluate(model, tok, cfg.eval.code, cfg.run.seed, cfg.eval.batch_size, con)
+    if stage is not None:
+        atomic_write_text(rd.code_samples_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.code_samples_file(stage))
+    ks = "  ".join(f"{k} {out[k]:.3f}" for k in out if k.startswith("pass@"))
+    con.info(f"code: {ks} on {out['tasks']} tasks x {out['samples_per_task']} samples; outcomes " +
+             ", ".join(f"{k} {v}" for k, v in out["outcomes"].items()))
+    return out
+
+
+def _bias(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """The bias probe (llmctl.evaluation.bias); every pair to bias_pairs.jsonl."""
+    from llmctl.evaluation.bias import probe
+
+    out, rows = probe(model, tok, cfg.eval.bias, cfg.run.seed, cfg.eval.batch_size)
+    if stage is not None:
+        atomic_write_text(rd.bias_pairs_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.bias_pairs_file(stage))
+    for g, s in out["groups"].items():
+        lo, hi = s["mean_gap_ci95"]
+        con.info(f"bias probe {g}: prefers the stereotyped sentence in {s['stereotype_share']:.0%} of {s['pairs']} pairs; "
+                 f"mean log-likelihood gap {s['mean_gap']:+.3f} nats (95% CI {lo:+.3f} to {hi:+.3f})")
     return out
 
 

@@ -77,6 +77,12 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
         if g:
             lines.append(f"- BLEU {g.get('bleu')}, chrF {g.get('chrf')}, TER {g.get('ter')}, exact match {g.get('exact_match')} on {g.get('examples')} pairs")
             lines.append(f"- sacreBLEU: `{(g.get('signatures') or {}).get('bleu')}`")
+        if g and "rougeL" in g:
+            lines.append(f"- ROUGE-1/2/L {g.get('rouge1')}/{g.get('rouge2')}/{g.get('rougeL')}, token F1 {g.get('token_f1')}")
+        for task, rec in (evalr.get("tasks") or {}).items():  # lm-eval tasks, every metric with its stderr
+            shown = [f"{m} {v:.4f}" + (f" ± {rec[m + '_stderr']:.4f}" if isinstance(rec.get(m + "_stderr"), float) else "")
+                     for m, v in rec.items() if isinstance(v, float) and "_stderr" not in m]
+            lines.append(f"- lm-eval {task}: {', '.join(shown)} ({rec.get('samples')} questions, {rec.get('num_fewshot', 0)}-shot)")
     else:
         lines.append("- not evaluated (run `llmctl eval`)")
     lines += [
