@@ -66,6 +66,7 @@ ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is com
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
 NprocOpt = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+DetachOpt = typer.Option(False, "--detach", help="Run in the background, immune to SSH hang-ups; output to RUN/logs/ (follow: llmctl logs RUN -f, stop: llmctl stop RUN).")
 QuantizeOpt = typer.Option(None, "--quantize", help="none, int8 or int4: quantize the model after loading, for CPU inference (same as --set SECTION.quantize=...).")
 
 
@@ -178,14 +179,24 @@ def _reporter() -> tuple[bool, bool]:
     return rank0, rank0 and os.environ.get("LLMCTL_TORCHRUN") != "1"
 
 
-def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
+def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, detach: bool = False, **opts) -> None:
     talks, reports = _reporter()
     with _guard(json_mode, quiet or not talks, reports=reports) as con:
         cfg = _load(config, overrides, fetch=name in ("prepare", "train"))
         rd = _rundir(cfg, run_dir)
+        if detach:
+            return _detach(con, name, rd)
         result = _stage(name).run(cfg, rd, force=force, **opts)
         if result is not None and reports:
             con.result(result, title=f"{name}: {rd.root}")
+
+
+def _detach(con, name: str, rd) -> None:
+    """--detach: the same command line in its own session; what to type next."""
+    from llmctl.detach import spawn
+
+    res = spawn(rd, name, sys.argv[1:])
+    con.result(res, title=f"{name}: detached (pid {res['pid']}), output in {res['log']}")
 
 
 # Stage commands ---------------------------------------------------------------------
@@ -197,9 +208,10 @@ def prepare(
     force: bool = ForceOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Build the tokenizer and the tokenized, split dataset in RUN/prepare."""
-    _run_stage("prepare", config, set_, run_dir, force, json_, quiet)
+    _run_stage("prepare", config, set_, run_dir, force, json_, quiet, detach)
 
 
 @app.command()
@@ -211,9 +223,10 @@ def train(
     nproc: Optional[int] = NprocOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Train from scratch or fine-tune; resumes automatically from the last checkpoint."""
-    _run_stage("train", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+    _run_stage("train", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc)
 
 
 @app.command()
@@ -225,9 +238,10 @@ def distill(
     nproc: Optional[int] = NprocOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Train a student on a teacher's logits (distill section) into RUN/train; resumes like train."""
-    _run_stage("distill", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+    _run_stage("distill", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc)
 
 
 @app.command("eval")
@@ -240,9 +254,10 @@ def eval_(
     quantize: Optional[str] = QuantizeOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs; thresholds exit 4."""
-    _run_stage("eval", config, _with_quantize(set_, "eval", quantize), run_dir, force, json_, quiet, model=model)
+    _run_stage("eval", config, _with_quantize(set_, "eval", quantize), run_dir, force, json_, quiet, detach, model=model)
 
 
 @app.command()
@@ -321,6 +336,7 @@ def run_all(
     to: Optional[str] = typer.Option(None, "--to", help="Last stage to run."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Run prepare, train, eval, generate, export in order, skipping stages already up to date."""
     with _guard(json_, quiet) as con:
@@ -328,6 +344,8 @@ def run_all(
 
         cfg = _load(config, set_, fetch=True)
         rd = _rundir(cfg, run_dir)
+        if detach:
+            return _detach(con, "run", rd)
         result = run_pipeline(cfg, rd, _stage, PIPELINE, first=from_, last=to)
         con.result(result, title=f"run: {rd.root}")
 
@@ -351,6 +369,9 @@ def status(
             if not rd.root.is_dir():
                 raise ConfigError(f"{run_dir}: no such run directory")
         rows = rd.status(cfg, overrides=set_ or ())
+        from llmctl.detach import annotate
+
+        annotate(rd, rows)
         report = None
         if rd.report_path.is_file():
             import json
@@ -371,6 +392,48 @@ def status(
 
             for line in summary_lines(report):
                 con.info(line)
+
+
+def _existing_run(run_dir: str):
+    from llmctl.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.root.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    return rd
+
+
+@app.command()
+def logs(
+    run_dir: str = typer.Argument(..., help="Run directory."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the detached stage ends."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which log: prepare, train, distill, eval or run (default: the newest)."),
+) -> None:
+    """Print a detached stage's log (RUN/logs/STAGE.log); -f follows it."""
+    with _guard() as con:
+        from llmctl import detach
+
+        rd = _existing_run(run_dir)
+        path = detach.pick_log(rd, stage)
+        rec = detach.follow(path, lambda: detach.read_record(rd, path.stem), sys.stdout, follow)
+        if follow and rec and rec.get("exit_code") is not None:
+            con.info(f"{path.stem} exited with {rec['exit_code']}")
+
+
+@app.command()
+def stop(
+    run_dir: str = typer.Argument(..., help="Run directory."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Only this detached command (default: whatever runs)."),
+    now: bool = typer.Option(False, "--now", help="SIGKILL at once, without a checkpoint (resumes from the last one)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the checkpoint before giving up."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Stop a running stage: SIGTERM, wait for its checkpoint (exit 143 recorded); --now kills it."""
+    with _guard(json_) as con:
+        from llmctl import detach
+
+        rd = _existing_run(run_dir)
+        con.result(detach.stop(rd, stage, now, timeout, con.info), title=f"stopped: {rd.root}")
 
 
 @config_app.command("show")
@@ -412,6 +475,13 @@ def config_validate(
 
 
 def main() -> None:
+    from llmctl.detach import ENV, recording_exit
+
+    with recording_exit(os.environ.pop(ENV, None)):  # a detached process records its exit code
+        _main_cli()
+
+
+def _main_cli() -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
         return
