@@ -44,6 +44,8 @@ def _main(
 
 config_app = typer.Typer(help="Show or check a config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+launch_app = typer.Typer(help="Scripts that launch training on a cluster.", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
 
 PIPELINE = ("prepare", "train", "eval", "generate", "export")
 # stage name -> module under llmctl.stages
@@ -66,6 +68,13 @@ ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is com
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
 NprocOpt = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+# Several nodes: torchrun's own rendezvous, passed through (llmctl.train.launch.Nodes checks them).
+NnodesOpt = typer.Option(None, "--nnodes", help="Nodes in the job (torchrun --nnodes); each node runs this command with --nproc ranks.", rich_help_panel="Nodes")
+NodeRankOpt = typer.Option(None, "--node-rank", help="This node's rank, 0..N-1 (static rendezvous; torchrun restarts reliably with it).", rich_help_panel="Nodes")
+MasterAddrOpt = typer.Option(None, "--master-addr", help="Node 0's address (static rendezvous).", rich_help_panel="Nodes")
+MasterPortOpt = typer.Option(None, "--master-port", help="Node 0's port (default 29500).", rich_help_panel="Nodes")
+RdzvEndpointOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of torchrun's c10d rendezvous (instead of --node-rank/--master-addr).", rich_help_panel="Nodes")
+RdzvIdOpt = typer.Option(None, "--rdzv-id", help="The job's id for the c10d rendezvous (the same on every node).", rich_help_panel="Nodes")
 DetachOpt = typer.Option(False, "--detach", help="Run in the background, immune to SSH hang-ups; output to RUN/logs/ (follow: llmctl logs RUN -f, stop: llmctl stop RUN).")
 QuantizeOpt = typer.Option(None, "--quantize", help="none, int8 or int4: quantize the model after loading, for CPU inference (same as --set SECTION.quantize=...).")
 
@@ -173,6 +182,8 @@ def _reporter() -> tuple[bool, bool]:
     even rank 0 leaves the result to its launcher, so `--json` gives one object and the
     summary table shows once.
     """
+    if os.environ.get("LLMCTL_SUPERVISED") == "1":  # train.max_restarts' child: its supervisor reports
+        return True, False
     if "LOCAL_RANK" not in os.environ:
         return True, True
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -221,12 +232,19 @@ def train(
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
     nproc: Optional[int] = NprocOpt,
+    nnodes: Optional[int] = NnodesOpt,
+    node_rank: Optional[int] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    rdzv_endpoint: Optional[str] = RdzvEndpointOpt,
+    rdzv_id: Optional[str] = RdzvIdOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
     detach: bool = DetachOpt,
 ) -> None:
     """Train from scratch or fine-tune; resumes automatically from the last checkpoint."""
-    _run_stage("train", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc)
+    _run_stage("train", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc,
+               nodes=dict(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
 
 
 @app.command()
@@ -236,12 +254,19 @@ def distill(
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
     nproc: Optional[int] = NprocOpt,
+    nnodes: Optional[int] = NnodesOpt,
+    node_rank: Optional[int] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    rdzv_endpoint: Optional[str] = RdzvEndpointOpt,
+    rdzv_id: Optional[str] = RdzvIdOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
     detach: bool = DetachOpt,
 ) -> None:
     """Train a student on a teacher's logits (distill section) into RUN/train; resumes like train."""
-    _run_stage("distill", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc)
+    _run_stage("distill", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc,
+               nodes=dict(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
 
 
 @app.command("eval")
@@ -434,6 +459,27 @@ def stop(
 
         rd = _existing_run(run_dir)
         con.result(detach.stop(rd, stage, now, timeout, con.info), title=f"stopped: {rd.root}")
+
+
+@launch_app.command("slurm")
+def launch_slurm(
+    config: str = ConfigArg,
+    nodes: int = typer.Option(..., "--nodes", help="Nodes (one srun task each)."),
+    gpus_per_node: int = typer.Option(..., "--gpus-per-node", help="GPUs per node: one rank each (--nproc)."),
+    time: Optional[str] = typer.Option(None, "--time", help="Slurm time limit, e.g. 12:00:00."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    account: Optional[str] = typer.Option(None, "--account", help="Slurm account."),
+    master_port: int = typer.Option(29500, "--master-port", help="Rendezvous port on the first node."),
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+) -> None:
+    """Print an sbatch script that trains CONFIG on N nodes (torchrun rendezvous on the first; requeued after SIGTERM)."""
+    with _guard():
+        from llmctl.launch_slurm import sbatch_script
+
+        cfg = _load(config, set_)
+        sys.stdout.write(sbatch_script(cfg, _rundir(cfg, run_dir).root, nodes=nodes, gpus_per_node=gpus_per_node, time=time,
+                                       partition=partition, account=account, port=master_port))
 
 
 @config_app.command("show")
