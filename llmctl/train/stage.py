@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from llmctl import console as _console
 from llmctl.config import parse_duration
 from llmctl.errors import ConfigError
+from llmctl import trackers
 from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import pick_resume, resume_fingerprint
 from llmctl.train.distributed import rank, world
@@ -67,6 +68,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
 
         raise ConfigError(f"{cfg.source} has a distill section: run '{command('distill', cfg, rd.root)}' (or remove the section to train without a teacher)")
     con = _console.current()
+    trackers.check_installed(trackers.wanted(cfg.train))  # exit 2 before any work
     nproc = nproc or cfg.train.nproc
     is_main = rank() == 0
     rd.require("prepare", cfg)
@@ -173,6 +175,8 @@ def train(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     finish.save_final(t.trainer, t.tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
     if st is not None:
         st.manifest["device"] = str(t.device)
+        if trackers.wanted(cfg.train):
+            finish.report_to_trackers(rd, st.manifest, result)
     return result
 
 
@@ -206,6 +210,8 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
 
     tcfg = cfg.train
     device, dtype = build.device_and_dtype(tcfg)
+    if is_main and trackers.wanted(tcfg):
+        trackers.start(trackers.wanted(tcfg), cfg, rd, resumed=resume is not None)
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     train_ds, val_ds = build.load_splits(rd)
     val_ds = build.eval_subset(val_ds, tcfg)
