@@ -302,6 +302,19 @@ class RunDir:
     def export_dir(self, fmt: str) -> Path:
         return self.root / "export" / fmt
 
+    # detached stages (llmctl.detach)
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def log_path(self, stage: str) -> Path:
+        """RUN/logs/<stage>.log: a detached stage's output, plain lines."""
+        return self.logs_dir / f"{stage}.log"
+
+    def detach_record_path(self, stage: str) -> Path:
+        """RUN/logs/<stage>.json: a detached stage's pid, start time and, once it ended, exit code."""
+        return self.logs_dir / f"{stage}.json"
+
     # ---- manifests --------------------------------------------------------------
     def manifest(self, stage: str) -> dict | None:
         p = self.manifest_path(stage)
@@ -531,7 +544,11 @@ class RunDir:
             if row["status"] in ("running", "interrupted") and "step" in row:
                 at = f"step {row['step']}/{row['total_steps'] or '?'}"
                 if row["status"] == "running":
-                    whys.insert(0, f"at {at}" + _eta(prog, m))
+                    step, numbers = self._last_numbers(stage)
+                    if step is not None and step > row["step"]:  # the manifest is written every 10 s, metrics every log step
+                        row["step"] = step
+                        at = f"step {step}/{row['total_steps'] or '?'}"
+                    whys.insert(0, f"at {at}{numbers}" + _eta(prog, m) + f", pid {m.get('pid')}")
                 else:
                     ckpt = row.get("checkpoint_step")
                     resumes = f", resumes from step {ckpt}" if ckpt is not None and ckpt != row["step"] else ""
@@ -542,10 +559,29 @@ class RunDir:
                 if why:
                     row["status"] = "stale"
                     whys.append(why)
+            if row["status"] == "running":
+                row["pid"] = m.get("pid")
             if whys:
                 row["why"] = "; ".join(whys)
             rows.append(row)
         return rows
+
+    def _last_numbers(self, stage: str) -> tuple[int | None, str]:
+        """(its step, ', loss L, N tok/s') from the last training record of a running train stage."""
+        if stage != "train" or not self.metrics_path.is_file():
+            return None, ""
+        with open(self.metrics_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        for line in reversed(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the first (cut) line of the tail, or a line being written
+            if "loss" in rec:
+                tps = f", {rec['tokens_per_s']:.0f} tok/s" if rec.get("tokens_per_s") is not None else ""
+                return rec.get("step"), f", loss {rec['loss']:.4f}{tps}"
+        return None, ""
 
     def _own_config(self, stage: str, overrides=()) -> "Config | None":
         """The config a stage recorded (its config.yaml) with `overrides`; None if it has none that

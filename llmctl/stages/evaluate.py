@@ -96,6 +96,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
             st.manifest["model"] = results["model"]
         st.manifest["thresholds"] = {"failed": [f["message"] for f in _check_thresholds(e.thresholds, head)]}
     result = {**head, "results": str(rd.results_file(stage))}
+    if not explicit:  # the run's own model: its training's trackers (train.report_to) get the results
+        from llmctl.trackers import attach
+
+        attach(rd, {"eval": rd.results_file(stage)}, head, prefix="eval")
     _gate(e.thresholds, result)
     return result
 

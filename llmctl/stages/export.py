@@ -208,6 +208,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         con.info("")
         for line in report_x.table(report):
             con.info(line)
+    from llmctl.trackers import attach
+
+    attach(rd, {"model_card": rd.export_dir("hf") / "README.md"}, {}, prefix="export")  # train.report_to's trackers
     return {**head, "dir": str(rd.stage_dir("export"))}
 
 

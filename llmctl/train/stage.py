@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from llmctl import console as _console
 from llmctl.config import parse_duration
 from llmctl.errors import ConfigError
+from llmctl import trackers
 from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import pick_resume, resume_fingerprint
 from llmctl.train.distributed import rank, world
@@ -54,14 +55,20 @@ class Hooks:
 
 # --------------------------------------------------------------------------- run: checks, lock, torchrun
 def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None,
-        clock: Callable[[], float] = time.time, **_) -> dict:
-    """RUN/prepare -> RUN/train. `clock`: what the time budget and the timings are measured on."""
+        clock: Callable[[], float] = time.time, nodes: dict | None = None, **_) -> dict:
+    """RUN/prepare -> RUN/train. `clock`: what the time budget and the timings are measured on.
+    `nodes`: --nnodes/--node-rank/--master-addr/--master-port/--rdzv-endpoint/--rdzv-id (llmctl.train.launch.Nodes)."""
+    from llmctl.train import restart
+    from llmctl.train.launch import Nodes
+
     hooks = hooks or Hooks()
+    where = Nodes(**{k: v for k, v in (nodes or {}).items() if v is not None}).check()
     if hooks.name == "train" and getattr(cfg, "distill", None) is not None:
         from llmctl.hints import command
 
         raise ConfigError(f"{cfg.source} has a distill section: run '{command('distill', cfg, rd.root)}' (or remove the section to train without a teacher)")
     con = _console.current()
+    trackers.check_installed(trackers.wanted(cfg.train))  # exit 2 before any work
     nproc = nproc or cfg.train.nproc
     is_main = rank() == 0
     rd.require("prepare", cfg)
@@ -72,12 +79,15 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
     if not force:
         # Refuse before anything is touched: the record must keep describing what is there.
         refuse_changed_finished_run(cfg, rd, hooks)
-        pick_resume(cfg, rd, None, hooks.identity)
-    resume_cmd = resume_command(cfg, rd, hooks, nproc)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # A launcher checks against the world its ranks will form, not its own single process.
+        pick_resume(cfg, rd, None, hooks.identity, nproc * where.nnodes if "LOCAL_RANK" not in os.environ else None)
+    resume_cmd = resume_command(cfg, rd, hooks, nproc, where.flags())
+    if restart.supervises(cfg, nproc, where.nnodes) and not where.given:
+        return restart.supervise(cfg, rd, resume_cmd, force)  # runs this command again as a child, restarted after a crash
+    if (nproc > 1 or where.given) and "LOCAL_RANK" not in os.environ:
         from llmctl.train.launch import launch_torchrun
 
-        launch_torchrun(nproc, rd, resume_cmd)
+        launch_torchrun(nproc, rd, resume_cmd, where, cfg.train.max_restarts)
         return rd.manifest("train")["headline"]  # rank 0's result
 
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
@@ -143,12 +153,12 @@ def refuse_changed_finished_run(cfg, rd: RunDir, hooks: Hooks) -> None:
         )
 
 
-def resume_command(cfg, rd: RunDir, hooks: Hooks, nproc: int) -> str:
+def resume_command(cfg, rd: RunDir, hooks: Hooks, nproc: int, node_flags: list[str] = ()) -> str:
     """The command that continues this run from its last checkpoint: the same config, --set flags,
-    run directory and process count (a checkpoint resumes only on the same world size); no --force."""
+    run directory, process count and nodes (a checkpoint resumes only on the same world size); no --force."""
     from llmctl.hints import command
 
-    return command(hooks.name, cfg, rd.root, *(["--nproc", str(nproc)] if nproc != cfg.train.nproc else []))
+    return command(hooks.name, cfg, rd.root, *(["--nproc", str(nproc)] if nproc != cfg.train.nproc else []), *node_flags)
 
 
 # --------------------------------------------------------------------------- train: setup -> loop -> finish
@@ -165,6 +175,8 @@ def train(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     finish.save_final(t.trainer, t.tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
     if st is not None:
         st.manifest["device"] = str(t.device)
+        if trackers.wanted(cfg.train):
+            finish.report_to_trackers(rd, st.manifest, result)
     return result
 
 
@@ -198,6 +210,8 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
 
     tcfg = cfg.train
     device, dtype = build.device_and_dtype(tcfg)
+    if is_main and trackers.wanted(tcfg):
+        trackers.start(trackers.wanted(tcfg), cfg, rd, resumed=resume is not None)
     tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     train_ds, val_ds = build.load_splits(rd)
     val_ds = build.eval_subset(val_ds, tcfg)
