@@ -408,6 +408,7 @@ class ServeConfig(Section):
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    playground: bool = Field(True, description="Serve the chat playground page at GET / (no external assets; it asks for the API key and keeps it in page memory); false turns it off.")
 
 
 # --------------------------------------------------------------------------- safety
