@@ -482,6 +482,25 @@ def launch_slurm(
                                        partition=partition, account=account, port=master_port))
 
 
+@app.command()
+def report(
+    target: str = typer.Argument(..., help="A config file (its run directory) or a run directory.", metavar="CONFIG|RUN"),
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Write RUN/report.html: one self-contained page (curves, data, eval, samples, exports, lineage)."""
+    with _guard(json_) as con:
+        from llmctl.report import write
+        from llmctl.rundir import RunDir
+
+        cfg = _load(target, set_) if Path(target).is_file() else None
+        rd = _rundir(cfg, run_dir) if cfg is not None else RunDir(run_dir or target)
+        if not rd.root.is_dir():
+            raise ConfigError(f"{rd.root}: no such run directory (give a run directory or the config that made it)")
+        con.result(write(rd, cfg), title=f"report: {rd.root}")
+
+
 @config_app.command("show")
 def config_show(
     config: Optional[str] = typer.Argument(None, help="Experiment YAML file (omit with --doc)."),

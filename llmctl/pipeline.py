@@ -42,6 +42,9 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
         (skipped if res.get("cached") else ran).append(name)
     summary = summarize(rd)
     summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})
+    from llmctl.report import write as write_report  # one page about the whole run: open it, or scp it
+
+    summary["report"] = write_report(rd, cfg)["report"]
     return summary
 
 

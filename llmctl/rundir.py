@@ -283,6 +283,11 @@ class RunDir:
     def explain_html_path(self) -> Path:
         return self.stage_dir("explain") / "explain.html"
 
+    @property
+    def report_html_path(self) -> Path:
+        """`llmctl report`: one self-contained page about the whole run."""
+        return self.root / "report.html"
+
     def audit_path(self, stage: str) -> Path:
         """Safety interventions of a stage (generate, eval, serve), one JSON line each."""
         return self.root / stage / "audit.jsonl"

@@ -478,6 +478,7 @@ class ServeConfig(Section):
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
     engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
+    playground: bool = Field(True, description="Serve the chat playground page at GET / (no external assets; it asks for the API key and keeps it in page memory); false turns it off.")
 
 
 # --------------------------------------------------------------------------- safety

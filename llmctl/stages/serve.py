@@ -84,7 +84,7 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     sock = _open_socket(host or s.host, port, api_key, insecure, con)
     engine, server = _engine_and_server(cfg, path, api_key, metrics, rails, gguf)
     shown = (f"{gguf} on llama-server", "none") if gguf else (path, s.quantize)
-    stopped_by = _serve(engine, server, sock, shown[0], s.model_name or cfg.run.name, api_key, shown[1], con)
+    stopped_by = _serve(engine, server, sock, shown[0], s.model_name or cfg.run.name, api_key, shown[1], con, s.playground)
     if engine.error is not None:
         err = engine.error
         if isinstance(err, LlmctlError):
@@ -163,14 +163,15 @@ def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails, gguf
             trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
             warm=rails.warm,
         )
-    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
+    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes,
+                     playground_page=s.playground)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
     ))
     return engine, server
 
 
-def _announce(engine, server, url: str, name: str, api_key: str | None, con) -> None:
+def _announce(engine, server, url: str, name: str, api_key: str | None, con, playground: bool = False) -> None:
     """Print the URL once the port is open and the model is ready; stop on a failed load."""
     while not engine.ready.wait(0.05):
         if engine.error is not None or server.should_exit:
@@ -181,10 +182,13 @@ def _announce(engine, server, url: str, name: str, api_key: str | None, con) -> 
     if server.started:
         auth = " (API key required: Authorization: Bearer ...)" if api_key else ""
         con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
+        if playground:
+            con.info(f"  playground: {url}/  (a chat page in the browser; through SSH: ssh -L PORT:127.0.0.1:PORT HOST)")
         con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
 
 
-def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: str | None, quantize: str, con) -> list[int]:
+def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: str | None, quantize: str, con,
+           playground: bool = False) -> list[int]:
     """Load the model in the engine thread and serve until stopped; the signals that stopped it."""
     url = _url(sock)
     # The CLI turns SIGTERM into an exception; while serving, uvicorn handles SIGTERM/SIGINT
@@ -195,7 +199,7 @@ def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: s
     quant = f", quantized to {quantize} at load" if quantize != "none" else ""
     con.step(f"loading {path}{quant} (listening on {url}; /health answers 503 until the model is ready)")
     engine.start()
-    threading.Thread(target=_announce, args=(engine, server, url, name, api_key, con), name="llmctl-announce", daemon=True).start()
+    threading.Thread(target=_announce, args=(engine, server, url, name, api_key, con, playground), name="llmctl-announce", daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:
