@@ -160,3 +160,99 @@ def test_bad_images_name_file_and_line_and_exit_2_or_are_skipped(tmp_path):
     path = files_config(tmp_path, rows, image={"max_bytes": 50})
     r = invoke_cli("prepare", str(path), "--force")
     assert r.returncode == 2 and "rows.jsonl:1:" in r.stderr and "max_bytes=50" in r.stderr
+
+
+# --------------------------------------------------------------------------- train
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config path, run dir): the builtin shapes prepared and a tiny model trained 4 steps (shared, read-only)."""
+    tmp = tmp_path_factory.mktemp("vision")
+    path = write_config(tmp / "cfg.yaml", vision_config(tmp / "run", eval={"compare_init": True}))
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    return path, tmp / "run"
+
+
+def test_train_from_scratch_saves_a_model_that_loads_with_the_auto_classes(trained):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmctl.rundir import RunDir
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    rd = RunDir(run)
+    head = rd.manifest("train")["headline"]
+    assert head["steps"] == 4 and head["val_loss"] < head["init_val_loss"]
+    model = AutoModelForImageTextToText.from_pretrained(rd.model_dir)
+    proc = AutoProcessor.from_pretrained(rd.model_dir)
+    assert model.config.model_type == "llava" and model.config.vision_config.image_size == 16
+    img = draw_scene(1, ("red", "circle"), "above", ("blue", "square"), 16, random.Random(0))
+    enc = proc(images=[img], text=["<image>Describe the image.\n"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape[1] == enc["input_ids"].shape[1]
+    assert sorted(p.name for p in rd.checkpoints_dir.iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_freeze_vision_trains_the_projector_only_beside_the_language_model(tmp_path):
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run", model={"freeze": ["vision"]}, train={"lr": 1e-2}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    from llmctl.config import load_config
+    from llmctl.rundir import RunDir
+    from llmctl.vision.infer import load_processor
+    from llmctl.vision.model import build
+
+    cfg = load_config(path)
+    init = {k: v.detach().clone() for k, v in build(cfg, load_processor(RunDir(tmp_path / "run").tokenizer_dir).tokenizer).state_dict().items()}
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"]
+    from transformers import AutoModelForImageTextToText
+
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model").state_dict()
+    changed = {k.split(".")[1] for k, v in trained.items() if k in init and not (init[k] == v).all()}
+    assert "vision_tower" not in changed and {"multi_modal_projector", "language_model"} <= changed, changed
+
+
+def test_lora_trains_and_merges(tmp_path):
+    pytest.importorskip("peft")
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run", model={"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"] / 4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model")
+    AutoProcessor.from_pretrained(tmp_path / "run" / "train" / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (tmp_path / "run" / "train" / "adapter").is_dir()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "train" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    over = {"train": {"max_steps": 6, "save_every": 3, "eval_every": 100, "log_every": 1, "lr": 1e-2}}
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = write_config(tmp_path / f"{name}.yaml", vision_config(tmp_path / name, **over))
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "3"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
