@@ -62,6 +62,10 @@ def check(cfg, fetch: bool = False) -> None:
     """Everything a config asks for can be done (see the module docstring)."""
     mtype, where = model_type(cfg, fetch=fetch)
     try:
+        if cfg.data.format == "image_text":
+            from llmctl.export_support import check_image_text_formats
+
+            check_image_text_formats(cfg.export.formats)
         check_export_formats(cfg.export.formats, mtype, where)
     except ConfigError as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
@@ -70,7 +74,8 @@ def check(cfg, fetch: bool = False) -> None:
 def builtin_format_problem(cfg) -> str | None:
     """Why `data.format` cannot read the builtin corpus (plain Python source), with fixes that work."""
     d = cfg.data
-    if d.source != "builtin" or d.format in ("text", "preference"):  # preference: pairs built from held-out lines
+    # preference: pairs built from held-out lines; image_text: synthetic shape scenes (llmctl.vision.shapes)
+    if d.source != "builtin" or d.format in ("text", "preference", "image_text"):
         return None
     need = {"chat": "conversations (records with a 'messages' list of {role, content})",
             "prompt_completion": "prompt/completion pairs (records with 'prompt' and 'completion')",

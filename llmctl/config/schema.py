@@ -139,6 +139,19 @@ class CurateConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- data.image
+class ImageDataConfig(Section):
+    field: str = Field("image", description="Field holding the image path, relative to the data file (data.format=image_text).")
+    caption_field: str = Field("caption", description="Field holding the caption or answer the model learns to write (data.format=image_text).")
+    question_field: str = Field("question", description="Field holding a per-row question; rows without it are asked `prompt`.")
+    prompt: str = Field("Describe the image.", description="The question asked of every image whose row has none.")
+    max_bytes: int = Field(10_000_000, ge=1, description="Images larger than this file size are bad records (file:line, or counted with data.on_error: skip).")
+    max_pixels: int = Field(16_000_000, ge=1, description="Images with more pixels (width x height) are bad records: a decompression bomb guard.")
+    perceptual_dedup: bool = Field(True, description="Also drop images whose perceptual hash (imagehash pHash, the vision extra) is within phash_distance of a kept one; exact duplicates (content hash) are always dropped when data.curate.exact_dedup is on.")
+    phash_distance: int = Field(0, ge=0, le=64, description="Hamming distance between 64-bit pHashes at or below which two images are near duplicates.")
+    builtin_images: int = Field(4000, ge=10, description="data.source=builtin: how many synthetic shape scenes to draw (seeded by run.seed); data.test_fraction of the colour/shape pairings are held out as the test split, unseen in training.")
+
+
 # --------------------------------------------------------------------------- data
 class DataConfig(Section):
     source: Literal["builtin", "files", "hub"] = Field(
@@ -150,12 +163,13 @@ class DataConfig(Section):
     hub_name: str | None = Field(None, description="Hugging Face dataset id (source=hub), e.g. 'wikitext'.")
     hub_config: str | None = Field(None, description="Dataset configuration name (source=hub), e.g. 'wikitext-2-raw-v1'.")
     hub_split: str = Field("train", description="Split to read from the hub dataset (source=hub).")
-    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference"] = Field(
+    format: Literal["text", "prompt_completion", "chat", "preference", "unpaired_preference", "image_text"] = Field(
         "text",
         description="text: documents packed into block_size blocks; prompt_completion: loss on the "
         "completion only; chat: 'messages' rendered with the chat template, loss on assistant turns; "
         "preference: {prompt, chosen, rejected} pairs for train.method dpo/orpo/simpo; "
-        "unpaired_preference: {prompt, completion, label} rows (label true: desirable) for train.method kto.",
+        "unpaired_preference: {prompt, completion, label} rows (label true: desirable) for train.method kto; "
+        "image_text: {image, caption} rows (data.image), loss on the caption only; with source builtin, synthetic shape scenes.",
     )
     txt_unit: Literal["file", "paragraph", "line"] = Field("paragraph", description="How .txt files split into documents: whole file, blank-line-separated paragraphs, or lines.")
     text_field: str = Field("text", description="Field holding the document text (format=text, structured files).")
@@ -175,6 +189,7 @@ class DataConfig(Section):
     on_error: Literal["error", "skip"] = Field("error", description="Malformed records: 'error' stops with the file and line; 'skip' drops and counts them.")
     num_proc: int = Field(1, ge=1, description="Worker processes for tokenization.")
     curate: CurateConfig = Field(default_factory=CurateConfig, description="Data curation: dedup, leakage, quality, language, PII, data report (prepare/report.json).")
+    image: ImageDataConfig = Field(default_factory=ImageDataConfig, description="Images (data.format=image_text).")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -210,6 +225,22 @@ class LoraSection(Section):
     target_modules: list[str] | None = Field(None, description="Modules to adapt; null uses peft's default for the architecture.")
 
 
+class VisionTowerConfig(Section):
+    image_size: int = Field(32, ge=8, description="Image side in pixels the vision tower sees (from scratch; images are resized and centre-cropped).")
+    patch_size: int = Field(8, ge=2, description="ViT patch side in pixels (from scratch); image_size must be a multiple of it.")
+    hidden_size: int = Field(64, ge=8, description="Vision tower width (from scratch).")
+    n_layers: int = Field(2, ge=1, description="Vision tower layers (from scratch).")
+    n_heads: int = Field(2, ge=1, description="Vision tower attention heads (from scratch).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionTowerConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.vision.image_size ({self.image_size}) must be a multiple of model.vision.patch_size ({self.patch_size})")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"model.vision.hidden_size ({self.hidden_size}) must be divisible by model.vision.n_heads ({self.n_heads})")
+        return self
+
+
 class ModelConfig(Section):
     name_or_path: str | None = Field(None, description="Fine-tune this pretrained model (hub id or local dir); null builds one from scratch with the sizes below.")
     arch: Literal["llama", "gpt2"] = Field("llama", description="Architecture when training from scratch.")
@@ -225,6 +256,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings.")
+    vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig, description="data.format=image_text from scratch: a CLIP vision tower, a projector and the llama above (LLaVA layout).")
+    freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list, description="data.format=image_text: parts of the model left untrained, e.g. [vision] trains the projector and the language model.")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -322,7 +355,7 @@ class TrainConfig(Section):
 METHOD_KEYS = {"beta": ("dpo", "orpo", "simpo", "kto"), "loss_type": ("dpo",), "label_smoothing": ("dpo",), "simpo_gamma": ("simpo",),
                "desirable_weight": ("kto",), "undesirable_weight": ("kto",)}
 # The data format each method trains on.
-METHOD_FORMAT = {"sft": ("text", "prompt_completion", "chat"), "dpo": ("preference",), "orpo": ("preference",),
+METHOD_FORMAT = {"sft": ("text", "prompt_completion", "chat", "image_text"), "dpo": ("preference",), "orpo": ("preference",),
                  "simpo": ("preference",), "kto": ("unpaired_preference",)}
 
 
@@ -605,6 +638,12 @@ class Config(Section):
         if self.data.curate.counterfactual and self.data.format not in ("text", "prompt_completion", "chat"):
             raise ValueError(f"data.curate.counterfactual with data.format={self.data.format}: swapping terms would change "
                              "both answers of a pair; it applies to text, prompt_completion and chat data")
+        if self.model.freeze and self.data.format != "image_text":
+            raise ValueError(f"model.freeze {self.model.freeze} applies to image-text models only: remove it, or set data.format: image_text")
+        if self.data.format == "image_text" and self.model.name_or_path is None and self.model.arch != "llama":
+            raise ValueError("data.format=image_text from scratch builds a LLaVA-style model on a llama: set model.arch: llama")
+        if self.data.format == "image_text" and self.distill is not None:
+            raise ValueError("data.format=image_text with a distill section: distilling image-text models is not supported; remove the section")
         if self.model.name_or_path is None and self.data.block_size > self.model.context_length:
             raise ValueError(
                 f"data.block_size ({self.data.block_size}) is larger than model.context_length "

@@ -57,6 +57,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if explicit and e.perplexity and not e.text_paths:
         _check_same_tokenizer(path, rd, cfg)
 
+    if cfg.data.format == "image_text" and not e.text_paths:  # images: llmctl/vision/evaluate.py
+        return _image_text(cfg, rd, stage, path, inputs, extra_hash, explicit, con)
     from llmctl.modeling import load_for_inference
 
     t0 = time.time()
@@ -101,6 +103,25 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
 
         attach(rd, {"eval": rd.results_file(stage)}, head, prefix="eval")
     _gate(e.thresholds, result)
+    return result
+
+
+def _image_text(cfg, rd: RunDir, stage: str, path: str, inputs: list, extra_hash, explicit, con) -> dict:
+    from llmctl.vision.evaluate import evaluate
+
+    t0 = time.time()
+    with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
+        results = evaluate(cfg, rd, path, con, rd.predictions_file(stage))
+        results["seconds"] = round(time.time() - t0, 2)
+        atomic_write_json(rd.results_file(stage), results)
+        head = _headline(results)
+        head["perplexity"] = results["perplexity"]["perplexity"]
+        st.headline.update(head)
+        if explicit:
+            st.manifest["model"] = results["model"]
+        st.manifest["thresholds"] = {"failed": [f["message"] for f in _check_thresholds(cfg.eval.thresholds, head)]}
+    result = {**head, "results": str(rd.results_file(stage))}
+    _gate(cfg.eval.thresholds, result)
     return result
 
 

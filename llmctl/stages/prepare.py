@@ -280,7 +280,14 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
     build = rd.stage_dir("prepare") / f".build.tmp-{int(t0)}"
     # Reading records is cheap next to tokenizing; it gives the input fingerprint for caching.
     con.step(f"reading {cfg.data.source} data")
-    recs, extras, extra_hash = _inputs(cfg, counters)
+    if cfg.data.format == "image_text":  # images: llmctl/vision/prepare.py
+        from llmctl.vision import prepare as vision
+
+        read, extra_hash = vision.inputs(cfg, counters)
+        make = lambda: vision.build(cfg, rd, read, counters, build, con)  # noqa: E731
+    else:
+        recs, extras, extra_hash = _inputs(cfg, counters)
+        make = lambda: _build(cfg, rd, recs, extras, counters, build, con)  # noqa: E731
     if not force and rd.up_to_date("prepare", cfg, extra_hash=extra_hash):
         con.info(f"prepare: up to date in {rd.stage_dir('prepare')} (use --force to redo)")
         shutil.rmtree(build, ignore_errors=True)
@@ -289,7 +296,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, **_) -> dict:
     with rd.begin("prepare", cfg, extra_hash=extra_hash) as st:
         build.mkdir(parents=True, exist_ok=True)
         try:
-            headline = _build(cfg, rd, recs, extras, counters, build, con)
+            headline = make()
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise

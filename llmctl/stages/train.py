@@ -25,4 +25,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
     """Train as the config says (or continue from the last checkpoint); the result's numbers.
 
     The clock is this module's `time`, read at each call, so a test can replace it."""
+    if hooks is None and cfg.data.format == "image_text":
+        from llmctl.vision.train import hooks as vision_hooks
+
+        hooks = vision_hooks()
     return _stage.run(cfg, rd, force=force, nproc=nproc, hooks=hooks, clock=time.time, nodes=nodes)

@@ -24,15 +24,17 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
+        # Image-text rows carry the processor's other inputs (pixel_values...): stacked as they are.
+        extra = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0] if k not in ("input_ids", "labels")}
         n = max(len(r["input_ids"]) for r in rows)
         if all(len(r["input_ids"]) == n for r in rows):  # packed text: no padding, just stack
             ids = torch.stack([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
             labels = torch.stack([torch.as_tensor(r["labels"], dtype=torch.long) for r in rows])
-            return {"input_ids": ids, "labels": labels}
+            return {"input_ids": ids, "labels": labels, **extra}
         from llmctl.data.formats import pad_right
 
         ids, labels, mask = pad_right(rows, self.pad_id)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, **extra}
 
 
 def device_and_dtype(tcfg):

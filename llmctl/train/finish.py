@@ -104,7 +104,7 @@ def save_final(trainer, tok, cfg, rd: RunDir, is_main: bool, build_model=None) -
         merged = _merged_lora(trainer, tok, cfg, rd, build_model)
         with atomic_dir(rd.model_dir) as tmp:
             merged.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+            (trainer.processing_class or tok).save_pretrained(tmp)  # the processor of an image-text model, else the tokenizer
             gen.save_pretrained(tmp)
     barrier()
 

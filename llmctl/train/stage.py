@@ -51,6 +51,7 @@ class Hooks:
     manifest: dict = field(default_factory=dict)  # extra keys for RUN/train/manifest.json (their lineage)
     headline: dict = field(default_factory=dict)  # extra headline numbers (filled in while training)
     log_keys: tuple = ()  # extra keys of the Trainer's logs to copy into metrics.jsonl
+    processor: Callable[[Path], Any] | None = None  # (tokenizer dir) -> a processor saved with the model (image-text); None: the tokenizer
 
 
 # --------------------------------------------------------------------------- run: checks, lock, torchrun
@@ -212,7 +213,8 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     device, dtype = build.device_and_dtype(tcfg)
     if is_main and trackers.wanted(tcfg):
         trackers.start(trackers.wanted(tcfg), cfg, rd, resumed=resume is not None)
-    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    processing = hooks.processor(rd.tokenizer_dir) if hooks.processor else AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    tok = getattr(processing, "tokenizer", processing)
     train_ds, val_ds = build.load_splits(rd)
     val_ds = build.eval_subset(val_ds, tcfg)
     model = build.build_model(cfg, tok, hooks.build_model)
@@ -231,7 +233,7 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     if tcfg.method == "sft":
         collate = build.Collator(tok.pad_token_id)
         trainer = build.make_trainer(hooks.trainer_class, time_plan, **hooks.trainer_kwargs, model=model, args=args_for(),
-                                     train_dataset=train_ds, eval_dataset=val_ds, data_collator=collate, processing_class=tok)
+                                     train_dataset=train_ds, eval_dataset=val_ds, data_collator=collate, processing_class=processing)
     else:
         from llmctl.train import preference
 

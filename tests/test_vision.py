@@ -1,0 +1,258 @@
+"""Image-text models (data.format=image_text, issue #28): the synthetic shapes, prepare's image
+checks, dedup and leakage, training (from scratch, frozen tower, LoRA, resume), eval against
+the majority-caption baseline, generate --image, serve through the openai client, export, explain.
+
+Tiny everywhere: 16x16 or 32x32 images, hidden sizes 32, a few steps."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import invoke_cli, run_cli, write_config
+
+pytest.importorskip("PIL")
+
+
+def vision_config(run_dir: Path, **sections) -> dict:
+    base = {
+        "run": {"name": "v", "dir": str(run_dir), "seed": 0},
+        "data": {"source": "builtin", "format": "image_text", "block_size": 48, "validation_fraction": 0.1, "test_fraction": 0.15,
+                 "image": {"builtin_images": 120}},
+        "tokenizer": {"vocab_size": 300, "min_frequency": 1},
+        "model": {"n_layers": 1, "n_heads": 2, "hidden_size": 32, "intermediate_size": 64, "context_length": 64,
+                  "vision": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "n_layers": 1, "n_heads": 2}},
+        "train": {"max_steps": 4, "micro_batch_size": 8, "warmup_steps": 0, "eval_every": 2, "save_every": 2, "log_every": 1, "eval_batches": 2},
+        "eval": {"batch_size": 8, "max_new_tokens": 12, "max_examples": 8},
+        "generate": {"max_new_tokens": 8, "do_sample": False},
+        "export": {"report": False},
+    }
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return base
+
+
+def image_rows(folder: Path, n: int = 24, seed: int = 0, size: int = 16) -> list[dict]:
+    """n shape scenes saved as PNG files under folder/img, and their rows (paths relative to folder)."""
+    from llmctl.vision import shapes
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (rec, _) in enumerate(shapes.scenes(n, seed, size, 0.0)):
+        (folder / "img" / f"{i}.png").write_bytes(rec["image"])
+        rows.append({"image": f"img/{i}.png", "caption": rec["caption"]})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def files_config(tmp_path: Path, rows: list[dict], **data) -> Path:
+    data_file = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
+    d = {"source": "files", "paths": [str(data_file)], "validation_fraction": 0.2, "test_fraction": 0.0, **data}
+    return write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run", data=d))
+
+
+# --------------------------------------------------------------------------- the shapes
+def test_shapes_are_seeded_and_hold_out_unseen_pairings():
+    from llmctl.vision import shapes
+
+    a = list(shapes.scenes(60, 3, 16, 0.2))
+    b = list(shapes.scenes(60, 3, 16, 0.2))
+    assert [r["image"] for r, _ in a] == [r["image"] for r, _ in b]
+    held = shapes.held_out_pairings(3, 0.2)
+    assert 0 < len(held) < len(shapes.pairings())
+    words = {w for r, s in a if s == "seen" for w in r["caption"].split()}
+    for rec, split in a:
+        cap = rec["caption"]
+        pairing = next(p for p in shapes.pairings() if cap.split()[1:3] in ([p[0][0], p[0][1]], [p[0][0], p[0][1] + "s"])
+                       and cap.endswith(f"a {p[1][0]} {p[1][1]}"))
+        assert (split == "test") == (pairing in held), cap
+    assert {w for r, s in a if s == "test" for w in r["caption"].split()} <= words | set(shapes.COLORS) | set(shapes.SHAPES)
+
+
+# --------------------------------------------------------------------------- prepare
+def test_prepare_files_dedups_images_checks_leakage_and_reports(tmp_path):
+    rows = image_rows(tmp_path / "data", n=30)
+    # The same picture twice under another name (content hash), and a re-encoded copy (JPEG-free: a palette PNG, same pixels).
+    shutil.copy(tmp_path / "data" / "img" / "0.png", tmp_path / "data" / "img" / "dup.png")
+    rows.append({"image": "img/dup.png", "caption": "a copy"})
+    from PIL import Image
+
+    Image.open(tmp_path / "data" / "img" / "1.png").convert("RGB").save(tmp_path / "data" / "img" / "resave.png", optimize=True)
+    rows.append({"image": "img/resave.png", "caption": rows[1]["caption"]})
+    path = files_config(tmp_path, rows)
+    r = invoke_cli("prepare", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == 30 and out["curated_out"] == 2
+    report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())
+    assert report["dropped"] == {"exact_duplicate_image": 2}
+    assert sum(report["images"].values()) == 30 and report["splits"]["train"]["sizes"]["width_max"] == 16
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))
+    row = ds["train"][0]
+    assert len(row["pixel_values"]) == 3 and len(row["pixel_values"][0]) == 16
+    # Loss only on the answer: the labels are -100 up to the caption, then the caption and EOS.
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tmp_path / "run" / "prepare" / "tokenizer")
+    first = next(i for i, x in enumerate(row["labels"]) if x != -100)
+    assert all(x == -100 for x in row["labels"][:first]) and row["labels"][first:] == row["input_ids"][first:]
+    assert proc.tokenizer.decode(row["labels"][first:-1]).strip() in {r["caption"] for r in rows}
+    assert row["input_ids"].count(proc.tokenizer.convert_tokens_to_ids("<image>")) == 4  # (16/8)^2 patches
+    pairs = load_from_disk(str(tmp_path / "run" / "prepare" / "pairs"))["validation"]
+    assert len(pairs) == 6 and pairs[0]["image"][:4] == b"\x89PNG"
+
+
+def test_leakage_drops_a_held_out_image_seen_in_training(tmp_path):
+    rows = image_rows(tmp_path / "data", n=20)
+    val = [dict(rows[0], caption="the same picture, held out"), rows[5]]
+    write_jsonl(tmp_path / "data" / "val.jsonl", val)
+    path = files_config(tmp_path, rows[:5] + rows[6:], validation_paths=[str(tmp_path / "data" / "val.jsonl")])
+    r = invoke_cli("prepare", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())
+    assert report["dropped"] == {"validation_exact_leak": 1} and report["images"]["validation"] == 1
+
+
+def _bad_cases(folder: Path) -> dict[str, tuple[dict, str]]:
+    """name -> (row, what the error says)."""
+    good = (folder / "img" / "0.png").read_bytes()
+    (folder / "img" / "corrupt.png").write_bytes(b"not an image at all")
+    (folder / "img" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "img" / "empty.png").write_bytes(b"")
+    from PIL import Image
+
+    Image.new("RGB", (300, 300), (1, 2, 3)).save(folder / "img" / "huge.png")
+    return {
+        "missing": ({"image": "img/nope.png", "caption": "x"}, "does not exist"),
+        "corrupt": ({"image": "img/corrupt.png", "caption": "x"}, "not a readable image"),
+        "truncated": ({"image": "img/truncated.png", "caption": "x"}, "truncated"),
+        "empty": ({"image": "img/empty.png", "caption": "x"}, "empty"),
+        "oversized": ({"image": "img/huge.png", "caption": "x"}, "max_pixels"),
+        "no caption": ({"image": "img/0.png"}, "no field 'caption'"),
+    }
+
+
+def test_bad_images_name_file_and_line_and_exit_2_or_are_skipped(tmp_path):
+    rows = image_rows(tmp_path / "data", n=12)
+    cases = _bad_cases(tmp_path / "data")
+    for name, (bad, says) in cases.items():
+        path = files_config(tmp_path, rows[:3] + [bad] + rows[3:], image={"max_pixels": 10_000})
+        r = invoke_cli("prepare", str(path), "--force")
+        assert r.returncode == 2, (name, r.stderr)
+        assert "rows.jsonl:4:" in r.stderr and says in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+        assert "on_error: skip" in r.stderr or name == "no caption", r.stderr
+    # A file too large in bytes, and every bad row skipped and counted.
+    path = files_config(tmp_path, rows[:3] + [c[0] for c in cases.values()] + rows[3:], image={"max_pixels": 10_000}, on_error="skip")
+    r = invoke_cli("prepare", str(path), "--force", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["skipped_records"] == len(cases) and out["images"] == 12
+    path = files_config(tmp_path, rows, image={"max_bytes": 50})
+    r = invoke_cli("prepare", str(path), "--force")
+    assert r.returncode == 2 and "rows.jsonl:1:" in r.stderr and "max_bytes=50" in r.stderr
+
+
+# --------------------------------------------------------------------------- train
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config path, run dir): the builtin shapes prepared and a tiny model trained 4 steps (shared, read-only)."""
+    tmp = tmp_path_factory.mktemp("vision")
+    path = write_config(tmp / "cfg.yaml", vision_config(tmp / "run", eval={"compare_init": True}))
+    for stage in ("prepare", "train"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    return path, tmp / "run"
+
+
+def test_train_from_scratch_saves_a_model_that_loads_with_the_auto_classes(trained):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llmctl.rundir import RunDir
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    rd = RunDir(run)
+    head = rd.manifest("train")["headline"]
+    assert head["steps"] == 4 and head["val_loss"] < head["init_val_loss"]
+    model = AutoModelForImageTextToText.from_pretrained(rd.model_dir)
+    proc = AutoProcessor.from_pretrained(rd.model_dir)
+    assert model.config.model_type == "llava" and model.config.vision_config.image_size == 16
+    img = draw_scene(1, ("red", "circle"), "above", ("blue", "square"), 16, random.Random(0))
+    enc = proc(images=[img], text=["<image>Describe the image.\n"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**enc).logits.shape[1] == enc["input_ids"].shape[1]
+    assert sorted(p.name for p in rd.checkpoints_dir.iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_freeze_vision_trains_the_projector_only_beside_the_language_model(tmp_path):
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run", model={"freeze": ["vision"]}, train={"lr": 1e-2}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    from llmctl.config import load_config
+    from llmctl.rundir import RunDir
+    from llmctl.vision.infer import load_processor
+    from llmctl.vision.model import build
+
+    cfg = load_config(path)
+    init = {k: v.detach().clone() for k, v in build(cfg, load_processor(RunDir(tmp_path / "run").tokenizer_dir).tokenizer).state_dict().items()}
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"]
+    from transformers import AutoModelForImageTextToText
+
+    trained = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model").state_dict()
+    changed = {k.split(".")[1] for k, v in trained.items() if k in init and not (init[k] == v).all()}
+    assert "vision_tower" not in changed and {"multi_modal_projector", "language_model"} <= changed, changed
+
+
+def test_lora_trains_and_merges(tmp_path):
+    pytest.importorskip("peft")
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run", model={"lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"] / 4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model")
+    AutoProcessor.from_pretrained(tmp_path / "run" / "train" / "model")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (tmp_path / "run" / "train" / "adapter").is_dir()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "train" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    over = {"train": {"max_steps": 6, "save_every": 3, "eval_every": 100, "log_every": 1, "lr": 1e-2}}
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = write_config(tmp_path / f"{name}.yaml", vision_config(tmp_path / name, **over))
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "3"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
