@@ -229,6 +229,8 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases) -> dict:
                 row[name] = phases(urls[name], "bench", extra.get(name, {}), [("p", c, n, {})])["p"]
             row["load_avg_1m_end"] = load()
             per[f"clients_{c}"].append(row)
+            print(f"[realsize] round {r + 1}, {c} client(s): " + ", ".join(f"{k} {row[k]['tokens_per_s']} tok/s" for k in urls)
+                  + f" (load {row['load_avg_1m_start']} -> {row['load_avg_1m_end']})", file=sys.stderr, flush=True)
     res = {}
     for key, rows in per.items():
         tps = {name: [x[name]["tokens_per_s"] for x in rows] for name in urls}

@@ -89,10 +89,10 @@ def test_the_run_gguf_export_is_what_is_served(trained_run):
 
 def test_request_maps_the_sampler_settings():
     b = llamacpp.completion_body([1, 2, 3], 7, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2,
-                                 presence_penalty=0.5, frequency_penalty=0.25, seed=2**40 + 3, logprobs=0)
+                                 presence_penalty=0.5, frequency_penalty=0.25, seed=2**40 + 3, logprobs=0, context=128)
     assert b["prompt"] == [1, 2, 3] and b["n_predict"] == 7 and b["stream"] and b["return_tokens"]
     assert (b["temperature"], b["top_k"], b["top_p"], b["repeat_penalty"]) == (0.7, 5, 0.9, 1.2)
-    assert (b["presence_penalty"], b["frequency_penalty"], b["seed"]) == (0.5, 0.25, 3)
+    assert (b["presence_penalty"], b["frequency_penalty"], b["seed"], b["repeat_last_n"]) == (0.5, 0.25, 3, 128)
     assert b["samplers"] == ["penalties", "temperature", "top_k", "top_p"]  # transformers' order
     assert b["min_p"] == 0.0 and b["typical_p"] == 1.0 and b["xtc_probability"] == 0.0 and b["dry_multiplier"] == 0.0
     assert b["n_probs"] == 1 and b["post_sampling_probs"] is False  # raw logits; the sampled token's always

@@ -506,7 +506,7 @@ class ServeConfig(Section):
     max_queue: int = Field(64, ge=1, description="Sequences waiting for a slot in the running batch; past this, requests get 429 with Retry-After.")
     batch_wait_ms: float = Field(0.0, ge=0, description="When idle, how long the first request waits for others to start with it (0: at once; newcomers join the running batch at the next step). A few ms helps only models served batch-at-a-time.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to serve on.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server. With engine llama.cpp: llama-server's -t (null: its own default).")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")

@@ -160,14 +160,15 @@ class LlamaServer:
 
 def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                    seed: int | None = None, logprobs: int | None = None) -> dict:
+                    seed: int | None = None, logprobs: int | None = None, context: int = 4096) -> dict:
     """llama-server's /completion request for one sequence: token ids in, token ids out, every
-    other sampler of llama.cpp's default chain (min-p, typical, XTC, DRY, mirostat) off."""
+    other sampler of llama.cpp's default chain (min-p, typical, XTC, DRY, mirostat) off. The
+    repetition penalty looks at the whole `context` (llama.cpp's default is the last 64 tokens)."""
     body = {
         "prompt": list(prompt_ids), "n_predict": max_tokens, "stream": True, "return_tokens": True, "cache_prompt": True,
         "temperature": max(float(temperature), 0.0), "top_k": int(top_k or 0), "top_p": float(top_p), "min_p": 0.0,
         "typical_p": 1.0, "xtc_probability": 0.0, "dry_multiplier": 0.0, "mirostat": 0, "top_n_sigma": -1.0,
-        "repeat_penalty": float(repetition_penalty), "repeat_last_n": -1,
+        "repeat_penalty": float(repetition_penalty), "repeat_last_n": int(context),
         "presence_penalty": float(presence_penalty), "frequency_penalty": float(frequency_penalty),
         "samplers": SAMPLERS, "seed": -1 if seed is None else int(seed) % 2**32,
     }

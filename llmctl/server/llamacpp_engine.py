@@ -109,7 +109,7 @@ class LlamaCppEngine(Engine):
             j.push(("error", "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return"))
             return
         body = completion_body(j.prompt_ids, j.max_tokens, j.temperature, j.top_k, j.top_p, j.repetition_penalty,
-                               j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs)
+                               j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context)
         conn = self.server.connect()
         tokens = stream_tokens(conn, body)
         try:
