@@ -114,12 +114,20 @@ def real_model(size: str, root: Path | None = None) -> Path:
         raise SystemExit(f"unknown bench model size {size!r}: choose from {', '.join(SIZES)}")
     base = (root or cache_root()) / size
     model = base / "model"
+    want = real_config(size, base / "run")
     if (base / "info.json").is_file() and (model / "config.json").is_file():
-        return model
+        if json.loads((base / "info.json").read_text()).get("built_from") == want:
+            return model
+        # built with other settings (e.g. a short training on a loaded machine): build again
+        print(f"[bench] {base}: built with other settings than now; rebuilding", flush=True)
+        import shutil
+
+        for p in (model, base / "info.json", base / "model.tmp"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     base.mkdir(parents=True, exist_ok=True)
     cfg_path = base / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(real_config(size, base / "run"), sort_keys=False))
-    info: dict = {"size": size, "config": str(cfg_path)}
+    cfg_path.write_text(yaml.safe_dump(want, sort_keys=False))
+    info: dict = {"size": size, "config": str(cfg_path), "built_from": want}
     t0 = time.time()
     _llmctl("prepare", str(cfg_path), "-q")
     info["prepare_seconds"] = round(time.time() - t0, 1)
@@ -130,7 +138,7 @@ def real_model(size: str, root: Path | None = None) -> Path:
     rd = RunDir(cfg.run.dir)
     if size == "85m":
         t0 = time.time()
-        _llmctl("train", str(cfg_path), "-q")
+        _llmctl("train", str(cfg_path), "-q", "--force")
         info["train_seconds"] = round(time.time() - t0, 1)
         man = json.loads((rd.stage_dir("train") / "manifest.json").read_text())
         recs = [json.loads(x) for x in rd.metrics_path.read_text().splitlines() if x.strip()]

@@ -259,7 +259,7 @@ def main() -> None:
         print(line)
 
 
-REAL_PPL_TOKENS = 4096
+REAL_PPL_TOKENS = int(os.environ.get("LLMCTL_BENCH_COMPRESS_TOKENS", 4096))
 REAL_GGUF = ["f32", "q8_0", "q4_0"]
 
 

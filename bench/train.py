@@ -180,7 +180,7 @@ def lora_main(size: str) -> None:
         order = [("llmctl", ours), ("bare", theirs)]
         for name, fn in order if k % 2 == 0 else order[::-1]:
             tps, rss = fn()
-            runs[name].append({"tokens_per_s": round(tps, 1), "peak_rss_mb": round(rss, 1), "load_avg_1m": round(os.getloadavg()[0], 2)})
+            runs[name].append({"tokens_per_s": round(tps, 3), "peak_rss_mb": round(rss, 1), "load_avg_1m": round(os.getloadavg()[0], 2)})
             print(f"[train {size}] round {k + 1} {name}: {runs[name][-1]}", flush=True)
     best = {n: max(r["tokens_per_s"] for r in rs) for n, rs in runs.items()}
     rss = {n: max(r["peak_rss_mb"] for r in rs) for n, rs in runs.items()}
