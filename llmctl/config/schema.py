@@ -349,7 +349,7 @@ class EvalConfig(Section):
     compare_init: bool = Field(False, description="Also evaluate the model before training (the seeded initialisation, or the pretrained base) to show what training bought.")
     baselines: bool = Field(True, description="Report trivial baselines: unigram perplexity from training-split counts, BLEU of copying the prompt's last words.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
-    safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
+    safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output and refusal rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
 
