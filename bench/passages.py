@@ -429,13 +429,19 @@ def preference(r: dict) -> str:
     res = r.get("preference") or {}
     m = res.get("metrics") or {}
 
-    def load(part: str) -> str:
+    def load(part: str, timed: bool = True) -> str:
         mm = m.get(f"machine_{part}") or {}
         if not mm:
             return "load not recorded"
-        busy = mm["load_avg_1_5_15m_start"][0] > 2 * (mm.get("cpus") or 1)
+        busy = timed and mm["load_avg_1_5_15m_start"][0] > 2 * (mm.get("cpus") or 1)
         return (f"{mm.get('cpus')} CPUs, load average {mm['load_avg_1_5_15m_start'][0]} at the start"
                 + (": a busy machine, so provisional" if busy else ""))
+
+    def sft(rec: dict | None) -> str:
+        if not rec or rec.get("steps") is None:
+            return ""
+        ppl = f", validation perplexity {rec['val_ppl']:.1f}" if rec.get("val_ppl") else ""
+        return f" (trained {rec['steps']} steps in {rec['seconds'] / 60:.0f} min{ppl})"
 
     def ms(d: dict, pct: bool = False) -> str:
         if not d:
@@ -447,7 +453,7 @@ def preference(r: dict) -> str:
     if m.get("demo_runs"):
         seeds = ", ".join(str(x) for x in m["demo_seeds"])
         pairs = sorted({x["pairs"] for x in m["demo_runs"]})
-        out += [f"**The demo** (`configs/dpo.yaml` on the quickstart model, {m['demo_model_params'] / 1e6:.2f}M parameters; "
+        out += [f"**The demo** (`configs/dpo.yaml` on the quickstart model{sft(m.get('demo_sft'))}, {m['demo_model_params'] / 1e6:.2f}M parameters; "
                 f"run seeds {seeds}, each its own held-out split of {'/'.join(map(str, pairs))} pairs; {load('demo')}), "
                 "mean ± spread over the seeds:", "",
                 "| on the held-out pairs | the quickstart model (before) | after DPO |", "|---|---|---|",
@@ -471,7 +477,7 @@ def preference(r: dict) -> str:
         out += ["The safety demo's red-team numbers are not measured yet (`python bench/preference.py --parts safety`).", ""]
     if m.get("big_model_params"):
         big = m["big_model_params"] / 1e6
-        out += [f"**LoRA-DPO memory** ({load('memory')}): at {big:.0f}M parameters ({m['big_steps']} steps, batch {m['big_batch']}, "
+        out += [f"**LoRA-DPO memory** ({load('memory', timed=False)}): at {big:.0f}M parameters ({m['big_steps']} steps, batch {m['big_batch']}, "
                 f"max length {m['big_max_length']}) full DPO peaks at {m['big_full_dpo_peak_rss_mb']:,.0f} MB of RSS and LoRA-DPO at "
                 f"{m['big_lora_dpo_peak_rss_mb']:,.0f} MB ({m['big_lora_dpo_peak_rss_mb'] / m['big_full_dpo_peak_rss_mb']:.2f} times; "
                 f"target <= 0.6)."]

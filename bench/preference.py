@@ -128,7 +128,7 @@ def config(tmp: Path, name: str, model_dir: Path, pairs: Path, lora: bool, steps
          "tokenizer": {"name_or_path": str(model_dir)},
          "model": {"name_or_path": str(model_dir), "lora": {"enabled": lora, "r": 8, "alpha": 16}},
          "train": {"method": "dpo", "beta": BETA, "max_steps": steps, "micro_batch_size": batch, "lr": LR,
-                   "warmup_steps": 0, "eval_every": 100000, "save_every": 100000, "log_every": min(LOG, steps)},
+                   "warmup_steps": 0, "eval_every": 100000, "save_every": 100000, "log_every": LOG if steps > LOG else 1},
          "export": {"report": False}}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
@@ -245,6 +245,14 @@ def quickstart_sft(tmp: Path) -> Path:
     return tmp / "quickstart" / "train" / "model"
 
 
+def sft_record(sft: Path) -> dict:
+    """How the starting model was trained (its run's train manifest): steps, time, budget, val loss."""
+    m = json.loads((sft.parent / "manifest.json").read_text()) if (sft.parent / "manifest.json").is_file() else {}
+    h = m.get("headline") or {}
+    return {"path": str(sft), "steps": h.get("steps"), "seconds": h.get("seconds"), "val_ppl": h.get("val_ppl"),
+            "max_time": (m.get("config_values") or {}).get("train.max_time")}
+
+
 def demo(tmp: Path) -> tuple[dict, dict]:
     """Part 4: configs/dpo.yaml on top of the quickstart model, SEEDS run seeds, before and after."""
     sft = quickstart_sft(tmp)
@@ -254,7 +262,7 @@ def demo(tmp: Path) -> tuple[dict, dict]:
     for seed in SEEDS:
         run = tmp / f"dpo-seed{seed}"
         sets = ["--run-dir", str(run), "--set", f"run.seed={seed}", "--set", f"model.name_or_path={sft}",
-                "--set", f"tokenizer.name_or_path={sft}"]
+                "--set", f"tokenizer.name_or_path={sft}", "--set", "eval.thresholds.preference_accuracy_min=null"]  # measured, not gated
         for stage in ("prepare", "train", "eval"):
             subprocess.run([sys.executable, "-m", "llmctl", stage, str(cfg), "-q", *sets], check=True, cwd=REPO)
         res = json.loads((run / "eval" / "results.json").read_text())
@@ -267,7 +275,7 @@ def demo(tmp: Path) -> tuple[dict, dict]:
         xs = [r[side][k] for r in rows if r[side].get(k) is not None]
         return {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.pstdev(xs), 4)} if xs else {}
 
-    metrics = {"demo_model_params": params, "demo_seeds": list(SEEDS), "demo_runs": rows,
+    metrics = {"demo_model_params": params, "demo_seeds": list(SEEDS), "demo_runs": rows, "demo_sft": sft_record(sft),
                **{f"demo_{side}_{k}": spread(side, k) for side in ("before", "after") for k in keys}}
     acc = metrics["demo_after_preference_accuracy"]["mean"]
     return metrics, {"demo held-out preference accuracy after DPO (3 seeds, mean)": ratio(acc, 0.5)}
@@ -308,7 +316,7 @@ def safety(tmp: Path) -> tuple[dict, dict]:
         by_cat.setdefault(r["category"], [0, 0])
         by_cat[r["category"]][0] += is_refusal(r["output_off"])
         by_cat[r["category"]][1] += 1
-    metrics = {"safety_model_params": n_params(sft), "safety_prompts": after["safety"]["prompts"],
+    metrics = {"safety_model_params": n_params(sft), "safety_sft": sft_record(sft), "safety_prompts": after["safety"]["prompts"],
                "safety_pairs_heldout": after["preference"]["pairs"], "safety_before": b, "safety_after": a,
                "safety_after_refused_by_category": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_cat.items())},
                "safety_example_after": {k: rows[0][k] for k in ("id", "prompt", "output_off")}}
@@ -330,10 +338,7 @@ def main() -> None:
     model_dir = quickstart_model(tmp / "model")
     pairs = tmp / "pairs.jsonl"
     write_pairs(pairs, N_PAIRS)
-    # A subset of the parts keeps the other parts' numbers from the last run (bench/results/preference.json).
-    last = HERE / "results" / "preference.json"
-    old = json.loads(last.read_text()) if last.is_file() and set(parts) != set(PARTS) else {}
-    metrics, ratios = old.get("metrics", {}), old.get("ratios", {})
+    metrics, ratios = {}, {}
     for name, fn in (("speed", lambda: speed(tmp, model_dir, pairs)), ("memory", lambda: memory(tmp, model_dir, pairs)),
                      ("demo", lambda: demo(tmp)), ("safety", lambda: safety(tmp))):
         if name in parts:
@@ -344,6 +349,12 @@ def main() -> None:
             # each part's machine and load, start and end: the parts may run hours apart
             metrics[f"machine_{name}"] = {**machine(), "load_avg_1_5_15m_start": load, "load_avg_1_5_15m_end": [round(x, 2) for x in os.getloadavg()]}
     metrics["machine"] = {**machine(), "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()]}
+    # A subset of the parts keeps the other parts' numbers from the last run (bench/results/preference.json),
+    # read now: parts run side by side in separate processes keep each other's
+    last = HERE / "results" / "preference.json"
+    if last.is_file() and set(parts) != set(PARTS):
+        old = json.loads(last.read_text())
+        metrics, ratios = {**old.get("metrics", {}), **metrics}, {**old.get("ratios", {}), **ratios}
     write_result("preference", metrics, ratios)
 
 

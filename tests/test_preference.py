@@ -102,7 +102,7 @@ def test_field_names_configurable_and_dedup_on_the_pair(tmp_path):
     ({"method": "orpo", "loss_type": "ipo"}, {}, ["train.loss_type", "orpo"]),
     ({"method": "dpo", "simpo_gamma": 0.5}, {}, ["train.simpo_gamma", "dpo"]),
     ({"method": "sft", "beta": 0.1}, {"format": "text"}, ["train.beta", "sft"]),
-    ({"method": "kto"}, {}, ["train.method=kto", "unpaired_preference"]),
+    ({"method": "kto"}, {"format": "preference"}, ["train.method=kto", "unpaired_preference"]),
     ({"method": "dpo", "desirable_weight": 2.0}, {}, ["train.desirable_weight", "kto"]),
     ({"method": "dpo"}, {"format": "text"}, ["data.format=text", "preference"]),
     ({"method": "dpo"}, {"distill": {"teacher": "runs/x"}}, ["distill section", "train.method: sft"]),
@@ -252,7 +252,10 @@ def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
         assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     assert (run / "train" / "model" / "config.json").exists()
-    assert json.loads((run / "train" / "manifest.json").read_text())["preference"] == {"method": method, "reference_model": None}
+    pref = json.loads((run / "train" / "manifest.json").read_text())["preference"]
+    assert pref["method"] == method and pref["reference_model"] is None
+    # no reference to keep still; the start's log-probs are recorded for eval's reference (the start)
+    assert len(pref["reference_probe"]["logps"]) == 16 and "after_training" not in pref["reference_probe"]
     assert sorted(_losses(run)) == [1, 2, 3]
 
 
