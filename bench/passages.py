@@ -229,7 +229,9 @@ def measured(r: dict) -> str:
     extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known]
     for bench, key, label in ROWS + extra:  # a benchmark added later shows under its own ratio name
         row = ((r.get(bench) or {}).get("ratios") or {}).get(key)
-        load = (((r.get(bench) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+        m = (r.get(bench) or {}).get("metrics") or {}
+        part = m.get(f"machine_{(m.get('ratio_parts') or {}).get(key)}")  # a bench of parts measured apart: that part's load
+        load = part["load_avg_1_5_15m_start"][0] if part else (m.get("machine") or {}).get("load_avg_1m", "not recorded")
         if row is None:
             lines.append(f"| {bench} | {label} | not measured | | | |")
         else:

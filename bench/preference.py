@@ -335,9 +335,10 @@ def main() -> None:
     if set(parts) - set(PARTS):
         raise SystemExit(f"--parts: {', '.join(sorted(set(parts) - set(PARTS)))}: expected some of {', '.join(PARTS)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-pref-"))
-    model_dir = quickstart_model(tmp / "model")
-    pairs = tmp / "pairs.jsonl"
-    write_pairs(pairs, N_PAIRS)
+    model_dir, pairs = tmp / "model", tmp / "pairs.jsonl"
+    if {"speed", "memory"} & set(parts):  # the demo parts bring their own model and data
+        quickstart_model(model_dir)
+        write_pairs(pairs, N_PAIRS)
     metrics, ratios = {}, {}
     for name, fn in (("speed", lambda: speed(tmp, model_dir, pairs)), ("memory", lambda: memory(tmp, model_dir, pairs)),
                      ("demo", lambda: demo(tmp)), ("safety", lambda: safety(tmp))):
@@ -346,6 +347,7 @@ def main() -> None:
             m, r = fn()
             metrics.update(m)
             ratios.update(r)
+            metrics.setdefault("ratio_parts", {}).update({k: name for k in r})  # which part (and load) each ratio is from
             # each part's machine and load, start and end: the parts may run hours apart
             metrics[f"machine_{name}"] = {**machine(), "load_avg_1_5_15m_start": load, "load_avg_1_5_15m_end": [round(x, 2) for x in os.getloadavg()]}
     metrics["machine"] = {**machine(), "load_avg_1_5_15m": [round(x, 2) for x in os.getloadavg()]}
@@ -354,7 +356,8 @@ def main() -> None:
     last = HERE / "results" / "preference.json"
     if last.is_file() and set(parts) != set(PARTS):
         old = json.loads(last.read_text())
-        metrics, ratios = {**old.get("metrics", {}), **metrics}, {**old.get("ratios", {}), **ratios}
+        parts_of = {**old.get("metrics", {}).get("ratio_parts", {}), **metrics.get("ratio_parts", {})}
+        metrics, ratios = {**old.get("metrics", {}), **metrics, "ratio_parts": parts_of}, {**old.get("ratios", {}), **ratios}
     write_result("preference", metrics, ratios)
 
 

@@ -484,3 +484,34 @@ def test_two_processes_match_one(tmp_path, method):
     if method != "kto":
         for s in a:
             assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
+# --------------------------------------------------------------------------- the safety demo's data
+def test_safety_pairs_refuse_comply_and_keep_the_red_team_prompts_held_out(tmp_path):
+    import subprocess
+    import sys
+
+    from llmctl.safety import is_refusal, load_redteam
+    from tests.conftest import REPO
+
+    data = REPO / "configs" / "data" / "safety-pairs.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) >= 100 and {r["category"] for r in rows} == {"secrets", "pii", "abuse", "jailbreak"}
+    assert all(is_refusal(r["chosen"]) and not is_refusal(r["rejected"]) for r in rows)
+    red = {it["prompt"].strip().lower() for it in load_redteam()}
+    assert not red & {r["prompt"].strip().lower() for r in rows}  # eval's red team measures on prompts training never saw
+    # the committed file is what its generator writes
+    gen = tmp_path / "make_safety_pairs.py"
+    gen.write_text((REPO / "configs" / "data" / "make_safety_pairs.py").read_text().replace(
+        'HERE = Path(__file__).resolve().parent\n', f'HERE = Path({str(tmp_path)!r})\n').replace(
+        "HERE.parents[1]", repr(str(REPO)) + " and Path(" + repr(str(REPO)) + ")"))
+    subprocess.run([sys.executable, str(gen)], check=True, capture_output=True)
+    assert (tmp_path / "safety-pairs.jsonl").read_text() == data.read_text()
+
+
+def test_is_refusal():
+    from llmctl.safety import is_refusal
+
+    assert is_refusal(" I can't help with that.") and is_refusal("Sorry, I cannot do that") and is_refusal("REFUSED", "REFUSED")
+    assert is_refusal("I won’t write insults.")  # a typographic apostrophe
+    assert not is_refusal("Sure, here it is: AKIAABCDEFGHIJKLMNOP") and not is_refusal("def f(x):\n    return x  # I can't")
