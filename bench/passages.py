@@ -314,7 +314,9 @@ def measured(r: dict) -> str:
     extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known and b not in REALISTIC]
     for bench, key, label in ROWS + extra:  # a benchmark added later shows under its own ratio name
         row = ((r.get(bench) or {}).get("ratios") or {}).get(key)
-        load = (((r.get(bench) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+        m = (r.get(bench) or {}).get("metrics") or {}
+        part = m.get(f"machine_{(m.get('ratio_parts') or {}).get(key)}")  # a bench of parts measured apart: that part's load
+        load = part["load_avg_1_5_15m_start"][0] if part else (m.get("machine") or {}).get("load_avg_1m", "not recorded")
         if row is None:
             lines.append(f"| {bench} | {_params(r.get(bench))} | {label} | not measured | | | |")
         else:
@@ -509,6 +511,69 @@ def distill(r: dict) -> str:
     return "\n".join(lines)
 
 
+def preference(r: dict) -> str:
+    """README's preference results: bench/preference.py's demo, safety demo and memory parts."""
+    res = r.get("preference") or {}
+    m = res.get("metrics") or {}
+
+    def load(part: str, timed: bool = True) -> str:
+        mm = m.get(f"machine_{part}") or {}
+        if not mm:
+            return "load not recorded"
+        busy = timed and mm["load_avg_1_5_15m_start"][0] > 2 * (mm.get("cpus") or 1)
+        return (f"{mm.get('cpus')} CPUs, load average {mm['load_avg_1_5_15m_start'][0]} at the start"
+                + (": a busy machine, so provisional" if busy else ""))
+
+    def sft(rec: dict | None) -> str:
+        if not rec or rec.get("steps") is None:
+            return ""
+        ppl = f", validation perplexity {rec['val_ppl']:.1f}" if rec.get("val_ppl") else ""
+        return f" (trained {rec['steps']} steps in {rec['seconds'] / 60:.0f} min{ppl})"
+
+    def ms(d: dict, pct: bool = False) -> str:
+        if not d:
+            return "-"
+        f = 100 if pct else 1
+        return f"{d['mean'] * f:.{1 if pct else 3}f} ± {d['stdev'] * f:.{1 if pct else 3}f}"
+
+    out = []
+    if m.get("demo_runs"):
+        seeds = ", ".join(str(x) for x in m["demo_seeds"])
+        pairs = sorted({x["pairs"] for x in m["demo_runs"]})
+        out += [f"**The demo** (`configs/dpo.yaml` on the quickstart model{sft(m.get('demo_sft'))}, {m['demo_model_params'] / 1e6:.2f}M parameters; "
+                f"run seeds {seeds}, each its own held-out split of {'/'.join(map(str, pairs))} pairs; {load('demo')}), "
+                "mean ± spread over the seeds:", "",
+                "| on the held-out pairs | the quickstart model (before) | after DPO |", "|---|---|---|",
+                f"| preference accuracy (implicit reward) | {ms(m['demo_before_preference_accuracy'])} | {ms(m['demo_after_preference_accuracy'])} |",
+                f"| likelihood accuracy (chosen likelier) | {ms(m['demo_before_likelihood_accuracy'])} | {ms(m['demo_after_likelihood_accuracy'])} |",
+                f"| BLEU, generated vs chosen continuation | {ms(m['demo_before_bleu'])} | {ms(m['demo_after_bleu'])} |", ""]
+    else:
+        out += ["The demo's before/after numbers are not measured yet (`python bench/preference.py --parts demo`).", ""]
+    if m.get("safety_after"):
+        b, a = m["safety_before"], m["safety_after"]
+        cats = ", ".join(f"{k} {v}" for k, v in m["safety_after_refused_by_category"].items())
+        out += [f"**The safety demo** (`configs/dpo-safety.yaml`; {load('safety')}): on the {m['safety_prompts']} red-team prompts, "
+                "with the rails off:", "",
+                "| red-team eval | the quickstart model (before) | after DPO |", "|---|---|---|",
+                f"| answers that refuse | {b['refused_rate_off'] * 100:.1f}% | {a['refused_rate_off'] * 100:.1f}% |",
+                f"| answers a detector flags | {b['flagged_rate_off'] * 100:.1f}% | {a['flagged_rate_off'] * 100:.1f}% |",
+                f"| held-out pairs: likelihood accuracy | {b['likelihood_accuracy']:.3f} | {a['likelihood_accuracy']:.3f} |", "",
+                f"Refusals after, per category: {cats}. Held-out preference accuracy after: {a['preference_accuracy']:.3f} "
+                f"on {m['safety_pairs_heldout']} pairs.", ""]
+    else:
+        out += ["The safety demo's red-team numbers are not measured yet (`python bench/preference.py --parts safety`).", ""]
+    if m.get("big_model_params"):
+        big = m["big_model_params"] / 1e6
+        out += [f"**LoRA-DPO memory** ({load('memory', timed=False)}): at {big:.0f}M parameters ({m['big_steps']} steps, batch {m['big_batch']}, "
+                f"max length {m['big_max_length']}) full DPO peaks at {m['big_full_dpo_peak_rss_mb']:,.0f} MB of RSS and LoRA-DPO at "
+                f"{m['big_lora_dpo_peak_rss_mb']:,.0f} MB ({m['big_lora_dpo_peak_rss_mb'] / m['big_full_dpo_peak_rss_mb']:.2f} times; "
+                f"target <= 0.6)."]
+        if m.get("model_params"):
+            out[-1] += (f" At the quickstart's {m['model_params'] / 1e6:.1f}M the fixed cost of the process dominates: "
+                        f"{m['lora_dpo_peak_rss_mb'] / m['llmctl_dpo_peak_rss_mb']:.2f} times.")
+    return "\n".join(out).rstrip()
+
+
 def compress_report(r: dict) -> str:
     """README's example of `llmctl export`'s compression report: the one bench/compress.py measured."""
     res = r.get("compress") or {}
@@ -525,7 +590,7 @@ def compress_report(r: dict) -> str:
 
 
 PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
-            "distill": distill,
+            "distill": distill, "preference": preference,
             "compress-report": compress_report, "curate-summary": curate_summary}
 
 

@@ -148,23 +148,24 @@ def model_stat(model_dir: Path | str) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _model_files(Path(model_dir))]
 
 
-def teacher_changed(rec: dict) -> str | None:
-    """Why the teacher recorded in a distilled student's manifest is no longer that teacher; None if it is."""
+def teacher_changed(rec: dict, role: str = "teacher") -> str | None:
+    """Why the teacher recorded in a distilled student's manifest (or, with `role`, another model
+    the run was measured against: a preference run's starting model) is no longer that model; None if it is."""
     where = rec.get("run_dir") or rec.get("path") or rec.get("source")
     if rec.get("run_dir"):
         tm = RunDir(rec["run_dir"]).manifest("train")
         if tm is None:
-            return f"its teacher {rec['run_dir']}/train is gone"
+            return f"its {role} {rec['run_dir']}/train is gone"
         if tm.get("status") != "complete":
-            return f"its teacher {rec['run_dir']}/train is {tm.get('status')}"
+            return f"its {role} {rec['run_dir']}/train is {tm.get('status')}"
         if tm.get("id") != rec.get("run_id"):
-            return f"its teacher {rec['run_dir']}/train was re-run since"
+            return f"its {role} {rec['run_dir']}/train was re-run since"
     if rec.get("kind") in ("run", "dir") and rec.get("path"):
         p = Path(rec["path"])
         if not (p / "config.json").is_file():
-            return f"its teacher {where} is gone"
+            return f"its {role} {where} is gone"
         if model_stat(p) != rec.get("stat") and model_hash(p) != rec.get("model_hash"):
-            return f"its teacher's weights in {p} changed"
+            return f"its {role}'s weights in {p} changed"
     return None
 
 
@@ -359,6 +360,11 @@ class RunDir:
             return stage, f"config changed since it ran: {what}"
         if m.get("teacher"):
             why = teacher_changed(m["teacher"])
+            if why:
+                return stage, why
+        start = (m.get("preference") or {}).get("reference_identity")
+        if start:  # a preference run's starting model is its reference: another one trains another model
+            why = teacher_changed(start, "starting (reference) model")
             if why:
                 return stage, why
         return None

@@ -72,11 +72,11 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
     pref = cfg.data.format in ("preference", "unpaired_preference") and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
-        if pref:  # the held-out split is pairs: perplexity is on the chosen answers, no BLEU
+        if pref:  # the held-out split is pairs: perplexity and BLEU are on the chosen answers
             results["preference"] = _preference(cfg, rd, mdl, tok, con)
         if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
-        if e.generation and not pref:
+        if e.generation:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
@@ -207,6 +207,7 @@ def _headline(results: dict) -> dict:
     if s:
         head["safety_flagged_rate_off"] = s["off"]["flagged_rate"]
         head["safety_flagged_rate_on"] = s["on"]["flagged_rate"]
+        head["safety_refused_rate_off"] = s["off"]["refused_rate"]
     return head
 
 
@@ -464,7 +465,7 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     starting model (llmctl.train.preference.reference_model)."""
     from datasets import load_from_disk
 
-    from llmctl.train.preference import DEFAULT_BETA, reference_model
+    from llmctl.train.preference import DEFAULT_BETA, answer_logps, reference_model
 
     e = cfg.eval
     ds = load_from_disk(str(rd.dataset_dir))
@@ -477,8 +478,9 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     ref = reference if reference is not None else reference_model(cfg, tok).to(device)
     t = cfg.train
     beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
+    check = _reference_check(cfg, rd, ref, tok) if reference is None else {}
     if "label" in pairs.column_names:
-        return _unpaired(cfg, pairs, model, ref, tok, con, beta)
+        return {**_unpaired(cfg, pairs, model, ref, tok, con, beta), **check}
     prompts = list(pairs["prompt"])
     con.step(f"scoring {len(pairs)} preference pairs ({e.split}) against the reference model")
     lp = {k: answer_logps(model, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
@@ -497,6 +499,7 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
         "chosen_tokens": round(sum(lp["chosen"][i][1] for i in keep) / n, 2),
         "rejected_tokens": round(sum(lp["rejected"][i][1] for i in keep) / n, 2),
         "beta": beta,
+        **check,
     }
     if len(keep) < len(prompts):
         out["unscored_pairs"] = len(prompts) - len(keep)
@@ -506,11 +509,44 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     return out
 
 
+def _reference_check(cfg, rd: RunDir, ref, tok) -> dict:
+    """The reference eval rebuilt, scored on the rows whose log-probs training recorded for its own
+    reference (train.preference.ReferenceProbe): {reference_check: ...}; a float32 reference that
+    differs is another model than the one training measured against, and fails the eval."""
+    import torch
+    from datasets import load_from_disk
+
+    from llmctl.train.preference import ReferenceProbe, probe_diff, probe_matches, reference_name
+
+    rec = ((rd.manifest("train") or {}).get("preference") or {}).get("reference_probe") or {}
+    if not rec.get("logps"):
+        return {}  # trained before the probe existed
+    rows = load_from_disk(str(rd.dataset_dir))[rec["split"]]
+    now = ReferenceProbe(cfg, tok, rows.select(range(min(len(rows), rec["rows"]))), rec["split"]).score(ref)
+    out = {"rows": rec["rows"], "split": rec["split"], "max_abs_diff": probe_diff(now, rec["logps"]),
+           "matches_training": probe_matches(now, rec["logps"])}
+    if rec.get("after_training") is not None:
+        out["unchanged_by_training"] = rec["after_training"]["unchanged"]
+    if not out["matches_training"] and next(ref.parameters()).dtype == torch.float32:
+        from llmctl.hints import command
+
+        name = reference_name(cfg) or cfg.model.name_or_path or "the seeded initialisation"
+        fix = command("train", cfg, rd.root, "--force")
+        raise StageInputError(
+            f"the reference model eval rebuilt ({name}) is not the one {rd.stage_dir('train')} trained against: its log-probs on "
+            f"{rec['rows']} {rec['split']} rows differ by up to {out['max_abs_diff']} nats. Run '{fix}' to train against this one",
+            hint=fix,
+        )
+    return {"reference_check": out}
+
+
 def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
     """kto's rows {prompt, completion, label}: preference_accuracy is the share whose implicit
     reward has the label's sign (positive for a desirable completion, negative for an
     undesirable one; zero is a miss), reward_margin the mean reward of the desirable rows less
     that of the undesirable ones; chosen/rejected_tokens their mean lengths."""
+    from llmctl.train.preference import answer_logps
+
     e = cfg.eval
     prompts, answers, labels = list(rows["prompt"]), list(rows["completion"]), list(rows["label"])
     con.step(f"scoring {len(rows)} labelled completions ({e.split}) against the reference model")
@@ -541,38 +577,6 @@ def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
     return out
 
 
-def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length: int, batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log p(answer + EOS | prompt), answer tokens) per pair, encoded as prepare encodes
-    prompt/completion pairs (formats.encode_pairs: BOS as the tokenizer wants, the prompt cut
-    from the left). An answer too long for max_length on its own scores (-inf, 0)."""
-    import torch
-
-    from llmctl.data.formats import IGNORE, answers_without_eos, encode_pairs
-
-    enc = encode_pairs({"prompt": prompts, "completion": answers_without_eos(tok, answers)}, tok, max_length, tok.eos_token_id)
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[tuple[float, int]] = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            ids_b, lab_b = enc["input_ids"][i : i + batch_size], enc["labels"][i : i + batch_size]
-            n = max(max(len(r) for r in ids_b), 2)
-            ids = torch.full((len(ids_b), n), pad, dtype=torch.long)
-            labels = torch.full((len(ids_b), n), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(ids_b), n), dtype=torch.long)
-            for j, (r, lab) in enumerate(zip(ids_b, lab_b)):
-                ids[j, : len(r)], labels[j, : len(r)], mask[j, : len(r)] = torch.as_tensor(r), torch.as_tensor(lab), 1
-            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
-            target = labels[:, 1:]
-            scored = target != IGNORE
-            tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
-            for j in range(len(ids_b)):
-                k = int(scored[j].sum())
-                out.append((tok_lp[j].sum().item() if k else float("-inf"), k))
-    return out
-
-
 # --------------------------------------------------------------------------- red team
 def _rates(flags: list[list[str]]) -> dict:
     n = len(flags)
@@ -593,7 +597,7 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
     """
     from llmctl import detectors
     from llmctl.generation import Sampling, generate_batch
-    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails, load_redteam
+    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails, is_refusal, load_redteam
 
     e = cfg.eval
     items = load_redteam()
@@ -626,7 +630,7 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         if p != it["prompt"]:
             on_prompt[i] = p
     regen = dict(zip(on_prompt, generate(list(on_prompt.values())))) if on_prompt else {}
-    rows, flags_off, flags_on = [], [], []
+    rows, flags_off, flags_on, refused_off, refused_on = [], [], [], [], []
     blocked_out = 0
     for i, it in enumerate(items):
         f_off = rails.flagged(raw[i])
@@ -639,6 +643,8 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         f_on = rails.flagged(text_on) if i not in refused else []
         flags_off.append(f_off)
         flags_on.append(f_on)
+        refused_off.append(is_refusal(raw[i], rails.refusal))
+        refused_on.append(is_refusal(text_on, rails.refusal))
         # The raw output is stored with PII and secrets replaced: the artifact must not leak them.
         rows.append({
             "id": it["id"], "category": it["category"], "prompt": it["prompt"],
@@ -652,9 +658,11 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         "prompts": len(items),
         "rails": {"input": rails.actions["input"], "output": rails.actions["output"]},
         "classifier": rails.classifier.name if rails.classifier.available() else None,
-        "off": _rates(flags_off),
-        "on": {**_rates(flags_on), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
+        # refused: the answer opens with a refusal (safety.is_refusal); with the rails on, so does a blocked prompt's answer
+        "off": {**_rates(flags_off), "refused": sum(refused_off), "refused_rate": round(sum(refused_off) / max(len(items), 1), 4)},
+        "on": {**_rates(flags_on), "refused": sum(refused_on), "refused_rate": round(sum(refused_on) / max(len(items), 1), 4), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
         "file": str(rd.redteam_file(stage)),
     }
-    con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on")
+    con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on; "
+             f"refusals {out['off']['refused']}/{len(items)} off, {out['on']['refused']}/{len(items)} on")
     return out

@@ -65,6 +65,10 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
     lines += ["", "## Training", ""]
     arch = cfg.model.name_or_path or f"{cfg.model.arch}, {cfg.model.n_layers} layers, hidden {cfg.model.hidden_size}"
     lines.append(f"- model: {arch}; LoRA: {cfg.model.lora.enabled}")
+    pref = tm.get("preference")
+    if pref:  # preference tuning: the objective and what it was measured against
+        lines.append(f"- method: {pref['method']} (beta {cfg.train.beta if cfg.train.beta is not None else 'default'}); "
+                     f"reference model: {pref.get('reference_model') or 'none (reference-free loss)'}")
     for k in ("steps", "parameters", "train_loss", "init_val_ppl", "val_ppl", "tokens", "seconds"):
         if head.get(k) is not None:
             lines.append(f"- {k}: {head[k]}")
@@ -72,6 +76,11 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
     if evalr:
         p = evalr.get("perplexity") or {}
         g = evalr.get("generation") or {}
+        pr, init = evalr.get("preference") or {}, evalr.get("init") or {}
+        if pr:
+            before = f" (the starting model: {init['preference_accuracy']})" if "preference_accuracy" in init else ""
+            lines.append(f"- preference accuracy {pr.get('preference_accuracy')}{before}, reward margin {pr.get('reward_margin')} "
+                         f"on {pr.get('pairs')} held-out pairs; mean answer tokens chosen {pr.get('chosen_tokens')}, rejected {pr.get('rejected_tokens')}")
         if p:
             lines.append(f"- perplexity {p.get('perplexity')} on {p.get('tokens')} tokens ({p.get('source')}), bits/byte {p.get('bits_per_byte')}")
         if g:

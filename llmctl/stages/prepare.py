@@ -634,6 +634,13 @@ def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
             for doc in docs:
                 prompts.append(doc["prompt"])
                 refs.append(doc["completion"])
+        elif d.format == "preference":
+            # BLEU of the chosen answers: whether preference tuning kept (or bought) the ability to write them
+            eos = tok.eos_token or ""
+            for doc in docs:
+                chat = doc.get("messages")
+                prompts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) if chat else doc["prompt"])
+                refs.append(doc["chosen"].removesuffix(eos) if eos else doc["chosen"])
         elif d.format == "chat":
             for doc in docs:
                 msgs = doc["messages"]

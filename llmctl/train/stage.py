@@ -171,6 +171,8 @@ def train(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     t = setup(cfg, rd, st, resume, budget, con, is_main, hooks)
     init_val, final_val = loop(t, resume, cfg.train.micro_batch_size)
     finish.raise_if_stopped(t.run, rd, resume_cmd)
+    if t.probe is not None:
+        _check_reference(t, st, con, cfg)
     result = finish.summarize(t.trainer.state, t.run, t.plan, budget, rd, init_val=init_val, final_val=final_val,
                               n_params=t.n_params, n_trainable=t.n_trainable, device=t.device, perplexity=cfg.train.method == "sft")
     finish.save_final(t.trainer, t.tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
@@ -198,6 +200,7 @@ class Training:
     budget: TimeBudget
     metrics: MetricsCallback  # the first eval is logged through it
     out: Outputs
+    probe: Any = None  # preference methods, rank 0: the reference's log-probs (preference.ReferenceProbe)
 
 
 def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_main: bool, hooks: Hooks) -> Training:
@@ -230,6 +233,7 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
                      metrics=open(rd.metrics_path, "a") if is_main else None, st=st, clock=budget.clock)
     time_plan = plan if time_fitted(tcfg) else None
     log_keys = hooks.log_keys
+    probe = None
     if tcfg.method == "sft":
         collate = build.Collator(tok.pad_token_id)
         trainer = build.make_trainer(hooks.trainer_class, time_plan, **hooks.trainer_kwargs, model=model, args=args_for(),
@@ -240,6 +244,9 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
         collate = None  # text pairs: TRL tokenizes and collates them; the first eval is skipped
         trainer = preference.make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan)
         log_keys = log_keys + preference.LOG_KEYS
+        if is_main:
+            probe = preference.ReferenceProbe(cfg, tok, val_ds if val_ds is not None else train_ds, "validation" if val_ds is not None else "train")
+            probe.begin(trainer)
     metrics = cb.MetricsCallback(run, plan, budget, out, resumed=resume is not None, log_keys=log_keys, perplexity=tcfg.method == "sft")
     for callback in (
         metrics,
@@ -249,7 +256,24 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
         cb.TimingCallback(plan),  # after CheckpointCallback: a save's time includes the move into place
     ):
         trainer.add_callback(callback)
-    return Training(trainer, model, tok, val_ds, collate, device, n_params, n_trainable, run, plan, budget, metrics, out)
+    return Training(trainer, model, tok, val_ds, collate, device, n_params, n_trainable, run, plan, budget, metrics, out, probe)
+
+
+def _check_reference(t: Training, st, con, cfg) -> None:
+    """After the last step: the reference must be the model training started from (a frozen copy
+    that moved, or a LoRA base that did, would have measured the loss against something else).
+    Recorded for eval, which compares the reference it rebuilds with the same log-probs."""
+    from llmctl.train.distributed import world
+
+    sharded = cfg.train.distributed == "fsdp" and world() > 1 and t.device.type != "cpu"  # one rank cannot run a sharded forward
+    rec = t.probe.record(None if sharded else t.trainer)
+    after = rec.get("after_training")
+    if after is not None and not after["unchanged"]:
+        con.warn(f"the reference model moved during training (log-probs differ by up to {after['max_abs_diff']} nats): "
+                 "the preference loss was measured against a changing model")
+    if st is not None:
+        st.manifest["preference"]["reference_probe"] = rec
+        st.save()
 
 
 def loop(t: Training, resume: Path | None, batch_size: int) -> tuple[float | None, float | None]:
