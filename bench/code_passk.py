@@ -24,12 +24,14 @@ CONFIG = HERE.parent / "configs" / "code_passk.yaml"
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-code-"))
+    # BENCH_CODE_RUN_DIR: a run directory of this config to continue (`llmctl run` skips what is complete)
+    run_dir = Path(os.environ.get("BENCH_CODE_RUN_DIR") or tmp / "run")
     start = machine()
-    r = subprocess.run([sys.executable, "-m", "llmctl", "run", str(CONFIG), "--run-dir", str(tmp / "run"), "--json"],
+    r = subprocess.run([sys.executable, "-m", "llmctl", "run", str(CONFIG), "--run-dir", str(run_dir), "--json"],
                        capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if r.returncode != 0:
         raise SystemExit(f"llmctl run failed ({r.returncode}):\n{r.stderr[-3000:]}")
-    res = json.loads((tmp / "run" / "eval" / "results.json").read_text())
+    res = json.loads((run_dir / "eval" / "results.json").read_text())
     code, init = res["code"], res["init"]
     c = yaml.safe_load(CONFIG.read_text())["eval"]["code"]
     after = {k: v for k, v in code.items() if k.startswith("pass@")} | {"outcomes": code["outcomes"]}

@@ -59,6 +59,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
 
     from llmctl.modeling import load_for_inference
 
+    if e.generation and "metrics" in e.model_fields_set and {"rouge1", "rouge2", "rougeL"} & set(e.metrics):
+        from llmctl.evaluation.textmetrics import _scorer
+
+        _scorer(("rougeL",))  # a ROUGE metric asked for without rouge-score: the config error now, not after generating
     t0 = time.time()
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
