@@ -25,7 +25,7 @@ from common import machine, ratio, write_result
 MAX_BYTES = int(os.environ.get("BENCH_EVAL_BYTES", 300_000))
 WINDOW = 512
 BATCH = 16
-ROUNDS = 3
+ROUNDS = int(os.environ.get("BENCH_EVAL_ROUNDS", 3))
 
 LM_EVAL = r'''
 import json, sys

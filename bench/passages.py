@@ -446,7 +446,10 @@ def code_passk(r: dict) -> str:
         return "Not measured yet (`python bench/run_all.py code_passk` runs it)."
     ks = [k for k in ("pass@1", "pass@5", "pass@10") if k in c["after"]]
     rows = ["| model | " + " | ".join(ks) + " | outcomes (pass / fail / timeout / error) |", "|---|" + "---|" * (len(ks) + 1)]
-    for name, key in (("before training (seeded init)", "before"), ("after 150 steps on the train half", "after")):
+    for name, key in (("before training (seeded init)", "before"), ("after 150 steps on the train half", "after"),
+                      (f"the same model on the {c.get('test_tasks', '?')} test tasks", "after_on_test_tasks")):
+        if key not in c:
+            continue
         o = c[key].get("outcomes") or {}
         rows.append(f"| {name} | " + " | ".join(_fmt(c[key][k]) for k in ks) + " | "
                     + (" / ".join(str(o.get(x, "-")) for x in ("pass", "fail", "timeout", "error")) if o else "-") + " |")
