@@ -589,7 +589,25 @@ def compress_report(r: dict) -> str:
                       "are measured apart, see \"Measured\" below):", "", "```", *table(rep), "```"])
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
+def code_passk(r: dict) -> str:
+    """README's eval.code passage: pass@k before and after the fine-tune of configs/code_passk.yaml."""
+    c = (r.get("code_passk") or {}).get("metrics")
+    if not c:
+        return "Not measured yet (`python bench/run_all.py code_passk` runs it)."
+    ks = [k for k in ("pass@1", "pass@5", "pass@10") if k in c["after"]]
+    rows = ["| model | " + " | ".join(ks) + " | outcomes (pass / fail / timeout / error) |", "|---|" + "---|" * (len(ks) + 1)]
+    for name, key in (("before training (seeded init)", "before"), ("after 150 steps on the train half", "after"),
+                      (f"the same model on the {c.get('test_tasks', '?')} test tasks", "after_on_test_tasks")):
+        if key not in c:
+            continue
+        o = c[key].get("outcomes") or {}
+        rows.append(f"| {name} | " + " | ".join(_fmt(c[key][k]) for k in ks) + " | "
+                    + (" / ".join(str(o.get(x, "-")) for x in ("pass", "fail", "timeout", "error")) if o else "-") + " |")
+    return (f"From `bench/code_passk.py` ({c['tasks']} train tasks x {c['samples']} samples, temperature {c['temperature']}; "
+            f"{_machine(r.get('code_passk', {}))}):\n\n" + "\n".join(rows))
+
+
+PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "code-passk": code_passk, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
             "distill": distill, "preference": preference,
             "compress-report": compress_report, "curate-summary": curate_summary}
 

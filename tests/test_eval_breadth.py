@@ -433,3 +433,26 @@ def test_prepare_counterfactual_adds_swapped_copies_and_reports_the_balance(tmp_
 
     with pytest.raises(ConfigError, match="counterfactual"):
         load_config(write_config(tmp_path / "b.yaml", bad))
+
+
+def test_rouge_without_rouge_score_is_skipped_by_default_and_an_error_when_asked_for(tiny_cfg, monkeypatch):
+    import importlib.util
+    import sys
+
+    from llmctl.errors import ConfigError
+    from llmctl.evaluation import textmetrics
+    from llmctl.stages.evaluate import _generation_metrics
+
+    path, cfg = tiny_cfg
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rouge_score" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "rouge_score", None)
+    textmetrics._scorer.cache_clear()
+    try:
+        assert _generation_metrics(cfg) == ["bleu", "chrf", "ter", "exact_match", "token_f1"]
+        asked = load_config(path, ["eval.metrics=[rougeL, bleu]"])
+        assert _generation_metrics(asked) == ["rougeL", "bleu"]
+        with pytest.raises(ConfigError, match=r"pip install 'llmctl\[eval\]'"):
+            textmetrics.rouge_scores(["a"], ["a"], ("rougeL",))
+    finally:
+        textmetrics._scorer.cache_clear()

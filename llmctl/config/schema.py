@@ -396,8 +396,8 @@ def _flat_limits(value: Any, prefix: str, key: str, out: dict[str, float]) -> di
 
 class CodeEvalConfig(Section):
     enabled: bool = Field(False, description="Run code tasks (prompt, reference solution, unit tests): sample completions, run each with its tests in a sandbox, report pass@k.")
-    path: str | None = Field(None, description="A JSONL file of tasks ({task_id, prompt, entry_point, tests[, canonical_solution]}); null: the set shipped with llmctl (llmctl/data/code_tasks.jsonl).")
-    split: Literal["train", "test", "all"] = Field("test", description="Tasks of the shipped set to run, by their `split` field (a user file's rows without one count as test).")
+    path: str | None = Field(None, description="A JSONL file of tasks ({task_id, prompt, entry_point, tests[, canonical_solution, split]}); null: the set shipped with llmctl (llmctl/data/code_tasks_train.jsonl and code_tasks_test.jsonl).")
+    split: Literal["train", "test", "all"] = Field("test", description="Which tasks to run: the shipped train or test file, or both; in a user file, by each row's `split` field (none counts as test).")
     samples: int = Field(10, ge=1, le=200, description="Completions sampled per task (n); pass@k is reported for k in 1, 5, 10 where k <= n.")
     temperature: float = Field(0.8, gt=0, description="Sampling temperature (samples > 1); with samples=1 decoding is greedy.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling for the code samples.")

@@ -1,6 +1,8 @@
 """Code generation: run sampled completions against unit tests in a sandbox, report pass@k.
 
-A task is one JSONL row: `task_id`, `prompt` (a signature and docstring), `entry_point`,
+The shipped set (llmctl/data/code_tasks_train.jsonl, code_tasks_test.jsonl) is 24 short
+stdlib-flavoured functions written for llmctl; a fine-tune can train on its train file. A task
+is one JSONL row: `task_id`, `prompt` (a signature and docstring), `entry_point`,
 `tests` (Python asserts that call it), optionally `canonical_solution` and `split`. The program
 run for a sample is prompt + completion + tests.
 
@@ -173,9 +175,10 @@ def run_sample(program: str, timeout: float, memory_mb: int, nproc: int = 16) ->
     return {"outcome": "error", "detail": last or f"exit {r.returncode}"}
 
 
-def load_tasks(path: str | None, split: str) -> list[dict]:
-    """The shipped task set (llmctl/data/code_tasks.jsonl) or a user file, one task a line."""
-    f = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "code_tasks.jsonl"
+SHIPPED = Path(__file__).resolve().parents[1] / "data"
+
+
+def _read_tasks(f: Path) -> list[dict]:
     if not f.is_file():
         raise DataError(f"eval.code.path: {f} does not exist")
     tasks = []
@@ -189,10 +192,18 @@ def load_tasks(path: str | None, split: str) -> list[dict]:
         missing = [k for k in ("task_id", "prompt", "entry_point", "tests") if not isinstance(row.get(k), str) or not row[k]]
         if missing:
             raise DataError(f"{f}:{i}: missing {', '.join(missing)} (a code task has task_id, prompt, entry_point, tests)")
-        if split == "all" or row.get("split", "test") == split:
-            tasks.append(row)
+        tasks.append(row)
+    return tasks
+
+
+def load_tasks(path: str | None, split: str) -> list[dict]:
+    """The shipped task set (llmctl/data/code_tasks_{train,test}.jsonl; `split` picks) or a user
+    file, one task a line (its rows' `split` field picks; a row without one is a test task)."""
+    if path is None:
+        return [t for sp in ("train", "test") if split in (sp, "all") for t in _read_tasks(SHIPPED / f"code_tasks_{sp}.jsonl")]
+    tasks = [t for t in _read_tasks(Path(path)) if split == "all" or t.get("split", "test") == split]
     if not tasks:
-        raise DataError(f"{f}: no tasks with split={split}: set eval.code.split (train, test or all)")
+        raise DataError(f"{path}: no tasks with split={split}: set eval.code.split (train, test or all)")
     return tasks
 
 
@@ -279,6 +290,6 @@ def evaluate(model, tok, c, seed: int, batch_size: int, con=None) -> tuple[dict,
             for i, t in enumerate(tasks) for j in range(n)]
     out = summarize(tasks, outcomes, n)
     out["isolation"] = iso
-    out["source"] = c.path or "builtin:code_tasks.jsonl"
+    out["source"] = c.path or f"builtin:code_tasks ({c.split})"
     out["split"] = c.split
     return out, rows

@@ -61,6 +61,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         return _image_text(cfg, rd, stage, path, inputs, extra_hash, explicit, con)
     from llmctl.modeling import load_for_inference
 
+    if e.generation and "metrics" in e.model_fields_set and {"rouge1", "rouge2", "rougeL"} & set(e.metrics):
+        from llmctl.evaluation.textmetrics import _scorer
+
+        _scorer(("rougeL",))  # a ROUGE metric asked for without rouge-score: the config error now, not after generating
     t0 = time.time()
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
@@ -342,7 +346,7 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
                 out[j] = r
                 if pred_file is not None:
                     rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"],
-                           **sentence_scores(r["text"].strip(), refs[j], e.metrics)}
+                           **sentence_scores(r["text"].strip(), refs[j], _generation_metrics(cfg))}
                     pred_file.write(json.dumps(rec) + "\n")
             if pred_file is not None:
                 pred_file.flush()
@@ -352,6 +356,20 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
 
 _LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
           "exact_match": "exact", "token_f1": "F1"}
+
+
+def _generation_metrics(cfg, con=None) -> list[str]:
+    """eval.metrics; by default ROUGE is left out (with a note) where rouge-score is not installed."""
+    import importlib.util
+
+    from llmctl.evaluation.textmetrics import ROUGE
+
+    metrics = list(cfg.eval.metrics)
+    if "metrics" not in cfg.eval.model_fields_set and importlib.util.find_spec("rouge_score") is None:
+        metrics = [m for m in metrics if m not in ROUGE]
+        if con is not None:
+            con.info("ROUGE skipped: rouge-score is not installed (pip install 'llmctl[eval]')")
+    return metrics
 
 
 def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = None) -> dict | None:
@@ -366,7 +384,7 @@ def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = Non
     predictions.parent.mkdir(parents=True, exist_ok=True)
     with open(predictions, "w") as f:
         hyps = _generate_all(model, tok, prompts, refs, cfg, con, pred_file=f)
-    metrics = cfg.eval.metrics
+    metrics = _generation_metrics(cfg, con)
     out = text_metrics(hyps, refs, metrics)
     if cfg.eval.baselines:  # the trivial baseline beside each metric: the prompt's last words as the answer
         copy = [" ".join(p.split()[-8:]) for p in prompts]
@@ -400,7 +418,9 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
     if "tasks" in trained:
         out["tasks"] = _tasks(cfg, model, tok, con)
     if "code" in trained:
-        out.update({k: v for k, v in _code(cfg, rd, model, tok, con, None).items() if k.startswith("pass@")})
+        c = _code(cfg, rd, model, tok, con, None)
+        out.update({k: v for k, v in c.items() if k.startswith("pass@")})
+        out["code_outcomes"] = c["outcomes"]
     if "bias" in trained:
         b = _bias(cfg, rd, model, tok, con, None)
         out.update({f"bias.{k}": b[k] for k in ("stereotype_share", "mean_gap")})
@@ -409,8 +429,8 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
         from llmctl.metrics import text_metrics
 
-        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs, cfg.eval.metrics)
-        out.update({k: m[k] for k in cfg.eval.metrics})
+        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs, _generation_metrics(cfg))
+        out.update({k: m[k] for k in _generation_metrics(cfg)})
     return out
 
 
