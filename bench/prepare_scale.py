@@ -9,7 +9,10 @@ dedup keeps them) is written as 64 MB JSONL shards, at each size in BENCH_SCALE_
   leakage: their indexes are what grows with the document count; quality, language and PII off);
 - plain datasets: load_dataset("json") -> map(tokenize) -> map(group_texts) -> save_to_disk, the same
   num_proc (1).
-Each is a fresh process, its peak RSS from wait4 and its wall time from spawn to exit.
+Each is a fresh process, its wall time from spawn to exit, its peak RSS from wait4 (which counts the
+pages of memory-mapped Arrow files it read: page cache the kernel can drop) and its peak anonymous
+memory (RssAnon, sampled every 0.1 s: the memory it cannot give back). BENCH_SCALE_SIDES picks sides
+(default "llmctl,llmctl_curated,datasets").
 
     BENCH_SCALE_MB=1024,4096 python bench/prepare_scale.py
 """
@@ -26,11 +29,38 @@ import tempfile
 from pathlib import Path
 
 from common import machine, ratio, write_result
-from prepare import timed
 
 BLOCK = 256
 SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_MB", "32,128").split(",")]
 SHARD = 64 << 20
+SIDES = os.environ.get("BENCH_SCALE_SIDES", "llmctl,llmctl_curated,datasets").split(",")
+
+
+def timed(cmd: list[str], env: dict) -> tuple[dict, str]:
+    """Wall seconds, peak RSS (wait4) and peak anonymous memory (RssAnon, sampled) in MB; and stdout."""
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        anon = 0
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("RssAnon:"))
+                anon = max(anon, int(line.split()[1]))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.1)
+        dt = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise SystemExit(f"{cmd[:4]} failed ({code}):\n{err.read().decode(errors='replace')[-2000:]}")
+        return {"seconds": round(dt, 3), "rss_mb": round(ru.ru_maxrss / 1024, 1), "anon_mb": round(anon / 1024, 1)}, out.read().decode()
 
 PLAIN = r'''
 import sys
@@ -99,23 +129,25 @@ def main() -> None:
         files = corpus(tmp / f"c{mb}", mb)
         row = {"bytes": sum(f.stat().st_size for f in files)}
         for name, cur in (("llmctl", False), ("llmctl_curated", True)):
-            cfg = config(tmp, f"{name}-{mb}", files, tok, cur)
-            row[name], _ = timed([sys.executable, "-m", "llmctl", "prepare", str(cfg), "-q"], env)
-            shutil.rmtree(tmp / f"{name}-{mb}", ignore_errors=True)
-        row["datasets"], _ = timed([sys.executable, "-c", PLAIN, ",".join(map(str, files)), str(tok), str(tmp / "hf-cache"),
-                                    str(tmp / "plain-out"), str(BLOCK)], env)
+            if name in SIDES:
+                cfg = config(tmp, f"{name}-{mb}", files, tok, cur)
+                row[name], _ = timed([sys.executable, "-m", "llmctl", "prepare", str(cfg), "-q"], env)
+                shutil.rmtree(tmp / f"{name}-{mb}", ignore_errors=True)
+        if "datasets" in SIDES:
+            row["datasets"], _ = timed([sys.executable, "-c", PLAIN, ",".join(map(str, files)), str(tok), str(tmp / "hf-cache"),
+                                        str(tmp / "plain-out"), str(BLOCK)], env)
         shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
         shutil.rmtree(tmp / "plain-out", ignore_errors=True)
         shutil.rmtree(tmp / f"c{mb}", ignore_errors=True)
         rows[mb] = row
         print(f"[prepare_scale] {mb} MB: {json.dumps(row)}", flush=True)
     lo, hi = rows[SIZES[0]], rows[SIZES[-1]]
-    growth = {k: round(hi[k]["rss_mb"] / lo[k]["rss_mb"] - 1, 3) for k in ("llmctl", "llmctl_curated", "datasets")}
-    write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "rss_growth": growth, "machine": machine()}, {
-        f"prepare peak RSS growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth["llmctl"], 1.2, higher_is_better=False),
-        f"curated prepare peak RSS growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth["llmctl_curated"], 1.2, higher_is_better=False),
-        f"prepare speed vs plain datasets at {SIZES[-1]} MB": ratio(hi["datasets"]["seconds"] / hi["llmctl"]["seconds"], 1.0),
-    })
+    growth = {f"{k}.{m}": round(hi[k][m] / lo[k][m] - 1, 3) for k in SIDES for m in ("rss_mb", "anon_mb")}
+    ratios = {f"{k} peak {m.split('_')[0]} growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth[f"{k}.{m}"], 1.2, higher_is_better=False)
+              for k in SIDES if k.startswith("llmctl") for m in ("rss_mb", "anon_mb")}
+    if {"llmctl", "datasets"} <= set(SIDES):
+        ratios[f"prepare speed vs plain datasets at {SIZES[-1]} MB"] = ratio(hi["datasets"]["seconds"] / hi["llmctl"]["seconds"], 1.0)
+    write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "growth": growth, "machine": machine()}, ratios)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
