@@ -97,7 +97,9 @@ def _mlflow_run(cfg, rd: RunDir, old: dict | None) -> dict:
         return old
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.run.name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.run.name)
+    # The default store keeps its artifacts in the run too (MLflow's default is ./mlruns in the cwd).
+    where = (rd.stage_dir("train") / "mlflow-artifacts").resolve().as_uri() if not os.environ.get("MLFLOW_TRACKING_URI") else None
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.run.name, artifact_location=where)
     run = client.create_run(exp_id, run_name=cfg.run.name, tags={"llmctl.run_dir": str(rd.root.resolve())})
     return {"uri": uri, "run_id": run.info.run_id, "experiment": cfg.run.name}
 

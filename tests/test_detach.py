@@ -106,3 +106,21 @@ def test_logs_follow_ends_with_the_process(tmp_path):
     missing = invoke_cli("logs", str(rd.root), "--stage", "eval")
     assert missing.returncode == 1 and "no such log" in missing.stderr and "train" in missing.stderr
     assert invoke_cli("logs", str(tmp_path / "nope")).returncode == 2
+
+
+def test_a_detached_run_blocks_a_detached_stage_it_will_write(tmp_path):
+    """`llmctl run --detach` writes every stage folder: a detached train of the same run is refused
+    while it lives (its record names a live process: this one), allowed once its exit is recorded."""
+    import psutil
+
+    path, rd = _setup(tmp_path)
+    rd.logs_dir.mkdir()
+    me = {"command": "run", "pid": os.getpid(), "create_time": psutil.Process().create_time(), "exit_code": None,
+          "started_at": "2026-01-01T00:00:00+00:00", "log": str(rd.log_path("run"))}
+    atomic_write_json(rd.detach_record_path("run"), me)
+    r = invoke_cli("train", str(path), "--detach")
+    assert r.returncode == 1 and "'run' is already running detached" in r.stderr
+    assert not rd.log_path("train").exists()
+    atomic_write_json(rd.detach_record_path("run"), {**me, "exit_code": 0})
+    assert detach.live(rd) == {}
+    detach.refuse_if_busy(rd, "train")  # no longer refused

@@ -127,3 +127,22 @@ def test_launch_slurm_checks_its_flags(tmp_path):
     assert r.returncode == 2 and "--nodes 0" in r.stderr
     r = invoke_cli("launch", "slurm", str(path), "--nodes", "2", "--gpus-per-node", "8", "--time", "4h")
     assert r.returncode == 2 and "--time '4h'" in r.stderr and "4:00:00" in r.stderr
+
+
+def test_a_launcher_checks_resume_against_the_world_its_ranks_form(tmp_path):
+    """`train --nproc 2` after a stop: the launcher (one process) must accept the 2-rank checkpoint
+    its ranks will continue, and one process must still refuse it."""
+    from llmctl.config import stage_values
+    from llmctl.errors import ConfigError
+    from llmctl.rundir import atomic_write_json
+    from llmctl.train.checkpoints import META, pick_resume, resume_fingerprint
+
+    path, rd = _setup(tmp_path, "run", train=T)
+    cfg = load_config(path)
+    ckpt = rd.checkpoint_dir(2)
+    ckpt.mkdir(parents=True)
+    atomic_write_json(ckpt / META, {"step": 2, "fingerprint": resume_fingerprint(cfg, rd, world_size=2),
+                                    "config_values": stage_values(cfg, "train")})
+    assert pick_resume(cfg, rd, None, world_size=2) == ckpt
+    with pytest.raises(ConfigError, match=r"world_size \(2 -> 1\)"):
+        pick_resume(cfg, rd, None)

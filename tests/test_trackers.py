@@ -73,6 +73,7 @@ def test_mlflow_sqlite_store_holds_the_trainer_state(tmp_path):
     run = client.get_run(ids["run_id"])
     assert run.data.metrics["final/val_loss"] == pytest.approx(rd.manifest("train")["headline"]["val_loss"], abs=1e-4)
     assert {a.path for a in client.list_artifacts(ids["run_id"])} == {"config", "lineage"}
+    assert (rd.stage_dir("train") / "mlflow-artifacts").is_dir()  # in the run, not ./mlruns
 
 
 def test_a_missing_tracker_is_a_config_error(tmp_path, monkeypatch):
