@@ -127,6 +127,8 @@ def test_report_of_a_config_uses_its_thresholds(run):
 def test_bad_input_is_one_line_and_its_exit_code(tmp_path, run):
     r = invoke_cli("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and "no such run directory" in r.stderr and "Traceback" not in r.stderr
+    r = invoke_cli("report", str(run[1].root), "--set", "eval.thresholds.perplexity_max=1")
+    assert r.returncode == 2 and "--set applies to a CONFIG" in r.stderr
     (tmp_path / "empty").mkdir()
     r = invoke_cli("report", str(tmp_path / "empty"), "--json")
     assert r.returncode == 3 and "holds no stage output" in json.loads(r.stdout)["error"] and "Traceback" not in r.stderr
