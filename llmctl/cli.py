@@ -495,6 +495,8 @@ def report(
         from llmctl.rundir import RunDir
 
         cfg = _load(target, set_) if Path(target).is_file() else None
+        if cfg is None and set_:
+            raise ConfigError("report: --set applies to a CONFIG argument; this is a run directory")
         rd = _rundir(cfg, run_dir) if cfg is not None else RunDir(run_dir or target)
         if not rd.root.is_dir():
             raise ConfigError(f"{rd.root}: no such run directory (give a run directory or the config that made it)")

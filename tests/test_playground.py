@@ -68,10 +68,43 @@ def engine(tmp_path_factory):
     metrics = Metrics()
     eng = Engine(str(rd.model_dir), 4, 16, 0, metrics, device="cpu", threads=1)
     eng.load()
+    eng.gate = Gate()
+    step = eng._step
+
+    def gated_step(batch):
+        out = step(batch)
+        eng.gate.after_step()
+        return out
+
+    eng._step = gated_step
     eng.start()
     yield eng, metrics
+    eng.gate.release.set()
     eng.stop()
     torch.set_num_threads(threads)
+
+
+class Gate:
+    """Holds the engine after a number of decoding steps until the test lets it go: an answer
+    is then provably unfinished while the test looks at the page."""
+
+    def __init__(self):
+        self.steps_left: int | None = None  # None: never hold
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def hold_after(self, steps: int) -> None:
+        self.held.clear()
+        self.release.clear()
+        self.steps_left = steps
+
+    def after_step(self) -> None:
+        if self.steps_left is None:
+            return
+        self.steps_left -= 1
+        if self.steps_left <= 0:
+            self.held.set()
+            assert self.release.wait(60), "the test never released the engine"
+            self.steps_left = None
 
 
 @pytest.fixture(scope="module")
@@ -126,14 +159,15 @@ def test_serve_playground_key_reaches_the_app(tmp_path):
         assert TestClient(server.config.app).get("/").status_code == (200 if on else 404)
 
 
-def _send(page, prompt: str, mode: str = "chat"):
+def _send(page, prompt: str, mode: str = "chat", wait: bool = True):
     page.check(f"input[name=mode][value={mode}]")
     page.fill("#max_tokens", "24")
     page.fill("#seed", "3")
     page.fill("#prompt", prompt)
     page.click("#send")
     out = page.locator(".assistant .text").last
-    page.wait_for_function("() => !document.getElementById('send').disabled", timeout=60_000)
+    if wait:
+        page.wait_for_function("() => !document.getElementById('send').disabled", timeout=60_000)
     return out
 
 
@@ -143,13 +177,22 @@ def _only_this_server(log, url: str) -> None:
 
 @needs_browser
 @pytest.mark.parametrize("mode", ["chat", "completion"])
-def test_prompt_streams_into_the_page_with_logprobs(servers, browser, mode):
-    url = servers["open"].url
+def test_prompt_streams_into_the_page_with_logprobs(servers, engine, browser, mode):
+    url, gate = servers["open"].url, engine[0].gate
     with browser.page() as (page, log):
         page.goto(url + "/")
         page.wait_for_function("() => document.getElementById('model').textContent === 'tiny'")
         assert page.locator("#keybox").is_hidden()  # no key on this server: none asked for
-        out = _send(page, "the quick brown fox", mode)
+        # Streamed: text is on the page while the engine is held mid-answer.
+        gate.hold_after(6)
+        out = _send(page, "the quick brown fox", mode, wait=False)
+        assert gate.held.wait(60), "the request never started decoding"
+        page.wait_for_function("() => document.querySelector('.assistant .text').textContent.length > 0", timeout=30_000)
+        assert page.locator("#send").is_disabled() and out.get_attribute("data-finish") is None  # not finished yet
+        partial = out.inner_text()
+        gate.release.set()
+        page.wait_for_function("() => !document.getElementById('send').disabled", timeout=60_000)
+        assert out.inner_text().startswith(partial) and len(out.inner_text()) > len(partial)
         text = out.inner_text()
         assert text.strip(), "no text appeared"
         assert int(out.get_attribute("data-chunks")) >= 2, "the answer came in one piece, not streamed"

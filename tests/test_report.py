@@ -79,6 +79,43 @@ def test_report_holds_the_run_numbers(run):
     assert rd.manifest("train")["id"][:12] in page and rd.manifest("prepare")["config_hash"] in page
 
 
+def test_data_and_export_charts_hold_every_row(run):
+    _, rd, _ = run
+    page = rd.report_html_path.read_text()
+    report = json.loads(rd.report_path.read_text())
+    steps = [s for info in report["splits"].values() for s in info["steps"]]
+    curation = re.search(r'data-chart="curation".*?</svg>', page, re.S).group(0)
+    assert curation.count('<g class="bar"') == len(steps) and steps
+    rows = [r for r in rd.manifest("export")["report"]["rows"] if r.get("ppl_delta_pct") is not None]
+    deltas = re.search(r'data-chart="export-ppl".*?</svg>', page, re.S).group(0)
+    assert [m for m in re.findall(r'data-label="([^"]+)"', deltas)] == [r["name"] for r in rows] and rows
+
+
+def test_time_plan_and_resumes_are_marked(tmp_path):
+    """metrics.jsonl as train writes it: a time-fitted plan that moved twice, and a second
+    process (the clock starts again) that resumed from step 6."""
+    from llmctl.report.training import training_section
+
+    rd = RunDir(tmp_path / "run")
+    rd.metrics_path.parent.mkdir(parents=True)
+    recs = [{"step": 0, "elapsed_s": 1.0, "val_loss": 6.0}]
+    plan = {2: 100, 4: 100, 6: 80, 8: 80, 10: 90, 12: 90}
+    for step in (2, 4, 6):
+        recs.append({"step": step, "elapsed_s": step * 1.0, "loss": 6 - step / 10, "lr": 1e-3, "grad_norm": 1.0, "tokens": step * 64,
+                     "tokens_per_s": 64.0, "planned_steps": plan[step]})
+    for step in (8, 10, 12):  # a new process: elapsed_s counts from its own start
+        recs.append({"step": step, "elapsed_s": (step - 6) * 1.0, "loss": 6 - step / 10, "lr": 1e-3, "grad_norm": 1.0,
+                     "tokens": step * 64, "tokens_per_s": 64.0, "planned_steps": plan[step]})
+    rd.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    body = training_section(rd).body
+    marks = re.findall(r'data-marker="([^"]+)"', body)
+    assert [m for m in marks if "plan" in m] == ["plan at step 2: end at step 100", "re-plan at step 6: end at step 80",
+                                                 "re-plan at step 10: end at step 90"]
+    assert marks.count("resumed at step 8") == 2  # on the loss chart and the throughput chart
+    assert "2 (resumed at step 8)" in body
+    assert 'data-series="train loss" data-points="6"' in body
+
+
 def test_report_of_a_config_uses_its_thresholds(run):
     path, rd, _ = run
     r = invoke_cli("report", str(path), "--set", "eval.thresholds.perplexity_max=1.5")
@@ -90,6 +127,8 @@ def test_report_of_a_config_uses_its_thresholds(run):
 def test_bad_input_is_one_line_and_its_exit_code(tmp_path, run):
     r = invoke_cli("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and "no such run directory" in r.stderr and "Traceback" not in r.stderr
+    r = invoke_cli("report", str(run[1].root), "--set", "eval.thresholds.perplexity_max=1")
+    assert r.returncode == 2 and "--set applies to a CONFIG" in r.stderr
     (tmp_path / "empty").mkdir()
     r = invoke_cli("report", str(tmp_path / "empty"), "--json")
     assert r.returncode == 3 and "holds no stage output" in json.loads(r.stdout)["error"] and "Traceback" not in r.stderr

@@ -117,7 +117,7 @@ def eval_section(rd, cfg=None) -> Section:
                        ["metric", "this model", "starting model", "trivial baseline", "threshold", "pass/fail"]))
     if not any(r["threshold"] for r in rows):
         parts.append(note("No eval.thresholds are set: nothing to pass or fail."))
-    parts.append('<div class="grid">' + "".join(charts) + "</div>")
+    parts.append('<div class="cols">' + "".join(charts) + "</div>")
     ppl = results.get("perplexity") or {}
     hist = ppl.get("token_loss_histogram") or []
     if hist:

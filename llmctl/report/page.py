@@ -38,7 +38,7 @@ CSS = (
     ".rail{background:#ffe08a;padding:0 .4em;border-radius:3px}"
     ".pass{color:#0a6b2d;font-weight:700}.fail{color:#b00020;font-weight:700}"
     "table.hard td:last-child{min-width:26em}"
-    ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(22em,1fr));gap:0 1.5em}"
+    ".cols{display:grid;grid-template-columns:repeat(auto-fill,minmax(22em,1fr));gap:0 1.5em}"
     ".swatch{padding:1px 6px;border-radius:3px}"
     "@media print{nav{display:none}h2{break-after:avoid}figure,table{break-inside:avoid}}"
 )

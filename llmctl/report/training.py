@@ -8,13 +8,16 @@ from llmctl.report.svg import Marker, Series, bar_chart, line_chart
 
 
 def _processes(history: list[dict]) -> list[int]:
-    """Indexes where a new training process began: the clock went back (a resume or restart)."""
-    starts, last_t = [], None
+    """Indexes where a new training process began (a resume or restart): each process counts
+    elapsed_s from its own start, so the clock goes back; or the step goes back (a resume from
+    a checkpoint before the last logged step)."""
+    starts, last_t, last_step = [], None, None
     for i, r in enumerate(history):
-        t = r.get("elapsed_s")
-        if t is not None and last_t is not None and t < last_t:
+        t, step = r.get("elapsed_s"), r.get("step")
+        if (t is not None and last_t is not None and t < last_t) or (step is not None and last_step is not None and step < last_step):
             starts.append(i)
         last_t = t if t is not None else last_t
+        last_step = step if step is not None else last_step
     return starts
 
 
