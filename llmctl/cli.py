@@ -259,9 +259,10 @@ def generate(
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
     raw: bool = typer.Option(False, "--raw", help="Send plain prompts as they are, even when data.format is chat (default: as a user turn through the chat template)."),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="An image for an image-text model, paired in order with --prompt (or one prompt for all). Repeatable."),
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
-    _run_stage("generate", config, _with_quantize(set_, "generate", quantize), run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw)
+    _run_stage("generate", config, _with_quantize(set_, "generate", quantize), run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw, images=image or [])
 
 
 @app.command()

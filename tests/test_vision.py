@@ -256,3 +256,88 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_with_images_pairs_prompts_and_reads_jsonl_image_parts(trained, tmp_path):
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    img = tmp_path / "scene.png"
+    draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(1)).save(img)
+    r = invoke_cli("generate", str(path), "--image", str(img), "--image", str(img), "-p", "Describe the image.", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["outputs"] == 2 and all(rec["image"] == str(img) for rec in out["results"])
+    assert out["results"][0]["output"] == out["results"][1]["output"]  # greedy: same image, same caption
+    assert out["results"][0]["prompt_tokens"] > 4  # the image's patch tokens are in the prompt
+    # A prompts file: {prompt, image} rows and chat rows with an image part, paths relative to the file.
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Describe the image.", "image": "scene.png"}) + "\n"
+                                      + json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "scene.png"},
+                                                                                             {"type": "text", "text": "Describe the image."}]}]}) + "\n")
+    r = invoke_cli("generate", str(path), "--prompts-file", str(tmp_path / "p.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"]
+    assert [x["output"] for x in res] == [out["results"][0]["output"]] * 2
+    # A bad image: one line naming it, exit 2.
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = invoke_cli("generate", str(path), "--image", str(tmp_path / "bad.png"))
+    assert r.returncode == 2 and "--image" in r.stderr and "bad.png" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = invoke_cli("generate", str(path), "--image", str(tmp_path / "missing.png"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# --------------------------------------------------------------------------- serve
+def _data_uri(img) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path):
+    openai = pytest.importorskip("openai")
+    from PIL import Image
+
+    from llmctl.vision.shapes import draw_scene
+    from test_serve import Server
+
+    path, run = trained
+    img_path = tmp_path / "scene.png"
+    img = draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(1))
+    img.save(img_path)
+    r = invoke_cli("generate", str(path), "--image", str(img_path), "--json")
+    assert r.returncode == 0, r.stderr
+    expected = json.loads(r.stdout)["results"][0]["output"]
+    cfg = vision_config(run, serve={"max_image_bytes": 3000}, safety={"deny": {"words": ["forbidden"]}})
+    srv = Server(write_config(tmp_path / "serve.yaml", cfg))
+    try:
+        client = srv.client()
+
+        def ask(*urls, text="Describe the image.", **kw):
+            parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+            return client.chat.completions.create(model="v", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=8, **kw)
+
+        out = ask(_data_uri(img))
+        assert out.choices[0].message.content == expected  # the same sampler and prompt rule as generate --image
+        assert out.usage.prompt_tokens > 4
+        chunks = [c.choices[0].delta.content or "" for c in ask(_data_uri(img), stream=True) if c.choices]
+        assert "".join(chunks) == expected
+        with pytest.raises(openai.BadRequestError, match="SSRF"):
+            ask("https://example.com/cat.png")
+        with pytest.raises(openai.BadRequestError, match="at most 4"):
+            ask(*[_data_uri(img)] * 5)
+        noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
+        with pytest.raises(openai.APIStatusError) as e:
+            ask(_data_uri(noise))
+        assert e.value.status_code == 413 and "max_image_bytes" in str(e.value)
+        with pytest.raises(openai.BadRequestError, match="not a readable image"):
+            ask("data:image/png;base64,aGVsbG8gd29ybGQ=")
+        with pytest.raises(openai.BadRequestError, match="not valid base64"):
+            ask("data:image/png;base64,@@@")
+        with pytest.raises(openai.BadRequestError, match="deny"):
+            ask(_data_uri(img), text="say something forbidden")
+    finally:
+        assert srv.stop() == 0

@@ -441,6 +441,10 @@ class ServeConfig(Section):
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    allow_remote_images: bool = Field(False, description="Image-text models: fetch http(s) image_url parts (off: a fetching server is an SSRF risk, and such requests get 400; data: URIs always work).")
+    max_images: int = Field(4, ge=1, description="Image-text models: most images in one request; more get 400.")
+    max_image_bytes: int = Field(2_000_000, ge=1, description="Image-text models: largest image (decoded from its data: URI, or fetched); larger ones get 413.")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="Image-text models: most pixels (width x height) of one image; more get 413.")
 
 
 # --------------------------------------------------------------------------- safety

@@ -123,7 +123,7 @@ def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails):
         trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
         warm=rails.warm,
     )
-    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes)
+    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes, image_limits=s)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
     ))

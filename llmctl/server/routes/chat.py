@@ -86,15 +86,22 @@ async def chat(req: ChatRequest, request: Request):
     st = server_state(request)
     stops = check_request(st, req)
     asked = asked_tokens(req)
-    if not getattr(st.engine.tok, "chat_template", None):
+    from llmctl.server.images import has_images, image_prompt
+
+    images = None
+    if has_images(req):  # image_url parts: llmctl/server/images.py
+        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        ids, images = image_prompt(st, req, rid)
+    elif not getattr(st.engine.tok, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
-    rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-    ids = conversation_ids(st, req, rid)
+    else:
+        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        ids = conversation_ids(st, req, rid)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     top = req.top_logprobs or 0
     jobs = make_jobs(st, [ids], [budget(st, asked, len(ids), st.max_tokens_cap, "messages")], req, stops, logprobs=top if req.logprobs else None,
-                     stream=bool(req.stream))
+                     stream=bool(req.stream), images=images)
     out = ChatChoices(
         st.engine, {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": st.model_name,
                     "system_fingerprint": None},
