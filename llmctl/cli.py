@@ -278,9 +278,10 @@ def explain(
     json_: bool = JsonOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No heatmap or other output on stderr, only errors (explain.json and explain.html are still written)."),
     raw: bool = typer.Option(False, "--raw", help="Explain the prompt as given, even when data.format is chat (default: as a user turn through the chat template, as generate sends it)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image-text models: explain the caption of this image (patch saliency heatmap over it)."),
 ) -> None:
     """Which prompt tokens the next token depends on: saliency, logprobs, attention; heatmap + RUN/explain/explain.html."""
-    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw)
+    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw, image=image)
 
 
 @app.command()

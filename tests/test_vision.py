@@ -341,3 +341,42 @@ def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path
             ask(_data_uri(img), text="say something forbidden")
     finally:
         assert srv.stop() == 0
+
+
+# --------------------------------------------------------------------------- export, explain
+def test_export_hf_loads_with_the_auto_classes_and_gguf_is_refused_before_any_work(trained, tmp_path):
+    path, run = trained
+    r = invoke_cli("export", str(path), "--format", "gguf")
+    assert r.returncode == 2 and "mmproj" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (run / "export").exists() or not any((run / "export").iterdir())
+    r = invoke_cli("export", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["verified"] is True and out["max_abs_diff"]["hf"] <= 1e-4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf = run / "export" / "hf"
+    AutoModelForImageTextToText.from_pretrained(hf)
+    assert type(AutoProcessor.from_pretrained(hf)).__name__ == "LlavaProcessor"
+    assert "AutoModelForImageTextToText" in (hf / "README.md").read_text()
+    # A config that asks for gguf is refused when loaded, before prepare or train ever run.
+    cfg = vision_config(tmp_path / "run2", export={"formats": ["hf", "gguf"]})
+    r = invoke_cli("prepare", str(write_config(tmp_path / "g.yaml", cfg)))
+    assert r.returncode == 2 and "mmproj" in r.stderr and not (tmp_path / "run2").exists()
+
+
+def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    img = tmp_path / "scene.png"
+    draw_scene(1, ("red", "square"), "left of", ("blue", "circle"), 16, random.Random(2)).save(img)
+    r = invoke_cli("explain", str(path), "--image", str(img), "-p", "Describe the image.", "-t", "one red square left of a blue circle", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    grid = res["patch_saliency"]
+    assert len(grid) == 2 and all(len(row) == 2 for row in grid)  # (16/8)^2 patches
+    assert max(max(row) for row in grid) == 1.0 and res["target_logprob"] < 0
+    assert [t["token"] for t in res["target_tokens"]] and "".join(t["token"] for t in res["target_tokens"]).strip() == res["target"]
+    page = (run / "explain" / "explain.html").read_text()
+    assert "data:image/png;base64," in page and page.count("rgba(230,0,0,") == 4
