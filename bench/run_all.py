@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "safety", "distill", "compress", "preference", "quickstart"]
+BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "safety", "distill", "compress", "preference", "vision", "quickstart"]
 
 
 def main() -> int:

@@ -320,8 +320,21 @@ def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path
             parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
             return client.chat.completions.create(model="v", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=8, **kw)
 
-        out = ask(_data_uri(img))
+        out = ask(_data_uri(img), logprobs=True)
         assert out.choices[0].message.content == expected  # the same sampler and prompt rule as generate --image
+        # The image reached the model: the first token's logprob is the one computed with its pixels, not without.
+        import torch
+
+        from llmctl.vision.infer import batch_inputs, load_model
+
+        model, proc = load_model(run / "train" / "model", "cpu")
+        enc = batch_inputs(proc, ["Describe the image."], [img], "cpu")
+        with torch.no_grad():
+            with_image = torch.log_softmax(model(**enc).logits[0, -1].float(), -1).max().item()
+            enc.pop("pixel_values")
+            without = torch.log_softmax(model(**enc).logits[0, -1].float(), -1).max().item()
+        served = out.choices[0].logprobs.content[0].logprob
+        assert abs(served - with_image) < 1e-4 and abs(with_image - without) > 1e-3, (served, with_image, without)
         assert out.usage.prompt_tokens > 4
         chunks = [c.choices[0].delta.content or "" for c in ask(_data_uri(img), stream=True) if c.choices]
         assert "".join(chunks) == expected
