@@ -393,3 +393,25 @@ def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
     assert [t["token"] for t in res["target_tokens"]] and "".join(t["token"] for t in res["target_tokens"]).strip() == res["target"]
     page = (run / "explain" / "explain.html").read_text()
     assert "data:image/png;base64," in page and page.count("rgba(230,0,0,") == 4
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_scores_captions_against_the_majority_caption_and_the_untrained_model(trained):
+    from datasets import load_from_disk
+
+    path, run = trained
+    r = invoke_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    head = json.loads(r.stdout)
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert res["split"] == "validation" and 1 < head["perplexity"] < head["init_perplexity"]
+    pairs = load_from_disk(str(run / "prepare" / "pairs"))
+    refs = pairs["validation"]["reference"][:8]
+    majority = res["majority_caption"]["caption"]
+    assert head["baseline_majority_exact_match"] == round(sum(x == majority for x in refs) / len(refs), 4)
+    assert head["examples"] == 8 and "init_exact_match" in head and "baseline_majority_bleu" in head
+    assert res["other_splits"]["test"]["generation"]["examples"] == min(8, len(pairs["test"]))
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in preds] == refs
+    r = invoke_cli("eval", str(path), "--force", "--set", "eval.thresholds.exact_match_min=0.99", "--set", "eval.compare_init=false")
+    assert r.returncode == 4 and "exact_match" in r.stderr
