@@ -415,3 +415,19 @@ def test_eval_scores_captions_against_the_majority_caption_and_the_untrained_mod
     assert [p["reference"] for p in preds] == refs
     r = invoke_cli("eval", str(path), "--force", "--set", "eval.thresholds.exact_match_min=0.99", "--set", "eval.compare_init=false")
     assert r.returncode == 4 and "exact_match" in r.stderr
+
+
+def test_chat_rows_with_image_parts(tmp_path):
+    rows = image_rows(tmp_path / "data", n=10)
+    chat = [{"messages": [{"role": "user", "content": [{"type": "image", "path": r["image"]}, {"type": "text", "text": "What is here?"}]},
+                          {"role": "assistant", "content": r["caption"]}]} for r in rows]
+    path = files_config(tmp_path, chat)
+    r = invoke_cli("prepare", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    from datasets import load_from_disk
+
+    pairs = load_from_disk(str(tmp_path / "run" / "prepare" / "pairs"))["validation"]
+    assert set(pairs["prompt"]) == {"What is here?"} and set(pairs["reference"]) <= {x["caption"] for x in rows}
+    bad = chat[:3] + [{"messages": [{"role": "user", "content": "no image"}, {"role": "assistant", "content": "x"}]}]
+    r = invoke_cli("prepare", str(files_config(tmp_path, bad)), "--force")
+    assert r.returncode == 2 and "rows.jsonl:4:" in r.stderr and "exactly one" in r.stderr
