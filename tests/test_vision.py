@@ -431,3 +431,22 @@ def test_chat_rows_with_image_parts(tmp_path):
     bad = chat[:3] + [{"messages": [{"role": "user", "content": "no image"}, {"role": "assistant", "content": "x"}]}]
     r = invoke_cli("prepare", str(files_config(tmp_path, bad)), "--force")
     assert r.returncode == 2 and "rows.jsonl:4:" in r.stderr and "exactly one" in r.stderr
+
+
+def test_fine_tune_a_pretrained_image_text_directory(trained, tmp_path):
+    """model.name_or_path: an AutoModelForImageTextToText directory (here the fixture's export of
+    train/model), its processor from the same directory; LoRA on the language model only."""
+    _, run = trained
+    base = str(run / "train" / "model")
+    rows = image_rows(tmp_path / "data", n=16)
+    data_file = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
+    cfg = vision_config(tmp_path / "run", data={"source": "files", "paths": [str(data_file)], "validation_fraction": 0.25, "test_fraction": 0.0},
+                        tokenizer={"name_or_path": base}, model={"name_or_path": base, "freeze": ["vision", "projector"]})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == 4 and out["trainable_parameters"] < out["parameters"]
+    r = invoke_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
