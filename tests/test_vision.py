@@ -450,3 +450,17 @@ def test_fine_tune_a_pretrained_image_text_directory(trained, tmp_path):
     assert out["steps"] == 4 and out["trainable_parameters"] < out["parameters"]
     r = invoke_cli("eval", str(path), "--json")
     assert r.returncode == 0, r.stderr
+
+
+def test_config_refuses_what_image_text_cannot_do(tmp_path):
+    cases = [({"model": {"freeze": ["vision"]}, "data": {"format": "text"}}, "applies to image-text models only"),
+             ({"model": {"freeze": ["vision"], "lora": {"enabled": True}}}, "gate_proj"),
+             ({"model": {"arch": "gpt2"}}, "set model.arch: llama"),
+             ({"model": {"vision": {"image_size": 30, "patch_size": 8}}}, "multiple of"),
+             ({"export": {"formats": ["onnx"]}}, "pixel_values")]
+    for i, (over, says) in enumerate(cases):
+        cfg = vision_config(tmp_path / "run")
+        for k, v in over.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        r = invoke_cli("config", "validate", str(write_config(tmp_path / f"c{i}.yaml", cfg)))
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (over, r.stderr)

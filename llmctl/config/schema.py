@@ -570,6 +570,10 @@ class Config(Section):
             )
         if self.model.freeze and self.data.format != "image_text":
             raise ValueError(f"model.freeze {self.model.freeze} applies to image-text models only: remove it, or set data.format: image_text")
+        if self.model.freeze and self.model.lora.enabled and self.model.lora.target_modules is None:
+            raise ValueError("model.freeze with model.lora.enabled: peft's default LoRA targets (q_proj, v_proj) sit in the vision tower "
+                             "too, so a frozen part would still train; set model.lora.target_modules to modules only the trained parts have, "
+                             "e.g. [gate_proj, up_proj, down_proj] (the llama's MLP; CLIP's is fc1, fc2)")
         if self.data.format == "image_text" and self.model.name_or_path is None and self.model.arch != "llama":
             raise ValueError("data.format=image_text from scratch builds a LLaVA-style model on a llama: set model.arch: llama")
         if self.data.format == "image_text" and self.distill is not None:
