@@ -11,7 +11,7 @@ EXTRAS ?= dev
 CONFIG ?= configs/quickstart.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install browser test test-all demo bench lint docs screenshots clean
+.PHONY: install browser test test-all demo demo-vision bench lint docs screenshots clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ test-all: install browser
 
 demo: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/llmctl run $(CONFIG)
+
+# The vision quickstart (configs/vision-quickstart.yaml): a LLaVA-style model on synthetic shapes, offline.
+demo-vision: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/llmctl run configs/vision-quickstart.yaml
 
 bench: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) bench/run_all.py

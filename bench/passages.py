@@ -607,7 +607,33 @@ def code_passk(r: dict) -> str:
             f"{_machine(r.get('code_passk', {}))}):\n\n" + "\n".join(rows))
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "code-passk": code_passk, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
+def vision(r: dict) -> str:
+    """README's vision quickstart figures: bench/vision.py's run of configs/vision-quickstart.yaml."""
+    res = r.get("vision") or {}
+    q = (res.get("metrics") or {}).get("quickstart")
+    if not q:
+        return "Not measured yet (`python bench/run_all.py vision`)."
+    s = q["splits"]
+    init = q.get("init") or {}
+
+    def row(name: str, what: str) -> str:
+        d = s.get(name) or {}
+        return (f"| {what} | {d.get('examples')} | {d.get('exact_match', 0):.3f} | {d.get('baseline_majority_exact_match', 0):.3f} | "
+                f"{d.get('bleu', 0):.1f} | {d.get('baseline_majority_bleu', 0):.1f} |")
+
+    ex = q["sample"]
+    lines = [f"Measured ({_machine(res) or 'load not recorded'}): {_minutes(q['seconds'])} ({q['seconds_measured_as']}) for "
+             f"{q['images']:,} scenes and a {q['parameters'] / 1e6:.2f}M-parameter model trained {q['steps']} steps; caption perplexity "
+             f"{init.get('perplexity', float('nan')):.1f} untrained -> {q['perplexity']:.3f} (test split). The untrained model's exact match is "
+             f"{init.get('exact_match', 0):.3f}, BLEU {init.get('bleu', 0):.1f}; the majority caption is \"{q['majority_caption']}\".", "",
+             "| held-out split | images | exact match | majority caption | BLEU | majority BLEU |", "|---|---|---|---|---|---|",
+             row("validation", "validation (seen pairings, new pictures)"), row("test", "test (unseen pairings)"), "",
+             f"A test picture, its reference \"{ex['reference']}\" and the model's caption \"{ex['prediction']}\" "
+             f"(`llmctl generate configs/vision-quickstart.yaml --image PATH`):", "", "![a held-out scene](docs/vision-sample.png)"]
+    return "\n".join(lines)
+
+
+PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "code-passk": code_passk, "vision": vision, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
             "distill": distill, "preference": preference,
             "compress-report": compress_report, "curate-summary": curate_summary}
 

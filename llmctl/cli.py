@@ -299,9 +299,10 @@ def generate(
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
     raw: bool = typer.Option(False, "--raw", help="Send plain prompts as they are, even when data.format is chat (default: as a user turn through the chat template)."),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="An image for an image-text model, paired in order with --prompt (or one prompt for all). Repeatable."),
 ) -> None:
     """Generate text from prompts (command line, file or stdin); results to RUN/generate/outputs.jsonl."""
-    _run_stage("generate", config, _with_quantize(set_, "generate", quantize), run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw)
+    _run_stage("generate", config, _with_quantize(set_, "generate", quantize), run_dir, True, json_, quiet, model=model, prompts=prompt or [], prompts_file=prompts_file, logprobs=logprobs, surprisal=surprisal, raw=raw, images=image or [])
 
 
 @app.command()
@@ -317,9 +318,10 @@ def explain(
     json_: bool = JsonOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No heatmap or other output on stderr, only errors (explain.json and explain.html are still written)."),
     raw: bool = typer.Option(False, "--raw", help="Explain the prompt as given, even when data.format is chat (default: as a user turn through the chat template, as generate sends it)."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image-text models: explain the caption of this image (patch saliency heatmap over it)."),
 ) -> None:
     """Which prompt tokens the next token depends on: saliency, logprobs, attention; heatmap + RUN/explain/explain.html."""
-    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw)
+    _run_stage("explain", config, set_, run_dir, True, json_, quiet, model=model, prompt=prompt, target=target, top_k=top_k, attention=attention, raw=raw, image=image)
 
 
 @app.command()

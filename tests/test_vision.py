@@ -256,3 +256,211 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+# --------------------------------------------------------------------------- generate
+def test_generate_with_images_pairs_prompts_and_reads_jsonl_image_parts(trained, tmp_path):
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    img = tmp_path / "scene.png"
+    draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(1)).save(img)
+    r = invoke_cli("generate", str(path), "--image", str(img), "--image", str(img), "-p", "Describe the image.", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["outputs"] == 2 and all(rec["image"] == str(img) for rec in out["results"])
+    assert out["results"][0]["output"] == out["results"][1]["output"]  # greedy: same image, same caption
+    assert out["results"][0]["prompt_tokens"] > 4  # the image's patch tokens are in the prompt
+    # A prompts file: {prompt, image} rows and chat rows with an image part, paths relative to the file.
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Describe the image.", "image": "scene.png"}) + "\n"
+                                      + json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "path": "scene.png"},
+                                                                                             {"type": "text", "text": "Describe the image."}]}]}) + "\n")
+    r = invoke_cli("generate", str(path), "--prompts-file", str(tmp_path / "p.jsonl"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"]
+    assert [x["output"] for x in res] == [out["results"][0]["output"]] * 2
+    # A bad image: one line naming it, exit 2.
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    r = invoke_cli("generate", str(path), "--image", str(tmp_path / "bad.png"))
+    assert r.returncode == 2 and "--image" in r.stderr and "bad.png" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = invoke_cli("generate", str(path), "--image", str(tmp_path / "missing.png"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+# --------------------------------------------------------------------------- serve
+def _data_uri(img) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path):
+    openai = pytest.importorskip("openai")
+    from PIL import Image
+
+    from llmctl.vision.shapes import draw_scene
+    from test_serve import Server
+
+    path, run = trained
+    img_path = tmp_path / "scene.png"
+    img = draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(1))
+    img.save(img_path)
+    r = invoke_cli("generate", str(path), "--image", str(img_path), "--json")
+    assert r.returncode == 0, r.stderr
+    expected = json.loads(r.stdout)["results"][0]["output"]
+    cfg = vision_config(run, serve={"max_image_bytes": 3000}, safety={"deny": {"words": ["forbidden"]}})
+    srv = Server(write_config(tmp_path / "serve.yaml", cfg))
+    try:
+        client = srv.client()
+
+        def ask(*urls, text="Describe the image.", **kw):
+            parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+            return client.chat.completions.create(model="v", messages=[{"role": "user", "content": parts}], temperature=0, max_tokens=8, **kw)
+
+        out = ask(_data_uri(img), logprobs=True)
+        assert out.choices[0].message.content == expected  # the same sampler and prompt rule as generate --image
+        # The image reached the model: the first token's logprob is the one computed with its pixels, not without.
+        import torch
+
+        from llmctl.vision.infer import batch_inputs, load_model
+
+        model, proc = load_model(run / "train" / "model", "cpu")
+        enc = batch_inputs(proc, ["Describe the image."], [img], "cpu")
+        with torch.no_grad():
+            with_image = torch.log_softmax(model(**enc).logits[0, -1].float(), -1).max().item()
+            enc.pop("pixel_values")
+            without = torch.log_softmax(model(**enc).logits[0, -1].float(), -1).max().item()
+        served = out.choices[0].logprobs.content[0].logprob
+        assert abs(served - with_image) < 1e-4 and abs(with_image - without) > 1e-3, (served, with_image, without)
+        assert out.usage.prompt_tokens > 4
+        chunks = [c.choices[0].delta.content or "" for c in ask(_data_uri(img), stream=True) if c.choices]
+        assert "".join(chunks) == expected
+        with pytest.raises(openai.BadRequestError, match="SSRF"):
+            ask("https://example.com/cat.png")
+        with pytest.raises(openai.BadRequestError, match="at most 4"):
+            ask(*[_data_uri(img)] * 5)
+        noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
+        with pytest.raises(openai.APIStatusError) as e:
+            ask(_data_uri(noise))
+        assert e.value.status_code == 413 and "max_image_bytes" in str(e.value)
+        with pytest.raises(openai.BadRequestError, match="not a readable image"):
+            ask("data:image/png;base64,aGVsbG8gd29ybGQ=")
+        with pytest.raises(openai.BadRequestError, match="not valid base64"):
+            ask("data:image/png;base64,@@@")
+        with pytest.raises(openai.BadRequestError, match="deny"):
+            ask(_data_uri(img), text="say something forbidden")
+    finally:
+        assert srv.stop() == 0
+
+
+# --------------------------------------------------------------------------- export, explain
+def test_export_hf_loads_with_the_auto_classes_and_gguf_is_refused_before_any_work(trained, tmp_path):
+    path, run = trained
+    r = invoke_cli("export", str(path), "--format", "gguf")
+    assert r.returncode == 2 and "mmproj" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (run / "export").exists() or not any((run / "export").iterdir())
+    r = invoke_cli("export", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["verified"] is True and out["max_abs_diff"]["hf"] <= 1e-4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    hf = run / "export" / "hf"
+    AutoModelForImageTextToText.from_pretrained(hf)
+    assert type(AutoProcessor.from_pretrained(hf)).__name__ == "LlavaProcessor"
+    assert "AutoModelForImageTextToText" in (hf / "README.md").read_text()
+    # A config that asks for gguf is refused when loaded, before prepare or train ever run.
+    cfg = vision_config(tmp_path / "run2", export={"formats": ["hf", "gguf"]})
+    r = invoke_cli("prepare", str(write_config(tmp_path / "g.yaml", cfg)))
+    assert r.returncode == 2 and "mmproj" in r.stderr and not (tmp_path / "run2").exists()
+
+
+def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = trained
+    img = tmp_path / "scene.png"
+    draw_scene(1, ("red", "square"), "left of", ("blue", "circle"), 16, random.Random(2)).save(img)
+    r = invoke_cli("explain", str(path), "--image", str(img), "-p", "Describe the image.", "-t", "one red square left of a blue circle", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    grid = res["patch_saliency"]
+    assert len(grid) == 2 and all(len(row) == 2 for row in grid)  # (16/8)^2 patches
+    assert max(max(row) for row in grid) == 1.0 and res["target_logprob"] < 0
+    assert [t["token"] for t in res["target_tokens"]] and "".join(t["token"] for t in res["target_tokens"]).strip() == res["target"]
+    page = (run / "explain" / "explain.html").read_text()
+    assert "data:image/png;base64," in page and page.count("rgba(230,0,0,") == 4
+
+
+# --------------------------------------------------------------------------- eval
+def test_eval_scores_captions_against_the_majority_caption_and_the_untrained_model(trained):
+    from datasets import load_from_disk
+
+    path, run = trained
+    r = invoke_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    head = json.loads(r.stdout)
+    res = json.loads((run / "eval" / "results.json").read_text())
+    assert res["split"] == "validation" and 1 < head["perplexity"] < head["init_perplexity"]
+    pairs = load_from_disk(str(run / "prepare" / "pairs"))
+    refs = pairs["validation"]["reference"][:8]
+    majority = res["majority_caption"]["caption"]
+    assert head["baseline_majority_exact_match"] == round(sum(x == majority for x in refs) / len(refs), 4)
+    assert head["examples"] == 8 and "init_exact_match" in head and "baseline_majority_bleu" in head
+    assert res["other_splits"]["test"]["generation"]["examples"] == min(8, len(pairs["test"]))
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["reference"] for p in preds] == refs
+    r = invoke_cli("eval", str(path), "--force", "--set", "eval.thresholds.exact_match_min=0.99", "--set", "eval.compare_init=false")
+    assert r.returncode == 4 and "exact_match" in r.stderr
+
+
+def test_chat_rows_with_image_parts(tmp_path):
+    rows = image_rows(tmp_path / "data", n=10)
+    chat = [{"messages": [{"role": "user", "content": [{"type": "image", "path": r["image"]}, {"type": "text", "text": "What is here?"}]},
+                          {"role": "assistant", "content": r["caption"]}]} for r in rows]
+    path = files_config(tmp_path, chat)
+    r = invoke_cli("prepare", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    from datasets import load_from_disk
+
+    pairs = load_from_disk(str(tmp_path / "run" / "prepare" / "pairs"))["validation"]
+    assert set(pairs["prompt"]) == {"What is here?"} and set(pairs["reference"]) <= {x["caption"] for x in rows}
+    bad = chat[:3] + [{"messages": [{"role": "user", "content": "no image"}, {"role": "assistant", "content": "x"}]}]
+    r = invoke_cli("prepare", str(files_config(tmp_path, bad)), "--force")
+    assert r.returncode == 2 and "rows.jsonl:4:" in r.stderr and "exactly one" in r.stderr
+
+
+def test_fine_tune_a_pretrained_image_text_directory(trained, tmp_path):
+    """model.name_or_path: an AutoModelForImageTextToText directory (here the fixture's export of
+    train/model), its processor from the same directory; LoRA on the language model only."""
+    _, run = trained
+    base = str(run / "train" / "model")
+    rows = image_rows(tmp_path / "data", n=16)
+    data_file = write_jsonl(tmp_path / "data" / "rows.jsonl", rows)
+    cfg = vision_config(tmp_path / "run", data={"source": "files", "paths": [str(data_file)], "validation_fraction": 0.25, "test_fraction": 0.0},
+                        tokenizer={"name_or_path": base}, model={"name_or_path": base, "freeze": ["vision", "projector"]})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == 4 and out["trainable_parameters"] < out["parameters"]
+    r = invoke_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_config_refuses_what_image_text_cannot_do(tmp_path):
+    cases = [({"model": {"freeze": ["vision"]}, "data": {"format": "text"}}, "applies to image-text models only"),
+             ({"model": {"freeze": ["vision"], "lora": {"enabled": True}}}, "gate_proj"),
+             ({"model": {"arch": "gpt2"}}, "set model.arch: llama"),
+             ({"model": {"vision": {"image_size": 30, "patch_size": 8}}}, "multiple of"),
+             ({"export": {"formats": ["onnx"]}}, "pixel_values")]
+    for i, (over, says) in enumerate(cases):
+        cfg = vision_config(tmp_path / "run")
+        for k, v in over.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        r = invoke_cli("config", "validate", str(write_config(tmp_path / f"c{i}.yaml", cfg)))
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (over, r.stderr)

@@ -512,6 +512,10 @@ class ServeConfig(Section):
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
     engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
     playground: bool = Field(True, description="Serve the chat playground page at GET / (no external assets; it asks for the API key and keeps it in page memory); false turns it off.")
+    allow_remote_images: bool = Field(False, description="Image-text models: fetch http(s) image_url parts (off: a fetching server is an SSRF risk, and such requests get 400; data: URIs always work).")
+    max_images: int = Field(4, ge=1, description="Image-text models: most images in one request; more get 400.")
+    max_image_bytes: int = Field(2_000_000, ge=1, description="Image-text models: largest image (decoded from its data: URI, or fetched); larger ones get 413.")
+    max_image_pixels: int = Field(16_000_000, ge=1, description="Image-text models: most pixels (width x height) of one image; more get 413.")
 
 
 # --------------------------------------------------------------------------- safety
@@ -640,6 +644,10 @@ class Config(Section):
                              "both answers of a pair; it applies to text, prompt_completion and chat data")
         if self.model.freeze and self.data.format != "image_text":
             raise ValueError(f"model.freeze {self.model.freeze} applies to image-text models only: remove it, or set data.format: image_text")
+        if self.model.freeze and self.model.lora.enabled and self.model.lora.target_modules is None:
+            raise ValueError("model.freeze with model.lora.enabled: peft's default LoRA targets (q_proj, v_proj) sit in the vision tower "
+                             "too, so a frozen part would still train; set model.lora.target_modules to modules only the trained parts have, "
+                             "e.g. [gate_proj, up_proj, down_proj] (the llama's MLP; CLIP's is fc1, fc2)")
         if self.data.format == "image_text" and self.model.name_or_path is None and self.model.arch != "llama":
             raise ValueError("data.format=image_text from scratch builds a LLaVA-style model on a llama: set model.arch: llama")
         if self.data.format == "image_text" and self.distill is not None:

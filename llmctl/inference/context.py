@@ -12,11 +12,11 @@ from llmctl.tokenizer import wants_bos, with_bos
 
 def context_length(model) -> int | None:
     """Positions the model can take; None when its config sets no limit."""
-    c = model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        v = getattr(c, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
+    for c in (model.config, getattr(model.config, "text_config", None)):  # an image-text model's limit is its language model's
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(c, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
     return None
 
 

@@ -30,14 +30,18 @@ from llmctl.server.state import ServerState
 
 def create_app(
     engine: Engine, model_name: str, max_tokens_cap: int, api_key: str | None, metrics: Metrics,
-    rails: Rails | None = None, max_request_bytes: int | None = None, playground_page: bool = True,
+    rails: Rails | None = None, max_request_bytes: int | None = None, playground_page: bool = True, image_limits=None,
 ) -> FastAPI:
     if rails is None:
         from llmctl.config import SafetyConfig
 
         rails = Rails(SafetyConfig(), stage="serve", on_event=metrics.safety)
     app = FastAPI(title="llmctl", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.llmctl = ServerState(engine, model_name, max_tokens_cap, metrics, rails)
+    if image_limits is None:
+        from llmctl.config import ServeConfig
+
+        image_limits = ServeConfig()
+    app.state.llmctl = ServerState(engine, model_name, max_tokens_cap, metrics, rails, image_limits=image_limits)
     app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics, max_body=max_request_bytes)
     add_error_handlers(app)
     for routes in (health, models, completions, chat, moderations) + ((playground,) if playground_page else ()):

@@ -71,6 +71,7 @@ class Job:
     prefix_offset: int = 0
     read_offset: int = 0
     _sampling: Any = field(default=None, repr=False, compare=False)
+    images: Any = None  # image-text models: the processor's image tensors (pixel_values...) for this prompt's image tokens
 
     def sampling(self):
         """The sampler's settings for this sequence (llmctl/inference/sampling.py, the one `generate` uses)."""
@@ -201,9 +202,18 @@ class Engine:
         device = pick_device(self.device_pref)
         if device.type == "cpu":
             torch.set_num_threads(self.threads or default_threads())
-        self.model, self.tok = load_for_inference(
-            self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"
-        )
+        self.processor = None
+        from llmctl.vision.infer import is_image_text
+
+        if is_image_text(self.model_path):  # its processor turns a request's images into pixel_values
+            from llmctl.vision.infer import load_model
+
+            self.model, self.processor = load_model(self.model_path, device, quantize=self.quantize)
+            self.tok = self.processor.tokenizer
+        else:
+            self.model, self.tok = load_for_inference(
+                self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"
+            )
         self.device = self.model.device  # a property that walks the parameters: read once
         self.context_length = context_length(self.model)
         self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
@@ -379,6 +389,9 @@ class Engine:
                 logits = logits[:, -1]
             return _Batch(jobs, cache, mask, pos[:, -1] + 1, logits, gens)
         kw = {"logits_to_keep": 1} if self._keep_kw and not echo else {}
+        pics = [j.images for j in jobs if j.images is not None]
+        if pics:  # image features fill the image tokens in row order
+            kw.update({k: torch.cat([p[k] for p in pics]).to(dev) for k in pics[0]})
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         self.steps += 1

@@ -67,7 +67,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
 
 
 def make_jobs(st: ServerState, prompts: list[list[int]], budgets: list[int], req: _Req, stops: list[str], logprobs: int | None = None,
-              echo: bool = False, stream: bool = True) -> list[Job]:
+              echo: bool = False, stream: bool = True, images: dict | None = None) -> list[Job]:
     """n jobs per prompt, submitted to the engine (the one place a request becomes jobs)."""
     engine = st.engine
     loop = asyncio.get_running_loop()
@@ -86,7 +86,7 @@ def make_jobs(st: ServerState, prompts: list[list[int]], budgets: list[int], req
                 # torch seeds are unsigned 64-bit: n > 1 adds k, negative seeds wrap.
                 seed=None if req.seed is None else (req.seed + k) % 2**64, loop=loop, out=asyncio.Queue(),
                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                logprobs=logprobs, echo_logprobs=echo and logprobs is not None, stream=stream,
+                logprobs=logprobs, echo_logprobs=echo and logprobs is not None, stream=stream, images=images,
             ))
     try:
         engine.submit(jobs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
@@ -22,6 +22,7 @@ class ServerState:
     metrics: Metrics
     rails: Rails
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models' "created"
+    image_limits: Any = None  # the serve section: allow_remote_images, max_images, max_image_bytes, max_image_pixels
 
 
 def server_state(request: Request) -> ServerState:

@@ -272,12 +272,16 @@ def render_html(res: dict) -> str:
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt: str | None = None, target: str | None = None,
-        top_k: int = 5, attention: bool = False, raw: bool = False, **_) -> dict:
+        top_k: int = 5, attention: bool = False, raw: bool = False, image: str | None = None, **_) -> dict:
     from llmctl.modeling import load_for_inference, resolve_model_path
 
     con = _console.current()
     if not prompt:
         raise ConfigError("explain: give a prompt with --prompt/-p TEXT")
+    if image:  # patch saliency over the image: llmctl/vision/explain.py
+        from llmctl.vision.explain import run as explain_image
+
+        return explain_image(cfg, rd, model=model, image_path=image, prompt=prompt, target=target, con=con)
     path = resolve_model_path(model, rd, cfg, "explain")
     mdl, tok = load_for_inference(path)
     if attention:

@@ -188,6 +188,8 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         if set(fmts) <= set(m.get("formats", [])):
             con.info(f"export: up to date in {rd.stage_dir('export')} (use --force to redo)")
             return {**m["headline"], "cached": True}
+    if cfg.data.format == "image_text":
+        return _image_text(cfg, rd, fmts, con)
     from llmctl.exporters import common, gguf as gguf_x
 
     model, tok = _load_trained(cfg, rd)
@@ -220,6 +222,51 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
     from llmctl.trackers import attach
 
     attach(rd, {"model_card": rd.export_dir("hf") / "README.md"}, {}, prefix="export")  # train.report_to's trackers
+    return {**head, "dir": str(rd.stage_dir("export"))}
+
+
+def _probe_image(rd: RunDir):
+    """A held-out image of the run (its first validation or test pair), else a plain grey one."""
+    from datasets import load_from_disk
+
+    from llmctl.vision.infer import open_image
+
+    if rd.pairs_dir.is_dir():
+        for split in load_from_disk(str(rd.pairs_dir)).values():
+            if len(split) and "image" in split.column_names:
+                return open_image(split[0]["image"]), split[0]["prompt"]
+    from PIL import Image
+
+    return Image.new("RGB", (32, 32), (128, 128, 128)), "Describe the image."
+
+
+def _image_text(cfg, rd: RunDir, fmts: list[str], con) -> dict:
+    """hf for an image-text model (llmctl/exporters/image_text.py); other formats refused before any work."""
+    from llmctl.export_support import check_image_text_formats
+    from llmctl.exporters import image_text as it
+
+    check_image_text_formats(fmts)
+    model, proc = it.load_trained(rd.model_dir)
+    image, question = _probe_image(rd)
+    ref = it.logits(model, it.probe_inputs(proc, image, question)) if cfg.export.verify else None
+    evalr = json.loads(rd.results_path.read_text()) if _own_fresh_eval(cfg, rd) and rd.results_path.is_file() else {}
+    build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
+    with rd.begin("export", cfg, inputs=["train"] + (["eval"] if evalr else [])) as st:
+        build.mkdir(parents=True)
+        try:
+            t0, verification = time.time(), {}
+            info = it.write(model, proc, build / "hf", cfg, it.card(cfg, (rd.manifest("train") or {}).get("headline", {}), evalr))
+            if ref is not None:
+                _record_check("hf", (*it.verify(build / "hf", ref, image, question, cfg), {}), verification, con)
+            replace_path(build / "hf", rd.export_dir("hf"))
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        files = {str(f.relative_to(rd.stage_dir("export"))): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(rd.export_dir("hf").rglob("*")) if f.is_file()}
+        timings = {"hf": {"seconds": round(time.time() - t0, 2), **info}}
+        st.manifest.update({"formats": ["hf"], "files": files, "verification": verification, "verified": ref is not None, "formats_info": timings})
+        head = _headline(["hf"], files, timings, verification, ref is not None)
+        st.headline.update(head)
     return {**head, "dir": str(rd.stage_dir("export"))}
 
 

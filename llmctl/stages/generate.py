@@ -93,8 +93,14 @@ def surprisal_plain(logprobs: list[dict]) -> str:
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None,
-        logprobs: int | None = None, surprisal: bool = False, raw: bool = False, **_) -> dict:
+        logprobs: int | None = None, surprisal: bool = False, raw: bool = False, images: list[str] | None = None, **_) -> dict:
     import hashlib
+
+    if images or cfg.data.format == "image_text":  # images: llmctl/vision/generate.py
+        from llmctl.vision.generate import run as with_images
+
+        return with_images(cfg, rd, model=model or cfg.generate.model, prompts=list(prompts or []), images=list(images or []),
+                           prompts_file=prompts_file, con=_console.current())
 
     from llmctl.modeling import load_for_inference, model_identity, resolve_model_path
     from llmctl.safety import AuditLog, Rails

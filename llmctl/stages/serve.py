@@ -164,7 +164,7 @@ def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails, gguf
             warm=rails.warm,
         )
     app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes,
-                     playground_page=s.playground)
+                     playground_page=s.playground, image_limits=s)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
     ))

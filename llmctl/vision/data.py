@@ -32,6 +32,8 @@ def read_rows(recs, cfg, counters) -> Iterator[dict]:
     d, im = cfg.data, cfg.data.image
     for rec, where in recs:
         try:
+            if d.messages_field in rec and im.field not in rec:  # a chat row with an image part
+                rec = chat_row(rec, d.messages_field, where, im)
             for field, key in ((im.field, "data.image.field"), (im.caption_field, "data.image.caption_field")):
                 if field not in rec:
                     raise DataError(f"{where}: record has no field '{field}' (fields: {', '.join(sorted(rec)) or 'none'}): set {key} to the right field")
@@ -49,6 +51,24 @@ def read_rows(recs, cfg, counters) -> Iterator[dict]:
                 continue
             raise
         yield {"raw": raw, "img": img, "caption": cap.strip(), "question": (q or im.prompt).strip(), "_id": where}
+
+
+def chat_row(rec: dict, field: str, where: str, im) -> dict:
+    """{image, caption, question} of a chat row: a user turn whose content holds one
+    `{"type": "image", "path"|"image": PATH}` part (and text parts: the question), then the
+    assistant's answer (the caption)."""
+    msgs = rec[field]
+    if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)
+            and msgs[-1].get("role") == "assistant" and msgs[-2].get("role") == "user"):
+        raise DataError(f"{where}: '{field}' must end with a user turn (holding the image) and the assistant's answer")
+    content = msgs[-2].get("content")
+    parts = content if isinstance(content, list) else [{"type": "text", "text": str(content)}]
+    paths = [p.get("path") or p.get("image") for p in parts if isinstance(p, dict) and p.get("type") == "image"]
+    if len(paths) != 1 or not isinstance(paths[0], str):
+        raise DataError(f"{where}: the user turn must hold exactly one {{\"type\": \"image\", \"path\": ...}} part (it has {len(paths)})")
+    text = " ".join(str(p.get("text", "")) for p in parts if isinstance(p, dict) and p.get("type") == "text").strip()
+    answer = msgs[-1].get("content")
+    return {im.field: paths[0], im.caption_field: answer if isinstance(answer, str) else "", **({im.question_field: text} if text else {})}
 
 
 def builtin_rows(cfg) -> tuple[list[dict], list[dict]]:

@@ -107,29 +107,41 @@ def evaluate(cfg, rd, path: str, con, predictions_path) -> dict:
 
     e = cfg.eval
     ds = _split(rd, e.split)
-    pairs = load_from_disk(str(rd.pairs_dir))[e.split] if rd.pairs_dir.is_dir() and e.split in load_from_disk(str(rd.pairs_dir)) else None
-    if pairs is not None and e.max_examples:
-        pairs = pairs.select(range(min(len(pairs), e.max_examples)))
+    all_pairs = load_from_disk(str(rd.pairs_dir)) if rd.pairs_dir.is_dir() else {}
+    pairs = _first(all_pairs[e.split], e.max_examples) if e.split in all_pairs else None
     con.step(f"loading {path}")
     model, proc = load_model(path)
     mine, hyps = model_results(model, proc, ds, pairs, cfg, con, "model")
     results = {"model": model_identity(path), "split": e.split, "perplexity": mine["perplexity"]}
     if "generation" in mine:
-        results["generation"] = mine["generation"]
-        refs = list(pairs["reference"])
         majority, freq = Counter(train_captions(ds, proc.tokenizer)).most_common(1)[0]
-        base = score([majority] * len(refs), refs)
-        results["baselines"] = {"baseline_majority_exact_match": base["exact_match"], "baseline_majority_bleu": base["bleu"],
-                                "baseline_majority_chrf": base["chrf"]}
         results["majority_caption"] = {"caption": majority, "train_count": freq}
-        em, bem = mine["generation"]["exact_match"], base["exact_match"]
-        results["exact_match_vs_majority"] = round(em / bem, 2) if bem else (math.inf if em else None)
+        results["generation"] = mine["generation"]
+        results.update(_against_majority(mine["generation"], list(pairs["reference"]), majority))
         lines = [json.dumps({"prompt": p, "reference": r, "prediction": h, "exact_match": h.strip() == r.strip()})
-                 for p, r, h in zip(pairs["prompt"], refs, hyps)]
+                 for p, r, h in zip(pairs["prompt"], pairs["reference"], hyps)]
         atomic_write_text(predictions_path, "\n".join(lines) + "\n")
+        # The other held-out split too (the builtin shapes: validation = seen pairings, test = unseen ones).
+        for other in [s for s in ("validation", "test") if s != e.split and s in all_pairs and e.generation]:
+            op = _first(all_pairs[other], e.max_examples)
+            con.step(f"model: captioning {len(op)} held-out images of the {other} split")
+            gen = score(captions(model, proc, op, cfg), list(op["reference"]))
+            results.setdefault("other_splits", {})[other] = {"generation": gen, **_against_majority(gen, list(op["reference"]), majority)}
     if e.compare_init:
         results["init"] = _init(cfg, proc, ds, pairs, con)
     return results
+
+
+def _first(pairs, n: int | None):
+    return pairs.select(range(min(len(pairs), n))) if n else pairs
+
+
+def _against_majority(gen: dict, refs: list[str], majority: str) -> dict:
+    """The most frequent training caption scored on the same references, and the ratio of exact matches."""
+    base = score([majority] * len(refs), refs)
+    em, bem = gen["exact_match"], base["exact_match"]
+    return {"baselines": {"baseline_majority_exact_match": bem, "baseline_majority_bleu": base["bleu"], "baseline_majority_chrf": base["chrf"]},
+            "exact_match_vs_majority": round(em / bem, 2) if bem else (math.inf if em else None)}
 
 
 def _init(cfg, proc, ds, pairs, con) -> dict:

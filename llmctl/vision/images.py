@@ -53,13 +53,13 @@ def read_file(path: Path, max_bytes: int) -> bytes:
     return path.read_bytes()
 
 
-def load_checked(path: Path, where: str, max_bytes: int, max_pixels: int):
-    """(raw bytes, RGB image) of an image a data row names; DataError 'where: why; fix' if bad."""
+def load_checked(path: Path, where: str, max_bytes: int, max_pixels: int, fix: str = FIX):
+    """(raw bytes, RGB image) of an image a data row names; DataError 'where: why: fix' if bad."""
     try:
         raw = read_file(path, max_bytes)
         return raw, decode(raw, max_pixels)
     except BadImage as e:
-        raise DataError(f"{where}: {e}: {FIX}") from None
+        raise DataError(f"{where}: {e}: {fix}") from None
 
 
 def content_hash(img) -> str:

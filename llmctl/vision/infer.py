@@ -99,12 +99,30 @@ def generate(model, proc, questions: list[str], images: list, sp) -> list[dict]:
     return results
 
 
-def load_model(path, device=None):
+def is_image_text(path) -> bool:
+    """Whether a local model directory holds an image-text model (a processor and a vision config)."""
+    import json
+    from pathlib import Path
+
+    cfg = Path(str(path)) / "config.json"
+    if not (cfg.is_file() and has_processor(path)):
+        return False
+    try:
+        return "vision_config" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_model(path, device=None, quantize: str | None = None):
     """(model, processor) of an image-text model directory, for inference."""
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from llmctl.errors import ConfigError
     from llmctl.modeling import pick_device
+
+    if quantize not in (None, "none"):
+        raise ConfigError(f"quantize={quantize}: llmctl quantizes text-only causal LMs; serve an image-text model with quantize: none")
 
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32)
     model.to(device or pick_device("auto")).eval()

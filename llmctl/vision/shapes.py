@@ -98,14 +98,23 @@ def png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
+FLIP = {"right of": "left of", "below": "above"}
+
+
 def scenes(n: int, seed: int, size: int, test_fraction: float) -> Iterator[tuple[dict, str]]:
     """(record, split) for `n` scenes: {image: PNG bytes, caption}; 'test' for held-out pairings,
-    'seen' for the rest (prepare splits those into train and validation)."""
+    'seen' for the rest (prepare splits those into train and validation).
+
+    One caption per picture: with a single shape on each side, "a blue square above a red
+    circle" and "a red circle below a blue square" are the same scene, so such scenes are
+    always named left-to-right or top-to-bottom (the pair swapped, the relation flipped)."""
     rng = random.Random(seed)
     held = held_out_pairings(seed, test_fraction)
     all_pairs = pairings()
     for i in range(n):
         a, b = rng.choice(all_pairs)
         count, relation = rng.choice(list(COUNTS)), rng.choice(RELATIONS)
+        if count == 1 and relation in FLIP:
+            a, b, relation = b, a, FLIP[relation]
         img = draw_scene(count, a, relation, b, size, rng)
         yield {"image": png_bytes(img), "caption": caption(count, a, relation, b)}, ("test" if (a, b) in held else "seen")

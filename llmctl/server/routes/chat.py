@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from llmctl.server.engine import Job
+from llmctl.server.images import has_images, image_prompt
 from llmctl.server.jobs import budget, check_request, make_jobs, tokenize, usage
 from llmctl.server.rails import checked_input, checked_outputs, guards_for
 from llmctl.server.results import event_stream, run_all, stream_events
@@ -86,15 +87,20 @@ async def chat(req: ChatRequest, request: Request):
     st = server_state(request)
     stops = check_request(st, req)
     asked = asked_tokens(req)
-    if not getattr(st.engine.tok, "chat_template", None):
-        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
-    rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-    ids = conversation_ids(st, req, rid)
+    images = None
+    if has_images(req):  # image_url parts: llmctl/server/images.py
+        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        ids, images = image_prompt(st, req, rid)
+    else:
+        if not getattr(st.engine.tok, "chat_template", None):
+            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
+        rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        ids = conversation_ids(st, req, rid)
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     top = req.top_logprobs or 0
     jobs = make_jobs(st, [ids], [budget(st, asked, len(ids), st.max_tokens_cap, "messages")], req, stops, logprobs=top if req.logprobs else None,
-                     stream=bool(req.stream))
+                     stream=bool(req.stream), images=images)
     out = ChatChoices(
         st.engine, {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion", "created": now, "model": st.model_name,
                     "system_fingerprint": None},
