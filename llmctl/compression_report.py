@@ -108,6 +108,7 @@ def build(cfg, rd, tok, artifacts: list[dict], con, export_seconds: float | None
     keeps to REPORT_BUDGET_X times that, scoring fewer held-out tokens if it must (fit_to_budget).
     """
     from llmctl import heldout
+    from llmctl.errors import Interrupted
     from llmctl.modeling import load_for_inference
     from llmctl.quantize import model_bytes
 
@@ -139,6 +140,8 @@ def build(cfg, rd, tok, artifacts: list[dict], con, export_seconds: float | None
             if a["kind"] != "gguf":
                 row["decode_tokens_per_s"] = decode_tokens_per_s(model, mtok, e.report_decode_tokens)
             del model
+        except Interrupted:  # SIGINT/SIGTERM stop the export; they are not a row's failure
+            raise
         except Exception as exc:  # a row that cannot be measured says why; the export stands
             row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         if not ref:
