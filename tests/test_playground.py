@@ -259,3 +259,23 @@ def test_rail_interventions_are_shown_as_such(servers, browser):
         assert "answer blocked" in page.locator(".assistant .rail").last.inner_text()
         assert not log.page_errors and not [e for e in log.console_errors if "400" not in e]
         screenshot(page, "playground-rail.png")
+
+
+@needs_browser
+def test_stop_cuts_the_answer_and_chat_keeps_its_history(servers, engine, browser):
+    url, gate = servers["open"].url, engine[0].gate
+    with browser.page() as (page, log):
+        page.goto(url + "/")
+        page.wait_for_function("() => document.getElementById('model').textContent === 'tiny'")
+        out = _send(page, "first question")
+        first = out.inner_text()
+        gate.hold_after(3)
+        out = _send(page, "second question", wait=False)
+        assert gate.held.wait(60), "the request never started decoding"
+        page.click("#stopbtn")
+        page.wait_for_function("() => !document.getElementById('send').disabled", timeout=30_000)
+        gate.release.set()
+        assert "[stopped]" in page.locator(".assistant").last.text_content() and out.get_attribute("data-finish") is None
+        posts = [r.post_data_json for r in log.requests if r.method == "POST"]
+        assert [m["content"] for m in posts[1]["messages"]] == ["first question", first, "second question"]
+        log.assert_clean()

@@ -33,8 +33,9 @@ class Series:
 @dataclass
 class Marker:
     x: float
-    label: str
+    label: str  # the whole story, on hover
     cls: str = "mk"
+    short: str = ""  # drawn beside the line (default: the label)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def _y_axis(ax: Axes, lo: float, hi: float, at_x: float, anchor: str, label: str
                 out.append(f'<line x1="{ax.left}" x2="{ax.width - ax.right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
     mid = (ax.top + ax.height - ax.bottom) / 2
     rot = -90 if anchor == "end" else 90
-    x = 14 if anchor == "end" else ax.width - 14
+    x = 14 if anchor == "end" else ax.width - 6
     out.append(f'<text x="{x}" y="{mid:.1f}" transform="rotate({rot} {x} {mid:.1f})" text-anchor="middle" class="axlabel {cls}">{escape(label)}</text>')
     return out
 
@@ -148,10 +149,14 @@ def line_chart(series: list[Series], *, x_label: str, y_label: str, y2_label: st
     parts.append(f'<text x="{(ax.left + ax.width - ax.right) / 2:.1f}" y="{ax.height - 6}" text-anchor="middle" class="axlabel">{escape(x_label)}</text>')
     base = ax.height - ax.bottom
     parts.append(f'<line x1="{ax.left}" x2="{ax.width - ax.right}" y1="{base}" y2="{base}" class="axis"/>')
-    for m in markers:
+    for i, m in enumerate(markers):
         x = ax.px(m.x)
+        # labels step down so that neighbours do not overprint; near the right edge they sit left of the line
+        right_side = x > (ax.left + ax.width - ax.right) * 0.75
+        tx, anchor = (x - 3, "end") if right_side else (x + 3, "start")
         parts.append(f'<g class="{escape(m.cls)}" data-marker="{escape(m.label)}"><line x1="{x:.1f}" x2="{x:.1f}" y1="{ax.top}" y2="{base}"/>'
-                     f'<title>{escape(m.label)}</title><text x="{x + 3:.1f}" y="{ax.top + 10}" class="mklabel">{escape(m.label)}</text></g>')
+                     f'<title>{escape(m.label)}</title><text x="{tx:.1f}" y="{ax.top + 10 + 11 * (i % 4)}" text-anchor="{anchor}" '
+                     f'class="mklabel">{escape(m.short or m.label)}</text></g>')
     for s in series:
         lo, hi = (ry0, ry1) if s.right else (ly0, ly1)
         yfun = (lambda y, lo=lo, hi=hi: Axes(x0, x1, lo, hi).py(y, lo, hi)) if s.right else ax.py

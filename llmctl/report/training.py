@@ -28,7 +28,7 @@ def _plan_markers(train: list[dict]) -> list[Marker]:
         p = r.get("planned_steps")
         if p is not None and p != last:
             what = "plan" if last is None else "re-plan"
-            out.append(Marker(float(p), f"{what} at step {r['step']}: end at step {p}", cls="mk plan"))
+            out.append(Marker(float(p), f"{what} at step {r['step']}: end at step {p}", cls="mk plan", short=f"{what}: end {p}"))
             last = p
     return out
 
@@ -60,7 +60,8 @@ def training_section(rd) -> Section:
         return Section("training", "Training", "", f"{why}: run 'llmctl {verb} CONFIG'")
     train = [r for r in history if r.get("loss") is not None]
     val = [r for r in history if r.get("val_loss") is not None]
-    resumes = [Marker(float(history[i]["step"]), f"resumed at step {history[i]['step']}", cls="mk resume") for i in _processes(history)]
+    resumes = [Marker(float(history[i]["step"]), f"resumed at step {history[i]['step']}", cls="mk resume", short="resumed")
+               for i in _processes(history)]
     plans = _plan_markers(train)
     loss = [
         Series("train loss", [(r["step"], r["loss"]) for r in train], cls="s0"),
