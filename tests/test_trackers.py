@@ -113,3 +113,16 @@ def _wandb_offline(train_dir: Path, run_id: str) -> tuple[list[dict], set[str]]:
             elif rec.WhichOneof("record_type") == "artifact":
                 files |= {e.path for e in rec.artifact.manifest.contents}
     return history, files
+
+
+def test_export_adds_the_model_card_to_the_training_tracker_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    path, rd = _run(tmp_path, ["tensorboard"])
+    r = invoke_cli("export", str(path), "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(rd.stage_dir("train") / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    card = acc.Tensors("model_card/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert (rd.export_dir("hf") / "README.md").read_text()[:200] in card
