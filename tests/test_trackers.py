@@ -93,10 +93,19 @@ def _wandb_offline(train_dir: Path, run_id: str) -> tuple[list[dict], set[str]]:
     """The history rows and artifact file names of an offline W&B run, decoded with wandb's own protobuf
     schema from its transaction log (LevelDB log framing: 7-byte file header, 32 KiB blocks, 7-byte
     record headers; wandb 0.31 ships no Python reader for it)."""
+    history, files = [], set()
+    # one offline folder per process that joined the run (train, then eval/export resuming it)
+    for path in sorted(train_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
+        h, f = _wandb_records(path.read_bytes())
+        history += h
+        files |= f
+    return history, files
+
+
+def _wandb_records(data: bytes) -> tuple[list[dict], set[str]]:
+    assert data[:4] == b":W&B"
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = next(train_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")).read_bytes()
-    assert data[:4] == b":W&B"
     pos, buf, history, files = 7, b"", [], set()
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
