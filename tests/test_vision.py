@@ -112,6 +112,21 @@ def test_prepare_files_dedups_images_checks_leakage_and_reports(tmp_path):
     assert len(pairs) == 6 and pairs[0]["image"][:4] == b"\x89PNG"
 
 
+def test_perceptual_dedup_drops_a_near_copy(tmp_path):
+    from PIL import Image
+
+    rows = image_rows(tmp_path / "data", n=20)
+    img = Image.open(tmp_path / "data" / "img" / "3.png").convert("RGB")
+    img.putpixel((0, 0), (250, 250, 250))  # one background pixel a shade lighter: other bytes, same picture to the eye
+    img.save(tmp_path / "data" / "img" / "near.png")
+    rows.append({"image": "img/near.png", "caption": rows[3]["caption"]})
+    for perceptual, dropped in ((True, {"near_duplicate_image": 1}), (False, {})):
+        path = files_config(tmp_path, rows, image={"perceptual_dedup": perceptual, "phash_distance": 2})
+        r = invoke_cli("prepare", str(path), "--force")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())["dropped"] == dropped
+
+
 def test_leakage_drops_a_held_out_image_seen_in_training(tmp_path):
     rows = image_rows(tmp_path / "data", n=20)
     val = [dict(rows[0], caption="the same picture, held out"), rows[5]]
@@ -393,6 +408,13 @@ def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
     assert [t["token"] for t in res["target_tokens"]] and "".join(t["token"] for t in res["target_tokens"]).strip() == res["target"]
     page = (run / "explain" / "explain.html").read_text()
     assert "data:image/png;base64," in page and page.count("rgba(230,0,0,") == 4
+    # The heatmap is the picture's: another scene, same caption, gives other saliencies.
+    other = tmp_path / "other.png"
+    draw_scene(2, ("yellow", "triangle"), "below", ("green", "square"), 16, random.Random(5)).save(other)
+    r = invoke_cli("explain", str(path), "--image", str(other), "-p", "Describe the image.", "-t", "one red square left of a blue circle", "--json")
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["patch_saliency"] != grid and again["target_logprob"] != res["target_logprob"]
 
 
 # --------------------------------------------------------------------------- eval
