@@ -95,6 +95,10 @@ def test_prepare_files_dedups_images_checks_leakage_and_reports(tmp_path):
     report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())
     assert report["dropped"] == {"exact_duplicate_image": 2}
     assert sum(report["images"].values()) == 30 and report["splits"]["train"]["sizes"]["width_max"] == 16
+    assert report["splits"]["all (before the split)"] == {"documents_before": 32, "documents_after": 30, "steps": [
+        {"step": "exact dedup (content hash)", "removed": 2}, {"step": "near dedup (pHash)", "removed": 0}]}
+    r = invoke_cli("status", str(tmp_path / "run"))  # prints the report as it prints a text run's
+    assert r.returncode == 0 and "exact dedup (content hash): 2 removed" in r.stderr, r.stderr
     from datasets import load_from_disk
 
     ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))
