@@ -490,3 +490,17 @@ def test_config_refuses_what_image_text_cannot_do(tmp_path):
             cfg[k] = {**cfg.get(k, {}), **v}
         r = invoke_cli("config", "validate", str(write_config(tmp_path / f"c{i}.yaml", cfg)))
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (over, r.stderr)
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_ranks(tmp_path):
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run"))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = run_cli("train", str(path), "--nproc", "2", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["world_size"] == 2 and out["steps"] == 4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model")
+    AutoProcessor.from_pretrained(tmp_path / "run" / "train" / "model")
