@@ -90,11 +90,13 @@ def processor_for(cfg, train_rows: list[dict], con):
     return new_processor(cfg, tok)
 
 
-def encode_split(proc, rows: list[dict], block_size: int, drops: dict, name: str) -> list[dict]:
+def encode_split(proc, rows: list[dict], block_size: int, drops: dict, name: str, prog=None) -> list[dict]:
     from llmctl.vision.infer import encode_example
 
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
+        if prog is not None and i % 100 == 0:
+            prog.update(completed=i)
         ex = encode_example(proc, r["question"], r["caption"], r["img"])
         if len(ex["input_ids"]) > block_size:
             drops[f"{name}_too_long"] = drops.get(f"{name}_too_long", 0) + 1
@@ -125,8 +127,9 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
     for name in SPLITS:
         if not splits.get(name):
             continue
-        with con.progress(f"processing {name}", total=len(splits[name]), unit="images"):
-            enc = encode_split(proc, splits[name], cfg.data.block_size, drops, name)
+        with con.progress(f"processing {name}", total=len(splits[name]), unit="images") as prog:
+            enc = encode_split(proc, splits[name], cfg.data.block_size, drops, name, prog)
+            prog.update(completed=len(splits[name]))
         if not enc:
             raise DataError(f"the {name} split has no example that fits data.block_size={cfg.data.block_size}: raise it "
                             f"(the image alone takes {len(encode_split(proc, splits[name][:1], 1 << 30, {}, name)[0]['input_ids'])} tokens with its prompt)")
