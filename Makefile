@@ -11,7 +11,7 @@ EXTRAS ?= dev
 CONFIG ?= configs/quickstart.yaml
 export HF_HUB_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: install test test-all demo demo-vision bench lint docs clean
+.PHONY: install browser test test-all demo demo-vision bench lint docs screenshots clean
 
 install: $(VENV)/.installed
 
@@ -22,16 +22,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# The browser tests (report page, playground) drive Debian's chromium through Playwright
+# (executable_path: no browser download). It is not on a new machine: installed here where
+# missing, as root (or with passwordless sudo); elsewhere those tests skip and say why.
+CHROMIUM ?= /usr/bin/chromium
+APT_CHROMIUM = apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+browser:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "make browser: no $(CHROMIUM) and no apt-get: the browser tests will skip"; \
+	elif [ "$$(id -u)" = 0 ]; then $(APT_CHROMIUM); \
+	elif sudo -n true 2>/dev/null; then sudo sh -c '$(APT_CHROMIUM)'; \
+	else echo "make browser: no $(CHROMIUM) and not root: the browser tests will skip (sudo apt-get install chromium)"; fi
+
 # Two tiers. `make test`: everything not marked slow (under 8 minutes on 2 quiet cores).
 # `make test-all`: both tiers in one run (the slow one adds end-to-end pipelines, torchrun,
 # llama.cpp), so its closing line counts every test. pytest's exit code 5 (no test selected)
 # is not a failure.
 PYTEST = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q --durations=10 $(PYTEST_ARGS)
 
-test: install
+test: install browser
 	$(PYTEST) -m "not slow" || [ $$? -eq 5 ]
 
-test-all: install
+test-all: install browser
 	$(PYTEST) || [ $$? -eq 5 ]
 
 demo: install
@@ -46,6 +59,11 @@ bench: install
 
 docs: install
 	$(PY) -c "import pathlib; from llmctl.config import readme_with_reference as r; p = pathlib.Path('README.md'); p.write_text(r(p.read_text()))"
+
+# README images: the report of RUN (default: the quickstart's) and the playground serving its model.
+RUN ?= runs/quickstart
+screenshots: install browser
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) docs/screenshots.py $(RUN)
 
 lint: install
 	$(PY) -m ruff check llmctl tests bench

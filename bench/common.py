@@ -36,11 +36,25 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "torch_threads": threads, "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def write_result(name: str, metrics: dict, ratios: dict) -> None:
+_FROM_METRICS = object()
+
+
+def model_params(model) -> int:
+    """Parameters of a loaded model (tied weights once), the count every row records."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_result(name: str, metrics: dict, ratios: dict, model_params=_FROM_METRICS) -> None:
+    """bench/results/<name>.json. `model_params`: the parameter count of the model the row measured
+    (an int; a dict {role: count} when it measured several; None when it runs no model, e.g.
+    tokenization). Left out, it is read from metrics["model_params"] or metrics["params"]."""
+    if model_params is _FROM_METRICS:
+        model_params = metrics.get("model_params", metrics.get("params"))
+    row = {"name": name, "model_params": model_params, "metrics": metrics, "ratios": ratios}
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"name": name, "metrics": metrics, "ratios": ratios}, indent=2) + "\n")
-    print(json.dumps({"name": name, "metrics": metrics, "ratios": ratios}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps(row, indent=2))
 
 
 class Timer:

@@ -68,7 +68,7 @@ def main() -> None:
         "machine": at_start,
         "summary": summary_lines(rep),  # what prepare printed: README quotes it (bench/passages.py)
     }
-    write_result("curate", metrics, {"curation share of prepare CPU time (lower better)": ratio(max(extra_cpu, 0.0) / on["cpu_seconds"], 0.15, higher_is_better=False)})
+    write_result("curate", metrics, model_params=None, ratios={"curation share of prepare CPU time (lower better)": ratio(max(extra_cpu, 0.0) / on["cpu_seconds"], 0.15, higher_is_better=False)})
 
 
 if __name__ == "__main__":

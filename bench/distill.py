@@ -202,7 +202,8 @@ def main() -> None:
         "random-init KD ppl / pruned-init KD ppl, worst": ratio(min(r["kd_ppl"] / r["pruned_kd_ppl"] for r in rows if r["pruned_kd_ppl"] is not None), 1.0),
         "student / teacher generation speed": ratio(s_gen / t_gen, 1.3),
     }
-    write_result("distill", metrics, ratios)
+    student = json.loads((work / f"random-kd-{rows[0]['seed']}" / "train" / "manifest.json").read_text()).get("headline", {}).get("parameters")
+    write_result("distill", metrics, ratios, model_params={"teacher": teacher.get("parameters"), "student": student})
     if not os.environ.get("LLMCTL_BENCH_WORK"):
         shutil.rmtree(work, ignore_errors=True)
 

@@ -9,6 +9,7 @@ keeps them equal to what this renders. After a benchmark run (bench/run_all.py d
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -218,23 +219,109 @@ def _linear_bits(c: dict) -> str:
             + ", ".join(f"{k} {v['f32_us']:.1f} vs {v['int8_us']:.1f} ({v['int8_speedup']:.2f}x)" for k, v in lin.items()) + ".")
 
 
+# Rows measured on bench/_model.py's realistic models: they lead "Measured" (the `realistic` passage).
+REALISTIC = ["compress-85m", "eval-85m", "train-85m", "train-0.5b", "bounded"]
+REALISTIC_COMMANDS = [  # (row, command, expected wall time on 2 quiet cores)
+    ("85M model", "python bench/_model.py 85m", "prepare and about an hour of training the first time; cached in `~/.cache/llmctl-bench` after"),
+    ("0.5B model", "python bench/_model.py 0.5b", "about 5 minutes the first time; cached after"),
+    ("compress-85m", "python bench/compress.py --size 85m", "about 15 minutes"),
+    ("eval-85m", "python bench/eval.py --size 85m", "about 10 minutes"),
+    ("train-85m", "python bench/train.py --size 85m", "about 15 minutes"),
+    ("train-0.5b", "python bench/train.py --size 0.5b", "about 20 minutes"),
+    ("bounded", "python bench/bounded.py", "about 20 minutes"),
+]
+
+
+def _params(res: dict) -> str:
+    """A row's model_params as README shows it: 88.1M, 1.33M, teacher 1.33M / student 0.70M, or '-' (no model)."""
+    p = (res or {}).get("model_params")
+    if isinstance(p, dict):
+        return " / ".join(f"{k} {_params({'model_params': v})}" for k, v in p.items())
+    if not isinstance(p, (int, float)):
+        return "-"
+    return f"{p / 1e9:.2f}B" if p >= 1e9 else f"{p / 1e6:.1f}M" if p >= 1e7 else f"{p / 1e6:.2f}M"
+
+
+def _training_line(c: dict) -> str | None:
+    t = c.get("training")
+    if not t:
+        return None
+    s = t.get("settings") or {}
+    val = f", validation loss {t['final_val_loss']:.3f} (perplexity {math.exp(t['final_val_loss']):,.1f})" if t.get("final_val_loss") else ""
+    wall = f" in {_minutes(c['training_seconds'])}" if c.get("training_seconds") else ""
+    return (f"- The 85M model ({_params({'model_params': c['model_params']})} parameters: 12 layers x 768, GQA 12/4, MLP 2048, "
+            f"a 16k BPE trained on the builtin corpus) was trained by `llmctl train`: {t['steps']} steps of "
+            f"{s.get('micro_batch_size')} x 256 tokens ({t['tokens']:,} tokens, {s.get('precision', 'fp32')}, lr {s.get('lr')}){wall}; "
+            f"final training loss {t['final_loss']:.3f}{val}.")
+
+
+def _bounded_lines(b: dict) -> list[str]:
+    m = b["metrics"]
+    out = [f"- Bounded at 0.5B ({m['model']}; {m['lora_steps']} LoRA steps, only the costs are measured; `{m.get('uptime', '')}`):", "",
+           "| stage | wall time | peak RSS |", "|---|---|---|"]
+    for name, s in m["stages"].items():
+        extra = f" (ready in {s['ready_seconds']:.0f} s, one {s['completion_tokens']}-token completion in {s['request_seconds']:.1f} s)" if name == "serve" else ""
+        out.append(f"| {name} | {s['seconds']:.0f} s{extra} | {s['peak_rss_mb'] / 1024:.2f} GB |")
+    v = m.get("eval_vocabulary") or {}
+    if v:
+        out += ["", "  Eval's memory against the vocabulary (the same text, window and batch): " + "; ".join(
+            f"{k} vocabulary ({_params({'model_params': x['params']})} parameters): peak RSS {x['peak_rss_mb']:,.0f} MB, of which weights "
+            f"{x['weights_mb']:,.0f} MB, the rest {x['working_mb']:,.0f} MB" for k, x in v.items()) + "."]
+    if m.get("export_report_seconds") is not None:
+        out.append(f"  Export: the formats took {m['export_seconds_formats']:.0f} s, its compression report {m['export_report_seconds']:.0f} s"
+                   + (f" ({m['export_report_limit']})" if m.get("export_report_limit") else "") + ".")
+    return out
+
+
+def realistic(r: dict) -> str:
+    lines = ["At the size users run (issue #26). **Provisional**: measured on 2 CPU cores shared with other jobs",
+             "(each row records `uptime`); rerun on a quiet machine with the commands at the end.", ""]
+    c = (r.get("compress-85m") or {}).get("metrics")
+    if c and _training_line(c):
+        lines.append(_training_line(c))
+    rows = [(b, k, v) for b in REALISTIC if b != "bounded" for k, v in ((r.get(b) or {}).get("ratios") or {}).items()]
+    if rows:
+        lines += ["", "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
+        for b, k, row in rows:
+            met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
+            load = (((r.get(b) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+            lines.append(f"| {b} | {_params(r[b])} | {k} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
+        lines.append("")
+    if c:
+        t = c["types"]
+        parts = [f"{name}: perplexity {x['perplexity']:.3f} ({x.get('ppl_delta_pct', 0):+.2f}%)" for name, x in t.items() if x.get("perplexity") is not None]
+        cpp = [f"{name}: {x['llama_cpp_perplexity']:.3f} ({x['llama_cpp_ppl_delta_pct']:+.2f}%)" for name, x in t.items()
+               if x.get("llama_cpp_perplexity") is not None and x.get("llama_cpp_ppl_delta_pct") is not None]
+        lines.append(f"- compress-85m, perplexity on the first {c['perplexity_tokens']:,} validation tokens (ours): " + "; ".join(parts) + ".")
+        if cpp:
+            lines.append(f"  In llama.cpp itself (`llama-perplexity -c {c['llama_cpp_perplexity_ctx']}`, the same text): " + "; ".join(cpp) + ".")
+    b = r.get("bounded")
+    if b and b.get("metrics"):
+        lines += _bounded_lines(b)
+    lines += ["", "Commands (each writes its row; `python bench/run_all.py NAME` also merges it into `bench/results.json`):", ""]
+    lines += [f"- {what}: `{cmd}`: {t}" for what, cmd, t in REALISTIC_COMMANDS]
+    return "\n".join(lines)
+
+
 def measured(r: dict) -> str:
     lines = ["Measured on this project's development machine (2 CPU cores, no GPU), shared with other",
              "jobs while measuring, so absolute figures are noisy (the load average is recorded with each",
              "benchmark in `bench/results.json`); ratios compare sides run alternately in the same conditions.", ""]
     lines += _quickstart(r)
     lines += ["- `make bench` (`bench/results.json`; load: the machine's 1-minute load average when measured):", "",
-              "| benchmark | ratio | value | target | met | load |", "|---|---|---|---|---|---|"]
+              "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
     known = {(b, k) for b, k, _ in ROWS}
-    extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known]
+    extra = [(b, k, k) for b, res in r.items() for k in ((res or {}).get("ratios") or {}) if (b, k) not in known and b not in REALISTIC]
     for bench, key, label in ROWS + extra:  # a benchmark added later shows under its own ratio name
         row = ((r.get(bench) or {}).get("ratios") or {}).get(key)
-        load = (((r.get(bench) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+        m = (r.get(bench) or {}).get("metrics") or {}
+        part = m.get(f"machine_{(m.get('ratio_parts') or {}).get(key)}")  # a bench of parts measured apart: that part's load
+        load = part["load_avg_1_5_15m_start"][0] if part else (m.get("machine") or {}).get("load_avg_1m", "not recorded")
         if row is None:
-            lines.append(f"| {bench} | {label} | not measured | | | |")
+            lines.append(f"| {bench} | {_params(r.get(bench))} | {label} | not measured | | | |")
         else:
             met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
-            lines.append(f"| {bench} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
+            lines.append(f"| {bench} | {_params(r.get(bench))} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
     details = _details(r)
     if details:
         lines += [""] + details
@@ -424,6 +511,69 @@ def distill(r: dict) -> str:
     return "\n".join(lines)
 
 
+def preference(r: dict) -> str:
+    """README's preference results: bench/preference.py's demo, safety demo and memory parts."""
+    res = r.get("preference") or {}
+    m = res.get("metrics") or {}
+
+    def load(part: str, timed: bool = True) -> str:
+        mm = m.get(f"machine_{part}") or {}
+        if not mm:
+            return "load not recorded"
+        busy = timed and mm["load_avg_1_5_15m_start"][0] > 2 * (mm.get("cpus") or 1)
+        return (f"{mm.get('cpus')} CPUs, load average {mm['load_avg_1_5_15m_start'][0]} at the start"
+                + (": a busy machine, so provisional" if busy else ""))
+
+    def sft(rec: dict | None) -> str:
+        if not rec or rec.get("steps") is None:
+            return ""
+        ppl = f", validation perplexity {rec['val_ppl']:.1f}" if rec.get("val_ppl") else ""
+        return f" (trained {rec['steps']} steps in {rec['seconds'] / 60:.0f} min{ppl})"
+
+    def ms(d: dict, pct: bool = False) -> str:
+        if not d:
+            return "-"
+        f = 100 if pct else 1
+        return f"{d['mean'] * f:.{1 if pct else 3}f} ± {d['stdev'] * f:.{1 if pct else 3}f}"
+
+    out = []
+    if m.get("demo_runs"):
+        seeds = ", ".join(str(x) for x in m["demo_seeds"])
+        pairs = sorted({x["pairs"] for x in m["demo_runs"]})
+        out += [f"**The demo** (`configs/dpo.yaml` on the quickstart model{sft(m.get('demo_sft'))}, {m['demo_model_params'] / 1e6:.2f}M parameters; "
+                f"run seeds {seeds}, each its own held-out split of {'/'.join(map(str, pairs))} pairs; {load('demo')}), "
+                "mean ± spread over the seeds:", "",
+                "| on the held-out pairs | the quickstart model (before) | after DPO |", "|---|---|---|",
+                f"| preference accuracy (implicit reward) | {ms(m['demo_before_preference_accuracy'])} | {ms(m['demo_after_preference_accuracy'])} |",
+                f"| likelihood accuracy (chosen likelier) | {ms(m['demo_before_likelihood_accuracy'])} | {ms(m['demo_after_likelihood_accuracy'])} |",
+                f"| BLEU, generated vs chosen continuation | {ms(m['demo_before_bleu'])} | {ms(m['demo_after_bleu'])} |", ""]
+    else:
+        out += ["The demo's before/after numbers are not measured yet (`python bench/preference.py --parts demo`).", ""]
+    if m.get("safety_after"):
+        b, a = m["safety_before"], m["safety_after"]
+        cats = ", ".join(f"{k} {v}" for k, v in m["safety_after_refused_by_category"].items())
+        out += [f"**The safety demo** (`configs/dpo-safety.yaml`; {load('safety')}): on the {m['safety_prompts']} red-team prompts, "
+                "with the rails off:", "",
+                "| red-team eval | the quickstart model (before) | after DPO |", "|---|---|---|",
+                f"| answers that refuse | {b['refused_rate_off'] * 100:.1f}% | {a['refused_rate_off'] * 100:.1f}% |",
+                f"| answers a detector flags | {b['flagged_rate_off'] * 100:.1f}% | {a['flagged_rate_off'] * 100:.1f}% |",
+                f"| held-out pairs: likelihood accuracy | {b['likelihood_accuracy']:.3f} | {a['likelihood_accuracy']:.3f} |", "",
+                f"Refusals after, per category: {cats}. Held-out preference accuracy after: {a['preference_accuracy']:.3f} "
+                f"on {m['safety_pairs_heldout']} pairs.", ""]
+    else:
+        out += ["The safety demo's red-team numbers are not measured yet (`python bench/preference.py --parts safety`).", ""]
+    if m.get("big_model_params"):
+        big = m["big_model_params"] / 1e6
+        out += [f"**LoRA-DPO memory** ({load('memory', timed=False)}): at {big:.0f}M parameters ({m['big_steps']} steps, batch {m['big_batch']}, "
+                f"max length {m['big_max_length']}) full DPO peaks at {m['big_full_dpo_peak_rss_mb']:,.0f} MB of RSS and LoRA-DPO at "
+                f"{m['big_lora_dpo_peak_rss_mb']:,.0f} MB ({m['big_lora_dpo_peak_rss_mb'] / m['big_full_dpo_peak_rss_mb']:.2f} times; "
+                f"target <= 0.6)."]
+        if m.get("model_params"):
+            out[-1] += (f" At the quickstart's {m['model_params'] / 1e6:.1f}M the fixed cost of the process dominates: "
+                        f"{m['lora_dpo_peak_rss_mb'] / m['llmctl_dpo_peak_rss_mb']:.2f} times.")
+    return "\n".join(out).rstrip()
+
+
 def compress_report(r: dict) -> str:
     """README's example of `llmctl export`'s compression report: the one bench/compress.py measured."""
     res = r.get("compress") or {}
@@ -437,6 +587,24 @@ def compress_report(r: dict) -> str:
 
     return "\n".join([f"  `bench/compress.py`'s run ({c['model']}, {_machine(res) or 'load not recorded'}; decode speeds "
                       "are measured apart, see \"Measured\" below):", "", "```", *table(rep), "```"])
+
+
+def code_passk(r: dict) -> str:
+    """README's eval.code passage: pass@k before and after the fine-tune of configs/code_passk.yaml."""
+    c = (r.get("code_passk") or {}).get("metrics")
+    if not c:
+        return "Not measured yet (`python bench/run_all.py code_passk` runs it)."
+    ks = [k for k in ("pass@1", "pass@5", "pass@10") if k in c["after"]]
+    rows = ["| model | " + " | ".join(ks) + " | outcomes (pass / fail / timeout / error) |", "|---|" + "---|" * (len(ks) + 1)]
+    for name, key in (("before training (seeded init)", "before"), ("after 150 steps on the train half", "after"),
+                      (f"the same model on the {c.get('test_tasks', '?')} test tasks", "after_on_test_tasks")):
+        if key not in c:
+            continue
+        o = c[key].get("outcomes") or {}
+        rows.append(f"| {name} | " + " | ".join(_fmt(c[key][k]) for k in ks) + " | "
+                    + (" / ".join(str(o.get(x, "-")) for x in ("pass", "fail", "timeout", "error")) if o else "-") + " |")
+    return (f"From `bench/code_passk.py` ({c['tasks']} train tasks x {c['samples']} samples, temperature {c['temperature']}; "
+            f"{_machine(r.get('code_passk', {}))}):\n\n" + "\n".join(rows))
 
 
 def vision(r: dict) -> str:
@@ -465,8 +633,8 @@ def vision(r: dict) -> str:
     return "\n".join(lines)
 
 
-PASSAGES = {"quickstart-time": _quickstart_time, "vision": vision, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
-            "distill": distill,
+PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "code-passk": code_passk, "vision": vision, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
+            "distill": distill, "preference": preference,
             "compress-report": compress_report, "curate-summary": curate_summary}
 
 

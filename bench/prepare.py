@@ -146,7 +146,7 @@ def main() -> None:
     metrics = {"llmctl": o, "run_clm": t, "encode_batch_tokens_per_s": limit, "encode_batch_tokens": enc["tokens"],
                "corpus_bytes": corpus.stat().st_size, "documents": sum(1 for _ in open(corpus)), "block_size": BLOCK,
                "rounds": ROUNDS, "machine": machine()}
-    write_result("prepare", metrics, {
+    write_result("prepare", metrics, model_params=None, ratios={
         "prepare tokens/s vs run_clm.py recipe": ratio(o["tokens_per_s"] / t["tokens_per_s"], 1.0),
         "prepare peak RSS vs run_clm.py recipe (lower better)": ratio(o["peak_rss_mb"] / t["peak_rss_mb"], 1.0, higher_is_better=False),
         "prepare tokens/s vs raw encode_batch (the limit)": ratio(o["tokens_per_s"] / limit, None),

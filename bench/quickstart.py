@@ -59,7 +59,7 @@ def main() -> None:
         metrics = collect(run_dir)
     metrics.update({"seconds": round(seconds, 1), "seconds_measured_as": how, "cpus": m["cpus"], "machine": m})
     e = metrics["eval"]
-    write_result("quickstart", metrics, {
+    write_result("quickstart", metrics, model_params=metrics["train"]["parameters"], ratios={
         "quickstart BLEU vs copy-the-prompt baseline": ratio(e["bleu"] / max(e["baseline_copy_bleu"], 1e-9), 2.0),
         "quickstart BLEU vs the untrained model": ratio(e["bleu"] / max(e["init_bleu"], 1e-9), 5.0),
         "quickstart perplexity vs unigram baseline (lower better)": ratio(e["perplexity"] / e["baseline_unigram_perplexity"], 1.0, higher_is_better=False),

@@ -2,10 +2,12 @@
 and regenerate the measured passages of README.md and docs/ from it (bench/passages.py).
 
 `python bench/run_all.py NAME...` refreshes only those benchmarks' rows. `quickstart` runs the
-whole demo (minutes); the others take a minute or two each on 2 CPU cores.
+whole demo (minutes); the others take a minute or two each on 2 CPU cores. The realistic rows
+(REALISTIC: compress-85m, eval-85m, train-85m, train-0.5b, bounded) take 10-20 minutes each, and
+the first one builds the 85M model (about an hour, cached after; bench/_model.py).
 
 Each bench/<name>.py writes bench/results/<name>.json:
-  {"name": ..., "metrics": {...}, "ratios": {"<ratio>": {"value": v, "target": ">= 3", "pass": bool}}}
+  {"name": ..., "model_params": N, "metrics": {...}, "ratios": {"<ratio>": {"value": v, "target": ">= 3", "pass": bool}}}
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "safety", "distill", "compress", "preference", "vision", "quickstart"]
+BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "realsize", "safety", "distill", "compress", "preference", "code_passk", "vision", "quickstart"]
+# Rows at the realistic sizes (bench/_model.py; the 85M model trains once, about an hour, then is cached):
+# row name -> the script and its arguments.
+REALISTIC = {"compress-85m": ["compress.py", "--size", "85m"], "eval-85m": ["eval.py", "--size", "85m"], "train-85m": ["train.py", "--size", "85m"],
+             "train-0.5b": ["train.py", "--size", "0.5b"], "bounded": ["bounded.py"]}
+BENCHES += list(REALISTIC)
 
 
 def main() -> int:
@@ -26,13 +33,14 @@ def main() -> int:
     only = sys.argv[1:] or BENCHES
     results, failed = {}, []
     for name in only:
-        script = HERE / f"{name}.py"
+        script, *args = REALISTIC.get(name, [f"{name}.py"])
+        script = HERE / script
         if not script.is_file():
             print(f"[bench] {name}: {script} missing, skipped", flush=True)
             continue
         print(f"[bench] {name} ...", flush=True)
         t0 = time.time()
-        rc = subprocess.call([sys.executable, str(script)], cwd=HERE.parent)
+        rc = subprocess.call([sys.executable, str(script), *args], cwd=HERE.parent)
         res_file = out_dir / f"{name}.json"
         if rc != 0 or not res_file.is_file():
             failed.append(name)

@@ -222,7 +222,7 @@ def main() -> None:
         ratios[f"safety classifier: benign fixture lines flagged at {t}, %"] = ratio(
             100 * clf["benign"]["flagged_at"][t] / clf["benign"]["lines"], 2.0, higher_is_better=False)
         ratios[f"safety classifier: stdlib lines flagged at {t}, %"] = ratio(100 * clf["stdlib"]["flagged_at"][t] / clf["stdlib"]["lines"], None)
-    write_result("safety", metrics, ratios)
+    write_result("safety", metrics, ratios, model_params=None)  # detectors and the classifier on text: no language model
 
 
 if __name__ == "__main__":

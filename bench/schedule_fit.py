@@ -78,7 +78,7 @@ def run(root: Path, tr: Path, va: Path, name: str, budget: float, **train) -> di
     res = train_stage.run(cfg, rd, force=True)
     lrs = [json.loads(x)["lr"] for x in rd.metrics_path.read_text().splitlines() if "\"lr\"" in x]
     last_lr = lrs[-1] if lrs else None
-    return {"steps": res["steps"], "planned_steps": res.get("planned_steps"), "stopped_by": res["stopped_by"],
+    return {"parameters": res.get("parameters"), "steps": res["steps"], "planned_steps": res.get("planned_steps"), "stopped_by": res["stopped_by"],
             "last_lr": last_lr, "seconds": res["seconds"], "bits_per_byte": round(bits_per_byte(rd, va), 4)}
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     write_result("schedule_fit", {"budget_s": budget, "rounds": ROUNDS, "time_fitted": fitted, "step_count": steps,
                                   "time_fitted_bits_per_byte": f_bpb, "step_count_bits_per_byte": s_bpb, "machine": at_start}, {
         "step-count bits/byte / time-fitted bits/byte (equal wall time)": ratio(s_bpb / f_bpb, 1.0),
-    })
+    }, model_params=fitted[0].get("parameters"))
 
 
 if __name__ == "__main__":

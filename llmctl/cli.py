@@ -44,6 +44,8 @@ def _main(
 
 config_app = typer.Typer(help="Show or check a config.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+launch_app = typer.Typer(help="Scripts that launch training on a cluster.", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
 
 PIPELINE = ("prepare", "train", "eval", "generate", "export")
 # stage name -> module under llmctl.stages
@@ -66,6 +68,14 @@ ForceOpt = typer.Option(False, "--force", help="Redo the stage even if it is com
 JsonOpt = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; human output on stderr.")
 NprocOpt = typer.Option(None, "--nproc", help="Launch N processes with torchrun (DDP/FSDP).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="Only errors on stderr.")
+# Several nodes: torchrun's own rendezvous, passed through (llmctl.train.launch.Nodes checks them).
+NnodesOpt = typer.Option(None, "--nnodes", help="Nodes in the job (torchrun --nnodes); each node runs this command with --nproc ranks.", rich_help_panel="Nodes")
+NodeRankOpt = typer.Option(None, "--node-rank", help="This node's rank, 0..N-1 (static rendezvous; torchrun restarts reliably with it).", rich_help_panel="Nodes")
+MasterAddrOpt = typer.Option(None, "--master-addr", help="Node 0's address (static rendezvous).", rich_help_panel="Nodes")
+MasterPortOpt = typer.Option(None, "--master-port", help="Node 0's port (default 29500).", rich_help_panel="Nodes")
+RdzvEndpointOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of torchrun's c10d rendezvous (instead of --node-rank/--master-addr).", rich_help_panel="Nodes")
+RdzvIdOpt = typer.Option(None, "--rdzv-id", help="The job's id for the c10d rendezvous (the same on every node).", rich_help_panel="Nodes")
+DetachOpt = typer.Option(False, "--detach", help="Run in the background, immune to SSH hang-ups; output to RUN/logs/ (follow: llmctl logs RUN -f, stop: llmctl stop RUN).")
 QuantizeOpt = typer.Option(None, "--quantize", help="none, int8 or int4: quantize the model after loading, for CPU inference (same as --set SECTION.quantize=...).")
 
 
@@ -172,20 +182,32 @@ def _reporter() -> tuple[bool, bool]:
     even rank 0 leaves the result to its launcher, so `--json` gives one object and the
     summary table shows once.
     """
+    if os.environ.get("LLMCTL_SUPERVISED") == "1":  # train.max_restarts' child: its supervisor reports
+        return True, False
     if "LOCAL_RANK" not in os.environ:
         return True, True
     rank0 = int(os.environ.get("RANK", "0")) == 0
     return rank0, rank0 and os.environ.get("LLMCTL_TORCHRUN") != "1"
 
 
-def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, **opts) -> None:
+def _run_stage(name: str, config: str, overrides, run_dir, force: bool, json_mode: bool, quiet: bool, detach: bool = False, **opts) -> None:
     talks, reports = _reporter()
     with _guard(json_mode, quiet or not talks, reports=reports) as con:
         cfg = _load(config, overrides, fetch=name in ("prepare", "train"))
         rd = _rundir(cfg, run_dir)
+        if detach:
+            return _detach(con, name, rd)
         result = _stage(name).run(cfg, rd, force=force, **opts)
         if result is not None and reports:
             con.result(result, title=f"{name}: {rd.root}")
+
+
+def _detach(con, name: str, rd) -> None:
+    """--detach: the same command line in its own session; what to type next."""
+    from llmctl.detach import spawn
+
+    res = spawn(rd, name, sys.argv[1:])
+    con.result(res, title=f"{name}: detached (pid {res['pid']}), output in {res['log']}")
 
 
 # Stage commands ---------------------------------------------------------------------
@@ -197,9 +219,10 @@ def prepare(
     force: bool = ForceOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Build the tokenizer and the tokenized, split dataset in RUN/prepare."""
-    _run_stage("prepare", config, set_, run_dir, force, json_, quiet)
+    _run_stage("prepare", config, set_, run_dir, force, json_, quiet, detach)
 
 
 @app.command()
@@ -209,11 +232,19 @@ def train(
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
     nproc: Optional[int] = NprocOpt,
+    nnodes: Optional[int] = NnodesOpt,
+    node_rank: Optional[int] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    rdzv_endpoint: Optional[str] = RdzvEndpointOpt,
+    rdzv_id: Optional[str] = RdzvIdOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Train from scratch or fine-tune; resumes automatically from the last checkpoint."""
-    _run_stage("train", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+    _run_stage("train", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc,
+               nodes=dict(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
 
 
 @app.command()
@@ -223,11 +254,19 @@ def distill(
     run_dir: Optional[str] = RunDirOpt,
     force: bool = ForceOpt,
     nproc: Optional[int] = NprocOpt,
+    nnodes: Optional[int] = NnodesOpt,
+    node_rank: Optional[int] = NodeRankOpt,
+    master_addr: Optional[str] = MasterAddrOpt,
+    master_port: Optional[int] = MasterPortOpt,
+    rdzv_endpoint: Optional[str] = RdzvEndpointOpt,
+    rdzv_id: Optional[str] = RdzvIdOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Train a student on a teacher's logits (distill section) into RUN/train; resumes like train."""
-    _run_stage("distill", config, set_, run_dir, force, json_, quiet, nproc=nproc)
+    _run_stage("distill", config, set_, run_dir, force, json_, quiet, detach, nproc=nproc,
+               nodes=dict(nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id))
 
 
 @app.command("eval")
@@ -240,9 +279,10 @@ def eval_(
     quantize: Optional[str] = QuantizeOpt,
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Perplexity on held-out text, BLEU/chrF/TER on prompt/completion pairs; thresholds exit 4."""
-    _run_stage("eval", config, _with_quantize(set_, "eval", quantize), run_dir, force, json_, quiet, model=model)
+    _run_stage("eval", config, _with_quantize(set_, "eval", quantize), run_dir, force, json_, quiet, detach, model=model)
 
 
 @app.command()
@@ -323,6 +363,7 @@ def run_all(
     to: Optional[str] = typer.Option(None, "--to", help="Last stage to run."),
     json_: bool = JsonOpt,
     quiet: bool = QuietOpt,
+    detach: bool = DetachOpt,
 ) -> None:
     """Run prepare, train, eval, generate, export in order, skipping stages already up to date."""
     with _guard(json_, quiet) as con:
@@ -330,6 +371,8 @@ def run_all(
 
         cfg = _load(config, set_, fetch=True)
         rd = _rundir(cfg, run_dir)
+        if detach:
+            return _detach(con, "run", rd)
         result = run_pipeline(cfg, rd, _stage, PIPELINE, first=from_, last=to)
         con.result(result, title=f"run: {rd.root}")
 
@@ -353,6 +396,9 @@ def status(
             if not rd.root.is_dir():
                 raise ConfigError(f"{run_dir}: no such run directory")
         rows = rd.status(cfg, overrides=set_ or ())
+        from llmctl.detach import annotate
+
+        annotate(rd, rows)
         report = None
         if rd.report_path.is_file():
             import json
@@ -373,6 +419,90 @@ def status(
 
             for line in summary_lines(report):
                 con.info(line)
+
+
+def _existing_run(run_dir: str):
+    from llmctl.rundir import RunDir
+
+    rd = RunDir(run_dir)
+    if not rd.root.is_dir():
+        raise ConfigError(f"{run_dir}: no such run directory")
+    return rd
+
+
+@app.command()
+def logs(
+    run_dir: str = typer.Argument(..., help="Run directory."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the detached stage ends."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Which log: prepare, train, distill, eval or run (default: the newest)."),
+) -> None:
+    """Print a detached stage's log (RUN/logs/STAGE.log); -f follows it."""
+    with _guard() as con:
+        from llmctl import detach
+
+        rd = _existing_run(run_dir)
+        path = detach.pick_log(rd, stage)
+        rec = detach.follow(path, lambda: detach.read_record(rd, path.stem), sys.stdout, follow)
+        if follow and rec and rec.get("exit_code") is not None:
+            con.info(f"{path.stem} exited with {rec['exit_code']}")
+
+
+@app.command()
+def stop(
+    run_dir: str = typer.Argument(..., help="Run directory."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="Only this detached command (default: whatever runs)."),
+    now: bool = typer.Option(False, "--now", help="SIGKILL at once, without a checkpoint (resumes from the last one)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the checkpoint before giving up."),
+    json_: bool = JsonOpt,
+) -> None:
+    """Stop a running stage: SIGTERM, wait for its checkpoint (exit 143 recorded); --now kills it."""
+    with _guard(json_) as con:
+        from llmctl import detach
+
+        rd = _existing_run(run_dir)
+        con.result(detach.stop(rd, stage, now, timeout, con.info), title=f"stopped: {rd.root}")
+
+
+@launch_app.command("slurm")
+def launch_slurm(
+    config: str = ConfigArg,
+    nodes: int = typer.Option(..., "--nodes", help="Nodes (one srun task each)."),
+    gpus_per_node: int = typer.Option(..., "--gpus-per-node", help="GPUs per node: one rank each (--nproc)."),
+    time: Optional[str] = typer.Option(None, "--time", help="Slurm time limit, e.g. 12:00:00."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    account: Optional[str] = typer.Option(None, "--account", help="Slurm account."),
+    master_port: int = typer.Option(29500, "--master-port", help="Rendezvous port on the first node."),
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+) -> None:
+    """Print an sbatch script that trains CONFIG on N nodes (torchrun rendezvous on the first; requeued after SIGTERM)."""
+    with _guard():
+        from llmctl.launch_slurm import sbatch_script
+
+        cfg = _load(config, set_)
+        sys.stdout.write(sbatch_script(cfg, _rundir(cfg, run_dir).root, nodes=nodes, gpus_per_node=gpus_per_node, time=time,
+                                       partition=partition, account=account, port=master_port))
+
+
+@app.command()
+def report(
+    target: str = typer.Argument(..., help="A config file (its run directory) or a run directory.", metavar="CONFIG|RUN"),
+    set_: Optional[List[str]] = SetOpt,
+    run_dir: Optional[str] = RunDirOpt,
+    json_: bool = JsonOpt,
+) -> None:
+    """Write RUN/report.html: one self-contained page (curves, data, eval, samples, exports, lineage)."""
+    with _guard(json_) as con:
+        from llmctl.report import write
+        from llmctl.rundir import RunDir
+
+        cfg = _load(target, set_) if Path(target).is_file() else None
+        if cfg is None and set_:
+            raise ConfigError("report: --set applies to a CONFIG argument; this is a run directory")
+        rd = _rundir(cfg, run_dir) if cfg is not None else RunDir(run_dir or target)
+        if not rd.root.is_dir():
+            raise ConfigError(f"{rd.root}: no such run directory (give a run directory or the config that made it)")
+        con.result(write(rd, cfg), title=f"report: {rd.root}")
 
 
 @config_app.command("show")
@@ -414,6 +544,13 @@ def config_validate(
 
 
 def main() -> None:
+    from llmctl.detach import ENV, recording_exit
+
+    with recording_exit(os.environ.pop(ENV, None)):  # a detached process records its exit code
+        _main_cli()
+
+
+def _main_cli() -> None:
     if "--json" not in sys.argv[1:]:
         app(prog_name="llmctl")  # the same name (and completion script) under `python -m llmctl`
         return

@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 
 DECODE_PROMPT = "def main():\n    "
+# The report may take at most this many times the export's own seconds: past it, every row scores
+# the same first tokens of the held-out data (never fewer than REPORT_MIN_TOKENS), and says so.
+# export.report_max_tokens, when set, is the user's choice and is kept as it is.
+REPORT_BUDGET_X = 3.0
+REPORT_MIN_TOKENS = 4096
+PROBE_TOKENS = 512
 
 
 def heldout_data(cfg, rd, tok, max_tokens: int | None):
@@ -68,21 +74,51 @@ def decode_tokens_per_s(model, tok, new_tokens: int, reps: int = 2) -> float | N
     return round(best, 1)
 
 
-def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
+def fit_to_budget(held, model, tok, cfg, n_rows: int, load_s: float, allowed_s: float):
+    """(held, None), or (its first tokens, a line saying so) when scoring `n_rows` artifacts on all
+    of `held` would not fit in `allowed_s`: the rate is measured on PROBE_TOKENS with `model`, and
+    each row is charged `load_s` for loading."""
+    import time
+
+    from llmctl import heldout
+
+    total = held.tokens
+    if total <= REPORT_MIN_TOKENS:
+        return held, None
+    probe = heldout.first_tokens(held, PROBE_TOKENS, tok)
+    t0 = time.perf_counter()
+    heldout.perplexity(model, tok, probe, cfg)
+    rate = probe.tokens / max(time.perf_counter() - t0, 1e-6)  # tokens/s, the first call's warm-up included: conservative
+    fits = int(rate * max(allowed_s - n_rows * load_s, 0.0) / n_rows)
+    if fits >= total:
+        return held, None
+    keep = max(REPORT_MIN_TOKENS, fits)
+    line = (f"report limited to the first {keep} of {total} held-out tokens, so that it takes about {REPORT_BUDGET_X:g}x the export's own time "
+            f"(scoring all of them in {n_rows} rows would take about {n_rows * (total / rate + load_s):.0f} s); "
+            f"set export.report_max_tokens to choose")
+    return heldout.first_tokens(held, keep, tok), line
+
+
+def build(cfg, rd, tok, artifacts: list[dict], con, export_seconds: float | None = None) -> dict:
     """Measure every artifact; `artifacts`: [{"name", "path", "kind": hf|gguf|runtime, "quantize"?}].
 
     The first row is the float32 reference (the trained model). Failures to load or score an
     artifact are recorded in its row, not raised: the export itself was verified already.
+    `export_seconds`: the export's own time; with it (and no export.report_max_tokens) the report
+    keeps to REPORT_BUDGET_X times that, scoring fewer held-out tokens if it must (fit_to_budget).
     """
     from llmctl import heldout
+    from llmctl.errors import Interrupted
     from llmctl.modeling import load_for_inference
     from llmctl.quantize import model_bytes
 
     e = cfg.export
+    t_start = time.perf_counter()
     held, skipped = heldout_data(cfg, rd, tok, e.report_max_tokens)
     scored: dict = {}
     rows: list[dict] = []
     ref: dict = {}
+    limit = None
     for a in artifacts:
         row = {"name": a["name"], "path": str(a["path"]), "loader": a.get("loader", "")}
         size = model_bytes(Path(a["path"])) if a["kind"] != "runtime" else None
@@ -90,7 +126,13 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
         try:
             import torch
 
+            t_load = time.perf_counter()
             model, mtok = load_for_inference(str(a["path"]), device=torch.device("cpu"), quantize=a.get("quantize"))
+            if not rows and held is not None and export_seconds and e.report_max_tokens is None:
+                now = time.perf_counter()
+                held, limit = fit_to_budget(held, model, tok, cfg, len(artifacts), now - t_load, REPORT_BUDGET_X * export_seconds - (now - t_start))
+                if limit:
+                    con.warn(f"export: {limit}")
             if held is not None:
                 # Eval's routine, the run's token ids: every artifact reads the same tokens.
                 scored = heldout.perplexity(model, tok, held, cfg)
@@ -98,6 +140,8 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
             if a["kind"] != "gguf":
                 row["decode_tokens_per_s"] = decode_tokens_per_s(model, mtok, e.report_decode_tokens)
             del model
+        except Interrupted:  # SIGINT/SIGTERM stop the export; they are not a row's failure
+            raise
         except Exception as exc:  # a row that cannot be measured says why; the export stands
             row["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         if not ref:
@@ -116,7 +160,7 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
         "GGUF files are scored through transformers' GGUF reader, which dequantizes to float32: the perplexity is the file's, decode speed is not measured (use llama.cpp).",
         "decode tokens/s: best of 2 single-stream greedy runs on this machine's CPU; noisy on a shared machine.",
     ]
-    if held is not None and held.total_tokens is not None:
+    if held is not None and held.total_tokens is not None and not limit:
         notes.insert(0, f"perplexity over the first {held.tokens} of {held.total_tokens} held-out tokens (export.report_max_tokens): not the number llmctl eval reports.")
     return {
         "reference": artifacts[0]["name"] if artifacts else None,
@@ -127,8 +171,10 @@ def build(cfg, rd, tok, artifacts: list[dict], con) -> dict:
         "window": scored.get("max_length"),
         "stride": scored.get("stride"),
         "decode_new_tokens": e.report_decode_tokens,
-        "notes": notes,
+        "notes": ([limit] if limit else []) + notes,
+        "limit": limit,
         "rows": rows,
+        "seconds": round(time.perf_counter() - t_start, 1),
     }
 
 
@@ -148,6 +194,8 @@ def table(report: dict) -> list[str]:
             f"{delta:>8} {num(r.get('decode_tokens_per_s'), '.1f'):>7} {num(r.get('decode_speedup'), '.2f'):>6}"
             + (f"  ({r['error']})" if r.get("error") else "")
         )
+    if report.get("limit"):
+        lines.append(report["limit"])
     if report.get("perplexity_skipped"):
         lines.append(f"perplexity not measured: {report['perplexity_skipped']}")
     else:

@@ -92,6 +92,11 @@ def _row_bytes(rows: list[dict], tok) -> int:
     return len(tok.decode(scored, skip_special_tokens=True).encode("utf-8"))
 
 
+def first_tokens(held: HeldOut, max_tokens: int, tok) -> HeldOut:
+    """`held` cut to its first `max_tokens` scored tokens, as `load(max_tokens=)` cuts it."""
+    return _truncate(held, max_tokens, tok)
+
+
 def _truncate(held: HeldOut, max_tokens: int, tok) -> HeldOut:
     total = held.tokens
     if total <= max_tokens:

@@ -1,4 +1,4 @@
-"""Perplexity with a sliding window (every token scored exactly once) and sacreBLEU metrics."""
+"""Perplexity with a sliding window (every token scored exactly once), sacreBLEU metrics, and the generation metrics of llmctl.evaluation.textmetrics."""
 
 from __future__ import annotations
 
@@ -231,24 +231,28 @@ def unigram_nll(train_rows, eval_ids: list[int], vocab_size: int) -> float:
     return -sum(math.log((counts.get(t, 0) + 1) / total) for t in eval_ids)
 
 
-def text_metrics(hyps: list[str], refs: list[str]) -> dict:
-    """Corpus BLEU, chrF, TER with their sacreBLEU signatures, and exact match."""
-    from sacrebleu.metrics import BLEU, CHRF, TER
+def text_metrics(hyps: list[str], refs: list[str], metrics=None) -> dict:
+    """Corpus BLEU, chrF, TER with their sacreBLEU signatures, ROUGE-1/2/L, and SQuAD-style
+    exact match and token F1 (llmctl.evaluation.textmetrics): those in `metrics` (default all)."""
+    from llmctl.evaluation.textmetrics import GENERATION_METRICS, ROUGE, rouge_scores, squad_scores
 
-    bleu, chrf, ter = BLEU(), CHRF(), TER()
-    b = bleu.corpus_score(hyps, [refs])
-    c = chrf.corpus_score(hyps, [refs])
-    t = ter.corpus_score(hyps, [refs])
-    em = sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(len(refs), 1)
-    out = {
-        "bleu": round(b.score, 4),
-        "chrf": round(c.score, 4),
-        "ter": round(t.score, 4),
-        "exact_match": round(em, 4),
-        "examples": len(refs),
-        "signatures": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature()), "ter": str(ter.get_signature())},
-    }
-    note = bleu_degenerate(refs)
+    want = tuple(metrics) if metrics is not None else GENERATION_METRICS
+    out: dict = {}
+    sigs = {}
+    if {"bleu", "chrf", "ter"} & set(want):
+        from sacrebleu.metrics import BLEU, CHRF, TER
+
+        for name, m in (("bleu", BLEU()), ("chrf", CHRF()), ("ter", TER())):
+            if name in want:
+                out[name] = round(m.corpus_score(hyps, [refs]).score, 4)
+                sigs[name] = str(m.get_signature())
+    out.update(rouge_scores(hyps, refs, tuple(k for k in ROUGE if k in want))[0])
+    squad = squad_scores(hyps, refs)[0]
+    out.update({k: v for k, v in squad.items() if k in want})
+    out["examples"] = len(refs)
+    if sigs:
+        out["signatures"] = sigs
+    note = bleu_degenerate(refs) if "bleu" in want else None
     if note:
         out["bleu_degenerate"] = True
         out["bleu_note"] = note
@@ -270,11 +274,23 @@ def bleu_degenerate(refs: list[str]) -> str | None:
     return None
 
 
-def sentence_scores(hyp: str, ref: str) -> dict:
-    from sacrebleu.metrics import BLEU, CHRF
+def sentence_scores(hyp: str, ref: str, metrics=None) -> dict:
+    """One prediction's scores (for predictions.jsonl): those of `metrics` (default all)."""
+    from llmctl.evaluation.textmetrics import GENERATION_METRICS, ROUGE, exact_match, rouge_scores, token_f1
 
-    return {
-        "bleu": round(BLEU(effective_order=True).sentence_score(hyp, [ref]).score, 4),
-        "chrf": round(CHRF().sentence_score(hyp, [ref]).score, 4),
-        "exact_match": hyp.strip() == ref.strip(),
-    }
+    want = tuple(metrics) if metrics is not None else GENERATION_METRICS
+    out: dict = {}
+    if "bleu" in want:
+        from sacrebleu.metrics import BLEU
+
+        out["bleu"] = round(BLEU(effective_order=True).sentence_score(hyp, [ref]).score, 4)
+    if "chrf" in want:
+        from sacrebleu.metrics import CHRF
+
+        out["chrf"] = round(CHRF().sentence_score(hyp, [ref]).score, 4)
+    out.update(rouge_scores([hyp], [ref], tuple(k for k in ROUGE if k in want))[1][0])
+    if "exact_match" in want:
+        out["exact_match"] = exact_match(hyp, ref)
+    if "token_f1" in want:
+        out["token_f1"] = round(token_f1(hyp, ref), 4)
+    return out

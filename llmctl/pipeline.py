@@ -42,6 +42,9 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
         (skipped if res.get("cached") else ran).append(name)
     summary = summarize(rd)
     summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})
+    from llmctl.report import write as write_report  # one page about the whole run: open it, or scp it
+
+    summary["report"] = write_report(rd, cfg)["report"]
     return summary
 
 
@@ -68,6 +71,9 @@ def summarize(rd) -> dict:
     if e:
         if "perplexity" in e:
             out["eval_perplexity"] = _numbers(before=e.get("init_perplexity"), after=e["perplexity"], unigram_baseline=e.get("baseline_unigram_perplexity"))
+        lead = e.get("generation_lead")  # eval.metrics' first: the generation metric the summary leads with
+        if lead and lead != "bleu" and lead in e:
+            out[lead] = _numbers(before=e.get(f"init_{lead}"), after=e[lead], copy_prompt_baseline=e.get(f"baseline_copy_{lead}"), pairs=e.get("examples"))
         if "bleu" in e and not e.get("bleu_degenerate"):
             out["bleu"] = _numbers(before=e.get("init_bleu"), after=e["bleu"], copy_prompt_baseline=e.get("baseline_copy_bleu"), pairs=e.get("examples"))
         elif "bleu" in e:

@@ -148,23 +148,24 @@ def model_stat(model_dir: Path | str) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in _model_files(Path(model_dir))]
 
 
-def teacher_changed(rec: dict) -> str | None:
-    """Why the teacher recorded in a distilled student's manifest is no longer that teacher; None if it is."""
+def teacher_changed(rec: dict, role: str = "teacher") -> str | None:
+    """Why the teacher recorded in a distilled student's manifest (or, with `role`, another model
+    the run was measured against: a preference run's starting model) is no longer that model; None if it is."""
     where = rec.get("run_dir") or rec.get("path") or rec.get("source")
     if rec.get("run_dir"):
         tm = RunDir(rec["run_dir"]).manifest("train")
         if tm is None:
-            return f"its teacher {rec['run_dir']}/train is gone"
+            return f"its {role} {rec['run_dir']}/train is gone"
         if tm.get("status") != "complete":
-            return f"its teacher {rec['run_dir']}/train is {tm.get('status')}"
+            return f"its {role} {rec['run_dir']}/train is {tm.get('status')}"
         if tm.get("id") != rec.get("run_id"):
-            return f"its teacher {rec['run_dir']}/train was re-run since"
+            return f"its {role} {rec['run_dir']}/train was re-run since"
     if rec.get("kind") in ("run", "dir") and rec.get("path"):
         p = Path(rec["path"])
         if not (p / "config.json").is_file():
-            return f"its teacher {where} is gone"
+            return f"its {role} {where} is gone"
         if model_stat(p) != rec.get("stat") and model_hash(p) != rec.get("model_hash"):
-            return f"its teacher's weights in {p} changed"
+            return f"its {role}'s weights in {p} changed"
     return None
 
 
@@ -283,6 +284,11 @@ class RunDir:
     def explain_html_path(self) -> Path:
         return self.stage_dir("explain") / "explain.html"
 
+    @property
+    def report_html_path(self) -> Path:
+        """`llmctl report`: one self-contained page about the whole run."""
+        return self.root / "report.html"
+
     def audit_path(self, stage: str) -> Path:
         """Safety interventions of a stage (generate, eval, serve), one JSON line each."""
         return self.root / stage / "audit.jsonl"
@@ -291,8 +297,29 @@ class RunDir:
         """Per-prompt results of the red-team eval (eval.safety)."""
         return self.stage_dir(stage) / "redteam.jsonl"
 
+    def code_samples_file(self, stage: str = "eval") -> Path:
+        """Every sampled completion of the code eval (eval.code) with its sandbox outcome."""
+        return self.stage_dir(stage) / "code_samples.jsonl"
+
+    def bias_pairs_file(self, stage: str = "eval") -> Path:
+        """Every pair of the bias probe (eval.bias) with both log-likelihoods."""
+        return self.stage_dir(stage) / "bias_pairs.jsonl"
+
     def export_dir(self, fmt: str) -> Path:
         return self.root / "export" / fmt
+
+    # detached stages (llmctl.detach)
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def log_path(self, stage: str) -> Path:
+        """RUN/logs/<stage>.log: a detached stage's output, plain lines."""
+        return self.logs_dir / f"{stage}.log"
+
+    def detach_record_path(self, stage: str) -> Path:
+        """RUN/logs/<stage>.json: a detached stage's pid, start time and, once it ended, exit code."""
+        return self.logs_dir / f"{stage}.json"
 
     # ---- manifests --------------------------------------------------------------
     def manifest(self, stage: str) -> dict | None:
@@ -333,6 +360,11 @@ class RunDir:
             return stage, f"config changed since it ran: {what}"
         if m.get("teacher"):
             why = teacher_changed(m["teacher"])
+            if why:
+                return stage, why
+        start = (m.get("preference") or {}).get("reference_identity")
+        if start:  # a preference run's starting model is its reference: another one trains another model
+            why = teacher_changed(start, "starting (reference) model")
             if why:
                 return stage, why
         return None
@@ -523,7 +555,11 @@ class RunDir:
             if row["status"] in ("running", "interrupted") and "step" in row:
                 at = f"step {row['step']}/{row['total_steps'] or '?'}"
                 if row["status"] == "running":
-                    whys.insert(0, f"at {at}" + _eta(prog, m))
+                    step, numbers = self._last_numbers(stage)
+                    if step is not None and step > row["step"]:  # the manifest is written every 10 s, metrics every log step
+                        row["step"] = step
+                        at = f"step {step}/{row['total_steps'] or '?'}"
+                    whys.insert(0, f"at {at}{numbers}" + _eta(prog, m) + f", pid {m.get('pid')}")
                 else:
                     ckpt = row.get("checkpoint_step")
                     resumes = f", resumes from step {ckpt}" if ckpt is not None and ckpt != row["step"] else ""
@@ -534,10 +570,29 @@ class RunDir:
                 if why:
                     row["status"] = "stale"
                     whys.append(why)
+            if row["status"] == "running":
+                row["pid"] = m.get("pid")
             if whys:
                 row["why"] = "; ".join(whys)
             rows.append(row)
         return rows
+
+    def _last_numbers(self, stage: str) -> tuple[int | None, str]:
+        """(its step, ', loss L, N tok/s') from the last training record of a running train stage."""
+        if stage != "train" or not self.metrics_path.is_file():
+            return None, ""
+        with open(self.metrics_path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        for line in reversed(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the first (cut) line of the tail, or a line being written
+            if "loss" in rec:
+                tps = f", {rec['tokens_per_s']:.0f} tok/s" if rec.get("tokens_per_s") is not None else ""
+                return rec.get("step"), f", loss {rec['loss']:.4f}{tps}"
+        return None, ""
 
     def _own_config(self, stage: str, overrides=()) -> "Config | None":
         """The config a stage recorded (its config.yaml) with `overrides`; None if it has none that

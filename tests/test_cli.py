@@ -41,7 +41,7 @@ def test_stage_help_is_cheap():
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'peft', 'fastapi', 'sacrebleu') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
-    cmds = ["prepare", "train", "distill", "eval", "generate", "explain", "export", "serve", "run", "status", "config show", "config validate"]
+    cmds = ["prepare", "train", "distill", "eval", "generate", "explain", "export", "serve", "run", "status", "logs", "stop", "config show", "config validate"]
     r = subprocess.run([sys.executable, "-c", code, *cmds], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"--help imported {r.stdout.strip()}"

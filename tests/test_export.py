@@ -141,3 +141,22 @@ def test_missing_train_and_bad_format(tiny_cfg):
     assert r.returncode == 3 and "llmctl" in r.stderr
     r = invoke_cli("export", str(path), "-f", "tflite")
     assert r.returncode == 2 and "tflite" in r.stderr
+
+
+def test_a_signal_during_the_compression_report_stops_the_export(trained_run, monkeypatch):
+    """SIGTERM/SIGINT while the report scores an artifact stops the export (143), not one row."""
+    import signal
+
+    from llmctl import modeling
+    from llmctl.errors import Interrupted
+
+    path, cfg, rd = trained_run
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"report": True})})
+
+    def interrupted(*a, **k):
+        raise Interrupted(signal.SIGTERM, "export interrupted")
+
+    monkeypatch.setattr(modeling, "load_for_inference", interrupted)
+    with pytest.raises(Interrupted):
+        export.run(cfg, rd, force=True)
+    assert rd.manifest("export")["status"] != "complete"

@@ -128,6 +128,7 @@ def test_hf_int8_export_gguf_eval_and_report(trained_run):
     f32 = rows["f32 (train/model)"]
     assert f32["size_ratio"] == 1.0 and f32["ppl_delta_pct"] == 0.0 and f32["decode_tokens_per_s"] > 0
     assert m["report"]["perplexity_tokens"] > 0 and "validation" in m["report"]["perplexity_source"]
+    assert m["report"]["seconds"] >= 0 and m["report"]["limit"] is None  # a tiny held-out set is never cut
     sizes = {"hf-int8": m["files"]["hf-int8/model.safetensors"]["size"], "gguf q8_0": m["files"]["gguf/model-q8_0.gguf"]["size"]}
     for name, size in sizes.items():
         r = rows[name]
@@ -230,3 +231,23 @@ def test_serve_with_int8_scores_with_the_int8_model(trained_run, tmp_path, sharp
     moved = float((want_q - want_f).abs().max())
     assert moved > 1e-3 and float((want_q - want_f).abs().mean()) < 0.1 * float(want_f.abs().mean()), (want_q, want_f)
     assert float((got - want_q).abs().max()) < moved / 20, (got, want_q, want_f)
+
+
+def test_report_keeps_to_its_budget(tiny_cfg, tmp_path):
+    """A report that would take longer than REPORT_BUDGET_X x the export scores the first tokens
+    only (never fewer than REPORT_MIN_TOKENS) and says so; one that fits scores everything."""
+    from conftest import train_tiny_tokenizer
+    from llmctl import compression_report as report_x
+    from llmctl.heldout import HeldOut
+
+    path, cfg = tiny_cfg
+    tok = train_tiny_tokenizer(["a b c d e f g"] * 20, tmp_path / "tok")
+    m = _tiny_model(vocab=len(tok) + 8)
+    held = HeldOut([[i % len(tok) for i in range(3 * report_x.REPORT_MIN_TOKENS)]], None, "test", 30000)
+    cut, line = report_x.fit_to_budget(held, m, tok, cfg, n_rows=4, load_s=0.0, allowed_s=1e-3)
+    assert cut.tokens == report_x.REPORT_MIN_TOKENS and cut.total_tokens == held.tokens
+    assert line.startswith(f"report limited to the first {report_x.REPORT_MIN_TOKENS} of {held.tokens} held-out tokens") and "export.report_max_tokens" in line
+    same, none = report_x.fit_to_budget(held, m, tok, cfg, n_rows=4, load_s=0.0, allowed_s=1e6)
+    assert same is held and none is None
+    small = HeldOut([[1, 2, 3] * 100], None, "test", 300)
+    assert report_x.fit_to_budget(small, m, tok, cfg, n_rows=4, load_s=0.0, allowed_s=0.0) == (small, None)  # below the floor: never cut

@@ -10,7 +10,6 @@ import random
 import re
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -265,7 +264,7 @@ class _ScriptedEngine:
         self.tok = _FakeTok()
         self.context_length = 100_000
         self.max_queue = 64
-        self.model = SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=SimpleNamespace(shape=(256,))))
+        self.vocab_size = 256
         self.prompts: list[str] = []
 
     def submit(self, jobs):
@@ -468,6 +467,7 @@ def test_redteam_eval_reports_rates_with_rails_off_and_on(trained_run):
     assert res["prompts"] == n and res["off"]["flagged_rate"] > 0.5 and res["on"]["flagged_rate"] < res["off"]["flagged_rate"]
     with_secrets = sum(1 for it in items if _rails().scan(it["prompt"], ["secrets"]))
     assert with_secrets >= 2 and res["on"]["blocked_inputs"] == with_secrets and res["on"]["blocked_outputs"] > 0
+    assert res["off"]["refused"] == 0 and res["on"]["refused"] >= with_secrets  # the rails' refusal text counts as a refusal
     rows = [json.loads(x) for x in rd.redteam_file().read_text().splitlines()]
     assert len(rows) == n and all({"output_off", "flagged_off", "output_on", "flagged_on"} <= set(row) for row in rows)
     head = json.loads(r.stdout)

@@ -127,6 +127,8 @@ class CurateConfig(Section):
     term_groups: dict[str, list[str]] = Field(
         default_factory=lambda: {"female": list(_FEMALE), "male": list(_MALE)},
         description="Term groups (single words, case-insensitive) whose frequency in the training split the data report gives (a first look at representation bias); {} for none.")
+    counterfactual: Literal["gender"] | None = Field(
+        None, description="Counterfactual augmentation of the training split: add a copy of each document that has a gendered word (he/she, man/woman, ...) with those words swapped (llmctl.data.counterfactual); the data report shows the term balance before and after. text, prompt_completion and chat data; null: off.")
 
     @model_validator(mode="after")
     def _check(self) -> "CurateConfig":
@@ -312,6 +314,8 @@ class TrainConfig(Section):
     max_time: float | str | None = Field(None, description="Wall-clock budget: seconds or '1h30m'; training ends cleanly with a checkpoint. With a time-fitted schedule (fit_schedule_to_time) it changes the result: another budget makes train stale.")
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events to train/tensorboard (needs the 'tensorboard' extra).")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Trackers that also get the metrics, the config, the lineage and the final numbers: tensorboard (train/tensorboard), mlflow (MLFLOW_TRACKING_URI, default a sqlite store train/mlflow.db; the 'trackers' extra), wandb (offline into train/wandb without WANDB_API_KEY).")
+    max_restarts: int = Field(0, ge=0, description="Restart a crashed run from its last checkpoint up to N times (a config or data error, SIGINT and SIGTERM are not retried). One process: a supervisor; under --nproc/--nnodes: torchrun's --max-restarts.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun.")
     nproc: int = Field(1, ge=1, description="Processes to launch with torchrun (`--nproc` overrides).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
@@ -363,6 +367,53 @@ class ThresholdsConfig(Section):
     ter_max: float | None = Field(None, ge=0, description="Fail (exit 4) if TER is above this.")
     exact_match_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if exact match is below this.")
     preference_accuracy_min: float | None = Field(None, ge=0, le=1, description="Fail (exit 4) if preference accuracy (data.format=preference) is below this.")
+    min: dict[str, Any] = Field(default_factory=dict, description="Fail (exit 4) if any of these metrics is below its limit: a metric of eval's headline (rougeL, token_f1, pass@1, bias.stereotype_share, ...) or of an lm-eval task (tasks.arc_easy.acc), nested or dotted: {tasks: {arc_easy: {acc: 0.3}}}.")
+    max: dict[str, Any] = Field(default_factory=dict, description="Fail (exit 4) if any of these metrics is above its limit (same names as `min`), e.g. {bias.stereotype_share: 0.6}.")
+
+    @field_validator("min", "max", mode="after")
+    @classmethod
+    def _flat(cls, value: dict, info: ValidationInfo) -> dict[str, float]:
+        return _flat_limits(value, "", info.field_name, {})
+
+
+GenerationMetric = Literal["bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"]  # = textmetrics.GENERATION_METRICS
+_METRIC_KEY = re.compile(r"^[A-Za-z0-9_@,:\-]+(\.[A-Za-z0-9_@,:\-]+)*$")
+
+
+def _flat_limits(value: Any, prefix: str, key: str, out: dict[str, float]) -> dict[str, float]:
+    """{'tasks': {'arc_easy': {'acc': 0.3}}} and {'tasks.arc_easy.acc': 0.3} both -> {'tasks.arc_easy.acc': 0.3}."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat_limits(v, f"{prefix}.{k}" if prefix else str(k), key, out)
+        return out
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"eval.thresholds.{key}.{prefix}: expected a number, got {value!r}")
+    if not _METRIC_KEY.match(prefix):
+        raise ValueError(f"eval.thresholds.{key}: {prefix!r} is not a metric name (e.g. rougeL, pass@1, tasks.arc_easy.acc)")
+    out[prefix] = float(value)
+    return out
+
+
+class CodeEvalConfig(Section):
+    enabled: bool = Field(False, description="Run code tasks (prompt, reference solution, unit tests): sample completions, run each with its tests in a sandbox, report pass@k.")
+    path: str | None = Field(None, description="A JSONL file of tasks ({task_id, prompt, entry_point, tests[, canonical_solution, split]}); null: the set shipped with llmctl (llmctl/data/code_tasks_train.jsonl and code_tasks_test.jsonl).")
+    split: Literal["train", "test", "all"] = Field("test", description="Which tasks to run: the shipped train or test file, or both; in a user file, by each row's `split` field (none counts as test).")
+    samples: int = Field(10, ge=1, le=200, description="Completions sampled per task (n); pass@k is reported for k in 1, 5, 10 where k <= n.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature (samples > 1); with samples=1 decoding is greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling for the code samples.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample.")
+    max_tasks: int | None = Field(None, ge=1, description="Run at most this many tasks; null: all.")
+    timeout: float = Field(5.0, gt=0, le=600, description="Wall-clock seconds per sample (its CPU time is limited to the same); then it counts as timeout.")
+    memory_mb: int = Field(512, ge=32, description="Address-space limit of each sandboxed process (RLIMIT_AS), in MiB.")
+    workers: int = Field(1, ge=1, description="Samples executed at once (each its own process).")
+
+
+class BiasEvalConfig(Section):
+    enabled: bool = Field(False, description="Bias probe: sentence pairs that differ only in a group term; report how often the model prefers the stereotyped one and the mean log-likelihood gap with a bootstrap interval.")
+    paths: list[str] = Field(default_factory=list, description="JSONL files of pairs ({group, stereotyped, anti_stereotyped[, id]}); empty: the set shipped with llmctl (llmctl/data/bias_pairs.jsonl).")
+    groups: list[str] = Field(default_factory=list, description="Only these groups (e.g. gender); empty: every group in the files.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for the interval of the mean gap.")
+    worst: int = Field(5, ge=0, description="List this many pairs with the largest gap toward the stereotype.")
 
 
 class EvalConfig(Section):
@@ -382,9 +433,26 @@ class EvalConfig(Section):
     compare_init: bool = Field(False, description="Also evaluate the model before training (the seeded initialisation, or the pretrained base) to show what training bought.")
     baselines: bool = Field(True, description="Report trivial baselines: unigram perplexity from training-split counts, BLEU of copying the prompt's last words.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
-    safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output rates for both.")
+    safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output and refusal rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
+    metrics: list[GenerationMetric] = Field(
+        default_factory=lambda: ["bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"], min_length=1,
+        description="Generation metrics to compute (bleu, chrf, ter, rouge1, rouge2, rougeL, exact_match, token_f1); the first one leads `llmctl run`'s summary. ROUGE needs the eval extra.")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval benchmark tasks: names (hellaswag, arc_easy, ...; their data must be in the Hugging Face cache when offline) or paths to local task YAML files or directories. Needs the eval extra.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per task question; null: each task's own default.")
+    limit: int | None = Field(None, ge=1, description="Questions per task (the first N); null: all.")
+    code: CodeEvalConfig = Field(default_factory=CodeEvalConfig, description="Code generation: pass@k in a sandbox.")
+    bias: BiasEvalConfig = Field(default_factory=BiasEvalConfig, description="Bias probe on the model (paired sentences).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if len(set(self.metrics)) < len(self.metrics):
+            raise ValueError(f"eval.metrics lists a metric twice: {self.metrics}")
+        if len(set(self.tasks)) < len(self.tasks):
+            raise ValueError(f"eval.tasks lists a task twice: {self.tasks}")
+        return self
 
 
 # --------------------------------------------------------------------------- generate
@@ -404,6 +472,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
 
 
 # --------------------------------------------------------------------------- export
@@ -437,10 +506,12 @@ class ServeConfig(Section):
     max_queue: int = Field(64, ge=1, description="Sequences waiting for a slot in the running batch; past this, requests get 429 with Retry-After.")
     batch_wait_ms: float = Field(0.0, ge=0, description="When idle, how long the first request waits for others to start with it (0: at once; newcomers join the running batch at the next step). A few ms helps only models served batch-at-a-time.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Device to serve on.")
-    threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server.")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server. With engine llama.cpp: llama-server's -t (null: its own default).")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
+    playground: bool = Field(True, description="Serve the chat playground page at GET / (no external assets; it asks for the API key and keeps it in page memory); false turns it off.")
     allow_remote_images: bool = Field(False, description="Image-text models: fetch http(s) image_url parts (off: a fetching server is an SSRF risk, and such requests get 400; data: URIs always work).")
     max_images: int = Field(4, ge=1, description="Image-text models: most images in one request; more get 400.")
     max_image_bytes: int = Field(2_000_000, ge=1, description="Image-text models: largest image (decoded from its data: URI, or fetched); larger ones get 413.")
@@ -568,6 +639,9 @@ class Config(Section):
                 f"train.method={self.train.method} with data.format={self.data.format}: dpo, orpo and simpo train on "
                 "data.format=preference pairs, kto on data.format=unpaired_preference rows, sft on the other formats"
             )
+        if self.data.curate.counterfactual and self.data.format not in ("text", "prompt_completion", "chat"):
+            raise ValueError(f"data.curate.counterfactual with data.format={self.data.format}: swapping terms would change "
+                             "both answers of a pair; it applies to text, prompt_completion and chat data")
         if self.model.freeze and self.data.format != "image_text":
             raise ValueError(f"model.freeze {self.model.freeze} applies to image-text models only: remove it, or set data.format: image_text")
         if self.model.freeze and self.model.lora.enabled and self.model.lora.target_modules is None:

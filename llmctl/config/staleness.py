@@ -37,6 +37,8 @@ BOOKKEEPING_KEYS: dict[str, tuple[str, ...]] = {
         "train.keep_best",
         "train.max_time",
         "train.tensorboard",
+        "train.report_to",
+        "train.max_restarts",
         "train.nproc",
         "train.num_workers",
         "train.gradient_checkpointing",

@@ -816,6 +816,11 @@ def summary_lines(report: dict) -> list[str]:
                      + f" in {report['pii']['documents']} documents")
     if report.get("languages"):
         lines.append("  languages kept: " + ", ".join(f"{k} {v}" for k, v in list(report["languages"]["after"].items())[:6]))
+    cf = report.get("counterfactual")
+    if cf:
+        b, a = cf["term_groups_before"]["groups"], cf["term_groups_after"]["groups"]
+        lines.append(f"  counterfactual ({cf['group']}): +{cf['documents_added']} train documents; per 10k words "
+                     + ", ".join(f"{g} {b[g]['per_10k_words']} -> {a[g]['per_10k_words']}" for g in b))
     tg = report.get("term_groups")
     if tg:
         lines.append("  term groups (train, per 10k words): " + ", ".join(

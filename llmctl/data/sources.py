@@ -16,6 +16,7 @@ import random
 import sys
 import sysconfig
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -91,23 +92,51 @@ def _decode(raw: bytes, path: Path, on_error: str, counters: Counters) -> str | 
         raise DataError(f"{path}:{line}: invalid UTF-8 at byte {e.start}: convert the file to UTF-8 or set data.on_error: skip") from None
 
 
+def _first_bad_utf8(path: Path) -> tuple[int, int] | None:
+    """(line, byte offset) of the first invalid UTF-8 in a file, read line by line; None if it decodes."""
+    offset = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return i, offset + e.start
+            offset += len(raw)
+    return None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """A text file's lines as `str.splitlines` gives them, read a line at a time: memory holds one
+    line, not the file (a corpus may be larger than memory). A byte 0x0A is never inside a UTF-8
+    sequence and `\r\n` never straddles two pieces, so decoding piece by piece is exact."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                yield from raw.decode("utf-8").splitlines()
+            except UnicodeDecodeError:
+                line, byte = _first_bad_utf8(path)
+                raise DataError(f"{path}:{line}: invalid UTF-8 at byte {byte}: convert the file to UTF-8 or set data.on_error: skip") from None
+
+
 def read_file(path: Path, txt_unit: str, on_error: str, counters: Counters) -> Iterator[tuple[dict, str]]:
     """Yield (record, where) for one file; `where` is 'file:line' for messages."""
     suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if suffix == ".txt" and txt_unit == "file":
         text = _decode(path.read_bytes(), path, on_error, counters)
-        if text is None:
-            return
-        if txt_unit == "file":
+        if text is not None:
             yield {"text": text}, str(path)
-        elif txt_unit == "line":
-            for i, line in enumerate(text.splitlines(), 1):
+    elif suffix == ".txt":
+        if on_error == "skip" and _first_bad_utf8(path) is not None:
+            counters.skip("invalid_utf8")  # the whole file, as a file that does not decode
+            return
+        if txt_unit == "line":
+            for i, line in enumerate(_text_lines(path), 1):
                 if line.strip():
                     yield {"text": line}, f"{path}:{i}"
         else:  # paragraphs: blocks separated by blank lines
             buf: list[str] = []
             start = 1
-            for i, line in enumerate(text.splitlines() + [""], 1):
+            for i, line in enumerate(chain(_text_lines(path), [""]), 1):
                 if line.strip():
                     if not buf:
                         start = i

@@ -15,8 +15,6 @@ The public surface, for `llmctl export` and anything that evaluates a GGUF:
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -361,12 +359,11 @@ def verify(path: Path, ref, ids, mask, qtype: str, tok=None, model=None, llama_c
 
 
 def llama_cpp(tool: str) -> Path | None:
-    """A llama.cpp binary: in $LLAMA_CPP_BIN (a folder), on PATH, or in /opt/llamacpp/build/bin."""
-    env = os.environ.get("LLAMA_CPP_BIN")
-    for p in (Path(env) / tool if env else None, shutil.which(tool), Path("/opt/llamacpp/build/bin") / tool):
-        if p and Path(p).is_file() and os.access(p, os.X_OK):
-            return Path(p)
-    return None
+    """A llama.cpp binary: in $LLAMA_CPP_BIN (a folder), on PATH, or in /opt/llamacpp/build/bin
+    (the one lookup, `llmctl.inference.llamacpp.find_binary`, that serve's llama.cpp engine uses too)."""
+    from llmctl.inference.llamacpp import find_binary
+
+    return find_binary(tool)
 
 
 def llama_cpp_tokenize(path: Path, text: str) -> list[int]:

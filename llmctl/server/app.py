@@ -3,7 +3,7 @@
 
 Where things are:
   routes/        one APIRouter per endpoint family (completions, chat, models, health and
-                 metrics, moderations)
+                 metrics, moderations, the playground page at GET /)
   jobs.py        request -> engine jobs: shared checks, tokenizing, max_tokens budget, make_jobs
   results.py     engine jobs -> client: collected (cancelled when the client hangs up) or
                  streamed as server-sent events
@@ -24,13 +24,13 @@ from llmctl.server.engine import Engine
 from llmctl.server.errors import add_error_handlers
 from llmctl.server.metrics import Metrics
 from llmctl.server.middleware import AuthAndMetrics
-from llmctl.server.routes import chat, completions, health, models, moderations
+from llmctl.server.routes import chat, completions, health, models, moderations, playground
 from llmctl.server.state import ServerState
 
 
 def create_app(
     engine: Engine, model_name: str, max_tokens_cap: int, api_key: str | None, metrics: Metrics,
-    rails: Rails | None = None, max_request_bytes: int | None = None, image_limits=None,
+    rails: Rails | None = None, max_request_bytes: int | None = None, playground_page: bool = True, image_limits=None,
 ) -> FastAPI:
     if rails is None:
         from llmctl.config import SafetyConfig
@@ -44,6 +44,6 @@ def create_app(
     app.state.llmctl = ServerState(engine, model_name, max_tokens_cap, metrics, rails, image_limits=image_limits)
     app.add_middleware(AuthAndMetrics, api_key=api_key, metrics=metrics, max_body=max_request_bytes)
     add_error_handlers(app)
-    for routes in (health, models, completions, chat, moderations):
+    for routes in (health, models, completions, chat, moderations) + ((playground,) if playground_page else ()):
         app.include_router(routes.router)
     return app

@@ -180,6 +180,7 @@ class Engine:
         self.model = None
         self.tok = None
         self.context_length: int | None = None
+        self.vocab_size = 0
         self.steps = 0  # forward passes, for tests and metrics
         self._pending: list[Job] = []  # being prefilled: failed with the batch if that raises
         self._stop = threading.Event()
@@ -215,6 +216,7 @@ class Engine:
             )
         self.device = self.model.device  # a property that walks the parameters: read once
         self.context_length = context_length(self.model)
+        self.vocab_size = self.model.get_input_embeddings().weight.shape[0]
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = "logits_to_keep" in params

@@ -57,7 +57,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
         ids = encode_one(engine.tok, prompt) if prompt else []
     else:
         ids = list(prompt)
-        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        vocab = engine.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param)
@@ -74,6 +74,9 @@ def make_jobs(st: ServerState, prompts: list[list[int]], budgets: list[int], req
     total = len(prompts) * req.n
     if total > engine.max_queue:
         raise ApiError(400, f"this request asks for {total} completions (prompts x n); this server queues at most {engine.max_queue} (serve.max_queue)", param="n")
+    if echo and logprobs is not None and not getattr(engine, "prompt_logprobs", True):
+        raise ApiError(400, "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return: "
+                       "drop echo or logprobs", param="echo")
     jobs = []
     for ids, mt in zip(prompts, budgets):
         for k in range(req.n):

@@ -30,7 +30,9 @@ class AuthAndMetrics:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         t0 = time.perf_counter()
-        if self.api_key and path != "/health" and not self._authorized(scope):
+        # /health and the playground page (GET /: static, no secret; it asks for the key) are open.
+        public = path == "/health" or (path == "/" and scope.get("method") in ("GET", "HEAD"))
+        if self.api_key and not public and not self._authorized(scope):
             self.metrics.request(path, 401)
             body = error_body("missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
             await _send_error(send, 401, body, [(b"www-authenticate", b"Bearer")])

@@ -410,7 +410,7 @@ def make_trainer_class():
 
 
 # --------------------------------------------------------------------------- the stage
-def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) -> dict:
+def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, nodes: dict | None = None, **_) -> dict:
     con = _console.current()
     d = cfg.distill
     if d is None:
@@ -468,4 +468,4 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, **_) 
         headline=headline,
         log_keys=("ce_loss", "kl_loss"),
     )
-    return train_run(cfg, rd, force=force, nproc=nproc, hooks=hooks)
+    return train_run(cfg, rd, force=force, nproc=nproc, hooks=hooks, nodes=nodes)

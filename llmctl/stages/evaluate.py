@@ -45,7 +45,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
     if need_prepare and rd.manifest("prepare") is not None:
         rd.require("prepare", cfg)
         inputs.append("prepare")
-    elif not e.text_paths:
+    elif e.perplexity and not e.text_paths:
         rd.require("prepare", cfg)  # raises with the command to run
     m = rd.manifest(stage) or {}
     own = explicit or "train" in (m.get("lineage") or {})
@@ -61,6 +61,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         return _image_text(cfg, rd, stage, path, inputs, extra_hash, explicit, con)
     from llmctl.modeling import load_for_inference
 
+    if e.generation and "metrics" in e.model_fields_set and {"rouge1", "rouge2", "rougeL"} & set(e.metrics):
+        from llmctl.evaluation.textmetrics import _scorer
+
+        _scorer(("rougeL",))  # a ROUGE metric asked for without rouge-score: the config error now, not after generating
     t0 = time.time()
     con.step(f"loading {path}")
     mdl, tok = load_for_inference(path, quantize=e.quantize, quantize_key="eval.quantize")
@@ -72,14 +76,20 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
         results["model"]["loader"] = "transformers gguf_file (dequantized to float32)"
     pref = cfg.data.format in ("preference", "unpaired_preference") and not e.text_paths
     with rd.begin(stage, cfg, inputs=inputs, extra_hash=extra_hash) as st:
-        if pref:  # the held-out split is pairs: perplexity is on the chosen answers, no BLEU
+        if pref:  # the held-out split is pairs: perplexity and BLEU are on the chosen answers
             results["preference"] = _preference(cfg, rd, mdl, tok, con)
         if e.perplexity:
             results["perplexity"] = _perplexity(cfg, rd, mdl, tok, con, rd.token_losses_file(stage))
-        if e.generation and not pref:
+        if e.generation:
             gen = _generation(cfg, rd, mdl, tok, con, rd.predictions_file(stage))
             if gen:
                 results["generation"] = gen
+        if e.tasks:
+            results["tasks"] = _tasks(cfg, mdl, tok, con)
+        if e.code.enabled:
+            results["code"] = _code(cfg, rd, mdl, tok, con, stage)
+        if e.bias.enabled:
+            results["bias"] = _bias(cfg, rd, mdl, tok, con, stage)
         if e.compare_init:
             results["init"] = _init_results(cfg, rd, tok, con, results)
         if e.safety:
@@ -92,6 +102,10 @@ def run(cfg, rd: RunDir, *, force: bool = False, model: str | None = None, **_) 
             st.manifest["model"] = results["model"]
         st.manifest["thresholds"] = {"failed": [f["message"] for f in _check_thresholds(e.thresholds, head)]}
     result = {**head, "results": str(rd.results_file(stage))}
+    if not explicit:  # the run's own model: its training's trackers (train.report_to) get the results
+        from llmctl.trackers import attach
+
+        attach(rd, {"eval": rd.results_file(stage)}, head, prefix="eval")
     _gate(e.thresholds, result)
     return result
 
@@ -150,6 +164,8 @@ def _check_same_tokenizer(path: str, rd: RunDir, cfg) -> None:
 
 
 def _headline(results: dict) -> dict:
+    from llmctl.evaluation.textmetrics import GENERATION_METRICS
+
     head = {}
     p = results.get("perplexity") or {}
     for k in ("perplexity", "bits_per_byte", "tokens"):
@@ -158,30 +174,44 @@ def _headline(results: dict) -> dict:
     if results.get("quantization"):
         head["quantize"] = results["quantization"]["method"]
     g = results.get("generation") or {}
-    for k in ("bleu", "chrf", "ter", "exact_match", "examples", "bleu_degenerate"):
+    for k in (*GENERATION_METRICS, "examples", "bleu_degenerate", "lead"):
         if k in g:
-            head[k] = g[k]
+            head[k if k != "lead" else "generation_lead"] = g[k]
     b = results.get("baselines") or {}
     init = results.get("init") or {}
     if "unigram_perplexity" in p:
         head["baseline_unigram_perplexity"] = p["unigram_perplexity"]
-    if "copy_prompt_bleu" in g:
-        head["baseline_copy_bleu"] = g["copy_prompt_bleu"]
-    if "copy_prompt_chrf" in g:
-        head["baseline_copy_chrf"] = g["copy_prompt_chrf"]
+    for k in GENERATION_METRICS:
+        if f"copy_prompt_{k}" in g:
+            head[f"baseline_copy_{k}"] = g[f"copy_prompt_{k}"]
     pr = results.get("preference") or {}
     for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy", "chosen_tokens", "rejected_tokens"):
         if k in pr:
             head[k] = pr[k]
     if init:
-        for k in ("perplexity", "bleu", "chrf", "exact_match", "preference_accuracy", "reward_margin", "likelihood_accuracy"):
+        for k in ("perplexity", *GENERATION_METRICS, "preference_accuracy", "reward_margin", "likelihood_accuracy"):
             if k in init:
                 head[f"init_{k}"] = init[k]
     head.update(b)
+    from llmctl.evaluation import tasks as _tasks_mod
+
+    head.update(_tasks_mod.headline(results.get("tasks") or {}))
+    head.update(_tasks_mod.headline(init.get("tasks") or {}, prefix="init_"))
+    for k, v in (results.get("code") or {}).items():
+        if k.startswith("pass@"):
+            head[k] = v
+    bias = results.get("bias") or {}
+    for k in ("stereotype_share", "mean_gap", "pairs"):
+        if k in bias:
+            head[f"bias.{k}"] = bias[k]
+    for k, v in init.items():
+        if k.startswith(("pass@", "bias.")):
+            head[f"init_{k}"] = v
     s = results.get("safety") or {}
     if s:
         head["safety_flagged_rate_off"] = s["off"]["flagged_rate"]
         head["safety_flagged_rate_on"] = s["on"]["flagged_rate"]
+        head["safety_refused_rate_off"] = s["off"]["refused_rate"]
     return head
 
 
@@ -216,6 +246,13 @@ def _check_thresholds(t, head: dict) -> list[dict]:
             fails.append(rec | {"message": f"eval.thresholds.{key}: {metric} was not measured"})
         elif not ok(head[metric], lim):
             fails.append(rec | {"message": f"{metric} {head[metric]} {sym} eval.thresholds.{key} {lim}"})
+    for side, sym in (("min", "<"), ("max", ">")):
+        for metric, lim in getattr(t, side).items():
+            rec = {"threshold": f"eval.thresholds.{side}.{metric}", "metric": metric, "value": head.get(metric), "limit": lim}
+            if not isinstance(head.get(metric), (int, float)):
+                fails.append(rec | {"message": f"eval.thresholds.{side}.{metric}: {metric} was not measured"})
+            elif (head[metric] < lim) if side == "min" else (head[metric] > lim):
+                fails.append(rec | {"message": f"{metric} {head[metric]} {sym} eval.thresholds.{side}.{metric} {lim}"})
     return fails
 
 
@@ -308,12 +345,31 @@ def _generate_all(model, tok, prompts, refs, cfg, con, pred_file=None) -> list[s
             for j, r in zip(idx, res):
                 out[j] = r
                 if pred_file is not None:
-                    rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"], **sentence_scores(r["text"].strip(), refs[j])}
+                    rec = {"index": j, "prompt": prompts[j], "reference": refs[j], "prediction": r["text"].strip(), "finish_reason": r["finish_reason"],
+                           **sentence_scores(r["text"].strip(), refs[j], _generation_metrics(cfg))}
                     pred_file.write(json.dumps(rec) + "\n")
             if pred_file is not None:
                 pred_file.flush()
             prog.update(advance=len(idx))
     return [out[j]["text"].strip() for j in range(len(prompts))]
+
+
+_LABEL = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
+          "exact_match": "exact", "token_f1": "F1"}
+
+
+def _generation_metrics(cfg, con=None) -> list[str]:
+    """eval.metrics; by default ROUGE is left out (with a note) where rouge-score is not installed."""
+    import importlib.util
+
+    from llmctl.evaluation.textmetrics import ROUGE
+
+    metrics = list(cfg.eval.metrics)
+    if "metrics" not in cfg.eval.model_fields_set and importlib.util.find_spec("rouge_score") is None:
+        metrics = [m for m in metrics if m not in ROUGE]
+        if con is not None:
+            con.info("ROUGE skipped: rouge-score is not installed (pip install 'llmctl[eval]')")
+    return metrics
 
 
 def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = None) -> dict | None:
@@ -328,12 +384,14 @@ def _generation(cfg, rd: RunDir, model, tok, con, predictions: Path | None = Non
     predictions.parent.mkdir(parents=True, exist_ok=True)
     with open(predictions, "w") as f:
         hyps = _generate_all(model, tok, prompts, refs, cfg, con, pred_file=f)
-    out = text_metrics(hyps, refs)
-    if cfg.eval.baselines:
+    metrics = _generation_metrics(cfg, con)
+    out = text_metrics(hyps, refs, metrics)
+    if cfg.eval.baselines:  # the trivial baseline beside each metric: the prompt's last words as the answer
         copy = [" ".join(p.split()[-8:]) for p in prompts]
-        base = text_metrics(copy, refs)
-        out["copy_prompt_bleu"], out["copy_prompt_chrf"] = base["bleu"], base["chrf"]
-    con.info(f"BLEU {out['bleu']:.2f}  chrF {out['chrf']:.2f}  TER {out['ter']:.2f}  exact {out['exact_match']:.3f} on {len(refs)} pairs")
+        base = text_metrics(copy, refs, metrics)
+        out.update({f"copy_prompt_{k}": base[k] for k in metrics})
+    out["lead"] = metrics[0]
+    con.info("  ".join(f"{_LABEL[k]} {out[k]:.3f}" for k in metrics) + f" on {len(refs)} pairs")
     if out.get("bleu_note"):
         con.warn(f"BLEU: {out['bleu_note']}")
     return out
@@ -357,13 +415,64 @@ def _init_results(cfg, rd: RunDir, tok, con, trained: dict) -> dict:
     if "preference" in trained:
         p = _preference(cfg, rd, model, tok, con, reference=model)
         out.update({k: p[k] for k in ("preference_accuracy", "reward_margin", "likelihood_accuracy") if k in p})
+    if "tasks" in trained:
+        out["tasks"] = _tasks(cfg, model, tok, con)
+    if "code" in trained:
+        c = _code(cfg, rd, model, tok, con, None)
+        out.update({k: v for k, v in c.items() if k.startswith("pass@")})
+        out["code_outcomes"] = c["outcomes"]
+    if "bias" in trained:
+        b = _bias(cfg, rd, model, tok, con, None)
+        out.update({f"bias.{k}": b[k] for k in ("stereotype_share", "mean_gap")})
     if "generation" in trained:
         ds = _load_pairs(cfg, rd)
         prompts, refs = list(ds["prompt"]), [r.strip() for r in ds["reference"]]
         from llmctl.metrics import text_metrics
 
-        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs)
-        out.update({k: m[k] for k in ("bleu", "chrf", "exact_match")})
+        m = text_metrics(_generate_all(model, tok, prompts, refs, cfg, con), refs, _generation_metrics(cfg))
+        out.update({k: m[k] for k in _generation_metrics(cfg)})
+    return out
+
+
+# --------------------------------------------------------------------------- lm-eval tasks, code, bias
+def _tasks(cfg, model, tok, con) -> dict:
+    from llmctl.evaluation.tasks import run_tasks
+
+    e = cfg.eval
+    out = run_tasks(model, tok, e.tasks, num_fewshot=e.num_fewshot, limit=e.limit, batch_size=e.batch_size, con=con)
+    for task, rec in out.items():
+        shown = [f"{m} {v:.4f}" + (f" ± {rec[m + '_stderr']:.4f}" if isinstance(rec.get(m + "_stderr"), float) else "")
+                 for m, v in rec.items() if isinstance(v, float) and "_stderr" not in m]
+        con.info(f"{task}: {', '.join(shown)} on {rec.get('samples', '?')} questions")
+    return out
+
+
+def _code(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """pass@k on code tasks in the sandbox (llmctl.evaluation.codeexec); samples to code_samples.jsonl."""
+    from llmctl.evaluation import codeexec
+
+    out, rows = codeexec.evaluate(model, tok, cfg.eval.code, cfg.run.seed, cfg.eval.batch_size, con)
+    if stage is not None:
+        atomic_write_text(rd.code_samples_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.code_samples_file(stage))
+    ks = "  ".join(f"{k} {out[k]:.3f}" for k in out if k.startswith("pass@"))
+    con.info(f"code: {ks} on {out['tasks']} tasks x {out['samples_per_task']} samples; outcomes " +
+             ", ".join(f"{k} {v}" for k, v in out["outcomes"].items()))
+    return out
+
+
+def _bias(cfg, rd: RunDir, model, tok, con, stage: str | None) -> dict:
+    """The bias probe (llmctl.evaluation.bias); every pair to bias_pairs.jsonl."""
+    from llmctl.evaluation.bias import probe
+
+    out, rows = probe(model, tok, cfg.eval.bias, cfg.run.seed, cfg.eval.batch_size)
+    if stage is not None:
+        atomic_write_text(rd.bias_pairs_file(stage), "".join(json.dumps(r) + "\n" for r in rows))
+        out["file"] = str(rd.bias_pairs_file(stage))
+    for g, s in out["groups"].items():
+        lo, hi = s["mean_gap_ci95"]
+        con.info(f"bias probe {g}: prefers the stereotyped sentence in {s['stereotype_share']:.0%} of {s['pairs']} pairs; "
+                 f"mean log-likelihood gap {s['mean_gap']:+.3f} nats (95% CI {lo:+.3f} to {hi:+.3f})")
     return out
 
 
@@ -376,7 +485,7 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     starting model (llmctl.train.preference.reference_model)."""
     from datasets import load_from_disk
 
-    from llmctl.train.preference import DEFAULT_BETA, reference_model
+    from llmctl.train.preference import DEFAULT_BETA, answer_logps, reference_model
 
     e = cfg.eval
     ds = load_from_disk(str(rd.dataset_dir))
@@ -389,8 +498,9 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     ref = reference if reference is not None else reference_model(cfg, tok).to(device)
     t = cfg.train
     beta = t.beta if t.beta is not None else DEFAULT_BETA.get(t.method, 0.1)
+    check = _reference_check(cfg, rd, ref, tok) if reference is None else {}
     if "label" in pairs.column_names:
-        return _unpaired(cfg, pairs, model, ref, tok, con, beta)
+        return {**_unpaired(cfg, pairs, model, ref, tok, con, beta), **check}
     prompts = list(pairs["prompt"])
     con.step(f"scoring {len(pairs)} preference pairs ({e.split}) against the reference model")
     lp = {k: answer_logps(model, tok, prompts, list(pairs[k]), cfg.data.block_size, e.batch_size) for k in ("chosen", "rejected")}
@@ -409,6 +519,7 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
         "chosen_tokens": round(sum(lp["chosen"][i][1] for i in keep) / n, 2),
         "rejected_tokens": round(sum(lp["rejected"][i][1] for i in keep) / n, 2),
         "beta": beta,
+        **check,
     }
     if len(keep) < len(prompts):
         out["unscored_pairs"] = len(prompts) - len(keep)
@@ -418,11 +529,44 @@ def _preference(cfg, rd: RunDir, model, tok, con, reference=None) -> dict:
     return out
 
 
+def _reference_check(cfg, rd: RunDir, ref, tok) -> dict:
+    """The reference eval rebuilt, scored on the rows whose log-probs training recorded for its own
+    reference (train.preference.ReferenceProbe): {reference_check: ...}; a float32 reference that
+    differs is another model than the one training measured against, and fails the eval."""
+    import torch
+    from datasets import load_from_disk
+
+    from llmctl.train.preference import ReferenceProbe, probe_diff, probe_matches, reference_name
+
+    rec = ((rd.manifest("train") or {}).get("preference") or {}).get("reference_probe") or {}
+    if not rec.get("logps"):
+        return {}  # trained before the probe existed
+    rows = load_from_disk(str(rd.dataset_dir))[rec["split"]]
+    now = ReferenceProbe(cfg, tok, rows.select(range(min(len(rows), rec["rows"]))), rec["split"]).score(ref)
+    out = {"rows": rec["rows"], "split": rec["split"], "max_abs_diff": probe_diff(now, rec["logps"]),
+           "matches_training": probe_matches(now, rec["logps"])}
+    if rec.get("after_training") is not None:
+        out["unchanged_by_training"] = rec["after_training"]["unchanged"]
+    if not out["matches_training"] and next(ref.parameters()).dtype == torch.float32:
+        from llmctl.hints import command
+
+        name = reference_name(cfg) or cfg.model.name_or_path or "the seeded initialisation"
+        fix = command("train", cfg, rd.root, "--force")
+        raise StageInputError(
+            f"the reference model eval rebuilt ({name}) is not the one {rd.stage_dir('train')} trained against: its log-probs on "
+            f"{rec['rows']} {rec['split']} rows differ by up to {out['max_abs_diff']} nats. Run '{fix}' to train against this one",
+            hint=fix,
+        )
+    return {"reference_check": out}
+
+
 def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
     """kto's rows {prompt, completion, label}: preference_accuracy is the share whose implicit
     reward has the label's sign (positive for a desirable completion, negative for an
     undesirable one; zero is a miss), reward_margin the mean reward of the desirable rows less
     that of the undesirable ones; chosen/rejected_tokens their mean lengths."""
+    from llmctl.train.preference import answer_logps
+
     e = cfg.eval
     prompts, answers, labels = list(rows["prompt"]), list(rows["completion"]), list(rows["label"])
     con.step(f"scoring {len(rows)} labelled completions ({e.split}) against the reference model")
@@ -453,38 +597,6 @@ def _unpaired(cfg, rows, model, ref, tok, con, beta: float) -> dict:
     return out
 
 
-def answer_logps(model, tok, prompts: list[str], answers: list[str], max_length: int, batch_size: int) -> list[tuple[float, int]]:
-    """(sum of log p(answer + EOS | prompt), answer tokens) per pair, encoded as prepare encodes
-    prompt/completion pairs (formats.encode_pairs: BOS as the tokenizer wants, the prompt cut
-    from the left). An answer too long for max_length on its own scores (-inf, 0)."""
-    import torch
-
-    from llmctl.data.formats import IGNORE, answers_without_eos, encode_pairs
-
-    enc = encode_pairs({"prompt": prompts, "completion": answers_without_eos(tok, answers)}, tok, max_length, tok.eos_token_id)
-    device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out: list[tuple[float, int]] = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            ids_b, lab_b = enc["input_ids"][i : i + batch_size], enc["labels"][i : i + batch_size]
-            n = max(max(len(r) for r in ids_b), 2)
-            ids = torch.full((len(ids_b), n), pad, dtype=torch.long)
-            labels = torch.full((len(ids_b), n), IGNORE, dtype=torch.long)
-            mask = torch.zeros((len(ids_b), n), dtype=torch.long)
-            for j, (r, lab) in enumerate(zip(ids_b, lab_b)):
-                ids[j, : len(r)], labels[j, : len(r)], mask[j, : len(r)] = torch.as_tensor(r), torch.as_tensor(lab), 1
-            logp = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
-            target = labels[:, 1:]
-            scored = target != IGNORE
-            tok_lp = logp[:, :-1].gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
-            for j in range(len(ids_b)):
-                k = int(scored[j].sum())
-                out.append((tok_lp[j].sum().item() if k else float("-inf"), k))
-    return out
-
-
 # --------------------------------------------------------------------------- red team
 def _rates(flags: list[list[str]]) -> dict:
     n = len(flags)
@@ -505,7 +617,7 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
     """
     from llmctl import detectors
     from llmctl.generation import Sampling, generate_batch
-    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails, load_redteam
+    from llmctl.safety import CONTENT_FILTER, AuditLog, Blocked, Rails, is_refusal, load_redteam
 
     e = cfg.eval
     items = load_redteam()
@@ -538,7 +650,7 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         if p != it["prompt"]:
             on_prompt[i] = p
     regen = dict(zip(on_prompt, generate(list(on_prompt.values())))) if on_prompt else {}
-    rows, flags_off, flags_on = [], [], []
+    rows, flags_off, flags_on, refused_off, refused_on = [], [], [], [], []
     blocked_out = 0
     for i, it in enumerate(items):
         f_off = rails.flagged(raw[i])
@@ -551,6 +663,8 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         f_on = rails.flagged(text_on) if i not in refused else []
         flags_off.append(f_off)
         flags_on.append(f_on)
+        refused_off.append(is_refusal(raw[i], rails.refusal))
+        refused_on.append(is_refusal(text_on, rails.refusal))
         # The raw output is stored with PII and secrets replaced: the artifact must not leak them.
         rows.append({
             "id": it["id"], "category": it["category"], "prompt": it["prompt"],
@@ -564,9 +678,11 @@ def _redteam(cfg, rd: RunDir, model, tok, con, stage: str = "eval") -> dict:
         "prompts": len(items),
         "rails": {"input": rails.actions["input"], "output": rails.actions["output"]},
         "classifier": rails.classifier.name if rails.classifier.available() else None,
-        "off": _rates(flags_off),
-        "on": {**_rates(flags_on), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
+        # refused: the answer opens with a refusal (safety.is_refusal); with the rails on, so does a blocked prompt's answer
+        "off": {**_rates(flags_off), "refused": sum(refused_off), "refused_rate": round(sum(refused_off) / max(len(items), 1), 4)},
+        "on": {**_rates(flags_on), "refused": sum(refused_on), "refused_rate": round(sum(refused_on) / max(len(items), 1), 4), "blocked_inputs": len(refused), "redacted_inputs": len(on_prompt), "blocked_outputs": blocked_out, "interventions": len(audit.events)},
         "file": str(rd.redteam_file(stage)),
     }
-    con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on")
+    con.info(f"red team: flagged outputs {out['off']['flagged']}/{len(items)} with the rails off, {out['on']['flagged']}/{len(items)} on; "
+             f"refusals {out['off']['refused']}/{len(items)} off, {out['on']['refused']}/{len(items)} on")
     return out

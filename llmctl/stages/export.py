@@ -65,6 +65,10 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
     lines += ["", "## Training", ""]
     arch = cfg.model.name_or_path or f"{cfg.model.arch}, {cfg.model.n_layers} layers, hidden {cfg.model.hidden_size}"
     lines.append(f"- model: {arch}; LoRA: {cfg.model.lora.enabled}")
+    pref = tm.get("preference")
+    if pref:  # preference tuning: the objective and what it was measured against
+        lines.append(f"- method: {pref['method']} (beta {cfg.train.beta if cfg.train.beta is not None else 'default'}); "
+                     f"reference model: {pref.get('reference_model') or 'none (reference-free loss)'}")
     for k in ("steps", "parameters", "train_loss", "init_val_ppl", "val_ppl", "tokens", "seconds"):
         if head.get(k) is not None:
             lines.append(f"- {k}: {head[k]}")
@@ -72,11 +76,22 @@ def _model_card(cfg, rd: RunDir, fmts: list[str]) -> str:
     if evalr:
         p = evalr.get("perplexity") or {}
         g = evalr.get("generation") or {}
+        pr, init = evalr.get("preference") or {}, evalr.get("init") or {}
+        if pr:
+            before = f" (the starting model: {init['preference_accuracy']})" if "preference_accuracy" in init else ""
+            lines.append(f"- preference accuracy {pr.get('preference_accuracy')}{before}, reward margin {pr.get('reward_margin')} "
+                         f"on {pr.get('pairs')} held-out pairs; mean answer tokens chosen {pr.get('chosen_tokens')}, rejected {pr.get('rejected_tokens')}")
         if p:
             lines.append(f"- perplexity {p.get('perplexity')} on {p.get('tokens')} tokens ({p.get('source')}), bits/byte {p.get('bits_per_byte')}")
         if g:
             lines.append(f"- BLEU {g.get('bleu')}, chrF {g.get('chrf')}, TER {g.get('ter')}, exact match {g.get('exact_match')} on {g.get('examples')} pairs")
             lines.append(f"- sacreBLEU: `{(g.get('signatures') or {}).get('bleu')}`")
+        if g and "rougeL" in g:
+            lines.append(f"- ROUGE-1/2/L {g.get('rouge1')}/{g.get('rouge2')}/{g.get('rougeL')}, token F1 {g.get('token_f1')}")
+        for task, rec in (evalr.get("tasks") or {}).items():  # lm-eval tasks, every metric with its stderr
+            shown = [f"{m} {v:.4f}" + (f" ± {rec[m + '_stderr']:.4f}" if isinstance(rec.get(m + "_stderr"), float) else "")
+                     for m, v in rec.items() if isinstance(v, float) and "_stderr" not in m]
+            lines.append(f"- lm-eval {task}: {', '.join(shown)} ({rec.get('samples')} questions, {rec.get('num_fewshot', 0)}-shot)")
     else:
         lines.append("- not evaluated (run `llmctl eval`)")
     lines += [
@@ -194,7 +209,7 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
             con.step("measuring each artifact (export.report: size, perplexity, decode tokens/s vs f32)")
             from llmctl import compression_report as report_x
 
-            report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con)
+            report = report_x.build(cfg, rd, tok, _report_artifacts(rd, fmts, cfg), con, export_seconds=sum(t["seconds"] for t in timings.values()))
             st.manifest["report"] = report
             for r in report["rows"]:
                 if r.get("ppl_delta_pct") is not None:
@@ -204,6 +219,9 @@ def run(cfg, rd: RunDir, *, force: bool = False, formats: list[str] | None = Non
         con.info("")
         for line in report_x.table(report):
             con.info(line)
+    from llmctl.trackers import attach
+
+    attach(rd, {"model_card": rd.export_dir("hf") / "README.md"}, {}, prefix="export")  # train.report_to's trackers
     return {**head, "dir": str(rd.stage_dir("export"))}
 
 

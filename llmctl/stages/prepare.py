@@ -346,11 +346,16 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
     d = cfg.data
     splits = _read_splits(cfg, recs, extras, counters, build, con)
     splits, report = _curate(cfg, rd, splits, build, con)
+    cf = _counterfactual(cfg, splits, con)
     tok = _tokenizer(cfg, splits["train"], build, con)
     stats: dict = {"format": d.format, "source": d.source, "block_size": d.block_size, "vocab_size": len(tok),
                    "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": {}}
     _tokenize(cfg, splits, tok, build, con, stats)
     _save_pairs(cfg, tok, splits, build, stats)
+    if cf is not None:  # the data report shows the term balance before and after; the copies are not curation's
+        stats["counterfactual"] = cf
+        if report is not None:
+            report["counterfactual"] = cf
     if report is not None:
         from llmctl.data import curate
 
@@ -358,6 +363,21 @@ def _build(cfg, rd: RunDir, recs, extras, counters, build: Path, con) -> dict:
         for line in curate.summary_lines(report):
             con.info(line)
     return _headline(stats, len(tok), counters, report)
+
+
+def _counterfactual(cfg, splits: dict, con) -> dict | None:
+    """data.curate.counterfactual: swapped copies of the training documents (llmctl.data.counterfactual)."""
+    group = cfg.data.curate.counterfactual
+    if not group:
+        return None
+    from llmctl.data.counterfactual import augment
+
+    groups = cfg.data.curate.term_groups or {"female": [], "male": []}
+    splits["train"], info = augment(splits["train"], cfg.data.format, group, groups)
+    b, a = info["term_groups_before"]["groups"], info["term_groups_after"]["groups"]
+    con.info(f"counterfactual ({group}): {info['documents_added']} documents added to train; per 10k words "
+             + ", ".join(f"{g} {b[g]['per_10k_words']} -> {a[g]['per_10k_words']}" for g in b))
+    return info
 
 
 def _read_splits(cfg, recs, extras, counters, build: Path, con) -> dict:
@@ -614,6 +634,13 @@ def _pairs(cfg, tok, splits) -> dict[str, dict[str, list[str]]]:
             for doc in docs:
                 prompts.append(doc["prompt"])
                 refs.append(doc["completion"])
+        elif d.format == "preference":
+            # BLEU of the chosen answers: whether preference tuning kept (or bought) the ability to write them
+            eos = tok.eos_token or ""
+            for doc in docs:
+                chat = doc.get("messages")
+                prompts.append(tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) if chat else doc["prompt"])
+                refs.append(doc["chosen"].removesuffix(eos) if eos else doc["chosen"])
         elif d.format == "chat":
             for doc in docs:
                 msgs = doc["messages"]

@@ -71,12 +71,20 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     metrics = Metrics()
     rails = Rails(cfg.safety, stage="serve", audit=AuditLog(rd.audit_path("serve")), on_event=metrics.safety)
 
-    from llmctl.quantize import check as check_quantize
+    gguf = None
+    if s.engine == "llama.cpp":  # no llama-server or no GGUF: fail before the port opens
+        from llmctl.inference.llamacpp import require_server_binary
 
-    check_quantize(s.quantize, key="serve.quantize")  # a missing library fails before the port opens
+        require_server_binary()
+        gguf = gguf_to_serve(cfg, rd, model or s.model)
+    else:
+        from llmctl.quantize import check as check_quantize
+
+        check_quantize(s.quantize, key="serve.quantize")  # a missing library fails before the port opens
     sock = _open_socket(host or s.host, port, api_key, insecure, con)
-    engine, server = _engine_and_server(cfg, path, api_key, metrics, rails)
-    stopped_by = _serve(engine, server, sock, path, s.model_name or cfg.run.name, api_key, s.quantize, con)
+    engine, server = _engine_and_server(cfg, path, api_key, metrics, rails, gguf)
+    shown = (f"{gguf} on llama-server", "none") if gguf else (path, s.quantize)
+    stopped_by = _serve(engine, server, sock, shown[0], s.model_name or cfg.run.name, api_key, shown[1], con, s.playground)
     if engine.error is not None:
         err = engine.error
         if isinstance(err, LlmctlError):
@@ -86,6 +94,32 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
     why = f" ({signal.Signals(stopped_by[0]).name})" if stopped_by else ""
     con.info(f"llmctl serve: stopped{why}")
     return None
+
+
+def gguf_to_serve(cfg, rd: RunDir, explicit: str | None) -> str:
+    """The GGUF file `serve.engine: llama.cpp` runs: --model / serve.model when it names a .gguf
+    file, else the run's complete, up-to-date GGUF export of serve.quantize's precision."""
+    from pathlib import Path
+
+    from llmctl.errors import StageInputError
+    from llmctl.hints import command
+    from llmctl.inference.llamacpp import GGUF_TYPE
+
+    qtype = GGUF_TYPE[cfg.serve.quantize]
+    if explicit:
+        if Path(explicit).suffix.lower() == ".gguf" and Path(explicit).is_file():
+            return explicit
+        raise ConfigError(f"serve.engine llama.cpp runs a GGUF file, and {explicit} is not one: pass --model FILE.gguf, "
+                          "or leave --model / serve.model out to serve the run's GGUF export")
+    f = rd.export_dir("gguf") / f"model-{qtype}.gguf"
+    m = rd.manifest("export")
+    if m is not None and m.get("status") == "complete" and f.is_file():
+        rd.require("export", cfg)  # an export of an older model is stale (exit 3)
+        return str(f)
+    fix = command("export", cfg, rd.root)
+    why = f"serve.quantize {cfg.serve.quantize} is served as {qtype}" if qtype != "f32" else "f32 weights, as trained"
+    raise StageInputError(f"{f} is missing ({why}; serve.engine llama.cpp runs the run's GGUF export): add gguf to export.formats "
+                          f"and {qtype} to export.gguf_types in {cfg.source}, then run '{fix}'", hint=fix)
 
 
 def _require_serve_extra() -> None:
@@ -111,26 +145,33 @@ def _open_socket(host: str, port: int, api_key: str | None, insecure: bool, con)
     return sock
 
 
-def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails):
+def _engine_and_server(cfg, path: str, api_key: str | None, metrics, rails, gguf: str | None = None):
     import uvicorn
 
     from llmctl.server.app import create_app
     from llmctl.server.engine import Engine
 
     s = cfg.serve
-    engine = Engine(
-        path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
-        trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
-        warm=rails.warm,
-    )
-    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes, image_limits=s)
+    if gguf is not None:
+        from llmctl.server.llamacpp_engine import LlamaCppEngine
+
+        engine = LlamaCppEngine(path, gguf, s.max_batch_size, s.max_queue, metrics, trust_remote_code=cfg.model.trust_remote_code,
+                                threads=s.threads, quantize=s.quantize, warm=rails.warm)
+    else:
+        engine = Engine(
+            path, s.max_batch_size, s.max_queue, s.batch_wait_ms, metrics,
+            trust_remote_code=cfg.model.trust_remote_code, device=s.device, threads=s.threads, quantize=s.quantize,
+            warm=rails.warm,
+        )
+    app = create_app(engine, s.model_name or cfg.run.name, s.max_tokens_cap, api_key, metrics, rails=rails, max_request_bytes=s.max_request_bytes,
+                     playground_page=s.playground, image_limits=s)
     server = uvicorn.Server(uvicorn.Config(
         app, log_level="warning", access_log=False, timeout_graceful_shutdown=s.shutdown_timeout, lifespan="off",
     ))
     return engine, server
 
 
-def _announce(engine, server, url: str, name: str, api_key: str | None, con) -> None:
+def _announce(engine, server, url: str, name: str, api_key: str | None, con, playground: bool = False) -> None:
     """Print the URL once the port is open and the model is ready; stop on a failed load."""
     while not engine.ready.wait(0.05):
         if engine.error is not None or server.should_exit:
@@ -141,10 +182,13 @@ def _announce(engine, server, url: str, name: str, api_key: str | None, con) -> 
     if server.started:
         auth = " (API key required: Authorization: Bearer ...)" if api_key else ""
         con.info(f"llmctl serve: {name} on {url}/v1{auth}  (health: {url}/health, metrics: {url}/metrics)")
+        if playground:
+            con.info(f"  playground: {url}/  (a chat page in the browser; through SSH: ssh -L PORT:127.0.0.1:PORT HOST)")
         con.info("  stop with Ctrl-C or SIGTERM: in-flight requests finish first")
 
 
-def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: str | None, quantize: str, con) -> list[int]:
+def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: str | None, quantize: str, con,
+           playground: bool = False) -> list[int]:
     """Load the model in the engine thread and serve until stopped; the signals that stopped it."""
     url = _url(sock)
     # The CLI turns SIGTERM into an exception; while serving, uvicorn handles SIGTERM/SIGINT
@@ -155,7 +199,7 @@ def _serve(engine, server, sock: socket.socket, path: str, name: str, api_key: s
     quant = f", quantized to {quantize} at load" if quantize != "none" else ""
     con.step(f"loading {path}{quant} (listening on {url}; /health answers 503 until the model is ready)")
     engine.start()
-    threading.Thread(target=_announce, args=(engine, server, url, name, api_key, con), name="llmctl-announce", daemon=True).start()
+    threading.Thread(target=_announce, args=(engine, server, url, name, api_key, con, playground), name="llmctl-announce", daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:

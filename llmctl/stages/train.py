@@ -21,7 +21,7 @@ from llmctl.train.build import Collator  # noqa: F401
 from llmctl.train.stage import Hooks
 
 
-def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None, **_) -> dict:
+def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None, nodes: dict | None = None, **_) -> dict:
     """Train as the config says (or continue from the last checkpoint); the result's numbers.
 
     The clock is this module's `time`, read at each call, so a test can replace it."""
@@ -29,4 +29,4 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
         from llmctl.vision.train import hooks as vision_hooks
 
         hooks = vision_hooks()
-    return _stage.run(cfg, rd, force=force, nproc=nproc, hooks=hooks, clock=time.time)
+    return _stage.run(cfg, rd, force=force, nproc=nproc, hooks=hooks, clock=time.time, nodes=nodes)

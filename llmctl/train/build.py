@@ -5,7 +5,6 @@ Each piece is a function of the config and the run directory; `stage.setup` call
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from llmctl.checks import check_export_formats
@@ -13,6 +12,7 @@ from llmctl.errors import ConfigError
 from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import train_seed
 from llmctl.train.distributed import world
+from llmctl.trackers import wanted
 
 
 class Collator:
@@ -112,8 +112,6 @@ def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_ma
             # accelerate only shards on accelerators; on CPU the same run is plain DDP.
             con.warn("train.distributed=fsdp: accelerate does not shard on CPU, so these ranks run as DDP (full weights on each)")
         fsdp = {"fsdp": "full_shard auto_wrap", "fsdp_config": {"use_orig_params": True, "state_dict_type": "FULL_STATE_DICT"}}
-    if tcfg.tensorboard:
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(rd.stage_dir("train") / "tensorboard"))
     return (cls or TrainingArguments)(
         output_dir=str(rd.checkpoints_dir),
         max_steps=tcfg.max_steps if tcfg.max_steps else -1,
@@ -146,7 +144,7 @@ def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_ma
         # An image-text model has weights its loss never reaches (LLaVA reads the tower's last hidden
         # states, not CLIP's post_layernorm): DDP must look for them or it stops at the first step.
         ddp_find_unused_parameters=cfg.data.format == "image_text",
-        report_to=["tensorboard"] if tcfg.tensorboard else [],
+        report_to=wanted(tcfg),  # the Trainer's integrations; llmctl.trackers.start pointed them at the run
         disable_tqdm=True,
         include_num_input_tokens_seen=True,
         logging_nan_inf_filter=False,  # a NaN loss must be seen, not averaged away

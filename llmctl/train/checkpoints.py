@@ -34,16 +34,17 @@ def train_seed(cfg) -> int:
     return cfg.train.seed if cfg.train.seed is not None else cfg.run.seed
 
 
-def resume_fingerprint(cfg, rd: RunDir, identity: str | None = None) -> dict:
+def resume_fingerprint(cfg, rd: RunDir, identity: str | None = None, world_size: int | None = None) -> dict:
     """What a checkpoint must share with the current run to be continued safely.
 
-    `identity`: a hash of inputs outside the run directory (distill's teacher)."""
+    `identity`: a hash of inputs outside the run directory (distill's teacher). `world_size`: the
+    ranks a launcher is about to start (default: this process's world)."""
     fp = {
         "model": cfg.section_hash("model"),
         "data": (rd.manifest("prepare") or {}).get("id"),
         "micro_batch_size": cfg.train.micro_batch_size,
         "grad_accum": cfg.train.grad_accum,
-        "world_size": world(),
+        "world_size": world_size or world(),
         "seed": train_seed(cfg),
     }
     if identity is not None:
@@ -51,7 +52,7 @@ def resume_fingerprint(cfg, rd: RunDir, identity: str | None = None) -> dict:
     return fp
 
 
-def pick_resume(cfg, rd: RunDir, con, identity: str | None = None) -> Path | None:
+def pick_resume(cfg, rd: RunDir, con, identity: str | None = None, world_size: int | None = None) -> Path | None:
     """The last complete checkpoint, if it continues this config; ConfigError if it cannot.
 
     `con=None` only checks. A checkpoint continues the run only when every key that changes
@@ -63,7 +64,7 @@ def pick_resume(cfg, rd: RunDir, con, identity: str | None = None) -> Path | Non
         return None
     last = ckpts[-1]
     meta = json.loads((last / META).read_text())
-    diffs, sets = _changes(cfg, rd, meta, identity)
+    diffs, sets = _changes(cfg, rd, meta, identity, world_size)
     if diffs:
         from llmctl.hints import set_flags
 
@@ -77,11 +78,11 @@ def pick_resume(cfg, rd: RunDir, con, identity: str | None = None) -> Path | Non
     return last
 
 
-def _changes(cfg, rd: RunDir, meta: dict, identity: str | None) -> tuple[list[str], list[tuple]]:
+def _changes(cfg, rd: RunDir, meta: dict, identity: str | None, world_size: int | None = None) -> tuple[list[str], list[tuple]]:
     """(what differs between a checkpoint's record and this config, the --set flags that undo it)."""
     from llmctl.config import show_value, stage_values, value_changes
 
-    want = resume_fingerprint(cfg, rd, identity)
+    want = resume_fingerprint(cfg, rd, identity, world_size)
     have = meta.get("fingerprint", {})
     recorded = meta.get("config_values")
     keys = [k for k in want if not (recorded is not None and k in ("model", "seed", "micro_batch_size", "grad_accum"))]

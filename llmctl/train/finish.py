@@ -119,3 +119,15 @@ def _merged_lora(trainer, tok, cfg, rd: RunDir, build_model=None):
 
         return PeftModel.from_pretrained(base_model(cfg, tok, build_model), rd.adapter_dir).merge_and_unload()
     return trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+
+
+def report_to_trackers(rd: RunDir, manifest: dict, result: dict) -> None:
+    """train.report_to: the config, the lineage and the final numbers, beside the Trainer's metrics."""
+    import tempfile
+
+    from llmctl.trackers import attach
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lineage = Path(tmp) / "lineage.json"
+        lineage.write_text(json.dumps({k: manifest.get(k) for k in ("id", "lineage", "config_values", "versions", "host")}, indent=2, default=str))
+        attach(rd, {"config": rd.stage_dir("train") / "config.yaml", "lineage": lineage}, result)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from llmctl import console as _console
 from llmctl.config import parse_duration
 from llmctl.errors import ConfigError
+from llmctl import trackers
 from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import pick_resume, resume_fingerprint
 from llmctl.train.distributed import rank, world
@@ -55,14 +56,20 @@ class Hooks:
 
 # --------------------------------------------------------------------------- run: checks, lock, torchrun
 def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks: Hooks | None = None,
-        clock: Callable[[], float] = time.time, **_) -> dict:
-    """RUN/prepare -> RUN/train. `clock`: what the time budget and the timings are measured on."""
+        clock: Callable[[], float] = time.time, nodes: dict | None = None, **_) -> dict:
+    """RUN/prepare -> RUN/train. `clock`: what the time budget and the timings are measured on.
+    `nodes`: --nnodes/--node-rank/--master-addr/--master-port/--rdzv-endpoint/--rdzv-id (llmctl.train.launch.Nodes)."""
+    from llmctl.train import restart
+    from llmctl.train.launch import Nodes
+
     hooks = hooks or Hooks()
+    where = Nodes(**{k: v for k, v in (nodes or {}).items() if v is not None}).check()
     if hooks.name == "train" and getattr(cfg, "distill", None) is not None:
         from llmctl.hints import command
 
         raise ConfigError(f"{cfg.source} has a distill section: run '{command('distill', cfg, rd.root)}' (or remove the section to train without a teacher)")
     con = _console.current()
+    trackers.check_installed(trackers.wanted(cfg.train))  # exit 2 before any work
     nproc = nproc or cfg.train.nproc
     is_main = rank() == 0
     rd.require("prepare", cfg)
@@ -73,12 +80,15 @@ def run(cfg, rd: RunDir, *, force: bool = False, nproc: int | None = None, hooks
     if not force:
         # Refuse before anything is touched: the record must keep describing what is there.
         refuse_changed_finished_run(cfg, rd, hooks)
-        pick_resume(cfg, rd, None, hooks.identity)
-    resume_cmd = resume_command(cfg, rd, hooks, nproc)
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # A launcher checks against the world its ranks will form, not its own single process.
+        pick_resume(cfg, rd, None, hooks.identity, nproc * where.nnodes if "LOCAL_RANK" not in os.environ else None)
+    resume_cmd = resume_command(cfg, rd, hooks, nproc, where.flags())
+    if restart.supervises(cfg, nproc, where.nnodes) and not where.given:
+        return restart.supervise(cfg, rd, resume_cmd, force)  # runs this command again as a child, restarted after a crash
+    if (nproc > 1 or where.given) and "LOCAL_RANK" not in os.environ:
         from llmctl.train.launch import launch_torchrun
 
-        launch_torchrun(nproc, rd, resume_cmd)
+        launch_torchrun(nproc, rd, resume_cmd, where, cfg.train.max_restarts)
         return rd.manifest("train")["headline"]  # rank 0's result
 
     ctx = rd.begin("train", cfg, inputs=["prepare"], extra_hash=hooks.identity) if is_main else nullcontext()
@@ -144,12 +154,12 @@ def refuse_changed_finished_run(cfg, rd: RunDir, hooks: Hooks) -> None:
         )
 
 
-def resume_command(cfg, rd: RunDir, hooks: Hooks, nproc: int) -> str:
+def resume_command(cfg, rd: RunDir, hooks: Hooks, nproc: int, node_flags: list[str] = ()) -> str:
     """The command that continues this run from its last checkpoint: the same config, --set flags,
-    run directory and process count (a checkpoint resumes only on the same world size); no --force."""
+    run directory, process count and nodes (a checkpoint resumes only on the same world size); no --force."""
     from llmctl.hints import command
 
-    return command(hooks.name, cfg, rd.root, *(["--nproc", str(nproc)] if nproc != cfg.train.nproc else []))
+    return command(hooks.name, cfg, rd.root, *(["--nproc", str(nproc)] if nproc != cfg.train.nproc else []), *node_flags)
 
 
 # --------------------------------------------------------------------------- train: setup -> loop -> finish
@@ -161,11 +171,15 @@ def train(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     t = setup(cfg, rd, st, resume, budget, con, is_main, hooks)
     init_val, final_val = loop(t, resume, cfg.train.micro_batch_size)
     finish.raise_if_stopped(t.run, rd, resume_cmd)
+    if t.probe is not None:
+        _check_reference(t, st, con, cfg)
     result = finish.summarize(t.trainer.state, t.run, t.plan, budget, rd, init_val=init_val, final_val=final_val,
                               n_params=t.n_params, n_trainable=t.n_trainable, device=t.device, perplexity=cfg.train.method == "sft")
     finish.save_final(t.trainer, t.tok, cfg, rd, is_main, hooks.build_model)  # every rank: under FSDP the save is collective
     if st is not None:
         st.manifest["device"] = str(t.device)
+        if trackers.wanted(cfg.train):
+            finish.report_to_trackers(rd, st.manifest, result)
     return result
 
 
@@ -186,6 +200,7 @@ class Training:
     budget: TimeBudget
     metrics: MetricsCallback  # the first eval is logged through it
     out: Outputs
+    probe: Any = None  # preference methods, rank 0: the reference's log-probs (preference.ReferenceProbe)
 
 
 def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_main: bool, hooks: Hooks) -> Training:
@@ -199,6 +214,8 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
 
     tcfg = cfg.train
     device, dtype = build.device_and_dtype(tcfg)
+    if is_main and trackers.wanted(tcfg):
+        trackers.start(trackers.wanted(tcfg), cfg, rd, resumed=resume is not None)
     processing = hooks.processor(rd.tokenizer_dir) if hooks.processor else AutoTokenizer.from_pretrained(rd.tokenizer_dir)
     tok = getattr(processing, "tokenizer", processing)
     train_ds, val_ds = build.load_splits(rd)
@@ -216,6 +233,7 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
                      metrics=open(rd.metrics_path, "a") if is_main else None, st=st, clock=budget.clock)
     time_plan = plan if time_fitted(tcfg) else None
     log_keys = hooks.log_keys
+    probe = None
     if tcfg.method == "sft":
         collate = build.Collator(tok.pad_token_id)
         trainer = build.make_trainer(hooks.trainer_class, time_plan, **hooks.trainer_kwargs, model=model, args=args_for(),
@@ -226,6 +244,9 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
         collate = None  # text pairs: TRL tokenizes and collates them; the first eval is skipped
         trainer = preference.make_trainer(cfg, model, tok, args_for, train_ds, val_ds, time_plan)
         log_keys = log_keys + preference.LOG_KEYS
+        if is_main:
+            probe = preference.ReferenceProbe(cfg, tok, val_ds if val_ds is not None else train_ds, "validation" if val_ds is not None else "train")
+            probe.begin(trainer)
     metrics = cb.MetricsCallback(run, plan, budget, out, resumed=resume is not None, log_keys=log_keys, perplexity=tcfg.method == "sft")
     for callback in (
         metrics,
@@ -235,7 +256,24 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
         cb.TimingCallback(plan),  # after CheckpointCallback: a save's time includes the move into place
     ):
         trainer.add_callback(callback)
-    return Training(trainer, model, tok, val_ds, collate, device, n_params, n_trainable, run, plan, budget, metrics, out)
+    return Training(trainer, model, tok, val_ds, collate, device, n_params, n_trainable, run, plan, budget, metrics, out, probe)
+
+
+def _check_reference(t: Training, st, con, cfg) -> None:
+    """After the last step: the reference must be the model training started from (a frozen copy
+    that moved, or a LoRA base that did, would have measured the loss against something else).
+    Recorded for eval, which compares the reference it rebuilds with the same log-probs."""
+    from llmctl.train.distributed import world
+
+    sharded = cfg.train.distributed == "fsdp" and world() > 1 and t.device.type != "cpu"  # one rank cannot run a sharded forward
+    rec = t.probe.record(None if sharded else t.trainer)
+    after = rec.get("after_training")
+    if after is not None and not after["unchanged"]:
+        con.warn(f"the reference model moved during training (log-probs differ by up to {after['max_abs_diff']} nats): "
+                 "the preference loss was measured against a changing model")
+    if st is not None:
+        st.manifest["preference"]["reference_probe"] = rec
+        st.save()
 
 
 def loop(t: Training, resume: Path | None, batch_size: int) -> tuple[float | None, float | None]:

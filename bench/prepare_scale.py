@@ -1,0 +1,155 @@
+"""Peak RSS of `llmctl prepare` as the corpus grows (issue #30: data larger than memory), and its time
+against the same job in plain `datasets`.
+
+A synthetic corpus (Zipf-distributed words from a 20k-word vocabulary, ~2 KB documents, distinct so
+dedup keeps them) is written as 64 MB JSONL shards, at each size in BENCH_SCALE_MB (default
+"32,128"; the issue's sizes are "1024,4096": about 10 and 40 minutes of tokenizing each on an idle
+2-core machine). One tokenizer, trained once, serves every run. For each size:
+- llmctl prepare, curation off (the job plain datasets does) and curation on (exact + near dedup and
+  leakage: their indexes are what grows with the document count; quality, language and PII off);
+- plain datasets: load_dataset("json") -> map(tokenize) -> map(group_texts) -> save_to_disk, the same
+  num_proc (1).
+Each is a fresh process, its wall time from spawn to exit, its peak RSS from wait4 (which counts the
+pages of memory-mapped Arrow files it read: page cache the kernel can drop) and its peak anonymous
+memory (RssAnon, sampled every 0.1 s: the memory it cannot give back). BENCH_SCALE_SIDES picks sides
+(default "llmctl,llmctl_curated,datasets").
+
+    BENCH_SCALE_MB=1024,4096 python bench/prepare_scale.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import machine, ratio, write_result
+
+BLOCK = 256
+SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_MB", "32,128").split(",")]
+SHARD = 64 << 20
+SIDES = os.environ.get("BENCH_SCALE_SIDES", "llmctl,llmctl_curated,datasets").split(",")
+
+
+def timed(cmd: list[str], env: dict) -> tuple[dict, str]:
+    """Wall seconds, peak RSS (wait4) and peak anonymous memory (RssAnon, sampled) in MB; and stdout."""
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        anon = 0
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("RssAnon:"))
+                anon = max(anon, int(line.split()[1]))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.1)
+        dt = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if code != 0:
+            raise SystemExit(f"{cmd[:4]} failed ({code}):\n{err.read().decode(errors='replace')[-2000:]}")
+        return {"seconds": round(dt, 3), "rss_mb": round(ru.ru_maxrss / 1024, 1), "anon_mb": round(anon / 1024, 1)}, out.read().decode()
+
+PLAIN = r'''
+import sys
+from itertools import chain
+from datasets import load_dataset
+from transformers import AutoTokenizer
+files, tok_dir, cache, out, block = sys.argv[1].split(","), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+raw = load_dataset("json", data_files={"train": files}, cache_dir=cache)
+tok = AutoTokenizer.from_pretrained(tok_dir)
+def tokenize(b):
+    return {"input_ids": [ids + [tok.eos_token_id] for ids in tok(b["text"], add_special_tokens=False)["input_ids"]]}
+ds = raw.map(tokenize, batched=True, remove_columns=["text"])
+def group(b):
+    ids = list(chain(*b["input_ids"]))
+    n = len(ids) // block * block
+    blocks = [ids[i:i + block] for i in range(0, n, block)]
+    return {"input_ids": blocks, "labels": [list(x) for x in blocks]}
+ds = ds.map(group, batched=True)
+ds.save_to_disk(out)
+print(ds["train"].num_rows)
+'''
+
+
+def corpus(d: Path, mb: int, seed: int = 0) -> list[Path]:
+    """`mb` MB of distinct synthetic documents in 64 MB JSONL shards."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+    weights = [1 / (i + 1) for i in range(len(vocab))]
+    d.mkdir(parents=True, exist_ok=True)
+    files, written, f = [], 0, None
+    while written < mb << 20:
+        if f is None or f.tell() >= SHARD:
+            if f:
+                f.close()
+            files.append(d / f"shard-{len(files):04d}.jsonl")
+            f = open(files[-1], "w")
+        words = rng.choices(vocab, weights, k=330)
+        sents = [" ".join(words[i:i + 11]).capitalize() + "." for i in range(0, len(words), 11)]
+        line = json.dumps({"text": " ".join(sents)}) + "\n"
+        f.write(line)
+        written += len(line)
+    f.close()
+    return files
+
+
+def config(tmp: Path, name: str, files: list[Path], tok: Path | None, curate: bool) -> Path:
+    import yaml
+
+    cur = {"enabled": curate, "quality": {"enabled": False}, "language": False, "pii": {"action": "off"}} if curate else {"enabled": False}
+    data = {"source": "files", "paths": [str(f) for f in files], "block_size": BLOCK, "validation_fraction": 0.01, "curate": cur}
+    p = tmp / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"run": {"name": name, "dir": str(tmp / name)}, "data": data,
+                                 "tokenizer": {"name_or_path": str(tok)} if tok else {"vocab_size": 8192, "max_train_bytes": 20_000_000},
+                                 "model": {"context_length": 1024}}))
+    return p
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    env = {**os.environ, "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    first = corpus(tmp / "c0", 8)
+    subprocess.run([sys.executable, "-m", "llmctl", "prepare", str(config(tmp, "tok", first, None, False)), "-q"], check=True, env=env)
+    tok = tmp / "tok" / "prepare" / "tokenizer"
+    rows = {}
+    for mb in SIZES:
+        files = corpus(tmp / f"c{mb}", mb)
+        row = {"bytes": sum(f.stat().st_size for f in files)}
+        for name, cur in (("llmctl", False), ("llmctl_curated", True)):
+            if name in SIDES:
+                cfg = config(tmp, f"{name}-{mb}", files, tok, cur)
+                row[name], _ = timed([sys.executable, "-m", "llmctl", "prepare", str(cfg), "-q"], env)
+                shutil.rmtree(tmp / f"{name}-{mb}", ignore_errors=True)
+        if "datasets" in SIDES:
+            row["datasets"], _ = timed([sys.executable, "-c", PLAIN, ",".join(map(str, files)), str(tok), str(tmp / "hf-cache"),
+                                        str(tmp / "plain-out"), str(BLOCK)], env)
+        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+        shutil.rmtree(tmp / "plain-out", ignore_errors=True)
+        shutil.rmtree(tmp / f"c{mb}", ignore_errors=True)
+        rows[mb] = row
+        print(f"[prepare_scale] {mb} MB: {json.dumps(row)}", flush=True)
+    lo, hi = rows[SIZES[0]], rows[SIZES[-1]]
+    growth = {f"{k}.{m}": round(hi[k][m] / lo[k][m] - 1, 3) for k in SIDES for m in ("rss_mb", "anon_mb")}
+    ratios = {f"{k} peak {m.split('_')[0]} growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth[f"{k}.{m}"], 1.2, higher_is_better=False)
+              for k in SIDES if k.startswith("llmctl") for m in ("rss_mb", "anon_mb")}
+    if {"llmctl", "datasets"} <= set(SIDES):
+        ratios[f"prepare speed vs plain datasets at {SIZES[-1]} MB"] = ratio(hi["datasets"]["seconds"] / hi["llmctl"]["seconds"], 1.0)
+    write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "growth": growth, "machine": machine()}, ratios)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

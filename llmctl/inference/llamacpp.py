@@ -1,0 +1,231 @@
+"""llama.cpp as a decode engine: a `llama-server` that llmctl starts on a private loopback port,
+runs the run's GGUF export on, and talks to for token ids only (`serve.engine: llama.cpp`).
+
+Why: at the realistic size (an 85M llama, f32 weights of 340 MB) decoding is bound by memory
+bandwidth, and llama.cpp's kernels run it about twice as fast as torch on the same weights and
+precision, and q8_0 about twice torch's dynamic int8 for one stream (bench/serve.py --size 85m).
+What stays llmctl's: tokenizing and BOS, context limits, stop strings and hold-back,
+incremental detokenization, logprob formatting, auth, rails, audit and metrics. What llama.cpp
+does: the forward pass, the KV cache, batching of concurrent sequences, and sampling (its own
+sampler chain, set to transformers' order: penalties, temperature, top-k, top-p; greedy is the
+same argmax everywhere).
+
+Trusted only after a check at load (`disagreement`): the next-token logprobs llama.cpp gives a
+probe prompt are compared with transformers' own forward of the model the GGUF was exported from.
+
+The public surface:
+- `find_binary(tool)`: a llama.cpp binary in $LLAMA_CPP_BIN, on PATH, or in /opt/llamacpp/build/bin;
+- `GGUF_TYPE`: the GGUF tensor type served for each `serve.quantize`;
+- `LlamaServer(gguf, slots, context, threads)`: the subprocess (`start()`, `stop()`, `url`);
+- `completion_body(job)`, `stream_tokens(conn, body)`: one sequence's request and its tokens;
+- `disagreement(server, model, tok)`: None, or why llama.cpp does not compute what the model does.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from llmctl.errors import ConfigError, LlmctlError
+
+# serve.quantize -> the GGUF type llama.cpp runs (the same precision on both engines).
+GGUF_TYPE = {"none": "f32", "int8": "q8_0", "int4": "q4_0"}
+# Largest |logprob difference| on the probe, relative to max(1, largest |logit|): float32
+# summation order for f32; each type's rounding otherwise (the export's own tolerances).
+TOLERANCE = {"f32": 1e-3, "q8_0": 6e-2, "q4_0": 0.4}
+START_TIMEOUT_S = 120.0
+# transformers' order of the sampling steps (generate's logits processors, llmctl's sampler).
+SAMPLERS = ["penalties", "temperature", "top_k", "top_p"]
+
+
+def find_binary(tool: str) -> Path | None:
+    """A llama.cpp binary: in $LLAMA_CPP_BIN (a folder), on PATH, or in /opt/llamacpp/build/bin."""
+    env = os.environ.get("LLAMA_CPP_BIN")
+    for p in (Path(env) / tool if env else None, shutil.which(tool), Path("/opt/llamacpp/build/bin") / tool):
+        if p and Path(p).is_file() and os.access(p, os.X_OK):
+            return Path(p)
+    return None
+
+
+def require_server_binary(key: str = "serve.engine") -> Path:
+    """llama-server's path, or a ConfigError (exit 2) that says how to get one."""
+    b = find_binary("llama-server")
+    if b is None:
+        raise ConfigError(
+            f"{key} llama.cpp: no llama-server found in $LLAMA_CPP_BIN, on PATH or in /opt/llamacpp/build/bin: "
+            "install llama.cpp (https://github.com/ggml-org/llama.cpp, e.g. 'brew install llama.cpp') and put llama-server "
+            f"on PATH or set LLAMA_CPP_BIN to its folder, or set {key}: torch"
+        )
+    return b
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when llmctl dies (Linux), so no llama-server outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class LlamaServer:
+    """One llama-server subprocess on 127.0.0.1, `slots` sequences decoded together, each with
+    `context` tokens. Its log is kept (the last lines) for error messages."""
+
+    def __init__(self, gguf: Path, slots: int, context: int, threads: int | None = None, binary: Path | None = None):
+        self.gguf, self.slots, self.context, self.threads = Path(gguf), slots, context, threads
+        self.binary = binary or require_server_binary()
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log: deque[str] = deque(maxlen=40)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+               "-np", str(self.slots), "-c", str(self.slots * self.context), "--no-webui"]
+        if self.threads:
+            cmd += ["-t", str(self.threads)]
+        return cmd
+
+    def start(self) -> None:
+        self.port = _free_port()
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        threading.Thread(target=self._drain, name="llama-server-log", daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise LlmctlError(f"llama-server exited with code {self.proc.returncode} while loading {self.gguf}: {self.last_error()}")
+            if self._healthy():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise LlmctlError(f"llama-server did not become ready within {START_TIMEOUT_S:.0f} s on {self.gguf}: {self.last_error()}")
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip())
+
+    def last_error(self) -> str:
+        lines = [ln for ln in self.log if ln.strip()]
+        bad = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+        return (bad or lines or ["(no output)"])[-1].strip()
+
+    def _healthy(self) -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            conn.request("GET", "/health")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            return ok
+        except OSError:
+            return False
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+
+def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    seed: int | None = None, logprobs: int | None = None, context: int = 4096) -> dict:
+    """llama-server's /completion request for one sequence: token ids in, token ids out, every
+    other sampler of llama.cpp's default chain (min-p, typical, XTC, DRY, mirostat) off. The
+    repetition penalty looks at the whole `context` (llama.cpp's default is the last 64 tokens)."""
+    body = {
+        "prompt": list(prompt_ids), "n_predict": max_tokens, "stream": True, "return_tokens": True, "cache_prompt": True,
+        "temperature": max(float(temperature), 0.0), "top_k": int(top_k or 0), "top_p": float(top_p), "min_p": 0.0,
+        "typical_p": 1.0, "xtc_probability": 0.0, "dry_multiplier": 0.0, "mirostat": 0, "top_n_sigma": -1.0,
+        "repeat_penalty": float(repetition_penalty), "repeat_last_n": int(context),
+        "presence_penalty": float(presence_penalty), "frequency_penalty": float(frequency_penalty),
+        "samplers": SAMPLERS, "seed": -1 if seed is None else int(seed) % 2**32,
+    }
+    if logprobs is not None:
+        # logprobs of the raw logits (before sampling), the sampled token's always included
+        body.update(n_probs=max(int(logprobs), 1), post_sampling_probs=False)
+    return body
+
+
+def stream_tokens(conn: http.client.HTTPConnection, body: dict):
+    """Yield (token id, logprob or None, [(id, logprob), ...top]) per generated token, as
+    llama-server streams them. Closing the generator (a stop string, a client gone) closes the
+    connection, which cancels the sequence in llama-server."""
+    conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise LlmctlError(f"llama-server answered {r.status}: {r.read()[:300].decode(errors='replace')}")
+    try:
+        while True:
+            line = r.readline()
+            if not line:
+                return
+            if not line.startswith(b"data: "):
+                continue
+            ev = json.loads(line[6:])
+            if "error" in ev:
+                raise LlmctlError(f"llama-server: {ev['error'].get('message', ev['error'])}")
+            probs = ev.get("completion_probabilities") or [None] * len(ev.get("tokens") or [])
+            for t, p in zip(ev.get("tokens") or [], probs):
+                if p is None:
+                    yield t, None, []
+                else:
+                    yield t, p.get("logprob"), [(a["id"], a["logprob"]) for a in p.get("top_logprobs", [])]
+    finally:
+        r.close()
+
+
+def disagreement(server: LlamaServer, model, tok, qtype: str, k: int = 8) -> str | None:
+    """Why llama.cpp's next-token logprobs on a probe prompt differ from the model's own forward
+    (beyond the GGUF type's rounding), or None when they agree."""
+    import torch
+
+    from llmctl.inference.context import encode_one
+
+    ids = encode_one(tok, "The quick brown fox jumps over the lazy dog. def main():\n    return 0")
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    conn = server.connect()
+    try:
+        got = list(stream_tokens(conn, completion_body(ids, 1, temperature=0.0, logprobs=k)))
+    finally:
+        conn.close()
+    if not got or not got[0][2]:
+        return "llama-server returned no logprobs for the probe"
+    diff = max(abs(lp - float(ref[t])) for t, lp in got[0][2])
+    tol = TOLERANCE[qtype] * max(1.0, float(logits.abs().max()))
+    if not diff <= tol:
+        return f"llama.cpp's logprobs on a probe differ from the model's own forward by {diff:.2e} (tolerance {tol:.2e} for {qtype})"
+    return None

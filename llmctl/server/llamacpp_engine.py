@@ -1,0 +1,132 @@
+"""`serve.engine: llama.cpp`: the engine's jobs decoded by a llama-server that llmctl manages
+(llmctl/inference/llamacpp.py), on the run's GGUF export.
+
+It takes the same jobs as the torch engine (engine.py) and hands tokens back the same way:
+every per-sequence rule (EOS, stop strings and hold-back, incremental detokenization,
+logprob entries and text offsets, finish reasons) is the torch engine's own `_advance`, run on
+the token ids llama-server streams. One worker thread per slot (serve.max_batch_size) takes
+a waiting job, streams it from llama-server, and takes the next; llama-server batches the
+slots' sequences together. Echoed prompt logprobs need the prompt's logits, which
+llama-server does not return: such a request gets a 400 (server/jobs.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from llmctl.inference.context import context_length
+from llmctl.server.engine import Engine, Job
+
+
+class LlamaCppEngine(Engine):
+    prompt_logprobs = False  # llama-server returns no logits for prompt tokens: echo + logprobs is a 400
+
+    def __init__(self, model_path: str, gguf_path: str, max_batch_size: int, max_queue: int, metrics,
+                 trust_remote_code: bool = False, threads: int | None = None, quantize: str | None = None, warm=None):
+        super().__init__(model_path, max_batch_size, max_queue, 0.0, metrics, trust_remote_code=trust_remote_code,
+                         device="cpu", threads=threads, quantize=quantize, warm=warm)
+        self.gguf_path = gguf_path
+        self.server = None
+        self.running = 0
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """The tokenizer and the reference model; llama-server on the GGUF; the check; then the
+        reference model is let go (llama.cpp holds the weights from here on)."""
+        from llmctl.inference.llamacpp import GGUF_TYPE, LlamaServer, disagreement
+        from llmctl.errors import LlmctlError
+        from llmctl.modeling import load_for_inference
+
+        model, self.tok = load_for_inference(self.model_path, trust_remote_code=self.trust_remote_code)
+        self.context_length = context_length(model)
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        eos = model.generation_config.eos_token_id
+        eos = self.tok.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self.server = LlamaServer(self.gguf_path, self.max_batch_size, self.context_length or 4096, threads=self.threads)
+        self.server.start()
+        try:
+            why = disagreement(self.server, model, self.tok, GGUF_TYPE[self.quantize or "none"])
+            if why:
+                raise LlmctlError(f"serve.engine llama.cpp: {why}; not serving it (set serve.engine: torch to serve with transformers)")
+        except BaseException:
+            self.server.stop()  # never left running behind a failed load
+            raise
+        del model
+        if self.warm is not None:
+            self.warm()
+        self.ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+
+    def _main(self) -> None:
+        try:
+            if not self.ready.is_set():
+                self.load()
+        except BaseException as e:  # reported by /health and the CLI
+            self.error = e
+            return
+        workers = [threading.Thread(target=self._worker, name=f"llmctl-llamacpp-{i}", daemon=True) for i in range(self.max_batch_size)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                j = self.q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.metrics.set_queue(self.q.qsize())
+            if j.cancelled:
+                continue
+            self._running(+1)
+            try:
+                self._decode(j)
+            except Exception as e:  # never leave a client hanging
+                j.push(("error", f"{type(e).__name__}: {e}"))
+            finally:
+                self._running(-1)
+
+    def _running(self, d: int) -> None:
+        with self._lock:
+            self.running += d
+            self.metrics.set_running(self.running)
+
+    def _decode(self, j: Job) -> None:
+        """Stream one sequence from llama-server through the torch engine's per-token rules. A
+        connection per sequence: closing it (a stop string, EOS, a client gone) cancels the
+        sequence in llama-server (a loopback connect costs well under a millisecond)."""
+        from llmctl.inference.llamacpp import completion_body, stream_tokens
+
+        if j.echo_logprobs:
+            j.push(("error", "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return"))
+            return
+        body = completion_body(j.prompt_ids, j.max_tokens, j.temperature, j.top_k, j.top_p, j.repetition_penalty,
+                               j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context)
+        conn = self.server.connect()
+        tokens = stream_tokens(conn, body)
+        try:
+            for t, lp, top in tokens:
+                if j.cancelled:
+                    return
+                if j.logprobs is not None:
+                    j.lps.append((lp, top[: j.logprobs]))
+                self.steps += 1
+                self.metrics.add_tokens(1)
+                if not self._advance(j, t):
+                    return
+            if not j.cancelled:  # llama-server ended it first (its context is full)
+                self._detokenize(j, final=True)
+                self._send(j, j.text, final=True)
+                self._finish(j, "length")
+        finally:
+            j.finished = True
+            tokens.close()
+            conn.close()

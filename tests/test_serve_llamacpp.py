@@ -1,0 +1,228 @@
+"""`serve.engine: llama.cpp` (llmctl/inference/llamacpp.py, llmctl/server/llamacpp_engine.py).
+
+Without llama.cpp (CI): the config key, the refusal when no llama-server is found, the GGUF
+chosen or asked for, the request llmctl sends, and the whole engine (stop strings, EOS,
+logprobs, the check at load) against a stand-in llama-server (tests/fixtures/fake_llama_server.py)
+that decodes with transformers. With llama.cpp installed: the real llama-server on the run's
+exported GGUF gives the torch engine's greedy text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import invoke_cli
+from llmctl.inference import llamacpp
+
+FAKE = Path(__file__).parent / "fixtures" / "fake_llama_server.py"
+
+
+def _bin_dir(tmp_path: Path, model_dir: Path | None = None, skew: float = 0.0, log: Path | None = None) -> Path:
+    """A folder holding an executable `llama-server` that runs the stand-in on this model."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    exe = d / "llama-server"
+    env = f"FAKE_LLAMA_MODEL='{model_dir}' FAKE_LLAMA_SKEW={skew} FAKE_LLAMA_LOG='{log or ''}' "
+    exe.write_text(f"#!/bin/sh\n{env}exec '{sys.executable}' '{FAKE}' \"$@\"\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return d
+
+
+@pytest.fixture
+def no_llama_cpp(tmp_path, monkeypatch):
+    if Path("/opt/llamacpp/build/bin/llama-server").exists():
+        pytest.skip("/opt/llamacpp/build/bin has a llama-server: the refusal cannot be provoked")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(empty))
+    monkeypatch.setenv("PATH", str(empty))
+    return empty
+
+
+def test_engine_key_is_validated(tiny_cfg):
+    path, _ = tiny_cfg
+    ok = invoke_cli("config", "validate", str(path), "--set", "serve.engine=llama.cpp")
+    assert ok.returncode == 0, ok.stderr
+    bad = invoke_cli("config", "validate", str(path), "--set", "serve.engine=vllm")
+    assert bad.returncode == 2 and "serve.engine" in bad.stderr
+
+
+def test_refused_without_llama_server(trained_run, no_llama_cpp):
+    path, _, _ = trained_run
+    r = invoke_cli("serve", str(path), "--set", "serve.engine=llama.cpp", "--port", "0")
+    assert r.returncode == 2, r.stderr
+    assert "no llama-server found" in r.stderr and "LLAMA_CPP_BIN" in r.stderr and "serve.engine: torch" in r.stderr
+
+
+def test_missing_gguf_export_names_the_export_command(trained_run, tmp_path, monkeypatch):
+    path, _, rd = trained_run
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path)))
+    r = invoke_cli("serve", str(path), "--set", "serve.engine=llama.cpp", "--set", "serve.quantize=int8", "--port", "0")
+    assert r.returncode == 3, r.stderr
+    assert "model-q8_0.gguf is missing" in r.stderr and "q8_0 to export.gguf_types" in r.stderr and "llmctl export" in r.stderr
+    d = invoke_cli("serve", str(path), "--set", "serve.engine=llama.cpp", "--model", str(rd.model_dir), "--port", "0")
+    assert d.returncode == 2 and "runs a GGUF file" in d.stderr
+
+
+def test_the_run_gguf_export_is_what_is_served(trained_run):
+    from llmctl.stages.serve import gguf_to_serve
+
+    path, cfg, rd = trained_run
+    r = invoke_cli("export", str(path), "--set", "export.formats=[hf, gguf]", "--set", "export.gguf_types=[f32, q8_0]")
+    assert r.returncode == 0, r.stderr
+    cfg.export.formats, cfg.export.gguf_types = ["hf", "gguf"], ["f32", "q8_0"]  # as the export ran
+    assert gguf_to_serve(cfg, rd, None) == str(rd.export_dir("gguf") / "model-f32.gguf")
+    cfg.serve.quantize = "int8"
+    assert gguf_to_serve(cfg, rd, None) == str(rd.export_dir("gguf") / "model-q8_0.gguf")
+    f = rd.export_dir("gguf") / "model-q8_0.gguf"
+    assert gguf_to_serve(cfg, rd, str(f)) == str(f)
+
+
+def test_request_maps_the_sampler_settings():
+    b = llamacpp.completion_body([1, 2, 3], 7, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2,
+                                 presence_penalty=0.5, frequency_penalty=0.25, seed=2**40 + 3, logprobs=0, context=128)
+    assert b["prompt"] == [1, 2, 3] and b["n_predict"] == 7 and b["stream"] and b["return_tokens"]
+    assert (b["temperature"], b["top_k"], b["top_p"], b["repeat_penalty"]) == (0.7, 5, 0.9, 1.2)
+    assert (b["presence_penalty"], b["frequency_penalty"], b["seed"], b["repeat_last_n"]) == (0.5, 0.25, 3, 128)
+    assert b["samplers"] == ["penalties", "temperature", "top_k", "top_p"]  # transformers' order
+    assert b["min_p"] == 0.0 and b["typical_p"] == 1.0 and b["xtc_probability"] == 0.0 and b["dry_multiplier"] == 0.0
+    assert b["n_probs"] == 1 and b["post_sampling_probs"] is False  # raw logits; the sampled token's always
+    assert "n_probs" not in llamacpp.completion_body([1], 1) and llamacpp.completion_body([1], 1)["seed"] == -1
+
+
+class _Served:
+    """The app with a LlamaCppEngine in this process, on a loopback socket."""
+
+    def __init__(self, model_dir: Path, gguf: Path, quantize=None):
+        import uvicorn
+
+        from llmctl.server.app import create_app
+        from llmctl.server.llamacpp_engine import LlamaCppEngine
+        from llmctl.server.metrics import Metrics
+        from llmctl.stages.serve import _bind, _url
+
+        self.engine = LlamaCppEngine(str(model_dir), str(gguf), 2, 16, Metrics(), quantize=quantize)
+        self.engine.load()
+        sock = _bind("127.0.0.1", 0)
+        self.url = _url(sock)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.engine, "m", 400, None, Metrics()), log_level="warning", lifespan="off"))
+        threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        self.engine.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+    def post(self, **body):
+        return httpx.post(self.url + "/v1/completions", json={"model": "m", "temperature": 0, **body}, timeout=120)
+
+    def close(self):
+        self.server.should_exit = True
+        self.engine.stop()
+
+
+def _torch_completion(model_dir: Path, **body) -> dict:
+    from fastapi.testclient import TestClient
+
+    from llmctl.server.app import create_app
+    from llmctl.server.engine import Engine
+    from llmctl.server.metrics import Metrics
+
+    e = Engine(str(model_dir), 2, 16, 0, Metrics(), device="cpu", threads=1)
+    e.load()
+    e.start()
+    try:
+        with TestClient(create_app(e, "m", 400, None, Metrics())) as c:
+            return c.post("/v1/completions", json={"model": "m", "temperature": 0, **body}).json()
+    finally:
+        e.stop()
+
+
+def test_engine_through_the_api_matches_the_torch_engine(trained_run, tmp_path, monkeypatch):
+    _, _, rd = trained_run
+    gguf = tmp_path / "model-f32.gguf"
+    gguf.write_bytes(b"GGUF")  # the stand-in decodes the HF model; it only checks the file exists
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir, log=log)))
+    s = _Served(rd.model_dir, gguf)
+    try:
+        ours = s.post(prompt="the cat", max_tokens=12, logprobs=2).json()
+        ref = _torch_completion(rd.model_dir, prompt="the cat", max_tokens=12, logprobs=2)
+        assert ours["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert ours["usage"] == ref["usage"]
+        a, b = ours["choices"][0]["logprobs"], ref["choices"][0]["logprobs"]
+        assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+        assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
+        # a stop string cuts the text by llmctl's own rule, and the sequence is cancelled upstream
+        text = ref["choices"][0]["text"]
+        cut = text[len(text) // 2: len(text) // 2 + 2]
+        stopped = s.post(prompt="the cat", max_tokens=12, stop=[cut]).json()["choices"][0]
+        assert stopped["finish_reason"] == "stop" and stopped["text"] == text[: text.index(cut)]
+        # echo with logprobs: a 400 naming why, not a wrong answer
+        echo = s.post(prompt="the cat", max_tokens=2, logprobs=1, echo=True)
+        assert echo.status_code == 400 and "echo with logprobs" in echo.text
+        sent = [json.loads(x) for x in log.read_text().splitlines()]
+        assert sent[0]["n_predict"] == 1 and sent[0]["n_probs"] >= 1  # the load-time probe
+        assert sent[1]["prompt"] == ref_prompt_ids(rd.model_dir, "the cat")
+    finally:
+        s.close()
+
+
+def ref_prompt_ids(model_dir, text):
+    from transformers import AutoTokenizer
+
+    from llmctl.inference.context import encode_one
+
+    return encode_one(AutoTokenizer.from_pretrained(model_dir), text)
+
+
+def test_a_llama_server_that_computes_something_else_is_refused(trained_run, tmp_path, monkeypatch):
+    from llmctl.errors import LlmctlError
+    from llmctl.server.llamacpp_engine import LlamaCppEngine
+    from llmctl.server.metrics import Metrics
+
+    _, _, rd = trained_run
+    gguf = tmp_path / "model-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir, skew=0.5)))
+    e = LlamaCppEngine(str(rd.model_dir), str(gguf), 1, 4, Metrics())
+    with pytest.raises(LlmctlError, match="differ from the model's own forward"):
+        e.load()
+    assert not e.server.alive()  # not left running
+
+
+def test_a_llama_server_that_fails_to_start_says_why(trained_run, tmp_path, monkeypatch):
+    from llmctl.errors import LlmctlError
+
+    _, _, rd = trained_run
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir)))
+    s = llamacpp.LlamaServer(tmp_path / "absent.gguf", 1, 64)
+    with pytest.raises(LlmctlError, match="exited with code 1 .*failed to open"):
+        s.start()
+
+
+LLAMA_SERVER = llamacpp.find_binary("llama-server")
+
+
+@pytest.mark.skipif(LLAMA_SERVER is None or os.environ.get("LLMCTL_TEST_REAL_LLAMA") == "0", reason="llama.cpp's llama-server not installed")
+def test_real_llama_server_serves_the_exported_gguf(trained_run):
+    path, cfg, rd = trained_run
+    r = invoke_cli("export", str(path), "--set", "export.formats=[hf, gguf]", "--set", "export.gguf_types=[f32]")
+    assert r.returncode == 0, r.stderr
+    s = _Served(rd.export_dir("hf"), rd.export_dir("gguf") / "model-f32.gguf")
+    try:
+        ours = s.post(prompt="the cat sat", max_tokens=16, logprobs=1).json()
+        ref = _torch_completion(rd.export_dir("hf"), prompt="the cat sat", max_tokens=16, logprobs=1)
+        assert ours["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert ours["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
+    finally:
+        s.close()
