@@ -629,7 +629,7 @@ def vision(r: dict) -> str:
              "| held-out split | images | exact match | majority caption | BLEU | majority BLEU |", "|---|---|---|---|---|---|",
              row("validation", "validation (seen pairings, new pictures)"), row("test", "test (unseen pairings)"), "",
              f"A test picture, its reference \"{ex['reference']}\" and the model's caption \"{ex['prediction']}\" "
-             f"(`llmctl generate configs/vision-quickstart.yaml --image PATH`):", "", "![a held-out scene](docs/vision-sample.png)"]
+             f"(eval's greedy caption, from `eval/predictions.jsonl`; `llmctl generate configs/vision-quickstart.yaml --image PATH` captions any picture):", "", "![a held-out scene](docs/vision-sample.png)"]
     return "\n".join(lines)
 
 

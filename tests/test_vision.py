@@ -95,6 +95,10 @@ def test_prepare_files_dedups_images_checks_leakage_and_reports(tmp_path):
     report = json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())
     assert report["dropped"] == {"exact_duplicate_image": 2}
     assert sum(report["images"].values()) == 30 and report["splits"]["train"]["sizes"]["width_max"] == 16
+    assert report["splits"]["all (before the split)"] == {"documents_before": 32, "documents_after": 30, "steps": [
+        {"step": "exact dedup (content hash)", "removed": 2}, {"step": "near dedup (pHash)", "removed": 0}]}
+    r = invoke_cli("status", str(tmp_path / "run"))  # prints the report as it prints a text run's
+    assert r.returncode == 0 and "exact dedup (content hash): 2 removed" in r.stderr, r.stderr
     from datasets import load_from_disk
 
     ds = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))
@@ -110,6 +114,21 @@ def test_prepare_files_dedups_images_checks_leakage_and_reports(tmp_path):
     assert row["input_ids"].count(proc.tokenizer.convert_tokens_to_ids("<image>")) == 4  # (16/8)^2 patches
     pairs = load_from_disk(str(tmp_path / "run" / "prepare" / "pairs"))["validation"]
     assert len(pairs) == 6 and pairs[0]["image"][:4] == b"\x89PNG"
+
+
+def test_perceptual_dedup_drops_a_near_copy(tmp_path):
+    from PIL import Image
+
+    rows = image_rows(tmp_path / "data", n=20)
+    img = Image.open(tmp_path / "data" / "img" / "3.png").convert("RGB")
+    img.putpixel((0, 0), (250, 250, 250))  # one background pixel a shade lighter: other bytes, same picture to the eye
+    img.save(tmp_path / "data" / "img" / "near.png")
+    rows.append({"image": "img/near.png", "caption": rows[3]["caption"]})
+    for perceptual, dropped in ((True, {"near_duplicate_image": 1}), (False, {})):
+        path = files_config(tmp_path, rows, image={"perceptual_dedup": perceptual, "phash_distance": 2})
+        r = invoke_cli("prepare", str(path), "--force")
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / "run" / "prepare" / "report.json").read_text())["dropped"] == dropped
 
 
 def test_leakage_drops_a_held_out_image_seen_in_training(tmp_path):
@@ -393,6 +412,13 @@ def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
     assert [t["token"] for t in res["target_tokens"]] and "".join(t["token"] for t in res["target_tokens"]).strip() == res["target"]
     page = (run / "explain" / "explain.html").read_text()
     assert "data:image/png;base64," in page and page.count("rgba(230,0,0,") == 4
+    # The heatmap is the picture's: another scene, same caption, gives other saliencies.
+    other = tmp_path / "other.png"
+    draw_scene(2, ("yellow", "triangle"), "below", ("green", "square"), 16, random.Random(5)).save(other)
+    r = invoke_cli("explain", str(path), "--image", str(other), "-p", "Describe the image.", "-t", "one red square left of a blue circle", "--json")
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["patch_saliency"] != grid and again["target_logprob"] != res["target_logprob"]
 
 
 # --------------------------------------------------------------------------- eval
@@ -464,3 +490,17 @@ def test_config_refuses_what_image_text_cannot_do(tmp_path):
             cfg[k] = {**cfg.get(k, {}), **v}
         r = invoke_cli("config", "validate", str(write_config(tmp_path / f"c{i}.yaml", cfg)))
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (over, r.stderr)
+
+
+@pytest.mark.slow
+def test_train_under_torchrun_with_two_ranks(tmp_path):
+    path = write_config(tmp_path / "cfg.yaml", vision_config(tmp_path / "run"))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = run_cli("train", str(path), "--nproc", "2", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["world_size"] == 2 and out["steps"] == 4
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model")
+    AutoProcessor.from_pretrained(tmp_path / "run" / "train" / "model")

@@ -141,7 +141,9 @@ def training_arguments(cfg, rd: RunDir, device, dtype, has_val: bool, con, is_ma
         activation_checkpointing=tcfg.gradient_checkpointing,
         torch_compile=tcfg.compile,
         dataloader_num_workers=tcfg.num_workers,
-        ddp_find_unused_parameters=False,
+        # An image-text model has weights its loss never reaches (LLaVA reads the tower's last hidden
+        # states, not CLIP's post_layernorm): DDP must look for them or it stops at the first step.
+        ddp_find_unused_parameters=cfg.data.format == "image_text",
         report_to=wanted(tcfg),  # the Trainer's integrations; llmctl.trackers.start pointed them at the run
         disable_tqdm=True,
         include_num_input_tokens_seen=True,

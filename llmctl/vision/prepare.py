@@ -90,11 +90,13 @@ def processor_for(cfg, train_rows: list[dict], con):
     return new_processor(cfg, tok)
 
 
-def encode_split(proc, rows: list[dict], block_size: int, drops: dict, name: str) -> list[dict]:
+def encode_split(proc, rows: list[dict], block_size: int, drops: dict, name: str, prog=None) -> list[dict]:
     from llmctl.vision.infer import encode_example
 
     out = []
-    for r in rows:
+    for i, r in enumerate(rows):
+        if prog is not None and i % 100 == 0:
+            prog.update(completed=i)
         ex = encode_example(proc, r["question"], r["caption"], r["img"])
         if len(ex["input_ids"]) > block_size:
             drops[f"{name}_too_long"] = drops.get(f"{name}_too_long", 0) + 1
@@ -125,8 +127,9 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
     for name in SPLITS:
         if not splits.get(name):
             continue
-        with con.progress(f"processing {name}", total=len(splits[name]), unit="images"):
-            enc = encode_split(proc, splits[name], cfg.data.block_size, drops, name)
+        with con.progress(f"processing {name}", total=len(splits[name]), unit="images") as prog:
+            enc = encode_split(proc, splits[name], cfg.data.block_size, drops, name, prog)
+            prog.update(completed=len(splits[name]))
         if not enc:
             raise DataError(f"the {name} split has no example that fits data.block_size={cfg.data.block_size}: raise it "
                             f"(the image alone takes {len(encode_split(proc, splits[name][:1], 1 << 30, {}, name)[0]['input_ids'])} tokens with its prompt)")
@@ -135,6 +138,10 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
                               "tokens": sum(len(e["input_ids"]) for e in enc),
                               "answer_tokens": sum(sum(1 for x in e["labels"] if x != -100) for e in enc)}
     DatasetDict(data).save_to_disk(str(build_dir / "dataset"))
+    from llmctl.data.curate import summary_lines
+
+    for line in summary_lines(_report(stats_splits, counters, drops)):
+        con.info(line)
     pairs = {name: Dataset.from_dict({"prompt": [r["question"] for r in splits[name]], "reference": [r["caption"] for r in splits[name]],
                                        "image": [r["raw"] for r in splits[name]]})
              for name in ("validation", "test") if splits.get(name)}
@@ -143,13 +150,31 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
     return _headline(cfg, proc, stats_splits, pairs, counters, drops)
 
 
+def _report(stats_splits: dict, counters, drops: dict) -> dict:
+    """prepare/report.json in the shape of the text curation report (llmctl.data.curate: `llmctl status`
+    and prepare print it with the same code), plus the image counts and sizes."""
+    def leaked(name: str) -> int:
+        return drops.get(f"{name}_exact_leak", 0) + drops.get(f"{name}_near_leak", 0)
+
+    splits = {}
+    kept = sum(v["images"] + leaked(k) for k, v in stats_splits.items())
+    dedup = [("exact dedup (content hash)", drops.get("exact_duplicate_image", 0)), ("near dedup (pHash)", drops.get("near_duplicate_image", 0))]
+    splits["all (before the split)"] = {"documents_before": kept + sum(n for _, n in dedup), "documents_after": kept,
+                                        "steps": [{"step": s, "removed": n} for s, n in dedup]}
+    for name, v in stats_splits.items():
+        steps = [("leakage (image in train)", leaked(name)), ("too long for data.block_size", drops.get(f"{name}_too_long", 0))]
+        splits[name] = {"documents_before": v["images"] + leaked(name), "documents_after": v["examples"],
+                        "steps": [{"step": s, "removed": n} for s, n in steps],
+                        "images": v["images"], "sizes": {x: v[x] for x in v if x.startswith(("width", "height"))}}
+    return {"content": "image", "format": "image_text", "splits": splits, "images": {k: v["images"] for k, v in stats_splits.items()},
+            "dropped": drops, "bad_records_skipped": counters.reasons, "pii": {"action": "off", "by_kind": {}, "documents": 0}}
+
+
 def _headline(cfg, proc, stats_splits: dict, pairs: dict, counters, drops: dict) -> dict:
     stats = {"format": "image_text", "source": cfg.data.source, "block_size": cfg.data.block_size, "vocab_size": len(proc.tokenizer),
              "skipped_records": counters.skipped, "skipped_reasons": counters.reasons, "splits": stats_splits,
              "pairs": {k: len(v) for k, v in pairs.items()}}
-    report = {"format": "image_text", "images": {k: v["images"] for k, v in stats_splits.items()}, "dropped": drops,
-              "bad_records_skipped": counters.reasons, "splits": {k: {"images": v["images"], "sizes": {x: v[x] for x in v if x.startswith(("width", "height"))}}
-                                                                 for k, v in stats_splits.items()}}
+    report = _report(stats_splits, counters, drops)
     tr = stats_splits["train"]
     return {"documents": sum(s["examples"] for s in stats_splits.values()), "images": sum(s["images"] for s in stats_splits.values()),
             "train_tokens": tr["tokens"], "validation_tokens": stats_splits.get("validation", {}).get("tokens", 0),
