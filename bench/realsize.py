@@ -248,7 +248,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("generate", "serve"))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="half the requests per phase, phases capped at 30 s (a busy machine)")
     args = ap.parse_args()
+    if args.quick:
+        global CLIENTS
+        import serve
+
+        CLIENTS = tuple((c, max(2, n // 2)) for c, n in CLIENTS)
+        serve.PHASE_SECONDS = 30.0
     at_start = machine()
     model_dir = model_85m()
     from llmctl.server.engine import default_threads
