@@ -12,7 +12,8 @@ vocabulary (the same eval on a 128k-vocabulary variant of the model: its working
 RSS minus the weights, within 10% of the 32k model's); the export report finishes in under
 3x the export itself, or limits itself and says so.
 
-    python bench/bounded.py                 # ~15-25 min on 2 busy cores; writes bench/results/bounded.json
+    python bench/bounded.py                 # ~15-25 min on 2 quiet cores; writes bench/results/bounded.json
+    python bench/bounded.py --from export   # keep the stages already measured (work/stages.json), redo the rest
 """
 
 from __future__ import annotations
@@ -99,13 +100,20 @@ def heldout_text(dst: Path) -> Path:
     return dst
 
 
-def main() -> None:
+STAGES = ("prepare", "train", "eval", "export", "serve")
+
+
+def main(start: str = "prepare") -> None:
     model = real_model(SIZE)
     big = vocab_variant(SIZE, 131072)
     work = cache_root() / SIZE / "bounded"
-    shutil.rmtree(work, ignore_errors=True)  # every stage runs from nothing: costs, not caches
-    work.mkdir(parents=True)
-    text = heldout_text(work / "heldout.txt")
+    done = work / "stages.json"
+    if start == "prepare":
+        shutil.rmtree(work, ignore_errors=True)  # every stage runs from nothing: costs, not caches
+        work.mkdir(parents=True)
+    elif not done.is_file():
+        raise SystemExit(f"--from {start}: {done} is missing (run without --from first)")
+    text = work / "heldout.txt" if start != "prepare" else heldout_text(work / "heldout.txt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     cfg = {"run": {"name": "bounded-0.5b", "dir": str(work / "run")},
@@ -119,10 +127,27 @@ def main() -> None:
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log = work / "stages.log"
-    stages = {}
-    for st in ("prepare", "train", "eval", "export"):
-        stages[st] = run_stage(st, [st, str(path)], env, log)
-    stages["serve"] = serve_stage(path, env, log)
+
+    def vocab_eval(name: str, m: Path) -> dict:
+        """The same eval on `m`: peak RSS, the weights' size, the rest (working memory)."""
+        res = run_stage(f"eval {name} vocabulary", ["eval", str(path), "--model", str(m), "--force", "--set", f"run.dir={work / ('vocab-' + name)}"],
+                        env, work / f"vocab-{name}.log")
+        weights_mb = sum(f.stat().st_size for f in Path(m).glob("*.safetensors")) / 2**20
+        res.update(weights_mb=round(weights_mb, 1), working_mb=round(res["peak_rss_mb"] - weights_mb, 1), params=params_of(m),
+                   vocab_size=json.loads((Path(m) / "config.json").read_text())["vocab_size"])
+        return res
+
+    # eval memory against the vocabulary: the same text, window and batch on the 32k model and its 128k
+    # variant, beside the pipeline (peak RSS is per process; only the wall times share the machine)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    vocab_jobs = {name: pool.submit(vocab_eval, name, m) for name, m in (("32k", model), ("128k", big))}
+    keep = STAGES[: STAGES.index(start)]
+    stages = {k: v for k, v in (json.loads(done.read_text()) if done.is_file() else {}).items() if k in keep}
+    for st in STAGES[STAGES.index(start):]:
+        stages[st] = serve_stage(path, env, log) if st == "serve" else run_stage(st, [st, str(path)] + (["--force"] if st != "prepare" else []), env, log)
+        done.write_text(json.dumps(stages, indent=2) + "\n")
 
     # The export report's own cost: the manifest's per-format timings against the report's.
     man = json.loads((work / "run" / "export" / "manifest.json").read_text())
@@ -130,14 +155,7 @@ def main() -> None:
     report = man.get("report") or {}
     report_seconds = report.get("seconds")
 
-    # eval memory against the vocabulary: the same text, window and batch on the 32k model and its 128k variant
-    vocab = {}
-    for name, m in (("32k", model), ("128k", big)):
-        res = run_stage(f"eval {name} vocabulary", ["eval", str(path), "--model", str(m), "--force", "--set", f"run.dir={work / ('vocab-' + name)}"], env, log)
-        weights_mb = sum(f.stat().st_size for f in Path(m).glob("*.safetensors")) / 2**20
-        res.update(weights_mb=round(weights_mb, 1), working_mb=round(res["peak_rss_mb"] - weights_mb, 1), params=params_of(m),
-                   vocab_size=json.loads((Path(m) / "config.json").read_text())["vocab_size"])
-        vocab[name] = res
+    vocab = {name: job.result() for name, job in vocab_jobs.items()}
     growth = vocab["128k"]["working_mb"] / vocab["32k"]["working_mb"]
 
     peak = max(s["peak_rss_mb"] for s in stages.values())
@@ -158,4 +176,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from", dest="start", choices=STAGES, default="prepare", help="redo the stages from this one on, keeping the earlier ones' figures")
+    main(ap.parse_args().start)

@@ -251,3 +251,18 @@ def test_report_keeps_to_its_budget(tiny_cfg, tmp_path):
     assert same is held and none is None
     small = HeldOut([[1, 2, 3] * 100], None, "test", 300)
     assert report_x.fit_to_budget(small, m, tok, cfg, n_rows=4, load_s=0.0, allowed_s=0.0) == (small, None)  # below the floor: never cut
+
+
+def test_report_drops_decode_timing_past_its_budget(trained_run, monkeypatch):
+    """When timing decode on every row would take the report past its budget, no row is timed and
+    the report says so (a line in the table and in `limit`); perplexities are still measured."""
+    from llmctl import compression_report as report_x
+    from llmctl.stages import export
+
+    monkeypatch.setattr(report_x, "REPORT_BUDGET_X", 1e-9)
+    monkeypatch.setattr(report_x, "decode_tokens_per_s", lambda *a, **k: 0.01)  # a model that decodes slowly: timing is most of the cost
+    path, cfg, rd = trained_run
+    export.run(load_config(path, ["export.formats=[hf]", "export.report=true", "export.report_decode_tokens=4"]), rd, force=True)
+    rep = rd.manifest("export")["report"]
+    assert rep["limit"].startswith("decode tokens/s not measured") and rep["limit"] in report_x.table(rep)
+    assert all(r.get("decode_tokens_per_s") is None and r.get("perplexity") for r in rep["rows"])
