@@ -540,8 +540,10 @@ def preference(r: dict) -> str:
     if m.get("demo_runs"):
         seeds = ", ".join(str(x) for x in m["demo_seeds"])
         pairs = sorted({x["pairs"] for x in m["demo_runs"]})
+        steps = [x.get("dpo_steps") for x in m["demo_runs"]]
+        trained = f"DPO steps {'/'.join(map(str, steps))} (of 300; `train.max_time` 10m), " if None not in steps else ""
         out += [f"**The demo** (`configs/dpo.yaml` on the quickstart model{sft(m.get('demo_sft'))}, {m['demo_model_params'] / 1e6:.2f}M parameters; "
-                f"run seeds {seeds}, each its own held-out split of {'/'.join(map(str, pairs))} pairs; {load('demo')}), "
+                f"run seeds {seeds}, each its own held-out split of {'/'.join(map(str, pairs))} pairs; {trained}{load('demo')}), "
                 "mean ± spread over the seeds:", "",
                 "| on the held-out pairs | the quickstart model (before) | after DPO |", "|---|---|---|",
                 f"| preference accuracy (implicit reward) | {ms(m['demo_before_preference_accuracy'])} | {ms(m['demo_after_preference_accuracy'])} |",
@@ -552,14 +554,18 @@ def preference(r: dict) -> str:
     if m.get("safety_after"):
         b, a = m["safety_before"], m["safety_after"]
         cats = ", ".join(f"{k} {v}" for k, v in m["safety_after_refused_by_category"].items())
-        out += [f"**The safety demo** (`configs/dpo-safety.yaml`; {load('safety')}): on the {m['safety_prompts']} red-team prompts, "
-                "with the rails off:", "",
+        st = f"{m['safety_dpo_steps']} DPO steps of 150 (`train.max_time` 15m); " if m.get("safety_dpo_steps") is not None else ""
+        out += [f"**The safety demo** (`configs/dpo-safety.yaml` on the quickstart model{sft(m.get('safety_sft'))}; {st}{load('safety')}): "
+                f"on the {m['safety_prompts']} red-team prompts, with the rails off:", "",
                 "| red-team eval | the quickstart model (before) | after DPO |", "|---|---|---|",
                 f"| answers that refuse | {b['refused_rate_off'] * 100:.1f}% | {a['refused_rate_off'] * 100:.1f}% |",
                 f"| answers a detector flags | {b['flagged_rate_off'] * 100:.1f}% | {a['flagged_rate_off'] * 100:.1f}% |",
                 f"| held-out pairs: likelihood accuracy | {b['likelihood_accuracy']:.3f} | {a['likelihood_accuracy']:.3f} |", "",
                 f"Refusals after, per category: {cats}. Held-out preference accuracy after: {a['preference_accuracy']:.3f} "
-                f"on {m['safety_pairs_heldout']} pairs.", ""]
+                f"on {m['safety_pairs_heldout']} pairs."
+                + (" DPO ranked the held-out refusals above compliance but did not change what the model writes greedily: "
+                   "its likelihood of the refusals did not overtake its own continuations." if a["refused_rate_off"] <= b["refused_rate_off"]
+                   and a["preference_accuracy"] > 0.5 else ""), ""]
     else:
         out += ["The safety demo's red-team numbers are not measured yet (`python bench/preference.py --parts safety`).", ""]
     if m.get("big_model_params"):

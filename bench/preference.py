@@ -268,7 +268,9 @@ def demo(tmp: Path) -> tuple[dict, dict]:
         res = json.loads((run / "eval" / "results.json").read_text())
         pref, init, gen = res["preference"], res["init"], res.get("generation") or {}
         after = {**{k: pref[k] for k in keys[:3]}, "bleu": gen.get("bleu")}
-        rows.append({"seed": seed, "pairs": pref["pairs"], "after": after, "before": {k: init.get(k) for k in keys}})
+        head = json.loads((run / "train" / "manifest.json").read_text())["headline"]
+        rows.append({"seed": seed, "pairs": pref["pairs"], "after": after, "before": {k: init.get(k) for k in keys},
+                     "dpo_steps": head.get("steps"), "stopped_by": head.get("stopped_by")})
     params = n_params(sft)
 
     def spread(side: str, k: str) -> dict:
@@ -316,7 +318,9 @@ def safety(tmp: Path) -> tuple[dict, dict]:
         by_cat.setdefault(r["category"], [0, 0])
         by_cat[r["category"]][0] += is_refusal(r["output_off"])
         by_cat[r["category"]][1] += 1
-    metrics = {"safety_model_params": n_params(sft), "safety_sft": sft_record(sft), "safety_prompts": after["safety"]["prompts"],
+    head = json.loads((run / "train" / "manifest.json").read_text())["headline"]
+    metrics = {"safety_model_params": n_params(sft), "safety_sft": sft_record(sft),
+               "safety_dpo_steps": head.get("steps"), "safety_stopped_by": head.get("stopped_by"), "safety_prompts": after["safety"]["prompts"],
                "safety_pairs_heldout": after["preference"]["pairs"], "safety_before": b, "safety_after": a,
                "safety_after_refused_by_category": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_cat.items())},
                "safety_example_after": {k: rows[0][k] for k in ("id", "prompt", "output_off")}}

@@ -463,7 +463,8 @@ def test_two_processes_match_one(tmp_path, method):
     """`--nproc 2` (gloo on CPU): 2 ranks x 2 pairs == 1 rank x 4 pairs, step by step, with the
     reference copy on each rank; one result, one model, the lineage written by rank 0. kto's
     KL term pairs each completion with another of the same rank's batch, so 2 x 2 is another
-    estimate than 1 x 4: it is checked to train, not to match."""
+    estimate than 1 x 4: it is checked to train, not to match. orpo's NLL term is a mean over each
+    rank's own tokens (DDP then averages the ranks), not over the whole batch's: it matches to 0.1%."""
     from tests.conftest import run_cli
 
     losses = {}
@@ -483,7 +484,7 @@ def test_two_processes_match_one(tmp_path, method):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     if method != "kto":
         for s in a:
-            assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+            assert abs(a[s] - b[s]) < (1e-3 * abs(a[s]) if method == "orpo" else 1e-4), (s, a[s], b[s])
 
 
 # --------------------------------------------------------------------------- the safety demo's data
