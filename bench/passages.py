@@ -140,8 +140,16 @@ def _eval_line(r: dict) -> str | None:
         return (f"- eval ({e['files']} stdlib files as written, {_n(e['tokens'], 0)} tokens, window {e['window']}, batch {e['batch_size']}, "
                    f"end to end, best of {e['rounds']}): llmctl {e['llmctl']['seconds']:.1f} s ({_n(e['llmctl']['tokens_per_s'], 0)} tokens/s, "
                    f"perplexity {e['llmctl']['perplexity']}), lm-eval {e['lm_eval']['seconds']:.1f} s ({_n(e['lm_eval']['tokens_per_s'], 0)} tokens/s, "
-                f"perplexity {e['lm_eval']['perplexity']}).")
+                f"perplexity {e['lm_eval']['perplexity']})." + _eval_tasks(e.get("tasks")))
     return None
+
+
+def _eval_tasks(t: dict | None) -> str:
+    if not t:
+        return ""
+    return (f" A local lm-eval task ({t['questions']} four-way questions, {_n(t['tokens'], 0)} tokens, best of {t['rounds']}): "
+            f"`llmctl eval` {t['llmctl']['seconds']:.1f} s ({_n(t['llmctl']['tokens_per_s'], 0)} tokens/s, acc {t['llmctl']['acc']:.4f}), "
+            f"`lm_eval --model hf` {t['lm_eval']['seconds']:.1f} s ({_n(t['lm_eval']['tokens_per_s'], 0)} tokens/s, acc {t['lm_eval']['acc']:.4f}).")
 
 
 def _serve_line(r: dict) -> str | None:

@@ -237,6 +237,11 @@ def test_sandbox_limits(tmp_path, monkeypatch):
     from llmctl.evaluation.codeexec import isolation, run_sample
 
     iso = isolation()
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(444, None, 0, 1) >= 1:  # the kernel offers Landlock (its ABI version): the sandbox must use it
+        assert iso["landlock"], iso
     # an infinite loop: killed at the timeout, counted as timeout
     t0 = time.time()
     assert run_sample("while True:\n    pass\n", 2, 256)["outcome"] == "timeout"
