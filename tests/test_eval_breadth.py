@@ -193,6 +193,13 @@ def test_task_thresholds_and_compare_init(tmp_path, trained_run):
     again = invoke_cli("eval", str(path), "--set", f"eval.tasks=[{task}]", "--set", "eval.perplexity=false", "--set", "eval.generation=false",
                        "--set", "eval.compare_init=true", "--set", "eval.thresholds.min.tasks.llmctl_lines.acc=0", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["cached"] is True
+    # the model card quotes every task metric with its stderr
+    from llmctl.stages import export
+
+    cur = load_config(path, [f"eval.tasks=[{task}]", "eval.perplexity=false", "eval.generation=false", "eval.compare_init=true"])
+    card = export._model_card(cur, rd, ["hf"])
+    rec = res["tasks"]["llmctl_lines"]
+    assert f"- lm-eval llmctl_lines: acc {rec['acc']:.4f} ± {rec['acc_stderr']:.4f}, acc_norm {rec['acc_norm']:.4f}" in card, card
 
 
 # --------------------------------------------------------------------------- pass@k in a sandbox
