@@ -81,7 +81,8 @@ def serve_stage(cfg: Path, env: dict, log: Path) -> dict:
                 if p.poll() is not None:
                     raise SystemExit(f"[bounded] serve exited with {p.returncode}; see {log}") from None
                 time.sleep(0.5)
-        body = json.dumps({"prompt": "def read_config(path):", "max_tokens": 16, "temperature": 0}).encode()
+        name = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=30).read())["data"][0]["id"]
+        body = json.dumps({"model": name, "prompt": "def read_config(path):", "max_tokens": 16, "temperature": 0}).encode()
         t1 = time.perf_counter()
         req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(req, timeout=600).read())
