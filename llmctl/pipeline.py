@@ -42,9 +42,14 @@ def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None
         (skipped if res.get("cached") else ran).append(name)
     summary = summarize(rd)
     summary.update({"ran": ran, "skipped_up_to_date": skipped, "wall_seconds": round(time.time() - t0, 1)})
+    from llmctl.errors import StageInputError
     from llmctl.report import write as write_report  # one page about the whole run: open it, or scp it
 
-    summary["report"] = write_report(rd, cfg)["report"]
+    try:
+        summary["report"] = write_report(rd, cfg)["report"]
+    except StageInputError as e:  # stages that wrote nothing to show: the run itself stands
+        con.warn(f"report: {e}")
+        summary["report"] = None
     return summary
 
 

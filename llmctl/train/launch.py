@@ -132,6 +132,8 @@ class _RestartLog(logging.Handler):
         self.agent = logging.getLogger(self.AGENT)
         self.saved = (self.agent.level, self.agent.propagate)
         if max_restarts:
+            _console.current().warn("train.max_restarts under torchrun: its restart of a gloo group failed to reconnect (or hung) "
+                                    "in llmctl's tests on CPU; if a restart stalls, stop it and resume by hand")
             self.agent.setLevel(logging.INFO)  # its restart notice is INFO; we print our own line instead
             self.agent.propagate = False
             self.agent.addHandler(self)
