@@ -41,7 +41,9 @@ def test_detach_survives_hangup_then_status_logs_and_stop_record_143(tmp_path):
     path, rd = _setup(tmp_path, **LONG)
     # The SSH login shell: its own session; hanging it up must not reach the detached stage.
     shell = subprocess.Popen(["bash", "-c", f"{sys.executable} -m llmctl train {path} --detach --json; sleep 60"], cwd=REPO,
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, text=True, start_new_session=True,
+                             # a login shell hears SIGHUP even when this test runs under nohup (inherited SIG_IGN)
+                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     res = json.loads(shell.stdout.readline())
     pid = res["pid"]
     assert res["ok"] and res["log"] == str(rd.log_path("train")) and res["stop"] == f"llmctl stop {rd.root}"
