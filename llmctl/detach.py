@@ -221,6 +221,20 @@ def _wait_gone(pid: int, created: float, timeout: float, tick: Callable[[float],
     return False
 
 
+def _wait_unlocked(rd: RunDir, what: str, pid: int, timeout: float) -> None:
+    """Wait until no stage lock is held for an owner that is gone (the manifest's pid, else `pid`).
+
+    A killed multithreaded process shows as a zombie as soon as its main thread ends, while its
+    other threads, still exiting, hold its files (and so the lock) a moment longer: an outcome
+    read before then would say "running"."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not any(rd.is_locked(s) and _started((rd.manifest(s) or {}).get("pid") or pid) is None
+                   for s in WRITES.get(what, (what,))):
+            return  # every lock is free, or held by a process that still lives (not ours to wait for)
+        time.sleep(0.1)
+
+
 def stop(rd: RunDir, command: str | None, now: bool, timeout: float, say: Callable[[str], None]) -> dict:
     """SIGTERM (the stage saves a checkpoint, exits 143) or, `now`, SIGKILL; wait for it to end."""
     targets = _targets(rd, command)
@@ -241,9 +255,11 @@ def stop(rd: RunDir, command: str | None, now: bool, timeout: float, say: Callab
                 last[0] = elapsed
                 say(f"{what}: still saving after {elapsed:.0f} s")
 
+        t0 = time.time()
         if not _wait_gone(pid, created, timeout, tick):
             raise LlmctlError(f"{what} (pid {pid}) is still running {timeout:.0f} s after SIGTERM: wait longer "
                               f"(--timeout), or kill it with 'llmctl stop {shlex.quote(str(rd.root))} --now' (loses the steps since the last checkpoint)")
+        _wait_unlocked(rd, what, pid, max(5.0, timeout - (time.time() - t0)))
         if rec is not None and now:
             rec = _update(rd.detach_record_path(what), exit_code=KILLED, finished_at=now_iso())
         elif rec is not None:

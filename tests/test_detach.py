@@ -126,3 +126,31 @@ def test_a_detached_run_blocks_a_detached_stage_it_will_write(tmp_path):
     atomic_write_json(rd.detach_record_path("run"), {**me, "exit_code": 0})
     assert detach.live(rd) == {}
     detach.refuse_if_busy(rd, "train")  # no longer refused
+
+
+def test_stop_now_waits_for_the_lock_a_dying_process_still_holds(tmp_path):
+    """A killed multithreaded process is a zombie as soon as its main thread ends, while its other
+    threads still hold its files, and with them the stage lock, a moment longer (CI saw 'running'
+    after `stop --now`). Played here without a race: the lock's holder lets go 1.5 s after the
+    recorded process dies, and `stop --now` must report what holds once it has."""
+    import psutil
+
+    path, rd = _setup(tmp_path)
+    rd.logs_dir.mkdir()
+    victim = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    rec = {"command": "train", "pid": victim.pid, "create_time": psutil.Process(victim.pid).create_time(),
+           "exit_code": None, "started_at": "2026-01-01T00:00:00+00:00", "log": str(rd.log_path("train")),
+           "argv": ["train", str(path)]}
+    atomic_write_json(rd.detach_record_path("train"), rec)
+    rd.stage_dir("train").mkdir(exist_ok=True)
+    atomic_write_json(rd.manifest_path("train"), {"stage": "train", "status": "running", "pid": victim.pid})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, psutil\nfrom filelock import FileLock\n"
+        "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True)\n"
+        "while psutil.pid_exists(int(sys.argv[2])) and psutil.Process(int(sys.argv[2])).status() != 'zombie': time.sleep(0.05)\n"
+        "time.sleep(1.5)\n"), str(rd.stage_dir("train") / ".lock"), str(victim.pid)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held" and rd.is_locked("train")
+    out = detach.stop(rd, None, now=True, timeout=30, say=lambda _m: None)
+    assert victim.wait(timeout=10) == -signal.SIGKILL
+    assert out["recorded_exit_code"] == 137 and out["train_status"] == "interrupted"
+    assert holder.wait(timeout=10) == 0
