@@ -40,6 +40,7 @@ NEW = 32
 MAX_TOKENS = 32
 CACHE = Path(os.environ.get("LLMCTL_BENCH_CACHE", Path.home() / ".cache" / "llmctl-bench")) / "speed-85m"
 CLIENTS = ((1, 6), (4, 16), (8, 32))  # (concurrent clients, requests per phase)
+THREADS = os.cpu_count() or 1  # the model's CPU threads on every side (llama-server's default: the cores)
 
 
 def load() -> float:
@@ -80,7 +81,7 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
     from llmctl.generation import Sampling, generate_batch
     from llmctl.modeling import load_for_inference
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # every side the same (`llmctl generate` leaves torch's default: all cores)
     model, tok = load_for_inference(str(model_dir))
     model.generation_config.eos_token_id = None
     n_params = params_of(model)
@@ -98,18 +99,21 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
-    def matmuls_only():
+    def matmuls_only(linear=torch.nn.functional.linear):
         with torch.inference_mode():
             for _ in range(NEW):
                 for w in weights:
-                    torch.nn.functional.linear(xs[w.shape[1]], w)
+                    linear(xs[w.shape[1]], w)
         return NEW
+
+    from llmctl.inference.lean import ONEDNN_LINEAR
 
     sides = {
         "llmctl": lambda: generate_batch(model, tok, [prompt], sp)[0]["completion_tokens"],
         "hf_generate": hf,
         "hf_generate_static_cache": lambda: hf(cache_implementation="static"),
         "torch_matmuls_only": matmuls_only,
+        **({"onednn_matmuls_only": lambda: matmuls_only(ONEDNN_LINEAR)} if ONEDNN_LINEAR is not None else {}),
     }
     for fn in sides.values():  # warm-up (the lean decoder's build, the static cache's allocation)
         fn()
@@ -128,6 +132,8 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
             "llmctl_vs_hf_generate": round(statistics.median(x["llmctl"] / x["hf_generate"] for x in per_round), 3),
             "llmctl_vs_hf_static_cache": round(statistics.median(x["llmctl"] / x["hf_generate_static_cache"] for x in per_round), 3),
             "ceiling_vs_hf_generate": round(statistics.median(x["torch_matmuls_only"] / x["hf_generate"] for x in per_round), 3),
+            **({"onednn_ceiling_vs_hf_generate": round(statistics.median(x["onednn_matmuls_only"] / x["hf_generate"] for x in per_round), 3)}
+               if "onednn_matmuls_only" in runs else {}),
             "lean_path": _lean_state(model),
             "runs": {k: [round(x, 1) for x in v] for k, v in runs.items()}}
 
@@ -147,7 +153,7 @@ def _llmctl_serve(model_dir: Path, tmp: Path, name: str, **serve) -> tuple[subpr
 
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / f"run-{name}")},
-                                   "serve": {"model": str(model_dir), "max_batch_size": 8, "max_queue": 256, **serve}}))
+                                   "serve": {"model": str(model_dir), "max_batch_size": 8, "max_queue": 256, "threads": THREADS, **serve}}))
     return start([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"],
                  lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None))
 
@@ -158,7 +164,8 @@ def _bare_llama_server(binary: Path, gguf: Path, ctx: int) -> tuple[subprocess.P
     from llmctl.inference.llamacpp import _free_port
 
     port = _free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "8", "-c", str(8 * ctx), "--no-webui"]
+    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "8", "-c", str(8 * ctx), "--no-webui",
+           "-t", str(THREADS)]
     return start(cmd, lambda line: f"http://127.0.0.1:{port}" if "listening" in line else None)
 
 
@@ -245,26 +252,27 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases) -> dict:
 
 
 def main() -> None:
+    global THREADS, CLIENTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("generate", "serve"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="half the requests per phase, phases capped at 30 s (a busy machine)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="the model's CPU threads, every side (default: the cores)")
     args = ap.parse_args()
+    THREADS = args.threads
     if args.quick:
-        global CLIENTS
         import serve
 
         CLIENTS = tuple((c, max(2, n // 2)) for c, n in CLIENTS)
         serve.PHASE_SECONDS = 30.0
     at_start = machine()
     model_dir = model_85m()
-    from llmctl.server.engine import default_threads
-
     metrics: dict = {"model": "llama 12 layers, hidden 768, GQA 12/4, intermediate 2048, 16k BPE, f32, random weights", "machine": at_start,
+                     "threads": THREADS,
                      "note": "provisional where load_avg_1m is above the core count: rerun on a quiet machine"}
     ratios: dict = {}
     if args.only in (None, "generate"):
-        g = metrics["generate"] = generate_rows(model_dir, args.rounds, default_threads())
+        g = metrics["generate"] = generate_rows(model_dir, args.rounds, THREADS)
         metrics["model_params"] = g["model_params"]
         ratios["85M generate one stream vs transformers generate"] = ratio(g["llmctl_vs_hf_generate"], 2.0)
         ratios["85M generate one stream vs transformers generate (static cache)"] = ratio(g["llmctl_vs_hf_static_cache"], None)

@@ -219,11 +219,22 @@ def test_model_is_not_altered_and_big_models_call_their_linears(monkeypatch):
     monkeypatch.setattr(LeanDecoder, "FUSE_MAX_PARAMS", 0)
     split = LeanDecoder(model)
     assert split.plan[0]["qkv"] is None and split.plan[0]["gu"] is None and split.fast is None
+    assert split.plan[0]["q"][0] is model.model.layers[0].self_attn.q_proj.weight  # the model's own, not a copy
     assert fused.fast is not None
     with torch.no_grad():
         ref = model(ids).logits[:, -1].float()
     for dec in (fused, split):
         assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), ref, atol=1e-4)
+    # The unfolded pass runs every plain float32 Linear through oneDNN's kernel on the CPU (twice
+    # MKL's rate at decode's few rows on the 85M bench model), never the module's forward.
+    from llmctl.inference import lean
+
+    if lean.ONEDNN_LINEAR is not None:
+        assert split.linear is lean.ONEDNN_LINEAR
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda *a: (_ for _ in ()).throw(AssertionError("a module call")))
+    assert torch.allclose(split.forward(ids, pos, split.new_cache()), ref, atol=1e-4)
+    monkeypatch.setenv("LLMCTL_ONEDNN", "0")
+    assert lean._onednn_linear() is None
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])

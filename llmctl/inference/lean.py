@@ -67,6 +67,27 @@ def sliding_window(model) -> int | None:
     return int(w)
 
 
+def _onednn_linear():
+    """oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel torch's own compiler
+    emits for CPU linears), or None where this torch build lacks it. On float32 CPU weights it
+    reads them at up to twice the rate of `F.linear` (MKL) at the few rows of a decode step,
+    where MKL's gemv neither threads nor saturates memory bandwidth: bench/realsize.py measures
+    it on the 85M model. `LLMCTL_ONEDNN=0` turns it off."""
+    if os.environ.get("LLMCTL_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return None
+
+    def linear(x, w, b=None):
+        return op(x, w, b, "none", [], "")
+
+    return linear
+
+
+ONEDNN_LINEAR = _onednn_linear()
+
+
 class LeanDecoder:
     """`forward(ids, positions, mask, cache)`: logits of the last position (or every position)."""
 
@@ -93,7 +114,11 @@ class LeanDecoder:
         self._cos = self._sin = None
         self.fast_skipped: str | None = None  # why the weights are not folded (see _fast_plan)
         self.n_params = sum(p.numel() for p in model.parameters())
+        # The matmul of the unfolded pass: oneDNN's on float32 CPU weights (see _onednn_linear)
+        w = self.embed.weight
+        self.linear = ONEDNN_LINEAR if (ONEDNN_LINEAR is not None and w.device.type == "cpu" and w.dtype == torch.float32) else F.linear
         self.plan = [self._layer_plan(layer) for layer in self.layers]
+        self.head_w = self._fused(self.head)
         self.final_norm = self._norm_plan(self.norm)
         self.fast = self._fast_plan()
         if self.fast is not None:
@@ -147,9 +172,13 @@ class LeanDecoder:
 
     def _layer_plan(self, layer):
         a, m = layer.self_attn, layer.mlp
-        return {"ln1": self._norm_plan(layer.input_layernorm), "ln2": self._norm_plan(layer.post_attention_layernorm),
+        plan = {"ln1": self._norm_plan(layer.input_layernorm), "ln2": self._norm_plan(layer.post_attention_layernorm),
                 "qkv": self._fused(a.q_proj, a.k_proj, a.v_proj), "o": self._fused(a.o_proj),
                 "gu": self._fused(m.gate_proj, m.up_proj), "down": self._fused(m.down_proj)}
+        # A model too big to copy fused weights: its plain Linears one by one (still one kernel each)
+        plan.update({n: None if plan["qkv"] else self._fused(getattr(a, f"{n}_proj")) for n in "qkv"})
+        plan.update({n: None if plan["gu"] else self._fused(getattr(m, f"{n}_proj")) for n in ("gate", "up")})
+        return plan
 
     def _unfoldable(self) -> str | None:
         """Why `_fast_plan` cannot fold this model's weights, or None when it can."""
@@ -300,19 +329,24 @@ class LeanDecoder:
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         h = self.embed(ids)
         d = h.shape[-1]
+        lin = self.linear
+
+        def proj(x, name, module):  # a plain Linear's weights through `lin`, else the module (quantized)
+            return lin(x, p[name][0], p[name][1]) if p[name] else module(x)
+
         for i, (layer, p) in enumerate(zip(self.layers, self.plan)):
             a, m = layer.self_attn, layer.mlp
             x = F.rms_norm(h, (d,), *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
             if p["qkv"] and not self.qk_norm:
                 # q and k heads rotated together: one set of rotary ops per layer, not two
-                qkv = F.linear(x, p["qkv"][0], p["qkv"][1]).view(B, n, H + 2 * KV, D).transpose(1, 2)
+                qkv = lin(x, p["qkv"][0], p["qkv"][1]).view(B, n, H + 2 * KV, D).transpose(1, 2)
                 qk = self._rotate(qkv[:, : H + KV], cos, sin)
                 q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
             else:
                 if p["qkv"]:
-                    q, k, v = F.linear(x, p["qkv"][0], p["qkv"][1]).split(p["qkv"][2], dim=-1)
+                    q, k, v = lin(x, p["qkv"][0], p["qkv"][1]).split(p["qkv"][2], dim=-1)
                 else:
-                    q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+                    q, k, v = proj(x, "q", a.q_proj), proj(x, "k", a.k_proj), proj(x, "v", a.v_proj)
                 q, k, v = q.view(B, n, H, D), k.view(B, n, KV, D), v.view(B, n, KV, D).transpose(1, 2)
                 if self.qk_norm:
                     q, k = a.q_norm(q), a.k_norm(k)
@@ -322,18 +356,18 @@ class LeanDecoder:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=KV != H)
             o = o.transpose(1, 2).reshape(B, n, H * D)
-            h = h + (F.linear(o, p["o"][0], p["o"][1]) if p["o"] else a.o_proj(o))
+            h = h + proj(o, "o", a.o_proj)
             x = F.rms_norm(h, (d,), *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
             if p["gu"]:
-                g, u = F.linear(x, p["gu"][0], p["gu"][1]).split(p["gu"][2], dim=-1)
+                g, u = lin(x, p["gu"][0], p["gu"][1]).split(p["gu"][2], dim=-1)
             else:
-                g, u = m.gate_proj(x), m.up_proj(x)
+                g, u = proj(x, "gate", m.gate_proj), proj(x, "up", m.up_proj)
             x = F.silu(g) * u
-            h = h + (F.linear(x, p["down"][0], p["down"][1]) if p["down"] else m.down_proj(x))
+            h = h + proj(x, "down", m.down_proj)
         if not all_logits:
             h = h[:, -1:]
         h = F.rms_norm(h, (d,), *self.final_norm) if self.final_norm else self.norm(h)
-        logits = self.head(h).float()
+        logits = (lin(h, self.head_w[0], self.head_w[1]) if self.head_w else self.head(h)).float()
         return logits if all_logits else logits[:, -1]
 
 
