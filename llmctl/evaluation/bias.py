@@ -18,9 +18,9 @@ certificate.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from llmctl.data.jsonl import read_jsonl
 from llmctl.errors import DataError
 
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "bias_pairs.jsonl"
@@ -47,13 +47,7 @@ def load_pairs(paths: list[str], groups: list[str]) -> list[dict]:
     for f in files:
         if not f.is_file():
             raise DataError(f"eval.bias.paths: {f} does not exist")
-        for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{f}:{i}: not JSON ({e.msg})") from None
+        for i, row in read_jsonl(f):
             _check_pair(row if isinstance(row, dict) else {}, f"{f}:{i}")
             rows.append({"id": row.get("id", f"{f.name}:{i}"), "group": row["group"], "stereotyped": row["stereotyped"],
                          "anti_stereotyped": row["anti_stereotyped"]})

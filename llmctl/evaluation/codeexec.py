@@ -35,6 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llmctl.data.jsonl import read_jsonl
 from llmctl.errors import DataError
 
 OUTCOMES = ("pass", "fail", "timeout", "error")
@@ -182,13 +183,9 @@ def _read_tasks(f: Path) -> list[dict]:
     if not f.is_file():
         raise DataError(f"eval.code.path: {f} does not exist")
     tasks = []
-    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{f}:{i}: not JSON ({e.msg})") from None
+    for i, row in read_jsonl(f):
+        if not isinstance(row, dict):
+            raise DataError(f"{f}:{i}: expected a JSON object (task_id, prompt, entry_point, tests)")
         missing = [k for k in ("task_id", "prompt", "entry_point", "tests") if not isinstance(row.get(k), str) or not row[k]]
         if missing:
             raise DataError(f"{f}:{i}: missing {', '.join(missing)} (a code task has task_id, prompt, entry_point, tests)")

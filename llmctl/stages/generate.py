@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llmctl import console as _console
 from llmctl.chat import has_chat_template, plain_prompts_as_chat, render_chat, user_turn
+from llmctl.data.jsonl import read_jsonl
 from llmctl.errors import ConfigError, DataError
 from llmctl.rundir import RunDir, atomic_write_text
 
@@ -30,13 +31,7 @@ def _read_prompts(cfg, prompts: list[str], prompts_file: str | None) -> list[dic
         if not p.is_file():
             raise DataError(f"--prompts-file: '{f}' not found")
         if p.suffix.lower() == ".jsonl":
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{i}: malformed JSON ({e.msg})") from None
+            for i, rec in read_jsonl(p):
                 if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
                     out.append({"prompt": rec["prompt"]})
                 elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):

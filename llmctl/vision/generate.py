@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from llmctl.data.jsonl import read_jsonl
 from llmctl.errors import ConfigError, DataError
 from llmctl.vision import images as _img
 
@@ -44,14 +45,8 @@ def read_items(cfg, prompts: list[str], images: list[str], prompts_file: str | N
     f = prompts_file or cfg.generate.prompts_file
     if f:
         base = Path(f).parent
-        for i, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+        for i, rec in read_jsonl(f):
             where = f"{f}:{i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg})") from None
             if isinstance(rec, dict) and isinstance(rec.get("messages"), list):
                 user = [m for m in rec["messages"] if isinstance(m, dict) and m.get("role") == "user"]
                 text, paths = _parts(user[-1].get("content") if user else "", where)
