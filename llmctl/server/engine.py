@@ -247,12 +247,18 @@ class Engine:
             self.q.put(j)
         self.metrics.set_queue(self.q.qsize())
 
-    def _main(self) -> None:
+    def _loaded(self) -> bool:
+        """Load the model unless loaded already; a failure is kept for /health and the CLI."""
         try:
             if not self.ready.is_set():
                 self.load()
+            return True
         except BaseException as e:  # reported by /health and the CLI
             self.error = e
+            return False
+
+    def _main(self) -> None:
+        if not self._loaded():
             return
         batch: _Batch | None = None
         while not self._stop.is_set():

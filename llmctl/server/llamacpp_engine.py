@@ -65,11 +65,7 @@ class LlamaCppEngine(Engine):
             self.server.stop()
 
     def _main(self) -> None:
-        try:
-            if not self.ready.is_set():
-                self.load()
-        except BaseException as e:  # reported by /health and the CLI
-            self.error = e
+        if not self._loaded():
             return
         workers = [threading.Thread(target=self._worker, name=f"llmctl-llamacpp-{i}", daemon=True) for i in range(self.max_batch_size)]
         for w in workers:
