@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import invoke_cli, sentences, tiny_config_dict, train_tiny_tokenizer, write_config
+
 from llmctl.config import load_config
+from llmctl.data.split import seeded_split
 from llmctl.errors import StageInputError
 from llmctl.rundir import RunDir
 from llmctl.stages import prepare
@@ -52,14 +53,14 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     f = tmp_path / "docs.jsonl"
     f.write_text("".join(json.dumps({"text": f"document number {i} " * 3}) + "\n" for i in range(50)))
     path, cfg = _cfg(tmp_path, {"paths": [str(f)], "validation_fraction": 0.2, "test_fraction": 0.1})
-    a = prepare._split([{"text": str(i)} for i in range(50)], cfg)
-    b = prepare._split([{"text": str(i)} for i in range(50)], cfg)
+    a = seeded_split([{"text": str(i)} for i in range(50)], cfg)
+    b = seeded_split([{"text": str(i)} for i in range(50)], cfg)
     assert a == b
     sets = {k: {d["text"] for d in v} for k, v in a.items()}
     assert len(sets["validation"]) == 10 and len(sets["test"]) == 5 and len(sets["train"]) == 35
     assert not (sets["train"] & sets["validation"]) and not (sets["train"] & sets["test"]) and not (sets["validation"] & sets["test"])
     other = load_config(path, ["run.seed=1"])
-    assert prepare._split([{"text": str(i)} for i in range(50)], other) != a
+    assert seeded_split([{"text": str(i)} for i in range(50)], other) != a
 
 
 def test_prompt_completion_masks_prompt_and_appends_eos(tmp_path):
@@ -174,9 +175,8 @@ def test_structured_files(tmp_path, ext):
 
 
 def test_tokenizer_loaded_from_local_dir(tmp_path):
-    from transformers import AutoTokenizer
-
     from conftest import train_tiny_tokenizer
+    from transformers import AutoTokenizer
 
     tokdir = tmp_path / "tok"
     train_tiny_tokenizer(sentences(50), tokdir)

@@ -7,7 +7,6 @@ says `complete` only after that, so a killed prepare never looks finished.
 from __future__ import annotations
 
 import hashlib
-import random
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Iterator
 
 from llmctl import console as _console
 from llmctl.checks import builtin_format_problem
+from llmctl.data.split import seeded_split
 from llmctl.errors import ConfigError, DataError
 from llmctl.rundir import RunDir, atomic_write_json, replace_path
 
@@ -228,25 +228,6 @@ def _need(rec: dict, field: str, key: str, where: str) -> None:
     check_field(rec, field, key, where)
 
 
-def _split(docs, cfg) -> dict:
-    """Document-level split, deterministic from run.seed: no document in two splits."""
-    d = cfg.data
-    order = list(range(len(docs)))
-    random.Random(cfg.run.seed).shuffle(order)
-    if d.max_documents:
-        order = order[: d.max_documents]
-    n = len(order)
-    n_val = 0 if d.validation_paths else (max(1, round(n * d.validation_fraction)) if d.validation_fraction > 0 else 0)
-    n_test = 0 if d.test_paths else (max(1, round(n * d.test_fraction)) if d.test_fraction > 0 else 0)
-    if n - n_val - n_test < 1:
-        raise DataError(
-            f"corpus has {n} document(s): too few to hold out {n_val} for validation and {n_test} for test "
-            "(add data, or lower data.validation_fraction / data.test_fraction)"
-        )
-    pick = (lambda idx: docs.select(idx)) if hasattr(docs, "select") else (lambda idx: [docs[i] for i in idx])
-    return {"validation": pick(order[:n_val]), "test": pick(order[n_val : n_val + n_test]), "train": pick(order[n_val + n_test :])}
-
-
 # --------------------------------------------------------------------------- checks
 def _check_block_size(cfg) -> None:
     name = cfg.model.name_or_path
@@ -387,7 +368,7 @@ def _read_splits(cfg, recs, extras, counters, build: Path, con) -> dict:
     docs = _to_arrow(_normalise(recs, cfg, counters), build / "cache" / "raw.arrow")
     if docs is None:
         raise DataError(f"the corpus is empty: no usable {d.format} records in data ({d.source}) — check data.paths and the field names")
-    splits = _split(docs, cfg)
+    splits = seeded_split(docs, cfg)
     for name, erecs in extras.items():
         splits[name] = _to_arrow(_normalise(erecs, cfg, counters), build / "cache" / f"raw-{name}.arrow")
         if splits[name] is None:

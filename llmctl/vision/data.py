@@ -9,10 +9,10 @@ the builtin source draws synthetic shape scenes (llmctl.vision.shapes).
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 from typing import Iterator
 
+from llmctl.data.split import seeded_split
 from llmctl.errors import DataError
 from llmctl.vision import images as _img
 
@@ -148,19 +148,7 @@ def dedup(rows: list[dict], seen: Seen, drops: dict) -> list[dict]:
 
 def split_rows(rows: list[dict], cfg) -> dict[str, list[dict]]:
     """A seeded shuffle into train/validation/test by data.validation_fraction and test_fraction."""
-    d = cfg.data
-    order = list(range(len(rows)))
-    random.Random(cfg.run.seed).shuffle(order)
-    if d.max_documents:
-        order = order[: d.max_documents]
-    n = len(order)
-    n_val = 0 if d.validation_paths else (max(1, round(n * d.validation_fraction)) if d.validation_fraction > 0 else 0)
-    n_test = 0 if d.test_paths else (max(1, round(n * d.test_fraction)) if d.test_fraction > 0 else 0)
-    if n - n_val - n_test < 1:
-        raise DataError(f"{n} image row(s): too few to hold out {n_val} for validation and {n_test} for test "
-                        "(add data, or lower data.validation_fraction / data.test_fraction)")
-    pick = [rows[i] for i in order]
-    return {"validation": pick[:n_val], "test": pick[n_val:n_val + n_test], "train": pick[n_val + n_test:]}
+    return seeded_split(rows, cfg, "image row(s)")
 
 
 def drop_leakage(splits: dict, drops: dict, perceptual: bool, distance: int) -> None:
