@@ -39,10 +39,9 @@ GB = 1024**3
 # A loaded machine can shrink the run (the memory figures keep their batch shapes; times shrink):
 LORA_STEPS = int(os.environ.get("LLMCTL_BENCH_BOUNDED_STEPS", 3))
 EVAL_BYTES = int(os.environ.get("LLMCTL_BENCH_BOUNDED_EVAL_BYTES", 12_000))  # the held-out text every eval and the export report score (~3k tokens)
-# Eval's loss is computed LOSS_CHUNK_BYTES (256 MB) of logits at a time: a batch of 8 x 256 positions
-# fills that chunk at a 32k vocabulary, so 32k and 128k both run at the cap and their working memory
-# should match. A smaller batch (or text shorter than 8 windows) stays under the cap at 32k only and
-# then shows up to ~2 x 256 MB more at 128k: bounded, but not the comparison the target asks for.
+# Eval's loss is computed LOSS_CHUNK_BYTES (64 MB) of logits at a time: 2 windows of 256 positions
+# fill that chunk at a 32k vocabulary already, so 32k and 128k both run at the cap and their working
+# memory should match (the held-out text is ~2 windows; a batch of 8 holds them all).
 EVAL_BATCH = int(os.environ.get("LLMCTL_BENCH_BOUNDED_EVAL_BATCH", 8))
 
 

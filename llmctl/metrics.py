@@ -25,8 +25,11 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 
 # Logits are made a chunk of scored positions at a time: [chunk, vocab] float32 of at most this
-# many bytes, never [batch, window, vocab] (16 x 2048 x 128k vocab would be 16.8 GB).
-LOSS_CHUNK_BYTES = 256 * 2**20
+# many bytes, never [batch, window, vocab] (16 x 2048 x 128k vocab would be 16.8 GB). Small
+# enough that an eval batch of a 32k-vocabulary model already fills it, so a 128k vocabulary
+# costs no more working memory (bench/bounded.py measures both); large enough that the output
+# layer's matmul is still hundreds of positions at a time (128 at a 128k vocabulary).
+LOSS_CHUNK_BYTES = 64 * 2**20
 _SPLIT_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> body + lm_head reproduce its logits
 
 
