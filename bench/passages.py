@@ -228,10 +228,11 @@ def _linear_bits(c: dict) -> str:
 
 
 # Rows measured on bench/_model.py's realistic models: they lead "Measured" (the `realistic` passage).
-REALISTIC = ["compress-85m", "eval-85m", "train-85m", "train-0.5b", "bounded"]
+REALISTIC = ["realsize", "compress-85m", "eval-85m", "train-85m", "train-0.5b", "bounded"]
 REALISTIC_COMMANDS = [  # (row, command, expected wall time on 2 quiet cores)
     ("85M model", "python bench/_model.py 85m", "prepare and about an hour of training the first time; cached in `~/.cache/llmctl-bench` after"),
     ("0.5B model", "python bench/_model.py 0.5b", "about 5 minutes the first time; cached after"),
+    ("realsize", "LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin python bench/realsize.py", "serve and generate at 85M against llama-server; about 20 minutes"),
     ("compress-85m", "python bench/compress.py --size 85m", "about 15 minutes"),
     ("eval-85m", "python bench/eval.py --size 85m", "about 10 minutes"),
     ("train-85m", "python bench/train.py --size 85m", "about 15 minutes"),
@@ -283,9 +284,36 @@ def _bounded_lines(b: dict) -> list[str]:
     return out
 
 
+def _load_of(res: dict):
+    m = (res or {}).get("metrics") or {}
+    return (m.get("machine") or {}).get("load_avg_1m", "not recorded")
+
+
+def _realsize_lines(m: dict) -> list[str]:
+    """Each side's tokens/s at 85M: generate in-process, serve at 1/4/8 clients."""
+    out = []
+    g = m.get("generate")
+    if g:
+        one = f", oneDNN's {g['onednn_matmuls_only_tokens_per_s']}" if "onednn_matmuls_only_tokens_per_s" in g else ""
+        out.append(f"- generate at 85M, one stream, {g['threads']} thread(s), {g['new_tokens']} new tokens (tokens/s): llmctl {g['llmctl_tokens_per_s']}, "
+                   f"transformers `generate` {g['hf_generate_tokens_per_s']} (static cache {g['hf_generate_static_cache_tokens_per_s']}); "
+                   f"the weights' matmuls alone, the ceiling of any torch decode: MKL's {g['torch_matmuls_only_tokens_per_s']}{one}. Decode path: {g['lean_path']}.")
+    s = m.get("serve") or {}
+    for prec, ref in (("f32", "f32 GGUF"), ("int8", "q8_0 GGUF")):
+        if prec not in s:
+            continue
+        rows = "; ".join(f"{k.split('_')[1]} client(s): llmctl {v['llmctl_torch_tokens_per_s']} (engine llama.cpp {v['llmctl_llama_cpp_tokens_per_s']}), "
+                         f"llama-server {v['llama_server_tokens_per_s']}" for k, v in s[prec].items() if k.startswith("clients_"))
+        what = "`llmctl serve`" if prec == "f32" else "`llmctl serve --quantize int8`"
+        out.append(f"- serve at 85M, {what} against llama-server on the {ref}, tokens/s ({m.get('threads', '?')} model threads each side): {rows}.")
+    return out
+
+
 def realistic(r: dict) -> str:
-    lines = ["At the size users run (issue #26). **Provisional**: measured on 2 CPU cores shared with other jobs",
-             "(each row records `uptime`); rerun on a quiet machine with the commands at the end.", ""]
+    busy = sorted({b for b in REALISTIC if r.get(b) and not (isinstance(_load_of(r[b]), (int, float)) and _load_of(r[b]) <= 2.5)})
+    lines = ["At the size users run (issue #26), on 2 CPU cores; each row records the machine's load."
+             + (f" **Provisional** ({', '.join(busy)}): measured while other jobs shared the cores (load above 2.5);"
+                " rerun on a quiet machine with the commands at the end." if busy else " Every row was measured on a quiet machine."), ""]
     c = (r.get("compress-85m") or {}).get("metrics")
     if c and _training_line(c):
         lines.append(_training_line(c))
@@ -294,10 +322,12 @@ def realistic(r: dict) -> str:
         lines += ["", "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
         for b, k, row in rows:
             met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
-            load = (((r.get(b) or {}).get("metrics") or {}).get("machine") or {}).get("load_avg_1m", "not recorded")
+            load = _load_of(r.get(b))
             label = k.replace("|", "\\|")  # |delta ppl| inside a table cell
             lines.append(f"| {b} | {_params(r[b])} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
         lines.append("")
+    if (r.get("realsize") or {}).get("metrics"):
+        lines += _realsize_lines(r["realsize"]["metrics"])
     if c:
         t = c["types"]
         parts = [f"{name}: perplexity {x['perplexity']:.3f} ({x.get('ppl_delta_pct', 0):+.2f}%)" for name, x in t.items() if x.get("perplexity") is not None]
