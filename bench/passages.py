@@ -317,7 +317,7 @@ def realistic(r: dict) -> str:
     c = (r.get("compress-85m") or {}).get("metrics")
     if c and _training_line(c):
         lines.append(_training_line(c))
-    rows = [(b, k, v) for b in REALISTIC if b != "bounded" for k, v in ((r.get(b) or {}).get("ratios") or {}).items()]
+    rows = [(b, k, v) for b in REALISTIC for k, v in ((r.get(b) or {}).get("ratios") or {}).items()]
     if rows:
         lines += ["", "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
         for b, k, row in rows:

@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark, print one table of ratios, write bench/results.json,
 and regenerate the measured passages of README.md and docs/ from it (bench/passages.py).
 
-`python bench/run_all.py NAME...` refreshes only those benchmarks' rows. `quickstart` runs the
+`python bench/run_all.py NAME...` refreshes only those benchmarks' rows; `--merge NAME...` takes
+rows already written to bench/results/ (a bench run by hand, with its own flags) without rerunning. `quickstart` runs the
 whole demo (minutes); the others take a minute or two each on 2 CPU cores. The realistic rows
 (REALISTIC: compress-85m, eval-85m, train-85m, train-0.5b, bounded) take 10-20 minutes each, and
 the first one builds the 85M model (about an hour, cached after; bench/_model.py).
@@ -30,9 +31,18 @@ BENCHES += list(REALISTIC)
 def main() -> int:
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    only = sys.argv[1:] or BENCHES
+    argv = sys.argv[1:]
+    merge = "--merge" in argv
+    argv = [a for a in argv if a != "--merge"]
+    only = argv or BENCHES
     results, failed = {}, []
     for name in only:
+        if merge:
+            res_file = out_dir / f"{name}.json"
+            if not res_file.is_file():
+                raise SystemExit(f"--merge {name}: {res_file} does not exist (run bench/{REALISTIC.get(name, [name + '.py'])[0]} first)")
+            results[name] = json.loads(res_file.read_text())
+            continue
         script, *args = REALISTIC.get(name, [f"{name}.py"])
         script = HERE / script
         if not script.is_file():
@@ -48,7 +58,7 @@ def main() -> int:
             continue
         results[name] = json.loads(res_file.read_text())
         results[name]["seconds"] = round(time.time() - t0, 1)
-    if sys.argv[1:] and (HERE / "results.json").is_file():  # a subset refreshes only its rows
+    if argv and (HERE / "results.json").is_file():  # a subset refreshes only its rows
         results = {**json.loads((HERE / "results.json").read_text()), **results}  # read now: rows written meanwhile stay
     (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print()
