@@ -204,3 +204,19 @@ def test_the_relaunched_group_does_not_get_force(tmp_path, monkeypatch):
     rd = RunDir(tmp_path / "run")
     launch.launch_torchrun(2, rd, "llmctl train x.yaml --nproc 2", max_restarts=1)
     assert calls == [["train", "x.yaml", "--force", "--set", "train.lr=1e-3"], ["train", "x.yaml", "--set", "train.lr=1e-3"]]
+
+
+def test_node_flags_get_no_restarts_and_a_warning_that_says_what_holds(tmp_path, monkeypatch, capfd):
+    """Each node's launcher cannot relaunch the other nodes' ranks: one try, and the way back is the same command."""
+    from llmctl.train import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "_torchrun", lambda nproc, nodes, argv: calls.append(argv) or [Failure(-9, 0, 10)])
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setattr("sys.argv", ["llmctl", "train", "x.yaml", "--nnodes", "2", "--node-rank", "0", "--master-addr", "h"])
+    nodes = launch.Nodes(nnodes=2, node_rank=0, master_addr="h").check()
+    with pytest.raises(LlmctlError, match=r"rank 0 \(pid 10\) was killed by SIGKILL") as e:
+        launch.launch_torchrun(1, RunDir(tmp_path / "run"), "llmctl train x.yaml --nnodes 2", nodes, max_restarts=3)
+    assert e.value.exit_code == 1 and len(calls) == 1
+    err = " ".join(capfd.readouterr().err.split())
+    assert "train.max_restarts is not applied with node flags" in err and "running the same command again on every node" in err
