@@ -297,3 +297,26 @@ def test_nproc_2_distills_under_torchrun(tmp_path):
     assert res["world_size"] == 2 and res["steps"] == 2
     assert rd.manifest("train")["status"] == "complete" and (rd.model_dir / "model.safetensors").is_file()
     assert rd.manifest("train").get("teacher"), "the teacher's lineage is recorded under torchrun too"
+
+
+def test_report_to_tensorboard_holds_the_trainer_state_and_the_distill_losses(tmp_path):
+    """`train.report_to: [tensorboard]` under distill: the events, read back with tensorboard's own
+    EventAccumulator, equal the run's trainer_state.json (loss, and distill's kl_loss/ce_loss)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path, cfg, rd = _teacher_and_student(tmp_path, train={"max_steps": 4, "save_every": 4, "eval_every": 100, "log_every": 1,
+                                                          "report_to": ["tensorboard"]})
+    r = invoke_cli("distill", str(path))
+    assert r.returncode == 0, r.stderr
+    state = json.loads((rd.checkpoint_dir(4) / "trainer_state.json").read_text())
+    acc = EventAccumulator(str(rd.stage_dir("train") / "tensorboard"))
+    acc.Reload()
+    for key in ("loss", "kl_loss", "ce_loss"):
+        want = [(h["step"], h[key]) for h in state["log_history"] if key in h]
+        got = [(e.step, e.value) for e in acc.Scalars(f"train/{key}")]
+        assert [s for s, _ in want] == [1, 2, 3, 4] and [s for s, _ in got] == [s for s, _ in want], key
+        assert all(abs(x - y) <= 1e-6 * max(1.0, abs(x)) for (_, x), (_, y) in zip(got, want)), (key, got, want)  # float32 in the events
+    tags = acc.Tags()["tensors"]
+    assert "config/text_summary" in tags and "lineage/text_summary" in tags
+    assert acc.Scalars("final/val_loss")[0].value == pytest.approx(rd.manifest("train")["headline"]["val_loss"], rel=1e-6)

@@ -315,7 +315,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard events to train/tensorboard (needs the 'tensorboard' extra).")
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list, description="Trackers that also get the metrics, the config, the lineage and the final numbers: tensorboard (train/tensorboard), mlflow (MLFLOW_TRACKING_URI, default a sqlite store train/mlflow.db; the 'trackers' extra), wandb (offline into train/wandb without WANDB_API_KEY).")
-    max_restarts: int = Field(0, ge=0, description="Restart a crashed run from its last checkpoint up to N times (a config or data error, SIGINT and SIGTERM are not retried). One process: a supervisor; under --nproc/--nnodes: torchrun's --max-restarts.")
+    max_restarts: int = Field(0, ge=0, description="Restart a crashed run from its last checkpoint up to N times (a config or data error, SIGINT and SIGTERM are not retried). One process: a supervisor runs it again; --nproc on one node: the whole torchrun group runs again on a fresh rendezvous. Not applied with --nnodes/node flags: rerun the same command on every node, which resumes exactly.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Multi-process strategy under torchrun.")
     nproc: int = Field(1, ge=1, description="Processes to launch with torchrun (`--nproc` overrides).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")

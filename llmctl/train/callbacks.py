@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import publish
-from llmctl.train.distributed import agree_any, barrier
+from llmctl.train.distributed import agree_any, barrier, rank
 from llmctl.train.schedule import TimeBudget, TimePlan
 
 
@@ -193,10 +193,18 @@ class CheckpointCallback(TrainerCallback):
                 meta["planned_steps"] = self.plan.planned_steps()
             publish(src, self.rd, step, meta, self.keep_last, self.keep_best)
             self.out.record_progress(step, state.max_steps, checkpoint=step)
-            if os.environ.get("LLMCTL_FAULT_KILL_AFTER_SAVE") == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume tests
         barrier()
+        _fault_kill_after_save(state.global_step)
         return control
+
+
+def _fault_kill_after_save(step: int) -> None:
+    """Fault injection for the resume and restart tests: SIGKILL this process, as the OOM killer
+    would, once checkpoint `step` is in place. LLMCTL_FAULT_KILL_AFTER_SAVE: the steps ("4" or
+    "2,4"); LLMCTL_FAULT_KILL_RANK: which rank dies (default 0)."""
+    steps = os.environ.get("LLMCTL_FAULT_KILL_AFTER_SAVE", "").split(",")
+    if str(step) in steps and os.environ.get("LLMCTL_FAULT_KILL_RANK", "0") == str(rank()):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TimingCallback(TrainerCallback):

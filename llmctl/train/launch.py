@@ -1,10 +1,12 @@
 """`llmctl train CONFIG --nproc N [--nnodes M ...]`: the same command as ranks under torchrun.
 
-One node: `--standalone` (c10d on localhost), or, with `train.max_restarts`, the static form on
-127.0.0.1 (torchrun's restarts work reliably with static rendezvous; with c10d a crash after
-`init_process_group` left the new round unable to connect). Several nodes: torchrun's static form
-(`--node-rank`, `--master-addr`, `--master-port`) or its c10d rendezvous (`--rdzv-endpoint`,
-`--rdzv-id`), passed through as given. No home-made distributed machinery.
+One node: `--standalone` (c10d on a free localhost port, a fresh rendezvous id). With
+`train.max_restarts`, a crashed group is relaunched whole, each time a new torchrun with a new
+`--standalone` rendezvous (llmctl.train.restart); torchrun's own `--max-restarts` is not used: on
+gloo its restarted round reconnected to the dead round's addresses and failed or hung. Several
+nodes: torchrun's static form (`--node-rank`, `--master-addr`, `--master-port`) or its c10d
+rendezvous (`--rdzv-endpoint`, `--rdzv-id`), passed through as given, and no restarts (each node's
+launcher cannot relaunch the others' ranks). No home-made distributed machinery.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import logging
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from llmctl import console as _console
 from llmctl.errors import ConfigError, LlmctlError
-from llmctl.rundir import RunDir, atomic_write_json, now_iso
+from llmctl.rundir import RunDir
 from llmctl.train.checkpoints import interrupted
+from llmctl.train.restart import Failure, exit_code, restarts
 
 # The launcher's own flags: each rank is one process of the group, so its command line has none.
 LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-endpoint", "--rdzv-id")
@@ -60,20 +64,18 @@ class Nodes:
         return [x for k, v in pairs if v is not None for x in (k, str(v))]
 
 
-def torchrun_args(nproc: int, nodes: Nodes, max_restarts: int) -> list[str]:
-    """torchrun's rendezvous, process and restart flags for this launcher."""
+def torchrun_args(nproc: int, nodes: Nodes) -> list[str]:
+    """torchrun's rendezvous and process flags for this launcher."""
     if nodes.rdzv_endpoint:
         where = [f"--nnodes={nodes.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={nodes.rdzv_endpoint}",
                  f"--rdzv-id={nodes.rdzv_id or 'llmctl'}"]
     elif nodes.given:
         where = [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank or 0}", f"--master-addr={nodes.master_addr or '127.0.0.1'}",
                  f"--master-port={nodes.master_port or 29500}"]
-    elif max_restarts:
-        where = ["--nnodes=1", "--node-rank=0", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     else:
         where = ["--standalone"]
     # A rank saving a checkpoint after the signal gets this long before it is killed.
-    return [*where, f"--nproc-per-node={nproc}", "--shutdown-timeout=600", *([f"--max-restarts={max_restarts}"] if max_restarts else [])]
+    return [*where, f"--nproc-per-node={nproc}", "--shutdown-timeout=600"]
 
 
 def free_port() -> int:
@@ -89,76 +91,65 @@ def launch_torchrun(nproc: int, rd: RunDir, resume_cmd: str, nodes: Nodes = Node
     ranks' exit codes, and Ctrl-C/SIGTERM (forwarded to every rank, which saves a
     checkpoint) as exit 130/143 with one line, not torchrun's traceback. Ranks print no
     result (LLMCTL_TORCHRUN=1): the caller reports rank 0's from the train manifest.
+    With `max_restarts` on one node, a crashed group runs again, whole, on a fresh rendezvous.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    con = _console.current()
+    argv = rank_argv(sys.argv[1:])
+    if max_restarts and nodes.given:
+        con.warn("train.max_restarts is not applied with node flags (--nnodes, --master-addr, --rdzv-endpoint): each node's launcher cannot relaunch "
+                 "the other nodes' ranks. After a crash every node exits non-zero; running the same command again on every node "
+                 "resumes exactly from the last checkpoint")
+
+    def attempt(first: bool) -> list[Failure]:
+        # A restart continues from the checkpoints: --force would delete them.
+        return _torchrun(nproc, nodes, argv if first else [a for a in argv if a != "--force"])
+
+    _quiet_torch_distributed()
+    try:
+        with _as_launcher():
+            if max_restarts and not nodes.given:
+                restarts(rd, max_restarts, resume_cmd, attempt)
+                return
+            failures = attempt(True)
+    except SignalException as e:
+        raise interrupted(e.sigval, rd, resume_cmd) from None
+    if failures:
+        err = LlmctlError(f"train: {'; '.join(map(str, failures))}; see the ranks' messages above")
+        err.exit_code = exit_code(failures)
+        raise err
+
+
+def _torchrun(nproc: int, nodes: Nodes, argv: list[str]) -> list[Failure]:
+    """One torchrun launch of the ranks in this process; the ranks that failed (none: success).
+    Its signal handlers stay in place, so a stop between two launches is a SignalException too."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run as torchrun
 
-    targs = [*torchrun_args(nproc, nodes, max_restarts), "-m", "llmctl", *rank_argv(sys.argv[1:])]
+    targs = [*torchrun_args(nproc, nodes), "-m", "llmctl", *argv]
     _console.current().info("launching: torchrun " + " ".join(targs))
-    _quiet_torch_distributed()
-    restarts = _RestartLog(max_restarts)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, without its banner
-    old_env = os.environ.get("LLMCTL_TORCHRUN")
-    os.environ["LLMCTL_TORCHRUN"] = "1"
     try:
         torchrun(parse_args(targs))
-    except SignalException as e:
-        raise interrupted(e.sigval, rd, resume_cmd) from None
     except ChildFailedError as e:
-        codes = {rank: f.exitcode for rank, f in sorted(e.failures.items())}
-        first = next(iter(codes.values()))
-        used = f" after {len(restarts.records)} restart(s)" if restarts.records else ""
-        err = LlmctlError(f"train: rank(s) {', '.join(f'{r} (exit {c})' for r, c in codes.items())} failed{used}; see the ranks' messages above")
-        err.exit_code = first if first in (2, 3, 130, 143) else 1
-        raise err from None
+        return [Failure(f.exitcode, r, f.pid) for r, f in sorted(e.failures.items())]
+    return []
+
+
+@contextmanager
+def _as_launcher():
+    """The environment the ranks inherit: no result printed by rank 0 (LLMCTL_TORCHRUN=1: the
+    launcher reports), and one OpenMP thread each as torchrun sets, without its banner."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    old = os.environ.get("LLMCTL_TORCHRUN")
+    os.environ["LLMCTL_TORCHRUN"] = "1"
+    try:
+        yield
     finally:
-        restarts.finish(rd, first_node=nodes.node_rank in (None, 0))
-        if old_env is None:
+        if old is None:
             os.environ.pop("LLMCTL_TORCHRUN", None)
         else:
-            os.environ["LLMCTL_TORCHRUN"] = old_env
-
-
-class _RestartLog(logging.Handler):
-    """torchrun's agent restarting the worker group: one warning each, with the failure that caused
-    it, and the list in the train manifest (`restarts`) once the launch ends."""
-
-    AGENT, PROCS = "torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"
-
-    def __init__(self, max_restarts: int):
-        super().__init__(logging.INFO)
-        self.max_restarts, self.records, self.cause = max_restarts, [], "a rank failed"
-        self.agent = logging.getLogger(self.AGENT)
-        self.saved = (self.agent.level, self.agent.propagate)
-        if max_restarts:
-            _console.current().warn("train.max_restarts under torchrun: its restart of a gloo group failed to reconnect (or hung) "
-                                    "in llmctl's tests on CPU; if a restart stalls, stop it and resume by hand")
-            self.agent.setLevel(logging.INFO)  # its restart notice is INFO; we print our own line instead
-            self.agent.propagate = False
-            self.agent.addHandler(self)
-            logging.getLogger(self.PROCS).addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if msg.startswith("failed (exitcode"):  # "failed (exitcode: -9) local_rank: 1 (pid: N) of binary: ..."
-            self.cause = msg.split(" of ", 1)[0]
-        elif "attempts left" in msg:
-            self.records.append({"at": now_iso(), "cause": self.cause})
-            _console.current().warn(f"train: restart {len(self.records)}/{self.max_restarts} by torchrun after a rank {self.cause}; "
-                                    "the ranks resume from the last checkpoint")
-
-    def finish(self, rd: RunDir, first_node: bool) -> None:
-        if self.max_restarts:
-            self.agent.removeHandler(self)
-            logging.getLogger(self.PROCS).removeHandler(self)
-            self.agent.setLevel(self.saved[0])
-            self.agent.propagate = self.saved[1]
-        m = rd.manifest("train") if rd is not None and first_node and self.records else None
-        if m is not None:
-            m["restarts"] = self.records
-            m.setdefault("headline", {})["restarts"] = len(self.records)
-            atomic_write_json(rd.manifest_path("train"), m)
+            os.environ["LLMCTL_TORCHRUN"] = old
 
 
 def rank_argv(argv: list[str]) -> list[str]:
