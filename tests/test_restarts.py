@@ -99,6 +99,7 @@ def test_nproc_relaunches_the_whole_group_after_a_rank_dies_to_the_same_final_lo
         assert abs(resumed[step] - full[step]) < 1e-6, (step, resumed[step], full[step])
 
 
+@pytest.mark.slow  # the policy (used up -> exit 1): test_what_is_not_retried_and_its_exit_code; a live relaunch: test_nproc_relaunches_the_whole_group...
 def test_nproc_crash_past_the_limit_fails_with_exit_1_and_the_manifest_counts_the_restarts(tmp_path):
     """Rank 0 dies after checkpoint 2 and again, in the relaunched group, after checkpoint 4."""
     path, rd = _setup(tmp_path, "c", train={**GROUP, "max_steps": 4, "save_every": 2, "max_restarts": 1})
