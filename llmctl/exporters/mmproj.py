@@ -282,7 +282,7 @@ def features_diff(path: Path, model, pixel_values) -> float:
     with torch.no_grad():
         for gname, module, key, arr in _named(m):
             t = have[gname]
-            module.get_parameter(key).copy_(torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(arr.shape)))
+            module.get_parameter(key).copy_(torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(arr.shape)))
         want = model.model.get_image_features(pixel_values=pixel_values)
         got = m.model.get_image_features(pixel_values=pixel_values)
     want = getattr(want, "pooler_output", want)

@@ -143,7 +143,8 @@ def _check_line(v: dict) -> str:
     if "error" in v:
         return v["error"]
     if "llama_cpp" in v:  # the two-file GGUF of an image-text model, run by llama-mtmd-cli
-        return f"llama.cpp {v['llama_cpp']!r} vs transformers {v['transformers']!r} ({'the same' if v['passed'] else 'different'})"
+        same = "the same" if v["same"] else ("different" if v["strict"] else "different: rounded weights, not a failure")
+        return f"llama.cpp {v['llama_cpp']!r} vs transformers {v['transformers']!r} ({same})"
     if "tensors" in v:  # an mmproj read back
         return f"{v['keys']} keys and {v['tensors']} tensors read back as written" + (f"; {'; '.join(v['problems'])}" if v["problems"] else "")
     if "probes" in v:
@@ -173,11 +174,12 @@ def _record_check(key: str, result: tuple, verification: dict, con) -> None:
     diff, tol, extra = result
     passed = diff <= tol and all(v["passed"] for v in extra.values())
     verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": passed, **extra}
-    con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+    what = "image feature" if key.endswith(":mmproj") else "logit"  # an mmproj holds the tower and projector
+    con.info(f"  {key}: max |{what} diff| {diff:.3g} (tolerance {tol:.3g})")
     for name, v in extra.items():
         con.info(f"  {key}: {name}: {_check_line(v)}")
     if not diff <= tol:
-        raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
+        raise LlmctlError(f"export {key} failed verification: {what}s differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
     for name, v in extra.items():
         if not v["passed"]:
             raise LlmctlError(f"export {key} failed verification: {name}: {_check_line(v)}; nothing was exported")
