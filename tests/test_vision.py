@@ -512,6 +512,63 @@ def test_llama_mtmd_cli_describes_a_picture_as_llmctl_generate_does(siglip_expor
         assert theirs == ours and ours, (theirs, ours)
 
 
+def _llama_server():
+    from llmctl.exporters.gguf import llama_cpp
+
+    return llama_cpp("llama-server")
+
+
+@pytest.mark.skipif(_llama_server() is None, reason="llama.cpp's llama-server not installed (LLAMA_CPP_BIN, PATH or /opt/llamacpp/build/bin)")
+def test_llama_server_with_the_mmproj_gives_transformers_next_token_logprobs(siglip_exported):
+    """The real runtime, sensitive to the picture even where a tiny model's greedy caption is not:
+    llama-server with the mmproj gives the next-token logprobs transformers gives, on pictures
+    (a shapes scene, plain black, plain white) whose logprobs differ far more than the runtimes do."""
+    import base64
+    import http.client
+    import io
+
+    import torch
+    from PIL import Image
+
+    from llmctl.exporters.image_text import load_trained, logits, probe_inputs
+    from llmctl.inference.llamacpp import LlamaServer
+    from llmctl.vision.shapes import draw_scene
+
+    _, run = siglip_exported
+    g = run / "export" / "gguf"
+    model, proc = load_trained(run / "train" / "model")
+
+    class WithMmproj(LlamaServer):
+        def command(self):
+            return super().command() + ["--mmproj", str(g / "mmproj-f32.gguf")]
+
+    def post(path, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+        c.request("POST" if body else "GET", path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+        return json.loads(c.getresponse().read())
+
+    srv = WithMmproj(g / "model-f32.gguf", slots=1, context=128, threads=2)
+    srv.start()
+    try:
+        marker = post("/props")["media_marker"]  # the server's own placeholder for a picture
+        ours, gaps = [], []
+        pictures = [draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(0)),
+                    Image.new("RGB", (16, 16), (0, 0, 0)), Image.new("RGB", (16, 16), (255, 255, 255))]
+        for img in pictures:
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+            res = post("/completion", {"prompt": {"prompt_string": marker + "Describe the image.\n", "multimodal_data": [base64.b64encode(png.getvalue()).decode()]},
+                                       "n_predict": 1, "n_probs": 8, "temperature": 0, "cache_prompt": False})
+            lp = torch.log_softmax(logits(model, probe_inputs(proc, img, "Describe the image."))[0, -1], -1)
+            top = res["completion_probabilities"][0]["top_logprobs"]
+            gaps += [abs(t["logprob"] - float(lp[t["id"]])) for t in top]
+            ours.append(lp)
+    finally:
+        srv.stop()
+    between = max(float((a - b).abs().max()) for a in ours for b in ours)
+    assert max(gaps) < 2e-3 and between > 100 * max(gaps), (max(gaps), between)
+
+
 def test_gguf_refusals_name_why_before_any_work(tmp_path):
     """What llama.cpp cannot run as trained is refused at config load (a CLIP tower) or on the loaded
     model (anything else the mmproj cannot say), never after writing files."""

@@ -292,26 +292,28 @@ def features_diff(path: Path, model, pixel_values) -> float:
 
 
 def llama_cpp_describe(model_gguf: Path, mmproj_gguf: Path, image: Path, prompt: str, max_new_tokens: int, threads: int = 2,
-                       tries: int = 3) -> str:
+                       tries: int = 5) -> str:
     """llama.cpp's greedy answer (`llama-mtmd-cli`, temperature 0) to `prompt` about `image`, the
     prompt formatted by the chat template the language GGUF carries.
 
     The CLI prints through llama.cpp's asynchronous logger, which may drop its last lines when the
-    process exits (ggml-org/llama.cpp#22142): the answer counts only when the timing lines logged
-    after it (-v) came out too, so it is whole; otherwise the run is repeated."""
+    process exits (ggml-org/llama.cpp#22142): the answer counts only when the blank lines the CLI
+    logs after it came out too (the log is in order, so then the answer is whole); otherwise the
+    run is repeated. An answer that itself ends in blank lines would read as cut: captions do not."""
     from llmctl.exporters.gguf import llama_cpp
 
     cli = llama_cpp("llama-mtmd-cli")
     if cli is None:
         raise FileNotFoundError("llama-mtmd-cli not found in $LLAMA_CPP_BIN, on PATH or in /opt/llamacpp/build/bin")
     cmd = [str(cli), "-m", str(model_gguf), "--mmproj", str(mmproj_gguf), "--image", str(image), "-p", prompt,
-           "-n", str(max_new_tokens), "--temp", "0", "--seed", "0", "-t", str(threads), "-c", "512", "--jinja", "--no-warmup", "-v"]
+           "-n", str(max_new_tokens), "--temp", "0", "--seed", "0", "-t", str(threads), "-c", "512", "--jinja", "--no-warmup"]
     for _ in range(tries):
         r = subprocess.run(cmd, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
         err = r.stderr.decode(errors="replace")
         if r.returncode != 0:
             last = [ln for ln in err.strip().splitlines() if " E " in ln or "error" in ln.lower()] or err.strip().splitlines() or ["?"]
             raise RuntimeError(f"llama-mtmd-cli failed on {model_gguf.name} + {mmproj_gguf.name}: {last[-1].strip()}")
-        if "llama_perf_context_print:" in err and "total time" in err:  # logged after the answer: the answer is whole
-            return r.stdout.decode(errors="replace").strip()
+        out = r.stdout.decode(errors="replace")
+        if out.endswith("\n\n"):  # the CLI's last line, logged after the answer: the answer is whole
+            return out.strip()
     raise RuntimeError(f"llama-mtmd-cli lost the end of its output {tries} times (llama.cpp's logger, ggml-org/llama.cpp#22142)")
