@@ -117,11 +117,11 @@ def write_gguf(model, proc, out: Path, cfg, probe, con) -> tuple[dict, dict]:
         real = _llama_cpp_check(model, proc, out, mp, image, question, cfg, con)
         if real is not None:
             extra["llama_cpp_describe"] = real
-        scale = max(1.0, float(pixel_values.abs().max()))
-        checks["mmproj"] = (mmproj.features_diff(mp, model, pixel_values), gguf_x.TOLERANCE[mq] * scale, extra)
+        diff, scale = mmproj.features_diff(mp, model, pixel_values)
+        checks["mmproj"] = (diff, gguf_x.TOLERANCE[mq] * scale, extra)
     info = {"types": list(cfg.export.gguf_types), "mmproj": mp.name, "mmproj_type": mq, "tokenizer_pre": pre,
             "tokenizer_hash": gguf_tokenizer.llama_cpp_hash(tok), "chat_template": tok.chat_template,
-            "llama_cpp": f"llama-mtmd-cli -m {next(iter(sorted(out.glob('model-*.gguf')))).name} --mmproj {mp.name} --image PIC -p TEXT --temp 0 --jinja"}
+            "llama_cpp": f"llama-mtmd-cli -m {sorted(out.glob('model-*.gguf'))[0].name} --mmproj {mp.name} --image PIC -p TEXT --temp 0 --jinja"}
     return info, checks
 
 

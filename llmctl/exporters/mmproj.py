@@ -16,12 +16,14 @@ Keys and tensor names are clip.cpp's (tools/mtmd/clip-impl.h): `clip.vision.*` h
 explicitly: without it clip.cpp stops one layer early, LLaVA-1.5's -2), `v.blk.N.*`, `mm.0/mm.2`.
 
 The public surface:
-- `check_supported(model, proc)`: ConfigError (exit 2) naming why llama.cpp would not run it as trained.
+- `check_supported(model, proc)`: ConfigError (exit 2) naming why llama.cpp would not run it as
+  trained; `check_model(model)`: the part the model alone decides (train checks it first).
 - `language_model(model)`: the llama inside, as a LlamaForCausalLM sharing nothing with `model`.
 - `chat_template(proc)`: the template the language GGUF carries (llmctl's prompt rule).
 - `write(model, proc, out, qtype, name) -> Path`: `out/mmproj-{qtype}.gguf` (qtype f32 or f16).
-- `tensors(model)`: (gguf name, float32 array) of every tensor the mmproj holds.
+- `tensors(model)`, `expected_keys(model, proc)`: what the mmproj holds.
 - `check_file(path, model, proc, qtype) -> dict`: the file read back against the model.
+- `features_diff(path, model, pixel_values) -> (diff, scale)`: image features from the file's tensors vs the model's.
 - `llama_cpp_describe(model_gguf, mmproj_gguf, image, prompt, n)`: llama-mtmd-cli's greedy answer.
 """
 
@@ -233,7 +235,8 @@ def expected_keys(model, proc) -> dict:
     """The clip.cpp keys `write` puts in the file, with their values."""
     c, v = model.config, model.config.vision_config
     mean, std = _mean_std(proc)
-    return {"general.architecture": "clip", "general.type": "mmproj", "clip.has_vision_encoder": True, "clip.projector_type": PROJECTOR,
+    act = {f"clip.{ACTS[v.hidden_act]}": True} if ACTS[v.hidden_act] else {}
+    return {**act, "general.architecture": "clip", "general.type": "mmproj", "clip.has_vision_encoder": True, "clip.projector_type": PROJECTOR,
             "clip.vision.projection_dim": c.text_config.hidden_size, "clip.vision.image_size": v.image_size,
             "clip.vision.patch_size": v.patch_size, "clip.vision.embedding_length": v.hidden_size,
             "clip.vision.feed_forward_length": v.intermediate_size, "clip.vision.block_count": v.num_hidden_layers,
@@ -268,9 +271,10 @@ def check_file(path: Path, model, proc, qtype: str) -> dict:
     return {"keys": len(expected_keys(model, proc)), "tensors": len(want), "problems": bad[:5], "passed": not bad}
 
 
-def features_diff(path: Path, model, pixel_values) -> float:
-    """Max |difference| between the image features (tower + projector) computed with the weights read
-    back from the mmproj file and with the model's own: each tensor lands where it came from."""
+def features_diff(path: Path, model, pixel_values) -> tuple[float, float]:
+    """(max |difference|, max(1, largest |feature|)) between the image features (tower + projector)
+    computed with the weights read back from the mmproj file and with the model's own: each tensor
+    lands where it came from."""
     import copy
 
     import gguf
@@ -288,7 +292,7 @@ def features_diff(path: Path, model, pixel_values) -> float:
     want = getattr(want, "pooler_output", want)
     got = getattr(got, "pooler_output", got)
     want, got = (torch.cat(list(x)) if isinstance(x, (list, tuple)) else x for x in (want, got))
-    return float((got - want).abs().max())
+    return float((got - want).abs().max()), max(1.0, float(want.abs().max()))
 
 
 def llama_cpp_describe(model_gguf: Path, mmproj_gguf: Path, image: Path, prompt: str, max_new_tokens: int, threads: int = 2,
