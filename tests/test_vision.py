@@ -434,6 +434,7 @@ def test_export_gguf_writes_the_language_model_and_an_mmproj_that_reads_back(sig
     assert (kv["clip.vision.image_size"], kv["clip.vision.patch_size"], kv["clip.vision.embedding_length"]) == (16, 8, 32)
     assert (kv["clip.vision.block_count"], kv["clip.vision.attention.head_count"], kv["clip.vision.feed_forward_length"]) == (1, 2, 128)
     assert kv["clip.vision.projection_dim"] == t.hidden_size and kv["clip.use_gelu"] is True
+    assert kv["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(v.layer_norm_eps) and v.model_type == "siglip_vision_model"
     assert kv["clip.vision.feature_layer"] == [1]  # vision_feature_layer -1 of one block: after block 1, not clip.cpp's default
     assert np.allclose(kv["clip.vision.image_mean"], [0.5] * 3) and np.allclose(kv["clip.vision.image_std"], [0.5] * 3)
     shapes = {x.name: [int(d) for d in x.shape] for x in r.tensors}  # ggml order: the HF shape reversed
