@@ -597,6 +597,11 @@ def test_gguf_refusals_name_why_before_any_work(tmp_path):
         with pytest.raises(ConfigError, match=says):
             mmproj.check_supported(model, Proc())
     assert mmproj.feature_layer(model) == 2  # -1 of two blocks: clip.cpp's index 2
+    from llmctl.export_support import check_image_text_formats
+
+    with pytest.raises(ConfigError, match="not 'qwen2_vl'"):  # a pretrained model's type, read from its config.json at load
+        check_image_text_formats(["hf", "gguf"], model_type="qwen2_vl")
+    check_image_text_formats(["hf", "gguf"], model_type="llava")  # the loaded model is checked in full by export
 
 
 def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):
