@@ -62,11 +62,14 @@ def check(cfg, fetch: bool = False) -> None:
     """Everything a config asks for can be done (see the module docstring)."""
     mtype, where = model_type(cfg, fetch=fetch)
     try:
-        if cfg.data.format == "image_text":
+        if cfg.data.format == "image_text":  # the language model's type is not the model's: its own rules
             from llmctl.export_support import check_image_text_formats
 
-            check_image_text_formats(cfg.export.formats)
-        check_export_formats(cfg.export.formats, mtype, where)
+            pretrained = cfg.model.name_or_path is not None
+            check_image_text_formats(cfg.export.formats, tower=None if pretrained else cfg.model.vision.tower,
+                                     model_type=mtype if pretrained else None)
+        else:
+            check_export_formats(cfg.export.formats, mtype, where)
     except ConfigError as e:
         raise ConfigError(f"{cfg.source}: {e}") from None
 

@@ -18,19 +18,34 @@ def architectures(fmt: str) -> tuple[str, ...] | None:
 
 # Why an image-text model (data.format=image_text) cannot take a format: refused before any work.
 IMAGE_TEXT_REFUSED: dict[str, str] = {
-    "gguf": "llama.cpp runs image-text models as two files (the language model plus an mmproj file holding the vision "
-            "tower and projector, written by llama.cpp's own convert_hf_to_gguf.py --mmproj); llmctl's GGUF writer writes "
-            "the llama graph alone, and a GGUF without its mmproj cannot see images",
     "onnx": "llmctl's ONNX export traces a text-only causal LM (input_ids -> logits); it has no pixel_values input",
     "hf-int8": "the int8 HF export quantizes a causal LM's Linear layers and is verified by text-only logits",
 }
 
+# gguf for an image-text model: llama.cpp's two files, the language model and an mmproj holding the
+# vision tower and projector (llmctl/exporters/mmproj.py, which checks the loaded model in full).
+IMAGE_TEXT_GGUF_TYPES = ("llava",)  # config.json model_type
+IMAGE_TEXT_GGUF_TOWERS = ("siglip",)  # model.vision.tower, from scratch
+CLIP_TOWER_REFUSED = ("llama.cpp's LLaVA graph puts CLIP's class token after the patches while still reading rows 1..N as the "
+                      "image, so every patch would get its neighbour's position and the class token would be read as a patch "
+                      "(ggml-org/llama.cpp#25814)")
 
-def check_image_text_formats(formats) -> None:
-    """ConfigError naming why, for a format an image-text model cannot be exported to."""
+
+def check_image_text_formats(formats, tower: str | None = None, model_type: str | None = None) -> None:
+    """ConfigError naming why, for a format an image-text model cannot be exported to. `tower`:
+    model.vision.tower of a model built from scratch; `model_type`: a pretrained model's (None: unknown)."""
     from llmctl.errors import ConfigError
 
+    fix = "Drop it from export.formats (the hf export loads with AutoModelForImageTextToText and AutoProcessor)"
     for fmt in formats:
         if fmt in IMAGE_TEXT_REFUSED:
-            raise ConfigError(f"export.formats has {fmt}, which llmctl cannot write for an image-text model: {IMAGE_TEXT_REFUSED[fmt]}. "
-                              "Drop it from export.formats (the hf export loads with AutoModelForImageTextToText and AutoProcessor)")
+            raise ConfigError(f"export.formats has {fmt}, which llmctl cannot write for an image-text model: {IMAGE_TEXT_REFUSED[fmt]}. {fix}")
+    if "gguf" not in formats:
+        return
+    if tower is not None and tower not in IMAGE_TEXT_GGUF_TOWERS:
+        why = CLIP_TOWER_REFUSED if tower == "clip" else f"llmctl writes llama.cpp's mmproj for {', '.join(IMAGE_TEXT_GGUF_TOWERS)} towers"
+        raise ConfigError(f"export.formats has gguf, which llama.cpp cannot run as trained for model.vision.tower: {tower}: {why}. "
+                          f"Set model.vision.tower: siglip (before training), or drop gguf from export.formats")
+    if model_type is not None and model_type not in IMAGE_TEXT_GGUF_TYPES:
+        raise ConfigError(f"export.formats has gguf, which llmctl writes for image-text models of type {', '.join(IMAGE_TEXT_GGUF_TYPES)} "
+                          f"(llama.cpp's model + mmproj pair), not '{model_type}'. {fix}")

@@ -377,9 +377,11 @@ def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path
 
 # --------------------------------------------------------------------------- export, explain
 def test_export_hf_loads_with_the_auto_classes_and_gguf_is_refused_before_any_work(trained, tmp_path):
+    """A CLIP tower (the default): llama.cpp's LLaVA graph misplaces its class token, so gguf is refused."""
     path, run = trained
     r = invoke_cli("export", str(path), "--format", "gguf")
-    assert r.returncode == 2 and "mmproj" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "llama.cpp#25814" in r.stderr and "model.vision.tower: siglip" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
     assert not (run / "export").exists() or not any((run / "export").iterdir())
     r = invoke_cli("export", str(path), "--json")
     assert r.returncode == 0, r.stderr
@@ -394,7 +396,212 @@ def test_export_hf_loads_with_the_auto_classes_and_gguf_is_refused_before_any_wo
     # A config that asks for gguf is refused when loaded, before prepare or train ever run.
     cfg = vision_config(tmp_path / "run2", export={"formats": ["hf", "gguf"]})
     r = invoke_cli("prepare", str(write_config(tmp_path / "g.yaml", cfg)))
-    assert r.returncode == 2 and "mmproj" in r.stderr and not (tmp_path / "run2").exists()
+    assert r.returncode == 2 and "llama.cpp#25814" in r.stderr and not (tmp_path / "run2").exists(), r.stderr
+
+
+# --------------------------------------------------------------------------- export gguf: llama.cpp's model + mmproj
+@pytest.fixture(scope="module")
+def siglip_exported(tmp_path_factory):
+    """(config path, run dir): a tiny SigLIP-tower LLaVA trained 30 steps (enough to say words, so that two
+    runtimes' greedy captions can be compared) and exported as hf + gguf (f32)."""
+    tmp = tmp_path_factory.mktemp("siglip")
+    cfg = vision_config(tmp / "run", model={"vision": {"tower": "siglip", "image_size": 16, "patch_size": 8, "hidden_size": 32,
+                                                       "n_layers": 1, "n_heads": 2}},
+                        train={"max_steps": 30, "lr": 0.01, "eval_every": 30, "save_every": 30, "log_every": 10},
+                        export={"formats": ["hf", "gguf"], "gguf_types": ["f32"], "report": False})
+    path = write_config(tmp / "cfg.yaml", cfg)
+    for stage in ("prepare", "train", "export"):
+        r = invoke_cli(stage, str(path))
+        assert r.returncode == 0, r.stderr
+    return path, tmp / "run"
+
+
+def test_export_gguf_writes_the_language_model_and_an_mmproj_that_reads_back(siglip_exported):
+    """Without llama.cpp: both files read back with gguf's reader, the mmproj's keys and tensor shapes
+    against the trained model, names against gguf-py's own table of clip.cpp's names."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForImageTextToText
+
+    from llmctl.vision.infer import PLAIN_CHAT_TEMPLATE
+
+    _, run = siglip_exported
+    model = AutoModelForImageTextToText.from_pretrained(run / "train" / "model")
+    v, t = model.config.vision_config, model.config.text_config
+    r = gguf.GGUFReader(str(run / "export" / "gguf" / "mmproj-f32.gguf"))
+    kv = {k: f.contents() for k, f in r.fields.items()}
+    assert kv["general.architecture"] == "clip" and kv["general.type"] == "mmproj" and kv["clip.projector_type"] == "mlp"
+    assert (kv["clip.vision.image_size"], kv["clip.vision.patch_size"], kv["clip.vision.embedding_length"]) == (16, 8, 32)
+    assert (kv["clip.vision.block_count"], kv["clip.vision.attention.head_count"], kv["clip.vision.feed_forward_length"]) == (1, 2, 128)
+    assert kv["clip.vision.projection_dim"] == t.hidden_size and kv["clip.use_gelu"] is True
+    assert kv["clip.vision.attention.layer_norm_epsilon"] == pytest.approx(v.layer_norm_eps) and v.model_type == "siglip_vision_model"
+    assert kv["clip.vision.feature_layer"] == [1]  # vision_feature_layer -1 of one block: after block 1, not clip.cpp's default
+    assert np.allclose(kv["clip.vision.image_mean"], [0.5] * 3) and np.allclose(kv["clip.vision.image_std"], [0.5] * 3)
+    shapes = {x.name: [int(d) for d in x.shape] for x in r.tensors}  # ggml order: the HF shape reversed
+    sd = model.state_dict()
+    tower = "model.vision_tower.vision_model." if any(k.startswith("model.vision_tower.vision_model.") for k in sd) else "model.vision_tower."
+    assert shapes["v.patch_embd.weight"] == [8, 8, 3, 32] and shapes["v.position_embd.weight"] == [32, 4]
+    assert shapes["mm.0.weight"] == [32, t.hidden_size] and shapes["mm.2.weight"] == [t.hidden_size, t.hidden_size]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, 1)
+    for key, value in sd.items():
+        if key.startswith(tower) and "post_layernorm" not in key:
+            hf_name = "vision_tower.vision_model." + key.removeprefix(tower)
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            assert gname in shapes and shapes[gname] == list(reversed(value.shape)), (key, gname)
+    assert not any("post_ln" in n or "class_embd" in n for n in shapes)  # LLaVA reads states before post_layernorm; SigLIP has no CLS
+    lm = gguf.GGUFReader(str(run / "export" / "gguf" / "model-f32.gguf"))
+    assert lm.fields["general.architecture"].contents() == "llama"
+    assert lm.fields["tokenizer.chat_template"].contents() == PLAIN_CHAT_TEMPLATE
+    assert lm.fields["llama.embedding_length"].contents() == t.hidden_size
+    m = json.loads((run / "export" / "manifest.json").read_text())
+    ver = m["verification"]
+    assert ver["gguf:f32"]["passed"] and ver["gguf:f32"]["intended_weights"]["passed"] and ver["gguf:f32"]["tokenizer"]["passed"]
+    assert ver["gguf:mmproj"]["passed"] and ver["gguf:mmproj"]["read_back"]["problems"] == []
+    assert ver["gguf:mmproj"]["max_abs_diff"] == 0.0  # f32: the features from the file are the model's
+    assert m["formats_info"]["gguf"]["mmproj"] == "mmproj-f32.gguf"
+
+
+def test_export_card_and_manifest_list_both_gguf_files(siglip_exported):
+    _, run = siglip_exported
+    card = (run / "export" / "hf" / "README.md").read_text()
+    assert "gguf/model-f32.gguf" in card and "gguf/mmproj-f32.gguf" in card and "llama-mtmd-cli" in card
+    files = json.loads((run / "export" / "manifest.json").read_text())["files"]
+    assert {"gguf/model-f32.gguf", "gguf/mmproj-f32.gguf"} <= set(files) and all(len(files[f]["sha256"]) == 64 for f in files)
+
+
+def test_the_gguf_chat_template_is_the_prompt_rule(siglip_exported):
+    """llama.cpp formats a turn with the template the language GGUF carries: it must build the text
+    llmctl's prompt rule builds (a processor without a template: `<image>question\\n`)."""
+    from transformers import AutoProcessor
+
+    from llmctl.vision.infer import PLAIN_CHAT_TEMPLATE, prompt_text
+
+    _, run = siglip_exported
+    proc = AutoProcessor.from_pretrained(run / "train" / "model")
+    assert not getattr(proc, "chat_template", None)
+    q = "What is left of the square?"
+    msgs = [{"role": "user", "content": proc.image_token + q}]
+    text = proc.tokenizer.apply_chat_template(msgs, chat_template=PLAIN_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+    assert text == prompt_text(proc, q)
+
+
+def _llama_mtmd_cli():
+    from llmctl.exporters.gguf import llama_cpp
+
+    return llama_cpp("llama-mtmd-cli")
+
+
+@pytest.mark.skipif(_llama_mtmd_cli() is None, reason="llama.cpp's llama-mtmd-cli not installed (LLAMA_CPP_BIN, PATH or /opt/llamacpp/build/bin)")
+def test_llama_mtmd_cli_describes_a_picture_as_llmctl_generate_does(siglip_exported, tmp_path):
+    """The real runtime: llama.cpp's multimodal CLI on the exported pair, greedy, gives the caption
+    `llmctl generate --image` gives, on builtin shape pictures it never trained on."""
+    from llmctl.exporters import mmproj
+    from llmctl.vision.shapes import draw_scene
+
+    path, run = siglip_exported
+    ver = json.loads((run / "export" / "manifest.json").read_text())["verification"]["gguf:mmproj"]
+    assert ver["llama_cpp_describe"]["passed"], ver  # export ran it too, on its probe image
+    g = run / "export" / "gguf"
+    scenes = [(2, ("red", "circle"), "left of", ("blue", "square")), (1, ("yellow", "triangle"), "below", ("green", "circle"))]
+    for i, scene in enumerate(scenes):
+        img = tmp_path / f"scene{i}.png"
+        draw_scene(*scene, 16, random.Random(i)).save(img)
+        r = invoke_cli("generate", str(path), "--image", str(img), "-p", "Describe the image.", "--json", "--set", "generate.max_new_tokens=8")
+        assert r.returncode == 0, r.stderr
+        ours = json.loads(r.stdout)["results"][0]["output"].strip()
+        theirs = mmproj.llama_cpp_describe(g / "model-f32.gguf", g / "mmproj-f32.gguf", img, "Describe the image.", 8).strip()
+        assert theirs == ours and ours, (theirs, ours)
+
+
+def _llama_server():
+    from llmctl.exporters.gguf import llama_cpp
+
+    return llama_cpp("llama-server")
+
+
+@pytest.mark.skipif(_llama_server() is None, reason="llama.cpp's llama-server not installed (LLAMA_CPP_BIN, PATH or /opt/llamacpp/build/bin)")
+def test_llama_server_with_the_mmproj_gives_transformers_next_token_logprobs(siglip_exported):
+    """The real runtime, sensitive to the picture even where a tiny model's greedy caption is not:
+    llama-server with the mmproj gives the next-token logprobs transformers gives, on pictures
+    (a shapes scene, plain black, plain white) whose logprobs differ far more than the runtimes do."""
+    import base64
+    import http.client
+    import io
+
+    import torch
+    from PIL import Image
+
+    from llmctl.exporters.image_text import load_trained, logits, probe_inputs
+    from llmctl.inference.llamacpp import LlamaServer
+    from llmctl.vision.shapes import draw_scene
+
+    _, run = siglip_exported
+    g = run / "export" / "gguf"
+    model, proc = load_trained(run / "train" / "model")
+
+    class WithMmproj(LlamaServer):
+        def command(self):
+            return super().command() + ["--mmproj", str(g / "mmproj-f32.gguf")]
+
+    def post(path, body=None):
+        c = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+        c.request("POST" if body else "GET", path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
+        return json.loads(c.getresponse().read())
+
+    srv = WithMmproj(g / "model-f32.gguf", slots=1, context=128, threads=2)
+    srv.start()
+    try:
+        marker = post("/props")["media_marker"]  # the server's own placeholder for a picture
+        ours, gaps = [], []
+        pictures = [draw_scene(2, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(0)),
+                    Image.new("RGB", (16, 16), (0, 0, 0)), Image.new("RGB", (16, 16), (255, 255, 255))]
+        for img in pictures:
+            png = io.BytesIO()
+            img.save(png, format="PNG")
+            res = post("/completion", {"prompt": {"prompt_string": marker + "Describe the image.\n", "multimodal_data": [base64.b64encode(png.getvalue()).decode()]},
+                                       "n_predict": 1, "n_probs": 8, "temperature": 0, "cache_prompt": False})
+            lp = torch.log_softmax(logits(model, probe_inputs(proc, img, "Describe the image."))[0, -1], -1)
+            top = res["completion_probabilities"][0]["top_logprobs"]
+            gaps += [abs(t["logprob"] - float(lp[t["id"]])) for t in top]
+            ours.append(lp)
+    finally:
+        srv.stop()
+    between = max(float((a - b).abs().max()) for a in ours for b in ours)
+    assert max(gaps) < 2e-3 and between > 100 * max(gaps), (max(gaps), between)
+
+
+def test_gguf_refusals_name_why_before_any_work(tmp_path):
+    """What llama.cpp cannot run as trained is refused at config load (a CLIP tower) or on the loaded
+    model (anything else the mmproj cannot say), never after writing files."""
+    import torch
+    from transformers import AutoModelForImageTextToText, LlamaConfig, LlavaConfig, SiglipVisionConfig
+
+    from llmctl.errors import ConfigError
+    from llmctl.exporters import mmproj
+
+    ok = vision_config(tmp_path / "run", model={"vision": {"tower": "siglip", "image_size": 16, "patch_size": 8}}, export={"formats": ["gguf"]})
+    assert invoke_cli("config", "validate", str(write_config(tmp_path / "ok.yaml", ok))).returncode == 0
+    vc = SiglipVisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    tc = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+
+    class Proc:  # what check_supported reads of a processor
+        image_processor = type("IP", (), {"size": {"height": 16, "width": 16}, "do_normalize": True, "rescale_factor": 1 / 255})()
+        tokenizer = None
+
+    cases = [({"vision_feature_select_strategy": "default"}, "vision_feature_select_strategy is 'default'"),
+             ({"vision_feature_layer": [-2, -1]}, "several layers"),
+             ({"projector_hidden_act": "relu"}, "projector_hidden_act is 'relu'")]
+    for over, says in cases:
+        kw = {"vision_feature_select_strategy": "full", "vision_feature_layer": -1, "projector_hidden_act": "gelu", **over}
+        model = AutoModelForImageTextToText.from_config(LlavaConfig(vision_config=vc, text_config=tc, image_token_id=5, **kw), dtype=torch.float32)
+        with pytest.raises(ConfigError, match=says):
+            mmproj.check_supported(model, Proc())
+    assert mmproj.feature_layer(model) == 2  # -1 of two blocks: clip.cpp's index 2
+    from llmctl.export_support import check_image_text_formats
+
+    with pytest.raises(ConfigError, match="not 'qwen2_vl'"):  # a pretrained model's type, read from its config.json at load
+        check_image_text_formats(["hf", "gguf"], model_type="qwen2_vl")
+    check_image_text_formats(["hf", "gguf"], model_type="llava")  # the loaded model is checked in full by export
 
 
 def test_explain_image_writes_a_patch_heatmap(trained, tmp_path):

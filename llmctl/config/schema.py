@@ -226,6 +226,10 @@ class LoraSection(Section):
 
 
 class VisionTowerConfig(Section):
+    tower: Literal["clip", "siglip"] = Field(
+        "clip", description="Vision tower (from scratch). clip: CLIP ViT with a class token (dropped before the projector); "
+        "siglip: SigLIP ViT, no class token, every patch to the projector. GGUF export (llama.cpp's model + mmproj) needs siglip: "
+        "llama.cpp's LLaVA graph misplaces CLIP's class token (ggml-org/llama.cpp#25814).")
     image_size: int = Field(32, ge=8, description="Image side in pixels the vision tower sees (from scratch; images are resized and centre-cropped).")
     patch_size: int = Field(8, ge=2, description="ViT patch side in pixels (from scratch); image_size must be a multiple of it.")
     hidden_size: int = Field(64, ge=8, description="Vision tower width (from scratch).")
@@ -256,7 +260,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="Allow custom model code from the hub.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
     lora: LoraSection = Field(default_factory=LoraSection, description="LoRA settings.")
-    vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig, description="data.format=image_text from scratch: a CLIP vision tower, a projector and the llama above (LLaVA layout).")
+    vision: VisionTowerConfig = Field(default_factory=VisionTowerConfig, description="data.format=image_text from scratch: a vision tower (CLIP or SigLIP), a projector and the llama above (LLaVA layout).")
     freeze: list[Literal["vision", "projector", "language"]] = Field(default_factory=list, description="data.format=image_text: parts of the model left untrained, e.g. [vision] trains the projector and the language model.")
 
     @model_validator(mode="after")

@@ -142,6 +142,11 @@ def _check_lora(cfg, rd: RunDir, model, ids, mask) -> float | None:
 def _check_line(v: dict) -> str:
     if "error" in v:
         return v["error"]
+    if "llama_cpp" in v:  # the two-file GGUF of an image-text model, run by llama-mtmd-cli
+        same = "the same" if v["same"] else ("different" if v["strict"] else "different: rounded weights, not a failure")
+        return f"llama.cpp {v['llama_cpp']!r} vs transformers {v['transformers']!r} ({same})"
+    if "tensors" in v:  # an mmproj read back
+        return f"{v['keys']} keys and {v['tensors']} tensors read back as written" + (f"; {'; '.join(v['problems'])}" if v["problems"] else "")
     if "probes" in v:
         line = f"{v['probes'] - v['mismatched']}/{v['probes']} probe texts tokenized as the trained tokenizer does"
         return line + (f" (first difference: {v['first_mismatch']!r})" if v["mismatched"] else "")
@@ -169,11 +174,12 @@ def _record_check(key: str, result: tuple, verification: dict, con) -> None:
     diff, tol, extra = result
     passed = diff <= tol and all(v["passed"] for v in extra.values())
     verification[key] = {"max_abs_diff": diff, "tolerance": tol, "passed": passed, **extra}
-    con.info(f"  {key}: max |logit diff| {diff:.3g} (tolerance {tol:.3g})")
+    what = "image feature" if key.endswith(":mmproj") else "logit"  # an mmproj holds the tower and projector
+    con.info(f"  {key}: max |{what} diff| {diff:.3g} (tolerance {tol:.3g})")
     for name, v in extra.items():
         con.info(f"  {key}: {name}: {_check_line(v)}")
     if not diff <= tol:
-        raise LlmctlError(f"export {key} failed verification: logits differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
+        raise LlmctlError(f"export {key} failed verification: {what}s differ by {diff:.4g} > tolerance {tol:.3g}; nothing was exported")
     for name, v in extra.items():
         if not v["passed"]:
             raise LlmctlError(f"export {key} failed verification: {name}: {_check_line(v)}; nothing was exported")
@@ -241,31 +247,49 @@ def _probe_image(rd: RunDir):
 
 
 def _image_text(cfg, rd: RunDir, fmts: list[str], con) -> dict:
-    """hf for an image-text model (llmctl/exporters/image_text.py); other formats refused before any work."""
+    """hf and gguf (llama.cpp's model + mmproj) for an image-text model (llmctl/exporters/image_text.py,
+    mmproj.py); what llama.cpp cannot run as trained, and the other formats, refused before any work."""
+    from llmctl.checks import model_type
     from llmctl.export_support import check_image_text_formats
     from llmctl.exporters import image_text as it
 
-    check_image_text_formats(fmts)
+    pretrained = cfg.model.name_or_path is not None
+    check_image_text_formats(fmts, tower=None if pretrained else cfg.model.vision.tower, model_type=model_type(cfg)[0] if pretrained else None)
     model, proc = it.load_trained(rd.model_dir)
+    if "gguf" in fmts:
+        from llmctl.exporters import mmproj
+
+        mmproj.check_supported(model, proc)  # the loaded model in full, still before any work
     image, question = _probe_image(rd)
-    ref = it.logits(model, it.probe_inputs(proc, image, question)) if cfg.export.verify else None
+    inputs = it.probe_inputs(proc, image, question) if cfg.export.verify else None
+    ref = it.logits(model, inputs) if inputs is not None else None
     evalr = json.loads(rd.results_path.read_text()) if _own_fresh_eval(cfg, rd) and rd.results_path.is_file() else {}
     build = rd.stage_dir("export") / f".build.tmp-{int(time.time())}"
     with rd.begin("export", cfg, inputs=["train"] + (["eval"] if evalr else [])) as st:
         build.mkdir(parents=True)
+        verification, timings = {}, {}
         try:
-            t0, verification = time.time(), {}
-            info = it.write(model, proc, build / "hf", cfg, it.card(cfg, (rd.manifest("train") or {}).get("headline", {}), evalr))
-            if ref is not None:
-                _record_check("hf", (*it.verify(build / "hf", ref, image, question, cfg), {}), verification, con)
-            replace_path(build / "hf", rd.export_dir("hf"))
+            for fmt in fmts:
+                t0 = time.time()
+                con.step(f"exporting {fmt}")
+                (build / fmt).mkdir()
+                if fmt == "hf":
+                    info = it.write(model, proc, build / "hf", cfg, it.card(cfg, (rd.manifest("train") or {}).get("headline", {}), evalr, fmts))
+                    checks = {"": (*it.verify(build / "hf", ref, image, question, cfg), {})} if ref is not None else {}
+                else:
+                    probe = (image, question, inputs["pixel_values"]) if inputs is not None else None
+                    info, checks = it.write_gguf(model, proc, build / "gguf", cfg, probe, con)
+                for sub, result in checks.items():
+                    _record_check(f"{fmt}:{sub}" if sub else fmt, result, verification, con)
+                timings[fmt] = {"seconds": round(time.time() - t0, 2), **info}
+            for fmt in fmts:
+                replace_path(build / fmt, rd.export_dir(fmt))
         finally:
             shutil.rmtree(build, ignore_errors=True)
         files = {str(f.relative_to(rd.stage_dir("export"))): {"size": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in sorted(rd.export_dir("hf").rglob("*")) if f.is_file()}
-        timings = {"hf": {"seconds": round(time.time() - t0, 2), **info}}
-        st.manifest.update({"formats": ["hf"], "files": files, "verification": verification, "verified": ref is not None, "formats_info": timings})
-        head = _headline(["hf"], files, timings, verification, ref is not None)
+                 for fmt in fmts for f in sorted(rd.export_dir(fmt).rglob("*")) if f.is_file()}
+        st.manifest.update({"formats": fmts, "files": files, "verification": verification, "verified": ref is not None, "formats_info": timings})
+        head = _headline(fmts, files, timings, verification, ref is not None)
         st.headline.update(head)
     return {**head, "dir": str(rd.stage_dir("export"))}
 

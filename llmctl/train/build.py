@@ -91,7 +91,12 @@ def build_model(cfg, tok, build=None):
 
     model = base_model(cfg, tok, build)
     # A hub model's architecture may only be known now: refuse an impossible export before training.
-    check_export_formats(cfg.export.formats, model.config.model_type, f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.arch")
+    if cfg.data.format != "image_text":
+        check_export_formats(cfg.export.formats, model.config.model_type, f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.arch")
+    elif "gguf" in cfg.export.formats:  # llama.cpp's model + mmproj: what the model alone decides
+        from llmctl.exporters import mmproj
+
+        mmproj.check_model(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     return model

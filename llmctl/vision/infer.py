@@ -12,6 +12,14 @@ import io
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
+# The prompt rule below for a processor without a chat template, as a chat template: what a
+# runtime that formats turns itself (llama.cpp's GGUF export) needs to build the same text. A user
+# turn is its content (the image placeholder, then the question) and a newline; an answer, then EOS.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
 
 def has_processor(path) -> bool:
     """Whether a model or tokenizer directory holds an image processor."""

@@ -1,4 +1,4 @@
-"""Image-text models: a LLaVA-style one from scratch (a CLIP vision tower, a two-layer
+"""Image-text models: a LLaVA-style one from scratch (a CLIP or SigLIP vision tower, a two-layer
 projector and the llama llmctl builds for text), or a pretrained AutoModelForImageTextToText;
 `model.freeze` leaves parts of either untrained.
 
@@ -12,33 +12,48 @@ from llmctl.errors import ConfigError, StageInputError
 IMAGE_TOKEN = "<image>"
 
 
+# model.vision.tower -> how LLaVA reads its features: CLIP's class token comes first and is
+# dropped ('default', one extra position); SigLIP has none and every patch is kept ('full').
+STRATEGY = {"clip": ("default", 1), "siglip": ("full", 0)}
+
+
 def new_processor(cfg, tok):
-    """A LlavaProcessor for a tokenizer prepare trained: CLIP preprocessing at model.vision.image_size,
-    `<image>` expanded to one token per patch (the CLS token is dropped: 'default' strategy)."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    """A LlavaProcessor for a tokenizer prepare trained: the tower's preprocessing at model.vision.image_size
+    (CLIP: resize the short side and centre-crop; SigLIP: resize to the square), `<image>` expanded
+    to one token per patch."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor, SiglipImageProcessorPil
 
     v = cfg.model.vision
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    ip = CLIPImageProcessorPil(size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size})
-    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=v.patch_size, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, image_token=IMAGE_TOKEN)
+    square = {"height": v.image_size, "width": v.image_size}
+    if v.tower == "siglip":
+        ip = SiglipImageProcessorPil(size=square)
+    else:
+        ip = CLIPImageProcessorPil(size={"shortest_edge": v.image_size}, crop_size=square)
+    strategy, extra = STRATEGY[v.tower]
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=v.patch_size, vision_feature_select_strategy=strategy,
+                          num_additional_image_tokens=extra, image_token=IMAGE_TOKEN)
 
 
 def from_scratch(cfg, tok):
-    """A randomly initialised LLaVA: CLIP vision tower (model.vision) + projector + llama (model.*)."""
+    """A randomly initialised LLaVA: CLIP or SigLIP vision tower (model.vision) + projector + llama (model.*)."""
     import torch
-    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlavaConfig, SiglipVisionConfig
 
     from llmctl.modeling import build_from_scratch
 
     v, m = cfg.model.vision, cfg.model
     text = build_from_scratch(cfg, tok).config  # the llama llmctl builds for text, same sizes and rules
-    vc = CLIPVisionConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size,
-                          intermediate_size=4 * v.hidden_size, num_hidden_layers=v.n_layers, num_attention_heads=v.n_heads,
-                          projection_dim=m.hidden_size)
+    sizes = dict(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_size, intermediate_size=4 * v.hidden_size,
+                 num_hidden_layers=v.n_layers, num_attention_heads=v.n_heads)
+    if v.tower == "siglip":  # no pooling head: LLaVA reads the patch states, a head would be weights no loss reaches
+        vc = SiglipVisionConfig(**sizes, vision_use_head=False)
+    else:
+        vc = CLIPVisionConfig(**sizes, projection_dim=m.hidden_size)
     mc = LlavaConfig(vision_config=vc, text_config=text, image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                     vision_feature_select_strategy="default", vision_feature_layer=-1, projector_hidden_act="gelu",
+                     vision_feature_select_strategy=STRATEGY[v.tower][0], vision_feature_layer=-1,
+                     projector_hidden_act="gelu_pytorch_tanh" if v.tower == "siglip" else "gelu",  # siglip: the GELU llama.cpp computes
                      tie_word_embeddings=m.tie_embeddings)
     torch.manual_seed(cfg.train.seed if cfg.train.seed is not None else cfg.run.seed)  # same seed, same initial weights
     return AutoModelForImageTextToText.from_config(mc, dtype=torch.float32)
