@@ -678,3 +678,66 @@ def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_
     res = json.loads(r.stdout)["results"][0]
     assert isinstance(res["output"], str) and res["prompt_tokens"] == len(rows[0]["input_ids"]) - len([x for x in rows[0]["labels"] if x != -100])
     assert res["completion_tokens"] > 0 or res["finish_reason"] == "eos"
+
+
+def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tmp_path):
+    """LoRA on q_proj/v_proj with model.freeze [vision]: SigLIP (Idefics3) has q_proj/v_proj too, and an
+    adapter there would train and be merged into the tower; it gets none. The merged model loads and generates."""
+    pytest.importorskip("peft")
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    path = write_config(tmp_path / "cfg.yaml", hub_config(tmp_path / "run", hub_vlm, model={"freeze": ["vision"], "lora": lora}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"] / 10
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "train" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k and ("language_model" in k or "text_model" in k) for k in keys), keys
+    after = _state(tmp_path / "run" / "train" / "model")
+    assert not any("lora" in k for k in after)
+    assert _changed_parts(_state(hub_vlm), after) == {"language"}  # the adapters sat in the language model's attention only
+    img = tmp_path / "scene.png"
+    from llmctl.vision.shapes import draw_scene
+
+    draw_scene(2, ("green", "triangle"), "below", ("red", "square"), 32, random.Random(3)).save(img)
+    r = invoke_cli("generate", str(path), "--image", str(img), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["outputs"] == 1
+
+
+@pytest.mark.slow  # ~30 s each (three trainings, one killed); the default tier's test_resume_after_sigkill_matches_the_uninterrupted_run covers the same resume path (ImageTextTrainer)
+def test_pretrained_architectures_resume_after_sigkill(hub_vlm, tmp_path):
+    """Killed after the step-2 checkpoint, resumed: the same losses as the run that was never interrupted."""
+    over = {"train": {"max_steps": 4, "save_every": 2, "eval_every": 100, "log_every": 1}}
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = write_config(tmp_path / f"{name}.yaml", hub_config(tmp_path / name, hub_vlm, **over))
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "2"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+def test_a_processor_that_needs_torchvision_is_refused_before_any_image_is_read(tmp_path):
+    """SmolVLM2's processor (SmolVLMProcessor) takes a video processor, which needs torchvision: one line, exit 2."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed here")
+    base = build_tiny_idefics3(tmp_path / "smolvlm2")
+    conf = json.loads((base / "processor_config.json").read_text())
+    (base / "processor_config.json").write_text(json.dumps({**conf, "processor_class": "SmolVLMProcessor"}))
+    path = write_config(tmp_path / "cfg.yaml", hub_config(tmp_path / "run", base))
+    r = invoke_cli("prepare", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "torchvision" in x)
+    assert "SmolVLMProcessor" in line and "Qwen2-VL" in line and "images:" not in r.stderr, r.stderr

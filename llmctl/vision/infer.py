@@ -28,14 +28,14 @@ IMAGE_ONLY = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 def load_processor(path):
     """The processor saved in a model or tokenizer directory (AutoProcessor; a Qwen2-VL-style one
     without its video processor where torchvision is missing). Any other processor that needs
-    torchvision is refused in one line (exit 2)."""
+    torchvision is refused in one line (exit 2) before transformers fails on it."""
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    from llmctl.errors import ConfigError
-
     name = _processor_class(path)
-    if name in IMAGE_ONLY and not is_torchvision_available():
+    if not is_torchvision_available() and _takes_video(name):
+        if name not in IMAGE_ONLY:
+            raise _needs_torchvision(path, name, "its video processor")
         proc = _image_only(name, path)
     else:
         try:
@@ -43,13 +43,28 @@ def load_processor(path):
         except ImportError as e:
             if "torchvision" not in str(e).lower():
                 raise
-            why = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
-            raise ConfigError(f"tokenizer.name_or_path: the processor of {path} ({name or 'unknown class'}) needs torchvision, which is not "
-                              f"importable here ({why}): llmctl fine-tunes image-text models whose processor works without it "
-                              "(LLaVA, Idefics3/SmolVLM, Qwen2-VL/Qwen2.5-VL)") from None
+            raise _needs_torchvision(path, name, (str(e).strip().splitlines() or [""])[0].split(". ")[0]) from None
     if proc.tokenizer.pad_token is None:
         proc.tokenizer.pad_token = proc.tokenizer.eos_token
     return proc
+
+
+def _needs_torchvision(path, name: str | None, why: str):
+    from llmctl.errors import ConfigError
+
+    return ConfigError(f"{path}: its processor ({name or 'unknown class'}) needs torchvision ({why}), which is not installed "
+                       "(and does not import beside this torch): point model.name_or_path and tokenizer.name_or_path at a model "
+                       "whose processor works without it (LLaVA, Idefics3/SmolVLM-Instruct, Qwen2-VL, Qwen2.5-VL)")
+
+
+def _takes_video(name: str | None) -> bool:
+    """Whether transformers' processor class `name` takes a video processor (torchvision-only in transformers 5)."""
+    import inspect
+
+    import transformers
+
+    cls = getattr(transformers, name, None) if name else None
+    return cls is not None and "video_processor" in inspect.signature(cls.__init__).parameters
 
 
 def _processor_class(path) -> str | None:
