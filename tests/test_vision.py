@@ -554,12 +554,17 @@ def build_tiny_idefics3(out: Path) -> Path:
     return out
 
 
-def build_tiny_qwen2_vl(out: Path) -> Path:
-    """Qwen2-VL: its ViT on 8x8 patches (x2 frames), 2x2 merged -> 4 image tokens for a 32x32 image; M-RoPE.
-    Saved as the hub's Qwen2-VL checkpoints are: tokenizer + chat template, preprocessor_config.json
-    naming Qwen2VLProcessor (whose video processor needs torchvision: llmctl builds it without)."""
+def build_tiny_qwen2_vl(out: Path, version: str = "2") -> Path:
+    """Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): a ViT on 8x8 patches (x2 frames), 2x2 merged -> 4 image
+    tokens for a 32x32 image; M-RoPE. Saved as the hub's Qwen checkpoints are: tokenizer + chat template,
+    preprocessor_config.json naming the processor (whose video processor needs torchvision: llmctl builds it without)."""
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
+    vision = {"2": dict(depth=1, embed_dim=32, hidden_size=32, mlp_ratio=2),
+              "2.5": dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])}[version]
 
     tok = _tiny_tokenizer(out, ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], eos="<|im_end|>")
     tok.chat_template = QWEN2VL_TEMPLATE
@@ -567,31 +572,32 @@ def build_tiny_qwen2_vl(out: Path) -> Path:
     ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8, merge_size=2, temporal_patch_size=2)
     ip.save_pretrained(out)
     pre = json.loads((out / "preprocessor_config.json").read_text())
-    (out / "preprocessor_config.json").write_text(json.dumps({**pre, "processor_class": "Qwen2VLProcessor"}))
+    (out / "preprocessor_config.json").write_text(json.dumps({**pre, "processor_class": f"{prefix}Processor"}))
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
-    cfg = Qwen2VLConfig(text_config=_text_config(tok, rope_parameters=rope),
-                        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2),
+    cfg = getattr(transformers, f"{prefix}Config")(
+                        text_config=_text_config(tok, rope_parameters=rope),
+                        vision_config=dict(num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, **vision),
                         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                         vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    Qwen2VLForConditionalGeneration(cfg).save_pretrained(out)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg).save_pretrained(out)
     return out
 
 
-ARCHS = {"idefics3": build_tiny_idefics3, "qwen2_vl": build_tiny_qwen2_vl}
+ARCHS = {"idefics3": build_tiny_idefics3, "qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": lambda out: build_tiny_qwen2_vl(out, "2.5")}
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHS))
+@pytest.fixture(scope="module")
 def hub_vlm(request, tmp_path_factory) -> Path:
-    """A tiny random image-text checkpoint directory of one architecture, as a user's hub download."""
+    """A tiny random image-text checkpoint directory of one architecture (the test's parameter), as a user's hub download."""
     return ARCHS[request.param](tmp_path_factory.mktemp(request.param))
 
 
 def hub_config(run_dir: Path, base: Path, **sections) -> dict:
     """The builtin shapes (32x32) on a pretrained checkpoint: its processor, its weights."""
     cfg = vision_config(run_dir, data={"block_size": 96, "image": {"builtin_images": 40}}, tokenizer={"name_or_path": str(base)},
-                        model={"name_or_path": str(base), "vision": {"image_size": 32}}, train={"lr": 1e-2})
+                        model={"name_or_path": str(base), "vision": {"image_size": 32}}, train={"lr": 1e-2, "eval_every": 4, "save_every": 4})
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v)
     return cfg
@@ -617,6 +623,7 @@ def torch_equal(a, b) -> bool:
     return a.shape == b.shape and bool(torch.equal(a, b))
 
 
+@pytest.mark.parametrize("hub_vlm", sorted(ARCHS), indirect=True)
 def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_vlm, tmp_path):
     """A hub-style checkpoint of each architecture: prepare with its own processor (image tokens
     expanded its way, loss on the answer only), train with model.freeze [vision] (the tower
@@ -679,7 +686,14 @@ def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_
     assert isinstance(res["output"], str) and res["prompt_tokens"] == len(rows[0]["input_ids"]) - len([x for x in rows[0]["labels"] if x != -100])
     assert res["completion_tokens"] > 0 or res["finish_reason"] == "eos"
 
+    # explain: a saliency per patch, laid out as the image's 4x4 patches (Qwen's come in 2x2 merge blocks: put back in place).
+    r = invoke_cli("explain", str(path), "--image", str(img), "-p", "Describe the image.", "-t", "one red circle above a blue square", "--json")
+    assert r.returncode == 0, r.stderr
+    grid = json.loads(r.stdout)["patch_saliency"]
+    assert len(grid) == 4 and all(len(row) == 4 for row in grid) and max(max(row) for row in grid) == 1.0
 
+
+@pytest.mark.parametrize("hub_vlm", ["idefics3", "qwen2_vl"], indirect=True)  # Qwen2.5-VL's LoRA path is Qwen2-VL's
 def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tmp_path):
     """LoRA on q_proj/v_proj with model.freeze [vision]: SigLIP (Idefics3) has q_proj/v_proj too, and an
     adapter there would train and be merged into the tower; it gets none. The merged model loads and generates."""
@@ -709,6 +723,7 @@ def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tm
 
 
 @pytest.mark.slow  # ~30 s each (three trainings, one killed); the default tier's test_resume_after_sigkill_matches_the_uninterrupted_run covers the same resume path (ImageTextTrainer)
+@pytest.mark.parametrize("hub_vlm", ["idefics3", "qwen2_vl"], indirect=True)
 def test_pretrained_architectures_resume_after_sigkill(hub_vlm, tmp_path):
     """Killed after the step-2 checkpoint, resumed: the same losses as the run that was never interrupted."""
     over = {"train": {"max_steps": 4, "save_every": 2, "eval_every": 100, "log_every": 1}}
