@@ -756,3 +756,29 @@ def test_a_processor_that_needs_torchvision_is_refused_before_any_image_is_read(
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = next(x for x in r.stderr.splitlines() if "torchvision" in x)
     assert "SmolVLMProcessor" in line and "Qwen2-VL" in line and "images:" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("hub_vlm", ["idefics3"], indirect=True)
+def test_collator_pads_rows_with_fewer_image_crops(hub_vlm):
+    """Idefics3 with image splitting: a wide image gives 3 crops, a larger square one 5; the batch pads
+    the first with empty images (which the model skips), and its logits are those it gets alone."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from llmctl.vision.infer import Collator, encode_example, load_processor
+
+    proc = load_processor(hub_vlm)
+    proc.image_processor.do_image_splitting, proc.image_processor.size = True, {"longest_edge": 64}
+    rows = [encode_example(proc, "Describe the image.", "one red circle", Image.new("RGB", (64, 32), (200, 10, 10))),
+            encode_example(proc, "Describe the image.", "two blue squares", Image.new("RGB", (64, 64), (10, 10, 200)))]
+    assert [len(r["pixel_values"]) for r in rows] == [3, 5]
+    collate = Collator(proc.tokenizer.pad_token_id)
+    batch = collate(rows)
+    assert batch["pixel_values"].shape[:2] == (2, 5) and batch["pixel_attention_mask"].shape[:2] == (2, 5)
+    model = AutoModelForImageTextToText.from_pretrained(hub_vlm).eval()
+    with torch.no_grad():
+        both = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        alone = model(**{k: v for k, v in collate(rows[:1]).items() if k != "labels"}).logits
+    n = len(rows[0]["input_ids"])
+    assert torch.allclose(both[0, :n], alone[0], atol=1e-4)

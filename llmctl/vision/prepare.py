@@ -127,7 +127,8 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
     proc = processor_for(cfg, [], con) if cfg.tokenizer.name_or_path else None
     splits = splits_of(cfg, read, drops, con)
     con.info("images: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v))
-    proc = proc or processor_for(cfg, splits["train"], con)
+    if proc is None:
+        proc = processor_for(cfg, splits["train"], con)
     proc.save_pretrained(build_dir / "tokenizer")
     data, stats_splits = {}, {}
     for name in SPLITS:
