@@ -692,6 +692,15 @@ def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_
     grid = json.loads(r.stdout)["patch_saliency"]
     assert len(grid) == 4 and all(len(row) == 4 for row in grid) and max(max(row) for row in grid) == 1.0
 
+    if hub_vlm.name.startswith("qwen"):  # M-RoPE: the serving engine's 1-D positions would change its outputs; refused in one line
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        r = invoke_cli("serve", str(path), "--set", f"serve.port={port}")
+        assert r.returncode == 2 and "M-RoPE" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
 
 @pytest.mark.parametrize("hub_vlm", ["idefics3", "qwen2_vl"], indirect=True)  # Qwen2.5-VL's LoRA path is Qwen2-VL's
 def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tmp_path):

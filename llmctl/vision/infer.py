@@ -252,6 +252,11 @@ def is_image_text(path) -> bool:
         return False
 
 
+# Image-text models whose forward computes its own positions from the image grid (M-RoPE): the
+# serving engine's explicit 1-D position_ids would silently change their outputs; serve refuses them.
+OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
+
+
 def load_model(path, device=None, quantize: str | None = None):
     """(model, processor) of an image-text model directory, for inference."""
     import torch
