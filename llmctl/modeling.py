@@ -222,12 +222,23 @@ def apply_lora(model, cfg):
         lora_alpha=lc.alpha,
         lora_dropout=lc.dropout,
         target_modules=lc.target_modules,
+        exclude_modules=_frozen_targets(model, lc.target_modules),
         task_type=TaskType.CAUSAL_LM,
     )
     try:
         return get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"model.lora.target_modules: {str(e).splitlines()[0]}") from None
+
+
+def _frozen_targets(model, targets) -> list[str] | None:
+    """LoRA targets inside parts frozen before LoRA (model.freeze of an image-text model): an
+    adapter there would train, and merging it would change a part the config froze. None: none."""
+    if not isinstance(targets, list):
+        return None
+    frozen = [n for n, m in model.named_modules()
+              if any(n == t or n.endswith("." + t) for t in targets) and not any(p.requires_grad for p in m.parameters())]
+    return frozen or None
 
 
 def count_parameters(model) -> tuple[int, int]:

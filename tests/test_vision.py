@@ -711,3 +711,290 @@ def test_train_under_torchrun_with_two_ranks(tmp_path):
 
     AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "train" / "model")
     AutoProcessor.from_pretrained(tmp_path / "run" / "train" / "model")
+
+
+# --------------------------------------------------------------------------- pretrained architectures
+# Tiny random checkpoints of the architectures behind the image-text hub models, saved as a hub
+# download is (weights, config, tokenizer with its chat template, the image processor), built here:
+# nothing comes from the hub. Their chat templates are the real models' (SmolVLM-Instruct's, Qwen2-VL-Instruct's).
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] == 'image' %}{{':'}}"
+    "{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+QWEN2VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _tiny_tokenizer(out: Path, specials: list[str], eos: str):
+    from conftest import train_tiny_tokenizer
+    from llmctl.vision import shapes
+
+    texts = [rec["caption"] for rec, _ in shapes.scenes(60, 0, 16, 0.0)] + ["Describe the image."] * 5
+    tok = train_tiny_tokenizer(texts, out, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.eos_token = eos
+    return tok
+
+
+def _text_config(tok, **kw) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+
+def build_tiny_idefics3(out: Path) -> Path:
+    """SmolVLM's architecture (Idefics3): SigLIP 32x32 in 8x8 patches, pixel shuffle by 2 -> 4 image tokens."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil, Idefics3Processor
+
+    tok = _tiny_tokenizer(out, ["<|im_start|>", "<global-img>"], eos="<end_of_utterance>")
+    ip = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE)  # adds <image>, <end_of_utterance>
+    cfg = Idefics3Config(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+                         text_config=_text_config(proc.tokenizer, model_type="llama"), image_token_id=proc.image_token_id, scale_factor=2)
+    torch.manual_seed(0)
+    Idefics3ForConditionalGeneration(cfg).save_pretrained(out)
+    proc.save_pretrained(out)
+    return out
+
+
+def build_tiny_qwen2_vl(out: Path, version: str = "2") -> Path:
+    """Qwen2-VL (version "2") or Qwen2.5-VL ("2.5"): a ViT on 8x8 patches (x2 frames), 2x2 merged -> 4 image
+    tokens for a 32x32 image; M-RoPE. Saved as the hub's Qwen checkpoints are: tokenizer + chat template,
+    preprocessor_config.json naming the processor (whose video processor needs torchvision: llmctl builds it without)."""
+    import torch
+    import transformers
+    from transformers import Qwen2VLImageProcessorPil
+
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
+    vision = {"2": dict(depth=1, embed_dim=32, hidden_size=32, mlp_ratio=2),
+              "2.5": dict(depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])}[version]
+
+    tok = _tiny_tokenizer(out, ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], eos="<|im_end|>")
+    tok.chat_template = QWEN2VL_TEMPLATE
+    tok.save_pretrained(out)
+    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32}, patch_size=8, merge_size=2, temporal_patch_size=2)
+    ip.save_pretrained(out)
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    (out / "preprocessor_config.json").write_text(json.dumps({**pre, "processor_class": f"{prefix}Processor"}))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim / 2
+    cfg = getattr(transformers, f"{prefix}Config")(
+                        text_config=_text_config(tok, rope_parameters=rope),
+                        vision_config=dict(num_heads=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2, **vision),
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    getattr(transformers, f"{prefix}ForConditionalGeneration")(cfg).save_pretrained(out)
+    return out
+
+
+ARCHS = {"idefics3": build_tiny_idefics3, "qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": lambda out: build_tiny_qwen2_vl(out, "2.5")}
+
+
+@pytest.fixture(scope="module")
+def hub_vlm(request, tmp_path_factory) -> Path:
+    """A tiny random image-text checkpoint directory of one architecture (the test's parameter), as a user's hub download."""
+    return ARCHS[request.param](tmp_path_factory.mktemp(request.param))
+
+
+def hub_config(run_dir: Path, base: Path, **sections) -> dict:
+    """The builtin shapes (32x32) on a pretrained checkpoint: its processor, its weights."""
+    cfg = vision_config(run_dir, data={"block_size": 96, "image": {"builtin_images": 40}}, tokenizer={"name_or_path": str(base)},
+                        model={"name_or_path": str(base), "vision": {"image_size": 32}}, train={"lr": 1e-2, "eval_every": 4, "save_every": 4})
+    for k, v in sections.items():
+        cfg.setdefault(k, {}).update(v)
+    return cfg
+
+
+def _state(path: Path) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    return {k: v.detach().clone() for k, v in AutoModelForImageTextToText.from_pretrained(path).state_dict().items()}
+
+
+def _changed_parts(before: dict, after: dict) -> set[str]:
+    """The parts (llmctl.vision.model.part_of) holding a tensor that is not bit-identical."""
+    from llmctl.vision.model import part_of
+
+    assert before.keys() == after.keys()
+    return {part_of(k) for k in before if not torch_equal(before[k], after[k])}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("hub_vlm", sorted(ARCHS), indirect=True)
+def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_vlm, tmp_path):
+    """A hub-style checkpoint of each architecture: prepare with its own processor (image tokens
+    expanded its way, loss on the answer only), train with model.freeze [vision] (the tower
+    bit-identical, the projector and language model moved), eval, generate --image."""
+    from datasets import load_from_disk
+
+    from llmctl.vision import shapes
+    from llmctl.vision.infer import load_processor
+
+    path = write_config(tmp_path / "cfg.yaml", hub_config(tmp_path / "run", hub_vlm, model={"freeze": ["vision"]}))
+    r = invoke_cli("prepare", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    proc = load_processor(tmp_path / "run" / "prepare" / "tokenizer")
+    assert type(proc).__name__ == type(load_processor(hub_vlm)).__name__
+    tok = proc.tokenizer
+    captions = {rec["caption"] for rec, _ in shapes.scenes(40, 0, 32, 0.15)}
+    image_id = tok.convert_tokens_to_ids(proc.image_token)
+    rows = load_from_disk(str(tmp_path / "run" / "prepare" / "dataset"))["train"]
+    assert len(rows) > 20
+    starts = set()
+    for row in rows:
+        ids, labels = row["input_ids"], row["labels"]
+        first = next(i for i, x in enumerate(labels) if x != -100)
+        starts.add(first)
+        # -100 over the whole prompt (template, question, every image token); the answer and EOS after it, nothing masked there.
+        assert all(x == -100 for x in labels[:first]) and labels[first:] == ids[first:] and labels[-1] == tok.eos_token_id
+        assert tok.decode(labels[first:-1], skip_special_tokens=True).strip() in captions
+        assert ids[:first].count(image_id) == 4 and image_id not in ids[first:]  # the processor's expansion: 4 tokens for 32x32
+        if "mm_token_type_ids" in row:  # Qwen2-VL: image positions marked, the answer is text
+            assert len(row["mm_token_type_ids"]) == len(ids) and sum(row["mm_token_type_ids"]) == 4
+    assert len(starts) == 1  # one question, one image size: every prompt the same length
+    first = starts.pop()
+    prompt = tok.decode(rows[0]["input_ids"][:first])
+    assert prompt.endswith(("Assistant:", "assistant\n")) and "Describe the image." in prompt  # the model's own chat template
+    # The answer is the assistant turn as the model's template writes it (SmolVLM's " caption" after "Assistant:"), ended by EOS.
+    caption = tok.decode(rows[0]["labels"][first:-1], skip_special_tokens=True).strip()
+    user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    turn = proc.apply_chat_template(user + [{"role": "assistant", "content": [{"type": "text", "text": caption}]}], tokenize=False)
+    gen = proc.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(rows[0]["labels"][first:]) == turn[len(gen):].rstrip()
+
+    before = _state(hub_vlm)
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["steps"] == 4 and out["trainable_parameters"] < out["parameters"]
+    assert _changed_parts(before, _state(tmp_path / "run" / "train" / "model")) == {"projector", "language"}
+    assert type(load_processor(tmp_path / "run" / "train" / "model")).__name__ == type(proc).__name__  # saved with the model
+
+    r = invoke_cli("eval", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    head = json.loads(r.stdout)
+    assert 1 < head["perplexity"] < 1000 and head["examples"] > 0
+
+    img = tmp_path / "scene.png"
+    shapes.draw_scene(1, ("red", "circle"), "above", ("blue", "square"), 32, random.Random(0)).save(img)
+    r = invoke_cli("generate", str(path), "--image", str(img), "-p", "Describe the image.", "--set", "generate.max_new_tokens=6", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert isinstance(res["output"], str) and res["prompt_tokens"] == len(rows[0]["input_ids"]) - len([x for x in rows[0]["labels"] if x != -100])
+    assert res["completion_tokens"] > 0 or res["finish_reason"] == "eos"
+
+    # explain: a saliency per patch, laid out as the image's 4x4 patches (Qwen's come in 2x2 merge blocks: put back in place).
+    r = invoke_cli("explain", str(path), "--image", str(img), "-p", "Describe the image.", "-t", "one red circle above a blue square", "--json")
+    assert r.returncode == 0, r.stderr
+    grid = json.loads(r.stdout)["patch_saliency"]
+    assert len(grid) == 4 and all(len(row) == 4 for row in grid) and max(max(row) for row in grid) == 1.0
+
+    if hub_vlm.name.startswith("qwen"):  # M-RoPE: the serving engine's 1-D positions would change its outputs; refused in one line
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        r = invoke_cli("serve", str(path), "--set", f"serve.port={port}")
+        assert r.returncode == 2 and "M-RoPE" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("hub_vlm", ["idefics3", "qwen2_vl"], indirect=True)  # Qwen2.5-VL's LoRA path is Qwen2-VL's
+def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tmp_path):
+    """LoRA on q_proj/v_proj with model.freeze [vision]: SigLIP (Idefics3) has q_proj/v_proj too, and an
+    adapter there would train and be merged into the tower; it gets none. The merged model loads and generates."""
+    pytest.importorskip("peft")
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+    path = write_config(tmp_path / "cfg.yaml", hub_config(tmp_path / "run", hub_vlm, model={"freeze": ["vision"], "lora": lora}))
+    assert invoke_cli("prepare", str(path)).returncode == 0
+    r = invoke_cli("train", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["trainable_parameters"] < out["parameters"] / 10
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run" / "train" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k and ("language_model" in k or "text_model" in k) for k in keys), keys
+    after = _state(tmp_path / "run" / "train" / "model")
+    assert not any("lora" in k for k in after)
+    assert _changed_parts(_state(hub_vlm), after) == {"language"}  # the adapters sat in the language model's attention only
+    img = tmp_path / "scene.png"
+    from llmctl.vision.shapes import draw_scene
+
+    draw_scene(2, ("green", "triangle"), "below", ("red", "square"), 32, random.Random(3)).save(img)
+    r = invoke_cli("generate", str(path), "--image", str(img), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["outputs"] == 1
+
+
+@pytest.mark.slow  # ~30 s each (three trainings, one killed); the default tier's test_resume_after_sigkill_matches_the_uninterrupted_run covers the same resume path (ImageTextTrainer)
+@pytest.mark.parametrize("hub_vlm", ["idefics3", "qwen2_vl"], indirect=True)
+def test_pretrained_architectures_resume_after_sigkill(hub_vlm, tmp_path):
+    """Killed after the step-2 checkpoint, resumed: the same losses as the run that was never interrupted."""
+    over = {"train": {"max_steps": 4, "save_every": 2, "eval_every": 100, "log_every": 1}}
+    runs = {}
+    for name in ("a", "b"):
+        runs[name] = write_config(tmp_path / f"{name}.yaml", hub_config(tmp_path / name, hub_vlm, **over))
+        assert invoke_cli("prepare", str(runs[name])).returncode == 0
+    assert invoke_cli("train", str(runs["a"])).returncode == 0
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "2"})
+    assert r.returncode == -9, r.stderr
+    r = invoke_cli("train", str(runs["b"]))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
+    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
+
+
+def test_a_processor_that_needs_torchvision_is_refused_before_any_image_is_read(tmp_path):
+    """SmolVLM2's processor (SmolVLMProcessor) takes a video processor, which needs torchvision: one line, exit 2."""
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        pytest.skip("torchvision is installed here")
+    base = build_tiny_idefics3(tmp_path / "smolvlm2")
+    conf = json.loads((base / "processor_config.json").read_text())
+    (base / "processor_config.json").write_text(json.dumps({**conf, "processor_class": "SmolVLMProcessor"}))
+    path = write_config(tmp_path / "cfg.yaml", hub_config(tmp_path / "run", base))
+    r = invoke_cli("prepare", str(path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "torchvision" in x)
+    assert "SmolVLMProcessor" in line and "Qwen2-VL" in line and "images:" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("hub_vlm", ["idefics3"], indirect=True)
+def test_collator_pads_rows_with_fewer_image_crops(hub_vlm):
+    """Idefics3 with image splitting: a wide image gives 3 crops, a larger square one 5; the batch pads
+    the first with empty images (which the model skips), and its logits are those it gets alone."""
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from llmctl.vision.infer import Collator, encode_example, load_processor
+
+    proc = load_processor(hub_vlm)
+    proc.image_processor.do_image_splitting, proc.image_processor.size = True, {"longest_edge": 64}
+    rows = [encode_example(proc, "Describe the image.", "one red circle", Image.new("RGB", (64, 32), (200, 10, 10))),
+            encode_example(proc, "Describe the image.", "two blue squares", Image.new("RGB", (64, 64), (10, 10, 200)))]
+    assert [len(r["pixel_values"]) for r in rows] == [3, 5]
+    collate = Collator(proc.tokenizer.pad_token_id)
+    batch = collate(rows)
+    assert batch["pixel_values"].shape[:2] == (2, 5) and batch["pixel_attention_mask"].shape[:2] == (2, 5)
+    model = AutoModelForImageTextToText.from_pretrained(hub_vlm).eval()
+    with torch.no_grad():
+        both = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        alone = model(**{k: v for k, v in collate(rows[:1]).items() if k != "labels"}).logits
+    n = len(rows[0]["input_ids"])
+    assert torch.allclose(both[0, :n], alone[0], atol=1e-4)

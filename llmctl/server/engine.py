@@ -206,10 +206,16 @@ class Engine:
         from llmctl.vision.infer import is_image_text
 
         if is_image_text(self.model_path):  # its processor turns a request's images into pixel_values
-            from llmctl.vision.infer import load_model
+            from llmctl.vision.infer import OWN_POSITIONS, load_model
 
             self.model, self.processor = load_model(self.model_path, device, quantize=self.quantize)
             self.tok = self.processor.tokenizer
+            if self.model.config.model_type in OWN_POSITIONS:
+                from llmctl.errors import ConfigError
+
+                raise ConfigError(f"serve: {self.model.config.model_type} places its tokens with 3-D (M-RoPE) positions computed from the "
+                                  "image grid, which this engine's batched decoding does not pass: use 'llmctl generate --image', or "
+                                  "export hf and serve that directory with vLLM")
         else:
             self.model, self.tok = load_for_inference(
                 self.model_path, device=device, trust_remote_code=self.trust_remote_code, quantize=self.quantize, quantize_key="serve.quantize"

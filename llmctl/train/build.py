@@ -24,7 +24,7 @@ class Collator:
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
-        # Image-text rows carry the processor's other inputs (pixel_values...): stacked as they are.
+        # Other per-row inputs stack as they are (image-text rows have their own collator: llmctl.vision.infer.Collator).
         extra = {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0] if k not in ("input_ids", "labels")}
         n = max(len(r["input_ids"]) for r in rows)
         if all(len(r["input_ids"]) == n for r in rows):  # packed text: no padding, just stack

@@ -52,6 +52,7 @@ class Hooks:
     headline: dict = field(default_factory=dict)  # extra headline numbers (filled in while training)
     log_keys: tuple = ()  # extra keys of the Trainer's logs to copy into metrics.jsonl
     processor: Callable[[Path], Any] | None = None  # (tokenizer dir) -> a processor saved with the model (image-text); None: the tokenizer
+    collator: Callable[[int], Any] | None = None  # (pad id) -> the data collator (image-text rows); None: build.Collator
 
 
 # --------------------------------------------------------------------------- run: checks, lock, torchrun
@@ -235,7 +236,7 @@ def setup(cfg, rd: RunDir, st, resume: Path | None, budget: TimeBudget, con, is_
     log_keys = hooks.log_keys
     probe = None
     if tcfg.method == "sft":
-        collate = build.Collator(tok.pad_token_id)
+        collate = (hooks.collator or build.Collator)(tok.pad_token_id)
         trainer = build.make_trainer(hooks.trainer_class, time_plan, **hooks.trainer_kwargs, model=model, args=args_for(),
                                      train_dataset=train_ds, eval_dataset=val_ds, data_collator=collate, processing_class=processing)
     else:

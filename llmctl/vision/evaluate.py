@@ -82,7 +82,7 @@ def captions(model, proc, pairs, cfg) -> list[str]:
 def model_results(model, proc, ds, pairs, cfg, con, label: str) -> tuple[dict, list[str]]:
     """{perplexity..., generation...} of one model, and its captions."""
     from llmctl.metrics import perplexity_summary
-    from llmctl.train.build import Collator
+    from llmctl.vision.infer import Collator
 
     e = cfg.eval
     rows = ds[e.split].with_format("torch")

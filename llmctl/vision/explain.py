@@ -21,15 +21,19 @@ def _patch_module(model):
 
 
 def saliency(model, proc, image, question: str, target: str) -> tuple[list[list[float]], float, list[dict]]:
-    """(patch saliency as a square grid, scaled to max 1; log p(target); each target token's logprob)."""
+    """(patch saliency as a grid of the image's patches, scaled to max 1; log p(target); each target token's logprob).
+    The target is written as training wrote answers (llmctl.vision.infer.answer_text: the model's chat template)."""
     import torch
 
-    from llmctl.vision.infer import prompt_text
+    from llmctl.vision.infer import TOKEN_KEYS, answer_text, prompt_text
 
     tok = proc.tokenizer
     enc = proc(images=[image], text=[prompt_text(proc, question)], return_tensors="pt")
-    tgt = tok(target, add_special_tokens=False)["input_ids"]
+    tgt = tok(answer_text(proc, question, target), add_special_tokens=False)["input_ids"]
     ids = torch.cat([enc["input_ids"], torch.tensor([tgt])], dim=1)
+    for k in TOKEN_KEYS:  # per-token inputs (Qwen2-VL's mm_token_type_ids): the target's tokens are text
+        if k in enc:
+            enc[k] = torch.cat([enc[k], enc[k].new_zeros((1, len(tgt)))], dim=1)
     kept = {}
 
     def hook(_m, _inp, out):
@@ -47,15 +51,25 @@ def saliency(model, proc, image, question: str, target: str) -> tuple[list[list[
     picked = lp[torch.arange(len(tgt)), torch.tensor(tgt)]
     picked.sum().backward()
     emb = kept["emb"]
-    sal = (emb.grad * emb).sum(-1).abs()[0].detach()
+    sal = _patch_grid((emb.grad * emb).sum(-1).abs().detach(), enc, model)
+    sal = sal / sal.max().clamp(min=1e-12)
+    grid = [[round(float(x), 4) for x in row] for row in sal]
+    tokens = [{"token": tok.decode([t]), "logprob": round(float(v), 4)} for t, v in zip(tgt, picked)]
+    return grid, float(picked.sum()), tokens
+
+
+def _patch_grid(sal, enc, model):
+    """Per-patch saliency as a (rows, cols) grid in the image's layout."""
+    if "image_grid_thw" in enc:  # Qwen2-VL: one flat row of patches, in merge_size x merge_size blocks
+        t, h, w = (int(x) for x in enc["image_grid_thw"][0])
+        m = model.config.vision_config.spatial_merge_size
+        return sal.reshape(t, h // m, w // m, m, m).permute(0, 1, 3, 2, 4).reshape(t, h, w).mean(0)
+    sal = sal[0]  # the first (only) image
     side = math.isqrt(sal.numel() - 1)
     if side * side == sal.numel() - 1:  # a CLS token first (CLIP): not a patch
         sal = sal[1:]
     side = math.isqrt(sal.numel())
-    sal = sal[: side * side] / sal.max().clamp(min=1e-12)
-    grid = [[round(float(x), 4) for x in row] for row in sal.reshape(side, side)]
-    tokens = [{"token": tok.decode([t]), "logprob": round(float(v), 4)} for t, v in zip(tgt, picked)]
-    return grid, float(picked.sum()), tokens
+    return sal[: side * side].reshape(side, side)
 
 
 def render_html(image, res: dict, px: int = 256) -> str:
@@ -66,12 +80,12 @@ def render_html(image, res: dict, px: int = 256) -> str:
     image.resize((px, px), Image.NEAREST).save(buf, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     grid = res["patch_saliency"]
-    n = len(grid)
+    rows, cols = len(grid), len(grid[0])
     cells = "".join(f'<div title="patch ({r},{c}): {v:.3f}" style="background:rgba(230,0,0,{0.75 * v:.3f})"></div>'
                     for r, row in enumerate(grid) for c, v in enumerate(row))
     toks = "".join(f"<tr><td><code>{html.escape(repr(t['token']))}</code></td><td>{t['logprob']:.4f}</td></tr>" for t in res["target_tokens"])
     css = (f".wrap{{position:relative;width:{px}px;height:{px}px}} .wrap img{{position:absolute;width:{px}px;height:{px}px;image-rendering:pixelated}}"
-           f" .grid{{position:absolute;inset:0;display:grid;grid-template-columns:repeat({n},1fr);grid-template-rows:repeat({n},1fr)}}"
+           f" .grid{{position:absolute;inset:0;display:grid;grid-template-columns:repeat({cols},1fr);grid-template-rows:repeat({rows},1fr)}}"
            " body{font-family:sans-serif;margin:2em} td{padding:2px 8px}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>llmctl explain</title><style>{css}</style></head><body>'
             f"<h1>llmctl explain</h1><p>Prompt <code>{html.escape(repr(res['prompt']))}</code>, target <code>{html.escape(repr(res['target']))}</code>, "

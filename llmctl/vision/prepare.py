@@ -81,7 +81,11 @@ def processor_for(cfg, train_rows: list[dict], con):
             raise DataError(f"tokenizer.name_or_path: {name} has no image processor (processor_config.json / preprocessor_config.json): "
                             "point it at the image-text model's directory")
         con.step(f"loading processor {name}")
-        return load_processor(name)
+        try:
+            return load_processor(name)
+        except (OSError, ValueError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"tokenizer.name_or_path: cannot load the processor of {name}: {first}") from None
     from llmctl.tokenizer import train_tokenizer
 
     con.step(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size}) on the training captions")
@@ -119,9 +123,12 @@ def build(cfg, rd, read, counters, build_dir: Path, con) -> dict:
     from datasets import Dataset, DatasetDict
 
     drops: dict = {}
+    # The model's own processor first: one it cannot load is refused before the images are read.
+    proc = processor_for(cfg, [], con) if cfg.tokenizer.name_or_path else None
     splits = splits_of(cfg, read, drops, con)
     con.info("images: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v))
-    proc = processor_for(cfg, splits["train"], con)
+    if proc is None:
+        proc = processor_for(cfg, splits["train"], con)
     proc.save_pretrained(build_dir / "tokenizer")
     data, stats_splits = {}, {}
     for name in SPLITS:

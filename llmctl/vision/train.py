@@ -26,7 +26,7 @@ def trainer_class():
 
 def hooks():
     from llmctl.train.stage import Hooks
-    from llmctl.vision.infer import load_processor
+    from llmctl.vision.infer import Collator, load_processor
     from llmctl.vision.model import build
 
-    return Hooks(build_model=build, processor=load_processor, trainer_class=trainer_class())
+    return Hooks(build_model=build, processor=load_processor, collator=Collator, trainer_class=trainer_class())
