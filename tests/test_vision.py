@@ -899,6 +899,12 @@ def test_pretrained_architectures_prepare_train_frozen_vision_eval_generate(hub_
     grid = json.loads(r.stdout)["patch_saliency"]
     assert len(grid) == 4 and all(len(row) == 4 for row in grid) and max(max(row) for row in grid) == 1.0
 
+    # export hf: reloaded with AutoModelForImageTextToText and the model's own processor (Qwen's without
+    # its video part where torchvision is missing), logits compared with the trained model's
+    r = invoke_cli("export", str(path), "--set", "export.formats=[hf]", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert type(load_processor(tmp_path / "run" / "export" / "hf")).__name__ == type(proc).__name__
+
     if hub_vlm.name.startswith("qwen"):  # M-RoPE: the serving engine's 1-D positions would change its outputs; refused in one line
         import socket
 

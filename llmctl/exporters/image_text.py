@@ -12,10 +12,12 @@ from llmctl.exporters.hf import TOLERANCE
 def load_trained(model_dir: Path):
     """(model, processor) of RUN/train/model, in float32."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from llmctl.vision.infer import load_processor  # AutoProcessor, less a video part torchvision would need
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(model_dir)
+    return model, load_processor(model_dir)
 
 
 def probe_inputs(proc, image, question: str) -> dict:
