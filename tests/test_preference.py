@@ -257,6 +257,15 @@ def test_orpo_and_simpo_train_and_save_a_model(tmp_path, method, keys):
     # no reference to keep still; the start's log-probs are recorded for eval's reference (the start)
     assert len(pref["reference_probe"]["logps"]) == 16 and "after_training" not in pref["reference_probe"]
     assert sorted(_losses(run)) == [1, 2, 3]
+    _counts_tokens(run)
+
+
+def _counts_tokens(run):
+    """tokens and tokens/s in metrics.jsonl count the pairs' tokens (TRL's batches have no input_ids:
+    the Trainer alone counted 0)."""
+    recs = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    tokens = [r["tokens"] for r in recs]
+    assert tokens[0] > 0 and tokens == sorted(set(tokens)) and all(r["tokens_per_s"] > 0 for r in recs), recs
 
 
 # --------------------------------------------------------------------------- eval
@@ -429,6 +438,7 @@ def test_kto_trains_on_labelled_completions_and_eval_scores_them(tmp_path):
         assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     assert json.loads((run / "train" / "manifest.json").read_text())["preference"]["method"] == "kto"
+    _counts_tokens(run)
     res = json.loads((run / "eval" / "results.json").read_text())["preference"]
     assert res["desirable"] + res["undesirable"] == 8 and res["preference_accuracy"] >= 0.75 and res["reward_margin"] > 0
 

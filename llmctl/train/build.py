@@ -183,6 +183,20 @@ class CheckedTrainerMixin:
             self._finite = ok if self._finite is None else self._finite & ok.to(self._finite.device)
         return gn
 
+    def _track_num_input_tokens(self, inputs):
+        """TRL's preference batches have no `input_ids` (prompt_, chosen_, rejected_, completion_input_ids):
+        the Trainer counted nothing and `tokens`/`tokens_per_s` read 0. Count each part's tokens, as
+        the Trainer counts `input_ids` ('all': padding included); KTO's mismatched KL_ pairs are not data."""
+        if "input_ids" in inputs or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        import torch
+
+        parts = [k for k in inputs if k.endswith("_input_ids") and not k.startswith("KL_") and torch.is_tensor(inputs[k])]
+        if not parts:
+            return super()._track_num_input_tokens(inputs)
+        n = torch.as_tensor(sum(inputs[k].numel() for k in parts), device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.time_plan is None or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
