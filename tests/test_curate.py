@@ -567,3 +567,17 @@ def test_prepare_after_a_kill_removes_the_leftover_build_and_its_index(tmp_path)
     r = _report(cfg)
     assert _removed(r)["exact_dedup"] == 1 and _removed(r)["near_dedup"] == 1
     assert not left.parent.parent.exists()
+
+
+def test_bloom_filter_has_no_false_negatives_and_the_expected_false_positives():
+    import numpy as np
+
+    from llmctl.data.spill import Bloom
+
+    rng = np.random.default_rng(1)
+    b = Bloom(100_000)  # 800k bits, 4 probes, 100k keys: 2.4% false positives in theory
+    keys = rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64, endpoint=True)
+    b.add(keys)
+    assert b.maybe(keys).all()
+    fp = b.maybe(rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64, endpoint=True)).mean()
+    assert 0.015 < fp < 0.035

@@ -35,15 +35,17 @@ _PROBES = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 
 
 
 class Bloom:
-    """A Bloom filter over uint64 hash keys: `nbytes` rounded down to a power of two, 4 probes."""
+    """A Bloom filter over uint64 hash keys: `nbytes` (at most 512 MB), 4 probes."""
 
     def __init__(self, nbytes: int):
-        self.log2 = max(int(nbytes * 8).bit_length() - 1, 6)
-        self.bits = np.zeros((1 << self.log2) // 8, dtype=np.uint8)
+        self.nbits = min(max(int(nbytes), 8), 1 << 29) * 8
+        self.bits = np.zeros(self.nbits // 8, dtype=np.uint8)
 
     def _positions(self, keys):
+        """Bit positions: the top 32 bits of key x probe, scaled to [0, nbits) (multiply-shift)."""
         with np.errstate(over="ignore"):
-            return (keys.astype(np.uint64)[:, None] * _PROBES[None, :]) >> np.uint64(64 - self.log2)
+            h = (keys.astype(np.uint64)[:, None] * _PROBES[None, :]) >> np.uint64(32)
+            return (h * np.uint64(self.nbits)) >> np.uint64(32)
 
     def add(self, keys) -> None:
         pos = np.sort(self._positions(keys).ravel())
