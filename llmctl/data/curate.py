@@ -538,10 +538,11 @@ class _DocIds:
         return self.cols[split][i]["_id"] if split in self.cols else f"{split}/{i}"
 
 
-# The memory the in-memory index takes per entry (CPython dicts, measured with tracemalloc on
-# 20,000 documents at num_perm 128: 3.8 KB per kept document): an exact key; a document in the
-# LSH index, plus 4 bytes per permutation and this much per band.
-_EXACT_BYTES, _NEAR_BYTES, _BAND_BYTES = 250, 300, 110
+# The memory the in-memory index takes per entry: an exact key; a document in the LSH index, plus
+# 4 bytes per permutation and this much per band. CPython dicts, at num_perm 128: 3.8 KB per kept
+# document by tracemalloc on 20,000 documents, ~5 KB of process memory (RssAnon) in
+# bench/prepare_scale.py at 256 MB (allocator overhead, dicts doubling): the constants are the latter.
+_EXACT_BYTES, _NEAR_BYTES, _BAND_BYTES = 330, 400, 145
 _SPLITS = ("train", "validation", "test")
 _BATCH = 1000  # documents per Arrow batch of the dedup pass (a spill happens between batches)
 _SPILL_BYTES: int | None = None  # tests set a tiny value: spill past it, not 3/4 of dedup_memory_mb
