@@ -581,3 +581,19 @@ def test_bloom_filter_has_no_false_negatives_and_the_expected_false_positives():
     assert b.maybe(keys).all()
     fp = b.maybe(rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64, endpoint=True)).mean()
     assert 0.015 < fp < 0.035
+
+
+def test_the_dedup_index_is_freed_when_the_pass_ends():
+    """The index's dicts are emptied when the pass ends, not left to the cyclic garbage collector
+    while prepare goes on to tokenize (kept_set's cache refers back to the index)."""
+    import gc
+
+    splits = _dedup_corpus()
+    gc.collect()
+    gc.disable()
+    try:
+        _curated(splits, {})
+        left = [o for o in gc.get_objects() if type(o) is curate._Dedup]
+        assert left and all(not o.seen and not o.where and not any(o.lsh.buckets) and not o.lsh.sigs for o in left)
+    finally:
+        gc.enable()

@@ -654,6 +654,12 @@ class _Dedup:
             self.lsh.clear()
 
     def close(self) -> None:
+        """Free the index now (kept_set's cache refers back to self: left to the cyclic garbage
+        collector, the dicts outlived the pass into tokenizing) and delete its files."""
+        self.seen, self.where = {}, {}
+        self.kept_set.cache_clear()
+        if self.lsh is not None:
+            self.lsh.clear()
         if self.spilled is not None:
             self.spilled.close()
             self.spilled = None
