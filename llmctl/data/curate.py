@@ -16,10 +16,12 @@ Two passes over the split documents (Arrow datasets, memory-mapped):
    candidates, with bands chosen so that a pair at the threshold is missed with probability
    <= 1e-4 (`candidate_bands`); the estimated Jaccard discards candidates far below the
    threshold, and the shingle sets of the rest (recomputed from the two texts) decide.
-   A held-out document that duplicates a *training* document is counted as leakage. Memory is
-   the hash set and the LSH index (num_perm x 4 bytes + num_bands keys per kept document).
-Then the report (`_split_report`, `_Tally`): documents, words and characters before and after
-each step per split, examples of what each step removed, languages, PII and term groups;
+   A held-out document that duplicates a *training* document is counted as leakage. The index
+   (the exact keys and the LSH bands and signatures of the kept documents, ~4 KB each in dicts)
+   is bounded by data.curate.dedup_memory_mb: beyond it, it moves to disk (`_SpilledIndex`,
+   llmctl.data.spill) and the decisions stay the same.
+Then the report (`_split_report`, `_Tally`, batch by batch): documents, words and characters
+before and after each step per split, examples of what each step removed, languages, PII and term groups;
 `add_tokens` adds token counts once prepare has a tokenizer.
 
 The first occurrence is kept, so re-runs are deterministic for a given run.seed.
@@ -33,6 +35,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 # Sources whose documents are code: the prose filters and language id are off for them.
@@ -430,18 +433,20 @@ class LSHIndex:
         """Band keys of a batch of signatures (a uint32 matrix, one row per document)."""
         return _band_keys(sigs, self.bands, self.rows).tolist()
 
-    def query(self, sig, keys: list[int], confirm) -> tuple[int, float] | None:
-        """The first kept document (lowest id) whose exact Jaccard, `confirm(id)`, reaches the threshold."""
+    def query(self, sig, keys: list[int], confirm, extra=(), sig_of=None) -> tuple[int, float] | None:
+        """The first kept document (lowest id) whose exact Jaccard, `confirm(id)`, reaches the threshold.
+        `extra`: the candidates found on disk (`_SpilledIndex`), whose signatures `sig_of` reads."""
         import numpy as np
 
-        cands: set[int] = set()
+        cands: set[int] = set(extra)
         for band, key in zip(self.buckets, keys):
             hit = band.get(key)
             if hit:
                 cands.update(hit)
         self.candidates += len(cands)
         for j in sorted(cands):
-            if np.count_nonzero(np.frombuffer(self.sigs[j], dtype=np.uint32) == sig) < self.min_estimate * len(sig):
+            kept = np.frombuffer(self.sigs[j], dtype=np.uint32) if j in self.sigs else sig_of(j)
+            if np.count_nonzero(kept == sig) < self.min_estimate * len(sig):
                 continue
             self.checked += 1
             jac = confirm(j)
@@ -453,6 +458,11 @@ class LSHIndex:
         self.sigs[key] = sig.tobytes()
         for band, k in zip(self.buckets, keys):
             band.setdefault(k, []).append(key)
+
+    def clear(self) -> None:
+        """Forget the documents (they went to disk); the counters stay."""
+        self.buckets = [{} for _ in range(self.bands)]
+        self.sigs = {}
 
 
 def _sig_matrix(col, num_perm: int):
@@ -473,9 +483,12 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     order = [s for s in ("train", "validation", "test") if splits.get(s) is not None and len(splits[s])]
     annotated = {name: _annotate(name, splits[name], fmt, p, seed, num_proc, cache_dir) for name in order}
     ids = _DocIds(annotated)
-    dedup = _Dedup(annotated, fmt, p, ids)
-    # sequential, in a fixed order; each document ends with one reason ('' = kept)
-    reasons = {name: dedup.split(name, annotated[name]) for name in order}
+    dedup = _Dedup(annotated, fmt, p, ids, Path(cache_dir) / "dedup-index")
+    try:
+        # sequential, in a fixed order; each document ends with one reason ('' = kept)
+        reasons = {name: dedup.split(name, annotated[name]) for name in order}
+    finally:
+        dedup.close()
 
     report: dict = {"content": p.content, "format": fmt, "plan": {
         "language": p.language, "quality": p.quality, "pii": p.pii, "exact_dedup": p.exact_dedup,
@@ -483,7 +496,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     tally = _Tally()
     out, per_split = {}, {}
     for name in order:
-        out[name], per_split[name], hist = _split_report(name, annotated[name], reasons[name], p, ids, tally)
+        out[name], per_split[name], hist = _split_report(name, annotated[name], reasons[name], p, ids, tally, cache_dir)
         report.setdefault("length_histogram_words", {})[name] = hist
     report["splits"] = per_split
     report["removed"] = tally.removed(order)
@@ -494,7 +507,8 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     report["languages"] = {"before": dict(tally.langs_before.most_common()),
                            "after": dict(tally.langs_after.most_common())} if p.language else {}
     if "train" in out and p.cfg.term_groups:
-        col = annotated["train"].select_columns(["_terms"]).to_dict()["_terms"]
+        col = (t for b in annotated["train"].select_columns(["_terms"]).with_format("arrow").iter(batch_size=_REPORT_BATCH)
+               for t in b.column("_terms").to_pylist())
         report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
     # for add_tokens, once the tokenizer exists
     report["_removed_idx"] = tally.removed_idx
@@ -524,55 +538,90 @@ class _DocIds:
         return self.cols[split][i]["_id"] if split in self.cols else f"{split}/{i}"
 
 
+# The memory the in-memory index takes per entry: an exact key; a document in the LSH index, plus
+# 4 bytes per permutation and this much per band. CPython dicts, at num_perm 128: 3.8 KB per kept
+# document by tracemalloc on 20,000 documents, ~5 KB of process memory (RssAnon) in
+# bench/prepare_scale.py at 256 MB (allocator overhead, dicts doubling): the constants are the latter.
+_EXACT_BYTES, _NEAR_BYTES, _BAND_BYTES = 330, 400, 145
+_SPLITS = ("train", "validation", "test")
+_BATCH = 1000  # documents per Arrow batch of the dedup pass (a spill happens between batches)
+_SPILL_BYTES: int | None = None  # tests set a tiny value: spill past it, not 3/4 of dedup_memory_mb
+
+
 class _Dedup:
     """Pass 2: exact and near dedup, and leakage, over the splits in order (train first).
 
-    State: the exact keys seen (key -> first split, index), and the LSH index of the kept
+    State: the exact keys seen (key -> the split that first had it), and the LSH index of the kept
     documents (LSH id -> split, index), whose shingle sets are recomputed from their text only
-    when LSH proposes them (and cached)."""
+    when LSH proposes them (and cached). Both live in dicts until their estimated size passes
+    3/4 of data.curate.dedup_memory_mb; then, after each Arrow batch that passes it, they move to
+    a `_SpilledIndex` on disk (under `folder`) and start empty again. A batch's keys are looked up
+    on disk once, before its documents are decided in order against the disk's answer and the
+    dicts: the same decisions as with everything in memory."""
 
-    def __init__(self, annotated: dict, fmt: str, p: Plan, ids: _DocIds):
+    def __init__(self, annotated: dict, fmt: str, p: Plan, ids: _DocIds, folder=None):
         self.fmt, self.p, self.ids = fmt, p, ids
         self.nd = p.cfg.near_dedup
         self.lsh = LSHIndex(self.nd.threshold, self.nd.num_perm) if p.near_dedup else None
-        self.seen: dict[str, tuple[str, int]] = {}
+        self.seen: dict[str, str] = {}
         self.where: dict[int, tuple[str, int]] = {}
+        self.gids = 0
         self.near_pairs: list[dict] = []
+        self.folder = folder
+        self.budget = p.cfg.dedup_memory_mb << 20
+        self.spill_at = _SPILL_BYTES if _SPILL_BYTES is not None else self.budget * 3 // 4
+        self.spilled: _SpilledIndex | None = None
+        self.doc_bytes = _NEAR_BYTES + 4 * self.nd.num_perm + _BAND_BYTES * (self.lsh.bands if self.lsh else 0)
         # the (scrubbed) text of a document, read back only for the candidates LSH proposes
         self.text_cols = {name: ds.select_columns(TEXT_COLUMNS[fmt]) for name, ds in annotated.items()}
-        self.kept_set = functools.lru_cache(maxsize=4096)(lambda g: self.key_set(*self.where[g]))
+        self.kept_set = functools.lru_cache(maxsize=4096)(lambda g: self.key_set(*self.place(g)))
 
     def key_set(self, split: str, i: int):
         return shingle_set(dedup_text(self.text_cols[split][i], self.fmt), self.nd.shingle, self.nd.shingle_size)
+
+    def place(self, gid: int) -> tuple[str, int]:
+        """(split, index) of a document in the LSH index."""
+        return self.where[gid] if gid in self.where else self.spilled.place(gid)
+
+    def memory(self) -> int:
+        """The estimated bytes of the in-memory index."""
+        return len(self.seen) * _EXACT_BYTES + len(self.where) * self.doc_bytes
 
     def split(self, name: str, ds) -> list[str]:
         """The removal reason of each document of one split ('' = kept)."""
         rs: list[str] = []
         lsh = self.lsh
-        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow").iter(batch_size=1000):
+        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow").iter(batch_size=_BATCH):
             sigs, sig_row = _sig_matrix(batch.column("_minhash"), self.nd.num_perm) if lsh is not None else (None, None)
-            band_keys = lsh.keys(sigs) if lsh is not None and len(sigs) else []
-            for k, (drop, ex) in enumerate(zip(batch.column("_drop").to_pylist(), batch.column("_exact").to_pylist())):
-                near = (sigs[sig_row[k]], band_keys[sig_row[k]]) if lsh is not None and sig_row[k] >= 0 else None
-                rs.append(drop or self.reason(name, len(rs), ex, near))
+            band_keys = _band_keys(sigs, lsh.bands, lsh.rows) if lsh is not None and len(sigs) else None
+            drops, exacts = batch.column("_drop").to_pylist(), batch.column("_exact").to_pylist()
+            on_disk = self.spilled.lookup(exacts, band_keys) if self.spilled is not None else ({}, {})
+            keys = band_keys.tolist() if band_keys is not None else []
+            for k, (drop, ex) in enumerate(zip(drops, exacts)):
+                r = sig_row[k] if lsh is not None else -1
+                near = (sigs[r], keys[r], on_disk[1].get(r, ())) if r >= 0 else None
+                rs.append(drop or self.reason(name, len(rs), ex, near, on_disk[0]))
+            if self.memory() > self.spill_at:
+                self.spill()
         return rs
 
-    def reason(self, name: str, i: int, ex: str, near) -> str:
+    def reason(self, name: str, i: int, ex: str, near, ex_on_disk: dict) -> str:
         """Why document i of split `name` goes (exact_dedup, near_dedup, leakage), or '' when it
         stays; a kept document joins the seen keys and the LSH index."""
         held_out = name != "train"
         p = self.p
-        if ex and ex in self.seen and (p.exact_dedup or (held_out and self.seen[ex][0] == "train" and p.leakage)):
-            return "leakage" if held_out and self.seen[ex][0] == "train" and p.leakage else "exact_dedup"
+        first = (self.seen.get(ex) or ex_on_disk.get(ex)) if ex else None
+        if first and (p.exact_dedup or (held_out and first == "train" and p.leakage)):
+            return "leakage" if held_out and first == "train" and p.leakage else "exact_dedup"
         if near is not None:
             hit = self.near(name, i, *near)
             if hit:
                 return hit
-        if ex:
-            self.seen.setdefault(ex, (name, i))
+        if ex and not first:
+            self.seen[ex] = name
         return ""
 
-    def near(self, name: str, i: int, sig, keys) -> str:
+    def near(self, name: str, i: int, sig, keys, on_disk) -> str:
         """'near_dedup' (or 'leakage') when a kept document is a near duplicate; else '', and
         the document joins the index."""
         own: list = []
@@ -582,17 +631,38 @@ class _Dedup:
                 own.append(self.key_set(name, i))
             return jaccard(own[0], self.kept_set(j))
 
-        hit = self.lsh.query(sig, keys, confirm)
+        hit = self.lsh.query(sig, keys, confirm, on_disk, self.spilled.sig if self.spilled else None)
         if hit is None:
-            gid = len(self.where)
+            gid = self.gids
+            self.gids += 1
             self.lsh.insert(gid, sig, keys)
             self.where[gid] = (name, i)
             return ""
-        src_split, src_i = self.where[hit[0]]
+        src_split, src_i = self.place(hit[0])
         if len(self.near_pairs) < 20:
             self.near_pairs.append({"doc": self.ids(name, i), "split": name, "duplicate_of": self.ids(src_split, src_i),
                                     "duplicate_split": src_split, "jaccard": round(hit[1], 3)})
         return "leakage" if name != "train" and src_split == "train" and self.p.leakage else "near_dedup"
+
+    def spill(self) -> None:
+        """Move the in-memory index to disk."""
+        if self.spilled is None:
+            self.spilled = _SpilledIndex(self.folder, self.budget // 4, self.nd.num_perm, self.lsh.bands if self.lsh else 0)
+        self.spilled.add(self.seen, self.where, self.lsh)
+        self.seen, self.where = {}, {}
+        if self.lsh is not None:
+            self.lsh.clear()
+
+    def close(self) -> None:
+        """Free the index now (kept_set's cache refers back to self: left to the cyclic garbage
+        collector, the dicts outlived the pass into tokenizing) and delete its files."""
+        self.seen, self.where = {}, {}
+        self.kept_set.cache_clear()
+        if self.lsh is not None:
+            self.lsh.clear()
+        if self.spilled is not None:
+            self.spilled.close()
+            self.spilled = None
 
     def summary(self) -> dict:
         """report['near_duplicates']: the LSH settings, its work, and the first pairs found."""
@@ -603,6 +673,96 @@ class _Dedup:
                 "bands": lsh.bands, "rows": lsh.rows, "lsh_miss_at_threshold": MAX_MISS,
                 "candidate_pairs": lsh.candidates, "exact_checks": lsh.checked,
                 "shingle": f"{nd.shingle}:{nd.shingle_size}", "examples": self.near_pairs}
+
+
+class _SpilledIndex:
+    """The dedup index on disk (llmctl.data.spill): exact keys (hash -> the split that first had
+    it), LSH band keys (band, key -> LSH id) and the LSH documents (id -> split, index, signature).
+    Its memory is the two Bloom filters (`bloom_bytes` together) and the runs' fences."""
+
+    def __init__(self, folder, bloom_bytes: int, num_perm: int, bands: int):
+        import shutil
+        from pathlib import Path
+
+        import numpy as np
+
+        from llmctl.data import spill
+
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)  # files a killed run left are not this run's
+        self.folder.mkdir(parents=True)
+        share = bloom_bytes // (bands + 1)  # per key: one exact key and `bands` band keys per document
+        self.exact = spill.KeyRuns(self.folder, "exact", share)
+        self.bands = spill.KeyRuns(self.folder, "bands", bloom_bytes - share) if bands else None
+        self.docs = spill.RecordLog(self.folder / "docs.bin", [("split", "<u4"), ("i", "<u8"), ("sig", "<u4", (num_perm,))]) if bands else None
+        # band b's keys are stored xor-ed with b * this: equal keys of different bands hash apart
+        with np.errstate(over="ignore"):
+            self.salt = np.arange(bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+
+    @staticmethod
+    def _halves(keys: list[str]):
+        """The two uint64 halves of 128-bit hex keys."""
+        import numpy as np
+
+        return np.frombuffer(bytes.fromhex("".join(keys)), dtype=">u8").reshape(-1, 2).astype(np.uint64).T
+
+    def add(self, seen: dict[str, str], where: dict[int, tuple[str, int]], lsh) -> None:
+        """Append an in-memory index (the dicts of `_Dedup`)."""
+        import numpy as np
+
+        if seen:
+            hi, lo = self._halves(list(seen))
+            self.exact.add(hi, lo, np.array([_SPLITS.index(v) for v in seen.values()], dtype=np.uint64))
+        if self.bands is None or not where:
+            return
+        order = sorted(where)
+        assert order[0] == self.docs.n and order[-1] == self.docs.n + len(order) - 1, "LSH ids are consecutive"
+        sigs = np.frombuffer(b"".join(lsh.sigs[g] for g in order), dtype=np.uint32).reshape(len(order), -1)
+        # the band keys of each document again (what lsh.buckets holds, by document)
+        keys = _band_keys(sigs, lsh.bands, lsh.rows)
+        self.bands.add((keys ^ self.salt[None, :]).ravel(), np.repeat(np.array(order, dtype=np.uint64), lsh.bands),
+                       np.tile(np.arange(lsh.bands, dtype=np.uint64), len(order)))
+        recs = np.zeros(len(order), dtype=self.docs.dtype)
+        recs["split"] = [_SPLITS.index(where[g][0]) for g in order]
+        recs["i"] = [where[g][1] for g in order]
+        recs["sig"] = sigs
+        self.docs.append(recs)
+
+    def lookup(self, exacts: list[str], band_keys) -> tuple[dict[str, str], dict[int, list[int]]]:
+        """({exact key: split} for the keys on disk, {signature row: [LSH ids sharing a band]})."""
+        import numpy as np
+
+        keys = [e for e in exacts if e]
+        found: dict[str, str] = {}
+        if keys:
+            hi, lo = self._halves(keys)
+            for q, a, b in zip(*self.exact.lookup(hi)):
+                if a == lo[q]:
+                    found[keys[q]] = _SPLITS[int(b)]
+        near: dict[int, list[int]] = {}
+        if self.bands is not None and band_keys is not None:
+            nb = band_keys.shape[1]
+            qs, gids, bs = self.bands.lookup((band_keys ^ self.salt[None, :]).ravel())
+            for q, g, b in zip(qs.tolist(), gids.tolist(), bs.tolist()):
+                if b == q % nb:
+                    near.setdefault(q // nb, []).append(g)
+        return found, near
+
+    def place(self, gid: int) -> tuple[str, int]:
+        rec = self.docs.get(gid)
+        return _SPLITS[int(rec["split"])], int(rec["i"])
+
+    def sig(self, gid: int):
+        return self.docs.get(gid)["sig"]
+
+    def close(self) -> None:
+        import shutil
+
+        self.exact.close()
+        if self.bands is not None:
+            self.bands.close()
+            self.docs.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the report
@@ -625,35 +785,48 @@ class _Tally:
                 for step in STEPS}
 
 
-def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _Tally) -> tuple[Any, dict, dict]:
+_REPORT_BATCH = 10_000  # documents per Arrow batch of the report pass: its memory does not grow with the split
+
+
+def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _Tally, cache_dir) -> tuple[Any, dict, dict]:
     """One split's kept documents (annotations dropped), its report['splits'] entry and its
-    length histogram; its removals, languages and PII go into the tally."""
-    meta = ds.select_columns(["_words", "_chars", "_lang", "_pii"]).to_dict()
-    words, chars = meta["_words"], meta["_chars"]
-    counts, wsum, csum = _tally_removals(name, rs, words, chars, ids, tally)
-    _tally_langs_pii(meta["_lang"], meta["_pii"], rs, p, tally)
-    steps, docs = _step_table(rs, words, chars, counts, wsum, csum, p)
+    length histogram; its removals, languages and PII go into the tally. Read in batches."""
+    counts: Counter = Counter()  # documents, words and chars per step ('' = kept)
+    wsum: Counter = Counter()
+    csum: Counter = Counter()
+    before: Counter = Counter()
+    after: Counter = Counter()
+    tally.removed_idx[name] = {}
+    start = 0
+    for batch in ds.select_columns(["_words", "_chars", "_lang", "_pii"]).with_format("arrow").iter(batch_size=_REPORT_BATCH):
+        words, chars = batch.column("_words").to_pylist(), batch.column("_chars").to_pylist()
+        r = rs[start : start + len(words)]
+        _tally_removals(name, start, r, words, chars, ids, tally, counts, wsum, csum)
+        _tally_langs_pii(batch.column("_lang").to_pylist(), batch.column("_pii").to_pylist(), r, p, tally)
+        before.update(map(_bin, words))
+        after.update(_bin(w) for w, x in zip(words, r) if not x)
+        start += len(words)
+    steps, docs = _step_table(len(rs), sum(wsum.values()), sum(csum.values()), counts, wsum, csum, p)
     info = {"documents_before": len(rs), "documents_after": docs, "steps": steps,
             "removed_by": dict(Counter(r for r in rs if r).most_common())}
-    keep = [i for i, r in enumerate(rs) if not r]
-    kept = ds.select(keep) if len(keep) < len(rs) else ds
-    hist = {"before": _hist(words), "after": _hist(words[i] for i in keep)}
+    kept = ds
+    if docs < len(rs):  # an indices mapping on disk (a select would list every index in memory)
+        kept = ds.filter(lambda _, idx: [not rs[i] for i in idx], with_indices=True, batched=True, batch_size=_REPORT_BATCH,
+                         input_columns=["_drop"], load_from_cache_file=False, new_fingerprint=f"{ds._fingerprint}-kept",
+                         cache_file_name=str(Path(cache_dir) / f"curate-{name}-kept.arrow"), desc=None)
+    hist = {"before": _sorted_hist(before), "after": _sorted_hist(after)}
     return kept.remove_columns(list(ANNOTATIONS)), info, hist
 
 
-def _tally_removals(name: str, rs: list[str], words: list[int], chars: list[int], ids: _DocIds,
-                    tally: _Tally) -> tuple[Counter, Counter, Counter]:
-    """(documents, words, chars) removed per step ('' = kept); records each removal's index,
-    the first examples of each reason and the quality filter counts."""
-    counts: Counter = Counter()
-    wsum: Counter = Counter()
-    csum: Counter = Counter()
-    tally.removed_idx[name] = {}
-    for i, r in enumerate(rs):
+def _tally_removals(name: str, start: int, rs: list[str], words: list[int], chars: list[int], ids: _DocIds,
+                    tally: _Tally, counts: Counter, wsum: Counter, csum: Counter) -> None:
+    """Add (documents, words, chars) per step ('' = kept) of documents start.. of a split;
+    records each removal's index, the first examples of each reason and the quality filter counts."""
+    for i, r in enumerate(rs, start):
         step = r.split(":")[0] if r else ""
         counts[step] += 1
-        wsum[step] += words[i]
-        csum[step] += chars[i]
+        wsum[step] += words[i - start]
+        csum[step] += chars[i - start]
         if r:
             tally.removed_idx[name].setdefault(step, []).append(i)
             ex = tally.examples.setdefault(r, [])
@@ -661,7 +834,6 @@ def _tally_removals(name: str, rs: list[str], words: list[int], chars: list[int]
                 ex.append(ids(name, i))
             if r.startswith("quality:"):
                 tally.quality[r.split(":", 1)[1]] += 1
-    return counts, wsum, csum
 
 
 def _tally_langs_pii(langs: list[str], piis: list[str], rs: list[str], p: Plan, tally: _Tally) -> None:
@@ -677,12 +849,11 @@ def _tally_langs_pii(langs: list[str], piis: list[str], rs: list[str], p: Plan, 
             tally.pii.update(json.loads(pii))
 
 
-def _step_table(rs: list[str], words: list[int], chars: list[int], counts: Counter, wsum: Counter,
-                csum: Counter, p: Plan) -> tuple[list[dict], int]:
-    """Documents, words and chars before and after each step (in STEPS order), and the
-    documents left at the end."""
+def _step_table(n: int, words: int, chars: int, counts: Counter, wsum: Counter, csum: Counter, p: Plan) -> tuple[list[dict], int]:
+    """Documents, words and chars before and after each step (in STEPS order), from the split's
+    totals; and the documents left at the end."""
     steps = []
-    docs, w, ch = len(rs), sum(words), sum(chars)
+    docs, w, ch = n, words, chars
     for step in STEPS:
         if step == "pii" and p.pii != "drop":
             continue
@@ -693,15 +864,16 @@ def _step_table(rs: list[str], words: list[int], chars: list[int], counts: Count
     return steps, docs
 
 
-def _hist(values: Iterable[int]) -> dict[str, int]:
-    """Counts in power-of-two word-length bins: '0', '1', '2-3', '4-7', ..."""
-    h: Counter = Counter()
-    for v in values:
-        if v <= 1:
-            h[str(v)] += 1
-        else:
-            lo = 1 << (int(v).bit_length() - 1)
-            h[f"{lo}-{2 * lo - 1}"] += 1
+def _bin(v: int) -> str:
+    """A power-of-two word-length bin: '0', '1', '2-3', '4-7', ..."""
+    if v <= 1:
+        return str(v)
+    lo = 1 << (int(v).bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"
+
+
+def _sorted_hist(h: Counter) -> dict[str, int]:
+    """Bin counts, shortest bin first."""
     return dict(sorted(h.items(), key=lambda kv: int(kv[0].split("-")[0])))
 
 
