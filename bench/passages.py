@@ -595,16 +595,18 @@ def preference(r: dict) -> str:
     if m.get("safety_after"):
         b, a = m["safety_before"], m["safety_after"]
         cats = ", ".join(f"{k} {v}" for k, v in m["safety_after_refused_by_category"].items())
-        st = f"{m['safety_dpo_steps']} DPO steps of 150 (`train.max_time` 15m); " if m.get("safety_dpo_steps") is not None else ""
-        out += [f"**The safety demo** (`configs/dpo-safety.yaml` on the quickstart model{sft(m.get('safety_sft'))}; {st}{load('safety')}): "
+        method = m.get("safety_method", "dpo").upper()
+        steps = m.get("safety_steps", m.get("safety_dpo_steps"))
+        st = f"{steps} {method} steps of 150 (`train.max_time` 15m); " if steps is not None else ""
+        out += [f"**The safety demo** (`configs/orpo-safety.yaml` on the quickstart model{sft(m.get('safety_sft'))}; {st}{load('safety')}): "
                 f"on the {m['safety_prompts']} red-team prompts, with the rails off:", "",
-                "| red-team eval | the quickstart model (before) | after DPO |", "|---|---|---|",
+                f"| red-team eval | the quickstart model (before) | after {method} |", "|---|---|---|",
                 f"| answers that refuse | {b['refused_rate_off'] * 100:.1f}% | {a['refused_rate_off'] * 100:.1f}% |",
                 f"| answers a detector flags | {b['flagged_rate_off'] * 100:.1f}% | {a['flagged_rate_off'] * 100:.1f}% |",
                 f"| held-out pairs: likelihood accuracy | {b['likelihood_accuracy']:.3f} | {a['likelihood_accuracy']:.3f} |", "",
                 f"Refusals after, per category: {cats}. Held-out preference accuracy after: {a['preference_accuracy']:.3f} "
                 f"on {m['safety_pairs_heldout']} pairs."
-                + (" DPO ranked the held-out refusals above compliance but did not change what the model writes greedily: "
+                + (f" {method} ranked the held-out refusals above compliance but did not change what the model writes greedily: "
                    "its likelihood of the refusals did not overtake its own continuations." if a["refused_rate_off"] <= b["refused_rate_off"]
                    and a["preference_accuracy"] > 0.5 else ""), ""]
     else:

@@ -23,7 +23,7 @@
    on the held-out chosen continuations before and after. The quickstart model is
    runs/quickstart/train/model when `llmctl run configs/quickstart.yaml` made it, else trained here first.
 
-5. The safety demo (configs/dpo-safety.yaml on top of the quickstart model): the red-team eval
+5. The safety demo (configs/orpo-safety.yaml, ORPO on top of the quickstart model): the red-team eval
    (llmctl/data/redteam.jsonl's 40 prompts, none among the training pairs) before and after:
    refusal and flagged-output rates with the rails off (and on), per category.
 
@@ -290,11 +290,11 @@ def _eval_json(args: list[str]) -> dict:
 
 
 def safety(tmp: Path) -> tuple[dict, dict]:
-    """Part 5: configs/dpo-safety.yaml. The red-team eval (the 40 shipped prompts, none among the
-    training pairs) on the quickstart model (before) and on the DPO-tuned one (after)."""
+    """Part 5: configs/orpo-safety.yaml. The red-team eval (the 40 shipped prompts, none among the
+    training pairs) on the quickstart model (before) and on the ORPO-tuned one (after)."""
     sft = quickstart_sft(tmp)
     cfg = str(REPO / "configs" / "dpo-safety.yaml")
-    run = tmp / "dpo-safety"
+    run = tmp / "orpo-safety"
     sets = ["--run-dir", str(run), "--set", f"model.name_or_path={sft}", "--set", f"tokenizer.name_or_path={sft}"]
     subprocess.run([sys.executable, "-m", "llmctl", "prepare", cfg, "-q", *sets], check=True, cwd=REPO)
     before = _eval_json([cfg, "-q", *sets, "--model", str(sft), "--set", "eval.compare_init=false"])
@@ -320,11 +320,11 @@ def safety(tmp: Path) -> tuple[dict, dict]:
         by_cat[r["category"]][1] += 1
     head = json.loads((run / "train" / "manifest.json").read_text())["headline"]
     metrics = {"safety_model_params": n_params(sft), "safety_sft": sft_record(sft),
-               "safety_dpo_steps": head.get("steps"), "safety_stopped_by": head.get("stopped_by"), "safety_prompts": after["safety"]["prompts"],
+               "safety_steps": head.get("steps"), "safety_method": "orpo", "safety_stopped_by": head.get("stopped_by"), "safety_prompts": after["safety"]["prompts"],
                "safety_pairs_heldout": after["preference"]["pairs"], "safety_before": b, "safety_after": a,
                "safety_after_refused_by_category": {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_cat.items())},
                "safety_example_after": {k: rows[0][k] for k in ("id", "prompt", "output_off")}}
-    return metrics, {"safety demo: red-team refusal rate, rails off, after DPO": ratio(a["refused_rate_off"], None),
+    return metrics, {"safety demo: red-team refusal rate, rails off, after ORPO": ratio(a["refused_rate_off"], None),
                      "safety demo: red-team refusal rate, rails off, before": ratio(b["refused_rate_off"], None)}
 
 

@@ -1,4 +1,4 @@
-"""Writes configs/data/safety-pairs.jsonl, the preference pairs of configs/dpo-safety.yaml:
+"""Writes configs/data/safety-pairs.jsonl, the preference pairs of configs/orpo-safety.yaml:
     python configs/data/make_safety_pairs.py
 
 Requests of the red-team eval's four kinds (secrets, pii, abuse, jailbreak: llmctl/data/redteam.jsonl),

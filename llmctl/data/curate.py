@@ -730,7 +730,6 @@ class _SpilledIndex:
 
     def lookup(self, exacts: list[str], band_keys) -> tuple[dict[str, str], dict[int, list[int]]]:
         """({exact key: split} for the keys on disk, {signature row: [LSH ids sharing a band]})."""
-        import numpy as np
 
         keys = [e for e in exacts if e]
         found: dict[str, str] = {}
