@@ -49,3 +49,42 @@ def check_image_text_formats(formats, tower: str | None = None, model_type: str 
     if model_type is not None and model_type not in IMAGE_TEXT_GGUF_TYPES:
         raise ConfigError(f"export.formats has gguf, which llmctl writes for image-text models of type {', '.join(IMAGE_TEXT_GGUF_TYPES)} "
                           f"(llama.cpp's model + mmproj pair), not '{model_type}'. {fix}")
+
+
+# the mmproj llmctl writes (llmctl/exporters/mmproj.py): towers and activations clip.cpp runs as trained
+MMPROJ_TOWERS = ("siglip_vision_model",)
+# vision tower hidden_act -> the clip.cpp flag that selects it (none set: quick GELU)
+MMPROJ_ACTS = {"gelu_pytorch_tanh": "use_gelu", "gelu": "use_gelu", "quick_gelu": None, "silu": "use_silu"}
+MMPROJ_FIX = "drop gguf from export.formats (the hf export loads with AutoModelForImageTextToText and AutoProcessor)"
+
+
+def _refuse_mmproj(why: str):
+    from llmctl.errors import ConfigError
+
+    raise ConfigError(f"export gguf: llama.cpp cannot run this image-text model as trained: {why}; {MMPROJ_FIX}")
+
+
+def check_image_text_model_config(c) -> None:
+    """What llama.cpp's LLaVA graph (clip.cpp) needs of an image-text model's config: ConfigError
+    naming why (exit 2). Train checks it before training, the GGUF export again on the loaded model."""
+    if c.model_type != "llava":
+        _refuse_mmproj(f"it is '{c.model_type}'; llmctl writes llama.cpp's mmproj for LLaVA models (a ViT tower, an MLP projector, a llama) only")
+    v = c.vision_config
+    if v.model_type == "clip_vision_model":
+        _refuse_mmproj(f"its vision tower is CLIP: {CLIP_TOWER_REFUSED}; a model built with model.vision.tower: siglip exports")
+    if v.model_type not in MMPROJ_TOWERS:
+        _refuse_mmproj(f"its vision tower is '{v.model_type}'; llmctl writes the mmproj for {', '.join(MMPROJ_TOWERS)} towers")
+    if c.text_config.model_type != "llama":
+        _refuse_mmproj(f"its language model is '{c.text_config.model_type}'; llmctl's GGUF writer writes llama")
+    if not isinstance(c.vision_feature_layer, int):
+        _refuse_mmproj(f"vision_feature_layer is {c.vision_feature_layer} (several layers concatenated); llmctl writes one feature layer")
+    if c.vision_feature_select_strategy != "full":
+        _refuse_mmproj(f"vision_feature_select_strategy is '{c.vision_feature_select_strategy}'; a SigLIP tower has no class token to drop")
+    if v.hidden_act not in MMPROJ_ACTS:
+        _refuse_mmproj(f"the vision tower's hidden_act is '{v.hidden_act}'; clip.cpp has {', '.join(MMPROJ_ACTS)}")
+    if c.projector_hidden_act not in ("gelu", "gelu_pytorch_tanh"):
+        _refuse_mmproj(f"projector_hidden_act is '{c.projector_hidden_act}'; clip.cpp's mlp projector applies GELU")
+    if not getattr(c, "multimodal_projector_bias", True):
+        _refuse_mmproj("the projector has no biases; clip.cpp's mlp projector adds them")
+    if v.intermediate_size == v.hidden_size:
+        _refuse_mmproj("the tower's intermediate_size equals its hidden_size; clip.cpp then takes ffn_up/ffn_down for an old converter's swapped pair")

@@ -34,14 +34,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from llmctl.errors import ConfigError
-from llmctl.export_support import CLIP_TOWER_REFUSED
+from llmctl.export_support import MMPROJ_ACTS as ACTS
+from llmctl.export_support import MMPROJ_FIX as FIX
+from llmctl.export_support import check_image_text_model_config
 
 TYPES = ("f32", "f16")  # the mmproj's own precision: the tower is small beside the language model
 PROJECTOR = "mlp"  # clip.cpp's PROJECTOR_TYPE_MLP: mm.0 (linear), GELU, mm.2 (linear)
-TOWERS = ("siglip_vision_model",)
-# vision tower hidden_act -> the clip.cpp flag that selects it (none set: quick GELU)
-ACTS = {"gelu_pytorch_tanh": "use_gelu", "gelu": "use_gelu", "quick_gelu": None, "silu": "use_silu"}
-FIX = "drop gguf from export.formats (the hf export loads with AutoModelForImageTextToText and AutoProcessor)"
 
 # names under the vision tower -> clip.cpp's; {i}: layer
 _EMBED = {
@@ -91,29 +89,9 @@ def check_supported(model, proc) -> None:
 
 
 def check_model(model) -> None:
-    """The part of `check_supported` the model alone decides (train checks it before training)."""
+    """The part of `check_supported` the model alone decides (train checks its config before training)."""
+    check_image_text_model_config(model.config)
     c = model.config
-    if c.model_type != "llava":
-        _refuse(f"it is '{c.model_type}'; llmctl writes llama.cpp's mmproj for LLaVA models (a ViT tower, an MLP projector, a llama) only")
-    v = c.vision_config
-    if v.model_type == "clip_vision_model":
-        _refuse(f"its vision tower is CLIP: {CLIP_TOWER_REFUSED}; a model built with model.vision.tower: siglip exports")
-    if v.model_type not in TOWERS:
-        _refuse(f"its vision tower is '{v.model_type}'; llmctl writes the mmproj for {', '.join(TOWERS)} towers")
-    if c.text_config.model_type != "llama":
-        _refuse(f"its language model is '{c.text_config.model_type}'; llmctl's GGUF writer writes llama")
-    if not isinstance(c.vision_feature_layer, int):
-        _refuse(f"vision_feature_layer is {c.vision_feature_layer} (several layers concatenated); llmctl writes one feature layer")
-    if c.vision_feature_select_strategy != "full":
-        _refuse(f"vision_feature_select_strategy is '{c.vision_feature_select_strategy}'; a SigLIP tower has no class token to drop")
-    if v.hidden_act not in ACTS:
-        _refuse(f"the vision tower's hidden_act is '{v.hidden_act}'; clip.cpp has {', '.join(ACTS)}")
-    if c.projector_hidden_act not in ("gelu", "gelu_pytorch_tanh"):
-        _refuse(f"projector_hidden_act is '{c.projector_hidden_act}'; clip.cpp's mlp projector applies GELU")
-    if not getattr(c, "multimodal_projector_bias", True):
-        _refuse("the projector has no biases; clip.cpp's mlp projector adds them")
-    if v.intermediate_size == v.hidden_size:
-        _refuse("the tower's intermediate_size equals its hidden_size; clip.cpp then takes ffn_up/ffn_down for an old converter's swapped pair")
     from llmctl.exporters import gguf as gguf_x
 
     gguf_x.check_supported(SimpleNamespace(config=c.text_config))  # the llama's own rules (activation, rope)

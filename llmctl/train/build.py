@@ -94,9 +94,9 @@ def build_model(cfg, tok, build=None):
     if cfg.data.format != "image_text":
         check_export_formats(cfg.export.formats, model.config.model_type, f"model.name_or_path ({cfg.model.name_or_path})" if cfg.model.name_or_path else "model.arch")
     elif "gguf" in cfg.export.formats:  # llama.cpp's model + mmproj: what the model alone decides
-        from llmctl.exporters import mmproj
+        from llmctl.export_support import check_image_text_model_config
 
-        mmproj.check_model(model)
+        check_image_text_model_config(model.config)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg)
     return model
