@@ -293,7 +293,7 @@ def safety(tmp: Path) -> tuple[dict, dict]:
     """Part 5: configs/orpo-safety.yaml. The red-team eval (the 40 shipped prompts, none among the
     training pairs) on the quickstart model (before) and on the ORPO-tuned one (after)."""
     sft = quickstart_sft(tmp)
-    cfg = str(REPO / "configs" / "dpo-safety.yaml")
+    cfg = str(REPO / "configs" / "orpo-safety.yaml")
     run = tmp / "orpo-safety"
     sets = ["--run-dir", str(run), "--set", f"model.name_or_path={sft}", "--set", f"tokenizer.name_or_path={sft}"]
     subprocess.run([sys.executable, "-m", "llmctl", "prepare", cfg, "-q", *sets], check=True, cwd=REPO)
