@@ -260,18 +260,24 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
-def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
-    over = {"train": {"max_steps": 6, "save_every": 3, "eval_every": 100, "log_every": 1, "lr": 1e-2}}
+def _killed_and_resumed(tmp_path, config_of, kill_after: int) -> tuple[dict, dict]:
+    """Runs a (uninterrupted) and b (SIGKILLed after the step-`kill_after` checkpoint, then resumed)
+    of the config `config_of(name)` gives: their losses per step."""
     runs = {}
     for name in ("a", "b"):
-        runs[name] = write_config(tmp_path / f"{name}.yaml", vision_config(tmp_path / name, **over))
+        runs[name] = write_config(tmp_path / f"{name}.yaml", config_of(name))
         assert invoke_cli("prepare", str(runs[name])).returncode == 0
     assert invoke_cli("train", str(runs["a"])).returncode == 0
-    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "3"})
+    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": str(kill_after)})
     assert r.returncode == -9, r.stderr
     r = invoke_cli("train", str(runs["b"]))
     assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
-    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    return _losses(tmp_path / "a"), _losses(tmp_path / "b")
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(tmp_path):
+    over = {"train": {"max_steps": 6, "save_every": 3, "eval_every": 100, "log_every": 1, "lr": 1e-2}}
+    full, resumed = _killed_and_resumed(tmp_path, lambda name: vision_config(tmp_path / name, **over), 3)
     assert sorted(resumed) == list(range(1, 7))
     for step in (4, 5, 6):
         assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
@@ -949,16 +955,7 @@ def test_pretrained_architectures_lora_leaves_the_frozen_tower_alone(hub_vlm, tm
 def test_pretrained_architectures_resume_after_sigkill(hub_vlm, tmp_path):
     """Killed after the step-2 checkpoint, resumed: the same losses as the run that was never interrupted."""
     over = {"train": {"max_steps": 4, "save_every": 2, "eval_every": 100, "log_every": 1}}
-    runs = {}
-    for name in ("a", "b"):
-        runs[name] = write_config(tmp_path / f"{name}.yaml", hub_config(tmp_path / name, hub_vlm, **over))
-        assert invoke_cli("prepare", str(runs[name])).returncode == 0
-    assert invoke_cli("train", str(runs["a"])).returncode == 0
-    r = run_cli("train", str(runs["b"]), env={"LLMCTL_FAULT_KILL_AFTER_SAVE": "2"})
-    assert r.returncode == -9, r.stderr
-    r = invoke_cli("train", str(runs["b"]))
-    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr
-    full, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    full, resumed = _killed_and_resumed(tmp_path, lambda name: hub_config(tmp_path / name, hub_vlm, **over), 2)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert abs(resumed[step] - full[step]) < 1e-4, (step, resumed[step], full[step])
