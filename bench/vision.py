@@ -2,6 +2,7 @@
 
     python bench/vision.py                 # the steps/s comparison, then the vision quickstart (minutes)
     python bench/vision.py --from-run DIR  # the comparison, and a finished quickstart run's figures
+    python bench/vision.py --keep-quickstart  # the comparison only; the quickstart's figures kept from results.json
 
 1. `make demo-vision` (configs/vision-quickstart.yaml) from scratch, timed: exact match and BLEU
    on both held-out splits against the most frequent training caption and the untrained model,
@@ -158,7 +159,10 @@ def main() -> None:
         for side, fn in (sides if r % 2 == 0 else sides[::-1]):
             (ours if side == "ours" else theirs).append(fn())
     a, b = statistics.median(ours), statistics.median(theirs)
-    qs = quickstart(Path(sys.argv[2]) if sys.argv[1:2] == ["--from-run"] else None)
+    if sys.argv[1:2] == ["--keep-quickstart"]:  # the comparison only; the quickstart's figures as results.json has them
+        qs = json.loads((HERE / "results.json").read_text())["vision"]["metrics"]["quickstart"]
+    else:
+        qs = quickstart(Path(sys.argv[2]) if sys.argv[1:2] == ["--from-run"] else None)
     metrics = {"model_params": n_params, "images": IMAGES, "image_size": cfg.model.vision.image_size, "patch_size": cfg.model.vision.patch_size,
                "steps_timed": STEPS - WARMUP, "batch": BATCH, "rounds": ROUNDS,
                "llmctl_image_text_steps_per_s": round(a, 3), "bare_trainer_steps_per_s": round(b, 3),
