@@ -26,12 +26,12 @@ from llmctl.inference import llamacpp
 FAKE = Path(__file__).parent / "fixtures" / "fake_llama_server.py"
 
 
-def _bin_dir(tmp_path: Path, model_dir: Path | None = None, skew: float = 0.0, log: Path | None = None) -> Path:
+def _bin_dir(tmp_path: Path, model_dir: Path | None = None, skew: float = 0.0, log: Path | None = None, hold: Path | None = None) -> Path:
     """A folder holding an executable `llama-server` that runs the stand-in on this model."""
     d = tmp_path / "bin"
     d.mkdir(exist_ok=True)
     exe = d / "llama-server"
-    env = f"FAKE_LLAMA_MODEL='{model_dir}' FAKE_LLAMA_SKEW={skew} FAKE_LLAMA_LOG='{log or ''}' "
+    env = f"FAKE_LLAMA_MODEL='{model_dir}' FAKE_LLAMA_SKEW={skew} FAKE_LLAMA_LOG='{log or ''}' FAKE_LLAMA_HOLD='{hold or ''}' "
     exe.write_text(f"#!/bin/sh\n{env}exec '{sys.executable}' '{FAKE}' \"$@\"\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return d
@@ -91,9 +91,16 @@ def test_request_maps_the_sampler_settings():
     b = llamacpp.completion_body([1, 2, 3], 7, temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2,
                                  presence_penalty=0.5, frequency_penalty=0.25, seed=2**40 + 3, logprobs=0, context=128)
     assert b["prompt"] == [1, 2, 3] and b["n_predict"] == 7 and b["stream"] and b["return_tokens"]
+    assert llamacpp.completion_body([1], 1, stream=False)["stream"] is False
     assert (b["temperature"], b["top_k"], b["top_p"], b["repeat_penalty"]) == (0.7, 5, 0.9, 1.2)
     assert (b["presence_penalty"], b["frequency_penalty"], b["seed"], b["repeat_last_n"]) == (0.5, 0.25, 3, 128)
     assert b["samplers"] == ["penalties", "temperature", "top_k", "top_p"]  # transformers' order
+    # only the steps that change anything (llama.cpp runs each over the whole vocabulary); greedy is top-k 1
+    plain = llamacpp.completion_body([1], 1, temperature=0.8)
+    assert plain["samplers"] == ["temperature"] and plain["top_k"] == 0
+    greedy = llamacpp.completion_body([1], 1, temperature=0.0, top_k=5, top_p=0.5)
+    assert greedy["samplers"] == ["top_k"] and greedy["top_k"] == 1
+    assert llamacpp.completion_body([1], 1, temperature=0.0, frequency_penalty=0.1)["samplers"] == ["penalties", "top_k"]
     assert b["min_p"] == 0.0 and b["typical_p"] == 1.0 and b["xtc_probability"] == 0.0 and b["dry_multiplier"] == 0.0
     assert b["n_probs"] == 1 and b["post_sampling_probs"] is False  # raw logits; the sampled token's always
     assert "n_probs" not in llamacpp.completion_body([1], 1) and llamacpp.completion_body([1], 1)["seed"] == -1
@@ -170,10 +177,57 @@ def test_engine_through_the_api_matches_the_torch_engine(trained_run, tmp_path, 
         # echo with logprobs: a 400 naming why, not a wrong answer
         echo = s.post(prompt="the cat", max_tokens=2, logprobs=1, echo=True)
         assert echo.status_code == 400 and "echo with logprobs" in echo.text
+        # streamed: the same text and logprobs, token by token
+        with httpx.stream("POST", s.url + "/v1/completions", json={"model": "m", "temperature": 0, "prompt": "the cat", "max_tokens": 12,
+                                                                     "logprobs": 2, "stream": True}, timeout=120) as r:
+            chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == text
+        assert [lp for c in chunks for lp in c["choices"][0]["logprobs"]["token_logprobs"]] == pytest.approx(b["token_logprobs"], abs=1e-4)
         sent = [json.loads(x) for x in log.read_text().splitlines()]
         assert sent[0]["n_predict"] == 1 and sent[0]["n_probs"] >= 1  # the load-time probe
         assert sent[1]["prompt"] == ref_prompt_ids(rd.model_dir, "the cat")
+        # A whole answer with nothing to cut is asked for in one piece; a stop string or a
+        # streaming client needs the tokens as they come.
+        assert [x["stream"] for x in sent[1:]] == [False, True, True]
     finally:
+        s.close()
+
+
+def test_a_client_gone_before_a_whole_answer_frees_its_slot(trained_run, tmp_path, monkeypatch):
+    """A non-streamed answer is one reply from llama-server; the engine does not wait for it once
+    the client has hung up. The stand-in holds its answer (decoded, unsent) until the test lets
+    it go, so the hang-up provably lands first, with no timing involved."""
+    import socket
+
+    _, _, rd = trained_run
+    gguf = tmp_path / "model-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    log, hold = tmp_path / "requests.jsonl", tmp_path / "hold"
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir, log=log, hold=hold)))
+    s = _Served(rd.model_dir, gguf)
+    try:
+        hold.write_text("")
+        host, port = s.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "m", "prompt": "the cat", "max_tokens": 8, "temperature": 0}).encode()
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+        def wait(cond, what):
+            deadline = time.time() + 60  # a failure bound only: each step waits for an event
+            while not cond():
+                assert time.time() < deadline, what
+                time.sleep(0.01)
+
+        wait(lambda: log.is_file() and len(log.read_text().splitlines()) == 2 and s.engine.running == 1, "the request never reached llama-server")
+        sock.close()  # the client is gone while llama-server still holds the answer
+        wait(lambda: s.engine.running == 0, "the engine kept waiting for an answer nobody reads")
+        assert hold.exists()  # the answer was never let go: the slot was freed by the hang-up
+        hold.unlink()
+        again = s.post(prompt="the cat", max_tokens=8)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
+    finally:
+        hold.unlink(missing_ok=True)
         s.close()
 
 

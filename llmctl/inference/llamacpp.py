@@ -26,6 +26,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -46,6 +47,7 @@ TOLERANCE = {"f32": 1e-3, "q8_0": 6e-2, "q4_0": 0.4}
 START_TIMEOUT_S = 120.0
 # transformers' order of the sampling steps (generate's logits processors, llmctl's sampler).
 SAMPLERS = ["penalties", "temperature", "top_k", "top_p"]
+POLL_S = 0.05  # how often a non-streamed sequence asks whether its client is still there
 
 
 def find_binary(tool: str) -> Path | None:
@@ -160,17 +162,27 @@ class LlamaServer:
 
 def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                    seed: int | None = None, logprobs: int | None = None, context: int = 4096) -> dict:
+                    seed: int | None = None, logprobs: int | None = None, context: int = 4096, stream: bool = True) -> dict:
     """llama-server's /completion request for one sequence: token ids in, token ids out, every
     other sampler of llama.cpp's default chain (min-p, typical, XTC, DRY, mirostat) off. The
-    repetition penalty looks at the whole `context` (llama.cpp's default is the last 64 tokens)."""
+    repetition penalty looks at the whole `context` (llama.cpp's default is the last 64 tokens).
+    `stream=False`: the tokens come in one answer at the end (no per-token event to read).
+
+    The sampler chain holds only the steps that change anything, in transformers' order; greedy
+    decoding (temperature 0) is top-k 1 after any penalties. llama.cpp runs every step it is
+    given over the whole vocabulary for each token, even one that leaves the logits as they are:
+    with all four in the chain, greedy decoding ran 7% slower at 8 concurrent sequences (85M
+    llama, 16k vocabulary, 2 cores)."""
+    greedy = temperature <= 0
+    active = {"penalties": repetition_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0,
+              "temperature": not greedy, "top_k": greedy or bool(top_k), "top_p": not greedy and top_p < 1.0}
     body = {
-        "prompt": list(prompt_ids), "n_predict": max_tokens, "stream": True, "return_tokens": True, "cache_prompt": True,
-        "temperature": max(float(temperature), 0.0), "top_k": int(top_k or 0), "top_p": float(top_p), "min_p": 0.0,
+        "prompt": list(prompt_ids), "n_predict": max_tokens, "stream": bool(stream), "return_tokens": True, "cache_prompt": True,
+        "temperature": max(float(temperature), 0.0), "top_k": 1 if greedy else int(top_k or 0), "top_p": float(top_p), "min_p": 0.0,
         "typical_p": 1.0, "xtc_probability": 0.0, "dry_multiplier": 0.0, "mirostat": 0, "top_n_sigma": -1.0,
         "repeat_penalty": float(repetition_penalty), "repeat_last_n": int(context),
         "presence_penalty": float(presence_penalty), "frequency_penalty": float(frequency_penalty),
-        "samplers": SAMPLERS, "seed": -1 if seed is None else int(seed) % 2**32,
+        "samplers": [x for x in SAMPLERS if active[x]], "seed": -1 if seed is None else int(seed) % 2**32,
     }
     if logprobs is not None:
         # logprobs of the raw logits (before sampling), the sampled token's always included
@@ -178,32 +190,49 @@ def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float =
     return body
 
 
-def stream_tokens(conn: http.client.HTTPConnection, body: dict):
+def stream_tokens(conn: http.client.HTTPConnection, body: dict, cancelled=None):
     """Yield (token id, logprob or None, [(id, logprob), ...top]) per generated token, as
     llama-server streams them. Closing the generator (a stop string, a client gone) closes the
-    connection, which cancels the sequence in llama-server."""
+    connection, which cancels the sequence in llama-server.
+
+    A body with `stream: False` gets the whole sequence in one answer: one read and one JSON
+    parse instead of one of each per token, which on a few cores is CPU llama.cpp's own
+    threads get back. While it waits, `cancelled()` is asked every POLL_S; when it says yes the
+    generator ends (its caller closes the connection, and llama-server drops the sequence)."""
     conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    if not body.get("stream", True) and cancelled is not None:
+        if conn.sock is None:
+            conn.connect()
+        while not select.select([conn.sock], [], [], POLL_S)[0]:
+            if cancelled():
+                return
     r = conn.getresponse()
     if r.status != 200:
         raise LlmctlError(f"llama-server answered {r.status}: {r.read()[:300].decode(errors='replace')}")
     try:
+        if not body.get("stream", True):
+            yield from _tokens_of(json.loads(r.read()))
+            return
         while True:
             line = r.readline()
             if not line:
                 return
             if not line.startswith(b"data: "):
                 continue
-            ev = json.loads(line[6:])
-            if "error" in ev:
-                raise LlmctlError(f"llama-server: {ev['error'].get('message', ev['error'])}")
-            probs = ev.get("completion_probabilities") or [None] * len(ev.get("tokens") or [])
-            for t, p in zip(ev.get("tokens") or [], probs):
-                if p is None:
-                    yield t, None, []
-                else:
-                    yield t, p.get("logprob"), [(a["id"], a["logprob"]) for a in p.get("top_logprobs", [])]
+            yield from _tokens_of(json.loads(line[6:]))
     finally:
         r.close()
+
+
+def _tokens_of(ev: dict):
+    if "error" in ev:
+        raise LlmctlError(f"llama-server: {ev['error'].get('message', ev['error'])}")
+    probs = ev.get("completion_probabilities") or [None] * len(ev.get("tokens") or [])
+    for t, p in zip(ev.get("tokens") or [], probs):
+        if p is None:
+            yield t, None, []
+        else:
+            yield t, p.get("logprob"), [(a["id"], a["logprob"]) for a in p.get("top_logprobs", [])]
 
 
 def disagreement(server: LlamaServer, model, tok, qtype: str, k: int = 8) -> str | None:

@@ -98,16 +98,21 @@ class LlamaCppEngine(Engine):
     def _decode(self, j: Job) -> None:
         """Stream one sequence from llama-server through the torch engine's per-token rules. A
         connection per sequence: closing it (a stop string, EOS, a client gone) cancels the
-        sequence in llama-server (a loopback connect costs well under a millisecond)."""
+        sequence in llama-server (a loopback connect costs well under a millisecond).
+
+        A sequence nobody reads as it grows (a non-streamed answer without stop strings) is asked
+        for in one piece: the same tokens through the same rules, without a read, a JSON parse
+        and a thread wake-up per token in this process, which shares the cores with llama.cpp's."""
         from llmctl.inference.llamacpp import completion_body, stream_tokens
 
         if j.echo_logprobs:
             j.push(("error", "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return"))
             return
         body = completion_body(j.prompt_ids, j.max_tokens, j.temperature, j.top_k, j.top_p, j.repetition_penalty,
-                               j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context)
+                               j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context,
+                               stream=j.stream or bool(j.stop))
         conn = self.server.connect()
-        tokens = stream_tokens(conn, body)
+        tokens = stream_tokens(conn, body, cancelled=lambda: j.cancelled)
         try:
             for t, lp, top in tokens:
                 if j.cancelled:
