@@ -83,7 +83,7 @@ def bare_loop(cfg, rd) -> float:
     return (STEPS - WARMUP) * BATCH * BLOCK / (time.perf_counter() - t_start)
 
 
-LORA = {"85m": {"batch": 4, "block": 256, "steps": 8}, "0.5b": {"batch": 2, "block": 128, "steps": 6}}
+LORA = {"85m": {"batch": 4, "block": 256, "steps": 8}, "0.5b": {"batch": 2, "block": 128, "steps": 12}}
 LORA_WARMUP, LORA_ROUNDS = 2, 2
 if os.environ.get("LLMCTL_BENCH_LORA_STEPS"):  # a loaded machine: fewer steps (the first timed step is the one after LORA_WARMUP)
     LORA_WARMUP = 1
