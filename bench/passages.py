@@ -295,7 +295,8 @@ def _realsize_lines(m: dict) -> list[str]:
     g = m.get("generate")
     if g:
         one = f", oneDNN's {g['onednn_matmuls_only_tokens_per_s']}" if "onednn_matmuls_only_tokens_per_s" in g else ""
-        out.append(f"- generate at 85M, one stream, {g['threads']} thread(s), {g['new_tokens']} new tokens (tokens/s): llmctl {g['llmctl_tokens_per_s']}, "
+        cpp = f" (engine llama.cpp, f32 GGUF: {g['llmctl_llama_cpp_tokens_per_s']})" if "llmctl_llama_cpp_tokens_per_s" in g else ""
+        out.append(f"- generate at 85M, one stream, {g['threads']} thread(s), {g['new_tokens']} new tokens (tokens/s): llmctl {g['llmctl_tokens_per_s']}{cpp}, "
                    f"transformers `generate` {g['hf_generate_tokens_per_s']} (static cache {g['hf_generate_static_cache_tokens_per_s']}); "
                    f"the weights' matmuls alone, the ceiling of any torch decode: MKL's {g['torch_matmuls_only_tokens_per_s']}{one}. Decode path: {g['lean_path']}.")
     s = m.get("serve") or {}

@@ -3,7 +3,8 @@ intermediate 2048, a 16k BPE trained on the standard library's source, f32, rand
 speed does not depend on what the weights learned), side by side, alternating rounds in one run.
 
 generate (in-process, one stream, greedy, NEW tokens, the same thread count on every side):
-  llmctl's `generate_batch` (the lean path where it covers the model) vs transformers'
+  llmctl's `generate_batch` (the lean path where it covers the model) and its llama.cpp path
+  (`generate.engine: llama.cpp`, on the f32 GGUF of the same weights) vs transformers'
   `model.generate` with its default dynamic cache and with its static cache.
 serve (the real `llmctl serve`, closed-loop clients, MAX_TOKENS new tokens per request):
   f32: llmctl serve (torch engine), llmctl serve with serve.engine llama.cpp, bare llama-server
@@ -108,8 +109,21 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
 
     from llmctl.inference.lean import ONEDNN_LINEAR
 
+    # `llmctl generate --set generate.engine=llama.cpp`: the same call on a llama-server it runs on
+    # the f32 GGUF of these weights (checked against the model first), with the same threads.
+    server = None
+    from llmctl.inference.llamacpp import LlamaServer, disagreement, find_binary
+
+    if find_binary("llama-server") is not None:
+        from llmctl.inference.llamacpp_generate import generate_llamacpp
+
+        server = LlamaServer(_ggufs(model_dir, Path(tempfile.mkdtemp(prefix="bench-realsize-")))["f32"], 1, 1024, threads=threads)
+        server.start()
+        why = disagreement(server, model, tok, "f32")
+        assert why is None, why
     sides = {
         "llmctl": lambda: generate_batch(model, tok, [prompt], sp)[0]["completion_tokens"],
+        **({"llmctl_llama_cpp": lambda: generate_llamacpp(server, tok, [prompt], sp, set(), 1024)[0]["completion_tokens"]} if server else {}),
         "hf_generate": hf,
         "hf_generate_static_cache": lambda: hf(cache_implementation="static"),
         "torch_matmuls_only": matmuls_only,
@@ -126,10 +140,14 @@ def generate_rows(model_dir: Path, rounds: int, threads: int) -> dict:
             assert n == NEW, (name, n)
             runs[name].append(n / (time.perf_counter() - t0))
         loads.append(load())
+    if server is not None:
+        server.stop()
     per_round = [{k: v[i] for k, v in runs.items()} for i in range(rounds)]
     return {"model_params": n_params, "threads": threads, "new_tokens": NEW, "rounds": rounds, "load_avg_1m": loads,
             **{f"{k}_tokens_per_s": round(statistics.median(v), 1) for k, v in runs.items()},
             "llmctl_vs_hf_generate": round(statistics.median(x["llmctl"] / x["hf_generate"] for x in per_round), 3),
+            **({"llmctl_llama_cpp_vs_hf_generate": round(statistics.median(x["llmctl_llama_cpp"] / x["hf_generate"] for x in per_round), 3)}
+               if "llmctl_llama_cpp" in runs else {}),
             "llmctl_vs_hf_static_cache": round(statistics.median(x["llmctl"] / x["hf_generate_static_cache"] for x in per_round), 3),
             "ceiling_vs_hf_generate": round(statistics.median(x["torch_matmuls_only"] / x["hf_generate"] for x in per_round), 3),
             **({"onednn_ceiling_vs_hf_generate": round(statistics.median(x["onednn_matmuls_only"] / x["hf_generate"] for x in per_round), 3)}
@@ -275,6 +293,8 @@ def main() -> None:
         g = metrics["generate"] = generate_rows(model_dir, args.rounds, THREADS)
         metrics["model_params"] = g["model_params"]
         ratios["85M generate one stream vs transformers generate"] = ratio(g["llmctl_vs_hf_generate"], 2.0)
+        if "llmctl_llama_cpp_vs_hf_generate" in g:
+            ratios["85M generate one stream vs transformers generate (engine llama.cpp)"] = ratio(g["llmctl_llama_cpp_vs_hf_generate"], 2.0)
         ratios["85M generate one stream vs transformers generate (static cache)"] = ratio(g["llmctl_vs_hf_static_cache"], None)
         # what no torch path at this precision can pass: the weights' matmuls alone
         ratios["85M torch matmuls alone (the ceiling) vs transformers generate"] = ratio(g["ceiling_vs_hf_generate"], None)

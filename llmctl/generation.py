@@ -87,11 +87,17 @@ def generate_batch(model, tok, prompts: list[str], sp: Sampling, streamer=None) 
 def _fit_prompts(model, tok, prompts: list[str], sp: Sampling):
     """(the prompts as the model sees them, left-padded on its device; the new tokens allowed):
     BOS by the one rule, cut from the left to fit the context, with a warning when cut."""
+    tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
+    ids, max_new = fit_prompt_ids(tok, prompts, sp, context_length(model))
+    return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device), max_new
+
+
+def fit_prompt_ids(tok, prompts: list[str], sp: Sampling, ctx: int | None) -> tuple[list[list[int]], int]:
+    """(each prompt's token ids, the new tokens allowed): BOS by the one rule, cut from the left to
+    fit the `ctx`-token context, with a warning when cut."""
     from llmctl import console as _console
 
-    tok.padding_side = "left"  # decoder-only batching: real tokens end at the same position
     ids, want = encode(tok, prompts)  # one BOS rule for training data, generate, eval and serve
-    ctx = context_length(model)
     ids, max_new, cut = fit_to_context(ids, sp.max_new_tokens, ctx, bos=tok.bos_token_id if want else None)
     con = _console.current()
     if any(cut):
@@ -100,7 +106,7 @@ def _fit_prompts(model, tok, prompts: list[str], sp: Sampling):
                  f"to leave room for new tokens in the model's {ctx}-token context")
     if max_new < sp.max_new_tokens:
         con.warn(f"generating at most {max_new} tokens, not {sp.max_new_tokens}: the model's context is {ctx} tokens")
-    return tok.pad({"input_ids": ids}, return_tensors="pt", padding=True).to(model.device), max_new
+    return ids, max_new
 
 
 def _hf_generate(model, tok, enc, sp: Sampling, max_new: int, eos_ids: set[int], streamer=None):

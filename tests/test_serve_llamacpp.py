@@ -280,3 +280,91 @@ def test_real_llama_server_serves_the_exported_gguf(trained_run):
         assert ours["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- generate.engine llama.cpp
+def _outputs(rd, stage="generate") -> list[dict]:
+    return [json.loads(x) for x in (rd.stage_dir(stage) / "outputs.jsonl").read_text().splitlines()]
+
+
+def _export_gguf(path, rd) -> None:
+    """The run's config asks for an f32 GGUF (so later stages find the export up to date), then exports."""
+    import yaml
+
+    d = yaml.safe_load(Path(path).read_text())
+    d.setdefault("export", {}).update(formats=["hf", "gguf"], gguf_types=["f32"])
+    Path(path).write_text(yaml.safe_dump(d))
+    r = invoke_cli("export", str(path))
+    assert r.returncode == 0, r.stderr
+
+
+def test_generate_engine_llama_cpp_gives_the_torch_engines_outputs(trained_run, tmp_path, monkeypatch):
+    """Greedy: the same texts, finish reasons and token counts as the torch path, for several
+    prompts at once (two slots), a stop string (cut by generate's rule, the sequence ended
+    upstream), two return sequences, and logprobs (entropy null: llama.cpp gives no whole distribution)."""
+    path, _, rd = trained_run
+    _export_gguf(path, rd)
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.export_dir("hf"), log=log)))
+    prompts = ["-p", "the cat", "-p", "a dog sat on", "-p", "the"]
+    common = ["--set", "generate.max_new_tokens=10", "--set", "generate.batch_size=2", "--set", "generate.do_sample=false", "--json"]
+    ref = invoke_cli("generate", str(path), *prompts, *common)
+    assert ref.returncode == 0, ref.stderr
+    want = _outputs(rd)
+    got = invoke_cli("generate", str(path), *prompts, *common, "--set", "generate.engine=llama.cpp")
+    assert got.returncode == 0, got.stderr
+    assert "llama.cpp (model-f32.gguf)" in json.loads(got.stdout)["engine"]
+    keys = ("index", "output", "finish_reason", "prompt_tokens", "completion_tokens")
+    assert [{k: o[k] for k in keys} for o in _outputs(rd)] == [{k: o[k] for k in keys} for o in want]
+    sent = [json.loads(x) for x in log.read_text().splitlines()]
+    assert sent[0]["n_predict"] == 1  # the check at start
+    assert sorted(x["prompt"] for x in sent[1:]) == sorted(ref_prompt_ids(rd.export_dir("hf"), p) for p in prompts[1::2])
+    assert {x["samplers"][0] for x in sent[1:]} == {"top_k"} and all(x["top_k"] == 1 for x in sent[1:])  # greedy
+
+    text = want[0]["output"]
+    cut = text[len(text) // 2: len(text) // 2 + 2]
+    stop = ["--set", f"generate.stop=[{json.dumps(cut)}]"]
+    ref = invoke_cli("generate", str(path), "-p", "the cat", *common, *stop)
+    got = invoke_cli("generate", str(path), "-p", "the cat", *common, *stop, "--set", "generate.engine=llama.cpp")
+    assert ref.returncode == got.returncode == 0, got.stderr
+    assert _outputs(rd)[0]["finish_reason"] == "stop" and _outputs(rd)[0]["output"] == text[: text.index(cut)]
+
+    two = ["--set", "generate.num_return_sequences=2"]
+    got = invoke_cli("generate", str(path), "-p", "the cat", *common, *two, "--set", "generate.engine=llama.cpp")
+    assert got.returncode == 0, got.stderr
+    assert [o["output"] for o in _outputs(rd)] == [text, text]  # greedy: both the same
+
+    # logprobs: llama.cpp's (raw logits) for each token and its top alternatives; no entropy
+    ref = invoke_cli("generate", str(path), "-p", "the cat", *common, "--logprobs", "2")
+    want = _outputs(rd)[0]["logprobs"]
+    got = invoke_cli("generate", str(path), "-p", "the cat", *common, "--logprobs", "2", "--set", "generate.engine=llama.cpp")
+    assert ref.returncode == got.returncode == 0, got.stderr
+    lps = _outputs(rd)[0]["logprobs"]
+    assert [(x["token"], x["id"]) for x in lps] == [(x["token"], x["id"]) for x in want]
+    assert [x["logprob"] for x in lps] == pytest.approx([x["logprob"] for x in want], abs=1e-4)
+    assert [[a["id"] for a in x["top"]] for x in lps] == [[a["id"] for a in x["top"]] for x in want]
+    assert all(x["entropy"] is None for x in lps) and all(x["entropy"] is not None for x in want)
+    shown = invoke_cli("generate", str(path), "-p", "the cat", "--surprisal", *common[:-1], "--set", "generate.engine=llama.cpp")
+    assert shown.returncode == 0 and repr(lps[0]["token"]) in shown.stdout, shown.stderr
+
+
+def test_generate_engine_llama_cpp_needs_the_gguf_and_llama_server(trained_run, tmp_path, monkeypatch, no_llama_cpp):
+    path, _, rd = trained_run
+    r = invoke_cli("generate", str(path), "-p", "x", "--set", "generate.engine=llama.cpp")
+    assert r.returncode == 2 and "no llama-server found" in r.stderr and "generate.engine" in r.stderr, r.stderr
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path)))
+    r = invoke_cli("generate", str(path), "-p", "x", "--set", "generate.engine=llama.cpp", "--set", "generate.quantize=int8")
+    assert r.returncode == 3 and "model-q8_0.gguf is missing" in r.stderr and "llmctl export" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(LLAMA_SERVER is None or os.environ.get("LLMCTL_TEST_REAL_LLAMA") == "0", reason="llama.cpp's llama-server not installed")
+def test_generate_on_the_real_llama_server_matches_torch(trained_run):
+    path, _, rd = trained_run
+    _export_gguf(path, rd)
+    args = ["-p", "the cat sat", "-p", "a dog", "--set", "generate.max_new_tokens=16", "--set", "generate.do_sample=false", "--json"]
+    ref = invoke_cli("generate", str(path), *args)
+    assert ref.returncode == 0, ref.stderr
+    want = [o["output"] for o in _outputs(rd)]
+    got = invoke_cli("generate", str(path), *args, "--set", "generate.engine=llama.cpp")
+    assert got.returncode == 0, got.stderr
+    assert [o["output"] for o in _outputs(rd)] == want

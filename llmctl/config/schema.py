@@ -441,7 +441,6 @@ class EvalConfig(Section):
     safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output and refusal rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
-    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
     metrics: list[GenerationMetric] = Field(
         default_factory=lambda: ["bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"], min_length=1,
         description="Generation metrics to compute (bleu, chrf, ter, rouge1, rouge2, rougeL, exact_match, token_f1); the first one leads `llmctl run`'s summary. ROUGE needs the eval extra.")
@@ -477,7 +476,7 @@ class GenerateConfig(Section):
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
     quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
-    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
+    engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port, batch_size sequences at once; prompts, BOS, context, EOS, stop strings and the rails stay llmctl's; no per-token logprobs). Checked at start against transformers' forward.")
 
 
 # --------------------------------------------------------------------------- export

@@ -71,6 +71,29 @@ def require_server_binary(key: str = "serve.engine") -> Path:
     return b
 
 
+def gguf_to_run(cfg, rd, explicit: str | None, quantize: str, section: str) -> str:
+    """The GGUF file `<section>.engine: llama.cpp` runs: --model / <section>.model when it names a
+    .gguf file, else the run's complete, up-to-date GGUF export of `quantize`'s precision."""
+    from llmctl.errors import StageInputError
+    from llmctl.hints import command
+
+    qtype = GGUF_TYPE[quantize]
+    if explicit:
+        if Path(explicit).suffix.lower() == ".gguf" and Path(explicit).is_file():
+            return explicit
+        raise ConfigError(f"{section}.engine llama.cpp runs a GGUF file, and {explicit} is not one: pass --model FILE.gguf, "
+                          f"or leave --model / {section}.model out to use the run's GGUF export")
+    f = rd.export_dir("gguf") / f"model-{qtype}.gguf"
+    m = rd.manifest("export")
+    if m is not None and m.get("status") == "complete" and f.is_file():
+        rd.require("export", cfg)  # an export of an older model is stale (exit 3)
+        return str(f)
+    fix = command("export", cfg, rd.root)
+    why = f"{section}.quantize {quantize} runs as {qtype}" if qtype != "f32" else "f32 weights, as trained"
+    raise StageInputError(f"{f} is missing ({why}; {section}.engine llama.cpp runs the run's GGUF export): add gguf to export.formats "
+                          f"and {qtype} to export.gguf_types in {cfg.source}, then run '{fix}'", hint=fix)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

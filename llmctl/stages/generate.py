@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from llmctl import console as _console
@@ -84,13 +85,16 @@ def surprisal_text(text: str, logprobs: list[dict]):
 
 def surprisal_plain(logprobs: list[dict]) -> str:
     """One token a line for logs: token, logprob, entropy."""
-    return "\n".join(f"{r['token']!r:<20} {r['logprob']:>8.3f} {r['entropy']:>7.3f}" for r in logprobs)
+    return "\n".join(f"{r['token']!r:<20} {r['logprob']:>8.3f} " + (f"{r['entropy']:>7.3f}" if r["entropy"] is not None else f"{'-':>7}")
+                     for r in logprobs)
 
 
 def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompts: list[str] | None = None, prompts_file: str | None = None,
         logprobs: int | None = None, surprisal: bool = False, raw: bool = False, images: list[str] | None = None, **_) -> dict:
     import hashlib
 
+    if (images or cfg.data.format == "image_text") and cfg.generate.engine == "llama.cpp":
+        raise ConfigError("generate.engine llama.cpp decodes text models; an image-text model is generated with generate.engine: torch")
     if images or cfg.data.format == "image_text":  # images: llmctl/vision/generate.py
         from llmctl.vision.generate import run as with_images
 
@@ -116,22 +120,30 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
     items = _read_prompts(cfg, list(prompts or []), prompts_file)
     audit = AuditLog(None)  # written with the outputs, atomically
     rails = Rails(cfg.safety, stage="generate", audit=audit)
-    path = resolve_model_path(explicit, rd, cfg, "generate")
-    mdl, tok = load_for_inference(path, quantize=g.quantize, quantize_key="generate.quantize")
+    sp = _sampling(cfg, logprobs, surprisal)
+    gguf = None
+    if g.engine == "llama.cpp":  # what it cannot do, no llama-server, no GGUF: refused before loading anything
+        from llmctl.inference.llamacpp import gguf_to_run, require_server_binary
+
+        require_server_binary("generate.engine")
+        gguf = gguf_to_run(cfg, rd, explicit, g.quantize, "generate")
+    path = resolve_model_path(explicit, rd, cfg, "generate", prefer_export=gguf is not None and not explicit)
+    # With llama.cpp the GGUF carries the precision; the transformers model is the reference it is checked against.
+    mdl, tok = load_for_inference(path, quantize=g.quantize if gguf is None else "none", quantize_key="generate.quantize")
     # A chat-trained model answers a user turn; raw text is a prompt it never saw in training.
     as_chat = any("prompt" in it for it in items) and plain_prompts_as_chat(cfg, tok, path, raw)
     if as_chat:
         con.info("generate: data.format is chat, so each plain prompt is sent as a user turn through the chat template (--raw sends the text as it is)")
     texts, refused = _render(items, tok, rails, as_chat, path)
     todo = [i for i in range(len(texts)) if i not in refused]
-    sp = _sampling(cfg, logprobs, surprisal)
     stream = len(todo) == 1 and len(texts) == 1 and g.num_return_sequences == 1 and con.is_tty and not con.json_mode and not surprisal
     t0 = time.time()
     records = []
     with rd.begin(stage, cfg, inputs=[] if explicit else ["train"], extra_hash=extra_hash) as st:
         if identity:
             st.manifest["model"] = identity
-        results, decode_s = _decode(mdl, tok, texts, refused, sp, rails, stream, g.batch_size, con)
+        with _decoder(mdl, tok, gguf, g, len(todo) * sp.num_return_sequences) as decode_batch:
+            results, decode_s = _decode(decode_batch, tok, texts, refused, sp, rails, stream, g.batch_size, con)
         for idx, choice, r in results:
             rec = _record(items[idx], texts[idx], idx, choice, r, audit.events)
             records.append(rec)
@@ -146,6 +158,8 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
             head["safety_interventions"] = len(audit.events)
         if g.quantize != "none":
             head["quantize"] = g.quantize
+        if gguf is not None:
+            head["engine"] = f"llama.cpp ({Path(gguf).name})"
         st.headline.update(head)
     if con.json_mode:
         return {**head, "model": path, "results": records}
@@ -187,16 +201,44 @@ def _sampling(cfg, logprobs: int | None, surprisal: bool):
     )
 
 
-def _decode(mdl, tok, texts: list[str], refused: dict[int, str], sp, rails, stream: bool, batch_size: int, con) -> tuple[list, float]:
+@contextmanager
+def _decoder(mdl, tok, gguf: str | None, g, sequences: int):
+    """`decode_batch(texts, sp, streamer=None) -> [result]`: the torch model (`generation.generate_batch`),
+    or, with a GGUF, a llama-server on it (llmctl/inference/llamacpp_generate.py), checked at
+    start against the model's own forward and stopped at the end."""
+    from llmctl.generation import generate_batch
+
+    if gguf is None:
+        yield lambda texts, sp, streamer=None: generate_batch(mdl, tok, texts, sp, streamer=streamer)
+        return
+    from llmctl.errors import LlmctlError
+    from llmctl.inference.context import context_length
+    from llmctl.inference.llamacpp import GGUF_TYPE, LlamaServer, disagreement
+    from llmctl.inference.llamacpp_generate import generate_llamacpp
+
+    ctx = context_length(mdl)
+    eos = mdl.generation_config.eos_token_id if mdl.generation_config.eos_token_id is not None else tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    server = LlamaServer(gguf, max(1, min(g.batch_size, sequences)), ctx or 4096)
+    server.start()
+    try:
+        why = disagreement(server, mdl, tok, GGUF_TYPE[g.quantize])
+        if why:
+            raise LlmctlError(f"generate.engine llama.cpp: {why}; not generating with it (set generate.engine: torch to generate with transformers)")
+        yield lambda texts, sp, streamer=None: generate_llamacpp(server, tok, texts, sp, eos_ids, ctx, streamer=streamer)
+    finally:
+        server.stop()
+
+
+def _decode(decode_batch, tok, texts: list[str], refused: dict[int, str], sp, rails, stream: bool, batch_size: int, con) -> tuple[list, float]:
     """([(prompt index, choice, result)] in order, decode seconds: the decoding only, not
     loading, the decoder's build, rails or writing). Streamed to the terminal when `stream`."""
-    from llmctl.generation import generate_batch
     from llmctl.safety import CONTENT_FILTER
 
     if stream:
         guard = rails.guard("prompt-0", choice=0)
         sys.stdout.write(texts[0])
-        res = generate_batch(mdl, tok, texts, sp, streamer=_guarded_streamer(tok, guard, sp.stop))
+        res = decode_batch(texts, sp, streamer=_guarded_streamer(tok, guard, sp.stop))
         sys.stdout.write("\n")
         # The terminal saw what the guard released; the record says the same.
         return [(0, 0, {**res[0], "text": guard.released, "raw_text": res[0]["text"], "finish_reason": CONTENT_FILTER if guard.blocked else res[0]["finish_reason"]})], res[0]["decode_seconds"]
@@ -207,7 +249,7 @@ def _decode(mdl, tok, texts: list[str], refused: dict[int, str], sp, rails, stre
     with con.progress("generating", total=len(todo), unit="prompts") as prog:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
-            res = generate_batch(mdl, tok, [texts[j] for j in batch], sp)
+            res = decode_batch([texts[j] for j in batch], sp)
             decode_s += res[0]["decode_seconds"] if res else 0.0
             for k, r in enumerate(res):
                 idx, choice = batch[k // n_seq], k % n_seq

@@ -97,29 +97,10 @@ def run(cfg, rd: RunDir, *, model: str | None = None, host: str | None = None, p
 
 
 def gguf_to_serve(cfg, rd: RunDir, explicit: str | None) -> str:
-    """The GGUF file `serve.engine: llama.cpp` runs: --model / serve.model when it names a .gguf
-    file, else the run's complete, up-to-date GGUF export of serve.quantize's precision."""
-    from pathlib import Path
+    """The GGUF file `serve.engine: llama.cpp` runs (llmctl.inference.llamacpp.gguf_to_run)."""
+    from llmctl.inference.llamacpp import gguf_to_run
 
-    from llmctl.errors import StageInputError
-    from llmctl.hints import command
-    from llmctl.inference.llamacpp import GGUF_TYPE
-
-    qtype = GGUF_TYPE[cfg.serve.quantize]
-    if explicit:
-        if Path(explicit).suffix.lower() == ".gguf" and Path(explicit).is_file():
-            return explicit
-        raise ConfigError(f"serve.engine llama.cpp runs a GGUF file, and {explicit} is not one: pass --model FILE.gguf, "
-                          "or leave --model / serve.model out to serve the run's GGUF export")
-    f = rd.export_dir("gguf") / f"model-{qtype}.gguf"
-    m = rd.manifest("export")
-    if m is not None and m.get("status") == "complete" and f.is_file():
-        rd.require("export", cfg)  # an export of an older model is stale (exit 3)
-        return str(f)
-    fix = command("export", cfg, rd.root)
-    why = f"serve.quantize {cfg.serve.quantize} is served as {qtype}" if qtype != "f32" else "f32 weights, as trained"
-    raise StageInputError(f"{f} is missing ({why}; serve.engine llama.cpp runs the run's GGUF export): add gguf to export.formats "
-                          f"and {qtype} to export.gguf_types in {cfg.source}, then run '{fix}'", hint=fix)
+    return gguf_to_run(cfg, rd, explicit, cfg.serve.quantize, "serve")
 
 
 def _require_serve_extra() -> None:
