@@ -672,7 +672,9 @@ def vision(r: dict) -> str:
                 f"{d.get('bleu', 0):.1f} | {d.get('baseline_majority_bleu', 0):.1f} |")
 
     ex = q["sample"]
-    lines = [f"Measured ({_machine(res) or 'load not recorded'}): {_minutes(q['seconds'])} ({q['seconds_measured_as']}) for "
+    # the quickstart's own machine when it was kept from an earlier run (bench/vision.py --keep-quickstart)
+    where = _machine({"metrics": {"machine": q["machine"]}}) if q.get("machine") else _machine(res)
+    lines = [f"Measured ({where or 'load not recorded'}): {_minutes(q['seconds'])} ({q['seconds_measured_as']}) for "
              f"{q['images']:,} scenes and a {q['parameters'] / 1e6:.2f}M-parameter model trained {q['steps']} steps; caption perplexity "
              f"{init.get('perplexity', float('nan')):.1f} untrained -> {q['perplexity']:.3f} (test split). The untrained model's exact match is "
              f"{init.get('exact_match', 0):.3f}, BLEU {init.get('bleu', 0):.1f}; the majority caption is \"{q['majority_caption']}\".", "",

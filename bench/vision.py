@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import machine, ratio, write_result
 
-STEPS, WARMUP, LOG, BATCH, LR, ROUNDS, IMAGES = 40, 5, 5, 32, 2e-3, 2, 600
+STEPS, WARMUP, LOG, BATCH, LR, ROUNDS, IMAGES = 100, 10, 5, 32, 2e-3, 3, 600
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
@@ -160,9 +160,10 @@ def main() -> None:
             (ours if side == "ours" else theirs).append(fn())
     a, b = statistics.median(ours), statistics.median(theirs)
     if sys.argv[1:2] == ["--keep-quickstart"]:  # the comparison only; the quickstart's figures as results.json has them
-        qs = json.loads((HERE / "results.json").read_text())["vision"]["metrics"]["quickstart"]
+        kept = json.loads((HERE / "results.json").read_text())["vision"]["metrics"]
+        qs = {"machine": kept["machine"], **kept["quickstart"]}  # the machine it was measured on
     else:
-        qs = quickstart(Path(sys.argv[2]) if sys.argv[1:2] == ["--from-run"] else None)
+        qs = {**quickstart(Path(sys.argv[2]) if sys.argv[1:2] == ["--from-run"] else None), "machine": machine()}
     metrics = {"model_params": n_params, "images": IMAGES, "image_size": cfg.model.vision.image_size, "patch_size": cfg.model.vision.patch_size,
                "steps_timed": STEPS - WARMUP, "batch": BATCH, "rounds": ROUNDS,
                "llmctl_image_text_steps_per_s": round(a, 3), "bare_trainer_steps_per_s": round(b, 3),
