@@ -381,6 +381,98 @@ def test_serve_takes_data_uri_images_through_the_openai_client(trained, tmp_path
         assert srv.stop() == 0
 
 
+def test_remote_images_are_fetched_only_when_allowed_and_within_the_size_limit(tmp_path):
+    """serve.allow_remote_images: an http(s) image_url is fetched (a local server stands in for the
+    web), a larger one than serve.max_image_bytes is a 413 without reading past the limit, a
+    failed fetch a 400 naming it; off (the default), the URL is refused before any request."""
+    import http.server
+    import threading
+    from types import SimpleNamespace
+
+    from llmctl.server.images import image_bytes
+    from llmctl.server.schemas import ApiError
+
+    (tmp_path / "small.png").write_bytes(b"\x89PNG" + b"x" * 100)
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"x" * 5000)
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *a):
+            hits.append(self.path)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        allowed = SimpleNamespace(allow_remote_images=True, max_image_bytes=1000)
+        assert image_bytes(f"{url}/small.png", allowed, "p") == (tmp_path / "small.png").read_bytes()
+        with pytest.raises(ApiError) as e:
+            image_bytes(f"{url}/big.png", allowed, "p")
+        assert e.value.status == 413 and "max_image_bytes" in e.value.message
+        with pytest.raises(ApiError) as e:
+            image_bytes(f"{url}/absent.png", allowed, "p")
+        assert e.value.status == 400 and "cannot fetch" in e.value.message
+        n = len(hits)
+        with pytest.raises(ApiError) as e:
+            image_bytes(f"{url}/small.png", SimpleNamespace(allow_remote_images=False, max_image_bytes=1000), "p")
+        assert e.value.status == 400 and "SSRF" in e.value.message and len(hits) == n  # never fetched
+    finally:
+        srv.shutdown()
+
+
+def test_a_remote_image_being_fetched_does_not_hold_other_clients(trained, tmp_path):
+    """With serve.allow_remote_images, the fetch runs off the event loop: while the image's server
+    holds its answer, the llmctl server still answers others; once let go, the request is answered."""
+    import http.server
+    import io
+    import threading
+
+    import httpx
+
+    from llmctl.vision.shapes import draw_scene
+    from test_serve import Server
+
+    path, run = trained
+    buf = io.BytesIO()
+    draw_scene(1, ("red", "circle"), "left of", ("blue", "square"), 16, random.Random(2)).save(buf, format="PNG")
+    got, release = threading.Event(), threading.Event()
+
+    class Held(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            got.set()
+            release.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(buf.getvalue())
+
+    pics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Held)
+    threading.Thread(target=pics.serve_forever, daemon=True).start()
+    srv = Server(write_config(tmp_path / "serve.yaml", vision_config(run, serve={"allow_remote_images": True})))
+    answer = {}
+    try:
+        body = {"model": "v", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{pics.server_address[1]}/scene.png"}}, {"type": "text", "text": "Describe the image."}]}]}
+        t = threading.Thread(target=lambda: answer.update(r=httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)))
+        t.start()
+        assert got.wait(60), "the server never fetched the image"
+        assert httpx.get(srv.url + "/health", timeout=5).status_code == 200  # answered while the fetch is held
+        release.set()
+        t.join(120)
+        assert answer["r"].status_code == 200, answer["r"].text
+        assert answer["r"].json()["choices"][0]["message"]["content"]
+    finally:
+        release.set()
+        pics.shutdown()
+        assert srv.stop() == 0
+
+
 # --------------------------------------------------------------------------- export, explain
 def test_export_hf_loads_with_the_auto_classes_and_gguf_is_refused_before_any_work(trained, tmp_path):
     """A CLIP tower (the default): llama.cpp's LLaVA graph misplaces its class token, so gguf is refused."""

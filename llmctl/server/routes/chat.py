@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from llmctl.server.engine import Job
 from llmctl.server.images import has_images, image_prompt
@@ -90,7 +91,9 @@ async def chat(req: ChatRequest, request: Request):
     images = None
     if has_images(req):  # image_url parts: llmctl/server/images.py
         rid, now = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        ids, images = image_prompt(st, req, rid)
+        # Off the event loop: fetching (serve.allow_remote_images), decoding and the processor take
+        # milliseconds to seconds, and every other client's stream waits while the loop is held.
+        ids, images = await run_in_threadpool(image_prompt, st, req, rid)
     else:
         if not getattr(st.engine.tok, "chat_template", None):
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or set tokenizer.chat_template and re-run prepare and train", param="messages", code="no_chat_template")
