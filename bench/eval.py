@@ -142,7 +142,7 @@ def main(size: str = "toy") -> None:
         from _model import real_model
 
         model, what, max_bytes = real_model(size), f"bench/_model.py real_model({size!r}) (trained)", int(os.environ.get("BENCH_EVAL_BYTES", 40_000))
-        ROUNDS = 2
+        ROUNDS = int(os.environ.get("BENCH_EVAL_ROUNDS", 4))
     files = []
     for f in builtin_files(7, max_bytes):  # stdlib source as written: blank lines, indentation
         dst = tmp / "text" / f"{len(files):03d}_{f.name}"
