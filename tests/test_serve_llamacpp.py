@@ -308,44 +308,40 @@ def test_generate_engine_llama_cpp_gives_the_torch_engines_outputs(trained_run, 
     monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.export_dir("hf"), log=log)))
     prompts = ["-p", "the cat", "-p", "a dog sat on", "-p", "the"]
     common = ["--set", "generate.max_new_tokens=10", "--set", "generate.batch_size=2", "--set", "generate.do_sample=false", "--json"]
-    ref = invoke_cli("generate", str(path), *prompts, *common)
+    ref = invoke_cli("generate", str(path), *prompts, *common, "--logprobs", "2")
     assert ref.returncode == 0, ref.stderr
     want = _outputs(rd)
-    got = invoke_cli("generate", str(path), *prompts, *common, "--set", "generate.engine=llama.cpp")
+    got = invoke_cli("generate", str(path), *prompts, *common, "--logprobs", "2", "--set", "generate.engine=llama.cpp")
     assert got.returncode == 0, got.stderr
     assert "llama.cpp (model-f32.gguf)" in json.loads(got.stdout)["engine"]
+    outs = _outputs(rd)
     keys = ("index", "output", "finish_reason", "prompt_tokens", "completion_tokens")
-    assert [{k: o[k] for k in keys} for o in _outputs(rd)] == [{k: o[k] for k in keys} for o in want]
+    assert [{k: o[k] for k in keys} for o in outs] == [{k: o[k] for k in keys} for o in want]
     sent = [json.loads(x) for x in log.read_text().splitlines()]
     assert sent[0]["n_predict"] == 1  # the check at start
     assert sorted(x["prompt"] for x in sent[1:]) == sorted(ref_prompt_ids(rd.export_dir("hf"), p) for p in prompts[1::2])
     assert {x["samplers"][0] for x in sent[1:]} == {"top_k"} and all(x["top_k"] == 1 for x in sent[1:])  # greedy
-
-    text = want[0]["output"]
-    cut = text[len(text) // 2: len(text) // 2 + 2]
-    stop = ["--set", f"generate.stop=[{json.dumps(cut)}]"]
-    ref = invoke_cli("generate", str(path), "-p", "the cat", *common, *stop)
-    got = invoke_cli("generate", str(path), "-p", "the cat", *common, *stop, "--set", "generate.engine=llama.cpp")
-    assert ref.returncode == got.returncode == 0, got.stderr
-    assert _outputs(rd)[0]["finish_reason"] == "stop" and _outputs(rd)[0]["output"] == text[: text.index(cut)]
-
-    two = ["--set", "generate.num_return_sequences=2"]
-    got = invoke_cli("generate", str(path), "-p", "the cat", *common, *two, "--set", "generate.engine=llama.cpp")
-    assert got.returncode == 0, got.stderr
-    assert [o["output"] for o in _outputs(rd)] == [text, text]  # greedy: both the same
-
     # logprobs: llama.cpp's (raw logits) for each token and its top alternatives; no entropy
-    ref = invoke_cli("generate", str(path), "-p", "the cat", *common, "--logprobs", "2")
-    want = _outputs(rd)[0]["logprobs"]
-    got = invoke_cli("generate", str(path), "-p", "the cat", *common, "--logprobs", "2", "--set", "generate.engine=llama.cpp")
-    assert ref.returncode == got.returncode == 0, got.stderr
-    lps = _outputs(rd)[0]["logprobs"]
-    assert [(x["token"], x["id"]) for x in lps] == [(x["token"], x["id"]) for x in want]
-    assert [x["logprob"] for x in lps] == pytest.approx([x["logprob"] for x in want], abs=1e-4)
-    assert [[a["id"] for a in x["top"]] for x in lps] == [[a["id"] for a in x["top"]] for x in want]
-    assert all(x["entropy"] is None for x in lps) and all(x["entropy"] is not None for x in want)
-    shown = invoke_cli("generate", str(path), "-p", "the cat", "--surprisal", *common[:-1], "--set", "generate.engine=llama.cpp")
-    assert shown.returncode == 0 and repr(lps[0]["token"]) in shown.stdout, shown.stderr
+    for o, w in zip(outs, want):
+        lps, ref_lps = o["logprobs"], w["logprobs"]
+        assert [(x["token"], x["id"]) for x in lps] == [(x["token"], x["id"]) for x in ref_lps]
+        assert [x["logprob"] for x in lps] == pytest.approx([x["logprob"] for x in ref_lps], abs=1e-4)
+        assert [[a["id"] for a in x["top"]] for x in lps] == [[a["id"] for a in x["top"]] for x in ref_lps]
+        assert all(x["entropy"] is None for x in lps) and all(x["entropy"] is not None for x in ref_lps)
+
+    # a stop string, two return sequences each
+    text = max((o["output"] for o in want), key=len)
+    at = next(i for i in range(len(text) // 2, 0, -1) if text.index(text[i:i + 2]) == i)  # a cut that leaves some text
+    cut = text[at:at + 2]
+    which = prompts[1::2][[o["output"] for o in want].index(text)]
+    stop = ["--set", f"generate.stop=[{json.dumps(cut)}]", "--set", "generate.num_return_sequences=2"]
+    got = invoke_cli("generate", str(path), "-p", which, *common, *stop, "--set", "generate.engine=llama.cpp")
+    assert got.returncode == 0, got.stderr
+    assert [(o["finish_reason"], o["output"]) for o in _outputs(rd)] == [("stop", text[: text.index(cut)])] * 2  # greedy: both the same
+    # --surprisal shows each token's logprob (and no entropy: a dash)
+    got = invoke_cli("generate", str(path), "-p", "the cat", "--surprisal", *common[:-1], "--set", "generate.engine=llama.cpp")
+    assert got.returncode == 0, got.stderr
+    assert all(repr(x["token"]) in got.stdout for x in outs[0]["logprobs"]) and outs[0]["logprobs"]
 
 
 def test_generate_engine_llama_cpp_needs_the_gguf_and_llama_server(trained_run, tmp_path, monkeypatch, no_llama_cpp):
