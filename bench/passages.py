@@ -284,9 +284,10 @@ def _bounded_lines(b: dict) -> list[str]:
     return out
 
 
-def _load_of(res: dict):
+def _load_of(res: dict, part: str | None = None):
+    """The load a row was measured at: its part's machine (realsize measures generate and serve apart), else the run's."""
     m = (res or {}).get("metrics") or {}
-    return (m.get("machine") or {}).get("load_avg_1m", "not recorded")
+    return (m.get(f"{part}_machine") or m.get("machine") or {}).get("load_avg_1m", "not recorded")
 
 
 def _realsize_lines(m: dict) -> list[str]:
@@ -323,7 +324,7 @@ def realistic(r: dict) -> str:
         lines += ["", "| benchmark | model params | ratio | value | target | met | load |", "|---|---|---|---|---|---|---|"]
         for b, k, row in rows:
             met = "-" if row["pass"] is None else "yes" if row["pass"] else "**no**"
-            load = _load_of(r.get(b))
+            load = _load_of(r.get(b), "serve" if " serve " in f" {k} " else "generate" if b == "realsize" else None)
             label = k.replace("|", "\\|")  # |delta ppl| inside a table cell
             lines.append(f"| {b} | {_params(r[b])} | {label} | {_fmt(row['value'])} | {row['target']} | {met} | {load} |")
         lines.append("")

@@ -16,7 +16,7 @@ numbers are provisional on a busy machine). Targets (#26): serve 1 client >= 0.8
 4 and 8 clients >= 1.0x, for f32 and for int8 vs q8_0; generate >= 2x transformers' generate.
 
     .venv/bin/python bench/realsize.py                  # both; writes bench/results/realsize.json
-    .venv/bin/python bench/realsize.py --only generate  # or --only serve; --rounds N
+    .venv/bin/python bench/realsize.py --only generate  # or --only serve (the other part's rows kept); --rounds N
 """
 
 from __future__ import annotations
@@ -289,7 +289,18 @@ def main() -> None:
                      "threads": THREADS,
                      "note": "provisional where load_avg_1m is above the core count: rerun on a quiet machine"}
     ratios: dict = {}
+    if args.only:  # one part measured: the other part's rows as bench/results.json has them
+        import json
+
+        kept = json.loads((Path(__file__).resolve().parent / "results.json").read_text()).get("realsize") or {}
+        other = "serve" if args.only == "generate" else "generate"
+        if other in (kept.get("metrics") or {}):
+            km = kept["metrics"]
+            metrics[other] = km[other]
+            metrics[f"{other}_machine"] = km.get(f"{other}_machine") or km.get("machine")
+            ratios.update({k: v for k, v in kept["ratios"].items() if (k.startswith("85M serve") == (other == "serve"))})
     if args.only in (None, "generate"):
+        metrics["generate_machine"] = machine()
         g = metrics["generate"] = generate_rows(model_dir, args.rounds, THREADS)
         metrics["model_params"] = g["model_params"]
         ratios["85M generate one stream vs transformers generate"] = ratio(g["llmctl_vs_hf_generate"], 2.0)
@@ -299,6 +310,7 @@ def main() -> None:
         # what no torch path at this precision can pass: the weights' matmuls alone
         ratios["85M torch matmuls alone (the ceiling) vs transformers generate"] = ratio(g["ceiling_vs_hf_generate"], None)
     if args.only in (None, "serve"):
+        metrics["serve_machine"] = machine()
         s = metrics["serve"] = serve_rows(model_dir, args.rounds)
         for prec, ref in (("f32", "llama-server f32"), ("int8", "llama-server q8_0")):
             if prec not in s:
