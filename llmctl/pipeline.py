@@ -22,11 +22,21 @@ def stage_range(stages: Sequence[str], first: str | None, last: str | None) -> l
     return list(stages[i : j + 1])
 
 
+def in_order(cfg, stages: Sequence[str]) -> list[str]:
+    """The stages as this config needs them: `generate.engine: llama.cpp` decodes the run's GGUF
+    export, so export comes before generate."""
+    stages = list(stages)
+    if cfg.generate.engine == "llama.cpp" and "generate" in stages and "export" in stages and stages.index("export") > stages.index("generate"):
+        stages.remove("export")
+        stages.insert(stages.index("generate"), "export")
+    return stages
+
+
 def run_pipeline(cfg, rd, get_stage: Callable, stages: Sequence[str], first=None, last=None) -> dict:
     con = _console.current()
     t0 = time.time()
     ran, skipped = [], []
-    for name in stage_range(stages, first, last):
+    for name in stage_range(in_order(cfg, stages), first, last):
         if name == "generate" and not (cfg.generate.prompts or cfg.generate.prompts_file):
             con.info("generate: no generate.prompts in the config, skipped")
             continue

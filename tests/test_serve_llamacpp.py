@@ -364,3 +364,29 @@ def test_generate_on_the_real_llama_server_matches_torch(trained_run):
     got = invoke_cli("generate", str(path), *args, "--set", "generate.engine=llama.cpp")
     assert got.returncode == 0, got.stderr
     assert [o["output"] for o in _outputs(rd)] == want
+
+
+def test_run_exports_before_generating_with_llama_cpp(trained_run, tmp_path, monkeypatch):
+    """`llmctl run` with generate.engine llama.cpp: generate reads the GGUF export, so export runs first
+    (`--from eval --to generate` included); with the torch engine the order stays prepare, train, eval, generate, export."""
+    import yaml
+
+    from llmctl.config import load_config
+    from llmctl.pipeline import in_order
+
+    path, _, rd = trained_run
+    d = yaml.safe_load(Path(path).read_text())
+    d.setdefault("export", {}).update(formats=["hf", "gguf"], gguf_types=["f32"])
+    d.setdefault("generate", {}).update(engine="llama.cpp", prompts=["the cat"], max_new_tokens=4)
+    d.setdefault("eval", {}).update(generation=False, hardest=0)
+    Path(path).write_text(yaml.safe_dump(d))
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir)))
+    r = invoke_cli("run", str(path), "--from", "eval", "--to", "generate", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ran"][-2:] == ["export", "generate"], out["ran"]
+    assert rd.manifest("generate")["headline"]["engine"] == "llama.cpp (model-f32.gguf)"
+    stages = ("prepare", "train", "eval", "generate", "export")
+    d["generate"]["engine"] = "torch"
+    Path(path).write_text(yaml.safe_dump(d))
+    assert in_order(load_config(path), stages) == list(stages)
