@@ -2,16 +2,19 @@
 
 A memory-mapped Arrow file's pages count in the process's resident memory once read, and stay
 there until the mapping goes: reading a whole corpus through `datasets` leaves the whole corpus
-resident (in page cache the kernel could drop, but in RSS all the same). Two rules keep prepare's
+resident (page cache the kernel could drop, but RSS all the same). Three rules keep prepare's
 peak RSS flat as the corpus grows:
 
 - what prepare writes for `train` is written straight into the dataset folder, in
-  `Dataset.save_to_disk`'s layout (`SplitWriter`): no cache file mapped and then copied page by page;
-- what it reads through a mapping (the raw documents, read in the split's shuffled order) it reads
-  a batch at a time, dropping the mapped pages after each batch (`batches`): the page cache keeps
-  them, the next read faults them back in.
+  `Dataset.save_to_disk`'s layout (`SplitWriter`): no cache file mapped, then copied page by page;
+- the documents, read in the split's shuffled order, are read in place with `os.pread` (`texts`):
+  through the mapping each random read would leave ~200 KB resident (the kernel maps 64 KB around
+  every page fault);
+- what is still read through a mapping is read a batch at a time, its pages dropped after each
+  batch (`batches`, `Releasing`): the page cache keeps them, the next read faults them back in.
 
-Linux only for the second (/proc/self/maps and madvise); elsewhere `release` does nothing.
+The last two need Linux (/proc/self/maps, madvise); elsewhere `texts` reads through `batches`
+and `release` does nothing.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ def mapped_files(ds) -> list[str]:
 
 
 def batches(ds, batch_size: int = 1000, **kwargs) -> Iterator:
-    """`ds.iter(batch_size)`, dropping the mapped pages of `ds`'s files after each batch: memory
-    holds one batch however large the files. A batch in the default format is a copy; one in the
+    """`ds.iter(batch_size)`, dropping the mapped pages of `ds`'s files after each batch: what is
+    resident is what one batch touched, however large the files (read in order, about the batch;
+    in a random order, up to ~200 KB a row). A batch in the default format is a copy; one in the
     arrow format may point into the mapping, which is still safe (read back on access)."""
     files = mapped_files(ds)
     for batch in ds.iter(batch_size=batch_size, **kwargs):
