@@ -349,7 +349,7 @@ class Releasing:
     calls: `map` reads its input (a shuffled split of the corpus) through a mapping, in this
     process or in each worker, which maps the files itself."""
 
-    def __init__(self, fn, files: list[str], every: int = 16):
+    def __init__(self, fn, files: list[str], every: int = 4):
         self.fn, self.files, self.every, self.calls = fn, list(files), every, 0
 
     def __call__(self, *args, **kwargs):
