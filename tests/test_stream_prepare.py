@@ -3,6 +3,8 @@ the whole-file reading gave, with the same errors."""
 
 from __future__ import annotations
 
+import json
+import sys
 import tracemalloc
 
 import pytest
@@ -56,3 +58,249 @@ def test_reading_a_large_txt_holds_one_paragraph_not_the_file(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert n == 8000 and peak < 2_000_000, peak  # whole-file reading: ~50 MB (the bytes, the text, its lines)
+
+
+# --------------------------------------------------------------------------- bounded RSS (#30)
+# A memory-mapped Arrow file's pages count in the process's RSS once read. Packed blocks are written
+# straight into the dataset folder (no cache file mapped and copied by save_to_disk), and the raw
+# documents, read in the split's shuffled order, a batch at a time with their pages dropped after each.
+
+class _NoProgress:
+    def update(self, **_):
+        pass
+
+
+class _FakeTok:
+    """One id per 2 bytes of text: fast enough to pack tens of MB in a test."""
+
+    bos_token_id = None
+    eos_token_id = 0
+
+    class _T:
+        @staticmethod
+        def encode_batch(texts, add_special_tokens=False):
+            from types import SimpleNamespace
+
+            return [SimpleNamespace(ids=list(range(1, len(t) // 2 + 1))) for t in texts]
+
+    _tokenizer = _T()
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1]}
+
+
+def _rss_file_kb() -> int:
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("RssFile:"))
+
+
+def _peak_rss_file_growth_mb(fn) -> float:
+    """The most this process's file-backed resident memory grew above its start while `fn` ran (sampled)."""
+    import threading
+    import time
+
+    start, peak, done = _rss_file_kb(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_file_kb())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return (max(peak[0], _rss_file_kb()) - start) / 1024
+
+
+def _raw_docs(tmp_path, n: int, size: int = 2000):
+    """n distinct documents of `size` bytes in an Arrow file, as prepare reads them, and a config."""
+    import random
+
+    from conftest import tiny_config_dict, write_config
+
+    from llmctl.config import load_config
+    from llmctl.stages import prepare
+
+    rng = random.Random(0)
+    alphabet = "abcdefghij klmnop"
+    docs = ({"text": f"{i} " + "".join(rng.choices(alphabet, k=size)), "_id": f"d:{i}"} for i in range(n))
+    ds = prepare._to_arrow(docs, tmp_path / "build" / "cache" / "raw.arrow")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"block_size": 256, "validation_fraction": 0.05}, model={"context_length": 256})))
+    return ds, cfg
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile, /proc/self/maps: Linux")
+def test_reading_a_shuffled_split_maps_none_of_the_corpus(tmp_path):
+    """The split's documents read in its shuffled order: through the mapping (what prepare did),
+    every random read leaves ~200 KB resident (the kernel maps 64 KB around each fault), so the
+    whole 32 MB file is resident; read in place with pread, none of it."""
+    from llmctl.data import arrowio
+    from llmctl.data.split import seeded_split
+
+    ds, cfg = _raw_docs(tmp_path, 16000)  # 32 MB of text
+    train = seeded_split(ds, cfg)["train"]
+    got: list[str] = []
+    grew = _peak_rss_file_growth_mb(lambda: [got.extend(b) for b in arrowio.texts(train, "text", batch_size=1000)])
+    assert grew < 4, grew
+    n = [0]
+
+    def mapped():
+        for batch in train.iter(batch_size=1000):
+            n[0] += len(batch["text"])
+
+    assert _peak_rss_file_growth_mb(mapped) > 24 and n[0] == len(got) == len(train)
+
+
+def test_texts_reads_what_the_dataset_holds(tmp_path):
+    """arrowio.texts in place (shuffled indices in memory, indices on disk, several files, a column
+    selection) and through the mapping (in memory, a renamed column): the dataset's own strings."""
+    from datasets import Dataset, concatenate_datasets
+
+    from llmctl.data import arrowio
+    from llmctl.data.split import seeded_split
+
+    ds, cfg = _raw_docs(tmp_path, 2500, size=50)
+    ds2, _ = _raw_docs(tmp_path / "b", 700, size=30)
+    cases = {
+        "file": ds,
+        "shuffled": seeded_split(ds, cfg)["train"],
+        "filtered": ds.filter(lambda t: "a" in t[:4], input_columns="text", cache_file_name=str(tmp_path / "f.arrow")),
+        "two files": concatenate_datasets([ds2, ds]).select_columns(["text"]),
+        "in memory": Dataset.from_dict({"text": ["x", "", "y\u00e9"] * 700}),
+        "renamed": ds.rename_columns({"text": "t", "_id": "text"}),
+    }
+    for name, d in cases.items():
+        assert [t for b in arrowio.texts(d, "text", batch_size=300) for t in b] == d["text"], name
+    assert 0 < len(cases["filtered"]) < len(ds) and cases["filtered"]._indices is not None
+    assert arrowio._PreadColumn.open(cases["two files"], "text") is not None
+    assert arrowio._PreadColumn.open(cases["renamed"], "text") is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile: Linux")
+def test_packing_a_split_maps_none_of_its_blocks(tmp_path):
+    """Today's _pack_split wrote a cache file, mapped it, and save_to_disk read every page of it: the
+    process held the packed split (here ~100 MB) in RSS. Now nothing of it is mapped."""
+    from datasets import load_from_disk
+
+    from llmctl.data.split import seeded_split
+    from llmctl.stages import prepare
+
+    ds, cfg = _raw_docs(tmp_path, 8000)  # 16 MB of text, 8M tokens: ~96 MB of packed blocks
+    splits = seeded_split(ds, cfg)
+    stats = {"splits": {}}
+    con = type("Con", (), {"progress": lambda self, *a, **k: _Ctx(), "warn": lambda self, m: None})()
+    build = tmp_path / "build"
+    grew = _peak_rss_file_growth_mb(lambda: prepare._tokenize(cfg, splits, _FakeTok(), build, con, stats))
+    tr = stats["splits"]["train"]
+    packed_mb = tr["blocks"] * 256 * 12 / 2**20
+    assert packed_mb > 80 and grew < 8, (grew, packed_mb)  # before: the packed split, mapped (~100 MB)
+    out = load_from_disk(str(build / "dataset"))
+    assert list(out) == ["train", "validation"] and len(out["train"]) == tr["blocks"]
+
+
+class _Ctx:
+    def __enter__(self):
+        return _NoProgress()
+
+    def __exit__(self, *a):
+        return False
+
+
+def _old_split_order(n: int, seed: int, n_val: int) -> tuple[list[int], list[int]]:
+    """seeded_split's order as it was: a shuffled list (validation first, then train)."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:n_val], order[n_val:]
+
+
+def test_seeded_split_of_a_dataset_is_the_rows_select_gave(tmp_path):
+    from llmctl.data.split import seeded_split
+
+    ds, cfg = _raw_docs(tmp_path, 300, size=20)
+    got = seeded_split(ds, cfg)
+    val, train = _old_split_order(300, cfg.run.seed, 15)
+    assert got["validation"]["_id"] == ds.select(val)["_id"] and got["train"]["_id"] == ds.select(train)["_id"]
+    assert got["test"].num_rows == 0
+    assert seeded_split(list(range(300)), cfg) == {"validation": val, "test": [], "train": train}
+
+
+def test_split_writer_writes_the_bytes_save_to_disk_writes(tmp_path):
+    """Packed blocks written as they come are the shard, dataset_info.json and state.json (but its
+    fresh fingerprint) that save_to_disk wrote from the mapped cache file, for the same blocks."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import DatasetDict, Features, List, Value
+
+    from llmctl.data import arrowio, formats
+    from llmctl.stages import prepare
+
+    blocks = np.random.default_rng(0).integers(0, 5000, size=(2500, 16), dtype=np.int32)
+    old = prepare._to_arrow(({"input_ids": r, "labels": r} for r in blocks.tolist()), tmp_path / "cache" / "train.arrow", chunk=2048,
+                            schema=pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))]))
+    DatasetDict({"train": old}).save_to_disk(str(tmp_path / "old"))
+    w = arrowio.SplitWriter(tmp_path / "new" / "train", Features({"input_ids": List(Value("int32")), "labels": List(Value("int64"))}))
+    for a, b in ((0, 700), (700, 2000), (2000, 2500)):  # uneven arrivals: batches of 1000 all the same
+        w.write(formats.blocks_table(blocks[a:b]))
+    assert w.close() == 2500
+    arrowio.write_dataset_dict(tmp_path / "new", ["train"])
+    for f in ("dataset_dict.json", "train/data-00000-of-00001.arrow", "train/dataset_info.json"):
+        assert (tmp_path / "new" / f).read_bytes() == (tmp_path / "old" / f).read_bytes(), f
+    state = [json.loads((tmp_path / d / "train" / "state.json").read_text()) for d in ("new", "old")]
+    assert state[0].pop("_fingerprint") != state[1].pop("_fingerprint") and state[0] == state[1]
+    assert sorted(p.name for p in (tmp_path / "new" / "train").iterdir()) == sorted(p.name for p in (tmp_path / "old" / "train").iterdir())
+
+
+def test_split_writer_starts_a_shard_at_the_size_limit(tmp_path):
+    import numpy as np
+    from datasets import Features, List, Value, load_from_disk
+
+    from llmctl.data import arrowio, formats
+
+    blocks = np.arange(3000 * 8, dtype=np.int32).reshape(3000, 8)
+    w = arrowio.SplitWriter(tmp_path / "d" / "train", Features({"input_ids": List(Value("int32")), "labels": List(Value("int64"))}))
+    w.shard_bytes = 50_000  # a shard holds whole batches of 1000 rows (~100 KB each): three shards
+    w.write(formats.blocks_table(blocks))
+    w.close()
+    arrowio.write_dataset_dict(tmp_path / "d", ["train"])
+    names = sorted(p.name for p in (tmp_path / "d" / "train").iterdir())
+    assert names == [f"data-0000{i}-of-00003.arrow" for i in range(3)] + ["dataset_info.json", "state.json"]
+    got = load_from_disk(str(tmp_path / "d"))["train"]
+    assert got["input_ids"] == blocks.tolist() and got["labels"] == blocks.tolist()
+
+
+def test_prepare_text_gives_the_blocks_and_stats_of_packing_the_split_in_order(tmp_path):
+    """The whole stage on a small corpus: the blocks are pack_text over the documents in the order
+    the shuffled split had before (a list), validation likewise; the stats count them."""
+    import random
+
+    from conftest import sentences, tiny_config_dict, write_config
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from llmctl.config import load_config
+    from llmctl.data.formats import pack_text
+    from llmctl.rundir import RunDir
+    from llmctl.stages import prepare
+
+    docs = [" ".join(sentences(random.Random(i).randint(1, 6), seed=i)) for i in range(120)]
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"paths": [str(f)], "validation_fraction": 0.1, "block_size": 16})))
+    prepare.run(cfg, RunDir(cfg.run.dir))
+    rd = RunDir(cfg.run.dir)
+    tok = AutoTokenizer.from_pretrained(rd.tokenizer_dir)
+    out = load_from_disk(str(rd.dataset_dir))
+    stats = json.loads(rd.stats_path.read_text())
+    for name, order in zip(("validation", "train"), _old_split_order(len(docs), cfg.run.seed, 12)):
+        s = {"documents": 0, "bytes": 0, "tokens": 0, "kept_tokens": 0, "dropped_tokens": 0}
+        want = [r["input_ids"] for r in pack_text([docs[i] for i in order], tok, 16, tok.eos_token_id, s)]
+        assert out[name]["input_ids"] == want and out[name]["labels"] == want, name
+        st = stats["splits"][name]
+        assert (st["documents"], st["tokens"], st["blocks"], st["dropped_tail_tokens"], st["bytes"]) == (
+            s["documents"], s["tokens"], len(want), s["dropped_tokens"], s["bytes"])
+    assert out["train"].features["input_ids"].feature.dtype == "int32" and out["train"].features["labels"].feature.dtype == "int64"

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmctl.data import arrowio
+
 # Sources whose documents are code: the prose filters and language id are off for them.
 CODE_EXTENSIONS = {
     ".py", ".js", ".ts", ".java", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".rb", ".php",
@@ -507,7 +509,7 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     report["languages"] = {"before": dict(tally.langs_before.most_common()),
                            "after": dict(tally.langs_after.most_common())} if p.language else {}
     if "train" in out and p.cfg.term_groups:
-        col = (t for b in annotated["train"].select_columns(["_terms"]).with_format("arrow").iter(batch_size=_REPORT_BATCH)
+        col = (t for b in arrowio.batches(annotated["train"].select_columns(["_terms"]).with_format("arrow"), batch_size=_REPORT_BATCH)
                for t in b.column("_terms").to_pylist())
         report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
     # for add_tokens, once the tokenizer exists
@@ -521,7 +523,7 @@ def _annotate(name: str, ds, fmt: str, p: Plan, seed: int, num_proc: int, cache_
     from pathlib import Path
 
     return ds.map(
-        annotate_batch, batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
+        arrowio.Releasing(annotate_batch, arrowio.mapped_files(ds)), batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
         num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
         cache_file_name=str(Path(cache_dir) / f"curate-{name}.arrow"), desc=None,
     )
@@ -591,7 +593,7 @@ class _Dedup:
         """The removal reason of each document of one split ('' = kept)."""
         rs: list[str] = []
         lsh = self.lsh
-        for batch in ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow").iter(batch_size=_BATCH):
+        for batch in arrowio.batches(ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow"), batch_size=_BATCH):
             sigs, sig_row = _sig_matrix(batch.column("_minhash"), self.nd.num_perm) if lsh is not None else (None, None)
             band_keys = _band_keys(sigs, lsh.bands, lsh.rows) if lsh is not None and len(sigs) else None
             drops, exacts = batch.column("_drop").to_pylist(), batch.column("_exact").to_pylist()
@@ -797,7 +799,7 @@ def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _T
     after: Counter = Counter()
     tally.removed_idx[name] = {}
     start = 0
-    for batch in ds.select_columns(["_words", "_chars", "_lang", "_pii"]).with_format("arrow").iter(batch_size=_REPORT_BATCH):
+    for batch in arrowio.batches(ds.select_columns(["_words", "_chars", "_lang", "_pii"]).with_format("arrow"), batch_size=_REPORT_BATCH):
         words, chars = batch.column("_words").to_pylist(), batch.column("_chars").to_pylist()
         r = rs[start : start + len(words)]
         _tally_removals(name, start, r, words, chars, ids, tally, counts, wsum, csum)

@@ -33,8 +33,16 @@ def pad_right(rows: list[dict], pad_id: int):
 
 
 def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: dict, batch_docs: int = 1000) -> Iterator[dict]:
-    """Tokenize documents in batches, join them with EOS, yield full `block_size` blocks.
-    Each document starts with BOS when the tokenizer wants it (`tokenizer.wants_bos`).
+    """`pack_blocks`, a block at a time as {input_ids, labels} lists."""
+    for blocks in pack_blocks(texts, tok, block_size, eos_id, stats, batch_docs):
+        for row in blocks.tolist():
+            yield {"input_ids": row, "labels": row}
+
+
+def pack_blocks(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: dict, batch_docs: int = 1000) -> Iterator[np.ndarray]:
+    """Tokenize documents in batches, join them with EOS, yield the full `block_size` blocks of
+    each batch as one (n, block_size) int32 array. Each document starts with BOS when the
+    tokenizer wants it (`tokenizer.wants_bos`).
 
     The remainder carries over between batches, so only the corpus's last partial block is
     dropped (counted in stats['dropped_tokens']). Memory is bounded by one batch.
@@ -54,8 +62,8 @@ def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: di
             stats["tokens"] += len(head) + len(e.ids) + 1
         stream = np.concatenate(parts)
         n = len(stream) // block_size
-        for row in stream[: n * block_size].reshape(n, block_size).tolist():
-            yield {"input_ids": row, "labels": row}
+        if n:
+            yield stream[: n * block_size].reshape(n, block_size)
         stats["kept_tokens"] += n * block_size
         return stream[n * block_size :]
 
@@ -69,6 +77,18 @@ def pack_text(texts: Iterable[str], tok, block_size: int, eos_id: int, stats: di
     if batch:
         carry = yield from flush(batch, carry)
     stats["dropped_tokens"] += len(carry)
+
+
+def blocks_table(blocks: np.ndarray):
+    """(n, block_size) token ids as the Arrow table of packed text: input_ids int32, labels int64
+    (the same ids), built from the array without a Python list per block."""
+    import pyarrow as pa
+
+    n, size = blocks.shape
+    offsets = pa.array(np.arange(0, (n + 1) * size, size, dtype=np.int32))
+    flat = blocks.reshape(-1)
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat)),
+                     "labels": pa.ListArray.from_arrays(offsets, pa.array(flat.astype(np.int64)))})
 
 
 def encode_pairs(batch: dict, tok, block_size: int, eos_id: int) -> dict:

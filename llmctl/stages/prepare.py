@@ -191,6 +191,8 @@ def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
     import pyarrow as pa
     from datasets import Dataset
 
+    from llmctl.data import arrowio
+
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = sink = None
     buf: list[dict] = []
@@ -202,10 +204,15 @@ def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
         writer = pa.ipc.new_stream(sink, schema)
 
     def flush() -> None:
+        nonlocal chunk
         if writer is None:
             open_writer(pa.RecordBatch.from_pylist(buf).schema)
-        writer.write_batch(pa.RecordBatch.from_pylist(buf, schema=schema))
+        batch = pa.RecordBatch.from_pylist(buf, schema=schema)
+        writer.write_batch(batch)
         buf.clear()
+        # then batches of ~16 MB: opening the file reads each batch's header through a mapping,
+        # which leaves 64 KB resident per header (2 MB batches: 3% of the corpus)
+        chunk = max(chunk, min(100_000, (16 << 20) * batch.num_rows // max(batch.nbytes, 1)))
 
     if schema is not None:
         open_writer(schema)
@@ -219,7 +226,9 @@ def _to_arrow(rows: Iterator[dict], path: Path, chunk: int = 1000, schema=None):
         return None
     writer.close()
     sink.close()
-    return Dataset.from_file(str(path))
+    ds = Dataset.from_file(str(path))
+    arrowio.release([path])  # the headers' pages
+    return ds
 
 
 def _need(rec: dict, field: str, key: str, where: str) -> None:
@@ -442,9 +451,12 @@ def _tokenizer(cfg, train_docs, build: Path, con):
 
 
 def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
-    """Each split as training examples in build/dataset: packed blocks (text) or encoded
-    pairs and conversations; their numbers go into stats['splits']."""
+    """Each split as training examples in build/dataset (`datasets.save_to_disk`'s layout):
+    packed blocks (text), written there as they are made, or encoded pairs and conversations;
+    their numbers go into stats['splits']."""
     from datasets import DatasetDict
+
+    from llmctl.data import arrowio
 
     d = cfg.data
     out: dict = {}
@@ -453,35 +465,46 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
             continue
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
-                out[name], stats["splits"][name] = _pack_split(name, splits[name], tok, d, build, prog)
+                out[name], stats["splits"][name] = None, _pack_split(name, splits[name], tok, d, build / "dataset" / name, prog)
             elif d.format in ("preference", "unpaired_preference"):
                 out[name], stats["splits"][name] = _pair_split(splits[name], tok, prog)
             else:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
     if "validation" not in out:
         con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
-    DatasetDict(out).save_to_disk(str(build / "dataset"))
+    if d.format == "text":  # the splits are written
+        arrowio.write_dataset_dict(build / "dataset", list(out))
+    else:
+        DatasetDict(out).save_to_disk(str(build / "dataset"))
 
 
-def _pack_split(name: str, texts, tok, d, build: Path, prog) -> tuple[object, dict]:
-    """Text documents packed into data.block_size blocks (EOS between documents), and their stats."""
-    import pyarrow as pa
+def _pack_split(name: str, texts, tok, d, folder: Path, prog) -> dict:
+    """Text documents packed into data.block_size blocks (EOS between documents), written into
+    `folder` as one split of the dataset as they are made (nothing mapped, nothing copied), and
+    their stats."""
+    from datasets import Features, List, Value
 
-    from llmctl.data import formats
+    from llmctl.data import arrowio, formats
 
     s = {"documents": 0, "bytes": 0, "tokens": 0, "kept_tokens": 0, "dropped_tokens": 0}
-    blocks = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int64()))])
-    rows = formats.pack_text(_texts_with_progress(texts, prog), tok, d.block_size, tok.eos_token_id, s)
-    ds = _to_arrow(rows, build / "cache" / f"{name}.arrow", chunk=2048, schema=blocks)
+    features = Features({"input_ids": List(Value("int32")), "labels": List(Value("int64"))})
+    out = arrowio.SplitWriter(folder, features)
+    try:
+        for blocks in formats.pack_blocks(_texts_with_progress(texts, prog), tok, d.block_size, tok.eos_token_id, s):
+            out.write(formats.blocks_table(blocks))
+    except BaseException:
+        out.abort()  # the build folder goes with it
+        raise
+    n = out.close()
     prog.update(completed=len(texts))
-    if len(ds) == 0:
+    if n == 0:
         raise DataError(
             f"the {name} split has {s['tokens']} tokens, fewer than one block of data.block_size={d.block_size}: "
             "add data or lower data.block_size"
         )
-    return ds, {"documents": s["documents"], "tokens": s["tokens"], "blocks": len(ds),
-                "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
-                "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
+    return {"documents": s["documents"], "tokens": s["tokens"], "blocks": n,
+            "dropped_tail_tokens": s["dropped_tokens"], "bytes": s["bytes"],
+            "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
 
 
 def _pair_split(docs, tok, prog) -> tuple[object, dict]:
@@ -507,9 +530,13 @@ def _pair_split(docs, tok, prog) -> tuple[object, dict]:
 
 
 def _texts_with_progress(texts, prog) -> Iterator[str]:
-    for i, batch in enumerate(texts.iter(batch_size=1000)):
+    """The documents' texts in the split's order (a shuffle of the corpus's Arrow file), a batch
+    at a time, read from the file without mapping it (llmctl.data.arrowio.texts)."""
+    from llmctl.data import arrowio
+
+    for i, batch in enumerate(arrowio.texts(texts, "text", batch_size=1000)):
         prog.update(completed=i * 1000)
-        yield from batch["text"]
+        yield from batch
 
 
 def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[object, dict]:
@@ -557,7 +584,17 @@ def _drop_reasons(ds, fmt: str) -> dict[str, int]:
 
 
 def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
+    from llmctl.data import arrowio
+
     total = 0
+    if fmt == "text" and hasattr(docs, "iter"):
+        for batch in arrowio.texts(docs, "text"):
+            for text in batch:
+                yield text
+                total += len(text)
+                if max_bytes and total >= max_bytes:
+                    return
+        return
     for doc in _rows(docs):
         if fmt == "text":
             text = doc["text"]
@@ -575,10 +612,12 @@ def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
 
 def _rows(ds) -> Iterator[dict]:
     """Rows of an Arrow dataset, read a batch at a time."""
+    from llmctl.data import arrowio
+
     if not hasattr(ds, "iter"):
         yield from ds
         return
-    for batch in ds.iter(batch_size=1000):
+    for batch in arrowio.batches(ds, batch_size=1000):
         keys = list(batch)
         for i in range(len(batch[keys[0]])):
             yield {k: batch[k][i] for k in keys}
