@@ -686,9 +686,38 @@ def vision(r: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_scale(r: dict) -> str:
+    """`prepare`'s peak memory as the corpus grows, against plain `datasets` (bench/prepare_scale.py)."""
+    res = r.get("prepare_scale")
+    if not res:
+        return "Not measured yet: `BENCH_SCALE_MB=1024,4096 python bench/prepare_scale.py`."
+    m = res["metrics"]
+    sizes = m["sizes_mb"]
+
+    def size(mb: int) -> str:
+        return f"{mb // 1024} GB" if mb % 1024 == 0 else f"{mb} MB"
+
+    parts = []
+    for mb in sizes:
+        row = m["runs"][str(mb)]
+        for side, what in (("llmctl", "llmctl"), ("llmctl_curated", "llmctl with curation")):
+            if side in row:
+                x = row[side]
+                parts.append(f"{what} at {size(mb)} of JSONL: peak RSS {x['rss_mb']:,.0f} MB (anonymous {x['anon_mb']:,.0f} MB), {x['seconds']:.0f} s")
+        if "datasets" in row:
+            d = row["datasets"]
+            parts.append(f"plain `datasets` at {size(mb)}: {d['rss_mb']:,.0f} MB, {d['seconds']:.0f} s")
+    g = m.get("growth") or {}
+    grow = "; ".join(f"{k.split('.')[0]} {v * 100:+.0f}%" for k, v in g.items() if k.endswith(".rss_mb"))
+    mach = m.get("machine") or {}
+    return (f"Measured (`BENCH_SCALE_MB={','.join(map(str, sizes))} BENCH_SCALE_SIDES={','.join(k for k in ('llmctl', 'llmctl_curated', 'datasets') if k in m['runs'][str(sizes[0])])} "
+            f"python bench/prepare_scale.py`, {mach.get('cpus')} CPUs, load {mach.get('load_avg_1m')} at the start): " + "; ".join(parts)
+            + f". Peak RSS from {size(sizes[0])} to {size(sizes[-1])}: {grow}.")
+
+
 PASSAGES = {"quickstart-time": _quickstart_time, "realistic": realistic, "code-passk": code_passk, "vision": vision, "measured": measured, "serve": serve, "safety": safety, "curate": curate,
             "distill": distill, "preference": preference,
-            "compress-report": compress_report, "curate-summary": curate_summary}
+            "compress-report": compress_report, "curate-summary": curate_summary, "prepare-scale": prepare_scale}
 
 
 def render(text: str, results: dict) -> str:
