@@ -707,6 +707,9 @@ def prepare_scale(r: dict) -> str:
         if "datasets" in row:
             d = row["datasets"]
             parts.append(f"plain `datasets` at {size(mb)}: {d['rss_mb']:,.0f} MB, {d['seconds']:.0f} s")
+    skipped = [size(mb) for mb in sizes if "datasets" not in m["runs"][str(mb)]]
+    if skipped and "datasets" in m["runs"][str(sizes[0])]:
+        parts.append(f"plain `datasets` not run at {', '.join(skipped)} (BENCH_SCALE_PLAIN_MAX_MB)")
     g = m.get("growth") or {}
     grow = "; ".join(f"{k.split('.')[0]} {v * 100:+.0f}%" for k, v in g.items() if k.endswith(".rss_mb"))
     mach = m.get("machine") or {}

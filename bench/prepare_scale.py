@@ -159,7 +159,7 @@ def main() -> None:
     both = [mb for mb in SIZES if {"llmctl", "datasets"} <= set(rows[mb])]
     if both:  # the largest size both sides ran
         ratios[f"prepare speed vs plain datasets at {both[-1]} MB"] = ratio(rows[both[-1]]["datasets"]["seconds"] / rows[both[-1]]["llmctl"]["seconds"], 1.0)
-    write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "growth": growth, "machine": machine()}, ratios)
+    write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "growth": growth, "plain_max_mb": min(PLAIN_MAX_MB, SIZES[-1]), "machine": machine()}, ratios)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
