@@ -184,7 +184,8 @@ def test_tokens_per_s_counts_the_decoding_only(trained_run, monkeypatch):
     assert n > 0 and head["seconds"] >= 2.0, head
     assert head["tokens_per_s"] > n / 1.0, head  # with the setup counted it would be under n / 2
     assert head["decode_seconds"] < head["seconds"] - 1.9, head  # the setup is in the wall time, not the decode time
-    assert abs(head["tokens_per_s"] * head["decode_seconds"] - n) <= 0.05 * n  # tokens / decode seconds
+    # tokens / decode seconds, up to the headline's rounding (decode_seconds to the millisecond: 6% of an 8 ms decode)
+    assert abs(head["tokens_per_s"] * head["decode_seconds"] - n) <= 0.05 * n + head["tokens_per_s"] * 0.0005
 
 
 def test_generate_with_another_model_never_stands_in_for_the_runs_own(trained_run, tmp_path):

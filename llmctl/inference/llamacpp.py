@@ -224,8 +224,6 @@ def stream_tokens(conn: http.client.HTTPConnection, body: dict, cancelled=None):
     generator ends (its caller closes the connection, and llama-server drops the sequence)."""
     conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
     if not body.get("stream", True) and cancelled is not None:
-        if conn.sock is None:
-            conn.connect()
         while not select.select([conn.sock], [], [], POLL_S)[0]:
             if cancelled():
                 return

@@ -143,6 +143,8 @@ def run(cfg, rd: RunDir, *, force: bool = True, model: str | None = None, prompt
         if identity:
             st.manifest["model"] = identity
         with _decoder(mdl, tok, gguf, g, len(todo) * sp.num_return_sequences) as decode_batch:
+            if gguf is not None:
+                del mdl  # the reference model, checked; not held in memory beside llama-server's copy
             results, decode_s = _decode(decode_batch, tok, texts, refused, sp, rails, stream, g.batch_size, con)
         for idx, choice, r in results:
             rec = _record(items[idx], texts[idx], idx, choice, r, audit.events)
@@ -205,7 +207,7 @@ def _sampling(cfg, logprobs: int | None, surprisal: bool):
 def _decoder(mdl, tok, gguf: str | None, g, sequences: int):
     """`decode_batch(texts, sp, streamer=None) -> [result]`: the torch model (`generation.generate_batch`),
     or, with a GGUF, a llama-server on it (llmctl/inference/llamacpp_generate.py), checked at
-    start against the model's own forward and stopped at the end."""
+    start against the model's own forward (then the model is let go) and stopped at the end."""
     from llmctl.generation import generate_batch
 
     if gguf is None:
@@ -225,6 +227,7 @@ def _decoder(mdl, tok, gguf: str | None, g, sequences: int):
         why = disagreement(server, mdl, tok, GGUF_TYPE[g.quantize])
         if why:
             raise LlmctlError(f"generate.engine llama.cpp: {why}; not generating with it (set generate.engine: torch to generate with transformers)")
+        mdl = None  # checked: llama.cpp holds the weights from here on (the caller lets go of its reference too)
         yield lambda texts, sp, streamer=None: generate_llamacpp(server, tok, texts, sp, eos_ids, ctx, streamer=streamer)
     finally:
         server.stop()
