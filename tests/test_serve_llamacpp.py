@@ -390,3 +390,59 @@ def test_run_exports_before_generating_with_llama_cpp(trained_run, tmp_path, mon
     d["generate"]["engine"] = "torch"
     Path(path).write_text(yaml.safe_dump(d))
     assert in_order(load_config(path), stages) == list(stages)
+
+
+def test_cancelling_a_job_hangs_up_its_llama_server_connection_at_once():
+    """The engine's thread waits on llama-server's answer with a plain blocking read (no
+    polling); cancelling the job from another thread shuts the connection down: the read
+    returns, and llama-server (here a socket that never answers) sees the connection close."""
+    import http.client
+    import socket
+    import threading
+
+    from llmctl.inference.llamacpp import completion_body, hang_up, stream_tokens
+    from llmctl.server.engine import Job
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    seen: list[bytes] = []
+    asked = threading.Event()
+
+    def never_answers():
+        c, _ = srv.accept()
+        data = b""
+        while chunk := c.recv(65536):  # ends only when the engine's side closes
+            data += chunk
+            if b"n_predict" in data:
+                asked.set()  # the whole request is here
+        seen.append(data)
+        c.close()
+
+    peer = threading.Thread(target=never_answers, daemon=True)
+    peer.start()
+    j = Job(prompt_ids=[1, 2, 3], max_tokens=4, stream=False)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.connect()
+    j.when_cancelled(lambda: hang_up(conn))
+    ended: list = []
+
+    def engine_thread():
+        try:
+            ended.append(list(stream_tokens(conn, completion_body(j.prompt_ids, 4, stream=False))))
+        except (OSError, http.client.HTTPException) as e:
+            ended.append(type(e).__name__)
+
+    t = threading.Thread(target=engine_thread, daemon=True)
+    t.start()
+    assert asked.wait(30), "the request never arrived"
+    j.cancelled = True  # the engine's thread is now waiting for an answer that never comes
+    t.join(30)
+    peer.join(30)
+    assert not t.is_alive() and ended, "the blocked read did not return on cancel"
+    assert seen and b"/completion" in seen[0], "llama-server never saw the connection close"
+    srv.close()
+    # registered after the cancel: the hook runs at once
+    calls: list = []
+    j.when_cancelled(lambda: calls.append(1))
+    assert calls == [1]
+    j.when_cancelled(None)

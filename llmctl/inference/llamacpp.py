@@ -26,7 +26,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -47,7 +46,6 @@ TOLERANCE = {"f32": 1e-3, "q8_0": 6e-2, "q4_0": 0.4}
 START_TIMEOUT_S = 120.0
 # transformers' order of the sampling steps (generate's logits processors, llmctl's sampler).
 SAMPLERS = ["penalties", "temperature", "top_k", "top_p"]
-POLL_S = 0.05  # how often a non-streamed sequence asks whether its client is still there
 
 
 def find_binary(tool: str) -> Path | None:
@@ -213,20 +211,16 @@ def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float =
     return body
 
 
-def stream_tokens(conn: http.client.HTTPConnection, body: dict, cancelled=None):
+def stream_tokens(conn: http.client.HTTPConnection, body: dict):
     """Yield (token id, logprob or None, [(id, logprob), ...top]) per generated token, as
     llama-server streams them. Closing the generator (a stop string, a client gone) closes the
-    connection, which cancels the sequence in llama-server.
+    connection, which cancels the sequence in llama-server; so does shutting the connection's
+    socket down from another thread while this one waits (`hang_up`).
 
     A body with `stream: False` gets the whole sequence in one answer: one read and one JSON
     parse instead of one of each per token, which on a few cores is CPU llama.cpp's own
-    threads get back. While it waits, `cancelled()` is asked every POLL_S; when it says yes the
-    generator ends (its caller closes the connection, and llama-server drops the sequence)."""
+    threads get back."""
     conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    if not body.get("stream", True) and cancelled is not None:
-        while not select.select([conn.sock], [], [], POLL_S)[0]:
-            if cancelled():
-                return
     r = conn.getresponse()
     if r.status != 200:
         raise LlmctlError(f"llama-server answered {r.status}: {r.read()[:300].decode(errors='replace')}")
@@ -243,6 +237,17 @@ def stream_tokens(conn: http.client.HTTPConnection, body: dict, cancelled=None):
             yield from _tokens_of(json.loads(line[6:]))
     finally:
         r.close()
+
+
+def hang_up(conn: http.client.HTTPConnection) -> None:
+    """Shut a connection to llama-server down from any thread: a read blocked on it returns at
+    once, and llama-server drops the sequence (it sees the connection close)."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
 
 
 def _tokens_of(ev: dict):

@@ -55,7 +55,7 @@ class Job:
     # False: the client reads the whole answer at once, so text is handed over when the sequence
     # ends (one event-loop wake-up per sequence instead of one per token).
     stream: bool = True
-    cancelled: bool = False  # set by the event loop when the client is gone
+    _cancelled: bool = field(default=False, repr=False)
     finished: bool = False
     tokens: list[int] = field(default_factory=list)
     sent: int = 0
@@ -72,6 +72,27 @@ class Job:
     read_offset: int = 0
     _sampling: Any = field(default=None, repr=False, compare=False)
     images: Any = None  # image-text models: the processor's image tensors (pixel_values...) for this prompt's image tokens
+    _on_cancel: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Set by the event loop when the client is gone (or a guard blocks the sequence)."""
+        return self._cancelled
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._cancelled = value
+        hook = self._on_cancel
+        if value and hook is not None:
+            hook()
+
+    def when_cancelled(self, hook) -> None:
+        """Call `hook()` (from whichever thread cancels) the moment this sequence is cancelled,
+        or now if it already is; `None` unregisters. For an engine thread blocked on I/O, which
+        then needs no polling to notice a client that hung up."""
+        self._on_cancel = hook
+        if hook is not None and self._cancelled:
+            hook()
 
     def sampling(self):
         """The sampler's settings for this sequence (llmctl/inference/sampling.py, the one `generate` uses)."""

@@ -12,7 +12,7 @@ llama-server does not return: such a request gets a 400 (server/jobs.py).
 
 from __future__ import annotations
 
-import queue
+import http.client
 import threading
 
 from llmctl.inference.context import context_length
@@ -61,6 +61,8 @@ class LlamaCppEngine(Engine):
 
     def stop(self) -> None:
         self._stop.set()
+        for _ in range(self.max_batch_size):
+            self.q.put(None)
         if self.server is not None:
             self.server.stop()
 
@@ -75,10 +77,9 @@ class LlamaCppEngine(Engine):
 
     def _worker(self) -> None:
         while not self._stop.is_set():
-            try:
-                j = self.q.get(timeout=0.1)
-            except queue.Empty:
-                continue
+            j = self.q.get()  # no timeout: stop() wakes every worker with a None
+            if j is None:
+                return
             self.metrics.set_queue(self.q.qsize())
             if j.cancelled:
                 continue
@@ -103,7 +104,7 @@ class LlamaCppEngine(Engine):
         A sequence nobody reads as it grows (a non-streamed answer without stop strings) is asked
         for in one piece: the same tokens through the same rules, without a read, a JSON parse
         and a thread wake-up per token in this process, which shares the cores with llama.cpp's."""
-        from llmctl.inference.llamacpp import completion_body, stream_tokens
+        from llmctl.inference.llamacpp import completion_body, hang_up, stream_tokens
 
         if j.echo_logprobs:
             j.push(("error", "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return"))
@@ -112,7 +113,11 @@ class LlamaCppEngine(Engine):
                                j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context,
                                stream=j.stream or bool(j.stop))
         conn = self.server.connect()
-        tokens = stream_tokens(conn, body, cancelled=lambda: j.cancelled)
+        conn.connect()
+        # A client that hangs up shuts this connection down from the event loop's thread: the
+        # read below returns at once and llama-server drops the sequence. Nothing here polls.
+        j.when_cancelled(lambda: hang_up(conn))
+        tokens = stream_tokens(conn, body)
         try:
             for t, lp, top in tokens:
                 if j.cancelled:
@@ -127,7 +132,11 @@ class LlamaCppEngine(Engine):
                 self._detokenize(j, final=True)
                 self._send(j, j.text, final=True)
                 self._finish(j, "length")
+        except (OSError, http.client.HTTPException):
+            if not j.cancelled:  # the connection was shut down because the client hung up
+                raise
         finally:
+            j.when_cancelled(None)
             j.finished = True
             tokens.close()
             conn.close()
