@@ -455,3 +455,38 @@ def test_a_spilled_index_lookup_keeps_only_the_records_it_found():
         store.close()
     assert len(q) == len(needles) and (b == needles[q]).all()
     assert peak < 4 << 20, peak  # before: 5,000 windows of 12 KB (60 MB)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux")
+def test_encoding_pairs_maps_none_of_the_split(tmp_path):
+    """Prompt/completion pairs were copied (flatten_indices), encoded into a cache file, its columns
+    summed and filtered through the mapping, and the kept rows saved by save_to_disk reading them
+    through the mapping: the encoded split (here ~44 MB) was resident. Now it is read a batch at a
+    time, its pages dropped, the kept rows written into the dataset folder; load_from_disk reads it."""
+    import random
+
+    from conftest import tiny_config_dict, write_config
+    from datasets import load_from_disk
+
+    from llmctl.config import load_config
+    from llmctl.stages import prepare
+
+    rng = random.Random(0)
+    # ~512 tokens a pair (_FakeTok: 2 characters a token); a quarter of the prompts cut, a quarter of
+    # the completions too long for a block (dropped)
+    rows = ({"prompt": f"{i} " + "".join(rng.choices("abcdefgh ", k=rng.choice([500, 500, 500, 1800]))),
+             "completion": "".join(rng.choices("ijklmn ", k=rng.choice([500, 500, 500, 2200]))), "_id": f"d:{i}"} for i in range(8000))
+    build = tmp_path / "build"
+    ds = prepare._to_arrow(rows, build / "cache" / "raw.arrow")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"format": "prompt_completion", "block_size": 1024},
+                                                                         model={"context_length": 1024})))
+    stats = {"splits": {}}
+    con = type("Con", (), {"progress": lambda self, *a, **k: _Ctx(), "warn": lambda self, m: None, "info": lambda self, m: None})()
+    grew = _peak_resident_mb(lambda: prepare._tokenize(cfg, {"train": ds}, _FakeTok(), build, con, stats), build)
+    tr = stats["splits"]["train"]
+    encoded_mb = (build / "cache" / "train.arrow").stat().st_size / 2**20
+    assert encoded_mb > 40 and grew < 16, (grew, encoded_mb)  # before: the encoded split (and a copy of the documents)
+    assert 1500 < tr["dropped_records"] < 2500 and 1000 < tr["truncated_records"] < 2000
+    out = load_from_disk(str(build / "dataset"))
+    assert list(out) == ["train"] and len(out["train"]) == tr["examples"] == 8000 - tr["dropped_records"]
+    assert out["train"][0]["labels"][:3] == [-100] * 3 and len(out["train"][0]["input_ids"]) == len(out["train"][0]["labels"])
