@@ -170,6 +170,24 @@ class RowReader:
                 release(self.files)
         return {c: row[c] for c in self.columns}
 
+    def batch(self, positions) -> dict[str, list]:
+        """The rows at `positions` (in order), {column: values}: strings read in place; any other
+        column through the mapping, its pages dropped after."""
+        import numpy as np
+        import pyarrow as pa
+
+        pos = np.asarray(positions, dtype=np.int64)
+        out: dict[str, list] = {}
+        if self.pread:
+            idx = self.ds._indices
+            rows = idx.column(0).take(pa.array(pos)).to_numpy().astype(np.int64) if idx is not None else pos
+            for c, col in self.pread.items():
+                out[c] = col.read(rows)
+        if self.mapped is not None:
+            out.update(with_indices(self.mapped, pos).to_dict())
+            release(self.files)
+        return {c: out[c] for c in self.columns}
+
     def close(self) -> None:
         for col in self.pread.values():
             col.close()
