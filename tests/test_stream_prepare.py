@@ -304,3 +304,194 @@ def test_prepare_text_gives_the_blocks_and_stats_of_packing_the_split_in_order(t
         assert (st["documents"], st["tokens"], st["blocks"], st["dropped_tail_tokens"], st["bytes"]) == (
             s["documents"], s["tokens"], len(want), s["dropped_tokens"], s["bytes"])
     assert out["train"].features["input_ids"].feature.dtype == "int32" and out["train"].features["labels"].feature.dtype == "int64"
+
+
+# --------------------------------------------------------------------------- curation, bounded (#30)
+def _resident_mb(root) -> float:
+    """This process's resident pages (MB) of the mapped files under `root` (/proc/self/smaps)."""
+    root, kb, mine = str(root), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):
+                parts = line.split(None, 5)
+                mine = len(parts) == 6 and parts[5].startswith(root)
+            elif head == "Rss:" and mine:
+                kb += int(line.split()[1])
+    return kb / 1024
+
+
+def _peak_resident_mb(fn, root) -> float:
+    """The most of the files under `root` this process held resident while `fn` ran (sampled), and after."""
+    import threading
+    import time
+
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _resident_mb(root))
+            time.sleep(0.003)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], _resident_mb(root))
+
+
+def _dup_docs(tmp_path, n: int = 6000):
+    """n distinct ~2 KB documents, then a copy of every 4th and a near copy (one word more) of every
+    4th other, shuffled into train/validation as prepare splits them; the config."""
+    import random
+
+    from conftest import tiny_config_dict, write_config
+
+    from llmctl.config import load_config
+    from llmctl.data.split import seeded_split
+    from llmctl.stages import prepare
+
+    rng = random.Random(0)
+    base = [f"{i} " + "".join(rng.choices("abcdefghij klmnop", k=2000)) for i in range(n)]
+    docs = base + base[::4] + ["zq " + t for t in base[2::4]]
+    ds = prepare._to_arrow(({"text": t, "_id": f"d:{i}"} for i, t in enumerate(docs)), tmp_path / "build" / "cache" / "raw.arrow")
+    cur = {"enabled": True, "language": False, "quality": {"enabled": False}, "pii": {"action": "off"}}
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"validation_fraction": 0.05, "curate": cur})))
+    return seeded_split(ds, cfg), cfg
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux")
+def test_curation_leaves_no_page_of_its_files_resident(tmp_path):
+    """Curation's files (the documents, the annotated split: ~20 MB here) are read through mappings
+    whose pages count in RSS: annotating left the annotated file's pages resident (the headers of its
+    64-row record batches, read when it opened: measured ~240 MB of a 256 MB corpus's), as did
+    the kept-documents filter (`_drop` read through the mapping), the near-duplicate checks (each
+    candidate read at random through the mapping) and the token count of the removed documents
+    (`select` of them, read at random: the whole file here). Now they are read in place (pread) or
+    their pages dropped."""
+    from llmctl.data import curate
+
+    splits, cfg = _dup_docs(tmp_path)
+    cache = tmp_path / "build" / "cache"
+    p = curate.plan(cfg.data)
+    assert p.exact_dedup and p.near_dedup and not p.quality
+    annotated = {}
+    during_annotate = _peak_resident_mb(lambda: annotated.update(
+        {name: curate._annotate(name, splits[name], "text", p, 0, 1, cache) for name in ("train", "validation")}), cache)
+    size = (cache / "curate-train.arrow").stat().st_size / 2**20
+    after_annotate = _resident_mb(cache)
+    assert size > 18 and after_annotate < 2, (after_annotate, size)  # before: 10-20 MB
+    # the documents read in place, 1000 a call: not through map's mapping (~250 KB a document), and
+    # 1000-row record batches whose headers, read when the output opens, map 64 KB each
+    assert during_annotate < 6, during_annotate  # before: ~25 MB (the input's pages, 140 headers)
+    ids = curate._DocIds(annotated)
+    dedup = curate._Dedup(annotated, "text", p, ids, cache / "dedup-index")
+    reasons = {}
+    during_dedup = _peak_resident_mb(lambda: reasons.update({n: dedup.split(n, annotated[n]) for n in annotated}), cache)
+    dedup.close()
+    assert during_dedup < 6, during_dedup  # one Arrow batch's columns; before: the candidates' pages too
+    tally = curate._Tally()
+    kept = {n: curate._split_report(n, annotated[n], reasons[n], p, ids, tally, cache)[0] for n in annotated}
+    removed = sum(tally.removed_n["train"].values())
+    assert tally.removed_n["train"]["exact_dedup"] > 1000 and tally.removed_n["train"]["near_dedup"] > 1000
+    assert len(kept["train"]) == len(splits["train"]) - removed
+    assert _resident_mb(cache) < 2
+
+    # the tokens of the removed documents: read in place, not through a `select`'s mapping
+    report = {"splits": {n: {"steps": []} for n in annotated}, "_annotated": annotated, "_reasons": reasons}
+
+    class Tok:
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[0] * (len(t) // 4) for t in texts]}
+
+    during_tokens = _peak_resident_mb(lambda: curate.add_tokens(report, Tok(), "text", {"train": 1, "validation": 1}), cache)
+    assert report["splits"]["train"]["tokens_before"] > 1 + 1000 * 500
+    assert during_tokens < 4, during_tokens
+
+
+def test_select_to_file_and_row_reader_give_the_dataset_rows(tmp_path):
+    """arrowio.select_to_file is `select` with its indices on disk; with_indices is `select`;
+    RowReader reads the rows `ds[i]` gives (in place for strings, through the mapping for the rest)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from llmctl.data import arrowio
+
+    ds, cfg = _raw_docs(tmp_path, 500, size=40)
+    ds = ds.map(lambda r: {"n": len(r["text"]), "msgs": [{"role": "user", "content": r["text"][:5]}]},
+                cache_file_name=str(tmp_path / "m.arrow"))
+    rows = np.array([3, 4, 77, 200, 499])
+    sel = arrowio.select_to_file(ds, iter([rows[:2], rows[2:]]), tmp_path / "sel.arrow", "fp")
+    assert sel.to_list() == ds.select(rows.tolist()).to_list() and sel.cache_files[-1]["filename"].endswith("sel.arrow")
+    twice = arrowio.select_to_file(sel, iter([np.array([4, 0])]), tmp_path / "sel2.arrow", "fp2")  # through sel's indices
+    assert twice.to_list() == ds.select([499, 3]).to_list()
+    assert arrowio.with_indices(sel, [1, 2]).to_list() == ds.select([4, 77]).to_list()
+    for d in (ds, sel, Dataset.from_list(ds.to_list())):
+        r = arrowio.RowReader(d, ["msgs", "text", "n"], release_every=2)
+        assert [r[i] for i in range(len(d))] == [{k: row[k] for k in ("msgs", "text", "n")} for row in d]
+        r.close()
+
+
+def test_a_spilled_index_lookup_keeps_only_the_records_it_found():
+    """Each key found on disk is read in a window of 2 x FENCE records (12 KB); the found records
+    kept views of their windows until the lookup returned: 10,000 near duplicates in one Arrow
+    batch (25 bands each) held 120 MB. Now 24 bytes a record."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from llmctl.data import spill
+
+    with tempfile.TemporaryDirectory() as d:
+        store = spill.KeyRuns(Path(d), "t", 1 << 16)
+        keys = np.random.default_rng(0).integers(0, 2**63, size=200_000, dtype=np.uint64)
+        store.add(keys, np.arange(len(keys), dtype=np.uint64), keys)
+        needles = keys[::40]  # 5,000 keys, each found once
+        tracemalloc.start()
+        try:
+            q, a, b = store.lookup(needles)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        store.close()
+    assert len(q) == len(needles) and (b == needles[q]).all()
+    assert peak < 4 << 20, peak  # before: 5,000 windows of 12 KB (60 MB)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux")
+def test_encoding_pairs_maps_none_of_the_split(tmp_path):
+    """Prompt/completion pairs were copied (flatten_indices), encoded into a cache file, its columns
+    summed and filtered through the mapping, and the kept rows saved by save_to_disk reading them
+    through the mapping: the encoded split (here ~44 MB) was resident. Now it is read a batch at a
+    time, its pages dropped, the kept rows written into the dataset folder; load_from_disk reads it."""
+    import random
+
+    from conftest import tiny_config_dict, write_config
+    from datasets import load_from_disk
+
+    from llmctl.config import load_config
+    from llmctl.stages import prepare
+
+    rng = random.Random(0)
+    # ~512 tokens a pair (_FakeTok: 2 characters a token); a quarter of the prompts cut, a quarter of
+    # the completions too long for a block (dropped)
+    rows = ({"prompt": f"{i} " + "".join(rng.choices("abcdefgh ", k=rng.choice([500, 500, 500, 1800]))),
+             "completion": "".join(rng.choices("ijklmn ", k=rng.choice([500, 500, 500, 2200]))), "_id": f"d:{i}"} for i in range(8000))
+    build = tmp_path / "build"
+    ds = prepare._to_arrow(rows, build / "cache" / "raw.arrow")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"format": "prompt_completion", "block_size": 1024},
+                                                                         model={"context_length": 1024})))
+    stats = {"splits": {}}
+    con = type("Con", (), {"progress": lambda self, *a, **k: _Ctx(), "warn": lambda self, m: None, "info": lambda self, m: None})()
+    grew = _peak_resident_mb(lambda: prepare._tokenize(cfg, {"train": ds}, _FakeTok(), build, con, stats), build)
+    tr = stats["splits"]["train"]
+    encoded_mb = (build / "cache" / "train.arrow").stat().st_size / 2**20
+    assert encoded_mb > 40 and grew < 16, (grew, encoded_mb)  # before: the encoded split (and a copy of the documents)
+    assert 1500 < tr["dropped_records"] < 2500 and 1000 < tr["truncated_records"] < 2000
+    out = load_from_disk(str(build / "dataset"))
+    assert list(out) == ["train"] and len(out["train"]) == tr["examples"] == 8000 - tr["dropped_records"]
+    assert out["train"][0]["labels"][:3] == [-100] * 3 and len(out["train"][0]["input_ids"]) == len(out["train"][0]["labels"])

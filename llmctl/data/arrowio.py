@@ -106,6 +106,96 @@ def texts(ds, column: str = "text", batch_size: int = 1000) -> Iterator[list[str
         col.close()
 
 
+def with_indices(ds, rows):
+    """`ds.select(rows)` for an integer array `rows`, without `select`'s Python list of them: the
+    indices one uint64 Arrow array in memory (through `ds`'s own indices when it has them)."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    ids = pa.array(np.asarray(rows, dtype=np.uint64))
+    if ds._indices is not None:
+        ids = ds._indices.column(0).take(ids)
+    return Dataset(ds.data, info=ds.info.copy(), split=ds.split, indices_table=InMemoryTable(pa.table({"indices": ids})),
+                   fingerprint=ds._fingerprint)
+
+
+def select_to_file(ds, chunks: Iterator, path, fingerprint: str):
+    """`ds.select(rows)` for the rows of `chunks` (integer arrays, in order) with its indices mapping
+    written to the Arrow file `path`, a chunk at a time, as `ds.filter` writes it: nothing of the
+    rows is in memory but a chunk, and nothing of `ds` is read."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Features, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    base = ds._indices.column(0) if ds._indices is not None else None
+    with ArrowWriter(features=Features({"indices": Value("uint64")}), path=str(path), unit="indices") as w:
+        for rows in chunks:
+            ids = pa.array(np.asarray(rows, dtype=np.uint64))
+            w.write_table(pa.table({"indices": base.take(ids) if base is not None else ids}))
+        w.finalize()
+    out = ds._new_dataset_with_indices(indices_cache_file_name=str(path), fingerprint=fingerprint)
+    release([path])  # the headers read when it opened
+    return out
+
+
+class RowReader:
+    """Single rows of some columns of `ds`, read at random (`reader[i]` -> {column: value}): each
+    string column with `os.pread` (`_PreadColumn`), nothing mapped; any other column through the
+    mapping, its pages dropped every `release_every` rows (each random read would leave ~200 KB
+    resident). `close()` closes the files."""
+
+    def __init__(self, ds, columns: list[str], release_every: int = 64):
+        self.ds, self.columns, self.every, self.reads = ds, list(columns), release_every, 0
+        self.pread = {c: p for c in self.columns if (p := _PreadColumn.open(ds, c)) is not None}
+        others = [c for c in self.columns if c not in self.pread]
+        self.mapped = ds.select_columns(others) if others else None
+        self.files = mapped_files(ds)
+
+    def __getitem__(self, i: int) -> dict:
+        import numpy as np
+
+        row = {}
+        if self.pread:
+            j = int(self.ds._indices.column(0)[i].as_py()) if self.ds._indices is not None else int(i)
+            for c, col in self.pread.items():
+                row[c] = col.read(np.array([j], dtype=np.int64))[0]
+        if self.mapped is not None:
+            row.update(self.mapped[int(i)])
+            self.reads += 1
+            if self.reads % self.every == 0:
+                release(self.files)
+        return {c: row[c] for c in self.columns}
+
+    def batch(self, positions) -> dict[str, list]:
+        """The rows at `positions` (in order), {column: values}: strings read in place; any other
+        column through the mapping, its pages dropped after."""
+        import numpy as np
+        import pyarrow as pa
+
+        pos = np.asarray(positions, dtype=np.int64)
+        out: dict[str, list] = {}
+        if self.pread:
+            idx = self.ds._indices
+            rows = idx.column(0).take(pa.array(pos)).to_numpy().astype(np.int64) if idx is not None else pos
+            for c, col in self.pread.items():
+                out[c] = col.read(rows)
+        if self.mapped is not None:
+            out.update(with_indices(self.mapped, pos).to_dict())
+            release(self.files)
+        return {c: out[c] for c in self.columns}
+
+    def close(self) -> None:
+        for col in self.pread.values():
+            col.close()
+        self.pread = {}
+        if self.mapped is not None:
+            release(self.files)
+
+
 def _maps() -> list[tuple[int, int, int, str]]:
     """(start, end, file offset, path) of this process's read-only file mappings."""
     out = []

@@ -25,6 +25,12 @@ before and after each step per split, examples of what each step removed, langua
 `add_tokens` adds token counts once prepare has a tokenizer.
 
 The first occurrence is kept, so re-runs are deterministic for a given run.seed.
+
+Memory does not grow with the corpus beyond the dedup index's budget (issue #30, llmctl.data.arrowio):
+the pages of the Arrow files read through mappings are dropped after each pass and batch; single
+documents (dedup's candidates, the report's examples, the removed documents counted in tokens) are
+read in place with `os.pread`; each document's reason is one byte (`_Reasons`); the kept documents'
+indices mapping is written to disk a chunk at a time.
 """
 
 from __future__ import annotations
@@ -511,22 +517,63 @@ def curate(splits: dict, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir,
     if "train" in out and p.cfg.term_groups:
         col = (t for b in arrowio.batches(annotated["train"].select_columns(["_terms"]).with_format("arrow"), batch_size=_REPORT_BATCH)
                for t in b.column("_terms").to_pylist())
-        report["term_groups"] = _sum_terms(col, (not r for r in reasons["train"]), p.cfg.term_groups)
+        report["term_groups"] = _sum_terms(col, (not c for c in reasons["train"].codes), p.cfg.term_groups)
+    ids.close()
     # for add_tokens, once the tokenizer exists
-    report["_removed_idx"] = tally.removed_idx
+    report["_reasons"] = reasons
     report["_annotated"] = annotated
     return out, report
 
 
 def _annotate(name: str, ds, fmt: str, p: Plan, seed: int, num_proc: int, cache_dir):
-    """Pass 1 over one split: `annotate_batch`, in parallel when the split is large enough."""
+    """Pass 1 over one split: `annotate_batch`, in parallel when the split is large enough.
+
+    `map` passes only the documents' positions (`_Annotator` reads them in place) and writes one
+    record batch per call: when the output opens, each batch's header is read through the mapping
+    and leaves up to 64 KB resident, so calls of 64 documents left ~40% of the annotated file
+    resident (~240 MB at 256 MB of JSONL, 2 GB at 4 GB), calls of 1000 ~3%, dropped right after."""
     from pathlib import Path
 
-    return ds.map(
-        arrowio.Releasing(annotate_batch, arrowio.mapped_files(ds)), batched=True, batch_size=64, fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)},
-        num_proc=num_proc if num_proc > 1 and len(ds) >= 4 * num_proc else None,
-        cache_file_name=str(Path(cache_dir) / f"curate-{name}.arrow"), desc=None,
-    )
+    if num_proc > 1 and len(ds) >= 4 * num_proc:  # workers: map reads the documents (a hang with _Annotator's, not yet understood)
+        out = ds.map(
+            arrowio.Releasing(annotate_batch, arrowio.mapped_files(ds), every=1), batched=True, batch_size=64,
+            fn_kwargs={"fmt": fmt, "p": p, "seed": seed % (1 << 32)}, num_proc=num_proc,
+            cache_file_name=str(Path(cache_dir) / f"curate-{name}.arrow"), desc=None,
+        )
+        arrowio.release(arrowio.mapped_files(ds) + arrowio.mapped_files(out))
+        return out
+    fn = _Annotator(ds, fmt, p, seed % (1 << 32))
+    try:
+        out = ds.map(
+            fn, batched=True, batch_size=fn.batch_size, with_indices=True, input_columns=[],
+            cache_file_name=str(Path(cache_dir) / f"curate-{name}.arrow"), new_fingerprint=f"{ds._fingerprint}-curate-{name}", desc=None,
+        )
+    finally:
+        fn.close()
+    arrowio.release(arrowio.mapped_files(ds) + arrowio.mapped_files(out))
+    return out
+
+
+class _Annotator:
+    """`annotate_batch` on the documents at the positions `map` passes (`with_indices`, no input
+    column): read in place (arrowio.RowReader), where `map` read them through the mapping, in the
+    split's shuffled order (~250 KB resident a document until dropped). 1000 documents a call when
+    every column is a string; 64 when one is not (chat turns: read through the mapping)."""
+
+    def __init__(self, ds, fmt: str, p: Plan, seed: int):
+        self.ds, self.fmt, self.p, self.seed = ds, fmt, p, seed
+        self.reader = None
+        self.batch_size = 1000 if all(getattr(ds.features[c], "dtype", None) in ("string", "large_string") for c in ds.column_names) else 64
+
+    def __call__(self, positions) -> dict:
+        if self.reader is None:
+            self.reader = arrowio.RowReader(self.ds, self.ds.column_names)
+        return annotate_batch(self.reader.batch(positions), self.fmt, self.p, self.seed)
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
 
 class _DocIds:
@@ -534,10 +581,67 @@ class _DocIds:
     examples the report shows."""
 
     def __init__(self, annotated: dict):
-        self.cols = {name: ds.select_columns(["_id"]) for name, ds in annotated.items() if "_id" in ds.column_names}
+        self.cols = {name: arrowio.RowReader(ds, ["_id"]) for name, ds in annotated.items() if "_id" in ds.column_names}
 
     def __call__(self, split: str, i: int) -> str:
         return self.cols[split][i]["_id"] if split in self.cols else f"{split}/{i}"
+
+    def close(self) -> None:
+        for r in self.cols.values():
+            r.close()
+
+
+class _Reasons:
+    """Each document's removal reason in one split ('' = kept), one byte a document (a list of
+    strings took 8 bytes a document, and a string object per document a filter dropped). Codes
+    number the reasons in the order they first occur."""
+
+    def __init__(self):
+        from array import array
+
+        self.codes = array("B")
+        self.names: list[str] = [""]
+        self._code = {"": 0}
+
+    def append(self, reason: str) -> None:
+        c = self._code.get(reason)
+        if c is None:
+            c = self._code[reason] = len(self.names)
+            self.names.append(reason)
+        self.codes.append(c)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, s: slice) -> list[str]:
+        return [self.names[c] for c in self.codes[s]]
+
+    def __iter__(self):
+        return (self.names[c] for c in self.codes)
+
+    def array(self):
+        import numpy as np
+
+        return np.frombuffer(self.codes, dtype=np.uint8) if len(self.codes) else np.zeros(0, dtype=np.uint8)
+
+    def counts(self) -> Counter:
+        """{reason: documents} of the removed documents, in the order the reasons first occur."""
+        import numpy as np
+
+        n = np.bincount(self.array(), minlength=len(self.names))
+        return Counter({r: int(n[c]) for c, r in enumerate(self.names) if c})
+
+    def rows(self, reasons, chunk: int = 65536):
+        """The indices (int64 arrays, in order, a chunk of documents at a time) of the documents
+        whose reason is in `reasons` ('' for the kept ones)."""
+        import numpy as np
+
+        codes = np.array([self._code[r] for r in reasons if r in self._code], dtype=np.uint8)
+        a = self.array()
+        for start in range(0, len(a), chunk):
+            hit = np.flatnonzero(np.isin(a[start : start + chunk], codes))
+            if len(hit):
+                yield hit + start
 
 
 # The memory the in-memory index takes per entry: an exact key; a document in the LSH index, plus
@@ -554,8 +658,8 @@ class _Dedup:
     """Pass 2: exact and near dedup, and leakage, over the splits in order (train first).
 
     State: the exact keys seen (key -> the split that first had it), and the LSH index of the kept
-    documents (LSH id -> split, index), whose shingle sets are recomputed from their text only
-    when LSH proposes them (and cached). Both live in dicts until their estimated size passes
+    documents (LSH id -> split, index), whose shingle sets are recomputed from their text (read in
+    place, `arrowio.RowReader`) only when LSH proposes them (and cached). Both live in dicts until their estimated size passes
     3/4 of data.curate.dedup_memory_mb; then, after each Arrow batch that passes it, they move to
     a `_SpilledIndex` on disk (under `folder`) and start empty again. A batch's keys are looked up
     on disk once, before its documents are decided in order against the disk's answer and the
@@ -575,11 +679,11 @@ class _Dedup:
         self.spilled: _SpilledIndex | None = None
         self.doc_bytes = _NEAR_BYTES + 4 * self.nd.num_perm + _BAND_BYTES * (self.lsh.bands if self.lsh else 0)
         # the (scrubbed) text of a document, read back only for the candidates LSH proposes
-        self.text_cols = {name: ds.select_columns(TEXT_COLUMNS[fmt]) for name, ds in annotated.items()}
+        self.text_rows = {name: arrowio.RowReader(ds, TEXT_COLUMNS[fmt]) for name, ds in annotated.items()}
         self.kept_set = functools.lru_cache(maxsize=4096)(lambda g: self.key_set(*self.place(g)))
 
     def key_set(self, split: str, i: int):
-        return shingle_set(dedup_text(self.text_cols[split][i], self.fmt), self.nd.shingle, self.nd.shingle_size)
+        return shingle_set(dedup_text(self.text_rows[split][i], self.fmt), self.nd.shingle, self.nd.shingle_size)
 
     def place(self, gid: int) -> tuple[str, int]:
         """(split, index) of a document in the LSH index."""
@@ -589,9 +693,9 @@ class _Dedup:
         """The estimated bytes of the in-memory index."""
         return len(self.seen) * _EXACT_BYTES + len(self.where) * self.doc_bytes
 
-    def split(self, name: str, ds) -> list[str]:
+    def split(self, name: str, ds) -> _Reasons:
         """The removal reason of each document of one split ('' = kept)."""
-        rs: list[str] = []
+        rs = _Reasons()
         lsh = self.lsh
         for batch in arrowio.batches(ds.select_columns(["_drop", "_exact", "_minhash"]).with_format("arrow"), batch_size=_BATCH):
             sigs, sig_row = _sig_matrix(batch.column("_minhash"), self.nd.num_perm) if lsh is not None else (None, None)
@@ -660,6 +764,8 @@ class _Dedup:
         collector, the dicts outlived the pass into tokenizing) and delete its files."""
         self.seen, self.where = {}, {}
         self.kept_set.cache_clear()
+        for r in self.text_rows.values():
+            r.close()
         if self.lsh is not None:
             self.lsh.clear()
         if self.spilled is not None:
@@ -771,7 +877,7 @@ class _SpilledIndex:
 class _Tally:
     """What the report counts across splits."""
 
-    removed_idx: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # split -> step -> indices
+    removed_n: dict[str, Counter] = field(default_factory=dict)  # split -> step -> documents
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> the first document ids
     quality: Counter = field(default_factory=Counter)
     pii: Counter = field(default_factory=Counter)
@@ -781,7 +887,7 @@ class _Tally:
 
     def removed(self, order: list[str]) -> dict:
         """report['removed']: documents and the first examples per step."""
-        return {step: {"documents": sum(len(self.removed_idx[s].get(step, [])) for s in order),
+        return {step: {"documents": sum(self.removed_n[s][step] for s in order),
                        "examples": [e for r, ex in self.examples.items() if r.split(":")[0] == step for e in ex][:_EXAMPLES]}
                 for step in STEPS}
 
@@ -789,7 +895,7 @@ class _Tally:
 _REPORT_BATCH = 10_000  # documents per Arrow batch of the report pass: its memory does not grow with the split
 
 
-def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _Tally, cache_dir) -> tuple[Any, dict, dict]:
+def _split_report(name: str, ds, rs: _Reasons, p: Plan, ids: _DocIds, tally: _Tally, cache_dir) -> tuple[Any, dict, dict]:
     """One split's kept documents (annotations dropped), its report['splits'] entry and its
     length histogram; its removals, languages and PII go into the tally. Read in batches."""
     counts: Counter = Counter()  # documents, words and chars per step ('' = kept)
@@ -797,7 +903,7 @@ def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _T
     csum: Counter = Counter()
     before: Counter = Counter()
     after: Counter = Counter()
-    tally.removed_idx[name] = {}
+    tally.removed_n[name] = Counter()
     start = 0
     for batch in arrowio.batches(ds.select_columns(["_words", "_chars", "_lang", "_pii"]).with_format("arrow"), batch_size=_REPORT_BATCH):
         words, chars = batch.column("_words").to_pylist(), batch.column("_chars").to_pylist()
@@ -809,12 +915,11 @@ def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _T
         start += len(words)
     steps, docs = _step_table(len(rs), sum(wsum.values()), sum(csum.values()), counts, wsum, csum, p)
     info = {"documents_before": len(rs), "documents_after": docs, "steps": steps,
-            "removed_by": dict(Counter(r for r in rs if r).most_common())}
+            "removed_by": dict(rs.counts().most_common())}
     kept = ds
-    if docs < len(rs):  # an indices mapping on disk (a select would list every index in memory)
-        kept = ds.filter(lambda _, idx: [not rs[i] for i in idx], with_indices=True, batched=True, batch_size=_REPORT_BATCH,
-                         input_columns=["_drop"], load_from_cache_file=False, new_fingerprint=f"{ds._fingerprint}-kept",
-                         cache_file_name=str(Path(cache_dir) / f"curate-{name}-kept.arrow"), desc=None)
+    if docs < len(rs):  # an indices mapping on disk, written a chunk at a time (`ds.filter` read `_drop`
+        # through the mapping, its pages left resident; a select would list every index in memory)
+        kept = arrowio.select_to_file(ds, rs.rows([""]), Path(cache_dir) / f"curate-{name}-kept.arrow", f"{ds._fingerprint}-kept")
     hist = {"before": _sorted_hist(before), "after": _sorted_hist(after)}
     return kept.remove_columns(list(ANNOTATIONS)), info, hist
 
@@ -822,14 +927,14 @@ def _split_report(name: str, ds, rs: list[str], p: Plan, ids: _DocIds, tally: _T
 def _tally_removals(name: str, start: int, rs: list[str], words: list[int], chars: list[int], ids: _DocIds,
                     tally: _Tally, counts: Counter, wsum: Counter, csum: Counter) -> None:
     """Add (documents, words, chars) per step ('' = kept) of documents start.. of a split;
-    records each removal's index, the first examples of each reason and the quality filter counts."""
+    counts the removals per step, records the first examples of each reason and the quality filter counts."""
     for i, r in enumerate(rs, start):
         step = r.split(":")[0] if r else ""
         counts[step] += 1
         wsum[step] += words[i - start]
         csum[step] += chars[i - start]
         if r:
-            tally.removed_idx[name].setdefault(step, []).append(i)
+            tally.removed_n[name][step] += 1
             ex = tally.examples.setdefault(r, [])
             if len(ex) < _EXAMPLES:
                 ex.append(ids(name, i))
@@ -903,16 +1008,21 @@ def add_tokens(report: dict, tok, fmt: str, final_tokens: dict[str, int]) -> Non
     """Tokens before/after each step: the kept tokens (from packing) plus the tokens of the
     documents each step removed (tokenized here, with the prepared tokenizer)."""
     annotated = report.pop("_annotated")
-    removed_idx = report.pop("_removed_idx")
+    reasons = report.pop("_reasons")
+    cols = TEXT_COLUMNS[fmt]
     for name, info in report["splits"].items():
         removed_tokens = {}
-        for step, idx in removed_idx.get(name, {}).items():
+        rs = reasons.get(name)
+        for step in dict.fromkeys(r.split(":")[0] for r in (rs.names[1:] if rs is not None else [])):
             n = 0
-            sub = annotated[name].select(idx)
-            for batch in sub.iter(batch_size=256):
-                rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["_drop"]))]
-                enc = tok([doc_text(r, fmt) for r in rows], add_special_tokens=False)["input_ids"]
-                n += sum(map(len, enc))
+            # the removed documents, a chunk at a time, read in place (arrowio.texts: a random read
+            # through the mapping leaves ~200 KB resident, a `select` lists every index in memory)
+            for idx in rs.rows([r for r in rs.names[1:] if r.split(":")[0] == step]):
+                sub = arrowio.with_indices(annotated[name], idx)
+                for batch in zip(*(arrowio.texts(sub, c, batch_size=256) for c in cols)):
+                    rows = [dict(zip(cols, vals)) for vals in zip(*batch)]
+                    enc = tok([doc_text(r, fmt) for r in rows], add_special_tokens=False)["input_ids"]
+                    n += sum(map(len, enc))
             removed_tokens[step] = n
         after = final_tokens.get(name)
         if after is None:

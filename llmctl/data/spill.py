@@ -77,7 +77,7 @@ class _Run:
         while start < self.n:
             recs = self.read(start, 2 * FENCE)
             lo, hi = np.searchsorted(recs["k"], np.uint64(x), "left"), np.searchsorted(recs["k"], np.uint64(x), "right")
-            out.append(recs[lo:hi])
+            out.append(recs[lo:hi].copy())  # a view would keep the whole window (12 KB) alive per record found
             if hi < len(recs):  # the equal keys end inside this window
                 break
             start += len(recs)

@@ -452,10 +452,8 @@ def _tokenizer(cfg, train_docs, build: Path, con):
 
 def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
     """Each split as training examples in build/dataset (`datasets.save_to_disk`'s layout):
-    packed blocks (text), written there as they are made, or encoded pairs and conversations;
-    their numbers go into stats['splits']."""
-    from datasets import DatasetDict
-
+    packed blocks (text) or encoded pairs and conversations, written there as they are made, or
+    preference pairs (saved with `save_to_disk`); their numbers go into stats['splits']."""
     from llmctl.data import arrowio
 
     d = cfg.data
@@ -472,10 +470,10 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
     if "validation" not in out:
         con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
-    if d.format == "text":  # the splits are written
-        arrowio.write_dataset_dict(build / "dataset", list(out))
-    else:
-        DatasetDict(out).save_to_disk(str(build / "dataset"))
+    for name, ds in out.items():
+        if ds is not None:  # preference pairs; the other splits are written
+            ds.save_to_disk(str(build / "dataset" / name))
+    arrowio.write_dataset_dict(build / "dataset", list(out))
 
 
 def _pack_split(name: str, texts, tok, d, folder: Path, prog) -> dict:
@@ -541,46 +539,65 @@ def _texts_with_progress(texts, prog) -> Iterator[str]:
 
 def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[object, dict]:
     """Prompt/completion pairs or conversations encoded (labels on the completion or the
-    assistant turns); examples that cannot fit are dropped and counted, and their stats."""
-    from llmctl.data import formats
+    assistant turns); examples that cannot fit are dropped and counted, and their stats.
 
-    raw = docs.flatten_indices()
-    fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
-    kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": tok.eos_token_id} if d.format == "prompt_completion" else {})
-    ds = raw.map(fn, batched=True, batch_size=256, fn_kwargs=kwargs, remove_columns=raw.column_names,
-                 num_proc=d.num_proc if d.num_proc > 1 and len(raw) > 1000 else None,
-                 cache_file_name=str(build / "cache" / f"{name}.arrow"))
-    dropped = sum(ds["_dropped"])
-    trunc = sum(ds["_truncated"])
-    tokens = sum(ds["_tokens"])
-    nbytes = sum(ds["_bytes"])
-    why = _drop_reasons(ds, d.format)
-    ds = ds.filter(lambda x: x == 0, input_columns="_dropped").remove_columns([c for c in ds.column_names if c.startswith("_")])
-    prog.update(completed=len(raw))
-    what = "conversations" if d.format == "chat" else "pairs"
-    if len(ds) == 0:
-        raise DataError(f"the {name} split has no usable example: all {len(raw)} {what} dropped: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
-    if dropped:
-        con.warn(f"{name}: dropped {dropped} of {len(raw)} {what}: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
-    if trunc:
-        con.info(f"{name}: {trunc} of {len(raw)} {what} cut from the left to fit data.block_size={d.block_size}"
-                 + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
-    return ds, {"documents": len(raw), "examples": len(ds), "tokens": tokens,
-                "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
-                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
-
-
-def _drop_reasons(ds, fmt: str) -> dict[str, int]:
-    """{reason in words: rows} for the rows a format's encoder dropped."""
+    The encoded rows (a cache file) are read a batch at a time, their pages dropped after each, and
+    the kept ones written into build/dataset/NAME as `save_to_disk` writes them (`SplitWriter`):
+    the split is never resident, nor copied through a mapping (issue #30)."""
     from collections import Counter
 
+    from datasets import Features
+
+    from llmctl.data import arrowio, formats
+
+    fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
+    kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": tok.eos_token_id} if d.format == "prompt_completion" else {})
+    # the documents in the split's order (through its indices, at random in the corpus file): their
+    # pages dropped after every call, where a flatten_indices copy read them all through the mapping
+    ds = docs.map(arrowio.Releasing(fn, arrowio.mapped_files(docs), every=1), batched=True, batch_size=256, fn_kwargs=kwargs,
+                  remove_columns=docs.column_names, num_proc=d.num_proc if d.num_proc > 1 and len(docs) > 1000 else None,
+                  cache_file_name=str(build / "cache" / f"{name}.arrow"))
+    arrowio.release(arrowio.mapped_files(docs) + arrowio.mapped_files(ds))
+    dropped = trunc = tokens = nbytes = 0
+    reasons: Counter = Counter()
+    out = arrowio.SplitWriter(build / "dataset" / name, Features({k: ds.features[k] for k in ("input_ids", "labels")}))
+    try:
+        for batch in arrowio.batches(ds.with_format("arrow"), batch_size=1000):
+            drop = batch.column("_dropped").to_pylist()
+            dropped += sum(drop)
+            trunc += sum(batch.column("_truncated").to_pylist())
+            tokens += sum(batch.column("_tokens").to_pylist())
+            nbytes += sum(batch.column("_bytes").to_pylist())
+            if "_reason" in batch.column_names:
+                reasons.update(r for r in batch.column("_reason").to_pylist() if r)
+            out.write(batch.select(["input_ids", "labels"]).filter([x == 0 for x in drop]))
+    except BaseException:
+        out.abort()  # the build folder goes with it
+        raise
+    kept = out.close()
+    why = _drop_reasons(d.format, dropped, reasons)
+    prog.update(completed=len(docs))
+    what = "conversations" if d.format == "chat" else "pairs"
+    if kept == 0:
+        raise DataError(f"the {name} split has no usable example: all {len(docs)} {what} dropped: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+    if dropped:
+        con.warn(f"{name}: dropped {dropped} of {len(docs)} {what}: " + "; ".join(f"{n} because {r}" for r, n in why.items()))
+    if trunc:
+        con.info(f"{name}: {trunc} of {len(docs)} {what} cut from the left to fit data.block_size={d.block_size}"
+                 + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
+    return None, {"documents": len(docs), "examples": kept, "tokens": tokens,
+                  "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
+                  "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+
+
+def _drop_reasons(fmt: str, dropped: int, reasons) -> dict[str, int]:
+    """{reason in words: rows} for the rows a format's encoder dropped (`reasons`: the chat
+    encoder's `_reason` counts, in the order they first occur)."""
     from llmctl.data.formats import CHAT_DROP_REASONS
 
     if fmt == "chat":
-        counts = Counter(r for r in ds["_reason"] if r)
-        return {CHAT_DROP_REASONS.get(r, r): n for r, n in counts.items()}
-    n = sum(ds["_dropped"])
-    return {"the completion alone does not fit in data.block_size (raise it)": n} if n else {}
+        return {CHAT_DROP_REASONS.get(r, r): n for r, n in reasons.items()}
+    return {"the completion alone does not fit in data.block_size (raise it)": dropped} if dropped else {}
 
 
 def _train_texts(docs, fmt: str, max_bytes: int | None) -> Iterator[str]:
