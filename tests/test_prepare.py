@@ -319,3 +319,26 @@ def test_a_stage_that_fails_before_doing_anything_leaves_no_run_dir(tmp_path):
         r = invoke_cli(*args)
         assert r.returncode in (2, 3), (args, r.stderr)
         assert not (tmp_path / "run").exists(), args
+
+
+def test_a_first_batch_of_pairs_all_dropped_does_not_fix_the_column_types(tmp_path):
+    """The encoder's first batch (256 rows) holds only pairs whose completion alone does not fit:
+    their rows are empty lists. Typed columns keep the cache file's type int64, so the pairs that
+    fit after them are written (they failed with "Couldn't cast array of type int64 to null")."""
+    from types import SimpleNamespace
+
+    from datasets import Dataset, load_from_disk
+
+    f = _text_files(tmp_path)
+    _, cfg = _cfg(tmp_path, {"paths": [str(f)], "format": "prompt_completion", "block_size": 16}, model={"context_length": 16})
+    tok = train_tiny_tokenizer(sentences(40, seed=3), tmp_path / "tok")
+    long = " ".join(sentences(4, seed=1))
+    docs = Dataset.from_list([{"prompt": "q", "completion": long}] * 256 + [{"prompt": "q", "completion": " a b"}] * 10)
+    build = tmp_path / "build"
+    (build / "cache").mkdir(parents=True)
+    quiet = SimpleNamespace(warn=lambda *a: None, info=lambda *a: None)
+    _, stats = prepare._encode_split("train", docs, tok, cfg.data, build, SimpleNamespace(update=lambda **k: None), quiet)
+    assert stats["dropped_records"] == 256 and stats["examples"] == 10
+    (build / "dataset" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    rows = load_from_disk(str(build / "dataset"))["train"]
+    assert len(rows) == 10 and rows.features["input_ids"].feature.dtype == "int64"

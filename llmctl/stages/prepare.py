@@ -546,16 +546,21 @@ def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[obje
     the split is never resident, nor copied through a mapping (issue #30)."""
     from collections import Counter
 
-    from datasets import Features
+    from datasets import Features, List, Value
 
     from llmctl.data import arrowio, formats
 
     fn = formats.encode_pairs if d.format == "prompt_completion" else formats.encode_chat
+    # the encoder's columns, typed: a first batch whose rows are all dropped (empty lists) would
+    # otherwise set the cache file's type to list<null>, and the next batch fails to cast into it
+    ints = List(Value("int64"))
+    encoded = Features({"input_ids": ints, "labels": ints, **{c: Value("int64") for c in ("_truncated", "_dropped", "_tokens", "_bytes")},
+                        **({"_reason": Value("string")} if d.format == "chat" else {})})
     kwargs = {"tok": tok, "block_size": d.block_size} | ({"eos_id": tok.eos_token_id} if d.format == "prompt_completion" else {})
     # the documents in the split's order (through its indices, at random in the corpus file): their
     # pages dropped after every call, where a flatten_indices copy read them all through the mapping
     ds = docs.map(arrowio.Releasing(fn, arrowio.mapped_files(docs), every=1), batched=True, batch_size=256, fn_kwargs=kwargs,
-                  remove_columns=docs.column_names, num_proc=d.num_proc if d.num_proc > 1 and len(docs) > 1000 else None,
+                  remove_columns=docs.column_names, features=encoded, num_proc=d.num_proc if d.num_proc > 1 and len(docs) > 1000 else None,
                   cache_file_name=str(build / "cache" / f"{name}.arrow"))
     arrowio.release(arrowio.mapped_files(docs) + arrowio.mapped_files(ds))
     dropped = trunc = tokens = nbytes = 0
