@@ -26,12 +26,13 @@ from llmctl.inference import llamacpp
 FAKE = Path(__file__).parent / "fixtures" / "fake_llama_server.py"
 
 
-def _bin_dir(tmp_path: Path, model_dir: Path | None = None, skew: float = 0.0, log: Path | None = None, hold: Path | None = None) -> Path:
+def _bin_dir(tmp_path: Path, model_dir: Path | None = None, skew: float = 0.0, log: Path | None = None, hold: Path | None = None,
+             keepalive: float | None = None) -> Path:
     """A folder holding an executable `llama-server` that runs the stand-in on this model."""
     d = tmp_path / "bin"
     d.mkdir(exist_ok=True)
     exe = d / "llama-server"
-    env = f"FAKE_LLAMA_MODEL='{model_dir}' FAKE_LLAMA_SKEW={skew} FAKE_LLAMA_LOG='{log or ''}' FAKE_LLAMA_HOLD='{hold or ''}' "
+    env = f"FAKE_LLAMA_MODEL='{model_dir}' FAKE_LLAMA_SKEW={skew} FAKE_LLAMA_LOG='{log or ''}' FAKE_LLAMA_HOLD='{hold or ''}' FAKE_LLAMA_KEEPALIVE_S='{keepalive or ''}' "
     exe.write_text(f"#!/bin/sh\n{env}exec '{sys.executable}' '{FAKE}' \"$@\"\n")
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return d
@@ -109,7 +110,7 @@ def test_request_maps_the_sampler_settings():
 class _Served:
     """The app with a LlamaCppEngine in this process, on a loopback socket."""
 
-    def __init__(self, model_dir: Path, gguf: Path, quantize=None):
+    def __init__(self, model_dir: Path, gguf: Path, quantize=None, slots: int = 2):
         import uvicorn
 
         from llmctl.server.app import create_app
@@ -117,7 +118,7 @@ class _Served:
         from llmctl.server.metrics import Metrics
         from llmctl.stages.serve import _bind, _url
 
-        self.engine = LlamaCppEngine(str(model_dir), str(gguf), 2, 16, Metrics(), quantize=quantize)
+        self.engine = LlamaCppEngine(str(model_dir), str(gguf), slots, 16, Metrics(), quantize=quantize)
         self.engine.load()
         sock = _bind("127.0.0.1", 0)
         self.url = _url(sock)
@@ -228,6 +229,36 @@ def test_a_client_gone_before_a_whole_answer_frees_its_slot(trained_run, tmp_pat
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 8
     finally:
         hold.unlink(missing_ok=True)
+        s.close()
+
+
+def test_whole_answers_share_a_kept_alive_connection_that_may_close_when_idle(trained_run, tmp_path, monkeypatch):
+    """Whole answers go over one connection kept alive between them (no connect, accept and close
+    per request); llama-server closes a connection idle past its keep-alive, and the next request
+    goes over a new one instead of failing. A streamed answer gets a connection of its own."""
+    _, _, rd = trained_run
+    gguf = tmp_path / "model-f32.gguf"
+    gguf.write_bytes(b"GGUF")
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("LLAMA_CPP_BIN", str(_bin_dir(tmp_path, rd.model_dir, log=log, keepalive=1.0)))
+    s = _Served(rd.model_dir, gguf, slots=1)  # one worker: every request on its connection
+    try:
+        texts = [s.post(prompt="the cat", max_tokens=4).json()["choices"][0]["text"] for _ in range(3)]
+        time.sleep(2.5)  # past the stand-in's keep-alive (1 s): it has closed the idle connection
+        late = s.post(prompt="the cat", max_tokens=4)
+        assert late.status_code == 200, late.text
+        with httpx.stream("POST", s.url + "/v1/completions", json={"model": "m", "temperature": 0, "prompt": "the cat", "max_tokens": 4,
+                                                                     "stream": True}, timeout=120) as r:
+            streamed = "".join(json.loads(x[6:])["choices"][0]["text"] for x in r.iter_lines() if x.startswith("data: {"))
+        after = s.post(prompt="the cat", max_tokens=4).json()["choices"][0]["text"]
+        assert len(set(texts)) == 1 and late.json()["choices"][0]["text"] == streamed == after == texts[0]
+        sent = [json.loads(x) for x in log.read_text().splitlines()][1:]  # after the load-time check
+        conns = [x["_conn"] for x in sent]
+        assert [x["stream"] for x in sent] == [False, False, False, False, True, False]
+        assert conns[0] == conns[1] == conns[2]  # kept alive
+        assert conns[3] != conns[2]  # the idle one was closed by the server: a new one, no error
+        assert conns[4] not in conns[:4] and conns[5] != conns[4]  # the stream's own, closed after it
+    finally:
         s.close()
 
 

@@ -211,6 +211,20 @@ def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float =
     return body
 
 
+def post_completion(conn: http.client.HTTPConnection, body: dict) -> http.client.HTTPResponse:
+    """Send one /completion request; its response (status 200), body unread."""
+    conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise LlmctlError(f"llama-server answered {r.status}: {r.read()[:300].decode(errors='replace')}")
+    return r
+
+
+def answer_tokens(answer: dict) -> list[tuple[int, float | None, list]]:
+    """The (token id, logprob or None, top alternatives) of a whole (non-streamed) answer."""
+    return list(_tokens_of(answer))
+
+
 def stream_tokens(conn: http.client.HTTPConnection, body: dict):
     """Yield (token id, logprob or None, [(id, logprob), ...top]) per generated token, as
     llama-server streams them. Closing the generator (a stop string, a client gone) closes the
@@ -220,10 +234,7 @@ def stream_tokens(conn: http.client.HTTPConnection, body: dict):
     A body with `stream: False` gets the whole sequence in one answer: one read and one JSON
     parse instead of one of each per token, which on a few cores is CPU llama.cpp's own
     threads get back."""
-    conn.request("POST", "/completion", body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise LlmctlError(f"llama-server answered {r.status}: {r.read()[:300].decode(errors='replace')}")
+    r = post_completion(conn, body)
     try:
         if not body.get("stream", True):
             yield from _tokens_of(json.loads(r.read()))

@@ -13,6 +13,7 @@ llama-server does not return: such a request gets a 400 (server/jobs.py).
 from __future__ import annotations
 
 import http.client
+import json
 import threading
 
 from llmctl.inference.context import context_length
@@ -76,67 +77,107 @@ class LlamaCppEngine(Engine):
             w.join()
 
     def _worker(self) -> None:
+        conn = None  # this worker's connection to llama-server, kept alive between whole answers
         while not self._stop.is_set():
             j = self.q.get()  # no timeout: stop() wakes every worker with a None
             if j is None:
-                return
+                break
             self.metrics.set_queue(self.q.qsize())
             if j.cancelled:
                 continue
             self._running(+1)
             try:
-                self._decode(j)
+                conn = self._decode(j, conn)
             except Exception as e:  # never leave a client hanging
+                conn = None
                 j.push(("error", f"{type(e).__name__}: {e}"))
             finally:
                 self._running(-1)
+        if conn is not None:
+            conn.close()
 
     def _running(self, d: int) -> None:
         with self._lock:
             self.running += d
             self.metrics.set_running(self.running)
 
-    def _decode(self, j: Job) -> None:
-        """Stream one sequence from llama-server through the torch engine's per-token rules. A
-        connection per sequence: closing it (a stop string, EOS, a client gone) cancels the
-        sequence in llama-server (a loopback connect costs well under a millisecond).
+    def _decode(self, j: Job, conn):
+        """Decode one sequence on llama-server through the torch engine's per-token rules; return
+        the connection when it can carry the next request (else None, closed).
 
         A sequence nobody reads as it grows (a non-streamed answer without stop strings) is asked
         for in one piece: the same tokens through the same rules, without a read, a JSON parse
-        and a thread wake-up per token in this process, which shares the cores with llama.cpp's."""
-        from llmctl.inference.llamacpp import completion_body, hang_up, stream_tokens
+        and a thread wake-up per token in this process, which shares the cores with llama.cpp's.
+        Its connection stays open for the worker's next sequence (llama-server keeps it alive, as
+        any HTTP client's pool would): no connect, accept and close per request.
+
+        A streamed sequence gets a connection of its own: closing it (a stop string, EOS, a client
+        gone) is what cancels the sequence in llama-server."""
+        from llmctl.inference.llamacpp import answer_tokens, completion_body, hang_up, post_completion, stream_tokens
 
         if j.echo_logprobs:
             j.push(("error", "echo with logprobs needs the prompt's logits, which serve.engine llama.cpp does not return"))
-            return
+            return conn
+        whole = not (j.stream or j.stop)
         body = completion_body(j.prompt_ids, j.max_tokens, j.temperature, j.top_k, j.top_p, j.repetition_penalty,
                                j.presence_penalty, j.frequency_penalty, j.seed, j.logprobs, context=self.server.context,
-                               stream=j.stream or bool(j.stop))
-        conn = self.server.connect()
-        conn.connect()
+                               stream=not whole)
+        if conn is not None and not whole:
+            conn.close()
+            conn = None
+        reused = conn is not None
+        if conn is None:
+            conn = self.server.connect()
+            conn.connect()
         # A client that hangs up shuts this connection down from the event loop's thread: the
         # read below returns at once and llama-server drops the sequence. Nothing here polls.
         j.when_cancelled(lambda: hang_up(conn))
-        tokens = stream_tokens(conn, body)
+        keep, tokens, n = False, None, 0
         try:
+            if whole:
+                try:
+                    r = post_completion(conn, body)
+                except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                    if not reused or j.cancelled:
+                        raise
+                    conn.close()  # llama-server closed the kept connection while it was idle: a new one
+                    conn.connect()
+                    r = post_completion(conn, body)
+                answer = json.loads(r.read())
+                # the answer is read: from here a hang-up has nothing to cancel. Unregistered
+                # first, then asked: a hook that fired meanwhile has set `cancelled` before it ran
+                j.when_cancelled(None)
+                keep = not (j.cancelled or r.will_close)
+                tokens = iter(answer_tokens(answer))
+            else:
+                tokens = stream_tokens(conn, body)
             for t, lp, top in tokens:
                 if j.cancelled:
-                    return
+                    return None if not keep else conn
                 if j.logprobs is not None:
                     j.lps.append((lp, top[: j.logprobs]))
-                self.steps += 1
-                self.metrics.add_tokens(1)
+                n += 1
                 if not self._advance(j, t):
-                    return
-            if not j.cancelled:  # llama-server ended it first (its context is full)
-                self._detokenize(j, final=True)
-                self._send(j, j.text, final=True)
-                self._finish(j, "length")
+                    break
+            else:
+                if not j.cancelled:  # llama-server ended it first (its context is full)
+                    self._detokenize(j, final=True)
+                    self._send(j, j.text, final=True)
+                    self._finish(j, "length")
         except (OSError, http.client.HTTPException):
+            keep = False
             if not j.cancelled:  # the connection was shut down because the client hung up
                 raise
+        except BaseException:
+            keep = False
+            raise
         finally:
             j.when_cancelled(None)
             j.finished = True
-            tokens.close()
-            conn.close()
+            self.steps += n
+            self.metrics.add_tokens(n)
+            if tokens is not None and hasattr(tokens, "close"):
+                tokens.close()
+            if not keep:
+                conn.close()
+        return conn if keep else None
