@@ -12,7 +12,8 @@ dedup keeps them) is written as 64 MB JSONL shards, at each size in BENCH_SCALE_
 Each is a fresh process, its wall time from spawn to exit, its peak RSS from wait4 (which counts the
 pages of memory-mapped Arrow files it read: page cache the kernel can drop) and its peak anonymous
 memory (RssAnon, sampled every 0.1 s: the memory it cannot give back). BENCH_SCALE_SIDES picks sides
-(default "llmctl,llmctl_curated,datasets"); BENCH_SCALE_DEDUP_MB sets data.curate.dedup_memory_mb for the
+(default "llmctl,llmctl_curated,datasets"; at the sizes bench/results.json has, the sides not run keep
+their rows there); BENCH_SCALE_DEDUP_MB sets data.curate.dedup_memory_mb for the
 curated side (the memory its dedup index may hold before it spills to disk: a small value shows at small
 sizes what the default shows at large ones).
 
@@ -142,7 +143,9 @@ def main() -> None:
         for name, cur in (("llmctl", False), ("llmctl_curated", True)):
             if name in SIDES:
                 cfg = config(tmp, f"{name}-{mb}", files, tok, cur)
+                load = os.getloadavg()[0]
                 row[name], _ = timed([sys.executable, "-m", "llmctl", "prepare", str(cfg), "-q"], env)
+                row[name]["load_avg_1m_start"] = round(load, 2)
                 shutil.rmtree(tmp / f"{name}-{mb}", ignore_errors=True)
         if "datasets" in SIDES and mb <= PLAIN_MAX_MB:
             row["datasets"], _ = timed([sys.executable, "-c", PLAIN, ",".join(map(str, files)), str(tok), str(tmp / "hf-cache"),
@@ -152,10 +155,17 @@ def main() -> None:
         shutil.rmtree(tmp / f"c{mb}", ignore_errors=True)
         rows[mb] = row
         print(f"[prepare_scale] {mb} MB: {json.dumps(row)}", flush=True)
+    # sides not run this time keep their rows from bench/results.json (same sizes): one side can be rerun alone
+    kept = (json.loads((Path(__file__).resolve().parent / "results.json").read_text()).get("prepare_scale") or {}).get("metrics") or {}
+    if kept.get("sizes_mb") == SIZES:
+        for mb in SIZES:
+            old = kept["runs"].get(str(mb)) or {}
+            rows[mb] = {**{k: v for k, v in old.items() if k not in rows[mb]}, **rows[mb]}
+    sides = [k for k in ("llmctl", "llmctl_curated", "datasets") if any(k in r for r in rows.values())]
     lo, hi = rows[SIZES[0]], rows[SIZES[-1]]
-    growth = {f"{k}.{m}": round(hi[k][m] / lo[k][m] - 1, 3) for k in SIDES for m in ("rss_mb", "anon_mb") if k in lo and k in hi}
+    growth = {f"{k}.{m}": round(hi[k][m] / lo[k][m] - 1, 3) for k in sides for m in ("rss_mb", "anon_mb") if k in lo and k in hi}
     ratios = {f"{k} peak {m.split('_')[0]} growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth[f"{k}.{m}"], 1.2, higher_is_better=False)
-              for k in SIDES if k.startswith("llmctl") for m in ("rss_mb", "anon_mb")}
+              for k in sides if k.startswith("llmctl") and f"{k}.{m}" in growth for m in ("rss_mb", "anon_mb")}
     both = [mb for mb in SIZES if {"llmctl", "datasets"} <= set(rows[mb])]
     if both:  # the largest size both sides ran
         ratios[f"prepare speed vs plain datasets at {both[-1]} MB"] = ratio(rows[both[-1]]["datasets"]["seconds"] / rows[both[-1]]["llmctl"]["seconds"], 1.0)
