@@ -93,17 +93,17 @@ def _rss_file_kb() -> int:
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("RssFile:"))
 
 
-def _peak_rss_file_growth_mb(fn) -> float:
-    """The most this process's file-backed resident memory grew above its start while `fn` ran (sampled)."""
+def _peak_while(fn, measure, interval: float = 0.002) -> float:
+    """The most `measure()` read while `fn` ran (sampled every `interval` s), and after it."""
     import threading
     import time
 
-    start, peak, done = _rss_file_kb(), [0], threading.Event()
+    peak, done = [measure()], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_file_kb())
-            time.sleep(0.002)
+            peak[0] = max(peak[0], measure())
+            time.sleep(interval)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -112,7 +112,13 @@ def _peak_rss_file_growth_mb(fn) -> float:
     finally:
         done.set()
         t.join()
-    return (max(peak[0], _rss_file_kb()) - start) / 1024
+    return max(peak[0], measure())
+
+
+def _peak_rss_file_growth_mb(fn) -> float:
+    """The most this process's file-backed resident memory grew above its start while `fn` ran (sampled)."""
+    start = _rss_file_kb()
+    return (_peak_while(fn, _rss_file_kb) - start) / 1024
 
 
 def _raw_docs(tmp_path, n: int, size: int = 2000):
@@ -323,24 +329,7 @@ def _resident_mb(root) -> float:
 
 def _peak_resident_mb(fn, root) -> float:
     """The most of the files under `root` this process held resident while `fn` ran (sampled), and after."""
-    import threading
-    import time
-
-    peak, done = [0.0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _resident_mb(root))
-            time.sleep(0.003)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        t.join()
-    return max(peak[0], _resident_mb(root))
+    return _peak_while(fn, lambda: _resident_mb(root), 0.003)
 
 
 def _dup_docs(tmp_path, n: int = 6000):
