@@ -155,6 +155,12 @@ def main() -> None:
         shutil.rmtree(tmp / f"c{mb}", ignore_errors=True)
         rows[mb] = row
         print(f"[prepare_scale] {mb} MB: {json.dumps(row)}", flush=True)
+    summarize(rows)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summarize(rows: dict) -> None:
+    """bench/results/prepare_scale.json from the rows measured ({size MB: {side: numbers}})."""
     # sides not run this time keep their rows from bench/results.json (same sizes): one side can be rerun alone
     kept = (json.loads((Path(__file__).resolve().parent / "results.json").read_text()).get("prepare_scale") or {}).get("metrics") or {}
     if kept.get("sizes_mb") == SIZES:
@@ -165,12 +171,11 @@ def main() -> None:
     lo, hi = rows[SIZES[0]], rows[SIZES[-1]]
     growth = {f"{k}.{m}": round(hi[k][m] / lo[k][m] - 1, 3) for k in sides for m in ("rss_mb", "anon_mb") if k in lo and k in hi}
     ratios = {f"{k} peak {m.split('_')[0]} growth {SIZES[0]} -> {SIZES[-1]} MB (lower better)": ratio(1 + growth[f"{k}.{m}"], 1.2, higher_is_better=False)
-              for k in sides if k.startswith("llmctl") and f"{k}.{m}" in growth for m in ("rss_mb", "anon_mb")}
+              for k in sides if k.startswith("llmctl") for m in ("rss_mb", "anon_mb") if f"{k}.{m}" in growth}
     both = [mb for mb in SIZES if {"llmctl", "datasets"} <= set(rows[mb])]
     if both:  # the largest size both sides ran
         ratios[f"prepare speed vs plain datasets at {both[-1]} MB"] = ratio(rows[both[-1]]["datasets"]["seconds"] / rows[both[-1]]["llmctl"]["seconds"], 1.0)
     write_result("prepare_scale", {"sizes_mb": SIZES, "runs": rows, "growth": growth, "plain_max_mb": min(PLAIN_MAX_MB, SIZES[-1]), "machine": machine()}, ratios)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
