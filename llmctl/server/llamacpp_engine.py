@@ -132,7 +132,8 @@ class LlamaCppEngine(Engine):
         # A client that hangs up shuts this connection down from the event loop's thread: the
         # read below returns at once and llama-server drops the sequence. Nothing here polls.
         j.when_cancelled(lambda: hang_up(conn))
-        keep, tokens, n = False, None, 0
+        keep = reusable = False
+        stream, n = None, 0
         try:
             if whole:
                 try:
@@ -147,13 +148,13 @@ class LlamaCppEngine(Engine):
                 # the answer is read: from here a hang-up has nothing to cancel. Unregistered
                 # first, then asked: a hook that fired meanwhile has set `cancelled` before it ran
                 j.when_cancelled(None)
-                keep = not (j.cancelled or r.will_close)
-                tokens = iter(answer_tokens(answer))
+                reusable = not (j.cancelled or r.will_close)
+                tokens = answer_tokens(answer)
             else:
-                tokens = stream_tokens(conn, body)
+                tokens = stream = stream_tokens(conn, body)
             for t, lp, top in tokens:
                 if j.cancelled:
-                    return None if not keep else conn
+                    break
                 if j.logprobs is not None:
                     j.lps.append((lp, top[: j.logprobs]))
                 n += 1
@@ -164,20 +165,17 @@ class LlamaCppEngine(Engine):
                     self._detokenize(j, final=True)
                     self._send(j, j.text, final=True)
                     self._finish(j, "length")
+            keep = reusable
         except (OSError, http.client.HTTPException):
-            keep = False
             if not j.cancelled:  # the connection was shut down because the client hung up
                 raise
-        except BaseException:
-            keep = False
-            raise
         finally:
             j.when_cancelled(None)
             j.finished = True
             self.steps += n
             self.metrics.add_tokens(n)
-            if tokens is not None and hasattr(tokens, "close"):
-                tokens.close()
+            if stream is not None:
+                stream.close()
             if not keep:
                 conn.close()
         return conn if keep else None
