@@ -451,6 +451,46 @@ def test_a_spilled_index_lookup_keeps_only_the_records_it_found():
     assert peak < 4 << 20, peak  # before: 5,000 windows of 12 KB (60 MB)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps: Linux")
+def test_preference_pairs_are_written_without_a_copy_or_the_split_resident(tmp_path):
+    """Preference pairs were copied in the split's order (flatten_indices: a cache file as large as
+    the split, read through the mapping in a random order) and saved by save_to_disk reading the
+    copy through its mapping: the split (here ~35 MB) was resident twice over, and on disk twice. Now they are
+    read in place a batch at a time and written into the dataset folder; load_from_disk reads it."""
+    import random
+
+    from conftest import tiny_config_dict, write_config
+    from datasets import load_from_disk
+
+    from llmctl.config import load_config
+    from llmctl.data.split import seeded_split
+    from llmctl.stages import prepare
+
+    class Tok:
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [range(len(t) // 2) for t in texts]}
+
+    rng = random.Random(0)
+    rows = ({"prompt": f"{i} " + "".join(rng.choices("abcdefgh ", k=1500)), "chosen": "".join(rng.choices("ijkl ", k=1500)),
+             "rejected": "".join(rng.choices("mnop ", k=1500)), "_id": f"d:{i}"} for i in range(8000))
+    build = tmp_path / "build"
+    ds = prepare._to_arrow(rows, build / "cache" / "raw.arrow")
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "run", data={"format": "preference", "validation_fraction": 0.1},
+                                                                         train={"method": "dpo"})))
+    splits = seeded_split(ds, cfg)
+    stats = {"splits": {}}
+    con = type("Con", (), {"progress": lambda self, *a, **k: _Ctx(), "warn": lambda self, m: None, "info": lambda self, m: None})()
+    grew = _peak_resident_mb(lambda: prepare._tokenize(cfg, splits, Tok(), build, con, stats), build)
+    raw_mb = (build / "cache" / "raw.arrow").stat().st_size / 2**20
+    copies = [f for f in build.rglob("*.arrow") if "dataset" not in f.parts and f.name != "raw.arrow"]
+    assert raw_mb > 30 and grew < 8 and not copies, (grew, raw_mb, copies)  # before: 69 MB, and a cache file per split
+    out = load_from_disk(str(build / "dataset"))
+    assert list(out) == ["train", "validation"] and len(out["train"]) == stats["splits"]["train"]["examples"] == len(splits["train"])
+    i = 17
+    assert out["train"][i] == {k: splits["train"][i][k] for k in ("prompt", "chosen", "rejected")}
+    assert stats["splits"]["train"]["tokens"] == sum(len(r[k]) // 2 for r in splits["train"] for k in ("prompt", "chosen", "rejected"))
+
+
 def test_merging_spilled_runs_holds_a_few_chunks_not_the_runs(tmp_path, monkeypatch):
     """Merging two runs on disk reads and writes them MERGE_CHUNK records at a time; each merged
     chunk's every FENCE-th key was kept as a view, which kept the whole chunk alive until the merge

@@ -452,8 +452,8 @@ def _tokenizer(cfg, train_docs, build: Path, con):
 
 def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
     """Each split as training examples in build/dataset (`datasets.save_to_disk`'s layout):
-    packed blocks (text) or encoded pairs and conversations, written there as they are made, or
-    preference pairs (saved with `save_to_disk`); their numbers go into stats['splits']."""
+    packed blocks (text), encoded pairs and conversations, or preference pairs as text, written
+    there as they are made; their numbers go into stats['splits']."""
     from llmctl.data import arrowio
 
     d = cfg.data
@@ -465,14 +465,11 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
             if d.format == "text":
                 out[name], stats["splits"][name] = None, _pack_split(name, splits[name], tok, d, build / "dataset" / name, prog)
             elif d.format in ("preference", "unpaired_preference"):
-                out[name], stats["splits"][name] = _pair_split(splits[name], tok, prog)
+                out[name], stats["splits"][name] = None, _pair_split(name, splits[name], tok, build / "dataset" / name, prog)
             else:
                 out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
     if "validation" not in out:
         con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
-    for name, ds in out.items():
-        if ds is not None:  # preference pairs; the other splits are written
-            ds.save_to_disk(str(build / "dataset" / name))
     arrowio.write_dataset_dict(build / "dataset", list(out))
 
 
@@ -505,26 +502,51 @@ def _pack_split(name: str, texts, tok, d, folder: Path, prog) -> dict:
             "bytes_per_token": round(s["bytes"] / max(s["tokens"], 1), 4)}
 
 
-def _pair_split(docs, tok, prog) -> tuple[object, dict]:
+def _pair_split(name: str, docs, tok, folder: Path, prog) -> dict:
     """Preference pairs kept as text: the trainer (TRL) tokenizes them with the model's own
     rules and truncates to data.block_size. The chat form is rendered here: the prompt is the
     shared turns with the generation prompt, each answer its turn as the template writes it
-    (end-of-turn included). Their sizes in tokens, for the stats."""
-    ds = docs.flatten_indices()
-    if "messages" in ds.column_names:
-        from llmctl.data.formats import render_chat_pair
+    (end-of-turn included). Their sizes in tokens, for the stats.
 
-        ds = ds.map(lambda row: render_chat_pair(tok, row["messages"], row["chosen"], row["rejected"]))
-    texts = ["prompt", "completion"] if "label" in ds.column_names else ["prompt", "chosen", "rejected"]
-    ds = ds.select_columns(texts + (["label"] if "label" in ds.column_names else []))
-    tokens = nbytes = 0
-    for batch in ds.iter(batch_size=1000):
-        for col in texts:
-            tokens += sum(map(len, tok(batch[col], add_special_tokens=False)["input_ids"]))
-            nbytes += sum(len(t.encode("utf-8")) for t in batch[col])
-    prog.update(completed=len(ds))
-    return ds, {"documents": len(ds), "examples": len(ds), "tokens": tokens, "bytes": nbytes,
-                "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+    Read 1000 pairs at a time in the split's (shuffled) order, in place (`arrowio.RowReader`: the
+    strings with `pread`, conversations through the mapping, its pages dropped after each batch),
+    and written into `folder` as `save_to_disk` writes it (`SplitWriter`): no copy of the split
+    (`flatten_indices`), and nothing of it left resident (issue #30)."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Features, Value
+
+    from llmctl.data import arrowio
+
+    chat, label = "messages" in docs.column_names, "label" in docs.column_names
+    texts = ["prompt", "completion"] if label else ["prompt", "chosen", "rejected"]
+    extra = ["label"] if label else []
+    features = Features({**{c: Value("string") for c in texts}, **{c: docs.features[c] for c in extra}})
+    read = (["messages", "chosen", "rejected"] if chat else texts) + extra
+    writer, reader = arrowio.SplitWriter(folder, features), arrowio.RowReader(docs, read)
+    tokens = nbytes = done = 0
+    try:
+        for start in range(0, len(docs), 1000):
+            batch = reader.batch(np.arange(start, min(start + 1000, len(docs))))
+            if chat:
+                from llmctl.data.formats import render_chat_pair
+
+                pairs = [render_chat_pair(tok, m, c, r) for m, c, r in zip(batch["messages"], batch["chosen"], batch["rejected"])]
+                batch = {**{c: [x[c] for x in pairs] for c in texts}, **{c: batch[c] for c in extra}}
+            for col in texts:
+                tokens += sum(map(len, tok(batch[col], add_special_tokens=False)["input_ids"]))
+                nbytes += sum(len(t.encode("utf-8")) for t in batch[col])
+            writer.write(pa.table({c: batch[c] for c in texts + extra}, schema=features.arrow_schema))
+            done += len(batch[texts[0]])
+            prog.update(completed=done)
+        rows = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        reader.close()
+    return {"documents": rows, "examples": rows, "tokens": tokens, "bytes": nbytes,
+            "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
 
 
 def _texts_with_progress(texts, prog) -> Iterator[str]:
