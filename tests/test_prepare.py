@@ -337,7 +337,7 @@ def test_a_first_batch_of_pairs_all_dropped_does_not_fix_the_column_types(tmp_pa
     build = tmp_path / "build"
     (build / "cache").mkdir(parents=True)
     quiet = SimpleNamespace(warn=lambda *a: None, info=lambda *a: None)
-    _, stats = prepare._encode_split("train", docs, tok, cfg.data, build, SimpleNamespace(update=lambda **k: None), quiet)
+    stats = prepare._encode_split("train", docs, tok, cfg.data, build, SimpleNamespace(update=lambda **k: None), quiet)
     assert stats["dropped_records"] == 256 and stats["examples"] == 10
     (build / "dataset" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
     rows = load_from_disk(str(build / "dataset"))["train"]

@@ -431,7 +431,7 @@ def test_cancelling_a_job_hangs_up_its_llama_server_connection_at_once():
     import socket
     import threading
 
-    from llmctl.inference.llamacpp import completion_body, hang_up, stream_tokens
+    from llmctl.inference.llamacpp import answer_tokens, completion_body, hang_up, post_completion
     from llmctl.server.engine import Job
 
     srv = socket.create_server(("127.0.0.1", 0))
@@ -459,7 +459,7 @@ def test_cancelling_a_job_hangs_up_its_llama_server_connection_at_once():
 
     def engine_thread():
         try:
-            ended.append(list(stream_tokens(conn, completion_body(j.prompt_ids, 4, stream=False))))
+            ended.append(answer_tokens(json.loads(post_completion(conn, completion_body(j.prompt_ids, 4, stream=False)).read())))
         except (OSError, http.client.HTTPException) as e:
             ended.append(type(e).__name__)
 

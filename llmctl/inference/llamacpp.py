@@ -17,7 +17,9 @@ The public surface:
 - `find_binary(tool)`: a llama.cpp binary in $LLAMA_CPP_BIN, on PATH, or in /opt/llamacpp/build/bin;
 - `GGUF_TYPE`: the GGUF tensor type served for each `serve.quantize`;
 - `LlamaServer(gguf, slots, context, threads)`: the subprocess (`start()`, `stop()`, `url`);
-- `completion_body(job)`, `stream_tokens(conn, body)`: one sequence's request and its tokens;
+- `completion_body(job)`, `stream_tokens(conn, body)`: one sequence's request and its tokens as
+  they are made; `post_completion` and `answer_tokens`: the same, read whole; `hang_up(conn)`:
+  cancel it from another thread;
 - `disagreement(server, model, tok)`: None, or why llama.cpp does not compute what the model does.
 """
 
@@ -221,7 +223,9 @@ def post_completion(conn: http.client.HTTPConnection, body: dict) -> http.client
 
 
 def answer_tokens(answer: dict) -> list[tuple[int, float | None, list]]:
-    """The (token id, logprob or None, top alternatives) of a whole (non-streamed) answer."""
+    """The (token id, logprob or None, top alternatives) of a whole (non-streamed) answer: one
+    read and one JSON parse instead of one of each per token, which on a few cores is CPU
+    llama.cpp's own threads get back."""
     return list(_tokens_of(answer))
 
 
@@ -229,16 +233,10 @@ def stream_tokens(conn: http.client.HTTPConnection, body: dict):
     """Yield (token id, logprob or None, [(id, logprob), ...top]) per generated token, as
     llama-server streams them. Closing the generator (a stop string, a client gone) closes the
     connection, which cancels the sequence in llama-server; so does shutting the connection's
-    socket down from another thread while this one waits (`hang_up`).
-
-    A body with `stream: False` gets the whole sequence in one answer: one read and one JSON
-    parse instead of one of each per token, which on a few cores is CPU llama.cpp's own
-    threads get back."""
+    socket down from another thread while this one waits (`hang_up`). A body with `stream: False`
+    is read whole instead: `post_completion`, then `answer_tokens`."""
     r = post_completion(conn, body)
     try:
-        if not body.get("stream", True):
-            yield from _tokens_of(json.loads(r.read()))
-            return
         while True:
             line = r.readline()
             if not line:

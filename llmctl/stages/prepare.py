@@ -457,20 +457,18 @@ def _tokenize(cfg, splits: dict, tok, build: Path, con, stats: dict) -> None:
     from llmctl.data import arrowio
 
     d = cfg.data
-    out: dict = {}
-    for name in SPLITS:
-        if splits.get(name) is None or len(splits[name]) == 0:
-            continue
+    names = [name for name in SPLITS if splits.get(name) is not None and len(splits[name])]
+    for name in names:
         with con.progress(f"tokenizing {name}", total=len(splits[name]), unit="docs") as prog:
             if d.format == "text":
-                out[name], stats["splits"][name] = None, _pack_split(name, splits[name], tok, d, build / "dataset" / name, prog)
+                stats["splits"][name] = _pack_split(name, splits[name], tok, d, build / "dataset" / name, prog)
             elif d.format in ("preference", "unpaired_preference"):
-                out[name], stats["splits"][name] = None, _pair_split(name, splits[name], tok, build / "dataset" / name, prog)
+                stats["splits"][name] = _pair_split(name, splits[name], tok, build / "dataset" / name, prog)
             else:
-                out[name], stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
-    if "validation" not in out:
+                stats["splits"][name] = _encode_split(name, splits[name], tok, d, build, prog, con)
+    if "validation" not in names:
         con.warn("no validation split (data.validation_fraction is 0): train cannot report validation loss")
-    arrowio.write_dataset_dict(build / "dataset", list(out))
+    arrowio.write_dataset_dict(build / "dataset", names)
 
 
 def _pack_split(name: str, texts, tok, d, folder: Path, prog) -> dict:
@@ -517,6 +515,7 @@ def _pair_split(name: str, docs, tok, folder: Path, prog) -> dict:
     from datasets import Features, Value
 
     from llmctl.data import arrowio
+    from llmctl.data.formats import render_chat_pair
 
     chat, label = "messages" in docs.column_names, "label" in docs.column_names
     texts = ["prompt", "completion"] if label else ["prompt", "chosen", "rejected"]
@@ -529,8 +528,6 @@ def _pair_split(name: str, docs, tok, folder: Path, prog) -> dict:
         for start in range(0, len(docs), 1000):
             batch = reader.batch(np.arange(start, min(start + 1000, len(docs))))
             if chat:
-                from llmctl.data.formats import render_chat_pair
-
                 pairs = [render_chat_pair(tok, m, c, r) for m, c, r in zip(batch["messages"], batch["chosen"], batch["rejected"])]
                 batch = {**{c: [x[c] for x in pairs] for c in texts}, **{c: batch[c] for c in extra}}
             for col in texts:
@@ -559,7 +556,7 @@ def _texts_with_progress(texts, prog) -> Iterator[str]:
         yield from batch
 
 
-def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[object, dict]:
+def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> dict:
     """Prompt/completion pairs or conversations encoded (labels on the completion or the
     assistant turns); examples that cannot fit are dropped and counted, and their stats.
 
@@ -612,9 +609,9 @@ def _encode_split(name: str, docs, tok, d, build: Path, prog, con) -> tuple[obje
     if trunc:
         con.info(f"{name}: {trunc} of {len(docs)} {what} cut from the left to fit data.block_size={d.block_size}"
                  + (" (earliest turns first; the last assistant turn is kept whole)" if d.format == "chat" else " (the prompt's start)"))
-    return None, {"documents": len(docs), "examples": kept, "tokens": tokens,
-                  "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
-                  "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
+    return {"documents": len(docs), "examples": kept, "tokens": tokens,
+            "dropped_records": dropped, "dropped_reasons": why, "truncated_records": trunc, "bytes": nbytes,
+            "bytes_per_token": round(nbytes / max(tokens, 1), 4)}
 
 
 def _drop_reasons(fmt: str, dropped: int, reasons) -> dict[str, int]:
