@@ -233,7 +233,7 @@ def serve_rows(model_dir: Path, rounds: int) -> dict:
             procs["llmctl_torch"] = _llmctl_serve(model_dir, tmp, f"torch-{prec}", quantize=quant)
             procs["llmctl_llama_cpp"] = _llmctl_serve(gguf, tmp, f"cpp-{prec}", engine="llama.cpp", quantize=quant)
             procs["llama_server"] = _bare_llama_server(binary, gguf, 1024)
-            out[prec] = _side_by_side({k: u for k, (_, u) in procs.items()}, rounds, phases)
+            out[prec] = _side_by_side({k: u for k, (_, u) in procs.items()}, rounds, phases, front_door=procs["llmctl_llama_cpp"][0].pid)
             out[prec]["gguf"] = gguf.name
         finally:
             for p, _ in procs.values():
@@ -241,7 +241,23 @@ def serve_rows(model_dir: Path, rounds: int) -> dict:
     return out
 
 
-def _side_by_side(urls: dict[str, str], rounds: int, phases) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU time of one process's own threads (not its children), from the scheduler's
+    nanosecond counters (/proc/PID/task/*/schedstat); 0 where there is no /proc."""
+    total = 0
+    for d in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((d / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def _side_by_side(urls: dict[str, str], rounds: int, phases, front_door: int | None = None) -> dict:
+    """Per round and client count the sides back to back, in alternating order. `front_door`:
+    the pid of `llmctl serve` with the llama.cpp engine, whose own CPU (its llama-server is a
+    child, not counted) is the front door's cost: ms per request and the share of one core it
+    took from the cores llama.cpp decodes on, per phase."""
     extra = {"llama_server": {"ignore_eos": True}}  # bare llama-server: every request makes MAX_TOKENS
     for name, url in urls.items():  # warm-up
         phases(url, "bench", extra.get(name, {}), [("warm", 1, 1, {})])
@@ -251,11 +267,17 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases) -> dict:
             row = {"load_avg_1m_start": load()}
             order = list(urls) if r % 2 == 0 else list(reversed(urls))
             for name in order:
+                cpu0 = cpu_seconds(front_door) if front_door and name == "llmctl_llama_cpp" else None
                 row[name] = phases(urls[name], "bench", extra.get(name, {}), [("p", c, n, {})])["p"]
+                if cpu0 is not None:
+                    used = cpu_seconds(front_door) - cpu0
+                    row["front_door"] = {"cpu_ms_per_request": round(1000 * used / max(row[name]["requests"], 1), 2),
+                                         "core_share": round(used / row[name]["seconds"], 4)}
             row["load_avg_1m_end"] = load()
             per[f"clients_{c}"].append(row)
+            fd = f", front door {row['front_door']['cpu_ms_per_request']} ms CPU a request" if "front_door" in row else ""
             print(f"[realsize] round {r + 1}, {c} client(s): " + ", ".join(f"{k} {row[k]['tokens_per_s']} tok/s" for k in urls)
-                  + f" (load {row['load_avg_1m_start']} -> {row['load_avg_1m_end']})", file=sys.stderr, flush=True)
+                  + f" (load {row['load_avg_1m_start']} -> {row['load_avg_1m_end']}{fd})", file=sys.stderr, flush=True)
     res = {}
     for key, rows in per.items():
         tps = {name: [x[name]["tokens_per_s"] for x in rows] for name in urls}
@@ -264,6 +286,8 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases) -> dict:
             "torch_vs_llama_server": round(statistics.median(a / b for a, b in zip(tps["llmctl_torch"], tps["llama_server"])), 3),
             "llama_cpp_engine_vs_llama_server": round(statistics.median(a / b for a, b in zip(tps["llmctl_llama_cpp"], tps["llama_server"])), 3),
             "errors": sum(x[name]["errors"] for x in rows for name in urls),
+            **({"front_door_cpu_ms_per_request": statistics.median(x["front_door"]["cpu_ms_per_request"] for x in rows),
+                "front_door_core_share": statistics.median(x["front_door"]["core_share"] for x in rows)} if rows and "front_door" in rows[0] else {}),
             "rounds": rows,
         }
     return res
@@ -321,6 +345,8 @@ def main() -> None:
                 what = "serve" if prec == "f32" else "serve --quantize int8"
                 ratios[f"85M {what} {c} client(s) vs {ref} (torch engine)"] = ratio(row["torch_vs_llama_server"], target)
                 ratios[f"85M {what} {c} client(s) vs {ref} (engine llama.cpp)"] = ratio(row["llama_cpp_engine_vs_llama_server"], target)
+                if "front_door_core_share" in row:  # what the front door's CPU took from llama.cpp's cores (context)
+                    ratios[f"85M {what} {c} client(s): llmctl front door's share of one core (engine llama.cpp)"] = ratio(row["front_door_core_share"], None)
     metrics.setdefault("model_params", _count(model_dir))
     metrics["load_avg_1m_end"] = load()
     write_result("realsize", metrics, ratios)

@@ -265,6 +265,7 @@ class _ScriptedEngine:
         self.context_length = 100_000
         self.max_queue = 64
         self.vocab_size = 256
+        self.wants_bos = False
         self.prompts: list[str] = []
 
     def submit(self, jobs):

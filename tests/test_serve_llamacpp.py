@@ -190,6 +190,8 @@ def test_engine_through_the_api_matches_the_torch_engine(trained_run, tmp_path, 
         # A whole answer with nothing to cut is asked for in one piece; a stop string or a
         # streaming client needs the tokens as they come.
         assert [x["stream"] for x in sent[1:]] == [False, True, True]
+        # llama-server logs warnings and errors only (at info it logs ~9 lines a request)
+        assert {x["_log_verbosity"] for x in sent} == {"2"}
     finally:
         s.close()
 

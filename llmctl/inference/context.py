@@ -27,9 +27,10 @@ def encode(tok, texts: Sequence[str]) -> tuple[list[list[int]], bool]:
     return [with_bos(tok, x, want) for x in tok(list(texts), add_special_tokens=False)["input_ids"]], want
 
 
-def encode_one(tok, text: str) -> list[int]:
-    """One text's token ids as the model sees them (`encode` for a single text)."""
-    return with_bos(tok, tok(text, add_special_tokens=False)["input_ids"])
+def encode_one(tok, text: str, want: bool | None = None) -> list[int]:
+    """One text's token ids as the model sees them (`encode` for a single text); `want`: the
+    tokenizer's `wants_bos`, when the caller knows it (it costs two encodings to ask)."""
+    return with_bos(tok, tok(text, add_special_tokens=False)["input_ids"], want)
 
 
 def leading_bos(tok, ids: list[int]) -> int:

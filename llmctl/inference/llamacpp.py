@@ -48,6 +48,11 @@ TOLERANCE = {"f32": 1e-3, "q8_0": 6e-2, "q4_0": 0.4}
 START_TIMEOUT_S = 120.0
 # transformers' order of the sampling steps (generate's logits processors, llmctl's sampler).
 SAMPLERS = ["penalties", "temperature", "top_k", "top_p"]
+# llama-server's log threshold (LLAMA_ARG_LOG_VERBOSITY): 2 keeps warnings and errors.
+LOG_VERBOSITY = 2
+# The fields of a whole answer llmctl reads (llama-server's `response_fields`); the rest
+# (its generation settings, timings, the prompt as text) is ~1.7 KB a request to serialize and parse.
+ANSWER_FIELDS = ["tokens", "completion_probabilities"]
 
 
 def find_binary(tool: str) -> Path | None:
@@ -134,8 +139,12 @@ class LlamaServer:
 
     def start(self) -> None:
         self.port = _free_port()
+        # Warnings and errors only (unless the user set it): at its default (info) llama-server
+        # logs ~9 lines per request, each read here by a Python thread on the cores llama.cpp
+        # decodes on; load errors are logged as errors either way.
+        env = {**os.environ, "LLAMA_ARG_LOG_VERBOSITY": os.environ.get("LLAMA_ARG_LOG_VERBOSITY", str(LOG_VERBOSITY))}
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     env=env, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         threading.Thread(target=self._drain, name="llama-server-log", daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -210,6 +219,8 @@ def completion_body(prompt_ids: list[int], max_tokens: int, temperature: float =
     if logprobs is not None:
         # logprobs of the raw logits (before sampling), the sampled token's always included
         body.update(n_probs=max(int(logprobs), 1), post_sampling_probs=False)
+    if not stream:
+        body["response_fields"] = ANSWER_FIELDS
     return body
 
 

@@ -500,6 +500,16 @@ class Engine:
         """1 when a prompt opens with BOS and has more (`inference.context.leading_bos`)."""
         return leading_bos(self.tok, ids)
 
+    @property
+    def wants_bos(self) -> bool:
+        """`tokenizer.wants_bos` of the served tokenizer, asked once (it encodes twice to tell)."""
+        known = self.__dict__.get("_wants_bos")
+        if known is None or known[0] is not self.tok:
+            from llmctl.tokenizer import wants_bos
+
+            known = self.__dict__["_wants_bos"] = (self.tok, wants_bos(self.tok))
+        return known[1]
+
     def _prompt_logprobs(self, jobs: list[Job], logits, n: int) -> None:
         """Each echo job's prompt tokens' logprobs, from the prefill. The first prompt token is
         scored after BOS (`tokenizer.score_prefix`: EOS if there is none), as eval scores the

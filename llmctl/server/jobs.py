@@ -54,7 +54,7 @@ def tokenize(st: ServerState, prompt: Any, param: str) -> list[int]:
     training use), or a token-id prompt exactly as sent, checked against the vocabulary."""
     engine = st.engine
     if isinstance(prompt, str):
-        ids = encode_one(engine.tok, prompt) if prompt else []
+        ids = encode_one(engine.tok, prompt, engine.wants_bos) if prompt else []
     else:
         ids = list(prompt)
         vocab = engine.vocab_size
