@@ -297,6 +297,23 @@ def test_a_llama_server_that_fails_to_start_says_why(trained_run, tmp_path, monk
         s.start()
 
 
+def test_a_failed_start_names_the_first_error_llama_cpp_logged():
+    """llama.cpp logs the cause first, then that it gives up; the message names the cause."""
+    s = llamacpp.LlamaServer(Path("bad.gguf"), 1, 64, binary=Path("/bin/true"))
+    s.log.extend([
+        "0.00.005.690 W warming up",
+        "0.00.005.712 E gguf_init_from_reader: invalid magic characters: 'garb', expected 'GGUF'",
+        "0.00.005.719 E llama_model_load: error loading model: llama_model_loader: failed to load model from bad.gguf",
+        "0.00.005.722 E srv    load_model: failed to load model, 'bad.gguf'",
+        "0.00.006.046 E srv  llama_server: exiting due to model loading error",
+    ])
+    assert s.last_error() == "gguf_init_from_reader: invalid magic characters: 'garb', expected 'GGUF'"
+    plain = llamacpp.LlamaServer(Path("x.gguf"), 1, 64, binary=Path("/bin/true"))
+    plain.log.extend(["main: loading", "error: failed to open x.gguf", "main: bye"])  # no level prefix (older builds)
+    assert plain.last_error() == "error: failed to open x.gguf"
+    assert llamacpp.LlamaServer(Path("x.gguf"), 1, 64, binary=Path("/bin/true")).last_error() == "(no output)"
+
+
 LLAMA_SERVER = llamacpp.find_binary("llama-server")
 
 
@@ -313,6 +330,16 @@ def test_real_llama_server_serves_the_exported_gguf(trained_run):
         assert ours["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
     finally:
         s.close()
+
+
+@pytest.mark.skipif(LLAMA_SERVER is None or os.environ.get("LLMCTL_TEST_REAL_LLAMA") == "0", reason="llama.cpp's llama-server not installed")
+def test_real_llama_server_that_cannot_load_a_file_says_why(tmp_path):
+    from llmctl.errors import LlmctlError
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file")
+    with pytest.raises(LlmctlError, match=r"exited with code \d+ while loading .*model.gguf: .*invalid magic"):
+        llamacpp.LlamaServer(bad, 1, 64).start()
 
 
 # --------------------------------------------------------------------------- generate.engine llama.cpp

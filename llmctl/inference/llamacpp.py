@@ -28,6 +28,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +54,10 @@ LOG_VERBOSITY = 2
 # The fields of a whole answer llmctl reads (llama-server's `response_fields`); the rest
 # (its generation settings, timings, the prompt as text) is ~1.7 KB a request to serialize and parse.
 ANSWER_FIELDS = ["tokens", "completion_probabilities"]
+
+
+# llama.cpp's log line prefix off a terminal: elapsed time and level ("0.00.005.712 E ").
+_LOG_PREFIX = re.compile(r"^\d+\.\d+\.\d+\.\d+ ([A-Z]) ")
 
 
 def find_binary(tool: str) -> Path | None:
@@ -161,9 +166,13 @@ class LlamaServer:
             self.log.append(line.rstrip())
 
     def last_error(self) -> str:
-        lines = [ln for ln in self.log if ln.strip()]
-        bad = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
-        return (bad or lines or ["(no output)"])[-1].strip()
+        """Why it failed, in one line: the first error it logged (the cause; the lines after it
+        are llama.cpp giving up: "failed to load model", "exiting due to model loading
+        error"), without its timestamp; else its last line."""
+        lines = [_LOG_PREFIX.sub("", ln).strip() for ln in self.log if ln.strip()]
+        marked = [_LOG_PREFIX.match(ln.strip()) for ln in self.log if ln.strip()]
+        bad = [ln for ln, m in zip(lines, marked) if (m.group(1) == "E" if m else ("error" in ln.lower() or "failed" in ln.lower()))]
+        return (bad[:1] or lines[-1:] or ["(no output)"])[0]
 
     def _healthy(self) -> bool:
         try:
