@@ -346,7 +346,7 @@ def main() -> None:
                 ratios[f"85M {what} {c} client(s) vs {ref} (torch engine)"] = ratio(row["torch_vs_llama_server"], target)
                 ratios[f"85M {what} {c} client(s) vs {ref} (engine llama.cpp)"] = ratio(row["llama_cpp_engine_vs_llama_server"], target)
                 if "front_door_core_share" in row:  # what the front door's CPU took from llama.cpp's cores (context)
-                    ratios[f"85M {what} {c} client(s): llmctl front door's share of one core (engine llama.cpp)"] = ratio(row["front_door_core_share"], None)
+                    ratios[f"85M {what} {c} client(s): llmctl front door's CPU, % of one core (engine llama.cpp)"] = ratio(100 * row["front_door_core_share"], None)
     metrics.setdefault("model_params", _count(model_dir))
     metrics["load_avg_1m_end"] = load()
     write_result("realsize", metrics, ratios)
