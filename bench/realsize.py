@@ -183,7 +183,7 @@ def _bare_llama_server(binary: Path, gguf: Path, ctx: int) -> tuple[subprocess.P
 
     port = _free_port()
     cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", "8", "-c", str(8 * ctx), "--no-webui",
-           "-t", str(THREADS)]
+           "-t", str(THREADS), "--metrics"]  # its counters, as the engine's llama-server keeps them
     return start(cmd, lambda line: f"http://127.0.0.1:{port}" if "listening" in line else None)
 
 
@@ -253,11 +253,30 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def llama_counters(url: str) -> tuple[float, float] | None:
+    """(llama_decode() calls, busy slots summed over them) from llama-server's counters on
+    `url`/metrics (a bare llama-server, or llmctl serve with the llama.cpp engine, which serves
+    its llama-server's after its own); None without them."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    got = {k: re.search(rf"^llamacpp:{k} (\S+)$", text, re.M) for k in ("n_decode_total", "n_busy_slots_per_decode")}
+    if not all(got.values()):
+        return None
+    n = float(got["n_decode_total"].group(1))
+    return n, n * float(got["n_busy_slots_per_decode"].group(1))  # the gauge is the mean since start
+
+
 def _side_by_side(urls: dict[str, str], rounds: int, phases, front_door: int | None = None) -> dict:
     """Per round and client count the sides back to back, in alternating order. `front_door`:
     the pid of `llmctl serve` with the llama.cpp engine, whose own CPU (its llama-server is a
     child, not counted) is the front door's cost: ms per request and the share of one core it
-    took from the cores llama.cpp decodes on, per phase."""
+    took from the cores llama.cpp decodes on, per phase. For the sides that run llama-server,
+    its decode calls and busy slots per call in each phase (the same work, or not: a count,
+    which the machine's speed does not move)."""
     extra = {"llama_server": {"ignore_eos": True}}  # bare llama-server: every request makes MAX_TOKENS
     for name, url in urls.items():  # warm-up
         phases(url, "bench", extra.get(name, {}), [("warm", 1, 1, {})])
@@ -268,7 +287,13 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases, front_door: int | N
             order = list(urls) if r % 2 == 0 else list(reversed(urls))
             for name in order:
                 cpu0 = cpu_seconds(front_door) if front_door and name == "llmctl_llama_cpp" else None
+                llama0 = llama_counters(urls[name]) if name in ("llmctl_llama_cpp", "llama_server") else None
                 row[name] = phases(urls[name], "bench", extra.get(name, {}), [("p", c, n, {})])["p"]
+                llama1 = llama_counters(urls[name]) if llama0 else None
+                if llama1:
+                    decodes = llama1[0] - llama0[0]
+                    row[name]["llama_decodes"] = int(decodes)
+                    row[name]["busy_slots_per_decode"] = round((llama1[1] - llama0[1]) / max(decodes, 1), 3)
                 if cpu0 is not None:
                     used = cpu_seconds(front_door) - cpu0
                     row["front_door"] = {"cpu_ms_per_request": round(1000 * used / max(row[name]["requests"], 1), 2),
@@ -286,6 +311,8 @@ def _side_by_side(urls: dict[str, str], rounds: int, phases, front_door: int | N
             "torch_vs_llama_server": round(statistics.median(a / b for a, b in zip(tps["llmctl_torch"], tps["llama_server"])), 3),
             "llama_cpp_engine_vs_llama_server": round(statistics.median(a / b for a, b in zip(tps["llmctl_llama_cpp"], tps["llama_server"])), 3),
             "errors": sum(x[name]["errors"] for x in rows for name in urls),
+            **({f"{name}_{k}": statistics.median(x[name][k] for x in rows) for name in ("llmctl_llama_cpp", "llama_server")
+                for k in ("llama_decodes", "busy_slots_per_decode")} if rows and all("llama_decodes" in rows[0].get(n, {}) for n in ("llmctl_llama_cpp", "llama_server")) else {}),
             **({"front_door_cpu_ms_per_request": statistics.median(x["front_door"]["cpu_ms_per_request"] for x in rows),
                 "front_door_core_share": statistics.median(x["front_door"]["core_share"] for x in rows)} if rows and "front_door" in rows[0] else {}),
             "rounds": rows,
@@ -345,6 +372,9 @@ def main() -> None:
                 what = "serve" if prec == "f32" else "serve --quantize int8"
                 ratios[f"85M {what} {c} client(s) vs {ref} (torch engine)"] = ratio(row["torch_vs_llama_server"], target)
                 ratios[f"85M {what} {c} client(s) vs {ref} (engine llama.cpp)"] = ratio(row["llama_cpp_engine_vs_llama_server"], target)
+                if "llama_server_llama_decodes" in row:  # the same decode work behind the engine as bare (context: a count)
+                    ratios[f"85M {what} {c} client(s): llama.cpp decode calls, engine llama.cpp / bare llama-server"] = ratio(
+                        row["llmctl_llama_cpp_llama_decodes"] / max(row["llama_server_llama_decodes"], 1), None)
                 if "front_door_core_share" in row:  # what the front door's CPU took from llama.cpp's cores (context)
                     ratios[f"85M {what} {c} client(s): llmctl front door's CPU, % of one core (engine llama.cpp)"] = ratio(100 * row["front_door_core_share"], None)
     metrics.setdefault("model_params", _count(model_dir))

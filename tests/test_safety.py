@@ -268,6 +268,9 @@ class _ScriptedEngine:
         self.wants_bos = False
         self.prompts: list[str] = []
 
+    def engine_metrics(self):
+        return ""
+
     def submit(self, jobs):
         for j in jobs:
             self.prompts.append(self.tok.decode(j.prompt_ids))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 import threading
@@ -167,6 +168,12 @@ def test_engine_through_the_api_matches_the_torch_engine(trained_run, tmp_path, 
         ref = _torch_completion(rd.model_dir, prompt="the cat", max_tokens=12, logprobs=2)
         assert ours["choices"][0]["text"] == ref["choices"][0]["text"]
         assert ours["usage"] == ref["usage"]
+        # /metrics: llmctl's own, then llama-server's counters: the probe's token, then this answer's
+        # (an EOS it stopped at is decoded, not part of the completion)
+        metrics = httpx.get(s.url + "/metrics").text
+        made = float(re.search(r"^llamacpp:tokens_predicted_total (\S+)$", metrics, re.M).group(1))
+        assert made == 1 + ours["usage"]["completion_tokens"] + (ours["choices"][0]["finish_reason"] == "stop")
+        assert "llmctl_requests_total" in metrics.split("llamacpp:")[0]
         a, b = ours["choices"][0]["logprobs"], ref["choices"][0]["logprobs"]
         assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
         assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)
@@ -328,6 +335,8 @@ def test_real_llama_server_serves_the_exported_gguf(trained_run):
         ref = _torch_completion(rd.export_dir("hf"), prompt="the cat sat", max_tokens=16, logprobs=1)
         assert ours["choices"][0]["text"] == ref["choices"][0]["text"]
         assert ours["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(ref["choices"][0]["logprobs"]["token_logprobs"], abs=1e-3)
+        metrics = httpx.get(s.url + "/metrics").text  # llama-server's own counters follow llmctl's
+        assert float(re.search(r"^llamacpp:n_decode_total (\S+)$", metrics, re.M).group(1)) >= ours["usage"]["completion_tokens"]
     finally:
         s.close()
 

@@ -16,7 +16,8 @@ probe prompt are compared with transformers' own forward of the model the GGUF w
 The public surface:
 - `find_binary(tool)`: a llama.cpp binary in $LLAMA_CPP_BIN, on PATH, or in /opt/llamacpp/build/bin;
 - `GGUF_TYPE`: the GGUF tensor type served for each `serve.quantize`;
-- `LlamaServer(gguf, slots, context, threads)`: the subprocess (`start()`, `stop()`, `url`);
+- `LlamaServer(gguf, slots, context, threads)`: the subprocess (`start()`, `stop()`, `url`,
+  `metrics_text()`: its own Prometheus counters);
 - `completion_body(job)`, `stream_tokens(conn, body)`: one sequence's request and its tokens as
   they are made; `post_completion` and `answer_tokens`: the same, read whole; `hang_up(conn)`:
   cancel it from another thread;
@@ -137,7 +138,7 @@ class LlamaServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
-               "-np", str(self.slots), "-c", str(self.slots * self.context), "--no-webui"]
+               "-np", str(self.slots), "-c", str(self.slots * self.context), "--no-webui", "--metrics"]
         if self.threads:
             cmd += ["-t", str(self.threads)]
         return cmd
@@ -183,6 +184,20 @@ class LlamaServer:
             return ok
         except OSError:
             return False
+
+    def metrics_text(self) -> str:
+        """llama-server's Prometheus text (GET /metrics), or "" when it does not answer in time."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            try:
+                conn.request("GET", "/metrics")
+                r = conn.getresponse()
+                text = r.read().decode("utf-8", errors="replace")
+                return text if r.status == 200 else ""
+            finally:
+                conn.close()
+        except (OSError, http.client.HTTPException):
+            return ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

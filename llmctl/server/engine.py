@@ -215,6 +215,11 @@ class Engine:
     def stop(self) -> None:
         self._stop.set()
 
+    def engine_metrics(self) -> str:
+        """More Prometheus text for /metrics from the engine itself (none here). Blocking: call
+        it off the event loop."""
+        return ""
+
     def load(self) -> None:
         import torch
 

@@ -67,6 +67,11 @@ class LlamaCppEngine(Engine):
         if self.server is not None:
             self.server.stop()
 
+    def engine_metrics(self) -> str:
+        """llama-server's own counters, as it serves them on /metrics (`llamacpp:` names: decode
+        calls, busy slots per decode, tokens, requests processing and deferred)."""
+        return self.server.metrics_text() if self.server is not None and self.ready.is_set() else ""
+
     def _main(self) -> None:
         if not self._loaded():
             return

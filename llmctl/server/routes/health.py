@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -24,4 +26,8 @@ async def health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)
+    """llmctl's metrics, then the engine's own (serve.engine llama.cpp: llama-server's)."""
+    st = server_state(request)
+    extra = await asyncio.to_thread(st.engine.engine_metrics)
+    body = st.metrics.render()
+    return Response(body + extra.encode() if extra else body, media_type=CONTENT_TYPE)
