@@ -174,6 +174,11 @@ def test_engine_through_the_api_matches_the_torch_engine(trained_run, tmp_path, 
         made = float(re.search(r"^llamacpp:tokens_predicted_total (\S+)$", metrics, re.M).group(1))
         assert made == 1 + ours["usage"]["completion_tokens"] + (ours["choices"][0]["finish_reason"] == "stop")
         assert "llmctl_requests_total" in metrics.split("llamacpp:")[0]
+        # one exposition a Prometheus scraper reads whole (prometheus_client's own parser)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        names = {f.name for f in text_string_to_metric_families(metrics)}
+        assert {"llmctl_requests", "llamacpp:tokens_predicted", "llamacpp:n_decode"} <= names
         a, b = ours["choices"][0]["logprobs"], ref["choices"][0]["logprobs"]
         assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
         assert a["token_logprobs"] == pytest.approx(b["token_logprobs"], abs=1e-4)

@@ -170,9 +170,14 @@ class LlamaServer:
         """Why it failed, in one line: the first error it logged (the cause; the lines after it
         are llama.cpp giving up: "failed to load model", "exiting due to model loading
         error"), without its timestamp; else its last line."""
-        lines = [_LOG_PREFIX.sub("", ln).strip() for ln in self.log if ln.strip()]
-        marked = [_LOG_PREFIX.match(ln.strip()) for ln in self.log if ln.strip()]
-        bad = [ln for ln, m in zip(lines, marked) if (m.group(1) == "E" if m else ("error" in ln.lower() or "failed" in ln.lower()))]
+        lines, bad = [], []
+        for raw in self.log:
+            m = _LOG_PREFIX.match(raw)
+            ln = raw[m.end():].strip() if m else raw.strip()
+            if ln:
+                lines.append(ln)
+                if m.group(1) == "E" if m else ("error" in ln.lower() or "failed" in ln.lower()):
+                    bad.append(ln)
         return (bad[:1] or lines[-1:] or ["(no output)"])[0]
 
     def _healthy(self) -> bool:
