@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "realsize", "safety", "distill", "compress", "preference", "code_passk", "vision", "quickstart"]
+BENCHES = ["prepare", "curate", "train", "schedule_fit", "generate", "eval", "serve", "realsize", "serve_32m", "safety", "distill", "compress", "preference", "code_passk", "vision", "quickstart"]
 # Rows at the realistic sizes (bench/_model.py; the 85M model trains once, about an hour, then is cached):
 # row name -> the script and its arguments.
 REALISTIC = {"compress-85m": ["compress.py", "--size", "85m"], "eval-85m": ["eval.py", "--size", "85m"], "train-85m": ["train.py", "--size", "85m"],

@@ -340,3 +340,25 @@ def test_a_dynamically_quantized_model_keeps_the_lean_path():
         out.append(int(logits.argmax(-1)))
         logits = dec.forward(torch.tensor([[out[-1]]]), torch.tensor([[7 + i]]), cache)
     assert out == ref
+
+
+
+def test_the_prompt_graphs_threads_sleep_between_runs(monkeypatch):
+    """The step graph's threads spin between runs (steps come back to back); the prompt graph's
+    do not: spinning on after a prompt, they took the cores the next steps needed
+    (bench/serve_32m.py). LLMCTL_ORT_PREFILL_SPIN=1 lets them spin, with the same logits."""
+    from llmctl.inference.lean import LeanDecoder
+    from llmctl.inference.lean_ort import SPINNING
+
+    model = _model("llama")
+
+    def spinning(dec):
+        return [s.get_session_options().get_session_config_entry(SPINNING) for s in (dec.ort.sess, dec.ort.prefill_sess)]
+
+    dec = LeanDecoder(model)
+    assert dec.ort is not None and spinning(dec) == ["1", "0"], dec.ort_skipped
+    monkeypatch.setenv("LLMCTL_ORT_PREFILL_SPIN", "1")
+    dec2 = LeanDecoder(model)
+    assert dec2.ort is not None and spinning(dec2) == ["1", "1"]
+    ids, pos = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(2)), torch.arange(6).expand(2, 6)
+    assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), dec2.forward(ids, pos, dec2.new_cache()), atol=1e-5)
