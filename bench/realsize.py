@@ -166,14 +166,16 @@ def _lean_state(model) -> str:
 
 
 # --------------------------------------------------------------------------- serve
-def _llmctl_serve(model_dir: Path, tmp: Path, name: str, **serve) -> tuple[subprocess.Popen, str]:
+def _llmctl_serve(model_dir: Path, tmp: Path, name: str, env: dict | None = None, **serve) -> tuple[subprocess.Popen, str]:
+    """`llmctl serve` on `model_dir` with these serve settings (and environment variables), started."""
     from serve import start
 
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / f"run-{name}")},
                                    "serve": {"model": str(model_dir), "max_batch_size": 8, "max_queue": 256, "threads": THREADS, **serve}}))
     return start([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"],
-                 lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None))
+                 lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None),
+                 env={**os.environ, **env} if env else None)
 
 
 def _bare_llama_server(binary: Path, gguf: Path, ctx: int) -> tuple[subprocess.Popen, str]:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from common import machine, ratio, write_result
 
@@ -64,7 +62,7 @@ def model_32m() -> tuple[Path, Path]:
 
 def main() -> None:
     import realsize as R
-    from serve import phases, start
+    from serve import phases
 
     from llmctl.inference.lean import LeanDecoder
     from llmctl.inference.llamacpp import find_binary
@@ -85,12 +83,7 @@ def main() -> None:
     procs, urls = {}, {}
     try:
         for name, env in SIDES.items():
-            cfg = tmp / f"{name}.yaml"
-            cfg.write_text(yaml.safe_dump({"run": {"name": "bench", "dir": str(tmp / f"run-{name}")},
-                                           "serve": {"model": str(model_dir), "max_batch_size": 8, "max_queue": 256, "threads": R.THREADS}}))
-            procs[name], urls[name] = start([sys.executable, "-m", "llmctl", "serve", str(cfg), "--port", "0"],
-                                            lambda line: (m.group(1) if (m := re.search(r" on (http://[\d.]+:\d+)/v1", line)) else None),
-                                            env={**os.environ, **env})
+            procs[name], urls[name] = R._llmctl_serve(model_dir, tmp, name, env=env)
         if binary is not None:
             procs["llama_server"], urls["llama_server"] = R._bare_llama_server(binary, gguf, 1024)
         extra = {"llama_server": {"ignore_eos": True}}  # every request makes MAX_TOKENS there too

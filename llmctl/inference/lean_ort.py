@@ -159,10 +159,6 @@ class OrtStep:
         B, C, n = 2, 4, 3
         past = [torch.zeros(B, self.KV, C, self.D) for _ in range(2 * self.L)]
         self.past_names = [f"past.{i}.{kv}" for i in range(self.L) for kv in "kv"]
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or torch.get_num_threads()
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
 
         def session(graph, example, names, axes, spin: bool = True):
             buf = io.BytesIO()
@@ -170,7 +166,13 @@ class OrtStep:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(graph.eval(), example, buf, input_names=names, output_names=["logits", "new"], dynamic_axes=axes,
                                   opset_version=17, dynamo=False)
-            so.add_session_config_entry(SPINNING, "1" if spin else "0")
+            # options of its own: onnxruntime warns on stderr when a set entry is set again
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads or torch.get_num_threads()
+            so.inter_op_num_threads = 1
+            so.log_severity_level = 3
+            if not spin:
+                so.add_session_config_entry(SPINNING, "0")
             return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
 
         self.sess = session(
@@ -186,8 +188,8 @@ class OrtStep:
             # Each session has its own threads, which spin for a while after a run. Steps run back
             # to back and gain from it; a prompt comes once per request, and its session's threads
             # spinning on after it took the cores the next steps needed. Serving a 32M llama on 2
-            # cores (bench/serve_32m.py): 1.3x the tokens/s at 4 and 8 clients with the prompt
-            # graph's threads asleep between runs. LLMCTL_ORT_PREFILL_SPIN=1 lets them spin.
+            # cores (bench/serve_32m.py, 7 rounds): 1.11x / 1.27x / 1.18x the tokens/s at 1 / 4 / 8
+            # clients with the prompt graph's threads asleep between runs. LLMCTL_ORT_PREFILL_SPIN=1 lets them spin.
             spin=os.environ.get("LLMCTL_ORT_PREFILL_SPIN", "0") == "1")
         self._probe()
 
