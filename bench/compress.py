@@ -154,7 +154,8 @@ def linear_race(model_dirs: list[str], calls: int = 2000, rounds: int = 5) -> di
     out = {}
     for fin, fout in sorted(shapes):
         lin = torch.nn.Linear(fin, fout, bias=False)
-        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear}, dtype=torch.qint8)[0]
+        q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                                                   dtype=torch.qint8)[0]  # as llmctl/quantize.py does
         x = torch.randn(1, fin)
         best = {"f32": float("inf"), "int8": float("inf")}
         with torch.inference_mode():

@@ -4,8 +4,12 @@ Used by eval, generate and serve (`quantize_model` after loading) and by export
 (`save_hf_int8`). Measured on this project's 2-core CPU (bench/compress.py):
 
 - int8 (`--quantize int8`): torch's own dynamic quantization of every `nn.Linear`
-  (`torch.ao.quantization.quantize_dynamic`, qint8 weights per tensor, activations quantized
-  on the fly per batch, fbgemm kernels). It beat torchao's `Int8WeightOnlyConfig` (eager,
+  (`torch.ao.quantization.quantize_dynamic`, qint8 weights with a scale per output channel,
+  activations quantized on the fly per call, fbgemm kernels). Per channel, not per tensor:
+  finer scales, and the rows of several projections with one input (q/k/v, gate/up) can be
+  packed into one matmul that computes exactly what the separate ones do, which the lean
+  decoder does (llmctl/inference/lean.py: one kernel call instead of three costs less at the
+  few rows of a decode step). It beat torchao's `Int8WeightOnlyConfig` (eager,
   0.9-1.0x f32) and `Int8DynamicActivationInt8WeightConfig` (0.1-0.2x) on decode. torch
   marks the API deprecated in favour of torchao; it still ships in torch 2.13.
   Embeddings and norms stay float32. CPU only (the kernels are x86/ARM CPU kernels).
@@ -77,13 +81,13 @@ def quantize_model(model, method: str | None, key: str = "--quantize") -> dict:
     if method == "int8":
         import warnings
 
-        from torch.ao.quantization import quantize_dynamic
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice: see the module docstring
             # A tied lm_head gets its own int8 copy; the embedding stays float32.
-            quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-        return {"method": "int8", "library": f"torch {torch.__version__} (torch.ao quantize_dynamic)", "quantized_layers": len(linears), "kept": []}
+            quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        return {"method": "int8", "library": f"torch {torch.__version__} (torch.ao quantize_dynamic, per channel)", "quantized_layers": len(linears), "kept": []}
     _torchao(key)
     import torchao
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig

@@ -330,7 +330,9 @@ def test_a_dynamically_quantized_model_keeps_the_lean_path():
     model = _model("llama")
     model.llmctl_quantization = quantize.quantize_model(model, "int8")
     dec = decoder_for(model)
-    assert dec is not None and dec.fast is None and dec.plan[0]["q"] is None  # quantized Linears: the modules are called
+    assert dec is not None and dec.fast is None
+    # q/k/v and gate/up as one int8 call each (Int8Linears); o and down: the modules are called
+    assert all(type(p[n][0]).__name__ == "Int8Linears" and p["o"] is None and p["down"] is None for p in dec.plan for n in ("qkv", "gu"))
     ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 7:].tolist()
@@ -369,3 +371,32 @@ def test_the_prompt_graphs_threads_sleep_between_runs(monkeypatch, capfd):
     assert dec2.ort is not None and spinning(dec2) == [True, True]
     ids, pos = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(2)), torch.arange(6).expand(2, 6)
     assert torch.allclose(dec.forward(ids, pos, dec.new_cache()), dec2.forward(ids, pos, dec2.new_cache()), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_projections_with_one_input_run_as_one_call_with_the_same_outputs(arch):
+    """Per-channel int8 q/k/v (with biases, for qwen2) and gate/up stacked into one fbgemm call give
+    the separate modules' outputs bit for bit, at a decode step's rows and a prompt's; int8 Linears
+    quantized per tensor (one scale for the stacked rows would change them) are called one by one."""
+    from torch.ao.quantization import quantize_dynamic
+
+    from llmctl import quantize
+    from llmctl.inference.lean import Int8Linears
+
+    model = _model(arch)
+    quantize.quantize_model(model, "int8")
+    a, m = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert (a.q_proj.bias() is not None) == (arch == "qwen2")
+    for mods in ((a.q_proj, a.k_proj, a.v_proj), (m.gate_proj, m.up_proj)):
+        assert Int8Linears.covers(mods)
+        fused = Int8Linears(mods)
+        for rows in (1, 4, 9):
+            x = torch.randn(rows, mods[0].in_features)
+            assert torch.equal(fused(x), torch.cat([mod(x) for mod in mods], dim=-1))
+    per_tensor = _model(arch)
+    quantize_dynamic(per_tensor, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    a = per_tensor.model.layers[0].self_attn
+    assert not Int8Linears.covers((a.q_proj, a.k_proj, a.v_proj))
+    from llmctl.inference.lean import LeanDecoder
+
+    assert LeanDecoder(per_tensor).plan[0]["qkv"] is None
