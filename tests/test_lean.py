@@ -331,8 +331,9 @@ def test_a_dynamically_quantized_model_keeps_the_lean_path():
     model.llmctl_quantization = quantize.quantize_model(model, "int8")
     dec = decoder_for(model)
     assert dec is not None and dec.fast is None
-    # q/k/v and gate/up as one int8 call each (Int8Linears); o and down: the modules are called
-    assert all(type(p[n][0]).__name__ == "Int8Linears" and p["o"] is None and p["down"] is None for p in dec.plan for n in ("qkv", "gu"))
+    # q/k/v and gate/up as one int8 call each, o, down and the output layer on their own packed weights
+    assert all(type(p[n][0]).__name__ == "Int8Linears" for p in dec.plan for n in ("qkv", "gu", "o", "down"))
+    assert type(dec.head_w[0]).__name__ == "Int8Linears"
     ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 7:].tolist()

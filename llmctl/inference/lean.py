@@ -156,7 +156,7 @@ class LeanDecoder:
         """(weight, bias, output sizes) for one F.linear over several plain Linears with the same
         input, or (Int8Linears, None, output sizes) over several per-channel int8 ones; None: call
         the modules (one quantized Linear, another kind, or a model too big to copy weights)."""
-        if len(mods) > 1 and Int8Linears.covers(mods):
+        if Int8Linears.covers(mods):
             return Int8Linears(mods), None, [m.out_features for m in mods]
         plain = (torch.nn.Parameter, torch.Tensor)
         if not all(type(m) is torch.nn.Linear and type(m.weight) in plain and type(m.weight.data) is torch.Tensor for m in mods):
@@ -194,7 +194,7 @@ class LeanDecoder:
         if not all(p[n] and isinstance(p[n][0], torch.Tensor) for p in self.plan for n in ("qkv", "o", "gu", "down")):
             return "a projection is not a plain Linear (quantized?)"
         head = self._fused(self.head)
-        if head is None or head[1] is not None:
+        if head is None or not isinstance(head[0], torch.Tensor) or head[1] is not None:
             return "lm_head is not a plain Linear without bias"
         return None
 
@@ -268,9 +268,10 @@ class LeanDecoder:
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
-    def _rope(self, positions):
+    def _rope(self, positions, signed: bool = False):
         """cos, sin for these positions [B, n] -> [B, 1, n, head_dim], from a table computed once
-        by the model's own rotary embedding (so every static scaling type is honoured)."""
+        by the model's own rotary embedding (so every static scaling type is honoured). `signed`:
+        the sine with its first half negated, as `_rotate` takes it."""
         need = int(positions.max()) + 1
         if self._cos is None or self._cos.shape[0] < need:
             n = max(need, self.context)
@@ -279,12 +280,15 @@ class LeanDecoder:
                                 device=positions.device)
             cos, sin = self.model.model.rotary_emb(probe, p)
             self._cos, self._sin = cos[0], sin[0]
-        return self._cos[positions][:, None], self._sin[positions][:, None]
+            half = sin.shape[-1] // 2
+            self._sin_signed = torch.cat((-self._sin[:, :half], self._sin[:, half:]), dim=-1)
+        return self._cos[positions][:, None], (self._sin_signed if signed else self._sin)[positions][:, None]
 
     @staticmethod
-    def _rotate(x, cos, sin):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def _rotate(x, cos, sin_signed):
+        """x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the halves swapped by
+        a roll and the minus sign carried by `sin_signed` (three calls, not six)."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
     @torch.inference_mode()
     def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False, runtime: str | None = None, ort=None):
@@ -326,7 +330,7 @@ class LeanDecoder:
             pos = positions.numpy()
             if pos.max() < ort.positions:
                 return ort.prefill(ids, np.ascontiguousarray(pos), cache, attn_mask.view(-1, 1, n, n))
-        cos, sin = self._rope(positions)  # the eager pass's rotary (the graphs hold their own tables)
+        cos, sin = self._rope(positions, signed=self.fast is None)  # the eager pass's rotary (the graphs hold their own)
         if self.fast is not None:
             return self._forward_folded(ids, cos, sin, cache, attn_mask, causal, all_logits)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
@@ -338,12 +342,16 @@ class LeanDecoder:
             w, b, _ = entry
             return lin(x, w, b) if isinstance(w, torch.Tensor) else w(x)
 
-        def proj(x, name, module):  # a plain Linear's weights through `lin`, else the module (quantized)
-            return lin(x, p[name][0], p[name][1]) if p[name] else module(x)
+        def rms(x, w, eps):  # F.rms_norm in five calls (torch's own decomposes into about ten on the CPU)
+            r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return torch.mul(x, torch.addcmul(torch.full_like(r, eps), r, r, value=1.0 / d).rsqrt_()).mul_(w)
+
+        def proj(x, name, module):  # see _fused; None: the module
+            return fused(x, p[name]) if p[name] else module(x)
 
         for i, (layer, p) in enumerate(zip(self.layers, self.plan)):
             a, m = layer.self_attn, layer.mlp
-            x = F.rms_norm(h, (d,), *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
+            x = rms(h, *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
             if p["qkv"] and not self.qk_norm:
                 # q and k heads rotated together: one set of rotary ops per layer, not two
                 qkv = fused(x, p["qkv"]).view(B, n, H + 2 * KV, D).transpose(1, 2)
@@ -363,18 +371,17 @@ class LeanDecoder:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=self.scale,
                                                enable_gqa=KV != H)
             o = o.transpose(1, 2).reshape(B, n, H * D)
-            h = h + proj(o, "o", a.o_proj)
-            x = F.rms_norm(h, (d,), *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
+            h = proj(o, "o", a.o_proj).add_(h)  # the projection's fresh output takes the residual
+            x = rms(h, *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
             if p["gu"]:
                 g, u = fused(x, p["gu"]).split(p["gu"][2], dim=-1)
             else:
                 g, u = proj(x, "gate", m.gate_proj), proj(x, "up", m.up_proj)
-            x = F.silu(g) * u
-            h = h + proj(x, "down", m.down_proj)
+            h = proj(F.silu(g).mul_(u), "down", m.down_proj).add_(h)
         if not all_logits:
             h = h[:, -1:]
-        h = F.rms_norm(h, (d,), *self.final_norm) if self.final_norm else self.norm(h)
-        logits = (lin(h, self.head_w[0], self.head_w[1]) if self.head_w else self.head(h)).float()
+        h = rms(h, *self.final_norm) if self.final_norm else self.norm(h)
+        logits = (fused(h, self.head_w) if self.head_w else self.head(h)).float()
         return logits if all_logits else logits[:, -1]
 
 
@@ -385,9 +392,16 @@ class Int8Linears:
     over the same input either way, so the outputs are the separate calls' outputs, bit for bit.
     One call instead of three at a decode step's few rows: fbgemm's per-call work (quantizing the
     input, the output's requantization) is most of a small projection's time. The stacked weights
-    are an int8 copy (a quarter of the float32 weights they came from); the model is not altered."""
+    are an int8 copy (a quarter of the float32 weights they came from); the model is not altered.
+    One Linear alone (o, down, the output layer) is called on its own packed weights, without the
+    module's Python layers around the kernel."""
 
     def __init__(self, mods):
+        # what the modules' own forward passes (torch.ao.nn.quantized.dynamic.Linear.forward)
+        self.reduce_range = mods[0].version is not None and mods[0].version >= 4
+        if len(mods) == 1:  # its own packed weights, called without the module's Python layers
+            self.packed = mods[0]._packed_params._packed_params
+            return
         pairs = [m._packed_params._weight_bias() for m in mods]
         ws = [w for w, _ in pairs]
         q = torch._make_per_channel_quantized_tensor(
@@ -395,17 +409,17 @@ class Int8Linears:
             torch.cat([w.q_per_channel_zero_points() for w in ws]), 0)
         bias = None if pairs[0][1] is None else torch.cat([b.detach() for _, b in pairs])
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
-        # what the modules' own forward passes (torch.ao.nn.quantized.dynamic.Linear.forward)
-        self.reduce_range = mods[0].version is not None and mods[0].version >= 4
 
     @staticmethod
     def covers(mods) -> bool:
-        """True for torch.ao dynamic int8 Linears, each with a scale per output row (axis 0), of one
-        input size and module version, all with a bias or none."""
+        """True for one torch.ao dynamic int8 Linear, or several, each with a scale per output row
+        (axis 0), of one input size and module version, all with a bias or none."""
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
         if not all(type(m) is DynamicLinear and m._packed_params.dtype == torch.qint8 for m in mods):
             return False
+        if len(mods) == 1:
+            return True
         if len({(m.in_features, m.version) for m in mods}) != 1:
             return False
         pairs = [m._packed_params._weight_bias() for m in mods]
