@@ -401,3 +401,31 @@ def test_int8_projections_with_one_input_run_as_one_call_with_the_same_outputs(a
     from llmctl.inference.lean import LeanDecoder
 
     assert LeanDecoder(per_tensor).plan[0]["qkv"] is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_an_int8_model_decodes_bit_for_bit_as_its_own_forward(arch):
+    """Dynamic int8 quantizes each Linear's input per call: a rounding apart anywhere before it
+    (another RMSNorm formula, a fused multiply-add in rotary) can move an int8 value and the logits
+    by a quantization step (0.1 on the 85M bench model's probe), so the unfolded pass must compute
+    what transformers computes to the bit, for a prompt and the steps after it, at one and two rows."""
+    from llmctl import quantize
+    from llmctl.inference.lean import LeanDecoder
+
+    model = _model(arch)
+    model.llmctl_quantization = quantize.quantize_model(model, "int8")
+    dec = LeanDecoder(model)
+    for rows in (1, 2):
+        ids = torch.randint(3, V, (rows, 7), generator=torch.Generator().manual_seed(3))
+        steps = torch.randint(3, V, (3, rows, 1), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            key = "cache" if "cache" in out else "past_key_values"  # transformers 5 renames the cache
+            ref = [out.logits[:, -1]]
+            for i, t in enumerate(steps):
+                out = model(t, use_cache=True, position_ids=torch.full((rows, 1), 7 + i), **{key: out[key]})
+                ref.append(out.logits[:, -1])
+            cache = dec.new_cache()
+            got = [dec.forward(ids, torch.arange(7)[None].expand(rows, 7), cache)]
+            got += [dec.forward(t, torch.full((rows, 1), 7 + i), cache) for i, t in enumerate(steps)]
+        assert all(torch.equal(g, r) for g, r in zip(got, ref)), [float((g - r).abs().max()) for g, r in zip(got, ref)]

@@ -287,8 +287,10 @@ class LeanDecoder:
     @staticmethod
     def _rotate(x, cos, sin_signed):
         """x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the halves swapped by
-        a roll and the minus sign carried by `sin_signed` (three calls, not six)."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+        a roll and the minus sign carried by `sin_signed` (four calls, not six). The same products
+        and sum as transformers' apply_rotary_pos_emb, to the bit ((-a) * b == a * (-b)); not an
+        addcmul, whose fused multiply-add rounds once where they round twice."""
+        return (x * cos).add_(x.roll(x.shape[-1] // 2, -1).mul_(sin_signed))
 
     @torch.inference_mode()
     def forward(self, ids, positions, cache: KVCache, mask=None, all_logits: bool = False, runtime: str | None = None, ort=None):
@@ -342,16 +344,15 @@ class LeanDecoder:
             w, b, _ = entry
             return lin(x, w, b) if isinstance(w, torch.Tensor) else w(x)
 
-        def rms(x, w, eps):  # F.rms_norm in five calls (torch's own decomposes into about ten on the CPU)
-            r = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            return torch.mul(x, torch.addcmul(torch.full_like(r, eps), r, r, value=1.0 / d).rsqrt_()).mul_(w)
-
         def proj(x, name, module):  # see _fused; None: the module
             return fused(x, p[name]) if p[name] else module(x)
 
         for i, (layer, p) in enumerate(zip(self.layers, self.plan)):
             a, m = layer.self_attn, layer.mlp
-            x = rms(h, *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
+            # F.rms_norm: on the CPU the same arithmetic as transformers' RMSNorm, to the bit. An int8
+            # model needs that: a rounding apart before a quantized Linear can move its input's int8
+            # values (a 5-call form with vector_norm put the 85M model's probe 0.1 apart)
+            x = F.rms_norm(h, (d,), *p["ln1"]) if p["ln1"] else layer.input_layernorm(h)
             if p["qkv"] and not self.qk_norm:
                 # q and k heads rotated together: one set of rotary ops per layer, not two
                 qkv = fused(x, p["qkv"]).view(B, n, H + 2 * KV, D).transpose(1, 2)
@@ -372,7 +373,7 @@ class LeanDecoder:
                                                enable_gqa=KV != H)
             o = o.transpose(1, 2).reshape(B, n, H * D)
             h = proj(o, "o", a.o_proj).add_(h)  # the projection's fresh output takes the residual
-            x = rms(h, *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
+            x = F.rms_norm(h, (d,), *p["ln2"]) if p["ln2"] else layer.post_attention_layernorm(h)
             if p["gu"]:
                 g, u = fused(x, p["gu"]).split(p["gu"][2], dim=-1)
             else:
@@ -380,7 +381,7 @@ class LeanDecoder:
             h = proj(F.silu(g).mul_(u), "down", m.down_proj).add_(h)
         if not all_logits:
             h = h[:, -1:]
-        h = rms(h, *self.final_norm) if self.final_norm else self.norm(h)
+        h = F.rms_norm(h, (d,), *self.final_norm) if self.final_norm else self.norm(h)
         logits = (fused(h, self.head_w) if self.head_w else self.head(h)).float()
         return logits if all_logits else logits[:, -1]
 
