@@ -440,7 +440,7 @@ class EvalConfig(Section):
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="CI gates.")
     safety: bool = Field(False, description="Red-team eval: run the shipped adversarial prompts through the model with the rails off and on, and report flagged-output and refusal rates for both.")
     hardest: int = Field(10, ge=0, description="List this many hardest tokens and documents (highest loss) in results.json and keep every token's loss in eval/token_losses.jsonl; 0 = off.")
-    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers, a weight scale per output channel) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
     metrics: list[GenerationMetric] = Field(
         default_factory=lambda: ["bleu", "chrf", "ter", "rouge1", "rouge2", "rougeL", "exact_match", "token_f1"], min_length=1,
         description="Generation metrics to compute (bleu, chrf, ter, rouge1, rouge2, rougeL, exact_match, token_f1); the first one leads `llmctl run`'s summary. ROUGE needs the eval extra.")
@@ -475,7 +475,7 @@ class GenerateConfig(Section):
     seed: int | None = Field(None, description="Sampling seed; null uses run.seed.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
     logprobs: int | None = Field(None, ge=0, le=20, description="Write each generated token's logprob and entropy (raw logits) and this many top alternatives to outputs.jsonl; null = off (also --logprobs K).")
-    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers, a weight scale per output channel) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
     engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port, batch_size sequences at once; prompts, BOS, context, EOS, stop strings and the rails stay llmctl's; no per-token logprobs). Checked at start against transformers' forward.")
 
 
@@ -513,7 +513,7 @@ class ServeConfig(Section):
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (CPU only); null = all cores but one, left to the HTTP server. With engine llama.cpp: llama-server's -t (null: its own default).")
     shutdown_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds to let in-flight requests finish before cutting them off.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted; larger ones get 413.")
-    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
+    quantize: Literal["none", "int8", "int4"] = Field("none", description="Quantize the model after loading, for CPU inference: int8 (torch dynamic int8 Linear layers, a weight scale per output channel) or int4 (torchao weight-only, needs the quant extra); none keeps the saved weights. Also --quantize.")
     engine: Literal["torch", "llama.cpp"] = Field("torch", description="What decodes: torch (transformers' model in this process, continuous batching) or llama.cpp (the run's GGUF export, model-f32.gguf, or model-q8_0.gguf / model-q4_0.gguf with quantize int8 / int4, or --model FILE.gguf, run by a llama-server from $LLAMA_CPP_BIN or PATH on a private loopback port; llmctl's API, auth, rails, stop strings and logprobs stay in front). Checked at load against transformers' forward.")
     playground: bool = Field(True, description="Serve the chat playground page at GET / (no external assets; it asks for the API key and keeps it in page memory); false turns it off.")
     allow_remote_images: bool = Field(False, description="Image-text models: fetch http(s) image_url parts (off: a fetching server is an SSRF risk, and such requests get 400; data: URIs always work).")

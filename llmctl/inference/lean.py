@@ -4,7 +4,8 @@ Decoding one token of a small model is dominated by Python, not arithmetic: tran
 forward builds masks, dispatches through attention interfaces and cache classes and checks
 kwargs at every layer, and `generate` adds logits processors and stopping criteria on top.
 This module runs the same modules' weights in a straight line: the model's own Linear and
-RMSNorm parameters (so int8/int4 quantized Linears work unchanged), one rotary table computed
+RMSNorm parameters (int8 Linears through their packed weights, q/k/v and gate/up stacked into
+one call each; int4 and other quantized Linears as modules), one rotary table computed
 once by the model's own rotary embedding, and torch's scaled-dot-product attention over a
 plain per-layer KV cache. Its logits equal transformers' to float rounding (tests/test_lean.py
 compares them, and greedy decoding token for token).
