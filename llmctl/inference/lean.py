@@ -192,6 +192,8 @@ class LeanDecoder:
             return f"{self.n_params / 1e6:.0f}M parameters, above the {self.FUSE_MAX_PARAMS / 1e6:.0f}M up to which weights are copied"
         if self.final_norm is None or not all(p["ln1"] and p["ln2"] for p in self.plan):
             return "a norm is not a plain float32 RMSNorm"
+        if any(p[n] and isinstance(p[n][0], Int8Linears) for p in self.plan for n in ("qkv", "o", "gu", "down")):
+            return "its Linears are int8; the folded pass and its onnxruntime graphs take float weights"
         if not all(p[n] and isinstance(p[n][0], torch.Tensor) for p in self.plan for n in ("qkv", "o", "gu", "down")):
             return "a projection is not a plain Linear (quantized?)"
         head = self._fused(self.head)
