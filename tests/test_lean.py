@@ -331,6 +331,7 @@ def test_a_dynamically_quantized_model_keeps_the_lean_path():
     model.llmctl_quantization = quantize.quantize_model(model, "int8")
     dec = decoder_for(model)
     assert dec is not None and dec.fast is None and "int8" in dec.fast_skipped
+    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped  # its steps: onnxruntime's int8 graph
     # q/k/v and gate/up as one int8 call each, o, down and the output layer on their own packed weights
     assert all(type(p[n][0]).__name__ == "Int8Linears" for p in dec.plan for n in ("qkv", "gu", "o", "down"))
     assert type(dec.head_w[0]).__name__ == "Int8Linears"
@@ -414,7 +415,7 @@ def test_an_int8_model_decodes_bit_for_bit_as_its_own_forward(arch):
 
     model = _model(arch)
     model.llmctl_quantization = quantize.quantize_model(model, "int8")
-    dec = LeanDecoder(model)
+    dec = LeanDecoder(model, runtime="torch")  # the eager pass: prompts (and steps where onnxruntime is off)
     for rows in (1, 2):
         ids = torch.randint(3, V, (rows, 7), generator=torch.Generator().manual_seed(3))
         steps = torch.randint(3, V, (3, rows, 1), generator=torch.Generator().manual_seed(4))
@@ -429,3 +430,101 @@ def test_an_int8_model_decodes_bit_for_bit_as_its_own_forward(arch):
             got = [dec.forward(ids, torch.arange(7)[None].expand(rows, 7), cache)]
             got += [dec.forward(t, torch.full((rows, 1), 7 + i), cache) for i, t in enumerate(steps)]
         assert all(torch.equal(g, r) for g, r in zip(got, ref)), [float((g - r).abs().max()) for g, r in zip(got, ref)]
+
+
+def _int8_model(arch: str, **kw):
+    from llmctl import quantize
+
+    model = _model(arch, **kw)
+    model.llmctl_quantization = quantize.quantize_model(model, "int8")
+    return model
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_an_int8_models_steps_run_in_int8_on_onnxruntime(arch, kw):
+    """An int8 model's decode step is one onnxruntime graph whose projections are int8 matmuls by
+    the model's own int8 weights (no float copy of them: the only float MatMuls are attention's);
+    its probe against the float matmul by the same weights is no worse than torch's int8 pass's,
+    and greedy decoding gives transformers' tokens (prompt on the eager pass, steps on the graph)."""
+    from llmctl.inference.lean import decoder_for
+
+    model = _int8_model(arch, **kw)
+    dec = decoder_for(model)
+    assert dec is not None and dec.disagrees is None
+    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped
+    L = len(dec.layers)
+    for graph, attention in (("step", 3), ("prefill", 2)):
+        ops = dec.ort.ops[graph]
+        assert ops["MatMulInteger"] == 4 * L + 1  # q/k/v, o, gate/up, down per layer, and the output layer
+        # step: scores against the cache and the new key, weights by the cached values; prefill: scores, weights
+        assert ops["MatMul"] == attention * L, ops
+    errs = dec.ort.probe_errors
+    assert 0 < errs["onnxruntime"] <= 2 * errs["torch"], errs
+    ids = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    cache, out = dec.new_cache(), []
+    logits = dec.forward(ids, torch.arange(7)[None], cache)
+    for i in range(10):
+        out.append(int(logits.argmax(-1)))
+        logits = dec.forward(torch.tensor([[out[-1]]]), torch.tensor([[7 + i]]), cache)
+    assert out == ref
+
+
+def test_int8_on_onnxruntime_gives_a_row_the_same_answer_alone_and_in_a_batch():
+    """onnxruntime's int8 graphs quantize each row's activations on its own: a row's logits at a
+    step, or for its prompt, do not depend on the rows beside it or on padding (torch's int8 takes
+    one scale per call, over every row, and its answer moves with the batch)."""
+    from llmctl.inference.kvcache import KVCache
+    from llmctl.inference.lean import decoder_for
+
+    model = _int8_model("llama")
+    dec = decoder_for(model)
+    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, V, (1, 6), generator=g), torch.randint(3, V, (1, 6), generator=g)]
+    step = torch.tensor([[11], [250]])
+
+    def caches():
+        cs = []
+        for p in prompts:
+            c = dec.new_cache()
+            dec.forward(p, torch.arange(6)[None], c, runtime="torch")
+            cs.append(c)
+        return cs
+
+    diffs = {}
+    for runtime in (None, "torch"):
+        a, b = caches()
+        alone = dec.forward(step[:1], torch.tensor([[6]]), a, runtime=runtime)
+        a, b = caches()
+        a.stack(b)
+        both = dec.forward(step, torch.tensor([[6], [6]]), a, runtime=runtime)
+        assert isinstance(a, KVCache) and a.buf.shape[2] == 2
+        diffs[runtime] = float((both[0] - alone[0]).abs().max())
+    assert diffs[None] < 1e-4 < diffs["torch"], diffs
+    # prompts too: a short prompt left-padded in a batch with a longer one, against it alone
+    ids = torch.randint(3, V, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    for runtime in (None, "torch"):
+        both = dec.forward(ids, pos, dec.new_cache(), mask=mask, runtime=runtime)
+        alone = dec.forward(ids[1:, 2:], pos[1:, 2:], dec.new_cache(), runtime=runtime)
+        diffs[runtime] = float((both[1] - alone[0]).abs().max())
+    assert diffs[None] < 1e-4 < diffs["torch"], diffs
+
+
+def test_an_int8_step_graph_that_computes_wrong_numbers_is_dropped(monkeypatch, capsys):
+    """OrtInt8Step checks its graph at build: past its bound it is not used, one line says why, and
+    the eager int8 pass decodes (still checked against the model's forward)."""
+    import llmctl.inference.lean_ort
+    from llmctl.inference.lean import decoder_for
+
+    monkeypatch.setattr(llmctl.inference.lean_ort, "INT8_BOUND", -1.0)  # nothing can pass
+    model = _int8_model("llama")
+    dec = decoder_for(model)
+    assert dec is not None and dec.ort is None and dec.disagrees is None
+    assert "onnxruntime's int8 step is" in dec.ort_skipped
+    err = capsys.readouterr().err
+    assert "the onnxruntime decode step is off" in err and "eager lean pass" in err

@@ -126,16 +126,18 @@ class LeanDecoder:
             self.plan = None  # only the folded weights are read from here on: free the fused copies
         # The folded pass compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be.
         self.ort, self.ort_skipped = None, None
-        if runtime != "torch" and self.fast is None:
+        int8 = self.fast is None and self._int8()
+        if runtime != "torch" and self.fast is None and not int8:
             self.ort_skipped = f"the weights are not folded ({self.fast_skipped})"
-        if runtime != "torch" and self.fast is not None:
+        if runtime != "torch" and (self.fast is not None or int8):
             from llmctl.inference import lean_ort
 
             self.ort_skipped = lean_ort.available() if self.embed.weight.device.type == "cpu" else "not on the CPU"
             if self.ort_skipped is None:
                 try:
-                    self.ort = lean_ort.OrtStep(self)
-                except Exception as e:  # the eager folded pass computes the same logits
+                    # an int8 model's decode step: its own graph (int8 matmuls, unfolded)
+                    self.ort = lean_ort.OrtInt8Step(self) if int8 else lean_ort.OrtStep(self)
+                except Exception as e:  # the eager pass computes the same logits
                     self.ort_skipped = f"{type(e).__name__}: {e}"
 
     @staticmethod
@@ -267,6 +269,12 @@ class LeanDecoder:
             h = h.view(B, n, d)[:, -1]
         logits = torch.mm(norm(h, self.final_norm[1]), w_head).float()
         return logits.view(B, n, -1) if all_logits else logits
+
+    def _int8(self) -> bool:
+        """True when every projection and the output layer are torch's per-channel int8 Linears
+        (`--quantize int8`), the weights `lean_ort.OrtInt8Step` takes."""
+        return self.plan is not None and self.head_w is not None and isinstance(self.head_w[0], Int8Linears) and all(
+            p[n] and isinstance(p[n][0], Int8Linears) and p[n][0].per_channel for p in self.plan for n in ("qkv", "o", "gu", "down"))
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
@@ -403,6 +411,8 @@ class Int8Linears:
     def __init__(self, mods):
         # what the modules' own forward passes (torch.ao.nn.quantized.dynamic.Linear.forward)
         self.reduce_range = mods[0].version is not None and mods[0].version >= 4
+        w = mods[0]._packed_params._weight_bias()[0]
+        self.per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric) and w.q_per_channel_axis() == 0
         if len(mods) == 1:  # its own packed weights, called without the module's Python layers
             self.packed = mods[0]._packed_params._packed_params
             return
@@ -495,7 +505,11 @@ def disagreement(dec: "LeanDecoder", model) -> str | None:
                      **{"cache" if "cache" in first else "past_key_values": first["cache" if "cache" in first else "past_key_values"]})
         ref = [first.logits[:, -1].float(), step.logits[:, -1].float()]
         cache = dec.new_cache()
-        got = [dec.forward(ids[:, :5], pos[:, :5], cache, mask=mask[:, :5]), dec.forward(ids[:, 5:], pos[:, 5:], cache, mask=mask)]
+        # An onnxruntime step that is not exact (int8: its own rounding of the activations) was held to
+        # the eager pass when it was built (OrtInt8Step._probe); the eager pass is held to the model here
+        rt = None if getattr(dec.ort, "exact", True) else "torch"
+        got = [dec.forward(ids[:, :5], pos[:, :5], cache, mask=mask[:, :5], runtime=rt),
+               dec.forward(ids[:, 5:], pos[:, 5:], cache, mask=mask, runtime=rt)]
     diff = max(float((g.float() - r).abs().max()) for g, r in zip(got, ref))
     ref = torch.stack(ref)
     if not diff <= PROBE_TOLERANCE * max(1.0, float(ref.abs().max())):

@@ -1,4 +1,4 @@
-"""The lean decode step of a small model as one ONNX graph, run by onnxruntime.
+"""The lean decoder's prompts and decode steps as ONNX graphs, run by onnxruntime.
 
 A decode step of a quickstart-sized model is about a hundred tiny tensor operations; in eager
 PyTorch each costs a Python call and a dispatch (several microseconds), more than its
@@ -11,8 +11,13 @@ The graph is traced from the folded weights of `LeanDecoder` (RMSNorm weights, a
 scale and rotary's rotate-half inside the matmuls), so it computes what the eager folded path
 computes; `OrtStep` checks that on a probe when it is built and is dropped if the two
 disagree. It reads the `KVCache` buffers in place (their unfilled columns masked) and returns
-only the new token's keys and values, which the cache writes in one copy. Prompts (prefill)
-stay on the eager path, where one call covers many tokens.
+only the new token's keys and values, which the cache writes in one copy. A second graph
+takes prompts (prefill) on an empty cache.
+
+A model quantized with `--quantize int8` (torch's per-channel int8 Linears) is not folded; its
+graphs (`_Int8Graph`, `OrtInt8Step`) run the unfolded pass with onnxruntime's int8 matmul on
+the model's own int8 weights, at any size: at 85M parameters a decode step took about half
+the eager int8 pass's time (fbgemm's int8 calls alone were most of that pass's step).
 
 Used wherever llmctl decodes through `llmctl.inference.lean.decoder_for` (`generate`, `serve`, eval's
 generation) when onnxruntime is installed (the `onnx` and `serve` extras) and the model is on
@@ -21,6 +26,7 @@ the CPU; `LLMCTL_LEAN_ORT=0` keeps the eager path.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import warnings
@@ -143,6 +149,21 @@ class _Step(_Graph):
         return self.norm(h, self.eps) @ self.w_head, torch.stack(new).view(len(self.layers), 2, *new[0].shape)
 
 
+def _session(model: bytes, threads: int | None, spin: bool):
+    """An onnxruntime CPU session on `threads` threads (torch's count by default); `spin`: its
+    threads spin between runs. Options of its own: onnxruntime warns on stderr when a set entry
+    is set again."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry(SPINNING, "0")
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
@@ -150,8 +171,9 @@ def _np(t: torch.Tensor) -> np.ndarray:
 class OrtStep:
     """onnxruntime sessions over `_Step` and `_Prefill`, for a LeanDecoder whose folded plan exists."""
 
+    exact = True  # the folded pass's arithmetic, to float rounding
+
     def __init__(self, dec, threads: int | None = None):
-        import onnxruntime as ort
 
         self.dec = dec
         self.L, self.KV, self.D = len(dec.layers), dec.n_kv, dec.head_dim
@@ -166,14 +188,7 @@ class OrtStep:
                 warnings.simplefilter("ignore")
                 torch.onnx.export(graph.eval(), example, buf, input_names=names, output_names=["logits", "new"], dynamic_axes=axes,
                                   opset_version=17, dynamo=False)
-            # options of its own: onnxruntime warns on stderr when a set entry is set again
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads or torch.get_num_threads()
-            so.inter_op_num_threads = 1
-            so.log_severity_level = 3
-            if not spin:
-                so.add_session_config_entry(SPINNING, "0")
-            return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+            return _session(buf.getvalue(), threads, spin)
 
         self.sess = session(
             _Step(dec), (torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, 1, 1, C + 1), *past),
@@ -221,17 +236,340 @@ class OrtStep:
         """One decode step: ids [B, 1] at positions `pos` after the tokens in `cache` (a
         lean.KVCache, written in place); mask [B, cache.length + 1] with 1 for real tokens, or
         None. Returns float logits [B, V]."""
-        B = ids.shape[0]
-        t0 = cache.length
-        C = cache.capacity  # columns past t0 are masked
-        bias = np.full((1 if mask is None else B, 1, 1, C + 1), -np.inf, dtype=np.float32)
-        if mask is None:
-            bias[..., :t0] = 0.0
-        else:
-            bias[:, 0, 0, :t0][mask[:, :t0].numpy() != 0] = 0.0
-        bias[..., C] = 0.0  # the new token sees itself
-        past = cache.buf.view(2 * self.L, *cache.buf.shape[2:]).numpy()  # each layer's keys, values: contiguous
-        feed = {"ids": _np(ids).reshape(B), "pos": np.ascontiguousarray(pos.reshape(B)), "mask": bias, **dict(zip(self.past_names, past))}
-        logits, new = self.sess.run(None, feed)
+        logits, new = self.sess.run(None, _step_feed(self.past_names, ids, pos, cache, mask))
+        cache.append_all(new)
+        return torch.from_numpy(logits)
+
+
+def _step_feed(past_names: list[str], ids, pos: np.ndarray, cache, mask) -> dict:
+    """The inputs of a step graph (`_Step`, `_Int8Step`): the new tokens, their positions, the
+    additive mask over the cache buffers' columns and the new token, and each layer's keys and
+    values as the cache holds them (read in place)."""
+    B = ids.shape[0]
+    t0, C = cache.length, cache.capacity  # columns past t0 are masked
+    bias = np.full((1 if mask is None else B, 1, 1, C + 1), -np.inf, dtype=np.float32)
+    if mask is None:
+        bias[..., :t0] = 0.0
+    else:
+        bias[:, 0, 0, :t0][mask[:, :t0].numpy() != 0] = 0.0
+    bias[..., C] = 0.0  # the new token sees itself
+    past = cache.buf.view(len(past_names), *cache.buf.shape[2:]).numpy()  # each layer's keys, values: contiguous
+    return {"ids": _np(ids).reshape(B), "pos": np.ascontiguousarray(pos.reshape(B)), "mask": bias, **dict(zip(past_names, past))}
+
+
+# ----------------------------------------------------------------------------- int8 decode step
+
+
+class _Int8Graph(torch.nn.Module):
+    """A model whose projections and output layer are torch's per-channel int8 Linears
+    (`--quantize int8`), unfolded: RMSNorm times its weight, rotary on q and k, the attention
+    scale on q, as the eager pass computes them. Each int8 weight is held as two named
+    buffers, `<name>_q` (its int8 values, [in, out]) and `<name>_s` (a scale per output channel),
+    and used as `x @ (q.float() * s)`: run in torch that is the float matmul by the dequantized
+    weight (the probe's reference), and `_int8_matmuls` turns each such matmul of the exported graph
+    into onnxruntime's int8 one. Its two graphs, `step` and `prefill` (`mode`), take and return
+    what `_Step` and `_Prefill` do."""
+
+    def __init__(self, dec):
+        super().__init__()
+        self.H, self.KV, self.D = dec.n_heads, dec.n_kv, dec.head_dim
+        self.scale = dec.scale
+        self.embed = dec.embed.weight.detach()
+        cos, sin = dec._rope(torch.arange(dec.context)[None], signed=True)
+        self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # sin: its first half negated
+        self.names: list[str] = []
+        self.mode = "step"
+        self.fed = None  # the large tensors as traced inputs (see forward)
+        # without q/k norms the attention scale rides in the q rows' weight scales (and biases)
+        q_rows = None if dec.qk_norm else (self.H * self.D, self.scale)
+        self.layers = []
+        for i, (layer, p) in enumerate(zip(dec.layers, dec.plan)):
+            a = layer.self_attn
+            qk = None
+            if dec.qk_norm:
+                qk = (self._norm(dec._norm_plan(a.q_norm)), self._norm(dec._norm_plan(a.k_norm)))
+            self.layers.append((self._norm(p["ln1"]), self._int8(f"l{i}_qkv", p["qkv"], q_rows), qk, self._int8(f"l{i}_o", p["o"]),
+                                self._norm(p["ln2"]), self._int8(f"l{i}_gu", p["gu"]), self._int8(f"l{i}_down", p["down"])))
+        self.final = self._norm(dec.final_norm)
+        self.head = self._int8("head", dec.head_w)
+
+    @staticmethod
+    def _norm(plan):
+        if plan is None:
+            raise ValueError("a norm is not a plain float32 RMSNorm")
+        return plan[0].detach(), plan[1]
+
+    def _int8(self, name: str, entry, rows_times=None):
+        """Register the int8 weight of a plan entry (one or several stacked Int8Linears); `rows_times`:
+        (n, c), the first n output channels' scales and biases times c."""
+        if not entry or not hasattr(entry[0], "packed"):  # lean.Int8Linears (lean imports this module)
+            raise ValueError("a projection is not a per-channel int8 Linear")
+        w, b = entry[0].packed.unpack()
+        if w.qscheme() not in (torch.per_channel_affine, torch.per_channel_symmetric) or w.q_per_channel_axis() != 0 \
+                or bool(w.q_per_channel_zero_points().any()):
+            raise ValueError("int8 weights without a scale per output channel and zero point 0")
+        scales, b = w.q_per_channel_scales().float(), None if b is None else b.detach().float().clone()
+        if rows_times is not None:
+            n, c = rows_times
+            scales[:n] *= c
+            if b is not None:
+                b[:n] *= c
+        self.register_buffer(f"{name}_q", w.int_repr().t().contiguous())
+        self.register_buffer(f"{name}_s", scales)
+        self.names.append(name)
+        return name, b
+
+    def lin(self, x, entry):
+        name, b = entry
+        y = x @ (self.w(f"{name}_q").float() * self.w(f"{name}_s"))
+        return y if b is None else y + b
+
+    @staticmethod
+    def norm(x, w, eps):  # the pattern onnxruntime fuses into one SimplifiedLayerNormalization
+        return x / torch.sqrt(torch.pow(x, 2).mean(-1, keepdim=True) + eps) * w
+
+    def rotate(self, x, cos, sin_signed):  # x * cos + rotate_half(x) * sin, the minus sign in the table
+        h = self.D // 2
+        return x * cos + torch.cat([x[..., h:], x[..., :h]], dim=-1) * sin_signed
+
+    def qkv(self, h, ln1, qkv, qk, cos, sin, split):
+        """The layer's q, k and v ([B, heads, n, D]) of h [B, n, d] (n = 1: h [B, d]); `split`
+        turns [.., heads * D] into [B, heads, n, D]."""
+        H, KV, D = self.H, self.KV, self.D
+        y = self.lin(self.norm(h, *ln1), qkv)
+        v = split(y[..., (H + KV) * D :], KV)
+        if qk is None:  # q and k rotated together; q's rows already carry the attention scale
+            qk_ = self.rotate(split(y[..., : (H + KV) * D], H + KV), cos, sin)
+            return qk_[:, :H], qk_[:, H:], v
+        q, k = self.norm(split(y[..., : H * D], H), *qk[0]), self.norm(split(y[..., H * D : (H + KV) * D], KV), *qk[1])
+        return self.rotate(q, cos, sin) * self.scale, self.rotate(k, cos, sin), v
+
+    def mlp(self, h, o, o_w, ln2, gu, down):
+        h = h + self.lin(o, o_w)
+        gate, up = self.lin(self.norm(h, *ln2), gu).chunk(2, dim=-1)
+        return h + self.lin(F.silu(gate) * up, down)
+
+
+    def big(self) -> list[str]:
+        """The large tensors: the embedding, the rotary tables, every int8 weight and its scales."""
+        return ["embed", "cos", "sin", *(f"{n}_{x}" for n in self.names for x in "qs")]
+
+    def w(self, name: str):
+        return self.fed[name] if self.fed is not None else getattr(self, name)
+
+    def forward(self, *args):
+        """The graph `mode` names. Traced for export, the large tensors come last, as inputs:
+        as constants they made torch's exporter run ONNX shape inference over their bytes (6 s
+        of the 85M model's 7-second export); `OrtInt8Step._session` makes them initializers."""
+        n = 3 + 2 * len(self.layers) if self.mode == "step" else 3  # ids, pos, mask (and the cache's layers)
+        self.fed = dict(zip(self.big(), args[n:])) if len(args) > n else None
+        try:
+            return self.step(*args[:n]) if self.mode == "step" else self.prefill(*args[:n])
+        finally:
+            self.fed = None
+
+    def step(self, ids, pos, mask, *past):  # inputs and outputs: `_Step`'s
+        H, KV, D = self.H, self.KV, self.D
+        g = H // KV
+        cos, sin = F.embedding(pos, self.w("cos")).view(-1, 1, 1, D), F.embedding(pos, self.w("sin")).view(-1, 1, 1, D)
+        h = F.embedding(ids, self.w("embed"))  # [B, d]
+        new = []
+        for i, (ln1, qkv, qk, o_w, ln2, gu, down) in enumerate(self.layers):
+            q, k, v = self.qkv(h, ln1, qkv, qk, cos, sin, lambda y, heads: y.reshape(-1, heads, 1, D))
+            new += [k, v]
+            q = q.reshape(-1, KV, g, D)  # query heads grouped by the kv head they share
+            pk, pv = past[2 * i], past[2 * i + 1]
+            s = torch.cat([torch.matmul(q, pk.transpose(-1, -2)), torch.matmul(q, k.transpose(-1, -2))], dim=-1) + mask
+            p = torch.softmax(s, dim=-1)
+            o = torch.matmul(p[..., :-1], pv) + p[..., -1:] * v  # [B, KV, g, D]
+            h = self.mlp(h, o.reshape(-1, H * D), o_w, ln2, gu, down)
+        return self.lin(self.norm(h, *self.final), self.head), torch.stack(new).view(len(self.layers), 2, *new[0].shape)
+
+    def prefill(self, ids, pos, mask):  # inputs and outputs: `_Prefill`'s
+        H, KV, D = self.H, self.KV, self.D
+        g = H // KV
+        B, n = ids.shape[0], ids.shape[1]
+        cos, sin = F.embedding(pos, self.w("cos")).unsqueeze(1), F.embedding(pos, self.w("sin")).unsqueeze(1)  # [B, 1, n, D]
+        h = F.embedding(ids, self.w("embed"))  # [B, n, d]
+        new = []
+        for ln1, qkv, qk, o_w, ln2, gu, down in self.layers:
+            q, k, v = self.qkv(h, ln1, qkv, qk, cos, sin, lambda y, heads: y.view(B, n, heads, D).transpose(1, 2))
+            new += [k, v]
+            if g > 1:  # each kv head serves g query heads
+                k = k.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
+                v = v.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
+            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
+            o = torch.matmul(p, v).transpose(1, 2).reshape(B, n, H * D)
+            h = self.mlp(h, o, o_w, ln2, gu, down)
+        return self.lin(self.norm(h[:, -1], *self.final), self.head), torch.stack(new).view(len(self.layers), 2, B, KV, n, D)
+
+
+# Activations are quantized per row to 7 bits around a zero point of 64 (symmetric: the scale is
+# the row's largest magnitude over 63). 7 bits, not 8, as fbgemm's `reduce_range` does it and for
+# the same reason: on AVX2 without VNNI, MLAS's u8 x s8 kernel adds pairs of products in int16
+# (vpmaddubsw), which saturates when uint8 values near 255 meet int8 weights near +-128; at 127 at
+# most a pair stays below 2^15.
+ACT_ZERO = 64
+ACT_MAX = 63
+
+
+def _int8_matmuls(proto, names) -> None:
+    """Replace, in an exported `_Int8Step` graph, each `x @ (Cast(<name>_q) * <name>_s)` by an int8
+    matmul: x quantized per row (see ACT_MAX), MatMulInteger by the int8 weight, the int32 result
+    times the row's scale and the channel's scale. The float weights never exist in the graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    made = {o: n for n in g.node for o in n.output}
+    dequant = {}  # output of Mul(Cast(<name>_q), <name>_s) -> name
+    for name in names:
+        for n in g.node:
+            if n.op_type == "Mul" and f"{name}_s" in n.input:
+                cast = made.get(n.input[0] if n.input[1] == f"{name}_s" else n.input[1])
+                if cast is not None and cast.op_type == "Cast" and list(cast.input) == [f"{name}_q"]:
+                    dequant[n.output[0]] = (name, n, cast)
+    if len(dequant) != len(names):
+        raise RuntimeError(f"found {len(dequant)} of {len(names)} int8 weights in the exported graph")
+    # each weight's scales over ACT_MAX: the int32 sums times (the row's largest magnitude) times these
+    scales = {f"{name}_s" for name in names}
+    kept = []
+    for t in g.initializer:
+        if t.name in scales:
+            kept.append(numpy_helper.from_array(numpy_helper.to_array(t) / np.float32(ACT_MAX), t.name + "/act"))
+    for name in scales:
+        g.initializer.remove(next(t for t in g.initializer if t.name == name))
+    g.initializer.extend(kept + [numpy_helper.from_array(np.array(ACT_ZERO, np.uint8), "int8/zero"),
+                                 numpy_helper.from_array(np.array(1e-30, np.float32), "int8/tiny"),
+                                 numpy_helper.from_array(np.array(1.0 / ACT_MAX, np.float32), "int8/step")])
+    nodes, dropped = [], {id(n) for _, n, c in dequant.values()} | {id(c) for _, n, c in dequant.values()}
+    for n in g.node:
+        if id(n) in dropped:
+            continue
+        if n.op_type != "MatMul" or n.input[1] not in dequant:
+            nodes.append(n)
+            continue
+        name = dequant[n.input[1]][0]
+        x, p = n.input[0], f"int8/{name}/"
+        nodes += [
+            helper.make_node("Abs", [x], [p + "abs"]),
+            helper.make_node("ReduceMax", [p + "abs"], [p + "max0"], axes=[-1], keepdims=1),
+            helper.make_node("Max", [p + "max0", "int8/tiny"], [p + "max"]),  # an all-zero row: no 0 / 0
+            helper.make_node("Div", [x, p + "max"], [p + "xs"]),  # in [-1, 1]
+            helper.make_node("QuantizeLinear", [p + "xs", "int8/step", "int8/zero"], [p + "xq"]),  # round(63 x) + 64
+            helper.make_node("MatMulInteger", [p + "xq", f"{name}_q", "int8/zero"], [p + "acc"]),
+            helper.make_node("Cast", [p + "acc"], [p + "accf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [p + "max", f"{name}_s/act"], [p + "ss"]),
+            helper.make_node("Mul", [p + "accf", p + "ss"], list(n.output)),
+        ]
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+INT8_BOUND = 2.0  # the onnxruntime int8 step's distance from float may be this many times torch's int8
+
+
+class OrtInt8Step:
+    """An int8 model's (`--quantize int8`) prompts and decode steps as onnxruntime graphs:
+    `_Int8Graph` with its matmuls in int8 (see `_int8_matmuls`). Measured on this project's
+    2-core AVX2 CPU, the 85M bench model's 48 int8 projections took 4.6 ms at one row against
+    fbgemm's 7.1 (the calls alone), and the glue between them runs in C++; keeping prompts off
+    torch also keeps torch's OpenMP threads, which spin on after a prompt, off the cores the next
+    steps run on (`llmctl serve` at one client: the first step after an eager prompt took 25-65
+    ms, not 7).
+
+    It is not torch's int8 arithmetic to the bit: onnxruntime quantizes each row's activations on
+    its own (a row's answer does not depend on its batch mates, or on padding; fbgemm takes one
+    scale per call) and to 7 bits around a fixed zero point. `_probe` holds it to torch's: on a
+    probe its logits and new keys and values may be at most INT8_BOUND times as far from the
+    float matmul by the dequantized weights (the same int8 weights, activations not rounded) as
+    torch's int8 pass is."""
+
+    exact = False  # checked against the eager pass within int8 rounding, not to float rounding
+
+    def __init__(self, dec, threads: int | None = None):
+        self.dec = dec
+        self.L, self.KV, self.D = len(dec.layers), dec.n_kv, dec.head_dim
+        self.positions = dec.context
+        self.graph = _Int8Graph(dec).eval()
+        B, C, n = 2, 4, 3
+        past = [torch.zeros(B, self.KV, C, self.D) for _ in range(2 * self.L)]
+        self.past_names = [f"past.{i}.{kv}" for i in range(self.L) for kv in "kv"]
+        self.ops = {}  # per graph, what it is made of (tests read it)
+        self.sess = self._session("step", (torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, 1, 1, C + 1), *past),
+                                  ["ids", "pos", "mask", *self.past_names],
+                                  {"ids": {0: "B"}, "pos": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
+                                   **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}}, threads, spin=True)
+        self.prefill_sess = self._session(
+            "prefill", (torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long), torch.zeros(B, 1, n, n)), ["ids", "pos", "mask"],
+            {"ids": {0: "B", 1: "n"}, "pos": {0: "B", 1: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"}, "logits": {0: "B"}, "new": {2: "B", 4: "n"}},
+            threads, spin=os.environ.get("LLMCTL_ORT_PREFILL_SPIN", "0") == "1")  # see OrtStep
+        self._probe()
+        self.graph = None  # the float reference is for the probe only
+
+    def _session(self, mode: str, example, names, axes, threads, spin: bool):
+        import onnx
+
+        from onnx import numpy_helper
+
+        self.graph.mode = mode
+        big = self.graph.big()
+        buf = io.BytesIO()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            # the large tensors traced as inputs (see _Int8Graph.forward), made initializers below
+            torch.onnx.export(self.graph, (*example, *(getattr(self.graph, b) for b in big)), buf, input_names=names + big,
+                              output_names=["logits", "new"], dynamic_axes=axes, opset_version=17, dynamo=False)
+        proto = onnx.load_from_string(buf.getvalue())
+        del buf
+        inputs = [i for i in proto.graph.input if i.name not in big]
+        del proto.graph.input[:]
+        proto.graph.input.extend(inputs)
+        proto.graph.initializer.extend(numpy_helper.from_array(getattr(self.graph, b).numpy(), b) for b in big)
+        _int8_matmuls(proto, self.graph.names)
+        self.ops[mode] = collections.Counter(n.op_type for n in proto.graph.node)
+        return _session(proto.SerializeToString(), threads, spin)
+
+    def _probe(self) -> None:
+        """A prompt, then two steps: logits and keys and values within INT8_BOUND of torch's int8
+        distance from the float reference (see the class); raise otherwise."""
+        g = torch.Generator().manual_seed(0)
+        V = self.dec.embed.weight.shape[0]
+        ids = torch.randint(0, V, (2, 7), generator=g)
+        mask = torch.ones(2, 7, dtype=torch.long)
+        pos = torch.arange(7).expand(2, 7)
+        eager, ours = KVCache(self.L), KVCache(self.L)
+        causal = torch.zeros(5, 5).masked_fill_(~torch.ones(5, 5, dtype=torch.bool).tril_(), float("-inf")).view(1, 1, 5, 5)
+        self.graph.mode = "prefill"
+        with torch.no_grad():
+            ref = self.graph(ids[:, :5], pos[:, :5], causal)
+        got = self.prefill_sess.run(None, {"ids": _np(ids[:, :5]), "pos": _np(pos[:, :5]), "mask": _np(causal)})
+        e_logits = self.dec.forward(ids[:, :5], pos[:, :5], eager, runtime="torch")
+        ours.append_all(got[1])
+        err_ort = max(float((torch.from_numpy(a) - b).abs().max()) for a, b in zip(got, ref))
+        err_torch = max(float((e_logits - ref[0]).abs().max()), float((eager.buf[..., :5, :] - ref[1]).abs().max()))
+        self.graph.mode = "step"
+        for t in (5, 6):
+            feed = _step_feed(self.past_names, ids[:, t : t + 1], pos[:, t].numpy(), ours, mask[:, : t + 1])
+            with torch.no_grad():
+                ref = self.graph(*(torch.from_numpy(feed[k]) for k in ("ids", "pos", "mask", *self.past_names)))
+            got = self.sess.run(None, feed)
+            e_logits = self.dec.forward(ids[:, t : t + 1], pos[:, t : t + 1], eager, mask=mask[:, : t + 1], runtime="torch")
+            err_ort = max(err_ort, *(float((torch.from_numpy(a) - b).abs().max()) for a, b in zip(got, ref)))
+            err_torch = max(err_torch, float((e_logits - ref[0]).abs().max()), float((eager.buf[..., t : t + 1, :] - ref[1]).abs().max()))
+            ours.append_all(got[1])
+        scale = max(1.0, float(ref[0].abs().max()))
+        if not err_ort <= INT8_BOUND * err_torch + 1e-4 * scale:
+            raise RuntimeError(f"onnxruntime's int8 step is {err_ort:.2e} from the float weights' logits, torch's int8 pass {err_torch:.2e}")
+        self.probe_errors = {"onnxruntime": err_ort, "torch": err_torch}
+
+    def prefill(self, ids, pos: np.ndarray, cache, attn_mask):
+        """A prompt on an empty cache, as `OrtStep.prefill`."""
+        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "pos": pos, "mask": _np(attn_mask)})
+        cache.append_all(new)
+        return torch.from_numpy(logits)
+
+    def run(self, ids, pos: np.ndarray, cache, mask):
+        """One decode step, as `OrtStep.run`."""
+        logits, new = self.sess.run(None, _step_feed(self.past_names, ids, pos, cache, mask))
         cache.append_all(new)
         return torch.from_numpy(logits)
