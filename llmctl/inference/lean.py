@@ -10,6 +10,10 @@ once by the model's own rotary embedding, and torch's scaled-dot-product attenti
 plain per-layer KV cache. Its logits equal transformers' to float rounding (tests/test_lean.py
 compares them, and greedy decoding token for token).
 
+On the CPU with onnxruntime installed, prompts and decode steps run as onnxruntime graphs
+(`llmctl/inference/lean_ort.py`): the folded pass of a small float model, or an int8 model's
+unfolded pass with onnxruntime's int8 matmuls.
+
 Models it does not cover (other architectures, dynamic/longrope rotary scaling, a sliding
 window the sequence would cross) are told apart by `unsupported()` and decoded by
 transformers as before. `LLMCTL_LEAN=0` turns it off.
@@ -124,7 +128,8 @@ class LeanDecoder:
         self.fast = self._fast_plan()
         if self.fast is not None:
             self.plan = None  # only the folded weights are read from here on: free the fused copies
-        # The folded pass compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be.
+        # The folded pass compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be;
+        # an int8 model's unfolded pass to graphs of int8 matmuls.
         self.ort, self.ort_skipped = None, None
         int8 = self.fast is None and self._int8()
         if runtime != "torch" and self.fast is None and not int8:
@@ -135,7 +140,6 @@ class LeanDecoder:
             self.ort_skipped = lean_ort.available() if self.embed.weight.device.type == "cpu" else "not on the CPU"
             if self.ort_skipped is None:
                 try:
-                    # an int8 model's decode step: its own graph (int8 matmuls, unfolded)
                     self.ort = lean_ort.OrtInt8Step(self) if int8 else lean_ort.OrtStep(self)
                 except Exception as e:  # the eager pass computes the same logits
                     self.ort_skipped = f"{type(e).__name__}: {e}"
