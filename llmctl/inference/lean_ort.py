@@ -85,6 +85,18 @@ class _Graph(torch.nn.Module):
         return h if b_down is None else h + b_down
 
 
+def _prompt_attention(q, k, v, mask):
+    """A prompt's attention: q [B, H, n, D]; k, v [B, KV, n, D], each kv head serving H / KV
+    query heads; mask additive, [B|1, 1, n, n]. Returns [B, n, H * D]."""
+    B, H, n, D = q.shape
+    KV = k.shape[1]
+    if H > KV:
+        k = k.unsqueeze(2).expand(B, KV, H // KV, n, D).reshape(B, H, n, D)
+        v = v.unsqueeze(2).expand(B, KV, H // KV, n, D).reshape(B, H, n, D)
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
+    return torch.matmul(p, v).transpose(1, 2).reshape(B, n, H * D)
+
+
 class _Prefill(_Graph):
     """A prompt on an empty cache: ids and positions [B, n]; mask [B|1, 1, n, n] additive
     (causal and padding). Returns the last position's logits [B, V] and the keys and
@@ -92,7 +104,6 @@ class _Prefill(_Graph):
 
     def forward(self, ids, pos, mask):
         H, KV, D = self.H, self.KV, self.D
-        g = H // KV
         B, n = ids.shape[0], ids.shape[1]
         cos, sin = F.embedding(pos, self.cos).unsqueeze(1), F.embedding(pos, self.sin).unsqueeze(1)  # [B, 1, n, D]
         h = F.embedding(ids, self.embed)  # [B, n, d]
@@ -104,12 +115,7 @@ class _Prefill(_Graph):
             qk, v, rot = y.view(B, n, 2 * H + 3 * KV, D).transpose(1, 2).split([H + KV, KV, H + KV], dim=1)
             q, k = (qk * cos + rot * sin).split([H, KV], dim=1)  # [B, heads, n, D]
             new += [k, v]
-            if g > 1:  # each kv head serves g query heads
-                k = k.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
-                v = v.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
-            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
-            o = torch.matmul(p, v).transpose(1, 2).reshape(B, n, H * D)
-            h = self.mlp(h, w_o, b_o, o, w_gu, b_gu, eps2, w_down, b_down)
+            h = self.mlp(h, w_o, b_o, _prompt_attention(q, k, v, mask), w_gu, b_gu, eps2, w_down, b_down)
         logits = self.norm(h[:, -1], self.eps) @ self.w_head
         return logits, torch.stack(new).view(len(self.layers), 2, B, KV, n, D)
 
@@ -386,8 +392,7 @@ class _Int8Graph(torch.nn.Module):
         return self.lin(self.norm(h, *self.final), self.head), torch.stack(new).view(len(self.layers), 2, *new[0].shape)
 
     def prefill(self, ids, pos, mask):  # inputs and outputs: `_Prefill`'s
-        H, KV, D = self.H, self.KV, self.D
-        g = H // KV
+        KV, D = self.KV, self.D
         B, n = ids.shape[0], ids.shape[1]
         cos, sin = F.embedding(pos, self.w("cos")).unsqueeze(1), F.embedding(pos, self.w("sin")).unsqueeze(1)  # [B, 1, n, D]
         h = F.embedding(ids, self.w("embed"))  # [B, n, d]
@@ -395,12 +400,7 @@ class _Int8Graph(torch.nn.Module):
         for ln1, qkv, qk, o_w, ln2, gu, down in self.layers:
             q, k, v = self.qkv(h, ln1, qkv, qk, cos, sin, lambda y, heads: y.view(B, n, heads, D).transpose(1, 2))
             new += [k, v]
-            if g > 1:  # each kv head serves g query heads
-                k = k.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
-                v = v.unsqueeze(2).expand(B, KV, g, n, D).reshape(B, H, n, D)
-            p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) + mask, dim=-1)
-            o = torch.matmul(p, v).transpose(1, 2).reshape(B, n, H * D)
-            h = self.mlp(h, o, o_w, ln2, gu, down)
+            h = self.mlp(h, _prompt_attention(q, k, v, mask), o_w, ln2, gu, down)
         return self.lin(self.norm(h[:, -1], *self.final), self.head), torch.stack(new).view(len(self.layers), 2, B, KV, n, D)
 
 
