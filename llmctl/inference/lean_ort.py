@@ -478,8 +478,9 @@ class OrtInt8Step:
     ms, not 7).
 
     It is not torch's int8 arithmetic to the bit: onnxruntime quantizes each row's activations on
-    its own (a row's answer does not depend on its batch mates, or on padding; fbgemm takes one
-    scale per call) and to 7 bits around a fixed zero point. `_probe` holds it to torch's: on a
+    its own (a row's batch mates and padding no longer set its scale, as fbgemm's one scale per
+    call does; float rounding in the batched kernels can still move a value across a rounding
+    step now and then) and to 7 bits around a fixed zero point. `_probe` holds it to torch's: on a
     probe its logits and new keys and values may be at most INT8_BOUND times as far from the
     float matmul by the dequantized weights (the same int8 weights, activations not rounded) as
     torch's int8 pass is."""
