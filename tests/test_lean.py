@@ -47,8 +47,9 @@ def test_logits_equal_transformers(arch, kw, runtime):
     dec = LeanDecoder(model, runtime=runtime)
     # folded weights (norms, scale, rotary in the matmuls) unless q/k norms sit in between
     assert (dec.fast is None) == (arch == "qwen3")
-    # the folded decode step compiled to onnxruntime (installed with the dev extras) wherever it is folded
-    assert (dec.ort is not None) == (dec.fast is not None and runtime == "onnxruntime"), dec.ort_skipped
+    # compiled to onnxruntime (installed with the dev extras): the folded pass, or the unfolded one (qwen3)
+    assert (dec.ort is not None) == (runtime == "onnxruntime"), dec.ort_skipped
+    assert runtime == "torch" or type(dec.ort).__name__ == ("OrtUnfolded" if arch == "qwen3" else "OrtStep")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, V, (3, 11), generator=g)
     mask = torch.ones_like(ids)
@@ -331,7 +332,7 @@ def test_a_dynamically_quantized_model_keeps_the_lean_path():
     model.llmctl_quantization = quantize.quantize_model(model, "int8")
     dec = decoder_for(model)
     assert dec is not None and dec.fast is None and "int8" in dec.fast_skipped
-    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped  # its steps: onnxruntime's int8 graph
+    assert type(dec.ort).__name__ == "OrtUnfolded", dec.ort_skipped  # its steps: onnxruntime's int8 graph
     # q/k/v and gate/up as one int8 call each, o, down and the output layer on their own packed weights
     assert all(type(p[n][0]).__name__ == "Int8Linears" for p in dec.plan for n in ("qkv", "gu", "o", "down"))
     assert type(dec.head_w[0]).__name__ == "Int8Linears"
@@ -451,7 +452,7 @@ def test_an_int8_models_steps_run_in_int8_on_onnxruntime(arch, kw):
     model = _int8_model(arch, **kw)
     dec = decoder_for(model)
     assert dec is not None and dec.disagrees is None
-    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped
+    assert type(dec.ort).__name__ == "OrtUnfolded", dec.ort_skipped
     L = len(dec.layers)
     for graph, attention in (("step", 3), ("prefill", 2)):
         ops = dec.ort.ops[graph]
@@ -480,7 +481,7 @@ def test_int8_on_onnxruntime_gives_a_row_the_same_answer_alone_and_in_a_batch():
 
     model = _int8_model("llama")
     dec = decoder_for(model)
-    assert type(dec.ort).__name__ == "OrtInt8Step", dec.ort_skipped
+    assert type(dec.ort).__name__ == "OrtUnfolded", dec.ort_skipped
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, V, (1, 6), generator=g), torch.randint(3, V, (1, 6), generator=g)]
     step = torch.tensor([[11], [250]])
@@ -516,7 +517,7 @@ def test_int8_on_onnxruntime_gives_a_row_the_same_answer_alone_and_in_a_batch():
 
 
 def test_an_int8_step_graph_that_computes_wrong_numbers_is_dropped(monkeypatch, capsys):
-    """OrtInt8Step checks its graph at build: past its bound it is not used, one line says why, and
+    """OrtUnfolded checks its graph at build: past its bound it is not used, one line says why, and
     the eager int8 pass decodes (still checked against the model's forward)."""
     import llmctl.inference.lean_ort
     from llmctl.inference.lean import decoder_for
@@ -528,3 +529,38 @@ def test_an_int8_step_graph_that_computes_wrong_numbers_is_dropped(monkeypatch, 
     assert "onnxruntime's int8 step is" in dec.ort_skipped
     err = capsys.readouterr().err
     assert "the onnxruntime decode step is off" in err and "eager lean pass" in err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_float_model_past_the_fold_limit_runs_unfolded_graphs_on_its_own_weights(arch, monkeypatch):
+    """Past FUSE_MAX_PARAMS nothing is folded or stacked: the unfolded graphs run Gemm on the
+    model's own [out, in] weights (q, k, v and gate, up one by one; no transposed copy), to float
+    rounding of transformers' forward at a padded prompt and the steps after it. Past
+    UNFOLDED_F32_MAX_PARAMS they are not built, and the line on stderr says why."""
+    from llmctl.inference.lean import LeanDecoder
+
+    monkeypatch.setattr(LeanDecoder, "FUSE_MAX_PARAMS", 0)
+    model = _model(arch)
+    dec = LeanDecoder(model)
+    assert dec.fast is None and dec.plan[0]["qkv"] is None
+    assert type(dec.ort).__name__ == "OrtUnfolded" and dec.ort.exact, dec.ort_skipped
+    L = len(dec.layers)
+    for graph in ("step", "prefill"):
+        ops = dec.ort.ops[graph]
+        assert ops["Gemm"] == 7 * L + 1 and not ops["MatMulInteger"], ops
+        assert dec.ort.ops[graph + " on the model's tensors"] == {"Gemm": 7 * L + 1, "Gather": 1}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+    cache = dec.new_cache()
+    got = [dec.forward(ids[:, :6], pos[:, :6], cache, mask=mask[:, :6])]
+    got += [dec.forward(ids[:, t : t + 1], pos[:, t : t + 1], cache, mask=mask[:, : t + 1]) for t in range(6, 9)]
+    for t, logits in zip(range(5, 9), got):
+        assert torch.allclose(logits, ref[:, t], atol=1e-4), (t, (logits - ref[:, t]).abs().max())
+    monkeypatch.setattr(LeanDecoder, "UNFOLDED_F32_MAX_PARAMS", 0)
+    dec = LeanDecoder(model)
+    assert dec.ort is None and "packed copy" in dec.ort_skipped

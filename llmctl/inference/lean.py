@@ -131,16 +131,16 @@ class LeanDecoder:
         # The folded pass compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be;
         # an int8 model's unfolded pass to graphs of int8 matmuls.
         self.ort, self.ort_skipped = None, None
-        int8 = self.fast is None and self._int8()
-        if runtime != "torch" and self.fast is None and not int8:
-            self.ort_skipped = f"the weights are not folded ({self.fast_skipped})"
-        if runtime != "torch" and (self.fast is not None or int8):
+        unfolded = None if self.fast is not None else self._unfolded_graphs()  # why not, or None
+        if runtime != "torch" and unfolded:
+            self.ort_skipped = f"the weights are not folded ({self.fast_skipped}) and {unfolded}"
+        if runtime != "torch" and not (self.fast is None and unfolded):
             from llmctl.inference import lean_ort
 
             self.ort_skipped = lean_ort.available() if self.embed.weight.device.type == "cpu" else "not on the CPU"
             if self.ort_skipped is None:
                 try:
-                    self.ort = lean_ort.OrtInt8Step(self) if int8 else lean_ort.OrtStep(self)
+                    self.ort = lean_ort.OrtStep(self) if self.fast is not None else lean_ort.OrtUnfolded(self)
                 except Exception as e:  # the eager pass computes the same logits
                     self.ort_skipped = f"{type(e).__name__}: {e}"
 
@@ -274,9 +274,33 @@ class LeanDecoder:
         logits = torch.mm(norm(h, self.final_norm[1]), w_head).float()
         return logits.view(B, n, -1) if all_logits else logits
 
+    # The unfolded graphs of a float32 model hold one packed copy of its weights (onnxruntime's
+    # layout for the decode step's matmuls); past this size they are not built.
+    UNFOLDED_F32_MAX_PARAMS = 200_000_000
+
+    def _unfolded_graphs(self) -> str | None:
+        """Why the unfolded pass cannot be built as onnxruntime graphs (`lean_ort.OrtUnfolded`),
+        or None when it can: every projection and the output layer per-channel int8 Linears, or
+        plain float32 ones in a model of at most UNFOLDED_F32_MAX_PARAMS; plain RMSNorms."""
+        if self.plan is None or self.final_norm is None or not all(p["ln1"] and p["ln2"] for p in self.plan):
+            return "a norm is not a plain float32 RMSNorm"
+        if self._int8():
+            return None
+
+        def plain(e):
+            return e is not None and isinstance(e[0], torch.Tensor) and e[0].dtype == torch.float32
+
+        if not (plain(self.head_w) and all(all(plain(p[k]) for k in ks) for p in self.plan
+                                           for ks in (("qkv",) if p["qkv"] else "qkv", ("gu",) if p["gu"] else ("gate", "up"), ("o",), ("down",)))):
+            return "its projections are neither all int8 nor all plain float32 Linears"
+        if self.n_params > self.UNFOLDED_F32_MAX_PARAMS:
+            return (f"{self.n_params / 1e6:.0f}M float32 parameters, above the {self.UNFOLDED_F32_MAX_PARAMS / 1e6:.0f}M "
+                    "up to which onnxruntime's graphs keep a packed copy of the weights")
+        return None
+
     def _int8(self) -> bool:
         """True when every projection and the output layer are torch's per-channel int8 Linears
-        (`--quantize int8`), the weights `lean_ort.OrtInt8Step` takes."""
+        (`--quantize int8`), the weights `lean_ort.OrtUnfolded` takes."""
         return self.plan is not None and self.head_w is not None and isinstance(self.head_w[0], Int8Linears) and all(
             p[n] and isinstance(p[n][0], Int8Linears) and p[n][0].per_channel for p in self.plan for n in ("qkv", "o", "gu", "down"))
 
@@ -510,7 +534,7 @@ def disagreement(dec: "LeanDecoder", model) -> str | None:
         ref = [first.logits[:, -1].float(), step.logits[:, -1].float()]
         cache = dec.new_cache()
         # An onnxruntime step that is not exact (int8: its own rounding of the activations) was held to
-        # the eager pass when it was built (OrtInt8Step._probe); the eager pass is held to the model here
+        # the eager pass when it was built (OrtUnfolded._probe); the eager pass is held to the model here
         rt = None if getattr(dec.ort, "exact", True) else "torch"
         got = [dec.forward(ids[:, :5], pos[:, :5], cache, mask=mask[:, :5], runtime=rt),
                dec.forward(ids[:, 5:], pos[:, 5:], cache, mask=mask, runtime=rt)]
