@@ -162,7 +162,8 @@ def _lean_state(model) -> str:
     dec = decoder_for(model)
     if dec is None:
         return "off (transformers decodes)"
-    return "folded + onnxruntime" if dec.ort is not None else ("folded, eager" if dec.fast is not None else f"unfolded eager ({dec.fast_skipped})")
+    fold = "folded" if dec.fast is not None else f"unfolded ({dec.fast_skipped})"
+    return f"{fold} + onnxruntime" if dec.ort is not None else f"{fold}, eager ({dec.ort_skipped})"
 
 
 # --------------------------------------------------------------------------- serve
