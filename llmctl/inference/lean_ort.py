@@ -276,7 +276,7 @@ class _Unfolded(torch.nn.Module):
     on q and k, the attention scale on q), for a model whose weights are not folded: its
     projections and output layer all torch's per-channel int8 Linears (`--quantize int8`), or
     all plain float32 Linears (a model past the fold limit, or with q/k norms). A float weight
-    is the model's own tensor, read in place (`external`; `F.linear` on 2-D inputs, which the
+    is the model's own tensor, handed to onnxruntime as it lies (`external`; `F.linear` on 2-D inputs, which the
     exporter writes as Gemm on the [out, in] weight as it lies). Each int8 weight is held as two named
     buffers, `<name>_q` (its int8 values, [in, out]) and `<name>_s` (a scale per output channel),
     and used as `x @ (q.float() * s)`: run in torch that is the float matmul by the dequantized
@@ -292,7 +292,7 @@ class _Unfolded(torch.nn.Module):
         cos, sin = dec._rope(torch.arange(dec.context)[None], signed=True)
         self.cos, self.sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()  # sin: its first half negated
         self.names: list[str] = []  # the int8 weights
-        self.external = {"embed": self.embed}  # the model's own float tensors, which the sessions read in place
+        self.external = {"embed": self.embed}  # the model's own float tensors, handed to the sessions as they lie
         self.mode = "step"
         self.fed = None  # the large tensors as traced inputs (see forward)
         self.int8 = dec._int8()
@@ -313,7 +313,7 @@ class _Unfolded(torch.nn.Module):
     def _lin(self, name: str, plan: dict, key: str, parts=(), rows_times=None):
         """A projection of the plan: its int8 weights (`_int8`), or the model's own float32
         weights, one Linear or several with the same input (`parts`: the plan's keys for them
-        when they are not stacked), read in place."""
+        when they are not stacked), handed over as they lie."""
         entry = plan.get(key)
         if entry and hasattr(entry[0], "packed"):  # lean.Int8Linears (lean imports this module)
             return self._int8(name, entry, rows_times)
@@ -506,8 +506,11 @@ INT8_BOUND = 2.0  # the onnxruntime int8 step's distance from float may be this 
 class OrtUnfolded:
     """The prompts and decode steps of a model whose weights are not folded, as onnxruntime
     graphs of `_Unfolded`: an int8 model's matmuls in int8 (see `_int8_matmuls`), a float32
-    model's as Gemm on its own weights (the step graph packs them into onnxruntime's layout: one
-    copy; the prompt graph reads them as they lie). Measured on this project's 2-core AVX2 CPU at
+    model's as Gemm on its own weights, given to onnxruntime as external initializers (the graphs'
+    bytes hold no copy). onnxruntime copies them anyway, once per session: measured at 85M, each
+    graph's session added about the weights' size to resident memory, packed or not, and
+    `llmctl serve` on the f32 model held 1.79 GB against 0.93 GB on the eager pass (int8: 1.84
+    against 1.12), hence LeanDecoder.UNFOLDED_F32_MAX_PARAMS. Measured on this project's 2-core AVX2 CPU at
     85M parameters: the 48 int8 projections took 4.6 ms at one row against fbgemm's 7.1 (the
     calls alone); the float32 ones 12.5-13 ms against oneDNN's 18-20.5 (packed; 15 unpacked);
     and the glue between them runs in C++. Keeping prompts off torch also keeps torch's OpenMP
@@ -538,8 +541,8 @@ class OrtUnfolded:
                                   ["ids", "pos", "mask", *self.past_names],
                                   {"ids": {0: "B"}, "pos": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
                                    **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}}, threads, spin=True, prepack=True)
-        # The prompt graph reads float weights as they lie: packed (onnxruntime's faster layout) they
-        # would be a second copy of the model; the step graph's one packed copy is what it costs
+        # Float weights are packed into onnxruntime's faster layout for the step graph only: prompts
+        # are few and long, and the packing is memory on top of the session's own copy
         self.prefill_sess = self._session(
             "prefill", (torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long), torch.zeros(B, 1, n, n)), ["ids", "pos", "mask"],
             {"ids": {0: "B", 1: "n"}, "pos": {0: "B", 1: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"}, "logits": {0: "B"}, "new": {2: "B", 4: "n"}},
@@ -571,7 +574,7 @@ class OrtUnfolded:
             if b not in g.external:  # the int8 weights and their scales, the rotary tables: copied in
                 proto.graph.initializer.append(numpy_helper.from_array(g.w(b).numpy(), b))
                 continue
-            # the model's own tensor, handed to onnxruntime as it lies (no copy in the graph)
+            # the model's own tensor, handed to onnxruntime as it lies (no copy in the graph's bytes)
             t = proto.graph.initializer.add()
             t.name, t.data_type, t.data_location = b, onnx.TensorProto.FLOAT, onnx.TensorProto.EXTERNAL
             t.dims.extend(g.external[b].shape)
