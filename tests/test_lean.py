@@ -564,3 +564,9 @@ def test_a_float_model_past_the_fold_limit_runs_unfolded_graphs_on_its_own_weigh
     monkeypatch.setattr(LeanDecoder, "UNFOLDED_F32_MAX_PARAMS", 0)
     dec = LeanDecoder(model)
     assert dec.ort is None and "copies of the weights" in dec.ort_skipped
+    import llmctl.inference.lean_ort
+
+    monkeypatch.setattr(LeanDecoder, "UNFOLDED_F32_MAX_PARAMS", 10**12)
+    monkeypatch.setattr(llmctl.inference.lean_ort, "TOLERANCE", -1.0)  # a graph that disagrees with the eager pass is dropped
+    dec = LeanDecoder(model)
+    assert dec.ort is None and "differ from the eager pass" in dec.ort_skipped

@@ -11,8 +11,8 @@ plain per-layer KV cache. Its logits equal transformers' to float rounding (test
 compares them, and greedy decoding token for token).
 
 On the CPU with onnxruntime installed, prompts and decode steps run as onnxruntime graphs
-(`llmctl/inference/lean_ort.py`): the folded pass of a small float model, or an int8 model's
-unfolded pass with onnxruntime's int8 matmuls.
+(`llmctl/inference/lean_ort.py`): the folded pass of a small float model, or the unfolded pass
+of an int8 model (onnxruntime's int8 matmuls) or of a float32 one past the fold limit.
 
 Models it does not cover (other architectures, dynamic/longrope rotary scaling, a sliding
 window the sequence would cross) are told apart by `unsupported()` and decoded by
@@ -128,8 +128,8 @@ class LeanDecoder:
         self.fast = self._fast_plan()
         if self.fast is not None:
             self.plan = None  # only the folded weights are read from here on: free the fused copies
-        # The folded pass compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be;
-        # an int8 model's unfolded pass to graphs of int8 matmuls.
+        # Compiled to onnxruntime graphs (llmctl/inference/lean_ort.py) where it can be: the folded pass,
+        # or the unfolded one (int8 weights, or float32 past the fold limit).
         self.ort, self.ort_skipped = None, None
         unfolded = None if self.fast is not None else self._unfolded_graphs()  # why not, or None
         if runtime != "torch" and unfolded:
@@ -199,7 +199,7 @@ class LeanDecoder:
         if self.final_norm is None or not all(p["ln1"] and p["ln2"] for p in self.plan):
             return "a norm is not a plain float32 RMSNorm"
         if any(p[n] and isinstance(p[n][0], Int8Linears) for p in self.plan for n in ("qkv", "o", "gu", "down")):
-            return "its Linears are int8; the folded pass and its onnxruntime graphs take float weights"
+            return "its Linears are int8 (folded weights are float)"
         if not all(p[n] and isinstance(p[n][0], torch.Tensor) for p in self.plan for n in ("qkv", "o", "gu", "down")):
             return "a projection is not a plain Linear (quantized?)"
         head = self._fused(self.head)
@@ -291,8 +291,10 @@ class LeanDecoder:
         def plain(e):
             return e is not None and isinstance(e[0], torch.Tensor) and e[0].dtype == torch.float32
 
-        if not (plain(self.head_w) and all(all(plain(p[k]) for k in ks) for p in self.plan
-                                           for ks in (("qkv",) if p["qkv"] else "qkv", ("gu",) if p["gu"] else ("gate", "up"), ("o",), ("down",)))):
+        def projections(p):  # stacked (qkv, gu) where the model is small enough to copy, else one by one
+            return (["qkv"] if p["qkv"] else ["q", "k", "v"]) + (["gu"] if p["gu"] else ["gate", "up"]) + ["o", "down"]
+
+        if not (plain(self.head_w) and all(plain(p[k]) for p in self.plan for k in projections(p))):
             return "its projections are neither all int8 nor all plain float32 Linears"
         if self.n_params > self.UNFOLDED_F32_MAX_PARAMS:
             return (f"{self.n_params / 1e6:.0f}M float32 parameters, above the {self.UNFOLDED_F32_MAX_PARAMS / 1e6:.0f}M "

@@ -179,7 +179,27 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
-class OrtStep:
+class _Sessions:
+    """What a LeanDecoder calls on its onnxruntime graphs: `prefill` and `run` over a prompt
+    session (`prefill_sess`) and a step session (`sess`) whose cache inputs are `past_names`."""
+
+    def prefill(self, ids, pos: np.ndarray, cache, attn_mask):
+        """A prompt ids [B, n] at positions `pos` on an empty cache, with its additive mask
+        [B|1, 1, n, n] (causal and padding). Returns float logits [B, V] of the last position."""
+        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "pos": pos, "mask": _np(attn_mask)})
+        cache.append_all(new)
+        return torch.from_numpy(logits)
+
+    def run(self, ids, pos: np.ndarray, cache, mask):
+        """One decode step: ids [B, 1] at positions `pos` after the tokens in `cache` (a
+        lean.KVCache, written in place); mask [B, cache.length + 1] with 1 for real tokens, or
+        None. Returns float logits [B, V]."""
+        logits, new = self.sess.run(None, _step_feed(self.past_names, ids, pos, cache, mask))
+        cache.append_all(new)
+        return torch.from_numpy(logits)
+
+
+class OrtStep(_Sessions):
     """onnxruntime sessions over `_Step` and `_Prefill`, for a LeanDecoder whose folded plan exists."""
 
     exact = True  # the folded pass's arithmetic, to float rounding
@@ -236,24 +256,10 @@ class OrtStep:
         if not diff <= TOLERANCE * max(1.0, float(ref[1].abs().max())):
             raise RuntimeError(f"onnxruntime's logits differ from the eager pass by {diff:.2e}")
 
-    def prefill(self, ids, pos: np.ndarray, cache, attn_mask):
-        """A prompt ids [B, n] at positions `pos` on an empty cache, with its additive mask
-        [B|1, 1, n, n] (causal and padding). Returns float logits [B, V] of the last position."""
-        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "pos": pos, "mask": _np(attn_mask)})
-        cache.append_all(new)
-        return torch.from_numpy(logits)
-
-    def run(self, ids, pos: np.ndarray, cache, mask):
-        """One decode step: ids [B, 1] at positions `pos` after the tokens in `cache` (a
-        lean.KVCache, written in place); mask [B, cache.length + 1] with 1 for real tokens, or
-        None. Returns float logits [B, V]."""
-        logits, new = self.sess.run(None, _step_feed(self.past_names, ids, pos, cache, mask))
-        cache.append_all(new)
-        return torch.from_numpy(logits)
 
 
 def _step_feed(past_names: list[str], ids, pos: np.ndarray, cache, mask) -> dict:
-    """The inputs of a step graph (`_Step`, `_Int8Step`): the new tokens, their positions, the
+    """The inputs of a step graph (`_Step`, `_Unfolded`'s step): the new tokens, their positions, the
     additive mask over the cache buffers' columns and the new token, and each layer's keys and
     values as the cache holds them (read in place)."""
     B = ids.shape[0]
@@ -268,7 +274,7 @@ def _step_feed(past_names: list[str], ids, pos: np.ndarray, cache, mask) -> dict
     return {"ids": _np(ids).reshape(B), "pos": np.ascontiguousarray(pos.reshape(B)), "mask": bias, **dict(zip(past_names, past))}
 
 
-# ----------------------------------------------------------------------------- int8 decode step
+# ----------------------------------------------------------------------------- the unfolded pass: int8, or float32 past the fold limit
 
 
 class _Unfolded(torch.nn.Module):
@@ -449,7 +455,7 @@ ACT_MAX = 63
 
 
 def _int8_matmuls(proto, names) -> None:
-    """Replace, in an exported `_Int8Step` graph, each `x @ (Cast(<name>_q) * <name>_s)` by an int8
+    """Replace, in an exported `_Unfolded` graph, each `x @ (Cast(<name>_q) * <name>_s)` by an int8
     matmul: x quantized per row (see ACT_MAX), MatMulInteger by the int8 weight, the int32 result
     times the row's scale and the channel's scale. The float weights never exist in the graph."""
     from onnx import TensorProto, helper, numpy_helper
@@ -503,7 +509,7 @@ def _int8_matmuls(proto, names) -> None:
 INT8_BOUND = 2.0  # the onnxruntime int8 step's distance from float may be this many times torch's int8
 
 
-class OrtUnfolded:
+class OrtUnfolded(_Sessions):
     """The prompts and decode steps of a model whose weights are not folded, as onnxruntime
     graphs of `_Unfolded`: an int8 model's matmuls in int8 (see `_int8_matmuls`), a float32
     model's as Gemm on its own weights, given to onnxruntime as external initializers (the graphs'
@@ -541,8 +547,9 @@ class OrtUnfolded:
                                   ["ids", "pos", "mask", *self.past_names],
                                   {"ids": {0: "B"}, "pos": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
                                    **{x: {0: "B", 2: "C"} for x in self.past_names}, "new": {2: "B"}}, threads, spin=True, prepack=True)
-        # Float weights are packed into onnxruntime's faster layout for the step graph only: prompts
-        # are few and long, and the packing is memory on top of the session's own copy
+        # Float weights are packed into onnxruntime's faster layout for the step graph only: at 85M the
+        # prompt graph's session took 384 MB unpacked, 605 packed, and a 64-token prompt ran about as
+        # fast either way (129-156 ms packed, 153-174 unpacked, 3 rounds)
         self.prefill_sess = self._session(
             "prefill", (torch.zeros(B, n, dtype=torch.long), torch.zeros(B, n, dtype=torch.long), torch.zeros(B, 1, n, n)), ["ids", "pos", "mask"],
             {"ids": {0: "B", 1: "n"}, "pos": {0: "B", 1: "n"}, "mask": {0: "Bm", 2: "n", 3: "n"}, "logits": {0: "B"}, "new": {2: "B", 4: "n"}},
@@ -622,15 +629,3 @@ class OrtUnfolded:
                 raise RuntimeError(f"onnxruntime's logits differ from the eager pass by {max(err_ort, err_torch):.2e}")
         elif not err_ort <= INT8_BOUND * err_torch + 1e-4 * scale:
             raise RuntimeError(f"onnxruntime's int8 step is {err_ort:.2e} from the float weights' logits, torch's int8 pass {err_torch:.2e}")
-
-    def prefill(self, ids, pos: np.ndarray, cache, attn_mask):
-        """A prompt on an empty cache, as `OrtStep.prefill`."""
-        logits, new = self.prefill_sess.run(None, {"ids": _np(ids), "pos": pos, "mask": _np(attn_mask)})
-        cache.append_all(new)
-        return torch.from_numpy(logits)
-
-    def run(self, ids, pos: np.ndarray, cache, mask):
-        """One decode step, as `OrtStep.run`."""
-        logits, new = self.sess.run(None, _step_feed(self.past_names, ids, pos, cache, mask))
-        cache.append_all(new)
-        return torch.from_numpy(logits)
