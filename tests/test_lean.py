@@ -563,10 +563,40 @@ def test_a_float_model_past_the_fold_limit_runs_unfolded_graphs_on_its_own_weigh
         assert torch.allclose(logits, ref[:, t], atol=1e-4), (t, (logits - ref[:, t]).abs().max())
     monkeypatch.setattr(LeanDecoder, "UNFOLDED_F32_MAX_PARAMS", 0)
     dec = LeanDecoder(model)
-    assert dec.ort is None and "copies of the weights" in dec.ort_skipped
+    assert dec.ort is None and "packed copy of the weights" in dec.ort_skipped
     import llmctl.inference.lean_ort
 
     monkeypatch.setattr(LeanDecoder, "UNFOLDED_F32_MAX_PARAMS", 10**12)
     monkeypatch.setattr(llmctl.inference.lean_ort, "TOLERANCE", -1.0)  # a graph that disagrees with the eager pass is dropped
     dec = LeanDecoder(model)
     assert dec.ort is None and "differ from the eager pass" in dec.ort_skipped
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_the_unfolded_graphs_share_the_weights_with_onnxruntime_not_copies(quant, monkeypatch):
+    """The weights the unfolded graphs read (the model's own float tensors; an int8 model's int8
+    weights) are handed to onnxruntime to use in place, not copied into each session: the graphs'
+    bytes hold none of them, and the prompt graph, whose weights are not packed, reads the
+    model's own memory: a weight changed in place after the build changes its logits (with
+    onnxruntime's add_external_initializers, a copy per session, it did not)."""
+    from llmctl.inference.lean import LeanDecoder
+
+    monkeypatch.setattr(LeanDecoder, "FUSE_MAX_PARAMS", 0)
+    model = _model("llama", hidden_size=64, intermediate_size=512)
+    # the projections' and output layer's bytes: int8, one a weight; float32, four
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) * (1 if quant else 4)
+    if quant:
+        from llmctl.quantize import quantize_model
+
+        quantize_model(model, quant)
+    dec = LeanDecoder(model)
+    assert type(dec.ort).__name__ == "OrtUnfolded", dec.ort_skipped
+    for graph, size in dec.ort.graph_bytes.items():
+        assert size < weights / 2, (graph, size, weights)
+    ids = torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(5)[None]
+    before = dec.forward(ids, pos, dec.new_cache())
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3)
+    after = dec.forward(ids, pos, dec.new_cache())
+    assert (after - before).abs().max() > 1e-3

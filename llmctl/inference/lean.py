@@ -274,9 +274,8 @@ class LeanDecoder:
         logits = torch.mm(norm(h, self.final_norm[1]), w_head).float()
         return logits.view(B, n, -1) if all_logits else logits
 
-    # The unfolded graphs' onnxruntime sessions of a float32 model hold copies of its weights (about
-    # the weights' size again per graph, measured at 85M; see lean_ort.OrtUnfolded); past this size
-    # they are not built.
+    # The unfolded graphs of a float32 model hold a packed copy of its weights (the step graph's,
+    # for speed; see lean_ort.OrtUnfolded); past this size they are not built.
     UNFOLDED_F32_MAX_PARAMS = 200_000_000
 
     def _unfolded_graphs(self) -> str | None:
@@ -298,7 +297,7 @@ class LeanDecoder:
             return "its projections are neither all int8 nor all plain float32 Linears"
         if self.n_params > self.UNFOLDED_F32_MAX_PARAMS:
             return (f"{self.n_params / 1e6:.0f}M float32 parameters, above the {self.UNFOLDED_F32_MAX_PARAMS / 1e6:.0f}M "
-                    "up to which onnxruntime's graphs keep copies of the weights")
+                    "up to which onnxruntime's step graph keeps a packed copy of the weights")
         return None
 
     def _int8(self) -> bool:

@@ -29,7 +29,9 @@ from __future__ import annotations
 import collections
 import io
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -152,14 +154,24 @@ class _Step(_Graph):
             p = torch.softmax(s, dim=-1)
             o = torch.matmul(p[..., :-1], pv) + p[..., -1:] * v  # [B, KV, g, D]
             h = self.mlp(h, w_o, b_o, o.reshape(-1, H * D), w_gu, b_gu, eps2, w_down, b_down)
-        return self.norm(h, self.eps) @ self.w_head, torch.stack(new).view(len(self.layers), 2, *new[0].shape)
+        return self.norm(h, self.eps) @ self.w_head, torch.stack(new).view(len(self.layers), 2, -1, KV, 1, D)
 
 
-def _session(model: bytes, threads: int | None, spin: bool, external: dict | None = None, prepack: bool = True):
+# The file a graph's placeholders for the caller's tensors name as their external data (see _session)
+SHARED_FILE = "shared-with-the-caller"
+
+
+def _session(model: bytes, threads: int | None, spin: bool, shared: dict | None = None, prepack: bool = True):
     """An onnxruntime CPU session on `threads` threads (torch's count by default); `spin`: its
-    threads spin between runs; `external`: initializers given as OrtValues over memory the
-    caller keeps alive; `prepack`: weights copied into onnxruntime's packed layouts. Options of
-    its own: onnxruntime warns on stderr when a set entry is set again."""
+    threads spin between runs; `shared`: initializers as OrtValues over memory the caller keeps
+    alive, used in place; `prepack`: weights copied into onnxruntime's packed layouts. Options of
+    its own: onnxruntime warns on stderr when a set entry is set again.
+
+    A shared initializer is named in the graph as external data in SHARED_FILE and handed over
+    with `add_initializer`, which onnxruntime uses in place; `add_external_initializers` copies
+    into each session. Measured with 377 MB of float32 Gemm weights: the session took 10 MB
+    unpacked and 383 MB packed, against 381 and 757 MB copied. onnxruntime checks that the file
+    exists but reads none of it: an empty one, for the session's creation only."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -170,9 +182,14 @@ def _session(model: bytes, threads: int | None, spin: bool, external: dict | Non
         so.add_session_config_entry(SPINNING, "0")
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
-    if external:
-        so.add_external_initializers(list(external), list(external.values()))
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    if not shared:
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    for name, value in shared.items():
+        so.add_initializer(name, value)
+    with tempfile.TemporaryDirectory(prefix="llmctl-ort-") as d:
+        (Path(d) / SHARED_FILE).touch()
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", d)
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -314,6 +331,7 @@ class _Unfolded(torch.nn.Module):
             self.layers.append((self._norm(p["ln1"]), self._lin(f"l{i}_qkv", p, "qkv", "qkv", q_rows), qk, self._lin(f"l{i}_o", p, "o"),
                                 self._norm(p["ln2"]), self._lin(f"l{i}_gu", p, "gu", ("gate", "up")), self._lin(f"l{i}_down", p, "down")))
         self.final = self._norm(dec.final_norm)
+        self.inter = dec.model.config.intermediate_size  # the MLP's gate and up widths
         self.head = self._lin("head", {"head": dec.head_w}, "head")
 
     def _lin(self, name: str, plan: dict, key: str, parts=(), rows_times=None):
@@ -390,7 +408,7 @@ class _Unfolded(torch.nn.Module):
 
     def mlp(self, h, o, o_w, ln2, gu, down):
         h = h + self.lin(o, o_w)
-        gate, up = self.lin(self.norm(h, *ln2), gu).chunk(2, dim=-1)
+        gate, up = self.lin(self.norm(h, *ln2), gu).split([self.inter, self.inter], dim=-1)  # static: no shape ops
         return h + self.lin(F.silu(gate) * up, down)
 
 
@@ -430,7 +448,7 @@ class _Unfolded(torch.nn.Module):
             p = torch.softmax(s, dim=-1)
             o = torch.matmul(p[..., :-1], pv) + p[..., -1:] * v  # [B, KV, g, D]
             h = self.mlp(h, o.reshape(-1, H * D), o_w, ln2, gu, down)
-        return self.lin(self.norm(h, *self.final), self.head), torch.stack(new).view(len(self.layers), 2, *new[0].shape)
+        return self.lin(self.norm(h, *self.final), self.head), torch.stack(new).view(len(self.layers), 2, -1, KV, 1, D)
 
     def prefill(self, ids, pos, mask):  # inputs and outputs: `_Prefill`'s
         KV, D = self.KV, self.D
@@ -512,11 +530,12 @@ INT8_BOUND = 2.0  # the onnxruntime int8 step's distance from float may be this 
 class OrtUnfolded(_Sessions):
     """The prompts and decode steps of a model whose weights are not folded, as onnxruntime
     graphs of `_Unfolded`: an int8 model's matmuls in int8 (see `_int8_matmuls`), a float32
-    model's as Gemm on its own weights, given to onnxruntime as external initializers (the graphs'
-    bytes hold no copy). onnxruntime copies them anyway, once per session: measured at 85M, each
-    graph's session added about the weights' size to resident memory, packed or not, and
-    `llmctl serve` on the f32 model held 1.79 GB against 0.93 GB on the eager pass (int8: 1.84
-    against 1.12), hence LeanDecoder.UNFOLDED_F32_MAX_PARAMS. Measured on this project's 2-core AVX2 CPU at
+    model's as Gemm on its own weights. The weights (the model's float tensors, an int8 model's
+    int8 ones) are shared with the sessions, not copied into them (see `_session`): the prompt
+    graph reads them where they lie, and the step graph holds the one copy it packs for speed.
+    Measured with `llmctl serve` at 85M after a request: 1.34 GB resident on the f32 model
+    against 0.93 GB on the eager pass (1.79 when each session copied the weights), int8 1.54
+    against 1.12 (was 1.84); hence LeanDecoder.UNFOLDED_F32_MAX_PARAMS. Measured on this project's 2-core AVX2 CPU at
     85M parameters: the 48 int8 projections took 4.6 ms at one row against fbgemm's 7.1 (the
     calls alone); the float32 ones 12.5-13 ms against oneDNN's 18-20.5 (packed; 15 unpacked);
     and the glue between them runs in C++. Keeping prompts off torch also keeps torch's OpenMP
@@ -543,6 +562,7 @@ class OrtUnfolded(_Sessions):
         past = [torch.zeros(B, self.KV, C, self.D) for _ in range(2 * self.L)]
         self.past_names = [f"past.{i}.{kv}" for i in range(self.L) for kv in "kv"]
         self.ops = {}  # per graph, what it is made of (tests read it)
+        self.graph_bytes = {}  # per graph, the size of its ONNX (the shared weights are not in it)
         self.sess = self._session("step", (torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), torch.zeros(B, 1, 1, C + 1), *past),
                                   ["ids", "pos", "mask", *self.past_names],
                                   {"ids": {0: "B"}, "pos": {0: "B"}, "mask": {0: "Bm", 3: "C1"}, "logits": {0: "B"},
@@ -560,7 +580,7 @@ class OrtUnfolded(_Sessions):
     def _session(self, mode: str, example, names, axes, threads, spin: bool, prepack: bool):
         import onnx
         import onnxruntime as ort
-        from onnx import numpy_helper
+        from onnx import helper, numpy_helper
 
         g = self.graph
         g.mode = mode
@@ -576,23 +596,27 @@ class OrtUnfolded(_Sessions):
         inputs = [i for i in proto.graph.input if i.name not in big]
         del proto.graph.input[:]
         proto.graph.input.extend(inputs)
-        external = {}
+        # Shared with the sessions, not copied into the graph's bytes (see _session): the model's own
+        # float tensors, and the int8 weights (the sessions' packed copies are made from them)
+        shared = {}
         for b in big:
-            if b not in g.external:  # the int8 weights and their scales, the rotary tables: copied in
+            if b not in g.external and not (b.endswith("_q") and b[:-2] in g.names):  # scales, rotary tables: copied in
                 proto.graph.initializer.append(numpy_helper.from_array(g.w(b).numpy(), b))
                 continue
-            # the model's own tensor, handed to onnxruntime as it lies (no copy in the graph's bytes)
+            a = g.w(b).numpy()
             t = proto.graph.initializer.add()
-            t.name, t.data_type, t.data_location = b, onnx.TensorProto.FLOAT, onnx.TensorProto.EXTERNAL
-            t.dims.extend(g.external[b].shape)
-            t.external_data.add(key="location", value="the model")
-            external[b] = ort.OrtValue.ortvalue_from_numpy(g.external[b].numpy())
+            t.name, t.data_type, t.data_location = b, helper.np_dtype_to_tensor_dtype(a.dtype), onnx.TensorProto.EXTERNAL
+            t.dims.extend(a.shape)
+            t.external_data.add(key="location", value=SHARED_FILE)
+            shared[b] = ort.OrtValue.ortvalue_from_numpy(a)  # holds `a`, which holds the tensor
         _int8_matmuls(proto, g.names)
         self.ops[mode] = collections.Counter(n.op_type for n in proto.graph.node)
         # what reads the model's own tensors: Gemm and the embedding's Gather, never a copy-making op
-        self.ops[mode + " on the model's tensors"] = collections.Counter(n.op_type for n in proto.graph.node if set(n.input) & set(external))
-        self.values += external.values()
-        return _session(proto.SerializeToString(), threads, spin, external=external, prepack=prepack)
+        self.ops[mode + " on the model's tensors"] = collections.Counter(n.op_type for n in proto.graph.node if set(n.input) & set(g.external))
+        self.values += shared.values()
+        data = proto.SerializeToString()
+        self.graph_bytes[mode] = len(data)
+        return _session(data, threads, spin, shared=shared, prepack=prepack)
 
     def _probe(self) -> None:
         """A prompt, then two steps: logits and keys and values within INT8_BOUND of torch's int8
