@@ -308,7 +308,7 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the device supports it, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the device supports it, fp32 on CPU. bf16 on a CPU without AVX-512 runs matmuls in a slow fallback (a warning says so).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile the model.")
     eval_every: int = Field(100, ge=1, description="Evaluate on the validation split every N steps (and at the end).")
