@@ -59,8 +59,10 @@ SIZES = {
                                        "intermediate_size": 4864, "context_length": 2048, "tie_embeddings": True, "rope_theta": 1_000_000.0},
              "block": 256, "max_bytes": 8_000_000},
 }
-# The 85M model's training: batch 4 x 256 tokens, bf16 autocast (2.4x float32's matmul rate on this
-# CPU; master weights stay float32), AdamW at 1e-3 with a cosine to 10%; the step count or the
+# The 85M model's training: batch 4 x 256 tokens, bf16 autocast where the CPU has native bf16 matmuls
+# (2.4x float32's rate on an AVX-512 machine; master weights stay float32), else float32 (on an
+# AVX2-only CPU torch's bf16 matmul is a plain loop: 1024 x 768 x 2048 took 7.7 s against 0.064 s in
+# float32), AdamW at 1e-3 with a cosine to 10%; the step count or the
 # time budget, whichever ends first (llmctl fits the schedule to the budget). On 2 shared cores a
 # step takes tens of seconds: LLMCTL_BENCH_85M_TIME changes the budget, LLMCTL_BENCH_85M_TRAIN (JSON,
 # e.g. '{"micro_batch_size": 2, "warmup_steps": 5}') any other train key; info.json records what ran.
@@ -88,7 +90,10 @@ def real_config(size: str, run_dir: Path) -> dict:
 
         import json
 
+        import torch
+
         d["train"] = {**TRAIN_85M, "max_time": os.environ.get("LLMCTL_BENCH_85M_TIME", TRAIN_85M["max_time"]),
+                      "precision": "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32",
                       **json.loads(os.environ.get("LLMCTL_BENCH_85M_TRAIN") or "{}")}
     return d
 
