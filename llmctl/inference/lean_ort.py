@@ -603,7 +603,7 @@ class OrtUnfolded(_Sessions):
             if b not in g.external and not (b.endswith("_q") and b[:-2] in g.names):  # scales, rotary tables: copied in
                 proto.graph.initializer.append(numpy_helper.from_array(g.w(b).numpy(), b))
                 continue
-            a = g.w(b).numpy()
+            a = np.ascontiguousarray(g.w(b).numpy())  # the tensor itself when contiguous (as weights are)
             t = proto.graph.initializer.add()
             t.name, t.data_type, t.data_location = b, helper.np_dtype_to_tensor_dtype(a.dtype), onnx.TensorProto.EXTERNAL
             t.dims.extend(a.shape)
