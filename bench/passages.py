@@ -258,10 +258,11 @@ def _training_line(c: dict) -> str | None:
     s = t.get("settings") or {}
     val = f", validation loss {t['final_val_loss']:.3f} (perplexity {math.exp(t['final_val_loss']):,.1f})" if t.get("final_val_loss") else ""
     wall = f" in {_minutes(c['training_seconds'])}" if c.get("training_seconds") else ""
-    return (f"- The 85M model ({_params({'model_params': c['model_params']})} parameters: 12 layers x 768, GQA 12/4, MLP 2048, "
+    return (f"- The 85M model of the compress-85m rows ({_params({'model_params': c['model_params']})} parameters: 12 layers x 768, GQA 12/4, MLP 2048, "
             f"a 16k BPE trained on the builtin corpus) was trained by `llmctl train`: {t['steps']} steps of "
             f"{s.get('micro_batch_size')} x 256 tokens ({t['tokens']:,} tokens, {s.get('precision', 'fp32')}, lr {s.get('lr')}){wall}; "
-            f"final training loss {t['final_loss']:.3f}{val}."
+            f"final training loss {t['final_loss']:.3f}{val}. The eval-85m and train-85m rows measure speed and agreement "
+            "(with lm-eval, with a bare peft + Trainer run) on the same architecture, whichever training of it was cached when they ran."
             + (" **Far too short for its perplexity to mean anything: the perplexity deltas below only show the pipeline works.**"
                if t["steps"] < 100 else ""))
 
