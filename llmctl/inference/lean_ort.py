@@ -533,7 +533,7 @@ class OrtUnfolded(_Sessions):
     model's as Gemm on its own weights. The weights (the model's float tensors, an int8 model's
     int8 ones) are shared with the sessions, not copied into them (see `_session`): the prompt
     graph reads them where they lie, and the step graph holds the one copy it packs for speed.
-    Measured with `llmctl serve` at 85M after a request: 1.34 GB resident on the f32 model
+    Measured with `llmctl serve` at 85M after four requests: 1.34 GB resident on the f32 model
     against 0.93 GB on the eager pass (1.79 when each session copied the weights), int8 1.54
     against 1.12 (was 1.84); hence LeanDecoder.UNFOLDED_F32_MAX_PARAMS. Measured on this project's 2-core AVX2 CPU at
     85M parameters: the 48 int8 projections took 4.6 ms at one row against fbgemm's 7.1 (the
