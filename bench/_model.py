@@ -90,10 +90,10 @@ def real_config(size: str, run_dir: Path) -> dict:
 
         import json
 
-        import torch
+        from llmctl.train.build import native_bf16
 
         d["train"] = {**TRAIN_85M, "max_time": os.environ.get("LLMCTL_BENCH_85M_TIME", TRAIN_85M["max_time"]),
-                      "precision": "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32",
+                      "precision": "bf16" if native_bf16() else "fp32",
                       **json.loads(os.environ.get("LLMCTL_BENCH_85M_TRAIN") or "{}")}
     return d
 
